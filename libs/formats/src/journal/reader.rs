@@ -1,0 +1,179 @@
+//! Read-only access to a journal: for `journal dump`, `journal replay`, the
+//! shipper and benchmarks. Never modifies anything, so it is safe on the
+//! state of a live agent: a record still being appended simply ends the
+//! iteration, and calling `next` again later picks up from there.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use tidemark_wire::record::{Record, RecordHeader, HEADER_LEN};
+
+use super::segment::{read_record_at, read_up_to, SegmentHeader, Step, SEGMENT_HEADER_LEN};
+use super::{list, segment_path};
+use crate::error::{Error, IoContext, Result};
+
+/// A journal directory opened for reading.
+#[derive(Debug, Clone)]
+pub struct JournalReader {
+    dir: PathBuf,
+}
+
+impl JournalReader {
+    /// Open `dir` for reading; fails if it is not a journal directory.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                "open journal",
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such journal directory"),
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Live segments as (header, path), in order.
+    pub fn segments(&self) -> Result<Vec<(SegmentHeader, PathBuf)>> {
+        let mut out = Vec::new();
+        for (_, p) in list(&self.dir, "seg-").ctx("list", &self.dir)? {
+            let f = match File::open(&p) {
+                Ok(f) => f,
+                // Recycled under us by a live agent.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("open", &p, e)),
+            };
+            match SegmentHeader::read(&f, &p) {
+                Ok(h) => out.push((h, p)),
+                // A segment being created by a live agent.
+                Err(_) if out.last().is_some() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Iterate records with seq ≥ `from_seq` (or from the oldest held, if
+    /// that is later). Each payload is verified against its hash.
+    pub fn records_from(&self, from_seq: u64) -> RecordIter {
+        RecordIter {
+            dir: self.dir.clone(),
+            want: from_seq,
+            cur: None,
+            payload: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Cursor {
+    file: File,
+    path: PathBuf,
+    pos: u64,
+    index: u64,
+}
+
+/// An iterator over verified records. It ends at the journal's current end;
+/// calling `next` again later continues if more was appended.
+#[derive(Debug)]
+pub struct RecordIter {
+    dir: PathBuf,
+    want: u64,
+    cur: Option<Cursor>,
+    payload: Vec<u8>,
+}
+
+impl RecordIter {
+    /// The seq the next record returned will have.
+    pub fn next_seq(&self) -> u64 {
+        self.want
+    }
+
+    /// Position on the segment holding `self.want`, skipping earlier
+    /// records by their headers alone.
+    fn seek(&mut self) -> Result<bool> {
+        let segs = JournalReader {
+            dir: self.dir.clone(),
+        }
+        .segments()?;
+        let Some(first) = segs.first() else {
+            return Ok(false);
+        };
+        if self.want < first.0.first_seq {
+            self.want = first.0.first_seq;
+        }
+        let Some((h, p)) = segs.iter().rev().find(|(h, _)| h.first_seq <= self.want) else {
+            return Ok(false);
+        };
+        let f = File::open(p).ctx("open", p)?;
+        let mut pos = SEGMENT_HEADER_LEN;
+        let mut seq = h.first_seq;
+        let mut hb = [0u8; HEADER_LEN];
+        while seq < self.want {
+            if read_up_to(&f, &mut hb, pos).ctx("read", p)? < HEADER_LEN {
+                return Ok(false);
+            }
+            match RecordHeader::decode(&hb) {
+                Ok(rh) if rh.seq == seq => {
+                    pos += rh.encoded_len();
+                    seq += 1;
+                }
+                _ => return Ok(false),
+            }
+        }
+        self.cur = Some(Cursor {
+            file: f,
+            path: p.clone(),
+            pos,
+            index: h.index,
+        });
+        Ok(true)
+    }
+
+    fn step(&mut self) -> Result<Option<Record>> {
+        if self.cur.is_none() && !self.seek()? {
+            return Ok(None);
+        }
+        for _ in 0..2 {
+            let Some(cur) = self.cur.as_mut() else {
+                return Ok(None);
+            };
+            if let Step::Record(h) =
+                read_record_at(&cur.file, &cur.path, cur.pos, self.want, &mut self.payload)?
+            {
+                cur.pos += h.encoded_len();
+                self.want += 1;
+                return Ok(Some(Record {
+                    header: h,
+                    payload: std::mem::take(&mut self.payload),
+                }));
+            }
+            // The journal ends here for now, unless the writer moved on to
+            // the next segment.
+            let next = segment_path(&self.dir, cur.index + 1);
+            let Ok(f) = File::open(&next) else {
+                return Ok(None);
+            };
+            match SegmentHeader::read(&f, &next) {
+                Ok(h) if h.first_seq == self.want => {
+                    self.cur = Some(Cursor {
+                        file: f,
+                        path: next,
+                        pos: SEGMENT_HEADER_LEN,
+                        index: h.index,
+                    });
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Iterator for RecordIter {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.step().transpose()
+    }
+}

@@ -1,0 +1,13 @@
+//! On-disk formats. Each module owns one format end to end: its layout (an
+//! ASCII diagram opens the module), its version, its checksum, its reader
+//! and writer. Nothing here knows about networks or processes.
+//!
+//! - [`journal`]: the agent's write-ahead change journal (segment files of
+//!   change records).
+//! - [`bitmap`]: the persistent dirty bitmap used in bitmap mode.
+
+pub mod bitmap;
+pub mod error;
+pub mod journal;
+
+pub use error::{Error, ErrorKind};

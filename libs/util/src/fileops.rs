@@ -1,0 +1,173 @@
+//! Operations on backing files and block devices that std lacks: punching
+//! holes, zeroing ranges, finding data and holes, advisory locks.
+//!
+//! A TRIM must leave the range reading zeros on every kind of backing store:
+//! a regular file gets a punched hole; a block device gets a zero-out,
+//! because a block device's discard need not zero.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
+
+/// What a backing path is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingKind {
+    File,
+    BlockDevice,
+}
+
+/// Classify an open backing store, refusing anything that is neither a
+/// regular file nor a block device.
+pub fn backing_kind(f: &File) -> io::Result<BackingKind> {
+    let ft = f.metadata()?.file_type();
+    if ft.is_file() {
+        Ok(BackingKind::File)
+    } else if ft.is_block_device() {
+        Ok(BackingKind::BlockDevice)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file or a block device",
+        ))
+    }
+}
+
+/// Size in bytes of a regular file or block device.
+pub fn backing_size(f: &File) -> io::Result<u64> {
+    match backing_kind(f)? {
+        BackingKind::File => Ok(f.metadata()?.len()),
+        BackingKind::BlockDevice => {
+            let off = lseek(f.as_raw_fd(), 0, Whence::SeekEnd).map_err(io::Error::from)?;
+            u64::try_from(off).map_err(|_| io::Error::other("negative device size"))
+        }
+    }
+}
+
+fn to_off(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc_efbig()))
+}
+
+const fn libc_efbig() -> i32 {
+    27 // EFBIG
+}
+
+/// Deallocate a range of a regular file (it then reads zeros).
+pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        f.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        to_off(offset)?,
+        to_off(len)?,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Zero a range and keep it allocated (FALLOC_FL_ZERO_RANGE), falling back
+/// to writing zeros where the filesystem or device does not support it.
+pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    match fallocate(
+        f.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        to_off(offset)?,
+        to_off(len)?,
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::EINVAL) => {
+            write_zeros(f, offset, len)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Write explicit zeros over a range, 1 MiB at a time.
+pub fn write_zeros(f: &File, mut offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; usize::try_from(CHUNK.min(len)).unwrap_or(1 << 20)];
+    let end = offset + len;
+    while offset < end {
+        let n = (end - offset).min(zeros.len() as u64);
+        f.write_all_at(&zeros[..usize::try_from(n).unwrap_or(zeros.len())], offset)?;
+        offset += n;
+    }
+    Ok(())
+}
+
+/// Make a range read zeros on whatever the backing store is: punch a hole in
+/// a file, zero-out on a block device.
+pub fn discard_zeroing(f: &File, kind: BackingKind, offset: u64, len: u64) -> io::Result<()> {
+    match kind {
+        BackingKind::File => match punch_hole(f, offset, len) {
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EOPNOTSUPP as i32) => {
+                zero_range(f, offset, len)
+            }
+            r => r,
+        },
+        BackingKind::BlockDevice => zero_range(f, offset, len),
+    }
+}
+
+/// Next data offset at or after `offset` (SEEK_DATA), or `None` if only a
+/// hole remains up to the end.
+pub fn seek_data(f: &File, offset: u64) -> io::Result<Option<u64>> {
+    match lseek(f.as_raw_fd(), to_off(offset)?, Whence::SeekData) {
+        Ok(o) => Ok(Some(u64::try_from(o).unwrap_or(0))),
+        Err(nix::errno::Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Next hole offset at or after `offset` (SEEK_HOLE); the end of the file
+/// counts as a hole.
+pub fn seek_hole(f: &File, offset: u64) -> io::Result<u64> {
+    let o = lseek(f.as_raw_fd(), to_off(offset)?, Whence::SeekHole).map_err(io::Error::from)?;
+    Ok(u64::try_from(o).unwrap_or(0))
+}
+
+/// `fdatasync(2)`.
+pub fn fdatasync(f: &File) -> io::Result<()> {
+    nix::unistd::fdatasync(f.as_raw_fd()).map_err(io::Error::from)
+}
+
+/// Preallocate `len` bytes of a file (keeps existing data).
+pub fn preallocate(f: &File, len: u64) -> io::Result<()> {
+    match fallocate(f.as_raw_fd(), FallocateFlags::empty(), 0, to_off(len)?) {
+        Ok(()) => Ok(()),
+        // Filesystems without fallocate: extend sparsely; appends will allocate.
+        Err(nix::errno::Errno::EOPNOTSUPP) => f.set_len(len.max(f.metadata()?.len())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Take an exclusive, non-blocking advisory lock on a file for as long as
+/// the returned guard lives.
+pub fn lock_exclusive(f: File) -> io::Result<nix::fcntl::Flock<File>> {
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| io::Error::from(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn punch_and_seek() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        punch_hole(&f, 0, 512 << 10).unwrap();
+        let mut buf = vec![1u8; 4096];
+        f.read_exact_at(&mut buf, 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(seek_data(&f, 0).unwrap(), Some(512 << 10));
+        assert_eq!(seek_hole(&f, 512 << 10).unwrap(), 1 << 20);
+        zero_range(&f, 512 << 10, 4096).unwrap();
+        f.read_exact_at(&mut buf, 512 << 10).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(backing_kind(&f).unwrap(), BackingKind::File);
+        assert_eq!(backing_size(&f).unwrap(), 1 << 20);
+    }
+}
