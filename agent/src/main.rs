@@ -1,1 +1,134 @@
-fn main() {}
+//! The `tidemark-agent` binary: command line and configuration file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use tidemark_agent::config::{ListenAddr, ProtectConfig};
+use tidemark_util::human::parse_size;
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark-agent",
+    version,
+    about = "Tidemark agent: protect a disk behind a journaling block shim"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a protected disk over NBD, journaling every write.
+    Protect(ProtectArgs),
+}
+
+#[derive(clap::Args)]
+struct ProtectArgs {
+    /// TOML file with any of the keys below (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The protected disk: a regular file or a block device.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// State directory (journal, bitmap, control socket).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Where to serve NBD: unix:PATH or tcp:HOST:PORT.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Disk id (1–64 of A-Z a-z 0-9 . _ -); default: the disk's file name.
+    #[arg(long)]
+    disk_id: Option<String>,
+    /// Create a sparse file of this size if the disk does not exist (e.g. 4G).
+    #[arg(long)]
+    create_size: Option<String>,
+    /// Journal size cap (e.g. 2G); default 10 % of the disk, at least 1 GiB.
+    #[arg(long)]
+    journal_cap: Option<String>,
+    /// Benchmarks only: consume the journal locally so segments recycle.
+    #[arg(long, hide = true)]
+    bench_consume: bool,
+}
+
+/// The configuration file: the same keys as the flags.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    disk: Option<PathBuf>,
+    state: Option<PathBuf>,
+    listen: Option<String>,
+    disk_id: Option<String>,
+    create_size: Option<String>,
+    journal_cap: Option<String>,
+}
+
+fn build(a: ProtectArgs) -> Result<ProtectConfig> {
+    let file: FileConfig = match &a.config {
+        Some(p) => {
+            let s = std::fs::read_to_string(p)
+                .with_context(|| format!("read config {}", p.display()))?;
+            toml::from_str(&s)
+                .map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.message()))?
+        }
+        None => FileConfig::default(),
+    };
+    let disk = a
+        .disk
+        .or(file.disk)
+        .context("--disk is required (or `disk` in the config file)")?;
+    let state = a
+        .state
+        .or(file.state)
+        .context("--state is required (or `state` in the config file)")?;
+    let listen = a
+        .listen
+        .or(file.listen)
+        .context("--listen is required (or `listen` in the config file)")?;
+    let listen = ListenAddr::parse(&listen).map_err(anyhow::Error::msg)?;
+    let disk_id = match a.disk_id.or(file.disk_id) {
+        Some(id) => id,
+        None => disk
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .context("cannot derive a disk id from the disk path; give --disk-id")?,
+    };
+    let size = |flag: &str, v: Option<String>| -> Result<Option<u64>> {
+        v.map(|s| parse_size(&s).with_context(|| format!("--{flag}")))
+            .transpose()
+    };
+    Ok(ProtectConfig {
+        create_size: size("create-size", a.create_size.or(file.create_size))?,
+        journal_cap: size("journal-cap", a.journal_cap.or(file.journal_cap))?,
+        disk,
+        state,
+        listen,
+        disk_id,
+        bench_consume: a.bench_consume,
+    })
+}
+
+fn main() -> ExitCode {
+    tidemark_util::init_logging();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Protect(a) => build(a).and_then(|cfg| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start runtime")?;
+            rt.block_on(tidemark_agent::run::protect(cfg))
+        }),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

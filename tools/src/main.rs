@@ -1,1 +1,42 @@
-fn main() {}
+//! `tidemark`: the operator's command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark",
+    version,
+    about = "Tidemark: continuous data protection for block devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inspect or replay an agent's change journal.
+    #[command(subcommand)]
+    Journal(cmd::journal::JournalCmd),
+    /// Ask a running agent for its status (mode, seqs, journal use).
+    AgentStatus(cmd::agent::AgentStatusArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Journal(c) => cmd::journal::run(c),
+        Cmd::AgentStatus(a) => cmd::agent::status(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -198,6 +198,30 @@ impl DirtyBitmap {
             .is_some_and(|b| b & (1u8 << (i % 8)) != 0)
     }
 
+    /// The parts of `[offset, offset+len)` that fall outside dirty regions.
+    pub fn clean_parts(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let end = offset.saturating_add(len);
+        let mut o = offset;
+        while o < end {
+            let region_end = ((o / self.granularity) + 1) * self.granularity;
+            let piece_end = region_end.min(end);
+            if !self.is_dirty(o) {
+                match out.last_mut() {
+                    Some((po, pl)) if *po + *pl == o => *pl += piece_end - o,
+                    _ => out.push((o, piece_end - o)),
+                }
+            }
+            o = piece_end;
+        }
+        out
+    }
+
+    /// A duplicate handle on the file, to fdatasync outside a lock.
+    pub fn sync_handle(&self) -> Result<File> {
+        self.file.try_clone().ctx("dup bitmap handle", &self.path)
+    }
+
     /// Number of dirty regions.
     pub fn count(&self) -> u64 {
         self.bits.iter().map(|b| u64::from(b.count_ones())).sum()
@@ -244,6 +268,11 @@ mod tests {
         assert_eq!(b.count(), 4);
         assert!(b.is_dirty(65536 * 2 + 5));
         assert!(!b.is_dirty(65536 * 5));
+        assert_eq!(
+            b.clean_parts(65536 * 2 + 10, 65536 * 2),
+            vec![(65536 * 3, 65536 + 10)]
+        );
+        assert_eq!(b.clean_parts(0, 10), vec![]);
         let err = DirtyBitmap::open_or_create(&p, size * 2, DEFAULT_GRANULARITY).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Mismatch);
     }

@@ -6,6 +6,7 @@
 //!   change records).
 //! - [`bitmap`]: the persistent dirty bitmap used in bitmap mode.
 
+pub mod apply;
 pub mod bitmap;
 pub mod error;
 pub mod journal;

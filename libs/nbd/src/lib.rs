@@ -7,8 +7,46 @@
 //! acknowledge a request before the backend said it completed, and never
 //! panic on bytes that came from a client.
 
+//!
+//! ```text
+//!  Listener ──accept──▶ connection task (one per client)
+//!                        handshake (handshake.rs): options → Params
+//!                        transmission (transmission.rs): reader → backend → replies
+//! ```
+//!
+//! Entry points: [`parse_listen`] + [`bind`] + [`serve`] for a listening
+//! server, [`serve_connection`] for any byte stream. [`FileBackend`] and
+//! [`MemBackend`] are ready-made backends (a plain file; memory, for tests).
+
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+mod error;
+mod file;
+mod fuzz;
+mod handshake;
+mod listen;
+mod mem;
+mod proto;
+mod transmission;
+
+pub use error::Error;
+pub use file::FileBackend;
+#[doc(hidden)]
+pub use fuzz::fuzz_session;
+pub use listen::{bind, parse_listen, ListenAddr, Listener};
+pub use mem::MemBackend;
+
+/// Size of the per-connection read buffer: at queue depth 16 a burst of 4 KiB
+/// writes (headers and payloads) arrives in one read syscall.
+const READ_BUFFER: usize = 128 << 10;
 
 /// What an export offers; sent to clients in NBD_INFO_EXPORT / NBD_INFO_BLOCK_SIZE.
 #[derive(Clone, Debug)]
@@ -122,6 +160,183 @@ pub trait Backend: Send + Sync + 'static {
                 hole: false,
                 zero: false,
             }])
+        }
+    }
+}
+
+impl ExportInfo {
+    /// An export of `size` bytes with every feature on, minimum block 1,
+    /// preferred block 4096 and a 32 MiB maximum payload.
+    pub fn new(name: impl Into<String>, size: u64) -> Self {
+        ExportInfo {
+            name: name.into(),
+            description: String::new(),
+            size,
+            read_only: false,
+            can_flush: true,
+            can_fua: true,
+            can_trim: true,
+            can_zero: true,
+            can_fast_zero: true,
+            can_cache: true,
+            multi_conn: false,
+            min_block: 1,
+            preferred_block: 4096,
+            max_payload: 32 << 20,
+        }
+    }
+}
+
+/// Accepts connections on `listener` and serves `backend` to each, until
+/// `shutdown` is cancelled. Then it stops accepting; every connection stops
+/// reading new requests, completes and answers the ones in flight, and
+/// closes. Returns once every connection has finished, so the caller can
+/// make the backend durable and exit.
+///
+/// Errors of single connections are logged, not returned.
+pub async fn serve<B: Backend>(
+    listener: Listener,
+    backend: Arc<B>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut conns = JoinSet::new();
+    let mut next_id: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(res) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(e) = res {
+                    warn!("connection task failed: {e}");
+                }
+                continue;
+            }
+            acc = accept(&listener) => acc,
+        };
+        match accepted {
+            Ok(stream) => {
+                next_id += 1;
+                let span = tracing::debug_span!("nbd", conn = next_id, peer = %stream.peer());
+                let (backend, shutdown) = (Arc::clone(&backend), shutdown.clone());
+                conns.spawn(
+                    async move {
+                        debug!("connection opened");
+                        let result = match stream {
+                            Accepted::Unix(s, _) => {
+                                let (r, w) = s.into_split();
+                                run_connection(r, w, backend, shutdown).await
+                            }
+                            Accepted::Tcp(s, _) => {
+                                let (r, w) = s.into_split();
+                                run_connection(r, w, backend, shutdown).await
+                            }
+                        };
+                        log_end(&result);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; the
+                // listener itself stays usable.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    info!(
+        connections = conns.len(),
+        "stopped accepting; waiting for connections to finish"
+    );
+    while let Some(res) = conns.join_next().await {
+        if let Err(e) = res {
+            warn!("connection task failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Serves `backend` over one already-connected stream (unix, TCP, an
+/// in-memory duplex, ...), from the handshake to the close. On `shutdown`
+/// it stops reading requests, answers those in flight and returns.
+///
+/// `Ok` means the client ended the session cleanly (NBD_OPT_ABORT,
+/// NBD_CMD_DISC, or closing the connection between requests).
+pub async fn serve_connection<B, S>(
+    stream: S,
+    backend: Arc<B>,
+    shutdown: CancellationToken,
+) -> Result<(), Error>
+where
+    B: Backend,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (r, w) = tokio::io::split(stream);
+    run_connection(r, w, backend, shutdown).await
+}
+
+async fn run_connection<B, R, W>(
+    r: R,
+    mut w: W,
+    backend: Arc<B>,
+    shutdown: CancellationToken,
+) -> Result<(), Error>
+where
+    B: Backend,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
+    let info = backend.info();
+    let Some(params) = handshake::negotiate(&mut r, &mut w, &info, &shutdown).await? else {
+        return Ok(());
+    };
+    debug!(
+        structured = params.structured,
+        block_status = params.meta_context.is_some(),
+        "entering transmission phase"
+    );
+    transmission::run(&*backend, r, w, params, shutdown).await
+}
+
+fn log_end(result: &Result<(), Error>) {
+    match result {
+        Ok(()) => debug!("connection closed"),
+        Err(e @ Error::Protocol { .. }) => warn!("dropped client: {e}"),
+        Err(e) => debug!("connection closed: {e}"),
+    }
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream, String),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+impl Accepted {
+    fn peer(&self) -> String {
+        match self {
+            Accepted::Unix(_, p) => p.clone(),
+            Accepted::Tcp(_, a) => a.to_string(),
+        }
+    }
+}
+
+async fn accept(l: &Listener) -> io::Result<Accepted> {
+    match l {
+        Listener::Unix(l) => {
+            let (s, a) = l.accept().await?;
+            let peer = a
+                .as_pathname()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "unix".to_string());
+            Ok(Accepted::Unix(s, peer))
+        }
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            // Replies are small and latency-bound; never let Nagle hold them.
+            s.set_nodelay(true)?;
+            Ok(Accepted::Tcp(s, a))
         }
     }
 }

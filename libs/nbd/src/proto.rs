@@ -179,13 +179,18 @@ impl Params {
         let mut warnings = Vec::new();
         let mut min = info.min_block;
         if min == 0 || !min.is_power_of_two() || min > 65536 {
-            warnings.push(format!("min_block {min} is not a power of two <= 65536; using 1"));
+            warnings.push(format!(
+                "min_block {min} is not a power of two <= 65536; using 1"
+            ));
             min = 1;
         }
         let mut pref = info.preferred_block;
         let pref_floor = min.max(512);
         if !pref.is_power_of_two() || pref < pref_floor {
-            warnings.push(format!("preferred_block {pref} invalid; using {}", pref_floor.max(4096)));
+            warnings.push(format!(
+                "preferred_block {pref} invalid; using {}",
+                pref_floor.max(4096)
+            ));
             pref = pref_floor.max(4096);
         }
         let mut max = info.max_payload;
@@ -193,7 +198,9 @@ impl Params {
             max = MAX_PAYLOAD_CAP;
         }
         if max < pref {
-            warnings.push(format!("max_payload {max} below preferred_block {pref}; using {pref}"));
+            warnings.push(format!(
+                "max_payload {max} below preferred_block {pref}; using {pref}"
+            ));
             max = pref;
         }
         let rw = !info.read_only;
@@ -239,13 +246,35 @@ impl Params {
 /// A validated request, ready for the backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    Cache { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32, flags: ZeroFlags },
-    BlockStatus { offset: u64, len: u32, req_one: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        flags: ZeroFlags,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
     /// A request that succeeds without touching the backend (zero lengths,
     /// CACHE on an export that does not cache).
     Nothing,
@@ -282,7 +311,10 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
         _ => return Err(reject(NBD_EINVAL, "unknown command")),
     }
     if req.flags & !allowed != 0 {
-        return Err(reject(NBD_EINVAL, "command flag not valid for this command"));
+        return Err(reject(
+            NBD_EINVAL,
+            "command flag not valid for this command",
+        ));
     }
     if is_write_like && p.read_only {
         return Err(reject(NBD_EPERM, "export is read-only"));
@@ -322,7 +354,10 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
     if p.min_block > 1 && req.typ != CMD_BLOCK_STATUS {
         let m = u64::from(p.min_block);
         if req.offset % m != 0 || (u64::from(req.len) % m != 0 && end != p.size) {
-            return Err(reject(NBD_EINVAL, "request not aligned to the minimum block size"));
+            return Err(reject(
+                NBD_EINVAL,
+                "request not aligned to the minimum block size",
+            ));
         }
     }
     let (offset, len) = (req.offset, req.len);
@@ -348,7 +383,11 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
                 fast_zero: req.flags & CMD_FLAG_FAST_ZERO != 0,
             },
         },
-        _ => Op::BlockStatus { offset, len, req_one: req.flags & CMD_FLAG_REQ_ONE != 0 },
+        _ => Op::BlockStatus {
+            offset,
+            len,
+            req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+        },
     })
 }
 
@@ -416,16 +455,34 @@ pub(crate) fn put_error(out: &mut Vec<u8>, structured: bool, cookie: u64, errno:
     let msg = truncate_utf8(msg, MAX_ERROR_MESSAGE);
     let mlen = u16::try_from(msg.len()).unwrap_or(0);
     let msg = &msg[..usize::from(mlen)];
-    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + u32::from(mlen));
+    put_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + u32::from(mlen),
+    );
     out.extend_from_slice(&errno.to_be_bytes());
     out.extend_from_slice(&mlen.to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
 }
 
 /// The header in front of READ data (`len` bytes at `offset` follow).
-pub(crate) fn put_read_header(out: &mut Vec<u8>, structured: bool, cookie: u64, offset: u64, len: u32) {
+pub(crate) fn put_read_header(
+    out: &mut Vec<u8>,
+    structured: bool,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+) {
     if structured {
-        put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, len.saturating_add(8));
+        put_chunk_header(
+            out,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            len.saturating_add(8),
+        );
         out.extend_from_slice(&offset.to_be_bytes());
     } else {
         put_simple_reply(out, cookie, 0);
@@ -473,9 +530,20 @@ pub(crate) fn sanitize_extents(raw: &[crate::Extent], len: u32, req_one: bool) -
     out
 }
 
-pub(crate) fn put_block_status(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
+pub(crate) fn put_block_status(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    context: u32,
+    extents: &[(u32, u32)],
+) {
     let payload = 4 + 8 * extents.len();
-    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len_u32(payload));
+    put_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        len_u32(payload),
+    );
     out.extend_from_slice(&context.to_be_bytes());
     for (l, f) in extents {
         out.extend_from_slice(&l.to_be_bytes());
@@ -511,7 +579,13 @@ mod tests {
     }
 
     fn req(typ: u16, flags: u16, offset: u64, len: u32) -> Request {
-        Request { flags, typ, cookie: 7, offset, len }
+        Request {
+            flags,
+            typ,
+            cookie: 7,
+            offset,
+            len,
+        }
     }
 
     fn encode(r: &Request) -> [u8; REQUEST_LEN] {
@@ -541,37 +615,82 @@ mod tests {
             0, 0x10, 0, 0, 0, 0x10, 0,
         ];
         let r = parse_request(&b).unwrap();
-        assert_eq!(r, Request { flags: 1, typ: 1, cookie: 0x0102_0304_0506_0708, offset: 4096, len: 4096 });
+        assert_eq!(
+            r,
+            Request {
+                flags: 1,
+                typ: 1,
+                cookie: 0x0102_0304_0506_0708,
+                offset: 4096,
+                len: 4096
+            }
+        );
     }
 
     #[test]
     fn validation_accepts_good_requests() {
         let p = params();
-        assert_eq!(validate(&req(CMD_READ, 0, 0, 4096), &p), Ok(Op::Read { offset: 0, len: 4096 }));
+        assert_eq!(
+            validate(&req(CMD_READ, 0, 0, 4096), &p),
+            Ok(Op::Read {
+                offset: 0,
+                len: 4096
+            })
+        );
         assert_eq!(
             validate(&req(CMD_WRITE, CMD_FLAG_FUA, 4096, 512), &p),
-            Ok(Op::Write { offset: 4096, len: 512, fua: true })
+            Ok(Op::Write {
+                offset: 4096,
+                len: 512,
+                fua: true
+            })
         );
         assert_eq!(validate(&req(CMD_FLUSH, 0, 0, 0), &p), Ok(Op::Flush));
         // TRIM and WRITE_ZEROES are not limited by max_payload.
         assert_eq!(
             validate(&req(CMD_TRIM, 0, 0, 1 << 20), &p),
-            Ok(Op::Trim { offset: 0, len: 1 << 20, fua: false })
+            Ok(Op::Trim {
+                offset: 0,
+                len: 1 << 20,
+                fua: false
+            })
         );
-        let wz = validate(&req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 0, 1 << 20), &p);
+        let wz = validate(
+            &req(
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                0,
+                1 << 20,
+            ),
+            &p,
+        );
         assert_eq!(
             wz,
             Ok(Op::WriteZeroes {
                 offset: 0,
                 len: 1 << 20,
-                flags: ZeroFlags { fua: false, no_hole: true, fast_zero: true }
+                flags: ZeroFlags {
+                    fua: false,
+                    no_hole: true,
+                    fast_zero: true
+                }
             })
         );
         assert_eq!(
             validate(&req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20), &p),
-            Ok(Op::BlockStatus { offset: 0, len: 1 << 20, req_one: true })
+            Ok(Op::BlockStatus {
+                offset: 0,
+                len: 1 << 20,
+                req_one: true
+            })
         );
-        assert_eq!(validate(&req(CMD_CACHE, 0, 0, 4096), &p), Ok(Op::Cache { offset: 0, len: 4096 }));
+        assert_eq!(
+            validate(&req(CMD_CACHE, 0, 0, 4096), &p),
+            Ok(Op::Cache {
+                offset: 0,
+                len: 4096
+            })
+        );
         // The very end of the export is fine.
         assert!(validate(&req(CMD_READ, 0, (1 << 20) - 512, 512), &p).is_ok());
     }
@@ -580,11 +699,24 @@ mod tests {
     fn validation_zero_lengths() {
         let p = params();
         assert_eq!(validate(&req(CMD_READ, 0, 0, 0), &p), Ok(Op::EmptyRead));
-        assert_eq!(validate(&req(CMD_WRITE, 0, 1 << 20, 0), &p), Ok(Op::Nothing));
+        assert_eq!(
+            validate(&req(CMD_WRITE, 0, 1 << 20, 0), &p),
+            Ok(Op::Nothing)
+        );
         assert_eq!(validate(&req(CMD_TRIM, 0, 0, 0), &p), Ok(Op::Nothing));
-        assert_eq!(validate(&req(CMD_BLOCK_STATUS, 0, 0, 0), &p).unwrap_err().errno, NBD_EINVAL);
+        assert_eq!(
+            validate(&req(CMD_BLOCK_STATUS, 0, 0, 0), &p)
+                .unwrap_err()
+                .errno,
+            NBD_EINVAL
+        );
         // Zero length past the end is still out of range.
-        assert_eq!(validate(&req(CMD_READ, 0, (1 << 20) + 1, 0), &p).unwrap_err().errno, NBD_EINVAL);
+        assert_eq!(
+            validate(&req(CMD_READ, 0, (1 << 20) + 1, 0), &p)
+                .unwrap_err()
+                .errno,
+            NBD_EINVAL
+        );
     }
 
     #[test]
@@ -595,7 +727,11 @@ mod tests {
         assert_eq!(e(req(CMD_READ, 1 << 7, 0, 512)), NBD_EINVAL);
         assert_eq!(e(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)), NBD_EINVAL);
         assert_eq!(e(req(CMD_READ, CMD_FLAG_REQ_ONE, 0, 512)), NBD_EINVAL);
-        assert_eq!(e(req(CMD_READ, 1 << 2, 0, 512)), NBD_EINVAL, "DF is not advertised");
+        assert_eq!(
+            e(req(CMD_READ, 1 << 2, 0, 512)),
+            NBD_EINVAL,
+            "DF is not advertised"
+        );
         assert_eq!(e(req(CMD_READ, 0, u64::MAX, 512)), NBD_EINVAL);
         assert_eq!(e(req(CMD_READ, 0, 1 << 20, 1)), NBD_EINVAL);
         assert_eq!(e(req(CMD_TRIM, 0, 1 << 20, 1)), NBD_EINVAL);
@@ -632,7 +768,12 @@ mod tests {
 
         let mut nofast = p.clone();
         nofast.can_fast_zero = false;
-        assert_eq!(validate(&req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512), &nofast).unwrap_err().errno, NBD_EINVAL);
+        assert_eq!(
+            validate(&req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512), &nofast)
+                .unwrap_err()
+                .errno,
+            NBD_EINVAL
+        );
     }
 
     #[test]
@@ -640,9 +781,18 @@ mod tests {
         let mut p = params();
         p.min_block = 512;
         p.size = (1 << 20) + 100; // unaligned tail
-        assert_eq!(validate(&req(CMD_READ, 0, 1, 512), &p).unwrap_err().errno, NBD_EINVAL);
-        assert_eq!(validate(&req(CMD_WRITE, 0, 0, 100), &p).unwrap_err().errno, NBD_EINVAL);
-        assert!(validate(&req(CMD_READ, 0, 1 << 20, 100), &p).is_ok(), "tail may be short");
+        assert_eq!(
+            validate(&req(CMD_READ, 0, 1, 512), &p).unwrap_err().errno,
+            NBD_EINVAL
+        );
+        assert_eq!(
+            validate(&req(CMD_WRITE, 0, 0, 100), &p).unwrap_err().errno,
+            NBD_EINVAL
+        );
+        assert!(
+            validate(&req(CMD_READ, 0, 1 << 20, 100), &p).is_ok(),
+            "tail may be short"
+        );
         assert!(validate(&req(CMD_BLOCK_STATUS, 0, 1, 1), &p).is_ok());
     }
 
@@ -660,13 +810,20 @@ mod tests {
         assert_eq!(errno_of(&os(libc::ENOMEM)), NBD_ENOMEM);
         assert_eq!(errno_of(&os(libc::EBADF)), NBD_EIO);
         assert_eq!(errno_of(&io::Error::other("x")), NBD_EIO);
-        assert_eq!(errno_of(&io::Error::from(io::ErrorKind::InvalidInput)), NBD_EINVAL);
+        assert_eq!(
+            errno_of(&io::Error::from(io::ErrorKind::InvalidInput)),
+            NBD_EINVAL
+        );
     }
 
     #[test]
     fn sanitize_extents_clips_and_limits() {
         let ext = |length, hole, zero| Extent { length, hole, zero };
-        let raw = [ext(0, false, false), ext(100, true, true), ext(1000, false, false)];
+        let raw = [
+            ext(0, false, false),
+            ext(100, true, true),
+            ext(1000, false, false),
+        ];
         assert_eq!(sanitize_extents(&raw, 500, false), vec![(100, 3), (400, 0)]);
         assert_eq!(sanitize_extents(&raw, 500, true), vec![(100, 3)]);
         assert_eq!(sanitize_extents(&raw, 50, false), vec![(50, 3)]);
@@ -677,25 +834,34 @@ mod tests {
     fn golden_reply_bytes() {
         let mut out = Vec::new();
         put_simple_reply(&mut out, 0x0102_0304_0506_0708, NBD_EINVAL);
-        assert_eq!(out, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            out,
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]
+        );
         out.clear();
         put_error(&mut out, true, 9, NBD_EIO, "ab");
         assert_eq!(
             out,
-            [0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 8, 0, 0, 0, 5, 0, 2, b'a', b'b']
+            [
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 8, 0, 0, 0,
+                5, 0, 2, b'a', b'b'
+            ]
         );
         out.clear();
         put_block_status(&mut out, 1, 1, &[(4096, 3)]);
         assert_eq!(
             out,
             [
-                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0, 1, 0,
-                0, 0x10, 0, 0, 0, 0, 3
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0,
+                1, 0, 0, 0x10, 0, 0, 0, 0, 3
             ]
         );
         out.clear();
         put_option_reply(&mut out, OPT_GO, REP_ACK, &[]);
-        assert_eq!(out, [0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(
+            out,
+            [0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0]
+        );
     }
 
     #[test]
@@ -706,7 +872,10 @@ mod tests {
         info.max_payload = 10;
         let (p, w) = Params::from_info(&info);
         assert_eq!(w.len(), 3);
-        assert_eq!((p.min_block, p.preferred_block, p.max_payload), (1, 4096, 4096));
+        assert_eq!(
+            (p.min_block, p.preferred_block, p.max_payload),
+            (1, 4096, 4096)
+        );
         info.max_payload = u32::MAX;
         info.min_block = 512;
         info.preferred_block = 4096;

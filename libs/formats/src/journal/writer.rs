@@ -426,19 +426,41 @@ impl Journal {
 
     /// Record that the next hop holds every record up to `seq` durably, and
     /// recycle segments that hold nothing newer. Never recycles the current
-    /// segment.
+    /// segment. (This fsyncs the marker; callers holding a lock around the
+    /// journal use [`Journal::persist_consumed`] outside it, then
+    /// [`Journal::recycle`] inside.)
     pub fn consume(&mut self, seq: u64) -> Result<()> {
         let seq = seq.min(self.next_seq.saturating_sub(1));
         if seq <= self.consumed_seq {
             return Ok(());
         }
-        write_consumed(&self.cfg.dir, seq)?;
+        Self::persist_consumed(&self.cfg.dir, seq)?;
+        self.recycle(seq)
+    }
+
+    /// Durably record the consumed seq of the journal in `dir`.
+    pub fn persist_consumed(dir: &Path, seq: u64) -> Result<()> {
+        write_consumed(dir, seq)
+    }
+
+    /// Whether consuming up to `seq` would free at least one segment.
+    pub fn recyclable(&self, seq: u64) -> bool {
+        self.segs.len() > 1 && self.segs[1].first_seq.saturating_sub(1) <= seq
+    }
+
+    /// Recycle segments whose records are all ≤ `seq`; the consumed marker
+    /// for `seq` must already be durable ([`Journal::persist_consumed`]).
+    pub fn recycle(&mut self, seq: u64) -> Result<()> {
+        let seq = seq.min(self.next_seq.saturating_sub(1));
+        if seq <= self.consumed_seq {
+            return Ok(());
+        }
         self.consumed_seq = seq;
         let max_spares = usize::try_from(self.cfg.cap_bytes / self.cfg.segment_size.max(1))
             .unwrap_or(usize::MAX)
             .clamp(1, 64);
         let mut changed = false;
-        while self.segs.len() > 1 && self.segs[1].first_seq.saturating_sub(1) <= seq {
+        while self.recyclable(seq) {
             let Some(s) = self.segs.pop_front() else {
                 break;
             };

@@ -1,0 +1,107 @@
+//! Plain configuration of a protected disk; the CLI fills it in.
+
+use std::path::PathBuf;
+
+/// Where the shim listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl ListenAddr {
+    /// Parse `unix:PATH` or `tcp:HOST:PORT`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(format!("listen address {s:?}: empty socket path"));
+            }
+            Ok(Self::Unix(PathBuf::from(p)))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            match a.rsplit_once(':') {
+                Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(Self::Tcp(a.to_string()))
+                }
+                _ => Err(format!("listen address {s:?}: expected tcp:HOST:PORT")),
+            }
+        } else {
+            Err(format!(
+                "listen address {s:?}: expected unix:PATH or tcp:HOST:PORT"
+            ))
+        }
+    }
+}
+
+/// Everything `protect` needs.
+#[derive(Clone, Debug)]
+pub struct ProtectConfig {
+    pub disk: PathBuf,
+    pub state: PathBuf,
+    pub listen: ListenAddr,
+    pub disk_id: String,
+    /// Create a sparse file of this size if `disk` does not exist.
+    pub create_size: Option<u64>,
+    /// Journal cap; `None` means 10 % of the disk, at least 1 GiB.
+    pub journal_cap: Option<u64>,
+    /// Benchmarks only: consume journal records as soon as they are
+    /// written, standing in for a collector, so segments recycle.
+    pub bench_consume: bool,
+}
+
+/// Check a disk id: 1–64 of `[A-Za-z0-9._-]`.
+pub fn validate_disk_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("disk id {id:?} must be 1 to 64 characters long"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "disk id {id:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(format!("disk id {id:?} is not allowed"));
+    }
+    Ok(())
+}
+
+/// The default journal cap for a disk of `size` bytes.
+pub fn default_journal_cap(size: u64) -> u64 {
+    (size / 10).max(1 << 30)
+}
+
+/// Segment size for a journal cap: 64 MiB, smaller for small caps so a
+/// cap still spans several segments.
+pub fn segment_size_for(cap: u64) -> u64 {
+    (cap / 8).clamp(1 << 20, 64 << 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_ids() {
+        assert!(validate_disk_id("db-01.vol_a").is_ok());
+        assert!(validate_disk_id("").is_err());
+        assert!(validate_disk_id(&"a".repeat(65)).is_err());
+        assert!(validate_disk_id("a/b").unwrap_err().contains("'/'"));
+        assert!(validate_disk_id("..").is_err());
+    }
+
+    #[test]
+    fn listen_addrs() {
+        assert_eq!(
+            ListenAddr::parse("unix:/tmp/s").unwrap(),
+            ListenAddr::Unix("/tmp/s".into())
+        );
+        assert_eq!(
+            ListenAddr::parse("tcp:127.0.0.1:10809").unwrap(),
+            ListenAddr::Tcp("127.0.0.1:10809".into())
+        );
+        assert!(ListenAddr::parse("tcp:127.0.0.1").is_err());
+        assert!(ListenAddr::parse("/tmp/s").is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! tidemark-agent: puts a protected disk behind a userspace block shim and
+//! journals every write, in order, before it reaches the disk.
+//!
+//! Data flow: a front end ([`tidemark_nbd`] today, ublk later) hands
+//! requests to the [`shim::Shim`], which appends a change record to the
+//! journal (write-ahead), writes the backing disk, and only then lets the
+//! front end acknowledge. The shim never acknowledges a write that is not
+//! tracked: past the journal cap it tracks regions in a dirty bitmap instead,
+//! and on a journal or bitmap error it fails the request.
+
+pub mod config;
+pub mod control;
+pub mod drain;
+pub mod ranges;
+pub mod run;
+pub mod shim;
+pub mod state;
+pub mod syncer;
+
+/// Nanoseconds since the Unix epoch, for record timestamps.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,277 @@
+//! `tidemark-agent protect`: open the disk and its state, recover from an
+//! unclean stop, serve the shim until SIGTERM/SIGINT, then stop cleanly.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileTypeExt;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tidemark_formats::apply::{apply_record, whole};
+use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
+use tidemark_formats::journal::{Journal, JournalConfig, JournalReader};
+use tidemark_nbd::Listener;
+use tidemark_util::fileops;
+use tidemark_util::human::format_size;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{
+    default_journal_cap, segment_size_for, validate_disk_id, ListenAddr, ProtectConfig,
+};
+use crate::shim::{Shim, ShimParts};
+use crate::state::{DiskMeta, LastStop, StateDir};
+
+/// Open (or create) the backing disk.
+fn open_disk(cfg: &ProtectConfig) -> Result<File> {
+    let p = &cfg.disk;
+    if !p.exists() {
+        let Some(size) = cfg.create_size else {
+            bail!(
+                "disk {} does not exist (give --create-size to create a sparse file)",
+                p.display()
+            );
+        };
+        if size == 0 {
+            bail!("--create-size must be more than 0 bytes");
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .with_context(|| format!("create disk {}", p.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("size disk {}", p.display()))?;
+        info!(disk = %p.display(), size = %format_size(size), "created sparse disk file");
+        return Ok(f);
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .with_context(|| format!("open disk {}", p.display()))
+}
+
+/// Everything opened and recovered, ready to serve.
+pub struct Opened {
+    pub shim: Shim,
+    pub state: StateDir,
+    pub last_stop: LastStop,
+}
+
+/// Open state, disk, journal and bitmap; re-apply the journal after an
+/// unclean stop.
+pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
+    validate_disk_id(&cfg.disk_id).map_err(anyhow::Error::msg)?;
+    let state = StateDir::open(&cfg.state)?;
+    let disk = open_disk(cfg)?;
+    let kind =
+        fileops::backing_kind(&disk).with_context(|| format!("disk {}", cfg.disk.display()))?;
+    let size = fileops::backing_size(&disk)
+        .with_context(|| format!("size of disk {}", cfg.disk.display()))?;
+    if size == 0 {
+        bail!("disk {} is empty (0 bytes)", cfg.disk.display());
+    }
+    let meta = match state.read_meta()? {
+        Some(m) => {
+            if m.disk_id != cfg.disk_id {
+                bail!(
+                    "state directory {} belongs to disk {:?}, not {:?}",
+                    cfg.state.display(),
+                    m.disk_id,
+                    cfg.disk_id
+                );
+            }
+            if m.disk_size != size {
+                bail!(
+                    "disk {} is {} bytes but state directory {} was made for {} bytes",
+                    cfg.disk.display(),
+                    size,
+                    cfg.state.display(),
+                    m.disk_size
+                );
+            }
+            m
+        }
+        None => {
+            let m = DiskMeta {
+                format: 1,
+                disk_id: cfg.disk_id.clone(),
+                disk_uuid: uuid::Uuid::new_v4().to_string(),
+                disk_size: size,
+                disk_path: cfg.disk.display().to_string(),
+            };
+            state.write_meta(&m)?;
+            info!(disk = %m.disk_id, uuid = %m.disk_uuid, "protecting a new disk");
+            m
+        }
+    };
+    let first_run = !state.journal_dir().exists();
+    let last_stop = state.begin_run(first_run)?;
+    let cap = cfg.journal_cap.unwrap_or_else(|| default_journal_cap(size));
+    let jcfg = JournalConfig {
+        dir: state.journal_dir(),
+        disk_uuid: meta.uuid_bytes()?,
+        segment_size: segment_size_for(cap),
+        cap_bytes: cap,
+    };
+    let (journal, report) = Journal::open(jcfg).context("open journal")?;
+    if let Some(t) = &report.torn_tail {
+        warn!(disk = %meta.disk_id, "journal had a torn tail: {t}");
+    }
+    for r in &report.removed {
+        warn!(disk = %meta.disk_id, "removed {r}");
+    }
+    let bitmap_path = state.bitmap_path();
+    let bitmap = if bitmap_path.exists() {
+        Some(
+            DirtyBitmap::open_or_create(&bitmap_path, size, DEFAULT_GRANULARITY)
+                .context("open dirty bitmap")?,
+        )
+    } else {
+        None
+    };
+    info!(
+        disk = %meta.disk_id,
+        last_stop = ?last_stop,
+        records = report.records,
+        next_seq = report.next_seq,
+        journal = %format_size(journal.live_bytes()),
+        cap = %format_size(cap),
+        "journal opened"
+    );
+    match last_stop {
+        LastStop::ProcessCrash | LastStop::MachineCrash => {
+            let n = reapply(&state, &disk, kind, size, bitmap.as_ref())?;
+            info!(disk = %meta.disk_id, records = n, "unclean stop: re-applied the journal onto the disk");
+            if last_stop == LastStop::MachineCrash {
+                warn!(
+                    disk = %meta.disk_id,
+                    "the machine stopped uncleanly (new boot id, no clean-shutdown marker): the journal may miss \
+                     writes that reached the disk; the replica needs a full resync"
+                );
+            }
+        }
+        LastStop::Clean | LastStop::FirstRun => {}
+    }
+    let shim = Shim::new(ShimParts {
+        disk_id: meta.disk_id.clone(),
+        disk_uuid: meta.disk_uuid.clone(),
+        disk_path: cfg.disk.clone(),
+        disk,
+        kind,
+        size,
+        journal,
+        bitmap,
+        bitmap_path,
+    });
+    if shim.mode() == crate::shim::Mode::Bitmap {
+        warn!(disk = %meta.disk_id, "starting in bitmap mode: regions written past the journal cap await resync");
+    }
+    Ok(Opened {
+        shim,
+        state,
+        last_stop,
+    })
+}
+
+/// Re-apply every live journal record onto the disk (idempotent, in seq
+/// order), skipping regions the dirty bitmap covers: those may hold newer
+/// untracked data and will be resynced from the disk itself.
+fn reapply(
+    state: &StateDir,
+    disk: &File,
+    kind: fileops::BackingKind,
+    size: u64,
+    bitmap: Option<&DirtyBitmap>,
+) -> Result<u64> {
+    let reader = JournalReader::open(&state.journal_dir())?;
+    let path = state.journal_dir();
+    let mut n = 0;
+    for r in reader.records_from(0) {
+        let r = r.context("read journal for re-apply")?;
+        match bitmap {
+            Some(b) => apply_record(disk, &path, kind, size, &r.header, &r.payload, |o, l| {
+                b.clean_parts(o, l)
+            })?,
+            None => apply_record(disk, &path, kind, size, &r.header, &r.payload, whole)?,
+        }
+        n += 1;
+    }
+    fileops::fdatasync(disk).context("sync disk after re-apply")?;
+    Ok(n)
+}
+
+async fn bind(addr: &ListenAddr) -> Result<Listener> {
+    match addr {
+        ListenAddr::Unix(p) => {
+            if let Ok(md) = std::fs::symlink_metadata(p) {
+                if md.file_type().is_socket() {
+                    std::fs::remove_file(p)
+                        .with_context(|| format!("remove stale socket {}", p.display()))?;
+                } else {
+                    bail!("{} exists and is not a socket", p.display());
+                }
+            }
+            let l = tokio::net::UnixListener::bind(p)
+                .with_context(|| format!("listen on unix:{}", p.display()))?;
+            Ok(Listener::Unix(l))
+        }
+        ListenAddr::Tcp(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listen on tcp:{a}"))?;
+            Ok(Listener::Tcp(l))
+        }
+    }
+}
+
+/// Run `protect` until SIGTERM/SIGINT.
+pub async fn protect(cfg: ProtectConfig) -> Result<()> {
+    let Opened { shim, state, .. } = open(&cfg)?;
+    let listener = bind(&cfg.listen).await?;
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = int.recv() => info!("SIGINT: stopping"),
+            }
+            stop.cancel();
+        });
+    }
+    let control = tokio::spawn(crate::control::serve(
+        state.control_path(),
+        shim.clone(),
+        stop.clone(),
+    ));
+    let drain = cfg
+        .bench_consume
+        .then(|| crate::drain::spawn(shim.clone(), stop.clone()));
+    info!(disk = %cfg.disk_id, listen = ?cfg.listen, "serving");
+    let backend = Arc::new(shim.clone());
+    tidemark_nbd::serve(listener, backend, stop.clone())
+        .await
+        .context("NBD server")?;
+    stop.cancel();
+    if let Some(d) = drain {
+        let _ = d.join();
+    }
+    shim.sync_all().await.context("final flush")?;
+    let next = shim.core().journal.next_seq();
+    state.mark_clean(next)?;
+    let _ = control.await;
+    if let ListenAddr::Unix(p) = &cfg.listen {
+        let _ = std::fs::remove_file(p);
+    }
+    info!(disk = %cfg.disk_id, next_seq = next, "stopped cleanly");
+    Ok(())
+}

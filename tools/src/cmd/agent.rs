@@ -1,0 +1,111 @@
+//! `tidemark agent-status`: ask a running agent through its control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+use tidemark_util::human::{format_duration, format_size};
+
+#[derive(Args)]
+pub struct AgentStatusArgs {
+    /// The agent's state directory.
+    #[arg(long)]
+    agent: PathBuf,
+    /// Print the raw JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Send one request to the agent's control socket and return the reply.
+pub fn request(state: &std::path::Path, req: &Value) -> Result<Value> {
+    let path = state.join("control.sock");
+    let mut s = UnixStream::connect(&path)
+        .with_context(|| format!("connect to {} (is the agent running?)", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(s, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("read agent reply")?;
+    let v: Value = serde_json::from_str(&line).context("agent reply is not JSON")?;
+    if v["ok"] != Value::Bool(true) {
+        bail!("agent refused: {}", v["error"]);
+    }
+    Ok(v)
+}
+
+pub fn status(a: AgentStatusArgs) -> Result<()> {
+    let v = request(&a.agent, &serde_json::json!({"cmd": "status"}))?;
+    let s = &v["status"];
+    if a.json {
+        println!("{s}");
+        return Ok(());
+    }
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    let rows = [
+        (
+            "disk",
+            format!(
+                "{} ({})",
+                s["disk_id"].as_str().unwrap_or("?"),
+                s["disk_uuid"].as_str().unwrap_or("?")
+            ),
+        ),
+        (
+            "backing",
+            format!(
+                "{} ({})",
+                s["disk_path"].as_str().unwrap_or("?"),
+                format_size(n("disk_size"))
+            ),
+        ),
+        ("mode", s["mode"].as_str().unwrap_or("?").to_string()),
+        ("last seq", n("last_seq").to_string()),
+        ("consumed seq", n("consumed_seq").to_string()),
+        (
+            "journal",
+            format!(
+                "{} of {} cap, {} segments",
+                format_size(n("journal_bytes")),
+                format_size(n("journal_cap")),
+                n("journal_segments")
+            ),
+        ),
+        (
+            "dirty bitmap",
+            format!(
+                "{} regions, {}",
+                n("bitmap_dirty_regions"),
+                format_size(n("bitmap_dirty_bytes"))
+            ),
+        ),
+        (
+            "writes",
+            format!("{} ({})", n("writes"), format_size(n("write_bytes"))),
+        ),
+        (
+            "reads",
+            format!("{} ({})", n("reads"), format_size(n("read_bytes"))),
+        ),
+        (
+            "flushes / trims / zeroes",
+            format!("{} / {} / {}", n("flushes"), n("trims"), n("zeroes")),
+        ),
+        (
+            "errors (I/O / tracking)",
+            format!("{} / {}", n("io_errors"), n("tracking_errors")),
+        ),
+        (
+            "uptime",
+            format_duration(Duration::from_secs(n("uptime_secs"))),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("{k:<26} {v}");
+    }
+    Ok(())
+}
