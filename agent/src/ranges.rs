@@ -4,16 +4,27 @@
 //! A ticket is taken while the journal lock is held, so ticket order is seq
 //! order. A write may touch the disk once no older ticket overlaps it.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    id: u64,
+    start: u64,
+    end: u64,
+    seq: Option<u64>,
+    done: bool,
+}
+
+/// Tickets in id order. Released tickets are marked done and popped once
+/// they reach the front, so the queue never reallocates in steady state.
 #[derive(Debug, Default)]
 struct Inner {
     next: u64,
-    /// ticket → (start, end, seq if journaled)
-    active: BTreeMap<u64, (u64, u64, Option<u64>)>,
+    active: VecDeque<Entry>,
+    live: usize,
 }
 
 /// The table of in-flight ranges.
@@ -43,7 +54,14 @@ impl RangeLocks {
         let mut g = self.lock();
         let id = g.next;
         g.next += 1;
-        g.active.insert(id, (start, end, seq));
+        g.active.push_back(Entry {
+            id,
+            start,
+            end,
+            seq,
+            done: false,
+        });
+        g.live += 1;
         Ticket {
             locks: self.clone(),
             id,
@@ -54,14 +72,19 @@ impl RangeLocks {
 
     /// Lowest journaled seq still in flight.
     pub fn oldest_inflight_seq(&self) -> Option<u64> {
-        self.lock().active.values().find_map(|v| v.2)
+        self.lock()
+            .active
+            .iter()
+            .filter(|e| !e.done)
+            .find_map(|e| e.seq)
     }
 
     fn conflicts(&self, t: &Ticket) -> bool {
-        self.lock()
-            .active
-            .range(..t.id)
-            .any(|(_, &(s, e, _))| s < t.end && t.start < e)
+        let g = self.lock();
+        g.active
+            .iter()
+            .take_while(|e| e.id < t.id)
+            .any(|e| !e.done && e.start < t.end && t.start < e.end)
     }
 }
 
@@ -89,8 +112,18 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let waiters = {
             let mut g = self.locks.lock();
-            g.active.remove(&self.id);
-            !g.active.is_empty()
+            let front = g.active.front().map_or(self.id, |e| e.id);
+            if let Some(e) = usize::try_from(self.id - front)
+                .ok()
+                .and_then(|i| g.active.get_mut(i))
+            {
+                e.done = true;
+            }
+            while g.active.front().is_some_and(|e| e.done) {
+                g.active.pop_front();
+            }
+            g.live -= 1;
+            g.live > 0
         };
         if waiters {
             self.locks.notify.notify_waiters();
@@ -125,5 +158,23 @@ mod tests {
             .unwrap();
         assert_eq!(l.oldest_inflight_seq(), None);
         drop(c);
+    }
+
+    #[test]
+    fn release_out_of_order_and_oldest_seq() {
+        let l = Arc::new(RangeLocks::default());
+        let a = l.register(0, 10, None);
+        let b = l.register(100, 10, Some(7));
+        let c = l.register(0, 10, Some(8));
+        assert_eq!(l.oldest_inflight_seq(), Some(7));
+        drop(b);
+        assert_eq!(l.oldest_inflight_seq(), Some(8));
+        assert!(c.must_wait());
+        drop(a);
+        assert!(!c.must_wait());
+        drop(c);
+        assert_eq!(l.oldest_inflight_seq(), None);
+        let d = l.register(0, 10, None);
+        assert!(!d.must_wait());
     }
 }

@@ -136,7 +136,7 @@ pub struct Status {
 }
 
 fn eio(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::Other, msg)
+    io::Error::other(msg)
 }
 
 impl Shim {
@@ -436,7 +436,7 @@ impl Backend for Shim {
             // A FLUSH syncs the whole journal and disk, so it covers every
             // completed write on every connection.
             multi_conn: true,
-            min_block: if size % 512 == 0 { 512 } else { 1 },
+            min_block: if size.is_multiple_of(512) { 512 } else { 1 },
             preferred_block: 4096,
             max_payload: 32 << 20,
         }

@@ -20,13 +20,29 @@ const SIZE: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { off: u64, len: u64, seed: u8, fua: bool },
-    Zero { off: u64, len: u64, no_hole: bool },
-    Trim { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+        no_hole: bool,
+    },
+    Trim {
+        off: u64,
+        len: u64,
+    },
     Flush,
     Crash,
     /// The process died after journaling a write but before the disk write.
-    JournaledThenCrash { off: u64, len: u64, seed: u8 },
+    JournaledThenCrash {
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -47,8 +63,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn span(off: u64, len: u64) -> std::ops::Range<usize> {
+    usize::try_from(off).unwrap()..usize::try_from(off + len).unwrap()
+}
+
 fn pattern(seed: u8, len: u64) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add(u8::try_from(i % 251).unwrap())).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add(u8::try_from(i % 251).unwrap()))
+        .collect()
 }
 
 fn cfg(dir: &std::path::Path) -> ProtectConfig {
@@ -82,15 +104,15 @@ proptest! {
                 Op::Write { off, len, seed, fua } => {
                     let data = pattern(seed, len);
                     rt.block_on(shim.write(off, data.clone(), fua)).unwrap();
-                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    model[span(off, len)].copy_from_slice(&data);
                 }
                 Op::Zero { off, len, no_hole } => {
                     rt.block_on(shim.write_zeroes(off, len, ZeroFlags { no_hole, ..Default::default() })).unwrap();
-                    model[off as usize..(off + len) as usize].fill(0);
+                    model[span(off, len)].fill(0);
                 }
                 Op::Trim { off, len } => {
                     rt.block_on(shim.trim(off, len, false)).unwrap();
-                    model[off as usize..(off + len) as usize].fill(0);
+                    model[span(off, len)].fill(0);
                 }
                 Op::Flush => rt.block_on(shim.flush()).unwrap(),
                 Op::Crash | Op::JournaledThenCrash { .. } => {
@@ -98,7 +120,7 @@ proptest! {
                         let data = pattern(seed, len);
                         let hash = *blake3::hash(&data).as_bytes();
                         shim.core().journal.append(RecordKind::Write, 0, off, len, &data, hash, 0).unwrap();
-                        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                        model[span(off, len)].copy_from_slice(&data);
                     }
                     drop(shim);
                     drop(opened.take());

@@ -1,8 +1,12 @@
 //! Serves a plain file (or block device) over NBD.
 //!
 //! ```text
-//! nbd-file-server [--read-only] [--name NAME] FILE unix:SOCK|tcp:HOST:PORT
+//! nbd-file-server [--read-only] [--name NAME] [--single-thread] FILE unix:SOCK|tcp:HOST:PORT
 //! ```
+//!
+//! `--single-thread` runs everything on one thread (a current-thread tokio
+//! runtime): a little faster for a single client, no parallelism across
+//! clients.
 //!
 //! The export is available under NAME (default: the file's name) and under
 //! the empty name. SIGINT/SIGTERM stop it gracefully: in-flight requests are
@@ -16,7 +20,7 @@ use tidemark_nbd::{bind, parse_listen, serve, FileBackend};
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str =
-    "usage: nbd-file-server [--read-only] [--name NAME] FILE unix:SOCK|tcp:HOST:PORT";
+    "usage: nbd-file-server [--read-only] [--name NAME] [--single-thread] FILE unix:SOCK|tcp:HOST:PORT";
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -28,12 +32,14 @@ fn main() -> anyhow::Result<()> {
         .init();
 
     let mut read_only = false;
+    let mut single_thread = false;
     let mut name = None;
     let mut positional = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--read-only" => read_only = true,
+            "--single-thread" => single_thread = true,
             "--name" => name = Some(args.next().context(USAGE)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -54,10 +60,16 @@ fn main() -> anyhow::Result<()> {
     }
     let backend = Arc::new(backend);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting tokio")?;
+    let rt = if single_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    }
+    .context("starting tokio")?;
     rt.block_on(async {
         let listener = bind(&addr).await?;
         let shutdown = CancellationToken::new();

@@ -84,13 +84,11 @@ impl Backend for FileBackend {
 
     async fn read(&self, offset: u64, len: u32, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
         let len = len as usize;
-        buf.clear();
-        buf.resize(len, 0);
         if len <= INLINE_MAX {
-            self.file.read_exact_at(&mut buf, offset)?;
+            pread_into(&self.file, &mut buf, len, offset)?;
             Ok(buf)
         } else {
-            self.blocking(move |f| f.read_exact_at(&mut buf, offset).map(|()| buf))
+            self.blocking(move |f| pread_into(f, &mut buf, len, offset).map(|()| buf))
                 .await
         }
     }
@@ -152,6 +150,45 @@ impl Backend for FileBackend {
     async fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
         self.blocking(move |f| extents(f, offset, len)).await
     }
+}
+
+/// Reads exactly `len` bytes at `offset` into `buf` (replacing its
+/// contents) without zeroing the buffer first.
+fn pread_into(f: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+    buf.clear();
+    buf.reserve_exact(len);
+    let spare = buf.spare_capacity_mut();
+    let mut done = 0usize;
+    while done < len {
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|o| libc::off_t::try_from(o).ok())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the destination is the vector's spare capacity, which holds
+        // at least `len` bytes; we pass a pointer `done` bytes in and a length
+        // of `len - done`, so pread writes only inside it. The fd is open.
+        let n = unsafe {
+            libc::pread(
+                f.as_raw_fd(),
+                spare[done..].as_mut_ptr().cast(),
+                len - done,
+                at,
+            )
+        };
+        match n {
+            n if n > 0 => done += n.unsigned_abs(),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    // SAFETY: the loop above initialised exactly the first `len` bytes.
+    unsafe { buf.set_len(len) };
+    Ok(())
 }
 
 fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {

@@ -379,4 +379,12 @@ mod tests {
             None
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn option_parsers_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = parse_info_request(&data);
+            let _ = parse_meta_request(&data);
+        }
+    }
 }

@@ -6,7 +6,6 @@
 //! what a READ or WRITE *means* is the [`Backend`]'s business. It must never
 //! acknowledge a request before the backend said it completed, and never
 //! panic on bytes that came from a client.
-
 //!
 //! ```text
 //!  Listener ──accept──▶ connection task (one per client)
@@ -104,6 +103,15 @@ pub struct Extent {
 /// Errors are `io::Error`s; the server maps their OS error code to the NBD
 /// error reply (ENOSPC, EINVAL, ENOTSUP/EOPNOTSUPP, EPERM/EROFS, EOVERFLOW,
 /// anything else EIO).
+///
+/// How the server calls it: requests of one connection run concurrently
+/// (up to 128 in flight), all polled by that connection's task. Calls are
+/// *started* (first polled) in the order the requests arrived on the
+/// connection, so work a method does before its first `.await` (taking a
+/// sequence number, say) happens in request order. A call, once started,
+/// is always driven to completion, even if the client disconnects. Work
+/// done inline blocks that connection (not the others): keep it to
+/// microseconds and move anything slow to a thread.
 pub trait Backend: Send + Sync + 'static {
     /// What this export offers; called once per handshake.
     fn info(&self) -> ExportInfo;
@@ -193,7 +201,10 @@ impl ExportInfo {
 /// closes. Returns once every connection has finished, so the caller can
 /// make the backend durable and exit.
 ///
-/// Errors of single connections are logged, not returned.
+/// Errors of single connections are logged, not returned. A client that
+/// stalls mid-message or stops reading replies gets 5 s after `shutdown`
+/// before its connection is dropped. Needs a tokio runtime with the time
+/// driver enabled.
 pub async fn serve<B: Backend>(
     listener: Listener,
     backend: Arc<B>,
@@ -289,7 +300,9 @@ where
 {
     let mut r = BufReader::with_capacity(READ_BUFFER, r);
     let info = backend.info();
-    let Some(params) = handshake::negotiate(&mut r, &mut w, &info, &shutdown).await? else {
+    let negotiation = handshake::negotiate(&mut r, &mut w, &info, &shutdown);
+    let Some(params) = transmission::within_grace(&shutdown, "negotiating", negotiation).await?
+    else {
         return Ok(());
     };
     debug!(

@@ -294,7 +294,8 @@ fn reject(errno: u32, msg: &'static str) -> Reject {
 }
 
 /// Checks one request against the negotiated parameters, in the order the
-/// spec suggests: command, flags, permission, feature, range, size, alignment.
+/// spec suggests: command, flags, permission, feature, payload size, range,
+/// alignment.
 pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
     let is_write_like = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     let mut allowed = if p.can_fua { CMD_FLAG_FUA } else { 0 };
@@ -337,6 +338,9 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
         }
         _ => {}
     }
+    if matches!(req.typ, CMD_READ | CMD_WRITE) && req.len > p.max_payload {
+        return Err(reject(NBD_EINVAL, "length exceeds the maximum payload"));
+    }
     let Some(end) = req.offset.checked_add(u64::from(req.len)) else {
         return Err(reject(NBD_EINVAL, "offset + length overflows"));
     };
@@ -348,12 +352,10 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
             reject(NBD_EINVAL, "request extends beyond the end of the export")
         });
     }
-    if matches!(req.typ, CMD_READ | CMD_WRITE) && req.len > p.max_payload {
-        return Err(reject(NBD_EINVAL, "length exceeds the maximum payload"));
-    }
     if p.min_block > 1 && req.typ != CMD_BLOCK_STATUS {
-        let m = u64::from(p.min_block);
-        if req.offset % m != 0 || (u64::from(req.len) % m != 0 && end != p.size) {
+        // min_block is a power of two (Params::from_info makes sure).
+        let mask = u64::from(p.min_block) - 1;
+        if req.offset & mask != 0 || (u64::from(req.len) & mask != 0 && end != p.size) {
             return Err(reject(
                 NBD_EINVAL,
                 "request not aligned to the minimum block size",
@@ -887,5 +889,61 @@ mod tests {
     fn truncate_utf8_keeps_boundaries() {
         assert_eq!(truncate_utf8("héllo", 2), "h");
         assert_eq!(truncate_utf8("abc", 10), "abc");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_and_validate_never_panic_and_stay_in_bounds(
+            bytes in proptest::array::uniform28(proptest::prelude::any::<u8>()),
+            size in proptest::prelude::any::<u64>(),
+            max in proptest::prelude::any::<u32>(),
+            min_exp in 0u32..18,
+            ro in proptest::prelude::any::<bool>(),
+            magic in proptest::prelude::any::<bool>(),
+        ) {
+            let mut bytes = bytes;
+            if magic {
+                bytes[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            }
+            let Ok(r) = parse_request(&bytes) else { return Ok(()) };
+            let mut info = ExportInfo::new("p", size);
+            info.max_payload = max;
+            info.min_block = 1 << min_exp;
+            info.read_only = ro;
+            let (p, _) = Params::from_info(&info);
+            if let Ok(op) = validate(&r, &p) {
+                let (offset, len) = match op {
+                    Op::Read { offset, len } | Op::Write { offset, len, .. } => {
+                        proptest::prop_assert!(len <= p.max_payload);
+                        (offset, len)
+                    }
+                    Op::Trim { offset, len, .. }
+                    | Op::Cache { offset, len }
+                    | Op::WriteZeroes { offset, len, .. }
+                    | Op::BlockStatus { offset, len, .. } => (offset, len),
+                    Op::Flush | Op::Nothing | Op::EmptyRead => (0, 0),
+                };
+                proptest::prop_assert!(offset.checked_add(u64::from(len)).is_some_and(|e| e <= p.size));
+                if ro {
+                    let writes = matches!(op, Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. });
+                    proptest::prop_assert!(!writes, "write-like op on a read-only export");
+                }
+            }
+        }
+
+        #[test]
+        fn sanitized_extents_are_valid(
+            raw in proptest::collection::vec((proptest::prelude::any::<u32>(), proptest::prelude::any::<bool>()), 0..50),
+            len in 1u32..,
+            req_one in proptest::prelude::any::<bool>(),
+        ) {
+            let raw: Vec<Extent> = raw.into_iter().map(|(length, hole)| Extent { length, hole, zero: hole }).collect();
+            let e = sanitize_extents(&raw, len, req_one);
+            proptest::prop_assert!(e.iter().all(|(l, _)| *l > 0));
+            proptest::prop_assert!(e.iter().map(|(l, _)| u64::from(*l)).sum::<u64>() <= u64::from(len));
+            if req_one {
+                proptest::prop_assert!(e.len() <= 1);
+            }
+        }
     }
 }

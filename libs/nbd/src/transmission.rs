@@ -18,6 +18,7 @@
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
@@ -46,6 +47,9 @@ const COPY_MAX: usize = 16 << 10;
 /// Read buffers kept for reuse, and the largest one worth keeping.
 const POOL_MAX: usize = 32;
 const POOL_BUF_MAX: usize = 1 << 20;
+/// How long a shutdown waits for a stalled client to finish sending a
+/// message or to read its replies.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Backend errors logged at WARN per connection; the rest go to DEBUG and
 /// are counted in a summary when the connection closes.
 const WARN_LIMIT: u64 = 8;
@@ -111,18 +115,26 @@ where
 {
     let mut hdr = [0u8; REQUEST_LEN];
     loop {
-        // Between requests is the only place where stopping is clean.
+        // Between requests is the only place where stopping is clean. Data
+        // already buffered is checked first: registering with the token on
+        // every request would cost a lock.
+        if stop.is_cancelled() {
+            return Ok(());
+        }
         let more = tokio::select! {
             biased;
-            _ = stop.cancelled() => false,
             res = r.fill_buf() => !res.map_err(|e| Error::io("waiting for a request", e))?.is_empty(),
+            _ = stop.cancelled() => false,
         };
         if !more {
             return Ok(());
         }
-        r.read_exact(&mut hdr)
-            .await
-            .map_err(|e| Error::io("reading a request header", e))?;
+        within_grace(stop, "reading a request header", async {
+            r.read_exact(&mut hdr)
+                .await
+                .map_err(|e| Error::io("reading a request header", e))
+        })
+        .await?;
         let req = parse_request(&hdr)
             .map_err(|m| Error::protocol(format!("bad request magic {m:#010x}")))?;
         if req.typ == CMD_DISC {
@@ -146,21 +158,21 @@ where
         let mut fatal = None;
         if req.typ == CMD_WRITE {
             if req.len <= max_payload {
-                // The one buffer the backend will own: read once, never copied again.
-                let mut data = vec![0u8; req.len as usize];
-                r.read_exact(&mut data)
-                    .await
-                    .map_err(|e| Error::io("reading a write payload", e))?;
-                payload = Some(data);
+                let len = req.len as usize;
+                payload = Some(
+                    within_grace(stop, "reading a write payload", read_payload(r, len)).await?,
+                );
             } else if req.len <= MAX_SKIP {
+                let during = "skipping an oversized write payload";
                 let mut rest = (&mut *r).take(u64::from(req.len));
-                let n = tokio::io::copy_buf(&mut rest, &mut tokio::io::sink())
-                    .await
-                    .map_err(|e| Error::io("skipping an oversized write payload", e))?;
+                let n = within_grace(stop, during, async {
+                    tokio::io::copy_buf(&mut rest, &mut tokio::io::sink())
+                        .await
+                        .map_err(|e| Error::io(during, e))
+                })
+                .await?;
                 if n != u64::from(req.len) {
-                    return Err(Error::Disconnected {
-                        during: "skipping an oversized write payload",
-                    });
+                    return Err(Error::Disconnected { during });
                 }
             } else {
                 // Answer it (EINVAL), then hang up: we will not read 4 GiB to find the next header.
@@ -186,6 +198,50 @@ where
     }
 }
 
+/// Runs one socket operation, but gives up [`SHUTDOWN_GRACE`] after `token`
+/// was cancelled: a client that stalls mid-message (or stops reading
+/// replies) must not hold up a shutdown forever.
+pub(crate) async fn within_grace<T>(
+    token: &CancellationToken,
+    during: &'static str,
+    op: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::select! {
+        biased;
+        r = op => r,
+        _ = grace_expired(token) => Err(Error::Io {
+            during,
+            source: io::Error::new(io::ErrorKind::TimedOut, "shutdown grace period expired"),
+        }),
+    }
+}
+
+pub(crate) async fn grace_expired(token: &CancellationToken) {
+    token.cancelled().await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+}
+
+/// Reads a WRITE payload into the one buffer the backend will own, without
+/// zeroing it first. Large payloads bypass the read buffer and land in it
+/// directly; small ones are copied out of the read buffer (cheaper than a
+/// syscall per request).
+async fn read_payload<R: AsyncBufRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, Error> {
+    let mut data = Vec::with_capacity(len);
+    let mut rest = (&mut *r).take(len as u64);
+    while data.len() < len {
+        let n = rest
+            .read_buf(&mut data)
+            .await
+            .map_err(|e| Error::io("reading a write payload", e))?;
+        if n == 0 {
+            return Err(Error::Disconnected {
+                during: "reading a write payload",
+            });
+        }
+    }
+    Ok(data)
+}
+
 async fn process<B, W>(
     backend: &B,
     mut rx: mpsc::UnboundedReceiver<Incoming>,
@@ -198,7 +254,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut inflight = FuturesUnordered::new();
-    let mut out = Responder::new(writer, p);
+    let mut out = Responder::new(writer, p, stop.clone());
     let mut rx_open = true;
     while rx_open || !inflight.is_empty() {
         tokio::select! {
@@ -372,14 +428,18 @@ struct Responder<W> {
     pool: Vec<Vec<u8>>,
     structured: bool,
     context: u32,
+    /// Cancelled on shutdown (and when writing fails): bounds how long a
+    /// write may wait for a client that does not read.
+    stop: CancellationToken,
     /// Set once a write failed; afterwards replies are discarded.
     broken: Option<io::Error>,
     backend_errors: u64,
 }
 
 impl<W: AsyncWrite + Unpin> Responder<W> {
-    fn new(w: W, p: &Params) -> Self {
+    fn new(w: W, p: &Params, stop: CancellationToken) -> Self {
         Responder {
+            stop,
             w,
             buf: Vec::with_capacity(64 << 10),
             big: Vec::new(),
@@ -448,18 +508,18 @@ impl<W: AsyncWrite + Unpin> Responder<W> {
         }
         let result = if self.broken.is_some() {
             Err(io::Error::from(io::ErrorKind::BrokenPipe))
-        } else if self.big.is_empty() {
-            self.w.write_all(&self.buf).await
         } else {
-            let mut segs: Vec<&[u8]> = Vec::with_capacity(self.big.len() * 2 + 1);
-            let mut at = 0;
-            for (pos, data) in &self.big {
-                segs.push(&self.buf[at..*pos]);
-                segs.push(data);
-                at = *pos;
+            let stop = self.stop.clone();
+            let write = async {
+                self.write_out()
+                    .await
+                    .map_err(|e| Error::io("writing replies", e))
+            };
+            match within_grace(&stop, "writing replies", write).await {
+                Ok(()) => Ok(()),
+                Err(Error::Io { source, .. }) => Err(source),
+                Err(e) => Err(io::Error::other(e.to_string())),
             }
-            segs.push(&self.buf[at..]);
-            write_segments(&mut self.w, &segs).await
         };
         self.buf.clear();
         let big = std::mem::take(&mut self.big);
@@ -475,6 +535,21 @@ impl<W: AsyncWrite + Unpin> Responder<W> {
         result
     }
 
+    async fn write_out(&mut self) -> io::Result<()> {
+        if self.big.is_empty() {
+            return self.w.write_all(&self.buf).await;
+        }
+        let mut segs: Vec<&[u8]> = Vec::with_capacity(self.big.len() * 2 + 1);
+        let mut at = 0;
+        for (pos, data) in &self.big {
+            segs.push(&self.buf[at..*pos]);
+            segs.push(data);
+            at = *pos;
+        }
+        segs.push(&self.buf[at..]);
+        write_segments(&mut self.w, &segs).await
+    }
+
     async fn finish(mut self) -> Result<(), Error> {
         let _ = self.flush().await;
         if self.backend_errors > WARN_LIMIT {
@@ -487,9 +562,15 @@ impl<W: AsyncWrite + Unpin> Responder<W> {
         if let Some(e) = self.broken.take() {
             return Err(Error::io("writing replies", e));
         }
-        let _ = self.w.flush().await;
         // Half-close so the client sees EOF after the last reply.
-        let _ = self.w.shutdown().await;
+        let stop = self.stop.clone();
+        let w = &mut self.w;
+        let _ = within_grace(&stop, "closing", async {
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+            Ok(())
+        })
+        .await;
         Ok(())
     }
 }
