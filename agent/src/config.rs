@@ -19,15 +19,11 @@ impl ListenAddr {
             Ok(Self::Unix(PathBuf::from(p)))
         } else if let Some(a) = s.strip_prefix("tcp:") {
             match a.rsplit_once(':') {
-                Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok() => {
-                    Ok(Self::Tcp(a.to_string()))
-                }
+                Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok() => Ok(Self::Tcp(a.to_string())),
                 _ => Err(format!("listen address {s:?}: expected tcp:HOST:PORT")),
             }
         } else {
-            Err(format!(
-                "listen address {s:?}: expected unix:PATH or tcp:HOST:PORT"
-            ))
+            Err(format!("listen address {s:?}: expected unix:PATH or tcp:HOST:PORT"))
         }
     }
 }

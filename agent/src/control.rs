@@ -1,5 +1,6 @@
 //! The control socket (`STATE/control.sock`): one JSON request per line,
-//! one JSON reply per line. Today it answers `{"cmd":"status"}`; tag
+//! one JSON reply per line. Today it answers `{"cmd":"status"}` and
+//! `{"cmd":"metrics"}` (Prometheus text in the `metrics` key); tag
 //! requests join with the recovery tooling.
 
 use std::path::PathBuf;
@@ -22,8 +23,9 @@ struct Request {
 pub fn handle(shim: &Shim, line: &str) -> String {
     let reply = match serde_json::from_str::<Request>(line) {
         Ok(r) if r.cmd == "status" => serde_json::json!({"ok": true, "status": shim.status()}),
+        Ok(r) if r.cmd == "metrics" => serde_json::json!({"ok": true, "metrics": shim.metrics()}),
         Ok(r) => {
-            serde_json::json!({"ok": false, "error": format!("unknown command {:?} (known: status)", r.cmd)})
+            serde_json::json!({"ok": false, "error": format!("unknown command {:?} (known: status, metrics)", r.cmd)})
         }
         Err(e) => serde_json::json!({"ok": false, "error": format!("malformed request: {e}")}),
     };
@@ -55,4 +57,37 @@ pub async fn serve(path: PathBuf, shim: Shim, stop: CancellationToken) -> std::i
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ListenAddr, ProtectConfig};
+
+    #[test]
+    fn answers_status_metrics_and_refuses_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = ProtectConfig {
+            disk: d.path().join("d.img"),
+            state: d.path().join("st"),
+            listen: ListenAddr::Unix(d.path().join("s")),
+            disk_id: "ctl".into(),
+            create_size: Some(1 << 20),
+            journal_cap: None,
+            bench_consume: false,
+        };
+        let o = crate::run::open(&cfg).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, r#"{"cmd":"status"}"#)).unwrap();
+        assert_eq!(v["status"]["disk_id"], "ctl");
+        assert_eq!(v["status"]["mode"], "journal");
+        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, r#"{"cmd":"metrics"}"#)).unwrap();
+        assert!(v["metrics"]
+            .as_str()
+            .unwrap()
+            .contains("tidemark_agent_writes_total{disk=\"ctl\"} 0"));
+        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, r#"{"cmd":"launch"}"#)).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("unknown command"));
+        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, "not json")).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("malformed request"));
+    }
 }

@@ -17,10 +17,7 @@ pub fn spawn(shim: Shim, stop: CancellationToken) -> std::thread::JoinHandle<()>
     std::thread::spawn(move || {
         let (dir, from) = {
             let core = shim.core();
-            (
-                core.journal.config().dir.clone(),
-                core.journal.consumed_seq() + 1,
-            )
+            (core.journal.config().dir.clone(), core.journal.consumed_seq() + 1)
         };
         let reader = match JournalReader::open(&dir) {
             Ok(r) => r,
@@ -49,9 +46,7 @@ pub fn spawn(shim: Shim, stop: CancellationToken) -> std::thread::JoinHandle<()>
             let upto = (it.next_seq().saturating_sub(1)).min(shim.applied_watermark());
             let recyclable = shim.core().journal.recyclable(upto);
             if recyclable {
-                if let Err(e) = Journal::persist_consumed(&dir, upto)
-                    .and_then(|_| shim.core().journal.recycle(upto))
-                {
+                if let Err(e) = Journal::persist_consumed(&dir, upto).and_then(|_| shim.core().journal.recycle(upto)) {
                     warn!("bench consumer: {e}");
                 }
             }

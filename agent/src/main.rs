@@ -69,10 +69,8 @@ struct FileConfig {
 fn build(a: ProtectArgs) -> Result<ProtectConfig> {
     let file: FileConfig = match &a.config {
         Some(p) => {
-            let s = std::fs::read_to_string(p)
-                .with_context(|| format!("read config {}", p.display()))?;
-            toml::from_str(&s)
-                .map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.message()))?
+            let s = std::fs::read_to_string(p).with_context(|| format!("read config {}", p.display()))?;
+            toml::from_str(&s).map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.message()))?
         }
         None => FileConfig::default(),
     };

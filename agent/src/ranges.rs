@@ -72,11 +72,7 @@ impl RangeLocks {
 
     /// Lowest journaled seq still in flight.
     pub fn oldest_inflight_seq(&self) -> Option<u64> {
-        self.lock()
-            .active
-            .iter()
-            .filter(|e| !e.done)
-            .find_map(|e| e.seq)
+        self.lock().active.iter().filter(|e| !e.done).find_map(|e| e.seq)
     }
 
     fn conflicts(&self, t: &Ticket) -> bool {
@@ -113,10 +109,7 @@ impl Drop for Ticket {
         let waiters = {
             let mut g = self.locks.lock();
             let front = g.active.front().map_or(self.id, |e| e.id);
-            if let Some(e) = usize::try_from(self.id - front)
-                .ok()
-                .and_then(|i| g.active.get_mut(i))
-            {
+            if let Some(e) = usize::try_from(self.id - front).ok().and_then(|i| g.active.get_mut(i)) {
                 e.done = true;
             }
             while g.active.front().is_some_and(|e| e.done) {

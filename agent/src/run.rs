@@ -15,9 +15,7 @@ use tidemark_util::human::format_size;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{
-    default_journal_cap, segment_size_for, validate_disk_id, ListenAddr, ProtectConfig,
-};
+use crate::config::{default_journal_cap, segment_size_for, validate_disk_id, ListenAddr, ProtectConfig};
 use crate::shim::{Shim, ShimParts};
 use crate::state::{DiskMeta, LastStop, StateDir};
 
@@ -40,8 +38,7 @@ fn open_disk(cfg: &ProtectConfig) -> Result<File> {
             .create_new(true)
             .open(p)
             .with_context(|| format!("create disk {}", p.display()))?;
-        f.set_len(size)
-            .with_context(|| format!("size disk {}", p.display()))?;
+        f.set_len(size).with_context(|| format!("size disk {}", p.display()))?;
         info!(disk = %p.display(), size = %format_size(size), "created sparse disk file");
         return Ok(f);
     }
@@ -65,10 +62,8 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     validate_disk_id(&cfg.disk_id).map_err(anyhow::Error::msg)?;
     let state = StateDir::open(&cfg.state)?;
     let disk = open_disk(cfg)?;
-    let kind =
-        fileops::backing_kind(&disk).with_context(|| format!("disk {}", cfg.disk.display()))?;
-    let size = fileops::backing_size(&disk)
-        .with_context(|| format!("size of disk {}", cfg.disk.display()))?;
+    let kind = fileops::backing_kind(&disk).with_context(|| format!("disk {}", cfg.disk.display()))?;
+    let size = fileops::backing_size(&disk).with_context(|| format!("size of disk {}", cfg.disk.display()))?;
     if size == 0 {
         bail!("disk {} is empty (0 bytes)", cfg.disk.display());
     }
@@ -124,10 +119,7 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     }
     let bitmap_path = state.bitmap_path();
     let bitmap = if bitmap_path.exists() {
-        Some(
-            DirtyBitmap::open_or_create(&bitmap_path, size, DEFAULT_GRANULARITY)
-                .context("open dirty bitmap")?,
-        )
+        Some(DirtyBitmap::open_or_create(&bitmap_path, size, DEFAULT_GRANULARITY).context("open dirty bitmap")?)
     } else {
         None
     };
@@ -168,11 +160,7 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     if shim.mode() == crate::shim::Mode::Bitmap {
         warn!(disk = %meta.disk_id, "starting in bitmap mode: regions written past the journal cap await resync");
     }
-    Ok(Opened {
-        shim,
-        state,
-        last_stop,
-    })
+    Ok(Opened { shim, state, last_stop })
 }
 
 /// Re-apply every live journal record onto the disk (idempotent, in seq
@@ -207,14 +195,12 @@ async fn bind(addr: &ListenAddr) -> Result<Listener> {
         ListenAddr::Unix(p) => {
             if let Ok(md) = std::fs::symlink_metadata(p) {
                 if md.file_type().is_socket() {
-                    std::fs::remove_file(p)
-                        .with_context(|| format!("remove stale socket {}", p.display()))?;
+                    std::fs::remove_file(p).with_context(|| format!("remove stale socket {}", p.display()))?;
                 } else {
                     bail!("{} exists and is not a socket", p.display());
                 }
             }
-            let l = tokio::net::UnixListener::bind(p)
-                .with_context(|| format!("listen on unix:{}", p.display()))?;
+            let l = tokio::net::UnixListener::bind(p).with_context(|| format!("listen on unix:{}", p.display()))?;
             Ok(Listener::Unix(l))
         }
         ListenAddr::Tcp(a) => {
@@ -235,10 +221,7 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         let stop = stop.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
                 return;
             };
             tokio::select! {
@@ -248,11 +231,7 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
             stop.cancel();
         });
     }
-    let control = tokio::spawn(crate::control::serve(
-        state.control_path(),
-        shim.clone(),
-        stop.clone(),
-    ));
+    let control = tokio::spawn(crate::control::serve(state.control_path(), shim.clone(), stop.clone()));
     let drain = cfg
         .bench_consume
         .then(|| crate::drain::spawn(shim.clone(), stop.clone()));

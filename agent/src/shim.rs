@@ -237,6 +237,69 @@ impl Shim {
         }
     }
 
+    /// Counters and gauges in Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let st = self.status();
+        let disk = &st.disk_id;
+        let mut out = String::new();
+        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP tidemark_agent_{name} {help}\n# TYPE tidemark_agent_{name} {kind}\ntidemark_agent_{name}{{disk=\"{disk}\"}} {v}\n"
+            ));
+        };
+        put("writes_total", "counter", "Write requests completed.", st.writes);
+        put(
+            "written_bytes_total",
+            "counter",
+            "Bytes written by clients.",
+            st.write_bytes,
+        );
+        put("reads_total", "counter", "Read requests completed.", st.reads);
+        put("read_bytes_total", "counter", "Bytes read by clients.", st.read_bytes);
+        put("flushes_total", "counter", "FLUSH requests.", st.flushes);
+        put("trims_total", "counter", "TRIM requests completed.", st.trims);
+        put("zeroes_total", "counter", "WRITE_ZEROES requests completed.", st.zeroes);
+        put(
+            "bitmap_writes_total",
+            "counter",
+            "Changes tracked in the dirty bitmap instead of the journal.",
+            st.bitmap_writes,
+        );
+        put(
+            "io_errors_total",
+            "counter",
+            "Backing disk or sync errors returned to clients.",
+            st.io_errors,
+        );
+        put(
+            "tracking_errors_total",
+            "counter",
+            "Journal or bitmap errors that failed a request.",
+            st.tracking_errors,
+        );
+        put("last_seq", "gauge", "Highest journaled seq.", st.last_seq);
+        put(
+            "journal_bytes",
+            "gauge",
+            "Bytes of unconsumed journal.",
+            st.journal_bytes,
+        );
+        put("journal_cap_bytes", "gauge", "Journal size cap.", st.journal_cap);
+        put(
+            "bitmap_dirty_bytes",
+            "gauge",
+            "Bytes in dirty bitmap regions.",
+            st.bitmap_dirty_bytes,
+        );
+        put(
+            "bitmap_mode",
+            "gauge",
+            "1 while in bitmap mode.",
+            u64::from(st.mode == Mode::Bitmap),
+        );
+        out
+    }
+
     /// Make everything completed so far durable (shared round).
     pub async fn sync_all(&self) -> io::Result<()> {
         let inner = self.inner.clone();
@@ -304,27 +367,15 @@ impl Inner {
     }
 
     /// Journal the change (or mark it in the bitmap) and take its range ticket.
-    fn track(
-        &self,
-        kind: RecordKind,
-        offset: u64,
-        len: u64,
-        data: &[u8],
-        hash: [u8; 32],
-    ) -> io::Result<Ticket> {
+    fn track(&self, kind: RecordKind, offset: u64, len: u64, data: &[u8], hash: [u8; 32]) -> io::Result<Ticket> {
         let mut core = self.core();
         if core.mode == Mode::Journal {
-            match core
-                .journal
-                .append(kind, 0, offset, len, data, hash, crate::now_ns())
-            {
+            match core.journal.append(kind, 0, offset, len, data, hash, crate::now_ns()) {
                 Ok(seq) => {
                     self.stats.journal_records.fetch_add(1, Ordering::Relaxed);
                     return Ok(self.ranges.register(offset, len, Some(seq)));
                 }
-                Err(e) if e.kind == ErrorKind::Full => {
-                    self.enter_bitmap_mode(&mut core, &e.to_string())?
-                }
+                Err(e) if e.kind == ErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string())?,
                 Err(e) => {
                     self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
                     self.log_error(&format!("journal append failed, request refused: {e}"));
@@ -347,11 +398,13 @@ impl Inner {
 
     fn enter_bitmap_mode(&self, core: &mut Core, why: &str) -> io::Result<()> {
         if core.bitmap.is_none() {
-            core.bitmap = Some(DirtyBitmap::open_or_create(&self.bitmap_path, self.size, DEFAULT_GRANULARITY).map_err(|e| {
-                self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
-                error!(disk = %self.disk_id, "cannot create the dirty bitmap, request refused: {e}");
-                io::Error::from(e)
-            })?);
+            core.bitmap = Some(
+                DirtyBitmap::open_or_create(&self.bitmap_path, self.size, DEFAULT_GRANULARITY).map_err(|e| {
+                    self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(disk = %self.disk_id, "cannot create the dirty bitmap, request refused: {e}");
+                    io::Error::from(e)
+                })?,
+            );
         }
         core.mode = Mode::Bitmap;
         self.stats.mode_changes.fetch_add(1, Ordering::Relaxed);
@@ -360,20 +413,11 @@ impl Inner {
     }
 
     /// Apply a tracked change to the backing disk.
-    fn apply(
-        &self,
-        kind: RecordKind,
-        offset: u64,
-        len: u64,
-        data: &[u8],
-        keep_allocated: bool,
-    ) -> io::Result<()> {
+    fn apply(&self, kind: RecordKind, offset: u64, len: u64, data: &[u8], keep_allocated: bool) -> io::Result<()> {
         match kind {
             RecordKind::Write => self.disk.write_all_at(data, offset),
             RecordKind::Zero if keep_allocated => fileops::zero_range(&self.disk, offset, len),
-            RecordKind::Zero | RecordKind::Trim => {
-                fileops::discard_zeroing(&self.disk, self.kind, offset, len)
-            }
+            RecordKind::Zero | RecordKind::Trim => fileops::discard_zeroing(&self.disk, self.kind, offset, len),
             other => Err(eio(format!("{other} is not a disk change"))),
         }
     }
@@ -448,15 +492,11 @@ impl Backend for Shim {
         buf.resize(len as usize, 0);
         if let Err(e) = self.inner.disk.read_exact_at(&mut buf, offset) {
             self.inner.stats.io_errors.fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .log_error(&format!("read at {offset}+{len}: {e}"));
+            self.inner.log_error(&format!("read at {offset}+{len}: {e}"));
             return Err(e);
         }
         self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .stats
-            .read_bytes
-            .fetch_add(u64::from(len), Ordering::Relaxed);
+        self.inner.stats.read_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         Ok(buf)
     }
 
@@ -466,13 +506,9 @@ impl Backend for Shim {
         if len == 0 {
             return Ok(());
         }
-        self.change(RecordKind::Write, offset, len, data, false)
-            .await?;
+        self.change(RecordKind::Write, offset, len, data, false).await?;
         self.inner.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .stats
-            .write_bytes
-            .fetch_add(len, Ordering::Relaxed);
+        self.inner.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
         if fua {
             self.sync_all().await?;
         }
@@ -489,8 +525,7 @@ impl Backend for Shim {
         if len == 0 {
             return Ok(());
         }
-        self.change(RecordKind::Trim, offset, len, Vec::new(), false)
-            .await?;
+        self.change(RecordKind::Trim, offset, len, Vec::new(), false).await?;
         self.inner.stats.trims.fetch_add(1, Ordering::Relaxed);
         if fua {
             self.sync_all().await?;

@@ -78,8 +78,7 @@ pub fn current_boot_id() -> String {
 impl StateDir {
     /// Create (if needed) and lock `dir`. A second agent gets a clear error.
     pub fn open(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("create state directory {}", dir.display()))?;
+        fs::create_dir_all(dir).with_context(|| format!("create state directory {}", dir.display()))?;
         let lock_path = dir.join("lock");
         let f = OpenOptions::new()
             .read(true)
@@ -88,12 +87,8 @@ impl StateDir {
             .truncate(false)
             .open(&lock_path)
             .with_context(|| format!("open {}", lock_path.display()))?;
-        let lock = tidemark_util::fileops::lock_exclusive(f).map_err(|e| {
-            anyhow::anyhow!(
-                "state directory {} is in use by another agent ({e})",
-                dir.display()
-            )
-        })?;
+        let lock = tidemark_util::fileops::lock_exclusive(f)
+            .map_err(|e| anyhow::anyhow!("state directory {} is in use by another agent ({e})", dir.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -122,8 +117,7 @@ impl StateDir {
         let stop = if first_run {
             LastStop::FirstRun
         } else if marker.exists() {
-            let s = fs::read_to_string(&marker)
-                .with_context(|| format!("read {}", marker.display()))?;
+            let s = fs::read_to_string(&marker).with_context(|| format!("read {}", marker.display()))?;
             serde_json::from_str::<CleanMarker>(&s)
                 .with_context(|| format!("{} is not a clean-shutdown marker", marker.display()))?;
             LastStop::Clean
@@ -137,8 +131,7 @@ impl StateDir {
                 LastStop::MachineCrash
             }
         };
-        crashsafe::remove_durable(&marker)
-            .with_context(|| format!("remove {}", marker.display()))?;
+        crashsafe::remove_durable(&marker).with_context(|| format!("remove {}", marker.display()))?;
         crashsafe::write_atomic(&boot_path, format!("{now}\n").as_bytes())
             .with_context(|| format!("write {}", boot_path.display()))?;
         Ok(stop)
@@ -147,10 +140,7 @@ impl StateDir {
     /// Write the clean-shutdown marker (after everything was synced).
     pub fn mark_clean(&self, next_seq: u64) -> Result<()> {
         let p = self.dir.join("clean-shutdown");
-        let s = serde_json::to_string(&CleanMarker {
-            format: 1,
-            next_seq,
-        })? + "\n";
+        let s = serde_json::to_string(&CleanMarker { format: 1, next_seq })? + "\n";
         crashsafe::write_atomic(&p, s.as_bytes()).with_context(|| format!("write {}", p.display()))
     }
 
@@ -180,8 +170,8 @@ pub fn read_meta(dir: &Path) -> Result<Option<DiskMeta>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("read {}", p.display())),
     };
-    let m: DiskMeta = serde_json::from_str(&s)
-        .with_context(|| format!("{} is not valid disk metadata", p.display()))?;
+    let m: DiskMeta =
+        serde_json::from_str(&s).with_context(|| format!("{} is not valid disk metadata", p.display()))?;
     if m.format != 1 {
         bail!("{}: unsupported format {}", p.display(), m.format);
     }

@@ -51,9 +51,7 @@ impl Syncer {
                 let mut g = self.lock();
                 if g.finished >= need {
                     return match &g.failed {
-                        Some((f, kind, msg)) if *f >= need => {
-                            Err(io::Error::new(*kind, msg.clone()))
-                        }
+                        Some((f, kind, msg)) if *f >= need => Err(io::Error::new(*kind, msg.clone())),
                         _ => Ok(()),
                     };
                 }
@@ -78,11 +76,7 @@ impl Syncer {
             };
             let r = round().await;
             let mut guard = guard;
-            guard.result = Some(
-                r.as_ref()
-                    .map(|_| ())
-                    .map_err(|e| (e.kind(), e.to_string())),
-            );
+            guard.result = Some(r.as_ref().map(|_| ()).map_err(|e| (e.kind(), e.to_string())));
             drop(guard);
             return r;
         }

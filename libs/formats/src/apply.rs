@@ -49,8 +49,7 @@ pub fn apply_record(
         }
         RecordKind::Zero | RecordKind::Trim => {
             for (o, l) in keep(h.offset, h.length) {
-                fileops::discard_zeroing(f, kind, o, l)
-                    .ctx(&format!("apply seq {} to", h.seq), path)?;
+                fileops::discard_zeroing(f, kind, o, l).ctx(&format!("apply seq {} to", h.seq), path)?;
             }
         }
         RecordKind::Flush | RecordKind::Tag | RecordKind::SyncDone => {}

@@ -76,8 +76,7 @@ impl DirtyBitmap {
         if !exists || file.metadata().ctx("stat bitmap", path)?.len() == 0 {
             file.write_all_at(&encode_header(granularity, disk_size, nbits), 0)
                 .ctx("write bitmap header", path)?;
-            file.set_len(HEADER_LEN + nbytes as u64)
-                .ctx("size bitmap", path)?;
+            file.set_len(HEADER_LEN + nbytes as u64).ctx("size bitmap", path)?;
             file.sync_all().ctx("sync bitmap", path)?;
             if let Some(dir) = path.parent() {
                 tidemark_util::crashsafe::fsync_dir(dir).ctx("sync directory of", path)?;
@@ -91,8 +90,7 @@ impl DirtyBitmap {
             });
         }
         let mut h = [0u8; HDR];
-        file.read_exact_at(&mut h, 0)
-            .ctx("read bitmap header", path)?;
+        file.read_exact_at(&mut h, 0).ctx("read bitmap header", path)?;
         if h[0..8] != MAGIC {
             return Err(Error::corrupt(path, "not a dirty bitmap (bad magic)"));
         }
@@ -114,7 +112,10 @@ impl DirtyBitmap {
         if g != granularity || size != disk_size {
             return Err(Error::new(
                 ErrorKind::Mismatch,
-                format!("{}: bitmap is for a {size}-byte disk at {g}-byte regions, not {disk_size} at {granularity}", path.display()),
+                format!(
+                    "{}: bitmap is for a {size}-byte disk at {g}-byte regions, not {disk_size} at {granularity}",
+                    path.display()
+                ),
             ));
         }
         let mut bits = vec![0u8; nbytes];
@@ -139,10 +140,7 @@ impl DirtyBitmap {
         if offset >= end {
             return Err(Error::new(
                 ErrorKind::OutOfBounds,
-                format!(
-                    "bitmap mark at {offset}+{len} beyond disk size {}",
-                    self.disk_size
-                ),
+                format!("bitmap mark at {offset}+{len} beyond disk size {}", self.disk_size),
             ));
         }
         let first = offset / self.granularity;
@@ -268,10 +266,7 @@ mod tests {
         assert_eq!(b.count(), 4);
         assert!(b.is_dirty(65536 * 2 + 5));
         assert!(!b.is_dirty(65536 * 5));
-        assert_eq!(
-            b.clean_parts(65536 * 2 + 10, 65536 * 2),
-            vec![(65536 * 3, 65536 + 10)]
-        );
+        assert_eq!(b.clean_parts(65536 * 2 + 10, 65536 * 2), vec![(65536 * 3, 65536 + 10)]);
         assert_eq!(b.clean_parts(0, 10), vec![]);
         let err = DirtyBitmap::open_or_create(&p, size * 2, DEFAULT_GRANULARITY).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Mismatch);

@@ -19,8 +19,7 @@ use anyhow::{bail, Context};
 use tidemark_nbd::{bind, parse_listen, serve, FileBackend};
 use tokio_util::sync::CancellationToken;
 
-const USAGE: &str =
-    "usage: nbd-file-server [--read-only] [--name NAME] [--single-thread] FILE unix:SOCK|tcp:HOST:PORT";
+const USAGE: &str = "usage: nbd-file-server [--read-only] [--name NAME] [--single-thread] FILE unix:SOCK|tcp:HOST:PORT";
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -53,21 +52,16 @@ fn main() -> anyhow::Result<()> {
         bail!("{USAGE}");
     };
     let addr = parse_listen(listen)?;
-    let mut backend =
-        FileBackend::open(file, read_only).with_context(|| format!("opening {file}"))?;
+    let mut backend = FileBackend::open(file, read_only).with_context(|| format!("opening {file}"))?;
     if let Some(n) = name {
         backend.info_mut().name = n;
     }
     let backend = Arc::new(backend);
 
     let rt = if single_thread {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
     }
     .context("starting tokio")?;
     rt.block_on(async {

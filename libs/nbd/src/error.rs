@@ -39,17 +39,15 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn protocol(reason: impl Into<String>) -> Self {
-        Error::Protocol {
-            reason: reason.into(),
-        }
+        Error::Protocol { reason: reason.into() }
     }
 
     /// Maps a socket error, turning an early EOF into [`Error::Disconnected`].
     pub(crate) fn io(during: &'static str, source: io::Error) -> Self {
         match source.kind() {
-            io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe => Error::Disconnected { during },
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                Error::Disconnected { during }
+            }
             _ => Error::Io { during, source },
         }
     }

@@ -128,8 +128,7 @@ impl Backend for FileBackend {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        self.blocking(move |f| zero_range(f, offset, len, flags))
-            .await
+        self.blocking(move |f| zero_range(f, offset, len, flags)).await
     }
 
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -138,9 +137,7 @@ impl Backend for FileBackend {
         };
         // SAFETY: posix_fadvise only reads its integer arguments; the fd is
         // open for as long as `self.file` lives.
-        let rc = unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
-        };
+        let rc = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED) };
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }
@@ -167,14 +164,7 @@ fn pread_into(f: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Resul
         // SAFETY: the destination is the vector's spare capacity, which holds
         // at least `len` bytes; we pass a pointer `done` bytes in and a length
         // of `len - done`, so pread writes only inside it. The fd is open.
-        let n = unsafe {
-            libc::pread(
-                f.as_raw_fd(),
-                spare[done..].as_mut_ptr().cast(),
-                len - done,
-                at,
-            )
-        };
+        let n = unsafe { libc::pread(f.as_raw_fd(), spare[done..].as_mut_ptr().cast(), len - done, at) };
         match n {
             n if n > 0 => done += n.unsigned_abs(),
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -238,9 +228,7 @@ fn zero_range(f: &File, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<(
             .checked_add(len)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         while at < end {
-            let n = usize::try_from(end - at)
-                .unwrap_or(usize::MAX)
-                .min(zeros.len());
+            let n = usize::try_from(end - at).unwrap_or(usize::MAX).min(zeros.len());
             f.write_all_at(&zeros[..n], at)?;
             at += n as u64;
         }
@@ -252,8 +240,7 @@ fn zero_range(f: &File, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<(
 }
 
 fn lseek(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek takes plain integers; we only use its return value (the
     // fd's shared file position is never used for I/O here: we use pread/pwrite).
     let rc = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };

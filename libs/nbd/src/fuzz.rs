@@ -17,10 +17,7 @@ pub fn fuzz_session(data: &[u8]) {
 
 /// Runs the session; returns how many bytes the server sent.
 fn session(data: &[u8]) -> usize {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
         return 0;
     };
     let mut info = ExportInfo::new("fuzz", 1 << 20);
@@ -46,9 +43,7 @@ fn session(data: &[u8]) -> usize {
             total
         };
         let run = async { tokio::join!(session, feed, drain).2 };
-        tokio::time::timeout(Duration::from_secs(10), run)
-            .await
-            .unwrap_or(0)
+        tokio::time::timeout(Duration::from_secs(10), run).await.unwrap_or(0)
     })
 }
 

@@ -98,11 +98,7 @@ where
             .map_err(|e| Error::io("reading option data", e))?;
 
         if shutdown.is_cancelled() {
-            let typ = if opt == OPT_ABORT {
-                REP_ACK
-            } else {
-                REP_ERR_SHUTDOWN
-            };
+            let typ = if opt == OPT_ABORT { REP_ACK } else { REP_ERR_SHUTDOWN };
             if opt != OPT_EXPORT_NAME {
                 put_option_reply(&mut out, opt, typ, &[]);
                 let _ = send(w, &out).await;
@@ -141,12 +137,7 @@ where
                     put_option_reply(&mut out, opt, REP_SERVER, &d);
                     put_option_reply(&mut out, opt, REP_ACK, &[]);
                 } else {
-                    put_option_reply(
-                        &mut out,
-                        opt,
-                        REP_ERR_INVALID,
-                        b"NBD_OPT_LIST takes no data",
-                    );
+                    put_option_reply(&mut out, opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -163,9 +154,7 @@ where
                 }
             }
             OPT_INFO | OPT_GO => match parse_info_request(&data) {
-                None => {
-                    put_option_reply(&mut out, opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")
-                }
+                None => put_option_reply(&mut out, opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO"),
                 Some((name, _)) if !names_export(name, info) => {
                     let msg = format!("unknown export {:?}", lossy(name));
                     put_option_reply(&mut out, opt, REP_ERR_UNKNOWN, msg.as_bytes());
@@ -192,26 +181,19 @@ where
                         REP_ERR_INVALID,
                         b"negotiate NBD_OPT_STRUCTURED_REPLY first",
                     ),
-                    None => put_option_reply(
-                        &mut out,
-                        opt,
-                        REP_ERR_INVALID,
-                        b"malformed meta context request",
-                    ),
+                    None => put_option_reply(&mut out, opt, REP_ERR_INVALID, b"malformed meta context request"),
                     Some((name, _)) if !names_export(name, info) => {
                         let msg = format!("unknown export {:?}", lossy(name));
                         put_option_reply(&mut out, opt, REP_ERR_UNKNOWN, msg.as_bytes());
                     }
                     Some((_, queries)) => {
                         let selected = if set {
-                            queries
-                                .iter()
-                                .any(|q| *q == META_BASE_ALLOCATION.as_bytes())
+                            queries.iter().any(|q| *q == META_BASE_ALLOCATION.as_bytes())
                         } else {
                             queries.is_empty()
-                                || queries.iter().any(|q| {
-                                    *q == b"base:" || *q == META_BASE_ALLOCATION.as_bytes()
-                                })
+                                || queries
+                                    .iter()
+                                    .any(|q| *q == b"base:" || *q == META_BASE_ALLOCATION.as_bytes())
                         };
                         if selected {
                             let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
@@ -229,12 +211,7 @@ where
             }
             _ => {
                 debug!(option = opt, "unsupported option");
-                put_option_reply(
-                    &mut out,
-                    opt,
-                    REP_ERR_UNSUP,
-                    b"option not supported by this server",
-                );
+                put_option_reply(&mut out, opt, REP_ERR_UNSUP, b"option not supported by this server");
             }
         }
         send(w, &out).await?;
@@ -246,9 +223,7 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), Erro
     w.write_all(bytes)
         .await
         .map_err(|e| Error::io("writing a handshake reply", e))?;
-    w.flush()
-        .await
-        .map_err(|e| Error::io("writing a handshake reply", e))
+    w.flush().await.map_err(|e| Error::io("writing a handshake reply", e))
 }
 
 /// The export is served under its own name and under "" (the default export).
@@ -310,9 +285,7 @@ pub(crate) fn parse_info_request(d: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     }
     Some((
         name,
-        list.chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-            .collect(),
+        list.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect(),
     ))
 }
 
@@ -349,16 +322,9 @@ mod tests {
         assert_eq!(parse_info_request(&d), Some((&b"abc"[..], vec![1, 3])));
         d.push(0);
         assert_eq!(parse_info_request(&d), None, "trailing byte");
-        assert_eq!(
-            parse_info_request(&[0, 0, 0, 9, 1]),
-            None,
-            "name longer than data"
-        );
+        assert_eq!(parse_info_request(&[0, 0, 0, 9, 1]), None, "name longer than data");
         assert_eq!(parse_info_request(&[0xff, 0xff, 0xff, 0xff]), None);
-        assert_eq!(
-            parse_info_request(&[0, 0, 0, 0, 0, 0]),
-            Some((&b""[..], vec![]))
-        );
+        assert_eq!(parse_info_request(&[0, 0, 0, 0, 0, 0]), Some((&b""[..], vec![])));
         assert_eq!(parse_info_request(&[0, 0, 0, 0, 0]), None);
     }
 
@@ -374,10 +340,7 @@ mod tests {
         assert_eq!(q, vec![&b"base:allocation"[..], &b"base:"[..]]);
         assert_eq!(parse_meta_request(&d[..d.len() - 1]), None);
         // A huge query count with no data must not allocate or succeed.
-        assert_eq!(
-            parse_meta_request(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
-            None
-        );
+        assert_eq!(parse_meta_request(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]), None);
     }
 
     proptest::proptest! {

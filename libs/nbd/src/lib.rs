@@ -118,36 +118,20 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Read `len` bytes at `offset`. `buf` is an empty buffer with at least
     /// `len` capacity that the backend fills and returns (so buffers are reused).
-    fn read(
-        &self,
-        offset: u64,
-        len: u32,
-        buf: Vec<u8>,
-    ) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
+    fn read(&self, offset: u64, len: u32, buf: Vec<u8>) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
 
     /// Write `data` at `offset`; with `fua`, durable before returning.
     /// The backend takes the buffer (it may journal and write the same bytes).
-    fn write(
-        &self,
-        offset: u64,
-        data: Vec<u8>,
-        fua: bool,
-    ) -> impl Future<Output = io::Result<()>> + Send;
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Make every write that completed before this call (on any connection) durable.
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Discard a range; afterwards it must read as zeros.
-    fn trim(&self, offset: u64, len: u64, fua: bool)
-        -> impl Future<Output = io::Result<()>> + Send;
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Zero a range.
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        flags: ZeroFlags,
-    ) -> impl Future<Output = io::Result<()>> + Send;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Prefetch hint; the default does nothing.
     fn cache(&self, _offset: u64, _len: u64) -> impl Future<Output = io::Result<()>> + Send {
@@ -157,11 +141,7 @@ pub trait Backend: Send + Sync + 'static {
     /// `base:allocation` extents covering at least the first byte of
     /// `[offset, offset+len)`, in order, not beyond it. The default reports one
     /// allocated, non-zero extent.
-    fn block_status(
-        &self,
-        _offset: u64,
-        len: u32,
-    ) -> impl Future<Output = io::Result<Vec<Extent>>> + Send {
+    fn block_status(&self, _offset: u64, len: u32) -> impl Future<Output = io::Result<Vec<Extent>>> + Send {
         async move {
             Ok(vec![Extent {
                 length: len,
@@ -205,11 +185,7 @@ impl ExportInfo {
 /// stalls mid-message or stops reading replies gets 5 s after `shutdown`
 /// before its connection is dropped. Needs a tokio runtime with the time
 /// driver enabled.
-pub async fn serve<B: Backend>(
-    listener: Listener,
-    backend: Arc<B>,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
+pub async fn serve<B: Backend>(listener: Listener, backend: Arc<B>, shutdown: CancellationToken) -> io::Result<()> {
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
     loop {
@@ -274,11 +250,7 @@ pub async fn serve<B: Backend>(
 ///
 /// `Ok` means the client ended the session cleanly (NBD_OPT_ABORT,
 /// NBD_CMD_DISC, or closing the connection between requests).
-pub async fn serve_connection<B, S>(
-    stream: S,
-    backend: Arc<B>,
-    shutdown: CancellationToken,
-) -> Result<(), Error>
+pub async fn serve_connection<B, S>(stream: S, backend: Arc<B>, shutdown: CancellationToken) -> Result<(), Error>
 where
     B: Backend,
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -287,12 +259,7 @@ where
     run_connection(r, w, backend, shutdown).await
 }
 
-async fn run_connection<B, R, W>(
-    r: R,
-    mut w: W,
-    backend: Arc<B>,
-    shutdown: CancellationToken,
-) -> Result<(), Error>
+async fn run_connection<B, R, W>(r: R, mut w: W, backend: Arc<B>, shutdown: CancellationToken) -> Result<(), Error>
 where
     B: Backend,
     R: AsyncRead + Unpin + Send,
@@ -301,8 +268,7 @@ where
     let mut r = BufReader::with_capacity(READ_BUFFER, r);
     let info = backend.info();
     let negotiation = handshake::negotiate(&mut r, &mut w, &info, &shutdown);
-    let Some(params) = transmission::within_grace(&shutdown, "negotiating", negotiation).await?
-    else {
+    let Some(params) = transmission::within_grace(&shutdown, "negotiating", negotiation).await? else {
         return Ok(());
     };
     debug!(

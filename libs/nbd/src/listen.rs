@@ -130,9 +130,7 @@ pub async fn bind(addr: &ListenAddr) -> Result<Listener, Error> {
                 }
                 std::fs::remove_file(path).map_err(fail)?;
             }
-            Ok(Listener::Unix(
-                tokio::net::UnixListener::bind(path).map_err(fail)?,
-            ))
+            Ok(Listener::Unix(tokio::net::UnixListener::bind(path).map_err(fail)?))
         }
         ListenAddr::Tcp { host, port } => {
             let l = tokio::net::TcpListener::bind((host.as_str(), *port))
@@ -169,10 +167,7 @@ mod tests {
         );
         let a: ListenAddr = "tcp:127.0.0.1:1".parse().unwrap();
         assert_eq!(a.to_string(), "tcp:127.0.0.1:1");
-        assert_eq!(
-            parse_listen("tcp:[::1]:5").unwrap().to_string(),
-            "tcp:[::1]:5"
-        );
+        assert_eq!(parse_listen("tcp:[::1]:5").unwrap().to_string(), "tcp:[::1]:5");
     }
 
     #[test]

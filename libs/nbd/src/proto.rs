@@ -179,9 +179,7 @@ impl Params {
         let mut warnings = Vec::new();
         let mut min = info.min_block;
         if min == 0 || !min.is_power_of_two() || min > 65536 {
-            warnings.push(format!(
-                "min_block {min} is not a power of two <= 65536; using 1"
-            ));
+            warnings.push(format!("min_block {min} is not a power of two <= 65536; using 1"));
             min = 1;
         }
         let mut pref = info.preferred_block;
@@ -198,9 +196,7 @@ impl Params {
             max = MAX_PAYLOAD_CAP;
         }
         if max < pref {
-            warnings.push(format!(
-                "max_payload {max} below preferred_block {pref}; using {pref}"
-            ));
+            warnings.push(format!("max_payload {max} below preferred_block {pref}; using {pref}"));
             max = pref;
         }
         let rw = !info.read_only;
@@ -312,10 +308,7 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
         _ => return Err(reject(NBD_EINVAL, "unknown command")),
     }
     if req.flags & !allowed != 0 {
-        return Err(reject(
-            NBD_EINVAL,
-            "command flag not valid for this command",
-        ));
+        return Err(reject(NBD_EINVAL, "command flag not valid for this command"));
     }
     if is_write_like && p.read_only {
         return Err(reject(NBD_EPERM, "export is read-only"));
@@ -324,9 +317,7 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
     match req.typ {
         CMD_FLUSH if !p.can_flush => return Err(reject(NBD_EINVAL, "flush not supported")),
         CMD_TRIM if !p.can_trim => return Err(reject(NBD_EINVAL, "trim not supported")),
-        CMD_WRITE_ZEROES if !p.can_zero => {
-            return Err(reject(NBD_EINVAL, "write zeroes not supported"))
-        }
+        CMD_WRITE_ZEROES if !p.can_zero => return Err(reject(NBD_EINVAL, "write zeroes not supported")),
         CMD_BLOCK_STATUS if p.meta_context.is_none() => {
             return Err(reject(NBD_EINVAL, "no metadata context was negotiated"))
         }
@@ -356,10 +347,7 @@ pub(crate) fn validate(req: &Request, p: &Params) -> Result<Op, Reject> {
         // min_block is a power of two (Params::from_info makes sure).
         let mask = u64::from(p.min_block) - 1;
         if req.offset & mask != 0 || (u64::from(req.len) & mask != 0 && end != p.size) {
-            return Err(reject(
-                NBD_EINVAL,
-                "request not aligned to the minimum block size",
-            ));
+            return Err(reject(NBD_EINVAL, "request not aligned to the minimum block size"));
         }
     }
     let (offset, len) = (req.offset, req.len);
@@ -457,26 +445,14 @@ pub(crate) fn put_error(out: &mut Vec<u8>, structured: bool, cookie: u64, errno:
     let msg = truncate_utf8(msg, MAX_ERROR_MESSAGE);
     let mlen = u16::try_from(msg.len()).unwrap_or(0);
     let msg = &msg[..usize::from(mlen)];
-    put_chunk_header(
-        out,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        cookie,
-        6 + u32::from(mlen),
-    );
+    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + u32::from(mlen));
     out.extend_from_slice(&errno.to_be_bytes());
     out.extend_from_slice(&mlen.to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
 }
 
 /// The header in front of READ data (`len` bytes at `offset` follow).
-pub(crate) fn put_read_header(
-    out: &mut Vec<u8>,
-    structured: bool,
-    cookie: u64,
-    offset: u64,
-    len: u32,
-) {
+pub(crate) fn put_read_header(out: &mut Vec<u8>, structured: bool, cookie: u64, offset: u64, len: u32) {
     if structured {
         put_chunk_header(
             out,
@@ -532,20 +508,9 @@ pub(crate) fn sanitize_extents(raw: &[crate::Extent], len: u32, req_one: bool) -
     out
 }
 
-pub(crate) fn put_block_status(
-    out: &mut Vec<u8>,
-    cookie: u64,
-    context: u32,
-    extents: &[(u32, u32)],
-) {
+pub(crate) fn put_block_status(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
     let payload = 4 + 8 * extents.len();
-    put_chunk_header(
-        out,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_BLOCK_STATUS,
-        cookie,
-        len_u32(payload),
-    );
+    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len_u32(payload));
     out.extend_from_slice(&context.to_be_bytes());
     for (l, f) in extents {
         out.extend_from_slice(&l.to_be_bytes());
@@ -613,8 +578,8 @@ mod tests {
     #[test]
     fn golden_request_bytes() {
         let b: [u8; 28] = [
-            0x25, 0x60, 0x95, 0x13, 0x00, 0x01, 0x00, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0,
-            0, 0x10, 0, 0, 0, 0x10, 0,
+            0x25, 0x60, 0x95, 0x13, 0x00, 0x01, 0x00, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0,
+            0x10, 0,
         ];
         let r = parse_request(&b).unwrap();
         assert_eq!(
@@ -634,10 +599,7 @@ mod tests {
         let p = params();
         assert_eq!(
             validate(&req(CMD_READ, 0, 0, 4096), &p),
-            Ok(Op::Read {
-                offset: 0,
-                len: 4096
-            })
+            Ok(Op::Read { offset: 0, len: 4096 })
         );
         assert_eq!(
             validate(&req(CMD_WRITE, CMD_FLAG_FUA, 4096, 512), &p),
@@ -658,12 +620,7 @@ mod tests {
             })
         );
         let wz = validate(
-            &req(
-                CMD_WRITE_ZEROES,
-                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-                0,
-                1 << 20,
-            ),
+            &req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 0, 1 << 20),
             &p,
         );
         assert_eq!(
@@ -688,10 +645,7 @@ mod tests {
         );
         assert_eq!(
             validate(&req(CMD_CACHE, 0, 0, 4096), &p),
-            Ok(Op::Cache {
-                offset: 0,
-                len: 4096
-            })
+            Ok(Op::Cache { offset: 0, len: 4096 })
         );
         // The very end of the export is fine.
         assert!(validate(&req(CMD_READ, 0, (1 << 20) - 512, 512), &p).is_ok());
@@ -701,22 +655,15 @@ mod tests {
     fn validation_zero_lengths() {
         let p = params();
         assert_eq!(validate(&req(CMD_READ, 0, 0, 0), &p), Ok(Op::EmptyRead));
-        assert_eq!(
-            validate(&req(CMD_WRITE, 0, 1 << 20, 0), &p),
-            Ok(Op::Nothing)
-        );
+        assert_eq!(validate(&req(CMD_WRITE, 0, 1 << 20, 0), &p), Ok(Op::Nothing));
         assert_eq!(validate(&req(CMD_TRIM, 0, 0, 0), &p), Ok(Op::Nothing));
         assert_eq!(
-            validate(&req(CMD_BLOCK_STATUS, 0, 0, 0), &p)
-                .unwrap_err()
-                .errno,
+            validate(&req(CMD_BLOCK_STATUS, 0, 0, 0), &p).unwrap_err().errno,
             NBD_EINVAL
         );
         // Zero length past the end is still out of range.
         assert_eq!(
-            validate(&req(CMD_READ, 0, (1 << 20) + 1, 0), &p)
-                .unwrap_err()
-                .errno,
+            validate(&req(CMD_READ, 0, (1 << 20) + 1, 0), &p).unwrap_err().errno,
             NBD_EINVAL
         );
     }
@@ -729,11 +676,7 @@ mod tests {
         assert_eq!(e(req(CMD_READ, 1 << 7, 0, 512)), NBD_EINVAL);
         assert_eq!(e(req(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)), NBD_EINVAL);
         assert_eq!(e(req(CMD_READ, CMD_FLAG_REQ_ONE, 0, 512)), NBD_EINVAL);
-        assert_eq!(
-            e(req(CMD_READ, 1 << 2, 0, 512)),
-            NBD_EINVAL,
-            "DF is not advertised"
-        );
+        assert_eq!(e(req(CMD_READ, 1 << 2, 0, 512)), NBD_EINVAL, "DF is not advertised");
         assert_eq!(e(req(CMD_READ, 0, u64::MAX, 512)), NBD_EINVAL);
         assert_eq!(e(req(CMD_READ, 0, 1 << 20, 1)), NBD_EINVAL);
         assert_eq!(e(req(CMD_TRIM, 0, 1 << 20, 1)), NBD_EINVAL);
@@ -783,14 +726,8 @@ mod tests {
         let mut p = params();
         p.min_block = 512;
         p.size = (1 << 20) + 100; // unaligned tail
-        assert_eq!(
-            validate(&req(CMD_READ, 0, 1, 512), &p).unwrap_err().errno,
-            NBD_EINVAL
-        );
-        assert_eq!(
-            validate(&req(CMD_WRITE, 0, 0, 100), &p).unwrap_err().errno,
-            NBD_EINVAL
-        );
+        assert_eq!(validate(&req(CMD_READ, 0, 1, 512), &p).unwrap_err().errno, NBD_EINVAL);
+        assert_eq!(validate(&req(CMD_WRITE, 0, 0, 100), &p).unwrap_err().errno, NBD_EINVAL);
         assert!(
             validate(&req(CMD_READ, 0, 1 << 20, 100), &p).is_ok(),
             "tail may be short"
@@ -812,20 +749,13 @@ mod tests {
         assert_eq!(errno_of(&os(libc::ENOMEM)), NBD_ENOMEM);
         assert_eq!(errno_of(&os(libc::EBADF)), NBD_EIO);
         assert_eq!(errno_of(&io::Error::other("x")), NBD_EIO);
-        assert_eq!(
-            errno_of(&io::Error::from(io::ErrorKind::InvalidInput)),
-            NBD_EINVAL
-        );
+        assert_eq!(errno_of(&io::Error::from(io::ErrorKind::InvalidInput)), NBD_EINVAL);
     }
 
     #[test]
     fn sanitize_extents_clips_and_limits() {
         let ext = |length, hole, zero| Extent { length, hole, zero };
-        let raw = [
-            ext(0, false, false),
-            ext(100, true, true),
-            ext(1000, false, false),
-        ];
+        let raw = [ext(0, false, false), ext(100, true, true), ext(1000, false, false)];
         assert_eq!(sanitize_extents(&raw, 500, false), vec![(100, 3), (400, 0)]);
         assert_eq!(sanitize_extents(&raw, 500, true), vec![(100, 3)]);
         assert_eq!(sanitize_extents(&raw, 50, false), vec![(50, 3)]);
@@ -836,26 +766,20 @@ mod tests {
     fn golden_reply_bytes() {
         let mut out = Vec::new();
         put_simple_reply(&mut out, 0x0102_0304_0506_0708, NBD_EINVAL);
-        assert_eq!(
-            out,
-            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]
-        );
+        assert_eq!(out, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]);
         out.clear();
         put_error(&mut out, true, 9, NBD_EIO, "ab");
         assert_eq!(
             out,
-            [
-                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 8, 0, 0, 0,
-                5, 0, 2, b'a', b'b'
-            ]
+            [0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 8, 0, 0, 0, 5, 0, 2, b'a', b'b']
         );
         out.clear();
         put_block_status(&mut out, 1, 1, &[(4096, 3)]);
         assert_eq!(
             out,
             [
-                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0,
-                1, 0, 0, 0x10, 0, 0, 0, 0, 3
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0x10, 0, 0,
+                0, 0, 3
             ]
         );
         out.clear();
@@ -874,10 +798,7 @@ mod tests {
         info.max_payload = 10;
         let (p, w) = Params::from_info(&info);
         assert_eq!(w.len(), 3);
-        assert_eq!(
-            (p.min_block, p.preferred_block, p.max_payload),
-            (1, 4096, 4096)
-        );
+        assert_eq!((p.min_block, p.preferred_block, p.max_payload), (1, 4096, 4096));
         info.max_payload = u32::MAX;
         info.min_block = 512;
         info.preferred_block = 4096;

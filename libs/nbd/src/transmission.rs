@@ -135,8 +135,7 @@ where
                 .map_err(|e| Error::io("reading a request header", e))
         })
         .await?;
-        let req = parse_request(&hdr)
-            .map_err(|m| Error::protocol(format!("bad request magic {m:#010x}")))?;
+        let req = parse_request(&hdr).map_err(|m| Error::protocol(format!("bad request magic {m:#010x}")))?;
         if req.typ == CMD_DISC {
             debug!("client sent NBD_CMD_DISC");
             return Ok(());
@@ -147,11 +146,7 @@ where
         } else {
             SLOT_KIB
         };
-        let Ok(permit) = budget
-            .clone()
-            .acquire_many_owned(cost.min(BUDGET_KIB))
-            .await
-        else {
+        let Ok(permit) = budget.clone().acquire_many_owned(cost.min(BUDGET_KIB)).await else {
             return Ok(()); // never closed; nothing sensible to do if it were
         };
         let mut payload = None;
@@ -159,9 +154,7 @@ where
         if req.typ == CMD_WRITE {
             if req.len <= max_payload {
                 let len = req.len as usize;
-                payload = Some(
-                    within_grace(stop, "reading a write payload", read_payload(r, len)).await?,
-                );
+                payload = Some(within_grace(stop, "reading a write payload", read_payload(r, len)).await?);
             } else if req.len <= MAX_SKIP {
                 let during = "skipping an oversized write payload";
                 let mut rest = (&mut *r).take(u64::from(req.len));
@@ -182,14 +175,7 @@ where
                 )));
             }
         }
-        if tx
-            .send(Incoming {
-                req,
-                payload,
-                permit,
-            })
-            .is_err()
-        {
+        if tx.send(Incoming { req, payload, permit }).is_err() {
             return Ok(());
         }
         if let Some(e) = fatal {
@@ -309,11 +295,7 @@ fn start<'a, B: Backend, W: AsyncWrite + Unpin>(
     p: &Params,
     out: &mut Responder<W>,
 ) -> Option<impl std::future::Future<Output = Done> + Send + 'a> {
-    let Incoming {
-        req,
-        payload,
-        permit,
-    } = inc;
+    let Incoming { req, payload, permit } = inc;
     let op = match validate(&req, p) {
         Ok(op) => op,
         Err(rej) => {
@@ -370,28 +352,19 @@ async fn execute<B: Backend>(
             Err(e) => failed(e),
         },
         Op::Write { offset, len, fua } => match payload {
-            Some(data) if data.len() == len as usize => {
-                match backend.write(offset, data, fua).await {
-                    Ok(()) => Outcome::Ok,
-                    Err(e) => failed(e),
-                }
-            }
+            Some(data) if data.len() == len as usize => match backend.write(offset, data, fua).await {
+                Ok(()) => Outcome::Ok,
+                Err(e) => failed(e),
+            },
             _ => failed(io::Error::other("write payload missing")),
         },
         Op::Flush => unit(backend.flush().await, failed),
-        Op::Trim { offset, len, fua } => {
-            unit(backend.trim(offset, u64::from(len), fua).await, failed)
-        }
+        Op::Trim { offset, len, fua } => unit(backend.trim(offset, u64::from(len), fua).await, failed),
         Op::Cache { offset, len } => unit(backend.cache(offset, u64::from(len)).await, failed),
-        Op::WriteZeroes { offset, len, flags } => unit(
-            backend.write_zeroes(offset, u64::from(len), flags).await,
-            failed,
-        ),
-        Op::BlockStatus {
-            offset,
-            len,
-            req_one,
-        } => match backend.block_status(offset, len).await {
+        Op::WriteZeroes { offset, len, flags } => {
+            unit(backend.write_zeroes(offset, u64::from(len), flags).await, failed)
+        }
+        Op::BlockStatus { offset, len, req_one } => match backend.block_status(offset, len).await {
             Ok(raw) => {
                 let extents = sanitize_extents(&raw, len, req_one);
                 if extents.is_empty() {
@@ -470,13 +443,7 @@ impl<W: AsyncWrite + Unpin> Responder<W> {
         match done.outcome {
             Outcome::Ok => put_ok(&mut self.buf, cookie),
             Outcome::Read { offset, data } => {
-                put_read_header(
-                    &mut self.buf,
-                    self.structured,
-                    cookie,
-                    offset,
-                    len_u32(data.len()),
-                );
+                put_read_header(&mut self.buf, self.structured, cookie, offset, len_u32(data.len()));
                 if data.len() <= COPY_MAX {
                     self.buf.extend_from_slice(&data);
                     self.recycle(data);
@@ -484,9 +451,7 @@ impl<W: AsyncWrite + Unpin> Responder<W> {
                     self.big.push((self.buf.len(), data));
                 }
             }
-            Outcome::Extents(extents) => {
-                put_block_status(&mut self.buf, cookie, self.context, &extents)
-            }
+            Outcome::Extents(extents) => put_block_status(&mut self.buf, cookie, self.context, &extents),
             Outcome::Failed { errno, msg } => {
                 self.backend_errors += 1;
                 if self.backend_errors <= WARN_LIMIT {
@@ -510,11 +475,7 @@ impl<W: AsyncWrite + Unpin> Responder<W> {
             Err(io::Error::from(io::ErrorKind::BrokenPipe))
         } else {
             let stop = self.stop.clone();
-            let write = async {
-                self.write_out()
-                    .await
-                    .map_err(|e| Error::io("writing replies", e))
-            };
+            let write = async { self.write_out().await.map_err(|e| Error::io("writing replies", e)) };
             match within_grace(&stop, "writing replies", write).await {
                 Ok(()) => Ok(()),
                 Err(Error::Io { source, .. }) => Err(source),

@@ -20,8 +20,7 @@ fn nbdinfo_reports_the_export() {
     require("nbdinfo", "libnbd-bin");
     let (srv, _) = Server::with_file(64 * MIB);
     let out = run_ok(Command::new("nbdinfo").arg("--json").arg(srv.uri()), LIMIT);
-    let v: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
     assert_eq!(v["protocol"], "newstyle-fixed", "{out}");
     assert_eq!(v["structured"], true, "{out}");
     let e = &v["exports"][0];
@@ -41,17 +40,12 @@ fn nbdinfo_reports_the_export() {
         assert_eq!(e[flag], true, "{flag}: {out}");
     }
     assert_eq!(e["is_read_only"], false, "{out}");
-    let contexts = e["contexts"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no contexts: {out}"));
+    let contexts = e["contexts"].as_array().unwrap_or_else(|| panic!("no contexts: {out}"));
     assert!(contexts.iter().any(|c| c == "base:allocation"), "{out}");
 
     // The export is listed under its name.
     let list = run_ok(
-        Command::new("nbdinfo")
-            .arg("--list")
-            .arg("--json")
-            .arg(srv.uri()),
+        Command::new("nbdinfo").arg("--list").arg("--json").arg(srv.uri()),
         LIMIT,
     );
     assert!(list.contains("\"export-name\": \"disk.raw\""), "{list}");
@@ -69,9 +63,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let ok = o.status.success()
-        && !text.contains("Pattern verification failed")
-        && !text.contains("failed:");
+    let ok = o.status.success() && !text.contains("Pattern verification failed") && !text.contains("failed:");
     (ok, text)
 }
 
@@ -102,9 +94,7 @@ fn qemu_io_writes_and_reads_patterns() {
     // The bytes really are in the file.
     let disk = std::fs::read(&path).unwrap();
     assert!(disk[..65536].iter().all(|&b| b == 0xab));
-    assert!(disk[MIB as usize..(2 * MIB) as usize]
-        .iter()
-        .all(|&b| b == 0xcd));
+    assert!(disk[MIB as usize..(2 * MIB) as usize].iter().all(|&b| b == 0xcd));
     assert!(disk[(2 * MIB) as usize..(3 * MIB + MIB / 2) as usize]
         .iter()
         .all(|&b| b == 0));
@@ -202,20 +192,14 @@ fn nbdcopy_roundtrip() {
     img[(8 * MIB) as usize..(12 * MIB) as usize].fill(0);
     std::fs::write(&src, &img).unwrap();
     // nbdcopy uses several connections (CAN_MULTI_CONN) and many requests in flight.
-    run_ok(
-        Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri),
-        LIMIT,
-    );
+    run_ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri), LIMIT);
     assert!(
         std::fs::read(&path).unwrap() == img,
         "export differs from the source after nbdcopy"
     );
     let out = srv.dir.path().join("out.raw");
     run_ok(Command::new("nbdcopy").arg(&uri).arg(&out), LIMIT);
-    assert!(
-        std::fs::read(&out).unwrap() == img,
-        "copy out differs from the source"
-    );
+    assert!(std::fs::read(&out).unwrap() == img, "copy out differs from the source");
 }
 
 #[test]
@@ -229,19 +213,11 @@ fn fio_random_writes_verify() {
     );
     let jobfile = srv.dir.path().join("job.fio");
     std::fs::write(&jobfile, job).unwrap();
-    let out = run_ok(
-        Command::new("fio")
-            .arg(&jobfile)
-            .current_dir(srv.dir.path()),
-        LIMIT,
-    );
+    let out = run_ok(Command::new("fio").arg(&jobfile).current_dir(srv.dir.path()), LIMIT);
     assert!(out.contains("err= 0"), "{out}");
     assert!(!out.contains("verify: bad"), "{out}");
     // The verify pass reads everything back.
-    assert!(
-        out.contains("read: IOPS="),
-        "fio did not run its verify pass: {out}"
-    );
+    assert!(out.contains("read: IOPS="), "fio did not run its verify pass: {out}");
 }
 
 #[test]
@@ -250,10 +226,7 @@ fn clients_over_tcp() {
     require("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(8 * MIB)
-        .unwrap();
+    std::fs::File::create(&path).unwrap().set_len(8 * MIB).unwrap();
     let backend = std::sync::Arc::new(tidemark_nbd::FileBackend::open(&path, false).unwrap());
     let addr = tidemark_nbd::parse_listen("tcp:127.0.0.1:0").unwrap();
     let srv = Server::start_on(dir, backend, addr);
@@ -261,13 +234,6 @@ fn clients_over_tcp() {
     assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
     let out = run_ok(Command::new("nbdinfo").arg("--json").arg(&uri), LIMIT);
     assert!(out.contains("\"export-size\": 8388608"), "{out}");
-    let (ok, text) = qemu_io(
-        &uri,
-        &[
-            "write -P 0x5a 4k 1M",
-            "read -P 0x5a 4k 1M",
-            "read -P 0 0 4k",
-        ],
-    );
+    let (ok, text) = qemu_io(&uri, &["write -P 0x5a 4k 1M", "read -P 0x5a 4k 1M", "read -P 0 0 4k"]);
     assert!(ok, "{text}");
 }

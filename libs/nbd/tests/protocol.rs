@@ -62,11 +62,7 @@ fn unknown_options_get_unsup_and_negotiation_goes_on() {
     c.option(OPT_STARTTLS, &[]);
     assert_eq!(c.option_replies()[0].0, REP_ERR_UNSUP);
     c.option(OPT_LIST, b"x");
-    assert_eq!(
-        c.option_replies()[0].0,
-        REP_ERR_INVALID,
-        "LIST takes no data"
-    );
+    assert_eq!(c.option_replies()[0].0, REP_ERR_INVALID, "LIST takes no data");
     c.option(OPT_GO, &[0, 0, 0, 9, b'a']);
     assert_eq!(c.option_replies()[0].0, REP_ERR_INVALID, "malformed GO");
     c.option(OPT_GO, &Raw::info_data("", &[]));
@@ -162,17 +158,10 @@ fn meta_contexts() {
     let mut c = srv.connect();
     c.start();
     // SET needs structured replies first.
-    c.option(
-        OPT_SET_META_CONTEXT,
-        &Raw::meta_data("", &["base:allocation"]),
-    );
+    c.option(OPT_SET_META_CONTEXT, &Raw::meta_data("", &["base:allocation"]));
     assert_eq!(c.option_replies()[0].0, REP_ERR_INVALID);
     // LIST with no query lists everything; with "base:" too; unknown namespaces are ignored.
-    for q in [
-        &[][..],
-        &["base:"][..],
-        &["base:allocation", "x-foo:bar"][..],
-    ] {
+    for q in [&[][..], &["base:"][..], &["base:allocation", "x-foo:bar"][..]] {
         c.option(OPT_LIST_META_CONTEXT, &Raw::meta_data("", q));
         let r = c.option_replies();
         assert_eq!(r.len(), 2, "{q:?}: {r:?}");
@@ -225,14 +214,7 @@ fn transmission_flags_follow_export_info() {
     let mut c = srv.connect();
     let (size, flags) = c.go(false, false, "mem");
     assert_eq!(size, SIZE);
-    let want = 1
-        | T_SEND_FLUSH
-        | T_SEND_FUA
-        | T_SEND_TRIM
-        | T_SEND_WRITE_ZEROES
-        | (1 << 8)
-        | (1 << 10)
-        | (1 << 11);
+    let want = 1 | T_SEND_FLUSH | T_SEND_FUA | T_SEND_TRIM | T_SEND_WRITE_ZEROES | (1 << 8) | (1 << 10) | (1 << 11);
     assert_eq!(flags, want, "{flags:#x}");
     c.disconnect();
 
@@ -276,10 +258,7 @@ fn all_commands_work_with_simple_and_structured_replies() {
         if structured {
             let ch = c.chunk();
             assert_eq!((ch.typ, ch.flags & 1, ch.cookie), (TYPE_OFFSET_DATA, 1, 2));
-            assert_eq!(
-                u64::from_be_bytes(ch.payload[..8].try_into().unwrap()),
-                1 << 20
-            );
+            assert_eq!(u64::from_be_bytes(ch.payload[..8].try_into().unwrap()), 1 << 20);
             assert_eq!(&ch.payload[8..], &data[..]);
         } else {
             assert_eq!(c.simple_reply(), (0, 2));
@@ -311,20 +290,14 @@ fn all_commands_work_with_simple_and_structured_replies() {
             for (flags, cookie) in [(0u16, 9u64), (FLAG_REQ_ONE, 10)] {
                 c.request(flags, CMD_BLOCK_STATUS, cookie, 4096, 1 << 20, &[]);
                 let ch = c.chunk();
-                assert_eq!(
-                    (ch.typ, ch.flags & 1, ch.cookie),
-                    (TYPE_BLOCK_STATUS, 1, cookie)
-                );
+                assert_eq!((ch.typ, ch.flags & 1, ch.cookie), (TYPE_BLOCK_STATUS, 1, cookie));
                 assert_eq!(ch.payload.len(), 12, "MemBackend reports one extent");
                 assert_eq!(
                     u32::from_be_bytes(ch.payload[0..4].try_into().unwrap()),
                     1,
                     "context id from SET"
                 );
-                assert_eq!(
-                    u32::from_be_bytes(ch.payload[4..8].try_into().unwrap()),
-                    1 << 20
-                );
+                assert_eq!(u32::from_be_bytes(ch.payload[4..8].try_into().unwrap()), 1 << 20);
             }
         }
         c.disconnect();
@@ -376,10 +349,7 @@ fn invalid_requests_get_errors_and_the_connection_goes_on() {
         c.request(0, CMD_READ, 78, 4096, 0, &[]);
         if structured {
             let ch = c.chunk();
-            assert_eq!(
-                (ch.typ, ch.flags, ch.cookie, ch.payload.len()),
-                (TYPE_NONE, 1, 78, 0)
-            );
+            assert_eq!((ch.typ, ch.flags, ch.cookie, ch.payload.len()), (TYPE_NONE, 1, 78, 0));
         } else {
             assert_eq!(c.simple_reply(), (0, 78));
         }
@@ -617,11 +587,7 @@ fn shutdown_answers_inflight_requests_then_closes() {
     token.cancel();
     let took = srv.stop();
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
-    assert_eq!(
-        waiter.join().unwrap(),
-        (0, 1),
-        "in-flight write answered before close"
-    );
+    assert_eq!(waiter.join().unwrap(), (0, 1), "in-flight write answered before close");
     assert!(backend.inner.snapshot()[..4096].iter().all(|&b| b == 0x42));
     idle.expect_closed();
     hs.expect_closed();
@@ -640,14 +606,7 @@ fn many_clients_at_once() {
                 let base = t * (1 << 20);
                 // Pipeline 32 writes, then read everything back.
                 for i in 0..32u64 {
-                    c.request(
-                        0,
-                        CMD_WRITE,
-                        i,
-                        base + i * 4096,
-                        4096,
-                        &pattern(4096, t * 100 + i),
-                    );
+                    c.request(0, CMD_WRITE, i, base + i * 4096, 4096, &pattern(4096, t * 100 + i));
                 }
                 let mut seen: Vec<u64> = (0..32)
                     .map(|_| c.simple_reply())

@@ -76,9 +76,7 @@ pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
         to_off(len)?,
     ) {
         Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::EINVAL) => {
-            write_zeros(f, offset, len)
-        }
+        Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::EINVAL) => write_zeros(f, offset, len),
         Err(e) => Err(e.into()),
     }
 }
@@ -101,9 +99,7 @@ pub fn write_zeros(f: &File, mut offset: u64, len: u64) -> io::Result<()> {
 pub fn discard_zeroing(f: &File, kind: BackingKind, offset: u64, len: u64) -> io::Result<()> {
     match kind {
         BackingKind::File => match punch_hole(f, offset, len) {
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EOPNOTSUPP as i32) => {
-                zero_range(f, offset, len)
-            }
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EOPNOTSUPP as i32) => zero_range(f, offset, len),
             r => r,
         },
         BackingKind::BlockDevice => zero_range(f, offset, len),
@@ -145,8 +141,7 @@ pub fn preallocate(f: &File, len: u64) -> io::Result<()> {
 /// Take an exclusive, non-blocking advisory lock on a file for as long as
 /// the returned guard lives.
 pub fn lock_exclusive(f: File) -> io::Result<nix::fcntl::Flock<File>> {
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| io::Error::from(e))
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))
 }
 
 #[cfg(test)]

@@ -26,9 +26,7 @@ fn err(what: &'static str, input: &str, why: &'static str) -> ParseError {
 /// Parse a size such as `64M` or `1GiB` into bytes.
 pub fn parse_size(s: &str) -> Result<u64, ParseError> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(err("size", s, "expected a number, e.g. 64M or 1GiB"));
@@ -42,9 +40,7 @@ pub fn parse_size(s: &str) -> Result<u64, ParseError> {
         _ => return Err(err("size", s, "unknown unit (use B, K, M, G or T)")),
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .ok_or_else(|| err("size", s, "too large"));
+        return n.checked_mul(mult).ok_or_else(|| err("size", s, "too large"));
     }
     let f: f64 = num.parse().map_err(|_| err("size", s, "not a number"))?;
     let v = f * mult as f64;
@@ -79,9 +75,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let n_end = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let n_end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if n_end == 0 {
             return Err(err("duration", s, "expected a number, e.g. 30s or 24h"));
         }
@@ -89,9 +83,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
             .parse()
             .map_err(|_| err("duration", s, "number too large"))?;
         rest = &rest[n_end..];
-        let u_end = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let u_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..u_end];
         rest = &rest[u_end..];
         let d = match unit {
@@ -133,10 +125,7 @@ mod tests {
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size(" 10 MB ").unwrap(), 10 << 20);
         assert!(parse_size("ten").is_err());
-        assert!(parse_size("10X")
-            .unwrap_err()
-            .to_string()
-            .contains("unknown unit"));
+        assert!(parse_size("10X").unwrap_err().to_string().contains("unknown unit"));
         assert!(parse_size("99999999999999999999T").is_err());
         assert_eq!(format_size(0), "0 B");
         assert_eq!(format_size(1536), "1.5 KiB");

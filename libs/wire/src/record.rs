@@ -126,10 +126,7 @@ pub struct WireError {
 
 impl WireError {
     fn new(kind: WireErrorKind, msg: impl Into<String>) -> Self {
-        Self {
-            kind,
-            msg: msg.into(),
-        }
+        Self { kind, msg: msg.into() }
     }
 }
 
@@ -163,14 +160,7 @@ fn rd_u32(b: &[u8], at: usize) -> u32 {
 impl RecordHeader {
     /// Build a header for `payload`, hashing it. `length` is taken from the
     /// payload for data records.
-    pub fn new(
-        kind: RecordKind,
-        seq: u64,
-        time_ns: u64,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-    ) -> Self {
+    pub fn new(kind: RecordKind, seq: u64, time_ns: u64, offset: u64, length: u64, payload: &[u8]) -> Self {
         Self::with_hash(
             kind,
             seq,
@@ -241,9 +231,7 @@ impl RecordHeader {
         if want != got {
             return Err(WireError::new(
                 WireErrorKind::Corrupt,
-                format!(
-                    "record header checksum mismatch (stored {want:#010x}, computed {got:#010x})"
-                ),
+                format!("record header checksum mismatch (stored {want:#010x}, computed {got:#010x})"),
             ));
         }
         if b[4] != VERSION {
@@ -252,12 +240,8 @@ impl RecordHeader {
                 format!("record version {} (this build reads {VERSION})", b[4]),
             ));
         }
-        let kind = RecordKind::from_u8(b[5]).ok_or_else(|| {
-            WireError::new(
-                WireErrorKind::Corrupt,
-                format!("unknown record kind {}", b[5]),
-            )
-        })?;
+        let kind = RecordKind::from_u8(b[5])
+            .ok_or_else(|| WireError::new(WireErrorKind::Corrupt, format!("unknown record kind {}", b[5])))?;
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&b[44..76]);
         let h = Self {
@@ -313,18 +297,12 @@ impl RecordHeader {
             }
             RecordKind::Flush | RecordKind::SyncDone => {
                 if self.payload_len != 0 || self.length != 0 {
-                    return bad(format!(
-                        "seq {}: {} record must carry no range",
-                        self.seq, self.kind
-                    ));
+                    return bad(format!("seq {}: {} record must carry no range", self.seq, self.kind));
                 }
             }
             RecordKind::Tag => {
                 if self.payload_len == 0 || self.payload_len > MAX_TAG_LEN || self.length != 0 {
-                    return bad(format!(
-                        "seq {}: tag name must be 1..={MAX_TAG_LEN} bytes",
-                        self.seq
-                    ));
+                    return bad(format!("seq {}: tag name must be 1..={MAX_TAG_LEN} bytes", self.seq));
                 }
             }
         }
@@ -392,11 +370,7 @@ impl Record {
         if b.len() < end {
             return Err(WireError::new(
                 WireErrorKind::Truncated,
-                format!(
-                    "seq {}: record needs {end} bytes, have {}",
-                    header.seq,
-                    b.len()
-                ),
+                format!("seq {}: record needs {end} bytes, have {}", header.seq, b.len()),
             ));
         }
         let payload = b[HEADER_LEN..end].to_vec();
@@ -426,29 +400,22 @@ mod tests {
     use proptest::prelude::*;
 
     const GOLDEN_V1: &str = concat!(
-        "544d524301010000", // magic ver kind flags
-        "0700000000000000", // seq
-        "00002a36fe9c9717", // time_ns
-        "0010000000000000", // offset
-        "0400000000000000", // length
-        "04000000",         // payload_len
+        "544d524301010000",                                                 // magic ver kind flags
+        "0700000000000000",                                                 // seq
+        "00002a36fe9c9717",                                                 // time_ns
+        "0010000000000000",                                                 // offset
+        "0400000000000000",                                                 // length
+        "04000000",                                                         // payload_len
         "8c9c9881805d1a847102d7a42e58b990d088dd88a84f7314d71c838107571f2b", // blake3
-        "e557ec68",         // crc32c
-        "61626364",         // payload
+        "e557ec68",                                                         // crc32c
+        "61626364",                                                         // payload
     );
 
     /// Pins format version 1: if these bytes change, the version must change.
     #[test]
     fn golden_bytes_v1() {
         let r = Record {
-            header: RecordHeader::new(
-                RecordKind::Write,
-                7,
-                1_700_000_000_000_000_000,
-                4096,
-                4,
-                b"abcd",
-            ),
+            header: RecordHeader::new(RecordKind::Write, 7, 1_700_000_000_000_000_000, 4096, 4, b"abcd"),
             payload: b"abcd".to_vec(),
         };
         let enc = r.encode();
@@ -462,10 +429,7 @@ mod tests {
         let mut b = h.encode();
         assert_eq!(RecordHeader::decode(&b).unwrap(), h);
         b[10] ^= 1;
-        assert_eq!(
-            RecordHeader::decode(&b).unwrap_err().kind,
-            WireErrorKind::Corrupt
-        );
+        assert_eq!(RecordHeader::decode(&b).unwrap_err().kind, WireErrorKind::Corrupt);
         assert_eq!(
             RecordHeader::decode(&b[..10]).unwrap_err().kind,
             WireErrorKind::Truncated

@@ -18,19 +18,20 @@ pub struct AgentStatusArgs {
     /// Print the raw JSON object.
     #[arg(long)]
     json: bool,
+    /// Print the agent's metrics in Prometheus text format instead.
+    #[arg(long, conflicts_with = "json")]
+    metrics: bool,
 }
 
 /// Send one request to the agent's control socket and return the reply.
 pub fn request(state: &std::path::Path, req: &Value) -> Result<Value> {
     let path = state.join("control.sock");
-    let mut s = UnixStream::connect(&path)
-        .with_context(|| format!("connect to {} (is the agent running?)", path.display()))?;
+    let mut s =
+        UnixStream::connect(&path).with_context(|| format!("connect to {} (is the agent running?)", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     writeln!(s, "{req}")?;
     let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .context("read agent reply")?;
+    BufReader::new(&s).read_line(&mut line).context("read agent reply")?;
     let v: Value = serde_json::from_str(&line).context("agent reply is not JSON")?;
     if v["ok"] != Value::Bool(true) {
         bail!("agent refused: {}", v["error"]);
@@ -39,6 +40,11 @@ pub fn request(state: &std::path::Path, req: &Value) -> Result<Value> {
 }
 
 pub fn status(a: AgentStatusArgs) -> Result<()> {
+    if a.metrics {
+        let v = request(&a.agent, &serde_json::json!({"cmd": "metrics"}))?;
+        print!("{}", v["metrics"].as_str().unwrap_or_default());
+        return Ok(());
+    }
     let v = request(&a.agent, &serde_json::json!({"cmd": "status"}))?;
     let s = &v["status"];
     if a.json {
@@ -83,14 +89,8 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
                 format_size(n("bitmap_dirty_bytes"))
             ),
         ),
-        (
-            "writes",
-            format!("{} ({})", n("writes"), format_size(n("write_bytes"))),
-        ),
-        (
-            "reads",
-            format!("{} ({})", n("reads"), format_size(n("read_bytes"))),
-        ),
+        ("writes", format!("{} ({})", n("writes"), format_size(n("write_bytes")))),
+        ("reads", format!("{} ({})", n("reads"), format_size(n("read_bytes")))),
         (
             "flushes / trims / zeroes",
             format!("{} / {} / {}", n("flushes"), n("trims"), n("zeroes")),
@@ -99,10 +99,7 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
             "errors (I/O / tracking)",
             format!("{} / {}", n("io_errors"), n("tracking_errors")),
         ),
-        (
-            "uptime",
-            format_duration(Duration::from_secs(n("uptime_secs"))),
-        ),
+        ("uptime", format_duration(Duration::from_secs(n("uptime_secs")))),
     ];
     for (k, v) in rows {
         println!("{k:<26} {v}");

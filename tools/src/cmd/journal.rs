@@ -53,10 +53,7 @@ pub fn run(c: JournalCmd) -> Result<()> {
 
 fn open(state: &std::path::Path) -> Result<JournalReader> {
     if !state.join("disk.json").exists() {
-        bail!(
-            "{} is not an agent state directory (no disk.json)",
-            state.display()
-        );
+        bail!("{} is not an agent state directory (no disk.json)", state.display());
     }
     Ok(JournalReader::open(&state.join("journal"))?)
 }
@@ -93,10 +90,7 @@ fn dump(a: DumpArgs) -> Result<()> {
             }
             writeln!(out, "{o}")?;
         } else {
-            let extra = r
-                .tag_name()
-                .map(|t| format!(" tag={t}"))
-                .unwrap_or_default();
+            let extra = r.tag_name().map(|t| format!(" tag={t}")).unwrap_or_default();
             writeln!(
                 out,
                 "{:>10}  {:<9} {:>14} {:>10}  {}{extra}",

@@ -28,9 +28,7 @@ impl JournalReader {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such journal directory"),
             ));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { dir: dir.to_path_buf() })
     }
 
     /// Live segments as (header, path), in order.
@@ -92,10 +90,7 @@ impl RecordIter {
     /// Position on the segment holding `self.want`, skipping earlier
     /// records by their headers alone.
     fn seek(&mut self) -> Result<bool> {
-        let segs = JournalReader {
-            dir: self.dir.clone(),
-        }
-        .segments()?;
+        let segs = JournalReader { dir: self.dir.clone() }.segments()?;
         let Some(first) = segs.first() else {
             return Ok(false);
         };
@@ -138,9 +133,7 @@ impl RecordIter {
             let Some(cur) = self.cur.as_mut() else {
                 return Ok(None);
             };
-            if let Step::Record(h) =
-                read_record_at(&cur.file, &cur.path, cur.pos, self.want, &mut self.payload)?
-            {
+            if let Step::Record(h) = read_record_at(&cur.file, &cur.path, cur.pos, self.want, &mut self.payload)? {
                 cur.pos += h.encoded_len();
                 self.want += 1;
                 return Ok(Some(Record {

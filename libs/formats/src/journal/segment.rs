@@ -68,10 +68,7 @@ impl SegmentHeader {
             ));
         }
         if u64::from(u32_at(12)) != SEGMENT_HEADER_LEN {
-            return Err(Error::corrupt(
-                path,
-                format!("segment header length {}", u32_at(12)),
-            ));
+            return Err(Error::corrupt(path, format!("segment header length {}", u32_at(12))));
         }
         let mut disk_uuid = [0u8; 16];
         disk_uuid.copy_from_slice(&b[32..48]);
@@ -86,8 +83,7 @@ impl SegmentHeader {
     /// Read and decode the header of an open segment file.
     pub fn read(f: &File, path: &Path) -> Result<Self> {
         let mut b = [0u8; HDR];
-        f.read_exact_at(&mut b, 0)
-            .ctx("read segment header of", path)?;
+        f.read_exact_at(&mut b, 0).ctx("read segment header of", path)?;
         Self::decode(&b, path)
     }
 }
@@ -112,25 +108,17 @@ pub(crate) enum Step {
 
 /// Read the record at `pos` if it is valid and carries `expected` seq.
 /// `payload` is filled with its payload (reused buffer).
-pub(crate) fn read_record_at(
-    f: &File,
-    path: &Path,
-    pos: u64,
-    expected: u64,
-    payload: &mut Vec<u8>,
-) -> Result<Step> {
+pub(crate) fn read_record_at(f: &File, path: &Path, pos: u64, expected: u64, payload: &mut Vec<u8>) -> Result<Step> {
     let mut hb = [0u8; HEADER_LEN];
     let n = read_up_to(f, &mut hb, pos).ctx("read journal record of", path)?;
     let seq_bytes_match = n >= 16 && hb[8..16] == expected.to_le_bytes();
     if n < HEADER_LEN {
-        return Ok(Step::End((n > 0 && hb[..n].iter().any(|&b| b != 0)).then(
-            || {
-                (
-                    format!("{n} bytes of a partial record header at offset {pos}"),
-                    n as u64,
-                )
-            },
-        )));
+        return Ok(Step::End((n > 0 && hb[..n].iter().any(|&b| b != 0)).then(|| {
+            (
+                format!("{n} bytes of a partial record header at offset {pos}"),
+                n as u64,
+            )
+        })));
     }
     let h = match RecordHeader::decode(&hb) {
         Ok(h) if h.seq == expected => h,
@@ -140,10 +128,7 @@ pub(crate) fn read_record_at(
             // being written when the process or machine stopped.
             return Ok(Step::End(seq_bytes_match.then(|| {
                 (
-                    format!(
-                        "torn record header for seq {expected} at offset {pos}: {}",
-                        e.msg
-                    ),
+                    format!("torn record header for seq {expected} at offset {pos}: {}", e.msg),
                     HEADER_LEN as u64,
                 )
             })));
@@ -152,8 +137,7 @@ pub(crate) fn read_record_at(
     let plen = h.payload_len as usize;
     payload.clear();
     payload.resize(plen, 0);
-    let got =
-        read_up_to(f, payload, pos + HEADER_LEN as u64).ctx("read journal payload of", path)?;
+    let got = read_up_to(f, payload, pos + HEADER_LEN as u64).ctx("read journal payload of", path)?;
     let span = HEADER_LEN as u64 + plen as u64;
     if got < plen {
         return Ok(Step::End(Some((

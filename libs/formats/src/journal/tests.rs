@@ -91,13 +91,7 @@ fn rotation_consumption_and_recycling() {
     assert!(j.segments() < before);
     let spares = std::fs::read_dir(d.path().join("journal"))
         .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("spare-")
-        })
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("spare-"))
         .count();
     assert!(spares > 0);
     // New appends reuse spares; everything from the oldest live seq on stays readable.
@@ -194,10 +188,7 @@ fn garbage_segment_is_named() {
     std::fs::write(segment_path(&jd, 0), vec![0x55u8; 4096]).unwrap();
     let err = Journal::open(cfg(d.path(), 1 << 20, 1 << 30)).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Corrupt);
-    assert!(
-        err.to_string().contains("seg-0000000000000000.tmj"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("seg-0000000000000000.tmj"), "{err}");
 }
 
 proptest! {

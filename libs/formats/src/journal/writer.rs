@@ -129,10 +129,7 @@ fn read_consumed(dir: &Path) -> Result<u64> {
             let ok = u32::from_str_radix(crc, 16).ok() == Some(crc32c::crc32c(body.as_bytes()));
             match seq.parse::<u64>() {
                 Ok(v) if ok => Ok(v),
-                _ => Err(Error::corrupt(
-                    &p,
-                    "consumed marker checksum or number invalid",
-                )),
+                _ => Err(Error::corrupt(&p, "consumed marker checksum or number invalid")),
             }
         }
         _ => Err(Error::corrupt(&p, "not a consumed marker")),
@@ -205,9 +202,7 @@ impl Journal {
         if let Some((_, p)) = found.last() {
             let f = File::open(p).ctx("open", p)?;
             if SegmentHeader::read(&f, p).is_err() && found.len() > 1 {
-                report
-                    .removed
-                    .push(format!("{} (incomplete rotation)", p.display()));
+                report.removed.push(format!("{} (incomplete rotation)", p.display()));
                 crashsafe::remove_durable(p).ctx("remove", p)?;
                 found.pop();
             }
@@ -242,7 +237,10 @@ impl Journal {
                 if h.first_seq != expect {
                     return Err(Error::corrupt(
                         &path,
-                        format!("sequence gap: segment starts at seq {}, previous ended before {expect}", h.first_seq),
+                        format!(
+                            "sequence gap: segment starts at seq {}, previous ended before {expect}",
+                            h.first_seq
+                        ),
                     ));
                 }
             }
@@ -260,8 +258,7 @@ impl Journal {
                     let len = file.metadata().ctx("stat", &path)?.len();
                     let stop = (end.pos + span).min(len);
                     if stop > end.pos {
-                        fileops::write_zeros(&file, end.pos, stop - end.pos)
-                            .ctx("zero torn tail of", &path)?;
+                        fileops::write_zeros(&file, end.pos, stop - end.pos).ctx("zero torn tail of", &path)?;
                         fileops::fdatasync(&file).ctx("sync", &path)?;
                     }
                     report.torn_tail = Some(format!("{}: {why}; cut off", path.display()));
@@ -335,8 +332,7 @@ impl Journal {
                 .open(&path)
                 .ctx("create", &path)?;
             fileops::preallocate(&f, self.cfg.segment_size).ctx("preallocate", &path)?;
-            f.write_all_at(&header.encode(), 0)
-                .ctx("write segment header", &path)?;
+            f.write_all_at(&header.encode(), 0).ctx("write segment header", &path)?;
             f
         };
         if self.cur_dirty {
@@ -391,8 +387,7 @@ impl Journal {
             self.start_segment(index)?;
         }
         let seq = self.next_seq;
-        let mut h =
-            RecordHeader::with_hash(kind, seq, time_ns, offset, length, payload.len(), hash);
+        let mut h = RecordHeader::with_hash(kind, seq, time_ns, offset, length, payload.len(), hash);
         h.flags = flags;
         let hb = h.encode();
         let seg = self

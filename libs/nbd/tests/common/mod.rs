@@ -331,10 +331,7 @@ impl Raw {
             assert_eq!(self.option_replies(), vec![(REP_ACK, vec![])]);
         }
         if meta {
-            self.option(
-                OPT_SET_META_CONTEXT,
-                &Self::meta_data(name, &["base:allocation"]),
-            );
+            self.option(OPT_SET_META_CONTEXT, &Self::meta_data(name, &["base:allocation"]));
             let r = self.option_replies();
             assert_eq!(r.len(), 2, "{r:?}");
             assert_eq!(r[0].0, REP_META_CONTEXT);
@@ -358,15 +355,7 @@ impl Raw {
         size_flags.expect("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
     }
 
-    pub fn request(
-        &mut self,
-        flags: u16,
-        typ: u16,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) {
+    pub fn request(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
         let mut b = Vec::with_capacity(28 + payload.len());
         b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
@@ -434,10 +423,7 @@ impl Raw {
             match self.s.read(&mut buf) {
                 Ok(0) => return,
                 Ok(_) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "server kept sending instead of closing"
-                    );
+                    assert!(Instant::now() < deadline, "server kept sending instead of closing");
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
                 Err(e) => panic!("expected the server to close the connection, got {e}"),
