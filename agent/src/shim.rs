@@ -396,6 +396,28 @@ impl Inner {
         Ok(self.ranges.register(offset, len, None))
     }
 
+    /// Journal a record without payload or range (Flush); in bitmap mode
+    /// there is no stream to mark, so nothing is written.
+    fn journal_marker(&self, kind: RecordKind) -> io::Result<()> {
+        let mut core = self.core();
+        if core.mode != Mode::Journal {
+            return Ok(());
+        }
+        let hash = *blake3::hash(&[]).as_bytes();
+        match core.journal.append(kind, 0, 0, 0, &[], hash, crate::now_ns()) {
+            Ok(_) => {
+                self.stats.journal_records.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.kind == ErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string()),
+            Err(e) => {
+                self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
+                self.log_error(&format!("journal append failed, request refused: {e}"));
+                Err(io::Error::from(e))
+            }
+        }
+    }
+
     fn enter_bitmap_mode(&self, core: &mut Core, why: &str) -> io::Result<()> {
         if core.bitmap.is_none() {
             core.bitmap = Some(
@@ -517,6 +539,9 @@ impl Backend for Shim {
 
     async fn flush(&self) -> io::Result<()> {
         self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        // A Flush record marks a crash-consistent boundary in the stream:
+        // every write acknowledged before it is ordered before it.
+        self.inner.journal_marker(RecordKind::Flush)?;
         self.sync_all().await
     }
 

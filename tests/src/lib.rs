@@ -56,27 +56,45 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
 }
 
 /// Run a command with a timeout (killed past it) and return its output.
+/// Output is drained while the command runs, so a chatty command cannot
+/// block on a full pipe.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    use std::io::Read;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out_t = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err_t = drain(Box::new(child.stderr.take().expect("stderr")));
     let start = Instant::now();
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("wait");
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("wait");
+            let _ = child.wait();
+            let (o, e) = (out_t.join().unwrap_or_default(), err_t.join().unwrap_or_default());
             panic!(
                 "{cmd:?} timed out after {timeout:?}\nstdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&o),
+                String::from_utf8_lossy(&e)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
     }
 }
 
@@ -176,19 +194,13 @@ impl Agent {
     /// SIGTERM and wait for a clean exit (status 0).
     pub fn stop(mut self) {
         run_ok(
-            Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string()),
+            Command::new("kill").arg("-TERM").arg(self.child.id().to_string()),
             Duration::from_secs(5),
         );
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
-                assert!(
-                    st.success(),
-                    "agent exited with {st}; log:\n{}",
-                    self.log_text()
-                );
+                assert!(st.success(), "agent exited with {st}; log:\n{}", self.log_text());
                 break;
             }
             assert!(
@@ -245,10 +257,7 @@ pub fn assert_identical(a: &Path, b: &Path) {
 pub fn assert_replay_matches(state: &Path, pre: &Path, disk: &Path) {
     let copy = pre.with_extension("replayed");
     run_ok(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(pre)
-            .arg(&copy),
+        Command::new("cp").arg("--sparse=always").arg(pre).arg(&copy),
         Duration::from_secs(120),
     );
     run_ok(
