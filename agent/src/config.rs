@@ -2,31 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Where the shim listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Unix(PathBuf),
-    Tcp(String),
-}
-
-impl ListenAddr {
-    /// Parse `unix:PATH` or `tcp:HOST:PORT`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err(format!("listen address {s:?}: empty socket path"));
-            }
-            Ok(Self::Unix(PathBuf::from(p)))
-        } else if let Some(a) = s.strip_prefix("tcp:") {
-            match a.rsplit_once(':') {
-                Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok() => Ok(Self::Tcp(a.to_string())),
-                _ => Err(format!("listen address {s:?}: expected tcp:HOST:PORT")),
-            }
-        } else {
-            Err(format!("listen address {s:?}: expected unix:PATH or tcp:HOST:PORT"))
-        }
-    }
-}
+pub use tidemark_nbd::ListenAddr;
 
 /// Everything `protect` needs.
 #[derive(Clone, Debug)]
@@ -85,19 +61,5 @@ mod tests {
         assert!(validate_disk_id(&"a".repeat(65)).is_err());
         assert!(validate_disk_id("a/b").unwrap_err().contains("'/'"));
         assert!(validate_disk_id("..").is_err());
-    }
-
-    #[test]
-    fn listen_addrs() {
-        assert_eq!(
-            ListenAddr::parse("unix:/tmp/s").unwrap(),
-            ListenAddr::Unix("/tmp/s".into())
-        );
-        assert_eq!(
-            ListenAddr::parse("tcp:127.0.0.1:10809").unwrap(),
-            ListenAddr::Tcp("127.0.0.1:10809".into())
-        );
-        assert!(ListenAddr::parse("tcp:127.0.0.1").is_err());
-        assert!(ListenAddr::parse("/tmp/s").is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use tidemark_agent::config::{ListenAddr, ProtectConfig};
+use tidemark_agent::config::ProtectConfig;
 use tidemark_util::human::parse_size;
 
 #[derive(Parser)]
@@ -86,7 +86,7 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
         .listen
         .or(file.listen)
         .context("--listen is required (or `listen` in the config file)")?;
-    let listen = ListenAddr::parse(&listen).map_err(anyhow::Error::msg)?;
+    let listen = tidemark_nbd::parse_listen(&listen).map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
     let disk_id = match a.disk_id.or(file.disk_id) {
         Some(id) => id,
         None => disk

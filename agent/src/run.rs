@@ -2,14 +2,12 @@
 //! unclean stop, serve the shim until SIGTERM/SIGINT, then stop cleanly.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tidemark_formats::apply::{apply_record, whole};
 use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use tidemark_formats::journal::{Journal, JournalConfig, JournalReader};
-use tidemark_nbd::Listener;
 use tidemark_util::fileops;
 use tidemark_util::human::format_size;
 use tokio_util::sync::CancellationToken;
@@ -49,19 +47,70 @@ fn open_disk(cfg: &ProtectConfig) -> Result<File> {
         .with_context(|| format!("open disk {}", p.display()))
 }
 
+/// A state directory belongs to one disk id.
+fn check_meta(m: &DiskMeta, cfg: &ProtectConfig) -> Result<()> {
+    if m.disk_id != cfg.disk_id {
+        bail!(
+            "state directory {} belongs to disk {:?}, not {:?}",
+            cfg.state.display(),
+            m.disk_id,
+            cfg.disk_id
+        );
+    }
+    Ok(())
+}
+
+/// Lock the disk itself, so two agents (with different state directories)
+/// cannot protect it at once: each journal would miss the other's writes.
+fn lock_disk(cfg: &ProtectConfig) -> Result<nix::fcntl::Flock<File>> {
+    let f = File::open(&cfg.disk).with_context(|| format!("open disk {}", cfg.disk.display()))?;
+    fileops::lock_exclusive(f).map_err(|e| {
+        anyhow::anyhow!(
+            "disk {} is in use by another agent, which already protects it ({e})",
+            cfg.disk.display()
+        )
+    })
+}
+
 /// Everything opened and recovered, ready to serve.
 pub struct Opened {
     pub shim: Shim,
     pub state: StateDir,
     pub last_stop: LastStop,
+    /// Held for as long as the disk is served.
+    pub disk_lock: nix::fcntl::Flock<File>,
 }
 
 /// Open state, disk, journal and bitmap; re-apply the journal after an
 /// unclean stop.
 pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     validate_disk_id(&cfg.disk_id).map_err(anyhow::Error::msg)?;
-    let state = StateDir::open(&cfg.state)?;
+    // Refuse what can be refused before anything is created.
+    if let Some(m) = crate::state::read_meta(&cfg.state)? {
+        check_meta(&m, cfg)?;
+    }
+    if !cfg.disk.exists() && cfg.create_size.is_none() {
+        bail!(
+            "disk {} does not exist (give --create-size to create a sparse file)",
+            cfg.disk.display()
+        );
+    }
+    // Take the state directory's lock first when it exists (the usual
+    // "already running" case), else the disk's, so a refused start creates
+    // nothing.
+    let lock_existing_disk = || cfg.disk.exists().then(|| lock_disk(cfg)).transpose();
+    let (state, early_lock) = if cfg.state.exists() {
+        let state = StateDir::open(&cfg.state)?;
+        (state, lock_existing_disk()?)
+    } else {
+        let l = lock_existing_disk()?;
+        (StateDir::open(&cfg.state)?, l)
+    };
     let disk = open_disk(cfg)?;
+    let disk_lock = match early_lock {
+        Some(l) => l,
+        None => lock_disk(cfg)?,
+    };
     let kind = fileops::backing_kind(&disk).with_context(|| format!("disk {}", cfg.disk.display()))?;
     let size = fileops::backing_size(&disk).with_context(|| format!("size of disk {}", cfg.disk.display()))?;
     if size == 0 {
@@ -69,14 +118,7 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     }
     let meta = match state.read_meta()? {
         Some(m) => {
-            if m.disk_id != cfg.disk_id {
-                bail!(
-                    "state directory {} belongs to disk {:?}, not {:?}",
-                    cfg.state.display(),
-                    m.disk_id,
-                    cfg.disk_id
-                );
-            }
+            check_meta(&m, cfg)?;
             if m.disk_size != size {
                 bail!(
                     "disk {} is {} bytes but state directory {} was made for {} bytes",
@@ -137,6 +179,7 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
             let n = reapply(&state, &disk, kind, size, bitmap.as_ref())?;
             info!(disk = %meta.disk_id, records = n, "unclean stop: re-applied the journal onto the disk");
             if last_stop == LastStop::MachineCrash {
+                state.mark_resync_required()?;
                 warn!(
                     disk = %meta.disk_id,
                     "the machine stopped uncleanly (new boot id, no clean-shutdown marker): the journal may miss \
@@ -156,11 +199,17 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
         journal,
         bitmap,
         bitmap_path,
+        resync_required: state.resync_required(),
     });
     if shim.mode() == crate::shim::Mode::Bitmap {
         warn!(disk = %meta.disk_id, "starting in bitmap mode: regions written past the journal cap await resync");
     }
-    Ok(Opened { shim, state, last_stop })
+    Ok(Opened {
+        shim,
+        state,
+        last_stop,
+        disk_lock,
+    })
 }
 
 /// Re-apply every live journal record onto the disk (idempotent, in seq
@@ -190,32 +239,15 @@ fn reapply(
     Ok(n)
 }
 
-async fn bind(addr: &ListenAddr) -> Result<Listener> {
-    match addr {
-        ListenAddr::Unix(p) => {
-            if let Ok(md) = std::fs::symlink_metadata(p) {
-                if md.file_type().is_socket() {
-                    std::fs::remove_file(p).with_context(|| format!("remove stale socket {}", p.display()))?;
-                } else {
-                    bail!("{} exists and is not a socket", p.display());
-                }
-            }
-            let l = tokio::net::UnixListener::bind(p).with_context(|| format!("listen on unix:{}", p.display()))?;
-            Ok(Listener::Unix(l))
-        }
-        ListenAddr::Tcp(a) => {
-            let l = tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("listen on tcp:{a}"))?;
-            Ok(Listener::Tcp(l))
-        }
-    }
-}
-
 /// Run `protect` until SIGTERM/SIGINT.
 pub async fn protect(cfg: ProtectConfig) -> Result<()> {
-    let Opened { shim, state, .. } = open(&cfg)?;
-    let listener = bind(&cfg.listen).await?;
+    let Opened {
+        shim,
+        state,
+        disk_lock: _disk_lock,
+        ..
+    } = open(&cfg)?;
+    let listener = tidemark_nbd::bind(&cfg.listen).await.context("cannot serve the disk")?;
     let stop = CancellationToken::new();
     {
         let stop = stop.clone();

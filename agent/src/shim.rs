@@ -77,6 +77,7 @@ pub struct Inner {
     pub kind: BackingKind,
     pub size: u64,
     pub bitmap_path: PathBuf,
+    resync_required: bool,
     core: Mutex<Core>,
     ranges: Arc<RangeLocks>,
     syncer: Syncer,
@@ -103,6 +104,8 @@ pub struct ShimParts {
     pub journal: Journal,
     pub bitmap: Option<DirtyBitmap>,
     pub bitmap_path: PathBuf,
+    /// A full resync is owed (machine crash).
+    pub resync_required: bool,
 }
 
 /// A snapshot of the agent's state, for the control socket.
@@ -113,6 +116,9 @@ pub struct Status {
     pub disk_path: String,
     pub disk_size: u64,
     pub mode: Mode,
+    /// A machine crash left writes that may be missing from the journal:
+    /// the whole disk must be resynced.
+    pub resync_required: bool,
     pub next_seq: u64,
     pub last_seq: u64,
     pub consumed_seq: u64,
@@ -156,6 +162,7 @@ impl Shim {
                 kind: p.kind,
                 size: p.size,
                 bitmap_path: p.bitmap_path,
+                resync_required: p.resync_required,
                 core: Mutex::new(Core {
                     journal: p.journal,
                     bitmap: p.bitmap,
@@ -214,6 +221,7 @@ impl Shim {
             disk_path: self.inner.disk_path.display().to_string(),
             disk_size: self.inner.size,
             mode: core.mode,
+            resync_required: self.inner.resync_required,
             next_seq: core.journal.next_seq(),
             last_seq: core.journal.next_seq().saturating_sub(1),
             consumed_seq: core.journal.consumed_seq(),

@@ -7,6 +7,7 @@
 //!    disk.json       {"format":1,"disk_id":…,"disk_uuid":…,"disk_size":…,"disk_path":…}
 //!    boot_id         kernel boot id the agent last ran under
 //!    clean-shutdown  present only after a clean exit: {"format":1,"next_seq":…}
+//!    resync-required present after a machine crash until a full resync is done
 //!    journal/        the change journal (tidemark_formats::journal)
 //!    dirty.bitmap    regions written in bitmap mode (tidemark_formats::bitmap)
 //!    control.sock    status and tag requests
@@ -142,6 +143,19 @@ impl StateDir {
         let p = self.dir.join("clean-shutdown");
         let s = serde_json::to_string(&CleanMarker { format: 1, next_seq })? + "\n";
         crashsafe::write_atomic(&p, s.as_bytes()).with_context(|| format!("write {}", p.display()))
+    }
+
+    /// Record that the disk must be resynced in full (a machine crash may
+    /// have let writes reach the disk without reaching the journal). The
+    /// replication pipeline clears it once the resync completes.
+    pub fn mark_resync_required(&self) -> Result<()> {
+        let p = self.dir.join("resync-required");
+        crashsafe::write_atomic(&p, b"machine crash\n").with_context(|| format!("write {}", p.display()))
+    }
+
+    /// Whether a full resync is owed.
+    pub fn resync_required(&self) -> bool {
+        self.dir.join("resync-required").exists()
     }
 
     pub fn journal_dir(&self) -> PathBuf {

@@ -69,7 +69,18 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
                 format_size(n("disk_size"))
             ),
         ),
-        ("mode", s["mode"].as_str().unwrap_or("?").to_string()),
+        (
+            "mode",
+            format!(
+                "{}{}",
+                s["mode"].as_str().unwrap_or("?"),
+                if s["resync_required"] == Value::Bool(true) {
+                    " (full resync required: machine crash)"
+                } else {
+                    ""
+                }
+            ),
+        ),
         ("last seq", n("last_seq").to_string()),
         ("consumed seq", n("consumed_seq").to_string()),
         (
