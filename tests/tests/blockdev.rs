@@ -90,14 +90,25 @@ fn loop_device_is_protected_and_trims_read_zeros() {
     drop(lo);
     // The client's FLUSH is a crash-consistent boundary in the stream.
     let dump = run_ok(
-        Command::new(bin("tidemark")).args(["journal", "dump", "--json", "--state"]).arg(d.path().join("state")),
+        Command::new(bin("tidemark"))
+            .args(["journal", "dump", "--json", "--state"])
+            .arg(d.path().join("state")),
         Duration::from_secs(30),
     );
     let kinds: Vec<String> = String::from_utf8_lossy(&dump.stdout)
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let flush_at = kinds.iter().position(|k| k == "flush").expect("a flush record");
-    assert_eq!(kinds[..flush_at].iter().filter(|k| *k == "write").count(), 3, "{kinds:?}");
+    assert_eq!(
+        kinds[..flush_at].iter().filter(|k| *k == "write").count(),
+        3,
+        "{kinds:?}"
+    );
     assert_replay_matches(&d.path().join("state"), &pre, &backing);
 }

@@ -202,7 +202,10 @@ impl DirtyBitmap {
         let end = offset.saturating_add(len);
         let mut o = offset;
         while o < end {
-            let region_end = ((o / self.granularity) + 1) * self.granularity;
+            let region_end = (o / self.granularity)
+                .checked_add(1)
+                .and_then(|r| r.checked_mul(self.granularity))
+                .unwrap_or(u64::MAX);
             let piece_end = region_end.min(end);
             if !self.is_dirty(o) {
                 match out.last_mut() {

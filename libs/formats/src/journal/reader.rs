@@ -34,7 +34,7 @@ impl JournalReader {
     /// Live segments as (header, path), in order.
     pub fn segments(&self) -> Result<Vec<(SegmentHeader, PathBuf)>> {
         let mut out = Vec::new();
-        for (_, p) in list(&self.dir, "seg-").ctx("list", &self.dir)? {
+        for (index, p) in list(&self.dir, "seg-").ctx("list", &self.dir)? {
             let f = match File::open(&p) {
                 Ok(f) => f,
                 // Recycled under us by a live agent.
@@ -42,7 +42,13 @@ impl JournalReader {
                 Err(e) => return Err(Error::io("open", &p, e)),
             };
             match SegmentHeader::read(&f, &p) {
-                Ok(h) => out.push((h, p)),
+                Ok(h) if h.index == index => out.push((h, p)),
+                Ok(h) => {
+                    return Err(Error::corrupt(
+                        &p,
+                        format!("header says segment {}, file name says {index}", h.index),
+                    ))
+                }
                 // A segment being created by a live agent.
                 Err(_) if out.last().is_some() => break,
                 Err(e) => return Err(e),
@@ -143,12 +149,15 @@ impl RecordIter {
             }
             // The journal ends here for now, unless the writer moved on to
             // the next segment.
-            let next = segment_path(&self.dir, cur.index + 1);
+            let Some(next_index) = cur.index.checked_add(1) else {
+                return Ok(None);
+            };
+            let next = segment_path(&self.dir, next_index);
             let Ok(f) = File::open(&next) else {
                 return Ok(None);
             };
             match SegmentHeader::read(&f, &next) {
-                Ok(h) if h.first_seq == self.want => {
+                Ok(h) if h.first_seq == self.want && h.index == next_index => {
                     self.cur = Some(Cursor {
                         file: f,
                         path: next,

@@ -13,6 +13,8 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 pub const SEGMENT_HEADER_LEN: u64 = HDR as u64;
 const HDR: usize = 64;
 const MAGIC: [u8; 8] = *b"TMJOURNL";
+/// Largest seq (and segment index) a valid segment header may carry.
+pub const MAX_SEQ: u64 = 1 << 62;
 const VERSION: u32 = 1;
 
 /// The header at the start of every segment file.
@@ -69,6 +71,19 @@ impl SegmentHeader {
         }
         if u64::from(u32_at(12)) != SEGMENT_HEADER_LEN {
             return Err(Error::corrupt(path, format!("segment header length {}", u32_at(12))));
+        }
+        let first_seq = u64_at(24);
+        // Seqs start at 1; anything near the top of the range could only
+        // come from corruption and would overflow.
+        if first_seq == 0 || first_seq > MAX_SEQ {
+            return Err(Error::corrupt(
+                path,
+                format!("segment first seq {first_seq} is out of range"),
+            ));
+        }
+        let index = u64_at(16);
+        if index > MAX_SEQ {
+            return Err(Error::corrupt(path, format!("segment index {index} is out of range")));
         }
         let mut disk_uuid = [0u8; 16];
         disk_uuid.copy_from_slice(&b[32..48]);

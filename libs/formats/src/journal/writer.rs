@@ -254,13 +254,17 @@ impl Journal {
                 report.first_seq = h.first_seq;
             }
             if last {
-                if let Some((why, span)) = &end.torn {
-                    let len = file.metadata().ctx("stat", &path)?.len();
-                    let stop = (end.pos + span).min(len);
-                    if stop > end.pos {
-                        fileops::write_zeros(&file, end.pos, stop - end.pos).ctx("zero torn tail of", &path)?;
-                        fileops::fdatasync(&file).ctx("sync", &path)?;
-                    }
+                // Whatever lies past the end may include records that reached
+                // the disk while an earlier one did not (write-back order is
+                // arbitrary after a power loss). A later append of the same
+                // length would make such a stale record look like the next
+                // one, so clear everything from the end to the end of file.
+                let len = file.metadata().ctx("stat", &path)?.len();
+                if len > end.pos {
+                    fileops::zero_range(&file, end.pos, len - end.pos).ctx("clear the tail of", &path)?;
+                    fileops::fdatasync(&file).ctx("sync", &path)?;
+                }
+                if let Some((why, _)) = &end.torn {
                     report.torn_tail = Some(format!("{}: {why}; cut off", path.display()));
                 }
                 cur = Some((Arc::new(file), end.pos));
@@ -397,7 +401,9 @@ impl Journal {
         write_all_vectored_at(&self.cur, &[&hb, payload], seg.used).ctx("append to", &seg.path)?;
         seg.used += need;
         self.live_bytes += need;
-        self.next_seq += 1;
+        self.next_seq = seq
+            .checked_add(1)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfBounds, "journal sequence numbers exhausted"))?;
         self.cur_dirty = true;
         Ok(seq)
     }
