@@ -330,24 +330,33 @@ impl Shim {
         data: Vec<u8>,
         keep_allocated: bool,
     ) -> io::Result<()> {
-        let hash = *blake3::hash(&data).as_bytes();
-        let ticket = self.inner.track(kind, offset, len, &data, hash)?;
-        let result = if ticket.must_wait() {
-            // Finish in a task of its own: once journaled, the disk write
-            // must happen even if the client goes away meanwhile.
+        let step = if data.len() >= OFFLOAD_MIN {
+            // Hash, journal and write a large payload on a blocking-pool
+            // thread, so the connection goes on reading the next request
+            // meanwhile. Ordering is unaffected: the range ticket, taken
+            // with the journal append, is what orders overlapping writes.
             let inner = self.inner.clone();
-            tokio::spawn(async move {
-                ticket.wait().await;
-                let r = inner.apply(kind, offset, len, &data, keep_allocated);
-                drop(ticket);
-                r
-            })
-            .await
-            .map_err(|e| eio(format!("write task failed: {e}")))?
+            tokio::task::spawn_blocking(move || inner.track_and_apply(kind, offset, len, data, keep_allocated))
+                .await
+                .map_err(|e| eio(format!("write task failed: {e}")))??
         } else {
-            let r = self.inner.apply(kind, offset, len, &data, keep_allocated);
-            drop(ticket);
-            r
+            self.inner.track_and_apply(kind, offset, len, data, keep_allocated)?
+        };
+        let result = match step {
+            Step::Done(r) => r,
+            Step::Wait(ticket, data) => {
+                // Finish in a task of its own: once journaled, the disk write
+                // must happen even if the client goes away meanwhile.
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    ticket.wait().await;
+                    let r = inner.apply(kind, offset, len, &data, keep_allocated);
+                    drop(ticket);
+                    r
+                })
+                .await
+                .map_err(|e| eio(format!("write task failed: {e}")))?
+            }
         };
         if let Err(e) = &result {
             self.inner.stats.io_errors.fetch_add(1, Ordering::Relaxed);
@@ -358,6 +367,17 @@ impl Shim {
         }
         result
     }
+}
+
+/// Payloads at least this large are handled off the connection's task.
+const OFFLOAD_MIN: usize = 64 << 10;
+
+/// Where a tracked change stands.
+enum Step {
+    /// Applied to the disk (or failed there).
+    Done(io::Result<()>),
+    /// Journaled; an older overlapping write must reach the disk first.
+    Wait(Ticket, Vec<u8>),
 }
 
 impl Inner {
@@ -372,6 +392,27 @@ impl Inner {
             *last = Some(Instant::now());
             error!(disk = %self.disk_id, "{msg}");
         }
+    }
+
+    /// Track a change and, unless an older overlapping write is still in
+    /// flight, apply it at once. A tracking failure is returned as `Err`
+    /// (nothing was written); a disk failure as `Step::Done(Err)`.
+    fn track_and_apply(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: Vec<u8>,
+        keep_allocated: bool,
+    ) -> io::Result<Step> {
+        let hash = *blake3::hash(&data).as_bytes();
+        let ticket = self.track(kind, offset, len, &data, hash)?;
+        if ticket.must_wait() {
+            return Ok(Step::Wait(ticket, data));
+        }
+        let r = self.apply(kind, offset, len, &data, keep_allocated);
+        drop(ticket);
+        Ok(Step::Done(r))
     }
 
     /// Journal the change (or mark it in the bitmap) and take its range ticket.
