@@ -115,7 +115,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Protect(a) => build(a).and_then(|cfg| {
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // One thread runs the protocol and small I/O: a connection's
+            // requests are one task anyway, and work stealing between
+            // threads only added hops (measured: 4 KiB random writes went
+            // from 0.68x to 0.94x nbdkit). Large writes and fdatasyncs run on
+            // the blocking pool, so they use the other cores.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("start runtime")?;
