@@ -135,46 +135,6 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// Like the harness's `run_ok`, but the output goes through files, not
-/// pipes: the harness's `run` only reads its pipes after the child exits,
-/// so a child printing more than a pipe holds (64 KiB; a journal dump of a
-/// few hundred records) blocks forever.
-fn run_big(cmd: &mut Command, timeout: Duration) -> Output {
-    let out = tempfile::tempfile().expect("stdout file");
-    let err = tempfile::tempfile().expect("stderr file");
-    let mut child = cmd
-        .stdout(out.try_clone().expect("dup"))
-        .stderr(err.try_clone().expect("dup"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} timed out after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let read = |f: &File| {
-        let mut v = Vec::new();
-        let mut f = f;
-        std::io::Seek::rewind(&mut f).expect("rewind");
-        std::io::Read::read_to_end(&mut f, &mut v).expect("read output");
-        v
-    };
-    let o = Output {
-        status,
-        stdout: read(&out),
-        stderr: read(&err),
-    };
-    assert!(o.status.success(), "{cmd:?} failed ({}):\n{}", o.status, text(&o));
-    o
-}
-
 /// Run qemu-io with `cmds` on a raw export; every command must succeed and
 /// every pattern check must pass.
 fn qemu_io(uri: &str, cmds: &[String]) -> String {
@@ -184,7 +144,7 @@ fn qemu_io(uri: &str, cmds: &[String]) -> String {
         c.arg("-c").arg(cmd);
     }
     c.arg(uri);
-    let out = text(&run_big(&mut c, T));
+    let out = text(&run_ok(&mut c, T));
     assert_no_qemu_io_failure(&out);
     out
 }
@@ -278,7 +238,7 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// `tidemark journal dump --json`, one object per line.
 fn journal_dump(state: &Path) -> Vec<Value> {
-    let out = run_big(
+    let out = run_ok(
         Command::new(bin("tidemark"))
             .args(["journal", "dump", "--json", "--state"])
             .arg(state),
@@ -322,7 +282,7 @@ fn check_dump_shape(records: &[Value]) {
 /// `nbdinfo --map --json`: extents tile the export, and none claims zeros
 /// where `content` holds data.
 fn check_map(uri: &str, content: &[u8]) -> Vec<Value> {
-    let out = run_big(Command::new("nbdinfo").args(["--map", "--json", uri]), T);
+    let out = run_ok(Command::new("nbdinfo").args(["--map", "--json", uri]), T);
     let map: Vec<Value> = serde_json::from_slice(&out.stdout).expect("map JSON");
     let mut pos = 0u64;
     for e in &map {
@@ -1260,8 +1220,8 @@ fn two_connections_write_disjoint_ranges_then_one_flushes() {
     };
     let mut a = session(&pat_a, &off_a, true);
     let mut b = session(&pat_b, &off_b, false);
-    let ta = std::thread::spawn(move || text(&run_big(&mut a, T)));
-    let tb = std::thread::spawn(move || text(&run_big(&mut b, T)));
+    let ta = std::thread::spawn(move || text(&run_ok(&mut a, T)));
+    let tb = std::thread::spawn(move || text(&run_ok(&mut b, T)));
     for (name, t) in [("A", ta), ("B", tb)] {
         let out = t.join().unwrap_or_else(|_| panic!("qemu-io {name} failed"));
         assert_no_qemu_io_failure(&out);
@@ -1556,7 +1516,7 @@ fn journal_dump_json_on_a_live_agent() {
     let before = journal_files(&fx.state);
     assert!(!before.is_empty(), "no journal files");
     let recs = journal_dump(&fx.state);
-    let text_dump = run_big(
+    let text_dump = run_ok(
         Command::new(bin("tidemark"))
             .args(["journal", "dump", "--state"])
             .arg(&fx.state),

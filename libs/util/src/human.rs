@@ -103,7 +103,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     if s == 0 {
-        return format!("{}ms", d.as_millis());
+        return if d.is_zero() {
+            "0s".to_string()
+        } else {
+            format!("{}ms", d.as_millis())
+        };
     }
     match s {
         0..=59 => format!("{s}s"),
