@@ -112,3 +112,76 @@ fn loop_device_is_protected_and_trims_read_zeros() {
     );
     assert_replay_matches(&d.path().join("state"), &pre, &backing);
 }
+
+/// Unmounts and removes a small tmpfs on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A journal that cannot grow (its filesystem is full) fails the client's
+/// writes with an error: no write is acknowledged without being journaled,
+/// and nothing untracked reaches the disk, so replay still equals the disk.
+#[test]
+fn journal_out_of_space_fails_writes_instead_of_dropping_them() {
+    need_tool("qemu-io");
+    let d = tempfile::tempdir().unwrap();
+    let state_fs = d.path().join("statefs");
+    std::fs::create_dir(&state_fs).unwrap();
+    // Room for the first 64 MiB segment (1 GiB default cap) and a little more.
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=72m", "tmpfs"])
+            .arg(&state_fs),
+        Duration::from_secs(10),
+    );
+    let _fs = Tmpfs(state_fs.clone());
+    let disk = d.path().join("disk.img");
+    sparse_file(&disk, 256 << 20);
+    let pre = d.path().join("pre.img");
+    sparse_file(&pre, 256 << 20);
+    let agent = Agent::start(&disk, &state_fs.join("state"), &d.path().join("nbd.sock"), &[]);
+    // 96 writes of 1 MiB: the journal's first segment fills after ~63, and
+    // the next segment cannot be created on the full filesystem.
+    let mut ok = Vec::new();
+    let mut failed = 0;
+    for i in 0..96u64 {
+        let out = run(
+            Command::new("qemu-io")
+                .args(["-f", "raw", &agent.uri(), "-c"])
+                .arg(format!("write -P {} {}M 1M", i % 200 + 1, i)),
+            Duration::from_secs(30),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && text.contains("wrote 1048576/1048576") {
+            ok.push(i);
+        } else {
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "every write succeeded: the journal filesystem never filled");
+    assert!(ok.len() > 32, "only {} writes succeeded", ok.len());
+    let st = agent.status();
+    assert!(st["tracking_errors"].as_u64().unwrap() > 0, "{st}");
+    assert!(
+        agent.log_text().contains("journal append failed, request refused"),
+        "{}",
+        agent.log_text()
+    );
+    // Every acknowledged write reads back.
+    for &i in &ok {
+        let out = run_ok(
+            Command::new("qemu-io")
+                .args(["-f", "raw", &agent.uri(), "-c"])
+                .arg(format!("read -P {} {}M 1M", i % 200 + 1, i)),
+            Duration::from_secs(30),
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"));
+    }
+    agent.kill9();
+    // The journal holds exactly what the disk holds.
+    assert_replay_matches(&state_fs.join("state"), &pre, &disk);
+}

@@ -335,8 +335,15 @@ impl Journal {
                 .create_new(true)
                 .open(&path)
                 .ctx("create", &path)?;
-            fileops::preallocate(&f, self.cfg.segment_size).ctx("preallocate", &path)?;
-            f.write_all_at(&header.encode(), 0).ctx("write segment header", &path)?;
+            let init = fileops::preallocate(&f, self.cfg.segment_size)
+                .ctx("preallocate", &path)
+                .and_then(|()| f.write_all_at(&header.encode(), 0).ctx("write segment header", &path));
+            if let Err(e) = init {
+                // Leave no half-made segment behind, so a later rotation
+                // (once there is room again) can create it afresh.
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
             f
         };
         if self.cur_dirty {
