@@ -634,28 +634,15 @@ impl Backend for Shim {
                 zero: false,
             }]);
         }
-        let f = &self.inner.disk;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end && out.len() < 1024 {
-            let data_at = fileops::seek_data(f, pos)?.unwrap_or(end).min(end);
-            if data_at > pos {
-                out.push(Extent {
-                    length: u32::try_from(data_at - pos).unwrap_or(u32::MAX),
-                    hole: true,
-                    zero: true,
-                });
-                pos = data_at;
-                continue;
-            }
-            let hole_at = fileops::seek_hole(f, pos)?.min(end).max(pos + 1);
-            out.push(Extent {
-                length: u32::try_from(hole_at - pos).unwrap_or(u32::MAX),
-                hole: false,
-                zero: false,
-            });
-            pos = hole_at;
-        }
+        let runs = fileops::allocation(&self.inner.disk, offset, end - offset, 1024)?;
+        let out = runs
+            .into_iter()
+            .map(|(l, hole)| Extent {
+                length: u32::try_from(l).unwrap_or(u32::MAX),
+                hole,
+                zero: hole,
+            })
+            .collect();
         Ok(out)
     }
 }

@@ -239,69 +239,17 @@ fn zero_range(f: &File, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<(
     Ok(())
 }
 
-fn lseek(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek takes plain integers; we only use its return value (the
-    // fd's shared file position is never used for I/O here: we use pread/pwrite).
-    let rc = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        // ENXIO: no data (or no hole) at or after `offset` before EOF.
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(Some(u64::try_from(rc).unwrap_or(0)))
-}
-
 /// `base:allocation` via SEEK_DATA / SEEK_HOLE. Holes read as zeros.
 fn extents(f: &File, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
-    let end = offset.saturating_add(u64::from(len));
-    let mut out = Vec::new();
-    let mut pos = offset;
-    let hole = |l: u64| Extent {
-        length: u32::try_from(l).unwrap_or(u32::MAX),
-        hole: true,
-        zero: true,
-    };
-    let data = |l: u64| Extent {
-        length: u32::try_from(l).unwrap_or(u32::MAX),
-        hole: false,
-        zero: false,
-    };
-    while pos < end && out.len() < MAX_EXTENTS {
-        let next_data = match lseek(f, pos, libc::SEEK_DATA) {
-            Ok(v) => v,
-            // No SEEK_DATA here (some block devices, old filesystems): all data.
-            Err(e) if unsupported(&e) => {
-                out.push(data(end - pos));
-                break;
-            }
-            Err(e) => return Err(e),
-        };
-        match next_data {
-            None => {
-                out.push(hole(end - pos));
-                break;
-            }
-            Some(d) if d > pos => {
-                let stop = d.min(end);
-                out.push(hole(stop - pos));
-                pos = stop;
-            }
-            Some(_) => {
-                let stop = match lseek(f, pos, libc::SEEK_HOLE)? {
-                    Some(h) if h > pos => h.min(end),
-                    _ => end,
-                };
-                out.push(data(stop - pos));
-                pos = stop;
-            }
-        }
-    }
-    Ok(out)
+    let runs = tidemark_util::fileops::allocation(f, offset, u64::from(len), MAX_EXTENTS)?;
+    Ok(runs
+        .into_iter()
+        .map(|(l, hole)| Extent {
+            length: u32::try_from(l).unwrap_or(u32::MAX),
+            hole,
+            zero: hole,
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -123,6 +123,44 @@ pub fn seek_hole(f: &File, offset: u64) -> io::Result<u64> {
     Ok(u64::try_from(o).unwrap_or(0))
 }
 
+/// Allocation of `[offset, offset+len)` as `(length, is_hole)` runs, in
+/// order, from SEEK_DATA/SEEK_HOLE; at most `max` runs (the last may end
+/// before `offset+len`). Where SEEK_DATA is not supported (some block
+/// devices, old filesystems) the whole range is reported as data.
+pub fn allocation(f: &File, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
+    let end = offset.saturating_add(len);
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < max {
+        let next_data = match seek_data(f, pos) {
+            Ok(v) => v,
+            Err(e) if matches!(e.raw_os_error(), Some(c) if c == nix::libc::EINVAL || c == nix::libc::EOPNOTSUPP) => {
+                out.push((end - pos, false));
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        match next_data {
+            None => {
+                out.push((end - pos, true));
+                break;
+            }
+            Some(d) if d > pos => {
+                let stop = d.min(end);
+                out.push((stop - pos, true));
+                pos = stop;
+            }
+            Some(_) => {
+                let h = seek_hole(f, pos)?;
+                let stop = if h > pos { h.min(end) } else { end };
+                out.push((stop - pos, false));
+                pos = stop;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `fdatasync(2)`.
 pub fn fdatasync(f: &File) -> io::Result<()> {
     nix::unistd::fdatasync(f.as_raw_fd()).map_err(io::Error::from)
@@ -159,6 +197,11 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0));
         assert_eq!(seek_data(&f, 0).unwrap(), Some(512 << 10));
         assert_eq!(seek_hole(&f, 512 << 10).unwrap(), 1 << 20);
+        assert_eq!(
+            allocation(&f, 4096, (1 << 20) - 4096, 16).unwrap(),
+            vec![((512 << 10) - 4096, true), (512 << 10, false)]
+        );
+        assert_eq!(allocation(&f, 0, 1 << 20, 1).unwrap(), vec![(512 << 10, true)]);
         zero_range(&f, 512 << 10, 4096).unwrap();
         f.read_exact_at(&mut buf, 512 << 10).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
