@@ -538,22 +538,14 @@ impl Backend for Shim {
     fn info(&self) -> ExportInfo {
         let size = self.inner.size;
         ExportInfo {
-            name: self.inner.disk_id.clone(),
             description: format!("tidemark protected disk {}", self.inner.disk_id),
-            size,
-            read_only: false,
-            can_flush: true,
-            can_fua: true,
-            can_trim: true,
-            can_zero: true,
+            // A block device may fall back to writing zeros: not fast.
             can_fast_zero: self.inner.kind == BackingKind::File,
-            can_cache: true,
             // A FLUSH syncs the whole journal and disk, so it covers every
             // completed write on every connection.
             multi_conn: true,
             min_block: if size.is_multiple_of(512) { 512 } else { 1 },
-            preferred_block: 4096,
-            max_payload: 32 << 20,
+            ..ExportInfo::new(self.inner.disk_id.clone(), size)
         }
     }
 
