@@ -1,9 +1,12 @@
 //! Records, frames and codecs shared by the agent, the collector and the
 //! target. Kept slim: no I/O, no async, no allocation beyond the payloads.
 //!
-//! Today this holds the change record ([`record`]); the framed network
-//! protocol joins it with the replication pipeline.
+//! - [`record`]: the change record, from the journal to the replica.
+//! - [`frame`]: the framed network protocol for both hops (hello, batches,
+//!   acks, errors). The services that speak it come with the replication
+//!   pipeline.
 
+pub mod frame;
 pub mod record;
 
 pub use record::{Record, RecordHeader, RecordKind, WireError, WireErrorKind};
