@@ -241,6 +241,19 @@ impl Conn {
 // Shared helpers
 // ---------------------------------------------------------------------------
 
+/// A temp dir holding a sparse disk of `size` bytes and its pre-protection
+/// copy (all zeros), plus the paths for the agent's state and socket.
+fn fresh_disk(tag: &str, size: u64) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let dir = tmpdir(tag);
+    let disk = dir.path().join("disk.img");
+    let pre = dir.path().join("pre.img");
+    let state = dir.path().join("state");
+    let sock = dir.path().join("nbd.sock");
+    sparse_file(&disk, size);
+    sparse_file(&pre, size);
+    (dir, disk, pre, state, sock)
+}
+
 fn tmpdir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(&format!("tm-faults-{tag}-"))
@@ -578,13 +591,7 @@ fn crash_kill9_under_fio_loses_no_acknowledged_write() {
     let t0 = Instant::now();
     let seed = seed("crash_kill9_under_fio_loses_no_acknowledged_write");
     let mut rng = StdRng::seed_from_u64(seed);
-    let dir = tmpdir("crash");
-    let disk = dir.path().join("disk.img");
-    let pre = dir.path().join("pre.img");
-    let state = dir.path().join("state");
-    let sock = dir.path().join("nbd.sock");
-    sparse_file(&disk, CRASH_DISK);
-    sparse_file(&pre, CRASH_DISK);
+    let (_dir, disk, pre, state, sock) = fresh_disk("crash", CRASH_DISK);
     let nblocks = usize_of(CLIENT_BLOCKS);
     // For each block, the writes it may hold (0 = never written).
     let mut possible: Vec<HashSet<u64>> = vec![HashSet::from([0]); nblocks];
@@ -769,13 +776,7 @@ fn journal_cap_switches_to_bitmap_mode() {
     need_tool("qemu-img");
     const SIZE: u64 = 256 << 20;
     const G: u64 = 64 << 10;
-    let dir = tmpdir("cap");
-    let disk = dir.path().join("disk.img");
-    let pre = dir.path().join("pre.img");
-    let state = dir.path().join("state");
-    let sock = dir.path().join("nbd.sock");
-    sparse_file(&disk, SIZE);
-    sparse_file(&pre, SIZE);
+    let (_dir, disk, pre, state, sock) = fresh_disk("cap", SIZE);
     let extra = ["--journal-cap", "8M"];
     let agent = Agent::start(&disk, &state, &sock, &extra);
 
@@ -995,13 +996,7 @@ fn bad_nbd_input_gets_errors_and_the_agent_survives() {
     need_tool("qemu-io");
     need_tool("qemu-img");
     const SIZE: u64 = 64 << 20;
-    let dir = tmpdir("badinput");
-    let disk = dir.path().join("disk.img");
-    let pre = dir.path().join("pre.img");
-    let state = dir.path().join("state");
-    let sock = dir.path().join("nbd.sock");
-    sparse_file(&disk, SIZE);
-    sparse_file(&pre, SIZE);
+    let (_dir, disk, pre, state, sock) = fresh_disk("badinput", SIZE);
     let agent = Agent::start(&disk, &state, &sock, &[]);
     let mut t = BadInput {
         agent,
@@ -1485,13 +1480,7 @@ fn write_at_file(path: &Path, offset: u64, bytes: &[u8]) {
 fn torn_journal_tail_is_cut_and_writes_go_on() {
     need_tool("qemu-img");
     const SIZE: u64 = 32 << 20;
-    let dir = tmpdir("torn");
-    let disk = dir.path().join("disk.img");
-    let pre = dir.path().join("pre.img");
-    let state = dir.path().join("state");
-    let sock = dir.path().join("nbd.sock");
-    sparse_file(&disk, SIZE);
-    sparse_file(&pre, SIZE);
+    let (_dir, disk, pre, state, sock) = fresh_disk("torn", SIZE);
     let agent = Agent::start(&disk, &state, &sock, &[]);
     let (mut c, _) = Conn::nbd(&sock);
     for i in 0..5u64 {
@@ -1589,13 +1578,7 @@ fn last_stop_is_reported_per_crash_kind() {
     need_tool("qemu-io");
     need_tool("qemu-img");
     const SIZE: u64 = 32 << 20;
-    let dir = tmpdir("laststop");
-    let disk = dir.path().join("disk.img");
-    let pre = dir.path().join("pre.img");
-    let state = dir.path().join("state");
-    let sock = dir.path().join("nbd.sock");
-    sparse_file(&disk, SIZE);
-    sparse_file(&pre, SIZE);
+    let (_dir, disk, pre, state, sock) = fresh_disk("laststop", SIZE);
     let agent = Agent::start(&disk, &state, &sock, &[]);
     assert!(agent.log_text().contains("last_stop=FirstRun"), "{}", agent.log_text());
     for i in 0..4u8 {
