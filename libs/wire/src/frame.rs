@@ -10,13 +10,25 @@
 //!       |        |     |      |        | ≤ MAX_BODY | + body     |
 //!       +--------+-----+------+--------+------------+------------+
 //!    16 | body (body_len bytes), by type:                        |
-//!       |  1 Hello   proto u16, role u8, disk_uuid [16],         |
-//!       |            id_len u8, disk_id, token_len u16, token    |
-//!       |  2 Welcome acked_seq u64 (highest durable seq held)    |
+//!       |  1 Hello   proto u16, role u8, flags u32,              |
+//!       |            disk_uuid [16], id_len u8, disk_id,         |
+//!       |            token_len u16, token                        |
+//!       |  2 Welcome acked_seq u64 (highest durable seq held),   |
+//!       |            flags u32                                   |
 //!       |  3 Batch   first_seq u64, count u32, count records     |
 //!       |            (tidemark_wire::record), seqs consecutive   |
 //!       |  4 Ack     seq u64 (every seq ≤ it is durable)         |
 //!       |  5 Error   code u16, reason_len u16, reason (UTF-8)    |
+//!       |  6 Progress source_seq u64, mode u8, sync_done u64,    |
+//!       |            sync_total u64, full_resyncs u64,           |
+//!       |            backlog_bytes u64, written_bytes u64,       |
+//!       |            time_ns u64                                 |
+//!       |  7 Request kind u8 (1 status-now, 2 resync, 3 full     |
+//!       |            resync), seq u64, offset u64, length u64    |
+//!       |  8 Packed  first_seq u64, count u32, flags u32,        |
+//!       |            raw_len u32, zstd data (see crate::pack)    |
+//!       |  9 TargetState applied_seq u64, state u8,             |
+//!       |            halted_seq u64, pending_bytes u64           |
 //!       +--------------------------------------------------------+
 //! ```
 //!
@@ -25,6 +37,7 @@
 //! header and the body; each record in a batch also carries its own blake3,
 //! checked end to end at the target.
 
+use crate::pack::{PackedBatch, MAX_RAW};
 use crate::record::{Record, MAX_PAYLOAD};
 use crate::{WireError, WireErrorKind};
 
@@ -32,8 +45,9 @@ use crate::{WireError, WireErrorKind};
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Magic at the start of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
-/// The frame format version this code writes and reads.
-pub const FRAME_VERSION: u8 = 1;
+/// The frame format version this code writes and reads. Version 1 (no
+/// flags in Hello and Welcome, no types 6–9) was never spoken by a release.
+pub const FRAME_VERSION: u8 = 2;
 /// The protocol version carried in Hello.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest body: one maximal record plus headroom for a batch of small ones.
@@ -42,6 +56,15 @@ pub const MAX_BODY: u32 = MAX_PAYLOAD + (8 << 20);
 pub const MAX_REASON: usize = 1024;
 /// Longest shared-secret token.
 pub const MAX_TOKEN: usize = 4096;
+/// Hello flag: the sender was told to rebind this disk id to a new UUID
+/// (`--force-resync`); the receiver drops what it held for the old one.
+pub const HELLO_FORCE_RESYNC: u32 = 1;
+/// Welcome flag: the receiver holds no usable history for this disk UUID;
+/// the sender must make sure a whole-disk sync follows.
+pub const WELCOME_NEED_FULL_SYNC: u32 = 1;
+/// Packed flag: records before this batch were lost; the target accepts
+/// the gap and waits for a full sync.
+pub const PACKED_GAP: u32 = 1;
 
 fn err(kind: WireErrorKind, msg: impl Into<String>) -> WireError {
     WireError { kind, msg: msg.into() }
@@ -84,9 +107,117 @@ impl ErrorCode {
 pub struct Hello {
     pub protocol: u16,
     pub role: Role,
+    /// `HELLO_*` bits.
+    pub flags: u32,
     pub disk_uuid: [u8; 16],
     pub disk_id: String,
     pub token: Vec<u8>,
+}
+
+/// What the agent is doing, as reported in [`Progress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentMode {
+    Streaming = 1,
+    InitialSync = 2,
+    Resync = 3,
+    FullResync = 4,
+    Bitmap = 5,
+}
+
+impl AgentMode {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Streaming,
+            2 => Self::InitialSync,
+            3 => Self::Resync,
+            4 => Self::FullResync,
+            5 => Self::Bitmap,
+            _ => return None,
+        })
+    }
+
+    /// The name used by status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Streaming => "streaming",
+            Self::InitialSync => "initial-sync",
+            Self::Resync => "resync",
+            Self::FullResync => "full-resync",
+            Self::Bitmap => "bitmap",
+        }
+    }
+}
+
+/// The agent's periodic report (every 500 ms, and on request).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Highest seq journaled.
+    pub source_seq: u64,
+    pub mode: AgentMode,
+    /// Bytes of the running sync done so far, and its total.
+    pub sync_done: u64,
+    pub sync_total: u64,
+    /// Full resyncs since the disk was first protected (not the initial sync).
+    pub full_resyncs: u64,
+    /// Journal bytes not yet acknowledged by the collector.
+    pub backlog_bytes: u64,
+    /// Client write bytes since the agent started (for rates).
+    pub written_bytes: u64,
+    /// The agent's wall clock, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+}
+
+/// Something a downstream hop asks of its sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Send a fresh [`Progress`] now.
+    StatusNow,
+    /// The record at `seq` could not be applied: resync `offset..offset+length`.
+    Resync { seq: u64, offset: u64, length: u64 },
+    /// Resync the whole disk.
+    FullResync,
+}
+
+/// The state of a disk's replica, as the target reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// The replica equals the source at `applied_seq`.
+    Consistent = 1,
+    /// Waiting for a full sync or a resync to complete.
+    Syncing = 2,
+    /// A record failed its check and was not applied; waiting for its resync.
+    Halted = 3,
+}
+
+impl ReplicaState {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Consistent,
+            2 => Self::Syncing,
+            3 => Self::Halted,
+            _ => return None,
+        })
+    }
+
+    /// The name used by status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Consistent => "consistent",
+            Self::Syncing => "syncing",
+            Self::Halted => "halted",
+        }
+    }
+}
+
+/// The target's report, after acks that change it and every few seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetState {
+    pub applied_seq: u64,
+    pub state: ReplicaState,
+    /// The seq that halted the disk (0 if not halted).
+    pub halted_seq: u64,
+    /// Bytes still to be resynced before the disk is consistent again.
+    pub pending_bytes: u64,
 }
 
 /// One protocol message.
@@ -96,6 +227,8 @@ pub enum Frame {
     /// The receiver accepted the Hello; it durably holds every seq ≤ `acked_seq`.
     Welcome {
         acked_seq: u64,
+        /// `WELCOME_*` bits.
+        flags: u32,
     },
     /// Records with consecutive seqs.
     Batch(Vec<Record>),
@@ -107,6 +240,11 @@ pub enum Frame {
         code: ErrorCode,
         reason: String,
     },
+    Progress(Progress),
+    Request(Request),
+    /// A compressed, deduplicated batch (collector → target).
+    Packed(PackedBatch),
+    TargetState(TargetState),
 }
 
 /// A parsed, bounded frame header.
@@ -217,6 +355,10 @@ impl Frame {
             Frame::Batch(_) => 3,
             Frame::Ack { .. } => 4,
             Frame::Error { .. } => 5,
+            Frame::Progress(_) => 6,
+            Frame::Request(_) => 7,
+            Frame::Packed(_) => 8,
+            Frame::TargetState(_) => 9,
         }
     }
 
@@ -238,13 +380,17 @@ impl Frame {
                 }
                 body.extend_from_slice(&h.protocol.to_le_bytes());
                 body.push(h.role as u8);
+                body.extend_from_slice(&h.flags.to_le_bytes());
                 body.extend_from_slice(&h.disk_uuid);
                 body.push(u8::try_from(h.disk_id.len()).unwrap_or(0));
                 body.extend_from_slice(h.disk_id.as_bytes());
                 body.extend_from_slice(&u16::try_from(h.token.len()).unwrap_or(0).to_le_bytes());
                 body.extend_from_slice(&h.token);
             }
-            Frame::Welcome { acked_seq } => body.extend_from_slice(&acked_seq.to_le_bytes()),
+            Frame::Welcome { acked_seq, flags } => {
+                body.extend_from_slice(&acked_seq.to_le_bytes());
+                body.extend_from_slice(&flags.to_le_bytes());
+            }
             Frame::Batch(records) => {
                 let first = records
                     .first()
@@ -274,6 +420,47 @@ impl Frame {
                 body.extend_from_slice(&(*code as u16).to_le_bytes());
                 body.extend_from_slice(&u16::try_from(reason.len()).unwrap_or(0).to_le_bytes());
                 body.extend_from_slice(reason);
+            }
+            Frame::Progress(p) => {
+                body.extend_from_slice(&p.source_seq.to_le_bytes());
+                body.push(p.mode as u8);
+                for v in [
+                    p.sync_done,
+                    p.sync_total,
+                    p.full_resyncs,
+                    p.backlog_bytes,
+                    p.written_bytes,
+                    p.time_ns,
+                ] {
+                    body.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Frame::Request(r) => {
+                let (kind, seq, offset, length) = match *r {
+                    Request::StatusNow => (1u8, 0, 0, 0),
+                    Request::Resync { seq, offset, length } => (2, seq, offset, length),
+                    Request::FullResync => (3, 0, 0, 0),
+                };
+                body.push(kind);
+                for v in [seq, offset, length] {
+                    body.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Frame::Packed(p) => {
+                if p.count == 0 || p.raw_len > MAX_RAW {
+                    return Err(err(WireErrorKind::OutOfBounds, "packed batch empty or too large"));
+                }
+                body.extend_from_slice(&p.first_seq.to_le_bytes());
+                body.extend_from_slice(&p.count.to_le_bytes());
+                body.extend_from_slice(&p.flags.to_le_bytes());
+                body.extend_from_slice(&p.raw_len.to_le_bytes());
+                body.extend_from_slice(&p.data);
+            }
+            Frame::TargetState(t) => {
+                body.extend_from_slice(&t.applied_seq.to_le_bytes());
+                body.push(t.state as u8);
+                body.extend_from_slice(&t.halted_seq.to_le_bytes());
+                body.extend_from_slice(&t.pending_bytes.to_le_bytes());
             }
         }
         let body_len = u32::try_from(body.len())
@@ -322,6 +509,10 @@ impl Frame {
                     2 => Role::Collector,
                     r => return Err(err(WireErrorKind::Corrupt, format!("unknown role {r}"))),
                 };
+                let flags = c.u32("hello")?;
+                if flags & !HELLO_FORCE_RESYNC != 0 {
+                    return Err(err(WireErrorKind::Corrupt, format!("unknown hello flags {flags:#x}")));
+                }
                 let mut disk_uuid = [0u8; 16];
                 disk_uuid.copy_from_slice(c.take(16, "hello disk uuid")?);
                 let n = c.u8("hello")? as usize;
@@ -338,14 +529,20 @@ impl Frame {
                 Frame::Hello(Hello {
                     protocol,
                     role,
+                    flags,
                     disk_uuid,
                     disk_id,
                     token,
                 })
             }
-            2 => Frame::Welcome {
-                acked_seq: c.u64("welcome")?,
-            },
+            2 => {
+                let acked_seq = c.u64("welcome")?;
+                let flags = c.u32("welcome")?;
+                if flags & !WELCOME_NEED_FULL_SYNC != 0 {
+                    return Err(err(WireErrorKind::Corrupt, format!("unknown welcome flags {flags:#x}")));
+                }
+                Frame::Welcome { acked_seq, flags }
+            }
             3 => {
                 let first = c.u64("batch")?;
                 let count = c.u32("batch")?;
@@ -384,6 +581,75 @@ impl Frame {
                     .to_string();
                 Frame::Error { code, reason }
             }
+            6 => {
+                let source_seq = c.u64("progress")?;
+                let m = c.u8("progress")?;
+                let mode = AgentMode::from_u8(m)
+                    .ok_or_else(|| err(WireErrorKind::Corrupt, format!("unknown agent mode {m}")))?;
+                Frame::Progress(Progress {
+                    source_seq,
+                    mode,
+                    sync_done: c.u64("progress")?,
+                    sync_total: c.u64("progress")?,
+                    full_resyncs: c.u64("progress")?,
+                    backlog_bytes: c.u64("progress")?,
+                    written_bytes: c.u64("progress")?,
+                    time_ns: c.u64("progress")?,
+                })
+            }
+            7 => {
+                let kind = c.u8("request")?;
+                let (seq, offset, length) = (c.u64("request")?, c.u64("request")?, c.u64("request")?);
+                Frame::Request(match kind {
+                    1 => Request::StatusNow,
+                    2 => {
+                        if length == 0 || offset.checked_add(length).is_none() {
+                            return Err(err(WireErrorKind::OutOfBounds, "resync request with a bad range"));
+                        }
+                        Request::Resync { seq, offset, length }
+                    }
+                    3 => Request::FullResync,
+                    k => return Err(err(WireErrorKind::Corrupt, format!("unknown request kind {k}"))),
+                })
+            }
+            8 => {
+                let first_seq = c.u64("packed")?;
+                let count = c.u32("packed")?;
+                let flags = c.u32("packed")?;
+                let raw_len = c.u32("packed")?;
+                if count == 0 {
+                    return Err(err(WireErrorKind::Corrupt, "an empty packed batch"));
+                }
+                if flags & !PACKED_GAP != 0 {
+                    return Err(err(WireErrorKind::Corrupt, format!("unknown packed flags {flags:#x}")));
+                }
+                if raw_len > MAX_RAW {
+                    return Err(err(
+                        WireErrorKind::OutOfBounds,
+                        format!("packed batch of {raw_len} bytes exceeds the {MAX_RAW}-byte maximum"),
+                    ));
+                }
+                let data = c.take(c.0.len(), "packed data")?.to_vec();
+                Frame::Packed(PackedBatch {
+                    first_seq,
+                    count,
+                    flags,
+                    raw_len,
+                    data,
+                })
+            }
+            9 => {
+                let applied_seq = c.u64("target state")?;
+                let s = c.u8("target state")?;
+                let state = ReplicaState::from_u8(s)
+                    .ok_or_else(|| err(WireErrorKind::Corrupt, format!("unknown replica state {s}")))?;
+                Frame::TargetState(TargetState {
+                    applied_seq,
+                    state,
+                    halted_seq: c.u64("target state")?,
+                    pending_bytes: c.u64("target state")?,
+                })
+            }
             k => return Err(err(WireErrorKind::Corrupt, format!("unknown frame type {k}"))),
         };
         c.end("the frame")?;
@@ -408,43 +674,75 @@ mod tests {
         }
     }
 
-    /// Pins frame version 1: a change to these bytes needs a version bump.
+    /// Pins frame version 2: a change to these bytes needs a version bump.
     #[test]
-    fn golden_bytes_v1() {
+    fn golden_bytes_v2() {
         let hello = Frame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Agent,
+            flags: HELLO_FORCE_RESYNC,
             disk_uuid: [0x11; 16],
             disk_id: "db".into(),
             token: b"s3".to_vec(),
         });
-        assert_eq!(
-            hex(&hello.encode().unwrap()),
+        let frames = [
+            hello,
+            Frame::Welcome {
+                acked_seq: 9,
+                flags: WELCOME_NEED_FULL_SYNC,
+            },
+            Frame::Ack { seq: 7 },
+            Frame::Error {
+                code: ErrorCode::BadToken,
+                reason: "no".into(),
+            },
+            Frame::Progress(Progress {
+                source_seq: 1,
+                mode: AgentMode::Resync,
+                sync_done: 2,
+                sync_total: 3,
+                full_resyncs: 4,
+                backlog_bytes: 5,
+                written_bytes: 6,
+                time_ns: 7,
+            }),
+            Frame::Request(Request::Resync {
+                seq: 3,
+                offset: 4096,
+                length: 512,
+            }),
+            Frame::Packed(PackedBatch {
+                first_seq: 2,
+                count: 1,
+                flags: PACKED_GAP,
+                raw_len: 80,
+                data: vec![0xab],
+            }),
+            Frame::TargetState(TargetState {
+                applied_seq: 5,
+                state: ReplicaState::Halted,
+                halted_seq: 4,
+                pending_bytes: 512,
+            }),
+        ];
+        let got: Vec<String> = frames.iter().map(|f| hex(&f.encode().unwrap())).collect();
+        // Header (magic, version, type, flags, body length, crc), then the body.
+        let want = [
+            "544d5746020100001e000000172c9d3d 0100 01 01000000 11111111111111111111111111111111 02 6462 0200 7333",
+            "544d5746020200000c00000014299eb8 0900000000000000 01000000",
+            "544d574602040000080000002524fcc0 0700000000000000",
+            "544d57460205000006000000b21d7611 0100 0200 6e6f",
             concat!(
-                "544d5746",
-                "01",
-                "01",
-                "0000",
-                "1a000000",
-                "e660fbf4", // magic ver type flags len crc
-                "0100",
-                "01",
-                "11111111111111111111111111111111", // protocol role uuid
-                "02",
-                "6462",
-                "0200",
-                "7333" // id "db", token "s3"
-            )
-        );
-        let ack = Frame::Ack { seq: 7 }.encode().unwrap();
-        assert_eq!(hex(&ack), "544d57460104000008000000d64404d30700000000000000");
-        let e = Frame::Error {
-            code: ErrorCode::BadToken,
-            reason: "no".into(),
+                "544d5746020600003900000071cd0882 0100000000000000 03 0200000000000000 0300000000000000",
+                " 0400000000000000 0500000000000000 0600000000000000 0700000000000000"
+            ),
+            "544d574602070000190000005f9df8b5 02 0300000000000000 0010000000000000 0002000000000000",
+            "544d574602080000150000005cb23084 0200000000000000 01000000 01000000 50000000 ab",
+            "544d57460209000019000000c0e2e993 0500000000000000 03 0400000000000000 0002000000000000",
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g, &w.replace(' ', ""));
         }
-        .encode()
-        .unwrap();
-        assert_eq!(hex(&e), "544d5746010500000600000078e27fed010002006e6f");
     }
 
     #[test]
@@ -453,7 +751,7 @@ mod tests {
         big[8..12].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
         assert_eq!(FrameHeader::parse(&big).unwrap_err().kind, WireErrorKind::OutOfBounds);
         let mut v2 = Frame::Ack { seq: 1 }.encode().unwrap();
-        v2[4] = 2;
+        v2[4] = 3;
         assert_eq!(Frame::decode(&v2).unwrap_err().kind, WireErrorKind::UnsupportedVersion);
         let ok = Frame::Ack { seq: 1 }.encode().unwrap();
         assert_eq!(Frame::decode(&ok[..10]).unwrap_err().kind, WireErrorKind::Truncated);
@@ -468,6 +766,7 @@ mod tests {
         let bad_id = Frame::Hello(Hello {
             protocol: 1,
             role: Role::Agent,
+            flags: 0,
             disk_uuid: [0; 16],
             disk_id: "a/b".into(),
             token: vec![],
@@ -487,11 +786,53 @@ mod tests {
                 .prop_map(|(id, token, uuid, agent)| Frame::Hello(Hello {
                     protocol: PROTOCOL_VERSION,
                     role: if agent { Role::Agent } else { Role::Collector },
+                    flags: u32::from(agent),
                     disk_uuid: uuid,
                     disk_id: id,
                     token,
                 })),
-            any::<u64>().prop_map(|s| Frame::Welcome { acked_seq: s }),
+            (any::<u64>(), 0u32..2).prop_map(|(s, flags)| Frame::Welcome { acked_seq: s, flags }),
+            (any::<u64>(), 1u8..6, any::<[u64; 6]>()).prop_map(|(s, m, v)| Frame::Progress(Progress {
+                source_seq: s,
+                mode: AgentMode::from_u8(m).unwrap(),
+                sync_done: v[0],
+                sync_total: v[1],
+                full_resyncs: v[2],
+                backlog_bytes: v[3],
+                written_bytes: v[4],
+                time_ns: v[5],
+            })),
+            prop_oneof![
+                Just(Request::StatusNow),
+                Just(Request::FullResync),
+                (any::<u64>(), 0u64..1 << 40, 1u64..1 << 30).prop_map(|(seq, offset, length)| Request::Resync {
+                    seq,
+                    offset,
+                    length
+                }),
+            ]
+            .prop_map(Frame::Request),
+            (
+                any::<u64>(),
+                1u32..1000,
+                0u32..2,
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(first_seq, count, flags, data)| Frame::Packed(PackedBatch {
+                    first_seq,
+                    count,
+                    flags,
+                    raw_len: 4096,
+                    data
+                })),
+            (any::<u64>(), 1u8..4, any::<u64>(), any::<u64>()).prop_map(|(a, s, h, p)| Frame::TargetState(
+                TargetState {
+                    applied_seq: a,
+                    state: ReplicaState::from_u8(s).unwrap(),
+                    halted_seq: h,
+                    pending_bytes: p
+                }
+            )),
             any::<u64>().prop_map(|s| Frame::Ack { seq: s }),
             "[ -~]{0,100}".prop_map(|r| Frame::Error {
                 code: ErrorCode::Internal,

@@ -3,10 +3,12 @@
 //!
 //! - [`record`]: the change record, from the journal to the replica.
 //! - [`frame`]: the framed network protocol for both hops (hello, batches,
-//!   acks, errors). The services that speak it come with the replication
-//!   pipeline.
+//!   acks, progress, requests, errors); `docs/pipeline.md` says who sends what.
+//! - [`pack`]: the collector → target batch encoding (dedup window, zero
+//!   blocks, zstd).
 
 pub mod frame;
+pub mod pack;
 pub mod record;
 
 pub use record::{Record, RecordHeader, RecordKind, WireError, WireErrorKind};

@@ -38,6 +38,12 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const MAX_TAG_LEN: u32 = 255;
 /// Flag on a Tag record: the point is application-consistent (freeze/VSS).
 pub const FLAG_APP_CONSISTENT: u16 = 1;
+/// Zero flag: the range was produced by a sync (initial sync or resync),
+/// not by a client write.
+pub const FLAG_SYNC: u16 = 2;
+/// Sync, Zero (with [`FLAG_SYNC`]) and SyncDone flag: part of a whole-disk
+/// sync. On SyncDone, `offset` is the seq at which that sync started.
+pub const FLAG_FULL: u16 = 4;
 
 /// What a record does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -306,7 +312,13 @@ impl RecordHeader {
                 }
             }
         }
-        if self.kind != RecordKind::Tag && self.flags != 0 {
+        let allowed = match self.kind {
+            RecordKind::Tag => FLAG_APP_CONSISTENT,
+            RecordKind::Zero => FLAG_SYNC | FLAG_FULL,
+            RecordKind::Sync | RecordKind::SyncDone => FLAG_FULL,
+            _ => 0,
+        };
+        if self.flags & !allowed != 0 || (self.kind == RecordKind::Zero && self.flags == FLAG_FULL) {
             return bad(format!(
                 "seq {}: unknown flags {:#x} on a {} record",
                 self.seq, self.flags, self.kind
