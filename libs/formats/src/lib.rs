@@ -10,5 +10,6 @@ pub mod apply;
 pub mod bitmap;
 pub mod error;
 pub mod journal;
+pub mod spool;
 
 pub use error::{Error, ErrorKind};
