@@ -24,6 +24,10 @@ enum Cmd {
     Journal(cmd::journal::JournalCmd),
     /// Ask a running agent for its status (mode, seqs, journal use).
     AgentStatus(cmd::agent::AgentStatusArgs),
+    /// Replication status of every disk, from the collector's API.
+    Status(cmd::status::StatusArgs),
+    /// Wait until a disk's replica has caught up with its source.
+    Wait(cmd::status::WaitArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +35,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Journal(c) => cmd::journal::run(c),
         Cmd::AgentStatus(a) => cmd::agent::status(a),
+        Cmd::Status(a) => cmd::status::status(a),
+        Cmd::Wait(a) => cmd::status::wait(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

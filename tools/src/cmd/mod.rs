@@ -1,2 +1,3 @@
 pub mod agent;
 pub mod journal;
+pub mod status;
