@@ -271,3 +271,286 @@ pub fn assert_replay_matches(state: &Path, pre: &Path, disk: &Path) {
     assert_identical(&copy, disk);
     let _ = std::fs::remove_file(&copy);
 }
+
+/// A free loopback TCP port (bound, then released for a service to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running collector or target daemon, killed on drop.
+pub struct Service {
+    pub child: Child,
+    pub name: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    /// The port that says it is ready once it accepts connections.
+    pub ready_port: u16,
+    pub env: Vec<(String, String)>,
+}
+
+impl Service {
+    /// Start `bin_name` with `args`, logging (appending) to `log`, and wait
+    /// until `ready_port` on 127.0.0.1 accepts connections.
+    pub fn start(bin_name: &str, args: &[String], log: &Path, ready_port: u16) -> Service {
+        Self::start_env(bin_name, args, log, ready_port, &[])
+    }
+
+    /// As [`Service::start`], with extra environment (e.g. `FAILPOINTS`).
+    pub fn start_env(bin_name: &str, args: &[String], log: &Path, ready_port: u16, env: &[(&str, &str)]) -> Service {
+        let mut s = Service {
+            child: Self::spawn(bin_name, args, log, env),
+            name: bin_name.into(),
+            args: args.to_vec(),
+            log: log.into(),
+            ready_port,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn spawn(bin_name: &str, args: &[String], log: &Path, env: &[(&str, &str)]) -> Child {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("service log");
+        let mut c = Command::new(bin(bin_name));
+        c.args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(logf);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.spawn().unwrap_or_else(|e| panic!("spawn {bin_name}: {e}"))
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.ready_port)).is_ok() {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {st} while starting; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} did not start listening on port {}; log:\n{}",
+                self.name,
+                self.ready_port,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// kill -9 (if still running) and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// kill -9, then start again with the same arguments but `env`.
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.child = Self::spawn(&self.name, &self.args, &self.log, env);
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.wait_ready();
+    }
+
+    /// kill -9 and start again with the same arguments (no failpoints).
+    pub fn restart(&mut self) {
+        self.restart_env(&[]);
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                assert!(
+                    st.success(),
+                    "{} exited with {st}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} did not stop on SIGTERM; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident set size (VmHWM) in bytes, from /proc.
+    pub fn peak_rss(&self) -> u64 {
+        proc_kib(self.child.id(), "VmHWM:") * 1024
+    }
+
+    /// Current resident set size (VmRSS) in bytes, from /proc.
+    pub fn rss(&self) -> u64 {
+        proc_kib(self.child.id(), "VmRSS:") * 1024
+    }
+}
+
+fn proc_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A target and a collector on loopback, sharing one token, under `dir`.
+pub struct Site {
+    pub dir: PathBuf,
+    pub token_file: PathBuf,
+    pub target: Service,
+    pub collector: Service,
+    pub target_port: u16,
+    pub collector_port: u16,
+    pub api_port: u16,
+}
+
+impl Site {
+    /// Start a target (data in `dir/data`) and a collector (spool in
+    /// `dir/spool`) with `collector_extra` flags (e.g. `--spool-cap 64M`).
+    pub fn start(dir: &Path, collector_extra: &[&str]) -> Site {
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "test-secret-token\n").expect("token");
+        let (target_port, collector_port, api_port) = (free_port(), free_port(), free_port());
+        let target = Service::start(
+            "tidemark-target",
+            &Self::target_args(dir, &token_file, target_port),
+            &dir.join("target.log"),
+            target_port,
+        );
+        let mut cargs = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{collector_port}"),
+            "--spool".into(),
+            dir.join("spool").display().to_string(),
+            "--target".into(),
+            format!("127.0.0.1:{target_port}"),
+            "--api".into(),
+            format!("127.0.0.1:{api_port}"),
+            "--token-file".into(),
+            token_file.display().to_string(),
+        ];
+        cargs.extend(collector_extra.iter().map(|s| s.to_string()));
+        let collector = Service::start("tidemark-collector", &cargs, &dir.join("collector.log"), api_port);
+        Site {
+            dir: dir.into(),
+            token_file,
+            target,
+            collector,
+            target_port,
+            collector_port,
+            api_port,
+        }
+    }
+
+    fn target_args(dir: &Path, token: &Path, port: u16) -> Vec<String> {
+        vec![
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data".into(),
+            dir.join("data").display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+        ]
+    }
+
+    /// Agent flags that ship to this site's collector.
+    pub fn agent_flags(&self) -> Vec<String> {
+        vec![
+            "--collector".into(),
+            format!("127.0.0.1:{}", self.collector_port),
+            "--token-file".into(),
+            self.token_file.display().to_string(),
+        ]
+    }
+
+    /// The collector's API address.
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// Path of a disk's replica.
+    pub fn replica(&self, disk_id: &str) -> PathBuf {
+        self.dir.join("data").join(disk_id).join("replica.raw")
+    }
+
+    /// `tidemark wait` for `disk_id`; panics with both logs on failure.
+    pub fn wait(&self, disk_id: &str, timeout: Duration) {
+        let out = run(
+            Command::new(bin("tidemark"))
+                .args(["wait", "--api", &self.api(), disk_id, "--timeout"])
+                .arg(format!("{}s", timeout.as_secs())),
+            timeout + Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "tidemark wait {disk_id} failed: {}{}\n--- collector log (tail):\n{}\n--- target log (tail):\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.collector.log_text(), 60),
+            tail(&self.target.log_text(), 60)
+        );
+    }
+
+    /// `tidemark status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run_ok(
+            Command::new(bin("tidemark")).args(["status", "--api", &self.api(), "--json"]),
+            Duration::from_secs(30),
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// One disk's status object.
+    pub fn disk_status(&self, disk_id: &str) -> serde_json::Value {
+        self.status()["disks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["disk_id"] == disk_id).cloned())
+            .unwrap_or_else(|| panic!("disk {disk_id} not in status"))
+    }
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
