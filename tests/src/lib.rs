@@ -5,6 +5,8 @@
 //! script does); a missing binary or client tool fails with a message that
 //! names it.
 
+pub mod pipe;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -124,6 +126,17 @@ impl Agent {
     /// Start an agent on `disk` with state in `state`, serving `sock`.
     /// `extra` are additional flags (e.g. `--create-size 64M`).
     pub fn start(disk: &Path, state: &Path, sock: &Path, extra: &[&str]) -> Agent {
+        Self::start_env(disk, state, sock, extra, &[])
+    }
+
+    /// As [`Agent::start`], with extra environment (e.g. `FAILPOINTS`).
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(
+        disk: &Path,
+        state: &Path,
+        sock: &Path,
+        extra: &[S],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let log = state.with_extension("log");
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -141,6 +154,7 @@ impl Agent {
             .arg(format!("unix:{}", sock.display()))
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
