@@ -1,8 +1,137 @@
-//! tidemark-target: the master target (receive → apply → replica → retention
-//! → views). Built with the replication pipeline; until then this binary
-//! only says so.
+//! The `tidemark-target` binary: command line, configuration file, signals.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("tidemark-target: not built yet (see the replication pipeline issue)");
-    std::process::ExitCode::from(2)
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde::Deserialize;
+use tidemark_target::Config;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark-target",
+    version,
+    about = "Tidemark target: apply replicated disk streams to raw replicas"
+)]
+struct Cli {
+    /// TOML file with any of the keys below (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where to accept collector connections (HOST:PORT).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory: catalog.db and one folder per disk.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// File holding the shared token (surrounding whitespace is stripped).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+/// The configuration file: the same keys as the flags.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    listen: Option<String>,
+    data: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+}
+
+fn read_token(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("read token file {}", path.display()))?;
+    let token = raw.trim_ascii();
+    if token.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(token.to_vec())
+}
+
+fn build(cli: Cli) -> Result<Config> {
+    let file: FileConfig = match &cli.config {
+        Some(p) => {
+            let s = std::fs::read_to_string(p).with_context(|| format!("read config {}", p.display()))?;
+            toml::from_str(&s).map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.message()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen = cli
+        .listen
+        .or(file.listen)
+        .context("--listen is required (or `listen` in the config file)")?;
+    let data = cli
+        .data
+        .or(file.data)
+        .context("--data is required (or `data` in the config file)")?;
+    let token_file = cli
+        .token_file
+        .or(file.token_file)
+        .context("--token-file is required (or `token_file` in the config file)")?;
+    Ok(Config::new(listen, data, read_token(&token_file)?))
+}
+
+async fn serve(cfg: Config) -> Result<()> {
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = int.recv() => info!("SIGINT: stopping"),
+            }
+            stop.cancel();
+        });
+    }
+    let target = tidemark_target::Target::bind(cfg).await.context("cannot start")?;
+    target.serve(stop).await.context("serve")?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // A failpoint's `panic` action (FAILPOINTS=target-after-fsync=panic)
+    // must end the process at once, like kill -9: no unwinding, no
+    // destructors, no other task carrying on.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    tidemark_util::init_logging();
+    let _failpoints = fail::FailScenario::setup();
+    let r = build(Cli::parse()).and_then(|cfg| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("start runtime")?;
+        rt.block_on(serve(cfg))
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark-target: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_is_trimmed_and_must_not_be_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token");
+        std::fs::write(&p, "  s3cret \n").unwrap();
+        assert_eq!(read_token(&p).unwrap(), b"s3cret");
+        std::fs::write(&p, " \n\t").unwrap();
+        assert!(read_token(&p).unwrap_err().to_string().contains("empty"));
+        assert!(read_token(&d.path().join("missing")).is_err());
+    }
 }

@@ -1,0 +1,703 @@
+//! The target's catalog: one SQLite database, `DIR/catalog.db`, holding per
+//! disk the UUID binding, the applied seq, the sync state and the halts
+//! (records that failed their end-to-end check, with the byte ranges still
+//! waiting for a resync).
+//!
+//! It owns the schema and every statement that touches it. It never holds a
+//! seq that is not durable in the replica: the session commits here only
+//! after the replica's fdatasync.
+//!
+//! ```text
+//!  disks                                   halts
+//!  +----------------+--------------------+  +---------------+------------------------+
+//!  | disk_id     PK | 1-64 [A-Za-z0-9._-]|  | disk_id, seq  | PK; seq of the bad rec |
+//!  | disk_uuid      | 8-4-4-4-12 hex     |  | kind          | record kind name       |
+//!  | applied_seq    | durable in replica |  | offset,length | the record's range     |
+//!  | sync_state     | awaiting-full-sync |  | pending       | JSON [[start,end),...] |
+//!  |                | | consistent       |  | pending_bytes | still to be covered    |
+//!  | first_seq      | held contiguously  |  | covered       | 0 | 1                  |
+//!  |                | from (NULL: none)  |  | covered_seq   | record that finished it|
+//!  | full_sync_seen | 0 | 1              |  | reason        | what the check said    |
+//!  | halted_seq     | lowest uncovered   |  | detected_at,  | unix seconds           |
+//!  | replaced_uuid  | forced rebind, old |  | covered_at    |                        |
+//!  |                | replica not yet    |  +---------------+------------------------+
+//!  |                | moved aside        |
+//!  | created_at,    | unix seconds       |
+//!  | updated_at     |                    |
+//!  +----------------+--------------------+
+//! ```
+//!
+//! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] holds
+//! one script per version, applied in order inside a transaction, so a
+//! later feature (recovery points, the undo index) adds a script and never
+//! edits an old one. The database runs in WAL mode with `synchronous=FULL`
+//! (a commit is durable when it returns) and a 5 s busy timeout, because
+//! tools read it while the target writes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+use tidemark_wire::frame::ReplicaState;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::ranges::RangeSet;
+
+/// The catalog's file name inside the data directory.
+pub const CATALOG_FILE: &str = "catalog.db";
+
+/// How long a statement waits for another connection's write lock.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema scripts; entry `i` brings `user_version` from `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: disks and halts.
+    "CREATE TABLE disks (
+        disk_id        TEXT PRIMARY KEY NOT NULL,
+        disk_uuid      TEXT NOT NULL,
+        applied_seq    INTEGER NOT NULL DEFAULT 0 CHECK (applied_seq >= 0),
+        sync_state     TEXT NOT NULL DEFAULT 'awaiting-full-sync'
+                       CHECK (sync_state IN ('awaiting-full-sync', 'consistent')),
+        first_seq      INTEGER,
+        full_sync_seen INTEGER NOT NULL DEFAULT 0,
+        halted_seq     INTEGER,
+        replaced_uuid  TEXT,
+        created_at     INTEGER NOT NULL,
+        updated_at     INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE halts (
+        disk_id       TEXT NOT NULL REFERENCES disks(disk_id) ON DELETE CASCADE,
+        seq           INTEGER NOT NULL,
+        kind          TEXT NOT NULL,
+        offset        INTEGER NOT NULL,
+        length        INTEGER NOT NULL,
+        pending       TEXT NOT NULL,
+        pending_bytes INTEGER NOT NULL,
+        covered       INTEGER NOT NULL DEFAULT 0,
+        covered_seq   INTEGER,
+        reason        TEXT NOT NULL,
+        detected_at   INTEGER NOT NULL,
+        covered_at    INTEGER,
+        PRIMARY KEY (disk_id, seq)
+    ) STRICT;",
+];
+
+/// Whether a disk's replica is known to equal its source at some seq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncState {
+    /// No full sync has completed since the target started receiving this
+    /// disk (or since records were lost): parts of the replica may be stale.
+    AwaitingFullSync,
+    /// A full sync completed; the replica is a prefix of the write stream
+    /// (unless a halt says otherwise).
+    Consistent,
+}
+
+impl SyncState {
+    /// The value stored in the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AwaitingFullSync => "awaiting-full-sync",
+            Self::Consistent => "consistent",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "awaiting-full-sync" => Some(Self::AwaitingFullSync),
+            "consistent" => Some(Self::Consistent),
+            _ => None,
+        }
+    }
+}
+
+/// A record that failed its end-to-end check and was not applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Halt {
+    /// Seq of the record.
+    pub seq: u64,
+    /// Its kind (`write`, `sync`, …).
+    pub kind: String,
+    /// The range it would have written.
+    pub offset: u64,
+    pub length: u64,
+    /// The parts of that range no `Sync` / `Zero+SYNC` record with a later
+    /// seq has covered yet.
+    pub pending: RangeSet,
+    /// Whether the whole range has been covered (the halt is over).
+    pub covered: bool,
+    /// The seq of the record that finished covering it.
+    pub covered_seq: Option<u64>,
+    /// What the check found.
+    pub reason: String,
+    /// Unix seconds.
+    pub detected_at: i64,
+    pub covered_at: Option<i64>,
+}
+
+/// One disk as tools see it (`tidemark status`, `tidemark points`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiskState {
+    pub disk_id: String,
+    /// 8-4-4-4-12 lower-case hex.
+    pub disk_uuid: String,
+    /// Every seq ≤ this is durable in the replica.
+    pub applied_seq: u64,
+    pub sync_state: SyncState,
+    /// `consistent`, `syncing` or `halted` (as in the `TargetState` frame).
+    pub state: String,
+    /// The seq from which the target holds every record (None: nothing yet).
+    pub first_seq: Option<u64>,
+    /// Lowest seq of a halt not yet covered.
+    pub halted_seq: Option<u64>,
+    /// Bytes the uncovered halts still wait for.
+    pub pending_bytes: u64,
+    /// Every halt, covered or not, by seq.
+    pub halts: Vec<Halt>,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl DiskState {
+    /// The state as the wire names it.
+    pub fn replica_state(&self) -> ReplicaState {
+        replica_state(self.sync_state, self.halted_seq.is_some())
+    }
+}
+
+/// The replica state a disk reports: halted wins over syncing.
+pub fn replica_state(sync: SyncState, halted: bool) -> ReplicaState {
+    if halted {
+        ReplicaState::Halted
+    } else if sync == SyncState::AwaitingFullSync {
+        ReplicaState::Syncing
+    } else {
+        ReplicaState::Consistent
+    }
+}
+
+/// Read every disk's state from `data_dir/catalog.db`, read-only (safe
+/// while the target runs).
+pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
+    let path = data_dir.join(CATALOG_FILE);
+    if !path.exists() {
+        return Err(Error::new(
+            ErrorKind::Catalog,
+            format!("no catalog at {} (is the data directory right?)", path.display()),
+        ));
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::with_source(ErrorKind::Catalog, format!("open {}", path.display()), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut st = conn.prepare(
+        "SELECT disk_id, disk_uuid, applied_seq, sync_state, first_seq, halted_seq, created_at, updated_at
+         FROM disks ORDER BY disk_id",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+            r.get::<_, i64>(6)?,
+            r.get::<_, i64>(7)?,
+        ))
+    })?;
+    for row in rows {
+        let (disk_id, disk_uuid, applied, sync, first, halted, created_at, updated_at) = row?;
+        let sync_state =
+            SyncState::parse(&sync).ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?;
+        let halts = read_halts(&conn, &disk_id, false)?;
+        let pending_bytes = halts.iter().filter(|h| !h.covered).map(|h| h.pending.bytes()).sum();
+        let halted_seq = halted.map(|v| to_u64(v, "halted_seq")).transpose()?;
+        out.push(DiskState {
+            state: replica_state(sync_state, halted_seq.is_some()).name().to_string(),
+            disk_id,
+            disk_uuid,
+            applied_seq: to_u64(applied, "applied_seq")?,
+            sync_state,
+            first_seq: first.map(|v| to_u64(v, "first_seq")).transpose()?,
+            halted_seq,
+            pending_bytes,
+            halts,
+            created_at,
+            updated_at,
+        });
+    }
+    Ok(out)
+}
+
+/// A disk's row, as the session keeps it in memory between commits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DiskRow {
+    pub disk_id: String,
+    pub disk_uuid: [u8; 16],
+    pub applied_seq: u64,
+    pub sync_state: SyncState,
+    pub first_seq: Option<u64>,
+    pub full_sync_seen: bool,
+    /// Set by a forced rebind until the old replica has been moved aside.
+    pub replaced_uuid: Option<String>,
+}
+
+/// What [`Catalog::bind`] found for a Hello.
+#[derive(Debug)]
+pub(crate) enum Bind {
+    /// First time this disk id is seen; a row was created.
+    New(DiskRow),
+    /// The id is bound to this UUID already.
+    Existing(DiskRow),
+    /// The id was bound to `old_uuid`; FORCE_RESYNC rebound it (halts
+    /// dropped, applied_seq 0); the old replica is still to be moved aside.
+    Rebound { row: DiskRow, old_uuid: String },
+    /// The id is bound to another UUID and no FORCE_RESYNC was given.
+    Mismatch { bound_uuid: String },
+}
+
+/// A read-write connection to the catalog.
+pub(crate) struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn corrupt(msg: String) -> Error {
+    Error::new(ErrorKind::Catalog, msg)
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| corrupt(format!("catalog holds a negative {what} ({v})")))
+}
+
+/// Seqs, offsets and lengths are bounded to `i64::MAX` before they reach
+/// the catalog (see `apply`), so this only fails on a bug.
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::new(ErrorKind::Catalog, format!("{what} {v} does not fit the catalog")))
+}
+
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// 8-4-4-4-12 lower-case hex.
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = s.bytes().filter(|&c| c != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn read_halts(conn: &Connection, disk_id: &str, uncovered_only: bool) -> Result<Vec<Halt>> {
+    let sql = if uncovered_only {
+        "SELECT seq, kind, offset, length, pending, covered, covered_seq, reason, detected_at, covered_at
+         FROM halts WHERE disk_id = ?1 AND covered = 0 ORDER BY seq"
+    } else {
+        "SELECT seq, kind, offset, length, pending, covered, covered_seq, reason, detected_at, covered_at
+         FROM halts WHERE disk_id = ?1 ORDER BY seq"
+    };
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = st.query_map([disk_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, Option<i64>>(6)?,
+            r.get::<_, String>(7)?,
+            r.get::<_, i64>(8)?,
+            r.get::<_, Option<i64>>(9)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, kind, offset, length, pending, covered, covered_seq, reason, detected_at, covered_at) = row?;
+        let pending: RangeSet = serde_json::from_str(&pending)
+            .ok()
+            .filter(RangeSet::is_well_formed)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "disk {disk_id}: halt {seq} has unreadable pending ranges {pending:?}"
+                ))
+            })?;
+        out.push(Halt {
+            seq: to_u64(seq, "halt seq")?,
+            kind,
+            offset: to_u64(offset, "halt offset")?,
+            length: to_u64(length, "halt length")?,
+            pending,
+            covered: covered != 0,
+            covered_seq: covered_seq.map(|v| to_u64(v, "covered_seq")).transpose()?,
+            reason,
+            detected_at,
+            covered_at,
+        });
+    }
+    Ok(out)
+}
+
+impl Catalog {
+    /// Open (creating if needed) `data_dir/catalog.db` and bring its schema
+    /// up to date. Refuses a catalog written by a newer build.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        let path = data_dir.join(CATALOG_FILE);
+        let conn = Connection::open(&path)
+            .map_err(|e| Error::with_source(ErrorKind::Catalog, format!("open {}", path.display()), e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(corrupt(format!(
+                "{}: cannot switch to WAL mode (got {mode})",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut c = Self { conn, path };
+        c.migrate()?;
+        Ok(c)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let known = MIGRATIONS.len();
+        let have = usize::try_from(version).unwrap_or(usize::MAX);
+        if have > known {
+            return Err(corrupt(format!(
+                "{}: schema version {version} is newer than this build knows ({known})",
+                self.path.display()
+            )));
+        }
+        for (i, script) in MIGRATIONS.iter().enumerate().skip(have) {
+            tx.execute_batch(script)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn row(tx: &Connection, disk_id: &str) -> Result<Option<DiskRow>> {
+        let r = tx
+            .query_row(
+                "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid
+                 FROM disks WHERE disk_id = ?1",
+                [disk_id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((uuid, applied, sync, first, seen, replaced)) = r else {
+            return Ok(None);
+        };
+        Ok(Some(DiskRow {
+            disk_id: disk_id.to_string(),
+            disk_uuid: parse_uuid(&uuid).ok_or_else(|| corrupt(format!("disk {disk_id}: bad uuid {uuid:?}")))?,
+            applied_seq: to_u64(applied, "applied_seq")?,
+            sync_state: SyncState::parse(&sync)
+                .ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?,
+            first_seq: first.map(|v| to_u64(v, "first_seq")).transpose()?,
+            full_sync_seen: seen != 0,
+            replaced_uuid: replaced,
+        }))
+    }
+
+    /// Check (and create or, with `force`, replace) the binding of
+    /// `disk_id` to `uuid`, in one transaction.
+    pub fn bind(&mut self, disk_id: &str, uuid: &[u8; 16], force: bool) -> Result<Bind> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_unix();
+        let fresh = |replaced_uuid: Option<String>| DiskRow {
+            disk_id: disk_id.to_string(),
+            disk_uuid: *uuid,
+            applied_seq: 0,
+            sync_state: SyncState::AwaitingFullSync,
+            first_seq: None,
+            full_sync_seen: false,
+            replaced_uuid,
+        };
+        let out = match Self::row(&tx, disk_id)? {
+            None => {
+                tx.execute(
+                    "INSERT INTO disks (disk_id, disk_uuid, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+                    params![disk_id, format_uuid(uuid), now],
+                )?;
+                Bind::New(fresh(None))
+            }
+            Some(row) if row.disk_uuid == *uuid => Bind::Existing(row),
+            Some(row) if !force => Bind::Mismatch {
+                bound_uuid: format_uuid(&row.disk_uuid),
+            },
+            Some(row) => {
+                let old_uuid = format_uuid(&row.disk_uuid);
+                // A rebind that was not finished (old replica not moved yet)
+                // keeps the name of the replica that is still there.
+                let replaced = row.replaced_uuid.clone().unwrap_or_else(|| old_uuid.clone());
+                tx.execute("DELETE FROM halts WHERE disk_id = ?1", [disk_id])?;
+                tx.execute(
+                    "UPDATE disks SET disk_uuid = ?2, applied_seq = 0, sync_state = 'awaiting-full-sync',
+                         first_seq = NULL, full_sync_seen = 0, halted_seq = NULL, replaced_uuid = ?3,
+                         created_at = ?4, updated_at = ?4
+                     WHERE disk_id = ?1",
+                    params![disk_id, format_uuid(uuid), replaced, now],
+                )?;
+                Bind::Rebound {
+                    row: fresh(Some(replaced)),
+                    old_uuid,
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The old replica of a forced rebind has been moved aside.
+    pub fn clear_replaced(&mut self, disk_id: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE disks SET replaced_uuid = NULL WHERE disk_id = ?1", [disk_id])?;
+        Ok(())
+    }
+
+    /// The halts of a disk that are not covered yet, by seq.
+    pub fn open_halts(&self, disk_id: &str) -> Result<Vec<Halt>> {
+        read_halts(&self.conn, disk_id, true)
+    }
+
+    /// Commit a batch: the disk's row and every halt created or changed by
+    /// it, in one transaction. Called only after the replica's fdatasync.
+    pub fn commit(&mut self, row: &DiskRow, halted_seq: Option<u64>, halts: &[&Halt]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE disks SET applied_seq = ?2, sync_state = ?3, first_seq = ?4, full_sync_seen = ?5,
+                 halted_seq = ?6, updated_at = ?7
+             WHERE disk_id = ?1 AND disk_uuid = ?8",
+            params![
+                row.disk_id,
+                to_i64(row.applied_seq, "applied_seq")?,
+                row.sync_state.as_str(),
+                row.first_seq.map(|v| to_i64(v, "first_seq")).transpose()?,
+                i64::from(row.full_sync_seen),
+                halted_seq.map(|v| to_i64(v, "halted_seq")).transpose()?,
+                now_unix(),
+                format_uuid(&row.disk_uuid),
+            ],
+        )?;
+        if n != 1 {
+            return Err(corrupt(format!(
+                "disk {}: no row bound to {} to commit to",
+                row.disk_id,
+                format_uuid(&row.disk_uuid)
+            )));
+        }
+        for h in halts {
+            Self::put_halt(&tx, &row.disk_id, h)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_halt(tx: &Transaction<'_>, disk_id: &str, h: &Halt) -> Result<()> {
+        let pending = serde_json::to_string(&h.pending)
+            .map_err(|e| Error::with_source(ErrorKind::Catalog, "encode pending ranges", e))?;
+        tx.execute(
+            "INSERT INTO halts (disk_id, seq, kind, offset, length, pending, pending_bytes, covered,
+                                covered_seq, reason, detected_at, covered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (disk_id, seq) DO UPDATE SET
+                 pending = excluded.pending, pending_bytes = excluded.pending_bytes,
+                 covered = excluded.covered, covered_seq = excluded.covered_seq,
+                 covered_at = excluded.covered_at",
+            params![
+                disk_id,
+                to_i64(h.seq, "seq")?,
+                h.kind,
+                to_i64(h.offset, "offset")?,
+                to_i64(h.length, "length")?,
+                pending,
+                to_i64(h.pending.bytes(), "pending bytes")?,
+                i64::from(h.covered),
+                h.covered_seq.map(|v| to_i64(v, "covered_seq")).transpose()?,
+                h.reason,
+                h.detected_at,
+                h.covered_at,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn halt(seq: u64, offset: u64, length: u64) -> Halt {
+        Halt {
+            seq,
+            kind: "write".into(),
+            offset,
+            length,
+            pending: RangeSet::single(offset, length),
+            covered: false,
+            covered_seq: None,
+            reason: "payload blake3 mismatch".into(),
+            detected_at: 1,
+            covered_at: None,
+        }
+    }
+
+    #[test]
+    fn bind_commit_reopen_and_read_only_view() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(d.path()).unwrap();
+        let u1 = [1u8; 16];
+        let Bind::New(mut row) = c.bind("db", &u1, false).unwrap() else {
+            panic!("expected a new disk")
+        };
+        assert_eq!(row.applied_seq, 0);
+        assert_eq!(row.sync_state, SyncState::AwaitingFullSync);
+        row.applied_seq = 42;
+        row.first_seq = Some(1);
+        row.sync_state = SyncState::Consistent;
+        let h = halt(40, 4096, 8192);
+        c.commit(&row, Some(40), &[&h]).unwrap();
+        drop(c);
+
+        // Reopening runs no migration twice and finds the same state.
+        let mut c = Catalog::open(d.path()).unwrap();
+        let Bind::Existing(back) = c.bind("db", &u1, false).unwrap() else {
+            panic!("expected the existing disk")
+        };
+        assert_eq!(back, row);
+        assert_eq!(c.open_halts("db").unwrap(), vec![h.clone()]);
+
+        let states = disk_states(d.path()).unwrap();
+        assert_eq!(states.len(), 1);
+        let s = &states[0];
+        assert_eq!(s.disk_uuid, "01010101-0101-0101-0101-010101010101");
+        assert_eq!(s.applied_seq, 42);
+        assert_eq!(s.state, "halted");
+        assert_eq!(s.replica_state(), ReplicaState::Halted);
+        assert_eq!(s.halted_seq, Some(40));
+        assert_eq!(s.pending_bytes, 8192);
+
+        // Covering the halt updates the same row.
+        let mut h2 = h.clone();
+        h2.pending.subtract(0, 1 << 20);
+        h2.covered = true;
+        h2.covered_seq = Some(50);
+        row.applied_seq = 50;
+        c.commit(&row, None, &[&h2]).unwrap();
+        assert!(c.open_halts("db").unwrap().is_empty());
+        let s = &disk_states(d.path()).unwrap()[0];
+        assert_eq!(s.state, "consistent");
+        assert_eq!(s.halts, vec![h2]);
+        assert_eq!(s.pending_bytes, 0);
+    }
+
+    #[test]
+    fn mismatch_and_forced_rebind() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(d.path()).unwrap();
+        let (u1, u2) = ([1u8; 16], [2u8; 16]);
+        let Bind::New(mut row) = c.bind("db", &u1, false).unwrap() else {
+            panic!()
+        };
+        row.applied_seq = 7;
+        c.commit(&row, Some(3), &[&halt(3, 0, 512)]).unwrap();
+        match c.bind("db", &u2, false).unwrap() {
+            Bind::Mismatch { bound_uuid } => assert_eq!(bound_uuid, format_uuid(&u1)),
+            b => panic!("expected a mismatch, got {b:?}"),
+        }
+        let Bind::Rebound { row, old_uuid } = c.bind("db", &u2, true).unwrap() else {
+            panic!("expected a rebind")
+        };
+        assert_eq!(old_uuid, format_uuid(&u1));
+        assert_eq!(row.applied_seq, 0);
+        assert_eq!(row.replaced_uuid.as_deref(), Some(old_uuid.as_str()));
+        assert!(c.open_halts("db").unwrap().is_empty());
+        // A commit for the old UUID no longer lands.
+        let mut stale = row.clone();
+        stale.disk_uuid = u1;
+        assert!(c.commit(&stale, None, &[]).is_err());
+        c.clear_replaced("db").unwrap();
+        let Bind::Existing(back) = c.bind("db", &u2, true).unwrap() else {
+            panic!("the same UUID with FORCE_RESYNC keeps the binding")
+        };
+        assert_eq!(back.replaced_uuid, None);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema_and_reads_an_empty_dir() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(disk_states(d.path()).is_err());
+        drop(Catalog::open(d.path()).unwrap());
+        assert!(disk_states(d.path()).unwrap().is_empty());
+        let conn = Connection::open(d.path().join(CATALOG_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let e = Catalog::open(d.path()).unwrap_err();
+        assert!(e.to_string().contains("schema version 99"), "{e}");
+    }
+
+    #[test]
+    fn uuid_text_round_trips() {
+        let u: [u8; 16] = core::array::from_fn(|i| u8::try_from(i * 17).unwrap());
+        let s = format_uuid(&u);
+        assert_eq!(s.len(), 36);
+        assert_eq!(parse_uuid(&s), Some(u));
+        assert_eq!(parse_uuid("zz"), None);
+    }
+}

@@ -1,0 +1,168 @@
+//! tidemark-target, the master target: receives one packed stream per disk
+//! from the collector, checks every record's blake3 end to end, applies the
+//! records in seq order to a sparse raw replica, and acknowledges a seq
+//! only once it is durable in the replica and committed to the catalog.
+//!
+//! ```text
+//!  collector ──Packed──▶ session ──unpack (window.blocks)──▶ apply ──▶ replica.raw
+//!            ◀─Ack─────     │                                  │ fdatasync
+//!            ◀─Request─     │                                  ▼
+//!            ◀─TargetState──┘                             catalog.db (applied_seq, halts)
+//! ```
+//!
+//! - `session` (private): one connection, one disk; Hello
+//!   checks, Welcome, the batch loop, state reports, requests upstream.
+//! - `apply` (private): the ordering and halting rules, with
+//!   no network in sight.
+//! - [`replica`]: the per-disk folder and the raw replica file.
+//! - [`window`]: the file-backed dedup window.
+//! - [`catalog`]: the SQLite catalog, and [`catalog::disk_states`] for tools.
+//!
+//! The contract with the collector is `docs/pipeline.md`; this crate's
+//! behaviour in detail is `docs/target.md`. Libraries take [`Config`];
+//! clap lives in the binary.
+
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+mod apply;
+pub mod catalog;
+pub mod error;
+pub mod ranges;
+pub mod replica;
+mod session;
+pub mod window;
+
+pub use apply::MAX_POSITION;
+pub use error::{Error, ErrorKind, Result};
+
+use error::IoContext;
+
+/// Name of the lock file that keeps two targets off one data directory.
+pub const LOCK_FILE: &str = "target.lock";
+
+/// How the target runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where to accept collector connections (`HOST:PORT`; port 0 picks one).
+    pub listen: String,
+    /// The data directory: `catalog.db` and one folder per disk.
+    pub data_dir: PathBuf,
+    /// The shared token every Hello must carry (not empty).
+    pub token: Vec<u8>,
+    /// Dedup window size in 4 KiB blocks; must equal the collector's
+    /// (default [`tidemark_wire::pack::DEFAULT_WINDOW_BLOCKS`]).
+    pub window_blocks: u32,
+    /// Longest time between two `TargetState` reports (default 2 s).
+    pub state_interval: Duration,
+    /// How long a new connection may take to say Hello (default 10 s).
+    pub hello_timeout: Duration,
+}
+
+impl Config {
+    /// A configuration with the defaults.
+    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>, token: impl Into<Vec<u8>>) -> Self {
+        Self {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            token: token.into(),
+            window_blocks: tidemark_wire::pack::DEFAULT_WINDOW_BLOCKS,
+            state_interval: Duration::from_secs(2),
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound, not yet serving target: the data directory is locked, the
+/// catalog is open and current, the listener is bound.
+#[derive(Debug)]
+pub struct Target {
+    listener: TcpListener,
+    shared: Arc<session::Shared>,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Target {
+    /// Prepare the data directory and bind the listener.
+    pub async fn bind(cfg: Config) -> Result<Self> {
+        if cfg.token.is_empty() {
+            return Err(Error::new(ErrorKind::Config, "the token is empty"));
+        }
+        let dir = cfg.data_dir.clone();
+        std::fs::create_dir_all(&dir).io_ctx(|| format!("create data directory {}", dir.display()))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .io_ctx(|| format!("open {}", lock_path.display()))?;
+        let lock = tidemark_util::fileops::lock_exclusive(f).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Busy,
+                format!("another tidemark-target is serving {}", dir.display()),
+                e,
+            )
+        })?;
+        // Creates the catalog or brings its schema up to date.
+        drop(catalog::Catalog::open(&dir)?);
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .io_ctx(|| format!("listen on {}", cfg.listen))?;
+        Ok(Self {
+            listener,
+            shared: Arc::new(session::Shared {
+                cfg,
+                live: Default::default(),
+            }),
+            _lock: lock,
+        })
+    }
+
+    /// The address the listener is bound to (with the real port).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener.local_addr().io_ctx(|| "listener address".into())
+    }
+
+    /// Serve connections until `stop` is cancelled; then stop accepting,
+    /// let each connection finish the batch it is applying, and return.
+    pub async fn serve(self, stop: CancellationToken) -> Result<()> {
+        let addr = self.local_addr()?;
+        info!(listen = %addr, data = %self.shared.cfg.data_dir.display(), "serving");
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                a = self.listener.accept() => match a {
+                    Ok((stream, peer)) => {
+                        conns.spawn(session::handle(stream, peer, self.shared.clone(), stop.clone()));
+                    }
+                    Err(e) => {
+                        // Out of descriptors or a connection reset before
+                        // accept: wait a little instead of spinning.
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        while conns.join_next().await.is_some() {}
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Bind and serve until `stop` is cancelled.
+pub async fn run(cfg: Config, stop: CancellationToken) -> Result<()> {
+    Target::bind(cfg).await?.serve(stop).await
+}

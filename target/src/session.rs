@@ -1,0 +1,578 @@
+//! One collector connection, carrying one disk: Hello checks, Welcome,
+//! then packed batches applied and acked, `TargetState` every few seconds,
+//! `Request`s upstream for halts and owed full syncs.
+//!
+//! Every refusal is an `Error` frame with a reason, one log line, and the
+//! end of this connection only. Nothing read from the socket is trusted:
+//! frame headers are bounded before a body is allocated, and every decode
+//! error ends the connection instead of panicking.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tidemark_wire::frame::{
+    ErrorCode, Frame, FrameHeader, ReplicaState, Request, Role, TargetState, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC,
+    PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+};
+use tidemark_wire::pack::{PackedBatch, Unpacker};
+use tidemark_wire::{WireError, WireErrorKind};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::apply::{DiskApplier, Outcome};
+use crate::catalog::{Bind, Catalog};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::replica::{self, Replica, WINDOW_FILE};
+use crate::window::WindowFile;
+use crate::Config;
+
+/// A frame buffer larger than this is released after use, so that idle
+/// connections do not each keep a 40 MiB buffer.
+const KEEP_BUFFER: usize = 4 << 20;
+/// How long a refused peer gets to read our Error frame before the close.
+const LINGER: Duration = Duration::from_secs(1);
+/// Longest wait for one frame write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Unacknowledged data older than this aborts the connection, so that a
+/// collector that vanished does not keep its disk busy for the kernel's
+/// default of about 15 minutes (TargetState is sent every 2 s, so there is
+/// always data in flight).
+const USER_TIMEOUT_MS: u32 = 30_000;
+
+/// State shared by every connection of one target.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub cfg: Config,
+    /// Disk ids with a live connection.
+    pub live: Mutex<HashSet<String>>,
+}
+
+/// A disk id claimed for one connection; released on drop.
+struct LiveGuard {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl LiveGuard {
+    fn claim(shared: &Arc<Shared>, id: &str) -> Option<Self> {
+        let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.insert(id.to_string()).then(|| Self {
+            shared: shared.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.remove(&self.id);
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The peer is told why (an Error frame), then the connection closes.
+    Refuse { code: ErrorCode, reason: String },
+    /// Closed without a frame: the peer left, the target stops, a failpoint.
+    Close(String),
+}
+
+fn refuse(code: ErrorCode, reason: impl Into<String>) -> End {
+    End::Refuse {
+        code,
+        reason: reason.into(),
+    }
+}
+
+impl From<Error> for End {
+    fn from(e: Error) -> Self {
+        match e.kind {
+            ErrorKind::Malformed => refuse(ErrorCode::Malformed, e.to_string()),
+            ErrorKind::Injected => End::Close(e.to_string()),
+            _ => refuse(ErrorCode::Internal, e.to_string()),
+        }
+    }
+}
+
+/// What went wrong reading a frame.
+#[derive(Debug)]
+enum ReadError {
+    Io(io::Error),
+    Wire(WireError),
+    /// The peer closed the connection inside a frame, after this many bytes.
+    Truncated(usize),
+}
+
+impl From<ReadError> for End {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io(e) => End::Close(format!("read failed: {e}")),
+            ReadError::Wire(e) if e.kind == WireErrorKind::UnsupportedVersion => {
+                refuse(ErrorCode::UnsupportedVersion, e.msg)
+            }
+            ReadError::Wire(e) => refuse(ErrorCode::Malformed, e.msg),
+            ReadError::Truncated(n) => refuse(
+                ErrorCode::Malformed,
+                format!("the connection closed inside a frame ({n} bytes of it received)"),
+            ),
+        }
+    }
+}
+
+/// Reads frames; cancel-safe (a partly read frame stays in the buffer), so
+/// it can sit in a `select!` beside timers.
+pub(crate) struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            filled: 0,
+        }
+    }
+
+    /// The next frame, or `None` at a clean end of stream.
+    async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        loop {
+            let need = if self.filled < FRAME_HEADER_LEN {
+                FRAME_HEADER_LEN
+            } else {
+                // Bounds body_len before the body is allocated.
+                FrameHeader::parse(&self.buf[..FRAME_HEADER_LEN])
+                    .map_err(ReadError::Wire)?
+                    .frame_len()
+            };
+            if self.filled >= FRAME_HEADER_LEN && self.filled >= need {
+                let r = Frame::decode(&self.buf[..need]);
+                self.filled = 0;
+                if self.buf.len() > KEEP_BUFFER {
+                    self.buf = Vec::new();
+                }
+                return r.map(|(f, _)| Some(f)).map_err(ReadError::Wire);
+            }
+            if self.buf.len() < need {
+                self.buf.resize(need, 0);
+            }
+            let n = self
+                .inner
+                .read(&mut self.buf[self.filled..need])
+                .await
+                .map_err(ReadError::Io)?;
+            if n == 0 {
+                return if self.filled == 0 {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Truncated(self.filled))
+                };
+            }
+            self.filled += n;
+        }
+    }
+}
+
+async fn send(w: &mut OwnedWriteHalf, f: &Frame) -> Result<(), End> {
+    let bytes = f
+        .encode()
+        .map_err(|e| refuse(ErrorCode::Internal, format!("cannot encode a reply: {}", e.msg)))?;
+    match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Close(format!("write failed: {e}"))),
+        Err(_) => Err(End::Close(format!(
+            "the collector read nothing for {} s",
+            WRITE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Compare tokens without an early exit on the first differing byte.
+fn token_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "Hello",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Batch(_) => "Batch",
+        Frame::Ack { .. } => "Ack",
+        Frame::Error { .. } => "Error",
+        Frame::Progress(_) => "Progress",
+        Frame::Request(_) => "Request",
+        Frame::Packed(_) => "Packed",
+        Frame::TargetState(_) => "TargetState",
+    }
+}
+
+/// The parts of a state a change of which is worth a `TargetState` at once
+/// (applied_seq travels in every ack anyway).
+fn state_key(s: &TargetState) -> (ReplicaState, u64, u64) {
+    (s.state, s.halted_seq, s.pending_bytes)
+}
+
+/// Serve one connection until it ends; log how it ended, once.
+pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
+    let span = tracing::info_span!("conn", %peer, disk = tracing::field::Empty);
+    async move {
+        let _ = stream.set_nodelay(true);
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &stream.as_fd(),
+            nix::sys::socket::sockopt::TcpUserTimeout,
+            &USER_TIMEOUT_MS,
+        ) {
+            debug!("TCP_USER_TIMEOUT not set: {e}");
+        }
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        match session(&mut reader, &mut wr, &shared, &stop).await {
+            Ok(Some(why)) => info!("connection closed: {why}"),
+            // A port probe (readiness checks): not worth a line.
+            Ok(None) => debug!("connection closed before Hello"),
+            Err(End::Close(why)) => warn!("connection closed: {why}"),
+            Err(End::Refuse { code, reason }) => {
+                if code == ErrorCode::Internal {
+                    error!("connection failed ({code:?}): {reason}");
+                } else {
+                    warn!("refused ({code:?}): {reason}");
+                }
+                // Best effort: the peer may be gone already.
+                let _ = send(&mut wr, &Frame::Error { code, reason }).await;
+                let _ = wr.shutdown().await;
+                // Read (and drop) what the peer still sends for a moment, so
+                // that closing with unread data does not reset the
+                // connection before our Error frame is read.
+                let mut sink = vec![0u8; 64 << 10];
+                let _ = tokio::time::timeout(LINGER, async {
+                    while matches!(reader.inner.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The disk's apply state and dedup window, moved to a blocking thread
+/// for each batch.
+struct Work {
+    applier: DiskApplier,
+    unpacker: Unpacker<WindowFile>,
+    disk_id: String,
+}
+
+/// What opening a disk found.
+enum Opened {
+    Ready(Box<Work>),
+    Mismatch { bound_uuid: String },
+}
+
+impl Work {
+    /// Bind the disk in the catalog and open its replica and window.
+    fn open(data_dir: &Path, disk_id: &str, uuid: &[u8; 16], force: bool, window_blocks: u32) -> Result<Opened> {
+        let mut catalog = Catalog::open(data_dir)?;
+        let row = match catalog.bind(disk_id, uuid, force)? {
+            Bind::Mismatch { bound_uuid } => return Ok(Opened::Mismatch { bound_uuid }),
+            Bind::New(row) => {
+                info!("new disk");
+                row
+            }
+            Bind::Existing(row) => row,
+            Bind::Rebound { row, old_uuid } => {
+                warn!(
+                    "FORCE_RESYNC: disk id rebound from UUID {old_uuid} to {}; starting a fresh replica",
+                    crate::catalog::format_uuid(uuid)
+                );
+                row
+            }
+        };
+        let dir = replica::ensure_disk_dir(data_dir, disk_id)?;
+        if let Some(old) = &row.replaced_uuid {
+            // Move first, then clear the mark: a crash in between finds no
+            // replica to move and just clears it.
+            if let Some(to) = replica::move_aside(&dir, old)? {
+                info!("old replica kept as {}", to.display());
+            }
+            catalog.clear_replaced(disk_id)?;
+        }
+        let halts = catalog.open_halts(disk_id)?;
+        let replica = Replica::open(&dir)?;
+        let window_path: PathBuf = dir.join(WINDOW_FILE);
+        let window =
+            WindowFile::create(&window_path, window_blocks).io_ctx(|| format!("create {}", window_path.display()))?;
+        Ok(Opened::Ready(Box::new(Work {
+            applier: DiskApplier::new(row, halts, replica, catalog),
+            unpacker: Unpacker::new(window_blocks, window),
+            disk_id: disk_id.to_string(),
+        })))
+    }
+
+    fn process(&mut self, p: &PackedBatch) -> Result<Outcome> {
+        let records = match self.unpacker.unpack(p) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(match self.unpacker.store_mut().take_error() {
+                    Some(io) => Error::with_source(ErrorKind::Io, format!("disk {}: dedup window", self.disk_id), io),
+                    None => Error::malformed(format!(
+                        "disk {}: packed batch from seq {}: {}",
+                        self.disk_id, p.first_seq, e.msg
+                    )),
+                })
+            }
+        };
+        self.applier.apply(records, p.flags & PACKED_GAP != 0)
+    }
+}
+
+async fn read_hello<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Result<Option<tidemark_wire::frame::Hello>, End> {
+    let f = tokio::select! {
+        _ = stop.cancelled() => return Err(End::Close("the target is stopping".into())),
+        r = tokio::time::timeout(timeout, reader.next()) => r,
+    };
+    match f {
+        Err(_) => Err(refuse(
+            ErrorCode::Malformed,
+            format!("no Hello within {} s", timeout.as_secs()),
+        )),
+        Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some(Frame::Hello(h)))) => Ok(Some(h)),
+        Ok(Ok(Some(f))) => Err(refuse(
+            ErrorCode::Malformed,
+            format!("expected Hello, got a {} frame", frame_name(&f)),
+        )),
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
+async fn session<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    wr: &mut OwnedWriteHalf,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Result<Option<String>, End> {
+    let cfg = &shared.cfg;
+    let Some(hello) = read_hello(reader, cfg.hello_timeout, stop).await? else {
+        return Ok(None);
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(refuse(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} (this target speaks {PROTOCOL_VERSION})",
+                hello.protocol
+            ),
+        ));
+    }
+    let id = hello.disk_id.clone();
+    tracing::Span::current().record("disk", id.as_str());
+    if !token_eq(&hello.token, &cfg.token) {
+        return Err(refuse(ErrorCode::BadToken, format!("bad token for disk {id}")));
+    }
+    if hello.role != Role::Collector {
+        return Err(refuse(
+            ErrorCode::Malformed,
+            format!("disk {id}: an agent said Hello; only a collector connects to a target"),
+        ));
+    }
+    let Some(_live) = LiveGuard::claim(shared, &id) else {
+        return Err(refuse(
+            ErrorCode::Busy,
+            format!("disk {id} already has a live connection"),
+        ));
+    };
+    let force = hello.flags & HELLO_FORCE_RESYNC != 0;
+    let (data_dir, window_blocks, uuid) = (cfg.data_dir.clone(), cfg.window_blocks, hello.disk_uuid);
+    let id2 = id.clone();
+    let span = tracing::Span::current();
+    let opened =
+        tokio::task::spawn_blocking(move || span.in_scope(|| Work::open(&data_dir, &id2, &uuid, force, window_blocks)))
+            .await
+            .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
+    let mut work = match opened {
+        Opened::Ready(w) => w,
+        Opened::Mismatch { bound_uuid } => {
+            return Err(refuse(
+                ErrorCode::DiskMismatch,
+                format!(
+                    "disk id {id} is bound to UUID {bound_uuid}, not {}; reconnect with FORCE_RESYNC (agent --force-resync) to replace its replica",
+                    crate::catalog::format_uuid(&uuid)
+                ),
+            ))
+        }
+    };
+
+    let applied = work.applier.applied_seq();
+    let flags = if applied == 0 { WELCOME_NEED_FULL_SYNC } else { 0 };
+    send(
+        wr,
+        &Frame::Welcome {
+            acked_seq: applied,
+            flags,
+        },
+    )
+    .await?;
+    let mut last = work.applier.state();
+    info!(applied_seq = applied, state = last.state.name(), "collector connected");
+    // Requests are not durable upstream until acted on: repeat them on
+    // every new connection while they are owed.
+    for h in work.applier.open_halts() {
+        if let Some((offset, length)) = h.pending.bounds() {
+            send(
+                wr,
+                &Frame::Request(Request::Resync {
+                    seq: h.seq,
+                    offset,
+                    length,
+                }),
+            )
+            .await?;
+        }
+    }
+    if work.applier.full_resync_owed() {
+        send(wr, &Frame::Request(Request::FullResync)).await?;
+    }
+    send(wr, &Frame::TargetState(last)).await?;
+
+    let mut tick = tokio::time::interval(cfg.state_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => return Ok(Some("the target is stopping".into())),
+            _ = tick.tick() => {
+                send(wr, &Frame::TargetState(last)).await?;
+                continue;
+            }
+            f = reader.next() => f?,
+        };
+        let p = match frame {
+            None => return Ok(Some("the collector closed the connection".into())),
+            Some(Frame::Packed(p)) => p,
+            Some(Frame::Request(Request::StatusNow)) => {
+                send(wr, &Frame::TargetState(last)).await?;
+                continue;
+            }
+            Some(Frame::Error { code, reason }) => {
+                return Err(End::Close(format!("the collector reported {code:?}: {reason}")))
+            }
+            Some(f) => {
+                return Err(refuse(
+                    ErrorCode::Malformed,
+                    format!("disk {id}: unexpected {} frame from a collector", frame_name(&f)),
+                ))
+            }
+        };
+        // Apply on a blocking thread; keep reporting state meanwhile. The
+        // job always runs to its end before this connection ends, so the
+        // disk is never applied by two threads.
+        let span = tracing::Span::current();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let r = span.in_scope(|| work.process(&p));
+            (work, r)
+        });
+        let (w, r) = loop {
+            tokio::select! {
+                j = &mut job => break j.map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: apply failed: {e}")))?,
+                _ = tick.tick() => {
+                    let _ = send(wr, &Frame::TargetState(last)).await;
+                }
+            }
+        };
+        work = w;
+        let o = r?;
+        fail::fail_point!("target-before-ack", |_| Err(End::Close(
+            "failpoint target-before-ack".into()
+        )));
+        send(wr, &Frame::Ack { seq: o.ack }).await?;
+        fail::fail_point!("target-after-ack", |_| Err(End::Close(
+            "failpoint target-after-ack".into()
+        )));
+        for h in &o.new_halts {
+            if let Some((offset, length)) = h.pending.bounds() {
+                send(
+                    wr,
+                    &Frame::Request(Request::Resync {
+                        seq: h.seq,
+                        offset,
+                        length,
+                    }),
+                )
+                .await?;
+            }
+        }
+        if o.request_full_resync {
+            info!(seq = o.ack, "asking for a full resync");
+            send(wr, &Frame::Request(Request::FullResync)).await?;
+        }
+        if state_key(&o.state) != state_key(&last) {
+            info!(
+                applied_seq = o.state.applied_seq,
+                halted_seq = o.state.halted_seq,
+                pending_bytes = o.state.pending_bytes,
+                "disk is now {}",
+                o.state.state.name()
+            );
+            send(wr, &Frame::TargetState(o.state)).await?;
+        }
+        last = o.state;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_by_content_and_length() {
+        assert!(token_eq(b"abc", b"abc"));
+        assert!(!token_eq(b"abc", b"abd"));
+        assert!(!token_eq(b"abc", b"abcd"));
+        assert!(token_eq(b"", b""));
+    }
+
+    #[tokio::test]
+    async fn reader_survives_cancellation_mid_frame() {
+        let bytes = Frame::Ack { seq: 42 }.encode().unwrap();
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(b);
+        a.write_all(&bytes[..10]).await.unwrap();
+        // A read that is cancelled after part of the frame arrived keeps it.
+        let t = tokio::time::timeout(Duration::from_millis(50), r.next()).await;
+        assert!(t.is_err());
+        a.write_all(&bytes[10..]).await.unwrap();
+        assert_eq!(r.next().await.unwrap(), Some(Frame::Ack { seq: 42 }));
+        a.write_all(&bytes[..20]).await.unwrap();
+        drop(a);
+        assert!(matches!(r.next().await, Err(ReadError::Truncated(20))));
+    }
+
+    #[tokio::test]
+    async fn reader_bounds_the_body_before_allocating() {
+        let mut bytes = Frame::Ack { seq: 1 }.encode().unwrap();
+        bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut r = FrameReader::new(&bytes[..]);
+        match r.next().await {
+            Err(ReadError::Wire(e)) => assert_eq!(e.kind, WireErrorKind::OutOfBounds),
+            other => panic!("{other:?}"),
+        }
+        assert!(r.buf.len() <= FRAME_HEADER_LEN);
+    }
+}
