@@ -1,0 +1,518 @@
+//! One agent connection: Hello checks, Welcome, then batches in (spooled
+//! durably, then acknowledged), Progress in, requests out. A refusal is an
+//! Error frame with a reason, one log line, and the connection closed; the
+//! other connections never notice.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tidemark_wire::frame::{
+    ErrorCode, Frame, Hello, Role, HELLO_FORCE_RESYNC, MAX_BODY, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+};
+use tidemark_wire::record::FLAG_FULL;
+use tidemark_wire::Record;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
+use tracing::{debug, error, info, warn};
+
+use crate::catalog::DiskRow;
+use crate::net::{self, error_frame};
+use crate::state::{kib_permits, note_progress, AgentLink, Disk, Out, Shared};
+use crate::{failpoint, forward, spool};
+
+/// Largest frame accepted before the Hello is checked.
+const HELLO_MAX_BODY: u32 = 16 << 10;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// An agent reports Progress every 500 ms; silence this long is a dead peer.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed to receive the rest of a frame once its header arrived.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes before the first record in a Batch frame: frame header, first_seq, count.
+const BATCH_RECORDS_AT: usize = 16 + 8 + 4;
+
+/// Serializes the binding of new disk ids (two first Hellos for one id).
+static BINDING: AsyncMutex<()> = AsyncMutex::const_new(());
+
+/// Accept agent connections until the collector stops.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let s = shared.clone();
+                    shared.tracker.spawn(async move { serve(s, stream, peer).await });
+                }
+                Err(e) => {
+                    warn!("accepting an agent connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Why a Hello was refused.
+struct Refusal {
+    code: ErrorCode,
+    reason: String,
+}
+
+fn refusal(code: ErrorCode, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// Tell the peer why, log one line, close.
+async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, peer: SocketAddr, disk: Option<&str>, r: Refusal) {
+    shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+    warn!(%peer, disk = disk.unwrap_or("-"), code = ?r.code, "refused an agent connection: {}", r.reason);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        net::write_frame(wr, &error_frame(r.code, r.reason)),
+    )
+    .await;
+    let _ = wr.shutdown().await;
+}
+
+fn token_matches(a: &[u8], b: &[u8]) -> bool {
+    // No early exit on the first differing byte.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let first = tokio::select! {
+        _ = shared.stop.cancelled() => return,
+        r = tokio::time::timeout(HELLO_TIMEOUT, net::read_frame(&mut rd, HELLO_MAX_BODY)) => r,
+    };
+    let hello = match first {
+        Err(_) => {
+            let r = refusal(ErrorCode::Malformed, "no hello within 10 s");
+            return refuse(&shared, &mut wr, peer, None, r).await;
+        }
+        Ok(Ok(Some((Frame::Hello(h), _)))) => h,
+        Ok(Ok(Some((other, _)))) => {
+            let r = refusal(
+                ErrorCode::Malformed,
+                format!("expected a hello, got {}", frame_name(&other)),
+            );
+            return refuse(&shared, &mut wr, peer, None, r).await;
+        }
+        Ok(Ok(None)) => {
+            debug!(%peer, "connection closed before a hello");
+            return;
+        }
+        Ok(Err(e)) => match e.code() {
+            Some(code) => {
+                let r = refusal(code, format!("bad hello: {e}"));
+                return refuse(&shared, &mut wr, peer, None, r).await;
+            }
+            None => {
+                debug!(%peer, "connection failed before a hello: {e}");
+                return;
+            }
+        },
+    };
+    let conn = shared.next_conn_id();
+    let (tx, rx) = mpsc::channel::<Out>(64);
+    let (disk, welcome) = match admit(&shared, &hello, conn, tx.clone()).await {
+        Ok(x) => x,
+        Err(r) => return refuse(&shared, &mut wr, peer, Some(&hello.disk_id), r).await,
+    };
+    shared.agents_connected.fetch_add(1, Ordering::Relaxed);
+    let writer = tokio::spawn(write_loop(wr, rx));
+    info!(disk = %disk.id, %peer, acked_seq = welcome.0, need_full_sync = welcome.1 & WELCOME_NEED_FULL_SYNC != 0, "agent connected");
+    let end = session(&shared, &disk, &tx, &mut rd, welcome).await;
+    match &end {
+        Ok(()) => info!(disk = %disk.id, %peer, "agent disconnected"),
+        Err(SessionEnd::Refused(r)) => {
+            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(disk = %disk.id, %peer, code = ?r.code, "closing the agent connection: {}", r.reason);
+            let _ = tx
+                .send(Out {
+                    frame: error_frame(r.code, r.reason.clone()),
+                    done: None,
+                })
+                .await;
+        }
+        Err(SessionEnd::Gone(why)) => info!(disk = %disk.id, %peer, "agent connection ended: {why}"),
+    }
+    {
+        let mut st = disk.lock();
+        if st.agent.as_ref().is_some_and(|a| a.conn == conn) {
+            st.agent = None;
+        }
+    }
+    shared.agents_connected.fetch_sub(1, Ordering::Relaxed);
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "hello",
+        Frame::Welcome { .. } => "welcome",
+        Frame::Batch(_) => "batch",
+        Frame::Ack { .. } => "ack",
+        Frame::Error { .. } => "error",
+        Frame::Progress(_) => "progress",
+        Frame::Request(_) => "request",
+        Frame::Packed(_) => "packed",
+        Frame::TargetState(_) => "target-state",
+    }
+}
+
+/// Check a Hello and attach the connection to its disk; returns the disk
+/// and the Welcome's (acked_seq, flags).
+async fn admit(
+    shared: &Arc<Shared>,
+    hello: &Hello,
+    conn: u64,
+    tx: mpsc::Sender<Out>,
+) -> Result<(Arc<Disk>, (u64, u32)), Refusal> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(refusal(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported (this collector speaks {PROTOCOL_VERSION})",
+                hello.protocol
+            ),
+        ));
+    }
+    if !token_matches(&hello.token, &shared.cfg.token) {
+        return Err(refusal(ErrorCode::BadToken, "the token does not match the collector's"));
+    }
+    if hello.role != Role::Agent {
+        return Err(refusal(
+            ErrorCode::Malformed,
+            format!("expected an agent hello, got role {:?}", hello.role),
+        ));
+    }
+    let id = &hello.disk_id;
+    if id.starts_with("catalog.db") {
+        return Err(refusal(ErrorCode::Malformed, format!("disk id {id:?} is reserved")));
+    }
+    let internal = |e: anyhow::Error| {
+        error!(disk = %id, "binding the disk: {e:#}");
+        refusal(
+            ErrorCode::Internal,
+            format!("collector could not bind disk {id}: {e:#}"),
+        )
+    };
+    let _bind = BINDING.lock().await;
+    let disk = match shared.disk(id) {
+        None => {
+            let row = DiskRow {
+                disk_id: id.clone(),
+                disk_uuid: hello.disk_uuid,
+                trimmed_seq: 0,
+                pending_full_sync: true,
+                full_sync_since: 0,
+                force_target: false,
+            };
+            let s = shared.clone();
+            let r = row.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                s.catalog.bind(&r.disk_id, &r.disk_uuid, false)?;
+                spool::ensure_dir(&s.cfg.spool.join(&r.disk_id))
+            })
+            .await
+            .context("bind")
+            .and_then(|r| r)
+            .map_err(internal)?;
+            let disk = Arc::new(shared.new_disk(&row));
+            shared.insert_disk(disk.clone());
+            forward::spawn(shared, &disk);
+            info!(disk = %id, uuid = %crate::catalog::uuid_text(&hello.disk_uuid), "bound a new disk");
+            disk
+        }
+        Some(disk) => {
+            let (bound, busy) = {
+                let st = disk.lock();
+                (st.uuid, st.agent.is_some())
+            };
+            if bound != hello.disk_uuid {
+                if hello.flags & HELLO_FORCE_RESYNC == 0 {
+                    return Err(refusal(
+                        ErrorCode::DiskMismatch,
+                        format!(
+                            "disk id {id} is bound to uuid {}, this hello names {} (the agent's --force-resync rebinds it)",
+                            crate::catalog::uuid_text(&bound),
+                            crate::catalog::uuid_text(&hello.disk_uuid)
+                        ),
+                    ));
+                }
+                if busy {
+                    return Err(refusal(
+                        ErrorCode::Busy,
+                        format!("disk {id} has a live agent connection; cannot rebind it now"),
+                    ));
+                }
+                spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?;
+                warn!(
+                    disk = %id,
+                    uuid = %crate::catalog::uuid_text(&hello.disk_uuid),
+                    "disk id rebound to a new uuid (forced): old spool dropped, the target starts afresh"
+                );
+            }
+            disk
+        }
+    };
+    let mut st = disk.lock();
+    if st.agent.is_some() {
+        return Err(refusal(
+            ErrorCode::Busy,
+            format!("disk {id} already has a live agent connection"),
+        ));
+    }
+    st.agent = Some(AgentLink { conn, tx });
+    let flags = if st.pending_full_sync {
+        WELCOME_NEED_FULL_SYNC
+    } else {
+        0
+    };
+    let acked = st.acked_seq;
+    drop(st);
+    Ok((disk, (acked, flags)))
+}
+
+enum SessionEnd {
+    /// The agent broke the protocol (or the collector failed): tell it why.
+    Refused(Refusal),
+    /// The connection went away or the collector is stopping.
+    Gone(String),
+}
+
+async fn send_and_wait(tx: &mpsc::Sender<Out>, frame: Frame) -> Result<(), SessionEnd> {
+    let (done, written) = oneshot::channel();
+    tx.send(Out {
+        frame,
+        done: Some(done),
+    })
+    .await
+    .map_err(|_| SessionEnd::Gone("connection writer stopped".into()))?;
+    written
+        .await
+        .map_err(|_| SessionEnd::Gone("could not write to the agent".into()))
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    disk: &Arc<Disk>,
+    tx: &mpsc::Sender<Out>,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    (acked, flags): (u64, u32),
+) -> Result<(), SessionEnd> {
+    send_and_wait(
+        tx,
+        Frame::Welcome {
+            acked_seq: acked,
+            flags,
+        },
+    )
+    .await?;
+    // Requests owed since the agent was last here.
+    let owed = {
+        let s = shared.clone();
+        let id = disk.id.clone();
+        tokio::task::spawn_blocking(move || s.catalog.resyncs(&id)).await
+    };
+    match owed {
+        Ok(Ok(list)) => {
+            for r in list {
+                let req = tidemark_wire::frame::Request::Resync {
+                    seq: r.seq,
+                    offset: r.offset,
+                    length: r.length,
+                };
+                send_and_wait(tx, Frame::Request(req)).await?;
+                info!(disk = %disk.id, seq = r.seq, offset = r.offset, length = r.length, "delivered an owed resync request");
+                if let Err(e) = shared.catalog.remove_resync(&disk.id, r) {
+                    warn!(disk = %disk.id, "cannot drop a delivered resync from the catalog: {e:#}");
+                }
+            }
+        }
+        Ok(Err(e)) => warn!(disk = %disk.id, "cannot read owed resyncs from the catalog: {e:#}"),
+        Err(e) => warn!(disk = %disk.id, "cannot read owed resyncs from the catalog: {e}"),
+    }
+    loop {
+        if shared.is_spool_full() {
+            shared.wait_for_space().await;
+        }
+        let header = tokio::select! {
+            _ = shared.stop.cancelled() => return Err(SessionEnd::Gone("collector stopping".into())),
+            r = tokio::time::timeout(IDLE_TIMEOUT, net::read_header(rd, MAX_BODY)) => r,
+        };
+        let (h, hb) = match header {
+            Err(_) => {
+                return Err(SessionEnd::Gone(format!(
+                    "nothing received for {} s",
+                    IDLE_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(x))) => x,
+            Ok(Err(e)) => return Err(read_failure(e)),
+        };
+        // Decoding holds the body about twice (bytes and records).
+        let permits = kib_permits(2 * u64::from(h.body_len) + 16);
+        let _mem = shared
+            .memory
+            .acquire_many(permits)
+            .await
+            .map_err(|_| SessionEnd::Gone("collector stopping".into()))?;
+        let (frame, buf) = match tokio::time::timeout(BODY_TIMEOUT, net::read_body(rd, h, hb)).await {
+            Err(_) => return Err(SessionEnd::Gone("frame body not received in time".into())),
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(read_failure(e)),
+        };
+        match frame {
+            Frame::Batch(records) => {
+                let held = spool_batch(shared, disk, records, buf).await?;
+                drop(_mem);
+                failpoint::hit("collector-before-ack");
+                send_and_wait(tx, Frame::Ack { seq: held }).await?;
+                failpoint::hit("collector-after-ack");
+            }
+            Frame::Progress(p) => note_progress(disk, p),
+            Frame::Error { code, reason } => {
+                return Err(SessionEnd::Gone(format!("the agent reported {code:?}: {reason}")));
+            }
+            other => {
+                return Err(SessionEnd::Refused(refusal(
+                    ErrorCode::Malformed,
+                    format!("unexpected {} frame from an agent", frame_name(&other)),
+                )))
+            }
+        }
+    }
+}
+
+fn read_failure(e: net::ReadError) -> SessionEnd {
+    match e.code() {
+        Some(code) => SessionEnd::Refused(refusal(code, format!("bad frame: {e}"))),
+        None => SessionEnd::Gone(e.to_string()),
+    }
+}
+
+/// Spool the records of a batch this disk does not hold yet; returns the
+/// highest seq now durable (what to acknowledge).
+async fn spool_batch(
+    shared: &Arc<Shared>,
+    disk: &Arc<Disk>,
+    records: Vec<Record>,
+    buf: Vec<u8>,
+) -> Result<u64, SessionEnd> {
+    let Some(first) = records.first().map(|r| r.header.seq) else {
+        return Err(SessionEnd::Refused(refusal(ErrorCode::Malformed, "an empty batch")));
+    };
+    let n = records.len() as u64;
+    let last = first + (n - 1);
+    let (held, uuid, generation, since) = {
+        let st = disk.lock();
+        (st.acked_seq, st.uuid, st.generation, st.full_sync_since)
+    };
+    if last <= held {
+        shared.counters.duplicates_dropped.fetch_add(n, Ordering::Relaxed);
+        return Ok(held);
+    }
+    let skip = usize::try_from(held.saturating_add(1).saturating_sub(first)).unwrap_or(usize::MAX);
+    let first_kept = first.max(held + 1);
+    if first_kept > held + 1 && held != 0 {
+        return Err(SessionEnd::Refused(refusal(
+            ErrorCode::Malformed,
+            format!("batch starts at seq {first_kept}, expected seq {}", held + 1),
+        )));
+    }
+    if first_kept > held + 1 {
+        info!(disk = %disk.id, first_seq = first_kept, "stream starts after a gap (the collector held nothing for this disk)");
+    }
+    if skip > 0 {
+        shared
+            .counters
+            .duplicates_dropped
+            .fetch_add(skip as u64, Ordering::Relaxed);
+    }
+    let offset = BATCH_RECORDS_AT
+        + records[..skip]
+            .iter()
+            .map(|r| usize::try_from(r.header.encoded_len()).unwrap_or(usize::MAX))
+            .sum::<usize>();
+    let full_sync_started = records[skip..]
+        .iter()
+        .any(|r| r.header.flags & FLAG_FULL != 0 && r.header.seq > since);
+    let kept = n - skip as u64;
+    drop(records);
+    let dir = disk.dir.clone();
+    let written = tokio::task::spawn_blocking(move || spool::write_batch(&dir, uuid, &buf[offset..])).await;
+    let (_h, entry) = match written {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            error!(disk = %disk.id, first_seq = first_kept, last_seq = last, "cannot spool a batch: {e:#}");
+            return Err(SessionEnd::Refused(refusal(
+                ErrorCode::Internal,
+                format!("collector could not spool seqs {first_kept}..={last}: {e:#}"),
+            )));
+        }
+        Err(e) => {
+            return Err(SessionEnd::Refused(refusal(
+                ErrorCode::Internal,
+                format!("collector could not spool seqs {first_kept}..={last}: {e}"),
+            )))
+        }
+    };
+    let len = entry.len;
+    let clear_full = {
+        let mut st = disk.lock();
+        if st.generation != generation {
+            return Err(SessionEnd::Gone("the disk was rebound".into()));
+        }
+        st.files.insert(first_kept, entry);
+        st.spool_bytes += len;
+        st.acked_seq = last;
+        let clear = full_sync_started && st.pending_full_sync;
+        if clear {
+            st.pending_full_sync = false;
+        }
+        clear
+    };
+    shared.spool_grew(len);
+    if clear_full {
+        info!(disk = %disk.id, "the agent's full sync has started");
+        if let Err(e) = shared.catalog.set_pending_full_sync(&disk.id, false, since) {
+            warn!(disk = %disk.id, "cannot clear the owed full sync in the catalog: {e:#}");
+        }
+    }
+    shared.counters.batches_spooled.fetch_add(1, Ordering::Relaxed);
+    shared.counters.records_spooled.fetch_add(kept, Ordering::Relaxed);
+    shared.counters.bytes_spooled.fetch_add(len, Ordering::Relaxed);
+    disk.spooled.notify_waiters();
+    Ok(last)
+}
+
+/// Write frames for one agent connection, in order; stops after an Error frame.
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
+    while let Some(out) = rx.recv().await {
+        let last = matches!(out.frame, Frame::Error { .. });
+        if let Err(e) = net::write_frame(&mut wr, &out.frame).await {
+            debug!("writing to an agent: {e}");
+            break;
+        }
+        if let Some(d) = out.done {
+            let _ = d.send(());
+        }
+        if last {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,74 @@
+//! The collector's configuration: a plain struct, filled by `main.rs` from
+//! the command line (or by tests directly).
+
+use std::path::PathBuf;
+
+/// Default spool cap: 8 GiB.
+pub const DEFAULT_SPOOL_CAP: u64 = 8 << 30;
+
+/// Everything the collector needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where agents connect: `HOST:PORT` (port 0 picks one; see
+    /// [`crate::Running::listen_addr`]).
+    pub listen: String,
+    /// The spool directory: `catalog.db` and one folder per disk id.
+    pub spool: PathBuf,
+    /// The target: `HOST:PORT`, resolved at each connection attempt.
+    pub target: String,
+    /// The HTTP API: `HOST:PORT`.
+    pub api: String,
+    /// The shared secret agents and the target must present (not empty).
+    pub token: Vec<u8>,
+    /// Spool bytes at which the collector stops reading agent sockets.
+    pub spool_cap: u64,
+    /// Packed bytes sent to the target and not yet acknowledged, per disk.
+    pub max_in_flight: u64,
+    /// Dedup window, in 4 KiB blocks (the target's must match).
+    pub window_blocks: u32,
+    /// zstd level for packed batches.
+    pub zstd_level: i32,
+}
+
+impl Config {
+    /// A configuration with the defaults for everything but the addresses,
+    /// the spool and the token.
+    pub fn new(
+        listen: impl Into<String>,
+        spool: impl Into<PathBuf>,
+        target: impl Into<String>,
+        api: impl Into<String>,
+        token: impl Into<Vec<u8>>,
+    ) -> Self {
+        Self {
+            listen: listen.into(),
+            spool: spool.into(),
+            target: target.into(),
+            api: api.into(),
+            token: token.into(),
+            spool_cap: DEFAULT_SPOOL_CAP,
+            max_in_flight: 16 << 20,
+            window_blocks: tidemark_wire::pack::DEFAULT_WINDOW_BLOCKS,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// Read a token file: surrounding whitespace is stripped; an empty token is
+/// an error.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let raw = std::fs::read(path).with_context(|| format!("read token file {}", path.display()))?;
+    let t = raw.trim_ascii();
+    if t.is_empty() {
+        anyhow::bail!("token file {} is empty", path.display());
+    }
+    if t.len() > tidemark_wire::frame::MAX_TOKEN {
+        anyhow::bail!(
+            "token in {} is longer than {} bytes",
+            path.display(),
+            tidemark_wire::frame::MAX_TOKEN
+        );
+    }
+    Ok(t.to_vec())
+}

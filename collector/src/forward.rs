@@ -1,0 +1,394 @@
+//! One disk's session with the target: Hello, resume from the target's
+//! applied seq, then Packed batches read from the spool one file at a time,
+//! in seq order, several in flight (bounded by bytes). Acks trim the spool;
+//! TargetState is kept for status; Requests are relayed to the agent.
+//! Reconnects with backoff (100 ms doubling to 2 s) until the collector stops.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tidemark_formats::spool as fmt;
+use tidemark_wire::frame::{
+    Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+};
+use tidemark_wire::pack::Packer;
+use tidemark_wire::Record;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::net;
+use crate::state::{kib_permits, Disk, Shared};
+use crate::{failpoint, spool};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// The target sends TargetState at least every 2 s.
+const TARGET_IDLE: Duration = Duration::from_secs(30);
+/// Largest frame the target sends (acks, states, requests, errors).
+const TARGET_MAX_BODY: u32 = 64 << 10;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Start the forwarder of `disk`; it runs until the collector stops.
+pub(crate) fn spawn(shared: &Arc<Shared>, disk: &Arc<Disk>) {
+    let (s, d) = (shared.clone(), disk.clone());
+    shared.tracker.spawn(async move { run(s, d).await });
+}
+
+async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut unreachable_logged = false;
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        let (generation, rebound) = {
+            let st = disk.lock();
+            (st.generation, st.session.clone())
+        };
+        let mut welcomed = false;
+        let r = tokio::select! {
+            r = session(&shared, &disk, generation, &rebound, &mut welcomed) => r,
+            _ = shared.stop.cancelled() => Ok(()),
+            _ = rebound.cancelled() => Ok(()),
+        };
+        {
+            let mut st = disk.lock();
+            if st.generation == generation {
+                st.target_connected = false;
+            }
+        }
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        if rebound.is_cancelled() {
+            continue;
+        }
+        if welcomed {
+            backoff = BACKOFF_MIN;
+            unreachable_logged = false;
+        }
+        match r {
+            Ok(()) => {}
+            Err(e) if welcomed => warn!(disk = %disk.id, "target session ended: {e:#}; reconnecting"),
+            Err(e) if !unreachable_logged => {
+                unreachable_logged = true;
+                warn!(disk = %disk.id, target = %shared.cfg.target, "cannot reach the target: {e:#}; spooling and retrying");
+            }
+            Err(e) => debug!(disk = %disk.id, "target still unreachable: {e:#}"),
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Packed batches sent and not yet acknowledged: (last seq, wire bytes).
+#[derive(Default)]
+struct InFlight {
+    q: Mutex<(VecDeque<(u64, u64)>, u64)>,
+    changed: Notify,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<(u64, u64)>, u64)> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn add(&self, last: u64, bytes: u64) {
+        let mut g = self.lock();
+        g.0.push_back((last, bytes));
+        g.1 += bytes;
+    }
+    fn acked(&self, seq: u64) {
+        let mut g = self.lock();
+        while g.0.front().is_some_and(|(l, _)| *l <= seq) {
+            if let Some((_, b)) = g.0.pop_front() {
+                g.1 = g.1.saturating_sub(b);
+            }
+        }
+        drop(g);
+        self.changed.notify_waiters();
+    }
+    fn bytes(&self) -> u64 {
+        self.lock().1
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    disk: &Arc<Disk>,
+    generation: u64,
+    rebound: &CancellationToken,
+    welcomed: &mut bool,
+) -> Result<()> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&shared.cfg.target))
+        .await
+        .map_err(|_| anyhow!("connecting to {} timed out", shared.cfg.target))?
+        .with_context(|| format!("connect to {}", shared.cfg.target))?;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (uuid, force) = {
+        let st = disk.lock();
+        (st.uuid, st.force_target)
+    };
+    let hello = Frame::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        role: Role::Collector,
+        flags: if force { HELLO_FORCE_RESYNC } else { 0 },
+        disk_uuid: uuid,
+        disk_id: disk.id.clone(),
+        token: shared.cfg.token.clone(),
+    });
+    net::write_frame(&mut wr, &hello).await.context("send hello")?;
+    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, net::read_frame(&mut rd, TARGET_MAX_BODY))
+        .await
+        .map_err(|_| anyhow!("no welcome from the target within 10 s"))?
+        .context("read welcome")?;
+    let (applied, flags) = match welcome {
+        Some((Frame::Welcome { acked_seq, flags }, _)) => (acked_seq, flags),
+        Some((Frame::Error { code, reason }, _)) => bail!("the target refused: {code:?}: {reason}"),
+        Some((other, _)) => bail!("expected a welcome from the target, got {other:?}"),
+        None => bail!("the target closed the connection before its welcome"),
+    };
+    *welcomed = true;
+    {
+        let mut st = disk.lock();
+        if st.generation != generation {
+            return Ok(());
+        }
+        st.target_connected = true;
+        st.applied_seq = applied;
+        if force {
+            st.force_target = false;
+        }
+    }
+    if force {
+        if let Err(e) = shared.catalog.clear_force(&disk.id) {
+            warn!(disk = %disk.id, "cannot clear the forced-rebind mark: {e:#}");
+        }
+    }
+    info!(
+        disk = %disk.id,
+        applied_seq = applied,
+        holds_replica = flags & WELCOME_NEED_FULL_SYNC == 0,
+        "connected to the target"
+    );
+    spool::trim(shared, disk, generation, applied).await;
+
+    let inflight = Arc::new(InFlight::default());
+    let ended = CancellationToken::new();
+    // Aborted if this session is dropped (collector stopping, disk rebound).
+    let mut reader = {
+        let (s, d, inf, end) = (shared.clone(), disk.clone(), inflight.clone(), ended.clone());
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            let r = read_loop(&s, &d, generation, &inf, &mut rd).await;
+            end.cancel();
+            r
+        }))
+    };
+    let sent = send_loop(shared, disk, generation, rebound, &ended, &inflight, &mut wr, applied).await;
+    ended.cancel();
+    let _ = wr.shutdown().await;
+    reader.abort();
+    let read = (&mut reader).await.unwrap_or(Ok(()));
+    sent.and(read)
+}
+
+async fn read_loop(
+    shared: &Arc<Shared>,
+    disk: &Arc<Disk>,
+    generation: u64,
+    inflight: &InFlight,
+    rd: &mut OwnedReadHalf,
+) -> Result<()> {
+    loop {
+        let f = tokio::time::timeout(TARGET_IDLE, net::read_frame(rd, TARGET_MAX_BODY))
+            .await
+            .map_err(|_| anyhow!("nothing from the target for {} s", TARGET_IDLE.as_secs()))?
+            .context("read from the target")?;
+        match f {
+            None => bail!("the target closed the connection"),
+            Some((Frame::Ack { seq }, _)) => {
+                {
+                    let mut st = disk.lock();
+                    if st.generation != generation {
+                        return Ok(());
+                    }
+                    st.applied_seq = st.applied_seq.max(seq);
+                }
+                inflight.acked(seq);
+                spool::trim(shared, disk, generation, seq).await;
+            }
+            Some((Frame::TargetState(ts), _)) => {
+                let mut st = disk.lock();
+                if st.generation == generation {
+                    st.target_state = Some(ts);
+                }
+            }
+            Some((Frame::Request(req), _)) => match req {
+                Request::StatusNow => debug!(disk = %disk.id, "the target asked for status; nothing to send"),
+                _ => shared.relay_to_agent(disk, req),
+            },
+            Some((Frame::Error { code, reason }, _)) => bail!("the target reported {code:?}: {reason}"),
+            Some((other, _)) => bail!("unexpected frame from the target: {other:?}"),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_loop(
+    shared: &Arc<Shared>,
+    disk: &Arc<Disk>,
+    generation: u64,
+    rebound: &CancellationToken,
+    ended: &CancellationToken,
+    inflight: &InFlight,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    applied: u64,
+) -> Result<()> {
+    let mut packer = Packer::new(shared.cfg.window_blocks, shared.cfg.zstd_level).context("zstd compressor")?;
+    // `next`: where to look in the spool; `expect`: the seq the target
+    // expects next (a batch starting later carries PACKED_GAP).
+    let mut next = applied + 1;
+    let mut expect = applied + 1;
+    let uuid = disk.lock().uuid;
+    loop {
+        let spooled = disk.spooled.notified();
+        tokio::pin!(spooled);
+        spooled.as_mut().enable();
+        let found = {
+            let st = disk.lock();
+            if st.generation != generation {
+                return Ok(());
+            }
+            next = next.max(st.applied_seq + 1);
+            st.files
+                .iter()
+                .find(|(_, e)| e.last >= next)
+                .map(|(first, e)| (*first, e.clone()))
+        };
+        let Some((first, entry)) = found else {
+            tokio::select! {
+                _ = &mut spooled => continue,
+                _ = ended.cancelled() => return Ok(()),
+                _ = rebound.cancelled() => return Ok(()),
+                _ = shared.stop.cancelled() => return Ok(()),
+            }
+        };
+        // Bound what is in flight.
+        loop {
+            let changed = inflight.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if inflight.bytes() < shared.cfg.max_in_flight {
+                break;
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = ended.cancelled() => return Ok(()),
+                _ = rebound.cancelled() => return Ok(()),
+                _ = shared.stop.cancelled() => return Ok(()),
+            }
+        }
+        // The file, its records and the packed copy are held at once.
+        let _mem = shared
+            .memory
+            .acquire_many(kib_permits(3 * entry.len))
+            .await
+            .context("memory budget closed")?;
+        let path = entry.path.clone();
+        let read = tokio::task::spawn_blocking(move || fmt::read_batch(&path, &uuid))
+            .await
+            .context("spool reader")?;
+        let batch = match read {
+            Ok(b) => b,
+            Err(e) => {
+                let gone = !disk.lock().files.contains_key(&first);
+                if gone {
+                    continue; // trimmed meanwhile: the target has it
+                }
+                error!(
+                    disk = %disk.id,
+                    first_seq = first,
+                    last_seq = entry.last,
+                    "spool file unreadable ({e}); these seqs are lost here: asking the agent for a full resync"
+                );
+                disk.corrupt_records
+                    .fetch_add(entry.last - first + 1, Ordering::Relaxed);
+                shared.relay_to_agent(disk, Request::FullResync);
+                next = entry.last + 1;
+                continue;
+            }
+        };
+        if !batch.body_ok {
+            report_damage(shared, disk, &entry.path, &batch);
+        }
+        let records: Vec<Record> = batch.records.into_iter().filter(|r| r.header.seq >= next).collect();
+        for run in runs(&records) {
+            let run_first = run[0].header.seq;
+            let run_last = run_first + (run.len() as u64 - 1);
+            let flags = if run_first > expect { PACKED_GAP } else { 0 };
+            if flags != 0 {
+                info!(disk = %disk.id, expected = expect, first_seq = run_first, "forwarding after a gap (PACKED_GAP)");
+            }
+            let (packed, stats) = packer
+                .pack(run, flags)
+                .with_context(|| format!("pack seqs {run_first}..={run_last}"))?;
+            let bytes = Frame::Packed(packed).encode().context("encode a packed frame")?;
+            inflight.add(run_last, bytes.len() as u64);
+            tokio::select! {
+                r = wr.write_all(&bytes) => r.context("send to the target")?,
+                _ = ended.cancelled() => return Ok(()),
+            }
+            disk.wire_bytes.fetch_add(stats.wire_bytes, Ordering::Relaxed);
+            disk.payload_bytes.fetch_add(stats.payload_bytes, Ordering::Relaxed);
+            disk.dedup_hits.fetch_add(stats.dedup_hits, Ordering::Relaxed);
+            disk.zero_blocks.fetch_add(stats.zero_blocks, Ordering::Relaxed);
+            shared.counters.batches_forwarded.fetch_add(1, Ordering::Relaxed);
+            failpoint::hit("collector-forward-after-send");
+            expect = run_last + 1;
+        }
+        next = next.max(entry.last + 1);
+    }
+}
+
+/// Split records (ascending seqs) into runs of consecutive seqs.
+fn runs(records: &[Record]) -> impl Iterator<Item = &[Record]> {
+    records.chunk_by(|a, b| b.header.seq == a.header.seq + 1)
+}
+
+/// Log a damaged spool body: which seqs, and what happens to them.
+fn report_damage(shared: &Shared, disk: &Disk, path: &std::path::Path, b: &fmt::SpoolBatch) {
+    let n = b.corrupt_payload.len() as u64 + b.lost.iter().map(|r| r.end() - r.start() + 1).sum::<u64>();
+    disk.corrupt_records.fetch_add(n, Ordering::Relaxed);
+    if !b.corrupt_payload.is_empty() {
+        error!(
+            disk = %disk.id,
+            seqs = ?b.corrupt_payload,
+            file = %path.display(),
+            "spool checksum mismatch: these records fail their payload hash; forwarded unchanged (the target halts them and asks for a resync)"
+        );
+    }
+    if !b.lost.is_empty() {
+        error!(
+            disk = %disk.id,
+            seqs = ?b.lost,
+            file = %path.display(),
+            "spool checksum mismatch: these records' headers are unreadable; asking the agent for a full resync, forwarding the rest with PACKED_GAP"
+        );
+        shared.relay_to_agent(disk, Request::FullResync);
+    }
+    if b.corrupt_payload.is_empty() && b.lost.is_empty() {
+        warn!(disk = %disk.id, file = %path.display(), "spool checksum mismatch, but every record checks out; forwarding");
+    }
+}

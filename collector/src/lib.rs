@@ -1,0 +1,116 @@
+//! tidemark-collector: the process server. It receives change streams from
+//! many agents, makes every batch durable in its spool before acknowledging
+//! it, and forwards each disk's records in seq order to the target, packed
+//! (`tidemark_wire::pack`: zstd, a dedup window, zero blocks). It keeps
+//! accepting while the target is away and drains when it returns, relays
+//! resync requests between the target and the agents, and serves the status
+//! API and metrics. `docs/pipeline.md` is the contract it implements.
+//!
+//! What it must never do: acknowledge a batch before it is durable, delete
+//! a spool file before the target acknowledged every record in it, drop a
+//! record to make room (a full spool stops reading agent sockets instead),
+//! hold a disk's whole backlog in memory, or panic on bytes from the network.
+//!
+//! - [`config`]: the plain configuration struct (`main.rs` owns the CLI).
+//! - `catalog`: SQLite bindings of disk ids to UUIDs, trim marks, requests
+//!   owed to agents.
+//! - `state`: per-disk state, counters, status JSON.
+//! - `spool`: the collector's use of `tidemark_formats::spool` (write with
+//!   failpoints, index, trim).
+//! - `agent`: one agent connection. `forward`: one disk's target session.
+//! - `api`: the HTTP status API and Prometheus metrics.
+
+mod agent;
+mod api;
+mod catalog;
+pub mod config;
+mod failpoint;
+mod forward;
+mod net;
+mod spool;
+mod state;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+/// A running collector: where it listens, and how to wait for it.
+#[derive(Debug)]
+pub struct Running {
+    /// The agent listener's bound address (useful with port 0).
+    pub listen_addr: SocketAddr,
+    /// The HTTP API's bound address.
+    pub api_addr: SocketAddr,
+    stop: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Running {
+    /// Wait until `stop` is cancelled and every task has finished.
+    pub async fn wait(self) -> Result<()> {
+        self.stop.cancelled().await;
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some connections did not finish within 10 s of the stop; abandoning them");
+        }
+        info!("collector stopped");
+        Ok(())
+    }
+}
+
+/// Open the spool and catalog, bind the listeners and start serving. The
+/// collector runs until `stop` is cancelled; see [`Running::wait`].
+pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
+    if cfg.token.is_empty() {
+        anyhow::bail!("the token is empty");
+    }
+    let shared = {
+        let cfg = cfg.clone();
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || state::Shared::open(cfg, stop))
+            .await
+            .context("open the spool")??
+    };
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listen for agents on {}", cfg.listen))?;
+    let api_listener = TcpListener::bind(&cfg.api)
+        .await
+        .with_context(|| format!("serve the API on {}", cfg.api))?;
+    let listen_addr = listener.local_addr().context("agent listener address")?;
+    let api_addr = api_listener.local_addr().context("API listener address")?;
+    for disk in shared.all_disks() {
+        forward::spawn(&shared, &disk);
+    }
+    let tracker = shared.tracker.clone();
+    tracker.spawn(agent::accept_loop(shared.clone(), listener));
+    tracker.spawn(api::serve(shared.clone(), api_listener));
+    info!(
+        listen = %listen_addr,
+        api = %api_addr,
+        target = %cfg.target,
+        spool = %cfg.spool.display(),
+        spool_cap = %tidemark_util::human::format_size(cfg.spool_cap),
+        "collector serving"
+    );
+    Ok(Running {
+        listen_addr,
+        api_addr,
+        stop,
+        tracker,
+    })
+}
+
+/// Run the collector until `stop` is cancelled.
+pub async fn run(cfg: Config, stop: CancellationToken) -> Result<()> {
+    start(cfg, stop).await?.wait().await
+}

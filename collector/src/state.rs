@@ -1,0 +1,458 @@
+//! The collector's shared state: the disks it knows, their spool indexes,
+//! links to connected agents, what the target last reported, and the
+//! counters behind the status API and metrics.
+//!
+//! Locks: every `Mutex` here is a std mutex held for a few field updates,
+//! never across an `.await` or any I/O.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use tidemark_wire::frame::{AgentMode, Frame, Progress, ReplicaState, Request, TargetState};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::catalog::{uuid_text, Catalog, DiskRow, Resync};
+use crate::config::Config;
+
+/// Bytes of frames and spool files being decoded, packed or written at
+/// once, across all connections (a frame body is at most 40 MiB, and
+/// decoding holds it about twice).
+pub(crate) const MEMORY_BUDGET: u64 = 160 << 20;
+
+/// Lag beyond which a connected disk is reported as backlogged.
+const BACKLOG_LAG_S: f64 = 10.0;
+
+/// A frame for an agent connection's writer; `done` fires once it is written.
+#[derive(Debug)]
+pub(crate) struct Out {
+    pub frame: Frame,
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+/// The connected agent of a disk.
+#[derive(Debug)]
+pub(crate) struct AgentLink {
+    pub conn: u64,
+    pub tx: mpsc::Sender<Out>,
+}
+
+/// One spool file in a disk's index.
+#[derive(Clone, Debug)]
+pub(crate) struct SpoolEntry {
+    pub last: u64,
+    pub len: u64,
+    /// Time of the first record (0 when the file's header is unreadable).
+    pub first_time_ns: u64,
+    pub payload_bytes: u64,
+    pub path: PathBuf,
+}
+
+#[derive(Debug)]
+pub(crate) struct DiskState {
+    pub uuid: [u8; 16],
+    /// Bumped on every rebind; a target session of an older generation ends.
+    pub generation: u64,
+    pub session: CancellationToken,
+    /// Highest seq durable here (spool or already trimmed).
+    pub acked_seq: u64,
+    /// Highest seq the target acknowledged.
+    pub applied_seq: u64,
+    pub trimmed_seq: u64,
+    /// Spool files by first seq.
+    pub files: BTreeMap<u64, SpoolEntry>,
+    pub spool_bytes: u64,
+    pub agent: Option<AgentLink>,
+    pub target_connected: bool,
+    pub target_state: Option<TargetState>,
+    pub progress: Option<(Progress, Instant)>,
+    /// (when, written_bytes, sync_done) of recent Progress reports.
+    pub samples: VecDeque<(Instant, u64, u64)>,
+    pub pending_full_sync: bool,
+    pub full_sync_since: u64,
+    pub force_target: bool,
+}
+
+/// One disk the collector serves.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub id: String,
+    pub dir: PathBuf,
+    pub st: Mutex<DiskState>,
+    /// A batch was spooled, or the binding changed: the forwarder looks again.
+    pub spooled: Notify,
+    /// A Progress arrived (for `refresh`).
+    pub progress_seen: Notify,
+    pub wire_bytes: AtomicU64,
+    pub payload_bytes: AtomicU64,
+    pub dedup_hits: AtomicU64,
+    pub zero_blocks: AtomicU64,
+    pub corrupt_records: AtomicU64,
+}
+
+impl Disk {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DiskState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Collector-wide counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub refused: AtomicU64,
+    pub batches_spooled: AtomicU64,
+    pub records_spooled: AtomicU64,
+    pub bytes_spooled: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
+    pub batches_forwarded: AtomicU64,
+    pub spool_full_episodes: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub catalog: Catalog,
+    disks: Mutex<BTreeMap<String, Arc<Disk>>>,
+    pub spool_bytes: AtomicU64,
+    /// Notified whenever the spool shrinks.
+    pub space: Notify,
+    pub spool_full: AtomicBool,
+    pub agents_connected: AtomicU64,
+    pub started: Instant,
+    pub stop: CancellationToken,
+    pub tracker: TaskTracker,
+    /// Permits are KiB of [`MEMORY_BUDGET`].
+    pub memory: Semaphore,
+    pub counters: Counters,
+    next_conn: AtomicU64,
+}
+
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// KiB permits for `bytes` of the memory budget (at least 1, at most all).
+pub(crate) fn kib_permits(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).clamp(1, MEMORY_BUDGET / 1024)).unwrap_or(u32::MAX)
+}
+
+impl Shared {
+    /// Open the spool directory and catalog and index every disk's spool
+    /// (blocking: it reads every spool file header).
+    pub(crate) fn open(cfg: Config, stop: CancellationToken) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&cfg.spool).with_context(|| format!("create spool {}", cfg.spool.display()))?;
+        let catalog = Catalog::open(&cfg.spool.join("catalog.db"))?;
+        let shared = Arc::new(Self {
+            catalog,
+            disks: Mutex::new(BTreeMap::new()),
+            spool_bytes: AtomicU64::new(0),
+            space: Notify::new(),
+            spool_full: AtomicBool::new(false),
+            agents_connected: AtomicU64::new(0),
+            started: Instant::now(),
+            stop,
+            tracker: TaskTracker::new(),
+            memory: Semaphore::new(usize::try_from(MEMORY_BUDGET / 1024).unwrap_or(usize::MAX)),
+            counters: Counters::default(),
+            next_conn: AtomicU64::new(1),
+            cfg,
+        });
+        for row in shared.catalog.disks()? {
+            let disk = crate::spool::load_disk(&shared, &row)?;
+            shared.insert_disk(disk);
+        }
+        Ok(shared)
+    }
+
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn disks(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Disk>>> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn disk(&self, id: &str) -> Option<Arc<Disk>> {
+        self.disks().get(id).cloned()
+    }
+
+    pub(crate) fn all_disks(&self) -> Vec<Arc<Disk>> {
+        self.disks().values().cloned().collect()
+    }
+
+    pub(crate) fn insert_disk(&self, disk: Arc<Disk>) {
+        self.disks().insert(disk.id.clone(), disk);
+    }
+
+    /// A new in-memory disk for a catalog row, with an empty spool index.
+    pub(crate) fn new_disk(&self, row: &DiskRow) -> Disk {
+        Disk {
+            id: row.disk_id.clone(),
+            dir: self.cfg.spool.join(&row.disk_id),
+            st: Mutex::new(DiskState {
+                uuid: row.disk_uuid,
+                generation: 0,
+                session: CancellationToken::new(),
+                acked_seq: row.trimmed_seq,
+                applied_seq: 0,
+                trimmed_seq: row.trimmed_seq,
+                files: BTreeMap::new(),
+                spool_bytes: 0,
+                agent: None,
+                target_connected: false,
+                target_state: None,
+                progress: None,
+                samples: VecDeque::new(),
+                pending_full_sync: row.pending_full_sync,
+                full_sync_since: row.full_sync_since,
+                force_target: row.force_target,
+            }),
+            spooled: Notify::new(),
+            progress_seen: Notify::new(),
+            wire_bytes: AtomicU64::new(0),
+            payload_bytes: AtomicU64::new(0),
+            dedup_hits: AtomicU64::new(0),
+            zero_blocks: AtomicU64::new(0),
+            corrupt_records: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn is_spool_full(&self) -> bool {
+        self.spool_bytes.load(Ordering::Acquire) >= self.cfg.spool_cap
+    }
+
+    pub(crate) fn spool_grew(&self, bytes: u64) {
+        self.spool_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    pub(crate) fn spool_shrank(&self, bytes: u64) {
+        let _ = self
+            .spool_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(bytes)));
+        if self.spool_full.load(Ordering::Acquire) && !self.is_spool_full() {
+            self.spool_full.store(false, Ordering::Release);
+            info!(
+                spool_bytes = self.spool_bytes.load(Ordering::Relaxed),
+                "spool below its cap again: reading from agents"
+            );
+        }
+        self.space.notify_waiters();
+    }
+
+    /// Wait until the spool is below its cap (or the collector stops). The
+    /// first wait of an episode logs one WARN.
+    pub(crate) async fn wait_for_space(&self) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_spool_full() || self.stop.is_cancelled() {
+                return;
+            }
+            if !self.spool_full.swap(true, Ordering::AcqRel) {
+                self.counters.spool_full_episodes.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    spool_bytes = self.spool_bytes.load(Ordering::Relaxed),
+                    spool_cap = self.cfg.spool_cap,
+                    "spool full: not reading from agents until the target catches up"
+                );
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.stop.cancelled() => return,
+                // A trim on another path may have raced the check above.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// A request from the target (or from the spool reader) for `disk`'s
+    /// agent: kept in the catalog until delivered, sent now if it is connected.
+    pub(crate) fn relay_to_agent(&self, disk: &Disk, req: Request) {
+        match req {
+            Request::FullResync => {
+                let since = {
+                    let mut st = disk.lock();
+                    st.pending_full_sync = true;
+                    st.full_sync_since = st.acked_seq;
+                    st.acked_seq
+                };
+                if let Err(e) = self.catalog.set_pending_full_sync(&disk.id, true, since) {
+                    error!(disk = %disk.id, "cannot record an owed full resync in the catalog: {e:#}");
+                }
+                info!(disk = %disk.id, "full resync requested; owed to the agent until its sync starts");
+            }
+            Request::Resync { seq, offset, length } => {
+                let r = Resync { seq, offset, length };
+                if let Err(e) = self.catalog.add_resync(&disk.id, r) {
+                    error!(disk = %disk.id, seq, "cannot record an owed resync in the catalog: {e:#}");
+                }
+                info!(disk = %disk.id, seq, offset, length, "resync requested for a range");
+            }
+            Request::StatusNow => {}
+        }
+        let tx = disk.lock().agent.as_ref().map(|a| a.tx.clone());
+        let Some(tx) = tx else {
+            return;
+        };
+        let sent = tx
+            .try_send(Out {
+                frame: Frame::Request(req),
+                done: None,
+            })
+            .is_ok();
+        if let (true, Request::Resync { seq, offset, length }) = (sent, req) {
+            if let Err(e) = self.catalog.remove_resync(&disk.id, Resync { seq, offset, length }) {
+                warn!(disk = %disk.id, seq, "cannot drop a delivered resync from the catalog: {e:#}");
+            }
+        }
+    }
+
+    /// `GET /api/v1/status`'s collector object.
+    pub(crate) fn collector_json(&self) -> Value {
+        json!({
+            "spool_bytes": self.spool_bytes.load(Ordering::Relaxed),
+            "spool_cap_bytes": self.cfg.spool_cap,
+            "spool_full": self.is_spool_full(),
+            "agents_connected": self.agents_connected.load(Ordering::Relaxed),
+            "uptime_s": self.started.elapsed().as_secs(),
+        })
+    }
+
+    /// The status of one disk.
+    pub(crate) fn disk_status(&self, disk: &Disk) -> DiskStatus {
+        let st = disk.lock();
+        let now = Instant::now();
+        let now_ns = now_ns();
+        let unapplied = st.files.values().filter(|e| e.last > st.applied_seq);
+        let mut lag_bytes = 0u64;
+        let mut oldest_ns = None;
+        for e in unapplied {
+            lag_bytes += e.payload_bytes;
+            if oldest_ns.is_none() && e.first_time_ns != 0 {
+                oldest_ns = Some(e.first_time_ns);
+            }
+        }
+        let lag_seconds = oldest_ns.map_or(0.0, |t| now_ns.saturating_sub(t) as f64 / 1e9);
+        let agent_connected = st.agent.is_some();
+        let (progress, progress_at) = match &st.progress {
+            Some((p, at)) => (Some(p.clone()), Some(*at)),
+            None => (None, None),
+        };
+        if let Some(p) = &progress {
+            if agent_connected {
+                lag_bytes += p.backlog_bytes;
+            }
+        }
+        let (write_rate, sync_rate) = rates(&st.samples, now);
+        let target_state = st.target_state;
+        let halted = target_state.is_some_and(|t| t.state == ReplicaState::Halted);
+        let agent_mode = progress.as_ref().map(|p| p.mode).filter(|_| agent_connected);
+        let mode = if halted {
+            "halted"
+        } else if let Some(m) = agent_mode.filter(|m| *m != AgentMode::Streaming) {
+            m.name()
+        } else if !agent_connected {
+            "disconnected"
+        } else if !st.target_connected || lag_seconds > BACKLOG_LAG_S {
+            "backlogged"
+        } else {
+            "streaming"
+        };
+        let syncing =
+            agent_mode.is_some_and(|m| matches!(m, AgentMode::InitialSync | AgentMode::Resync | AgentMode::FullResync));
+        let (sync_done, sync_total) = progress.as_ref().map_or((0, 0), |p| (p.sync_done, p.sync_total));
+        let sync_percent =
+            (syncing && sync_total > 0).then(|| (sync_done as f64 * 100.0 / sync_total as f64).min(100.0));
+        let sync_eta = (syncing && sync_rate > 0.0).then(|| sync_total.saturating_sub(sync_done) as f64 / sync_rate);
+        let wire = disk.wire_bytes.load(Ordering::Relaxed);
+        let payload = disk.payload_bytes.load(Ordering::Relaxed);
+        DiskStatus {
+            json: json!({
+                "disk_id": disk.id,
+                "disk_uuid": uuid_text(&st.uuid),
+                "mode": mode,
+                "sync_percent": sync_percent,
+                "sync_done_bytes": sync_done,
+                "sync_total_bytes": sync_total,
+                "sync_eta_s": sync_eta,
+                "source_seq": progress.as_ref().map_or(0, |p| p.source_seq),
+                // Never reported: at least as old as this collector.
+                "source_age_s": progress_at.map_or(self.started.elapsed(), |at| now - at).as_secs_f64(),
+                "acked_seq": st.acked_seq,
+                "applied_seq": st.applied_seq,
+                "target_state": target_state.map_or("unknown", |t| t.state.name()),
+                "halted_seq": target_state.filter(|t| t.state == ReplicaState::Halted).map(|t| t.halted_seq),
+                "lag_seconds": lag_seconds,
+                "lag_bytes": lag_bytes,
+                "write_rate_bps": write_rate,
+                "wire_bytes": wire,
+                "payload_bytes": payload,
+                "wire_ratio": (payload > 0).then(|| wire as f64 / payload as f64),
+                "dedup_hits": disk.dedup_hits.load(Ordering::Relaxed),
+                "zero_blocks": disk.zero_blocks.load(Ordering::Relaxed),
+                "full_resyncs": progress.as_ref().map_or(0, |p| p.full_resyncs),
+                "agent_connected": agent_connected,
+                "target_connected": st.target_connected,
+                "spool_bytes": st.spool_bytes,
+            }),
+            lag_seconds,
+            lag_bytes,
+        }
+    }
+}
+
+/// A disk's status object and the numbers the metrics reuse.
+pub(crate) struct DiskStatus {
+    pub json: Value,
+    pub lag_seconds: f64,
+    pub lag_bytes: u64,
+}
+
+/// Client write rate and sync rate (bytes/s) over the samples (~5 s).
+fn rates(samples: &VecDeque<(Instant, u64, u64)>, now: Instant) -> (f64, f64) {
+    let (Some(first), Some(last)) = (samples.front(), samples.back()) else {
+        return (0.0, 0.0);
+    };
+    let dt = last.0.duration_since(first.0).as_secs_f64();
+    // A stream that stopped reporting has no current rate.
+    if dt <= 0.0 || now.duration_since(last.0) > Duration::from_secs(10) {
+        return (0.0, 0.0);
+    }
+    (
+        last.1.saturating_sub(first.1) as f64 / dt,
+        last.2.saturating_sub(first.2) as f64 / dt,
+    )
+}
+
+/// Record a Progress report.
+pub(crate) fn note_progress(disk: &Disk, p: Progress) {
+    let now = Instant::now();
+    {
+        let mut st = disk.lock();
+        // A restarted agent counts from zero again.
+        if st.samples.back().is_some_and(|s| s.1 > p.written_bytes) {
+            st.samples.clear();
+        }
+        st.samples.push_back((now, p.written_bytes, p.sync_done));
+        while st
+            .samples
+            .front()
+            .is_some_and(|s| now.duration_since(s.0) > Duration::from_secs(5))
+            && st.samples.len() > 2
+        {
+            st.samples.pop_front();
+        }
+        st.progress = Some((p, now));
+    }
+    disk.progress_seen.notify_waiters();
+}
