@@ -72,3 +72,19 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     }
     Ok(t.to_vec())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_is_trimmed_and_must_not_be_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        std::fs::write(&p, " \n s3cret \t\n").unwrap();
+        assert_eq!(read_token(&p).unwrap(), b"s3cret");
+        std::fs::write(&p, " \n\t").unwrap();
+        assert!(read_token(&p).unwrap_err().to_string().contains("empty"));
+        assert!(read_token(&d.path().join("missing")).is_err());
+    }
+}
