@@ -188,19 +188,48 @@ fn syncing(d: &Value) -> bool {
 pub fn wait(a: WaitArgs) -> Result<()> {
     let start = Instant::now();
     let path = format!("/api/v1/disks/{}", a.disk);
-    // A fresh source seq from the agent; if it is not connected, the last
-    // one it reported (and say so).
-    let target = match call(&a.api, "POST", &format!("{path}/refresh")) {
-        Ok(d) => u(&d, "source_seq"),
-        Err(e) => {
-            let d = call(&a.api, "GET", &path)?;
-            eprintln!("tidemark: warning: no fresh seq from the agent ({e}); waiting for its last report");
-            u(&d, "source_seq")
+    // A fresh source seq from the agent. While it is not connected (it may
+    // be reconnecting after a restart of either side) keep asking: the last
+    // seq it reported may be stale, or lost with a collector restart.
+    let mut noted = false;
+    let mut target = loop {
+        match call(&a.api, "POST", &format!("{path}/refresh")) {
+            Ok(d) => break u(&d, "source_seq"),
+            Err(e) => {
+                if start.elapsed() >= a.timeout {
+                    bail!(
+                        "timed out after {} waiting for the agent of disk {} to report its seq: {e}",
+                        format_duration(a.timeout),
+                        a.disk
+                    );
+                }
+                if !noted {
+                    eprintln!("waiting for the agent of {} to connect ({e})", a.disk);
+                    noted = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     };
     let mut last_note = Instant::now();
+    let mut was_syncing = false;
     loop {
-        let d = call(&a.api, "GET", &path)?;
+        let mut d = call(&a.api, "GET", &path)?;
+        // A sync that was running when we asked ends with records (and a
+        // SyncDone) newer than the seq we fetched: once it is over, ask again.
+        if syncing(&d) {
+            was_syncing = true;
+        } else if was_syncing {
+            was_syncing = false;
+            if let Ok(fresh) = call(&a.api, "POST", &format!("{path}/refresh")) {
+                target = target.max(u(&fresh, "source_seq"));
+                d = fresh;
+            } else {
+                was_syncing = true;
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        }
         let applied = u(&d, "applied_seq");
         if applied >= target && !syncing(&d) {
             println!(
