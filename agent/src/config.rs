@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::ship::ShipConfig;
 pub use tidemark_nbd::ListenAddr;
 
 /// Everything `protect` needs.
@@ -18,6 +19,9 @@ pub struct ProtectConfig {
     /// Benchmarks only: consume journal records as soon as they are
     /// written, standing in for a collector, so segments recycle.
     pub bench_consume: bool,
+    /// Ship the journal to this collector; `None`: journal only (no
+    /// shipping, no sync).
+    pub ship: Option<ShipConfig>,
 }
 
 /// Check a disk id: 1–64 of `[A-Za-z0-9._-]`.

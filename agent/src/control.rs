@@ -75,6 +75,7 @@ mod tests {
             create_size: Some(1 << 20),
             journal_cap: None,
             bench_consume: false,
+            ship: None,
         };
         let o = crate::run::open(&cfg).unwrap();
         let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, r#"{"cmd":"status"}"#)).unwrap();

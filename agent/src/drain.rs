@@ -23,7 +23,10 @@ pub fn spawn(shim: Shim, stop: CancellationToken) -> std::thread::JoinHandle<()>
             let upto = shim.applied_watermark();
             if shim.core().journal.recyclable(upto) {
                 match Journal::persist_consumed(&dir, upto).and_then(|_| shim.core().journal.recycle(upto)) {
-                    Ok(()) => consumed = upto,
+                    Ok(()) => {
+                        consumed = upto;
+                        shim.maybe_exit_bitmap_mode();
+                    }
                     Err(e) => warn!("bench consumer: {e}"),
                 }
             }

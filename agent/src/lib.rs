@@ -14,7 +14,9 @@ pub mod drain;
 pub mod ranges;
 pub mod run;
 pub mod shim;
+pub mod ship;
 pub mod state;
+pub mod sync;
 pub mod syncer;
 
 /// Nanoseconds since the Unix epoch, for record timestamps.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use tidemark_agent::config::ProtectConfig;
+use tidemark_agent::config::{ProtectConfig, ShipConfig};
 use tidemark_util::human::parse_size;
 
 #[derive(Parser)]
@@ -49,6 +49,17 @@ struct ProtectArgs {
     /// Journal size cap (e.g. 2G); default 10 % of the disk, at least 1 GiB.
     #[arg(long)]
     journal_cap: Option<String>,
+    /// Ship the journal to this collector (HOST:PORT); without it the
+    /// agent only journals.
+    #[arg(long)]
+    collector: Option<String>,
+    /// File holding the collector's shared token (required with --collector).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Rebind this disk id at the collector to this disk (after the disk
+    /// was replaced) and resync the whole disk.
+    #[arg(long)]
+    force_resync: bool,
     /// Benchmarks only: consume the journal locally so segments recycle.
     #[arg(long, hide = true)]
     bench_consume: bool,
@@ -64,6 +75,9 @@ struct FileConfig {
     disk_id: Option<String>,
     create_size: Option<String>,
     journal_cap: Option<String>,
+    collector: Option<String>,
+    token_file: Option<PathBuf>,
+    force_resync: bool,
 }
 
 fn build(a: ProtectArgs) -> Result<ProtectConfig> {
@@ -99,6 +113,36 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
         v.map(|s| parse_size(&s).with_context(|| format!("--{flag}")))
             .transpose()
     };
+    let ship = match a.collector.or(file.collector) {
+        Some(addr) => {
+            let tf = a
+                .token_file
+                .or(file.token_file)
+                .context("--token-file is required with --collector (or `token_file` in the config file)")?;
+            let token = std::fs::read_to_string(&tf)
+                .with_context(|| format!("read token file {}", tf.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec();
+            if token.is_empty() {
+                anyhow::bail!("token file {} is empty", tf.display());
+            }
+            if !addr.contains(':') {
+                anyhow::bail!("--collector {addr:?} must be HOST:PORT");
+            }
+            Some(ShipConfig {
+                addr,
+                token,
+                force_resync: a.force_resync || file.force_resync,
+            })
+        }
+        None => {
+            if a.force_resync || file.force_resync {
+                anyhow::bail!("--force-resync needs --collector");
+            }
+            None
+        }
+    };
     Ok(ProtectConfig {
         create_size: size("create-size", a.create_size.or(file.create_size))?,
         journal_cap: size("journal-cap", a.journal_cap.or(file.journal_cap))?,
@@ -107,11 +151,21 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
         listen,
         disk_id,
         bench_consume: a.bench_consume,
+        ship,
     })
 }
 
 fn main() -> ExitCode {
     tidemark_util::init_logging();
+    // A panic anywhere (a failpoint set to `panic`, or a bug) ends the
+    // process at once, like a crash: nothing half-done is tidied up.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    // Failpoints from the FAILPOINTS environment variable (tests only).
+    let scenario = fail::FailScenario::setup();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Protect(a) => build(a).and_then(|cfg| {
@@ -127,6 +181,7 @@ fn main() -> ExitCode {
             rt.block_on(tidemark_agent::run::protect(cfg))
         }),
     };
+    scenario.teardown();
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -153,6 +153,17 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
         cap_bytes: cap,
     };
     let (journal, report) = Journal::open(jcfg).context("open journal")?;
+    // The first run owes the initial sync, from seq 1. A state directory
+    // without a sync state (made by an older agent, or a crash right after
+    // the journal was created) owes it too: seq 1 is the safe start.
+    let sync = match crate::sync::load(&state.dir)? {
+        Some(s) => s,
+        None => {
+            let s = crate::sync::SyncFile::initial(1, size);
+            crate::sync::store(&crate::sync::state_path(&state.dir), &s)?;
+            s
+        }
+    };
     if let Some(t) = &report.torn_tail {
         warn!(disk = %meta.disk_id, "journal had a torn tail: {t}");
     }
@@ -199,7 +210,9 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
         journal,
         bitmap,
         bitmap_path,
+        state_dir: state.dir.clone(),
         resync_required: state.resync_required(),
+        sync,
     });
     if shim.mode() == crate::shim::Mode::Bitmap {
         warn!(disk = %meta.disk_id, "starting in bitmap mode: regions written past the journal cap await resync");
@@ -267,6 +280,19 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
     let drain = cfg
         .bench_consume
         .then(|| crate::drain::spawn(shim.clone(), stop.clone()));
+    // Shipping and syncing need a collector; without one the agent only
+    // journals (the sync state stays recorded for when one is configured).
+    let sync_driver = match &cfg.ship {
+        Some(_) => Some(
+            crate::sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current())
+                .context("start the sync driver")?,
+        ),
+        None => None,
+    };
+    let shipper = cfg
+        .ship
+        .clone()
+        .map(|sc| tokio::spawn(crate::ship::run(shim.clone(), sc, stop.clone())));
     info!(disk = %cfg.disk_id, listen = ?cfg.listen, "serving");
     let backend = Arc::new(shim.clone());
     tidemark_nbd::serve(listener, backend, stop.clone())
@@ -275,6 +301,14 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
     stop.cancel();
     if let Some(d) = drain {
         let _ = d.join();
+    }
+    if let Some(s) = shipper {
+        let _ = s.await;
+    }
+    if let Some(d) = sync_driver {
+        // Off the runtime thread: the driver may be waiting for a write
+        // that this thread has to finish.
+        let _ = tokio::task::spawn_blocking(move || d.join()).await;
     }
     shim.sync_all().await.context("final flush")?;
     let next = shim.core().journal.next_seq();

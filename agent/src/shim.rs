@@ -10,13 +10,23 @@
 //! Past the journal cap the shim is in bitmap mode: the region goes into the
 //! persistent dirty bitmap instead of the journal, before the disk write. A
 //! journal or bitmap I/O error fails the request: a write is never
-//! acknowledged untracked.
+//! acknowledged untracked. Once the journal is below half its cap again
+//! ([`Shim::maybe_exit_bitmap_mode`]) it returns to journal mode and the
+//! sync driver resyncs the dirty regions.
+//!
+//! Syncs ([`crate::sync`]) read the disk here too, chunk by chunk
+//! ([`Shim::sync_chunk`]): under the journal lock the chunk is *fenced* and
+//! gets a range ticket; older overlapping writes drain; the chunk is read
+//! and its records appended; only then is the fence lifted. A write that
+//! overlaps a fenced chunk waits (outside the lock) and is journaled after
+//! the chunk's records, so no client write gets a seq between the moment a
+//! sync reads a range and the moment that range's records get theirs.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -26,10 +36,13 @@ use tidemark_formats::journal::Journal;
 use tidemark_formats::ErrorKind;
 use tidemark_nbd::{Backend, ExportInfo, Extent, ZeroFlags};
 use tidemark_util::fileops::{self, BackingKind};
-use tidemark_wire::record::RecordKind;
-use tracing::{error, warn};
+use tidemark_wire::frame::{AgentMode, Progress};
+use tidemark_wire::record::{RecordKind, FLAG_FULL, FLAG_SYNC};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
 
 use crate::ranges::{RangeLocks, Ticket};
+use crate::sync::{SyncFile, SyncKind, SyncShared};
 use crate::syncer::Syncer;
 
 /// How writes are tracked.
@@ -57,6 +70,22 @@ pub struct Stats {
     pub io_errors: AtomicU64,
     pub tracking_errors: AtomicU64,
     pub mode_changes: AtomicU64,
+    pub sync_records: AtomicU64,
+    pub sync_bytes: AtomicU64,
+    pub fence_waits: AtomicU64,
+}
+
+/// What the shipper last knew of the collector (status only).
+#[derive(Debug, Default)]
+pub struct LinkStatus {
+    /// `HOST:PORT` of the collector, when one is configured.
+    pub collector: Mutex<Option<String>>,
+    pub connected: AtomicBool,
+    /// Highest seq the collector acknowledged.
+    pub acked_seq: AtomicU64,
+    pub batches: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub reconnects: AtomicU64,
 }
 
 /// What the journal lock protects.
@@ -65,6 +94,16 @@ pub struct Core {
     pub journal: Journal,
     pub bitmap: Option<DirtyBitmap>,
     pub mode: Mode,
+    /// `[start, end)` being read by the sync driver: writes overlapping it
+    /// wait until its records are appended.
+    fence: Option<(u64, u64)>,
+}
+
+impl Core {
+    fn fenced(&self, offset: u64, len: u64) -> bool {
+        self.fence
+            .is_some_and(|(s, e)| offset < e && s < offset.saturating_add(len))
+    }
 }
 
 /// Shared state of one protected disk.
@@ -77,11 +116,20 @@ pub struct Inner {
     pub kind: BackingKind,
     pub size: u64,
     pub bitmap_path: PathBuf,
-    resync_required: bool,
+    pub state_dir: PathBuf,
+    resync_required: AtomicBool,
     core: Mutex<Core>,
     ranges: Arc<RangeLocks>,
     syncer: Syncer,
     pub stats: Stats,
+    /// Sync state (initial sync, resync, full resync).
+    pub sync: SyncShared,
+    /// The collector link, for status.
+    pub link: LinkStatus,
+    /// Woken when a sync chunk lifts its fence.
+    fence_lifted: Notify,
+    /// Woken when records become shippable (the shipper waits on it).
+    pub shippable: Notify,
     started: Instant,
     /// Rate limit for per-I/O error logs.
     last_err_log: Mutex<Option<Instant>>,
@@ -104,8 +152,12 @@ pub struct ShimParts {
     pub journal: Journal,
     pub bitmap: Option<DirtyBitmap>,
     pub bitmap_path: PathBuf,
+    /// The state directory (sync state, resync-required marker).
+    pub state_dir: PathBuf,
     /// A full resync is owed (machine crash).
     pub resync_required: bool,
+    /// The persisted sync state.
+    pub sync: SyncFile,
 }
 
 /// A snapshot of the agent's state, for the control socket.
@@ -138,7 +190,65 @@ pub struct Status {
     pub bitmap_writes: u64,
     pub io_errors: u64,
     pub tracking_errors: u64,
+    pub mode_changes: u64,
+    /// What the agent reports to the collector: streaming, initial-sync,
+    /// resync, full-resync or bitmap.
+    pub replication_mode: &'static str,
+    /// The running sync, if any.
+    pub sync: Option<SyncStatus>,
+    pub full_resyncs: u64,
+    /// Journal bytes the collector has not acknowledged.
+    pub journal_backlog_bytes: u64,
+    pub collector: Option<String>,
+    pub collector_connected: bool,
+    pub acked_seq: u64,
     pub uptime_secs: u64,
+}
+
+/// Progress of a running sync.
+#[derive(Debug, Serialize)]
+pub struct SyncStatus {
+    pub kind: SyncKind,
+    pub start_seq: u64,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub percent: f64,
+    pub rate_bps: u64,
+    pub eta_s: Option<u64>,
+    /// Waiting: the journal is above half its cap, or in bitmap mode.
+    pub paused: bool,
+}
+
+/// What [`Shim::sync_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    /// The chunk's records were appended (`first..=last`) and its regions cleared.
+    Appended { first: u64, last: u64, records: u64 },
+    /// The journal has no room for the chunk now; nothing was appended.
+    NoRoom,
+    /// The shim is in bitmap mode; nothing was appended.
+    Bitmap,
+}
+
+/// One piece of a chunk read for a sync.
+enum Piece {
+    Zero { offset: u64, len: u64 },
+    Data { offset: u64, data: Vec<u8> },
+}
+
+/// Lifts a chunk's fence if the chunk ends early (error, no room).
+struct FenceGuard<'a> {
+    inner: &'a Inner,
+    armed: bool,
+}
+
+impl Drop for FenceGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.core().fence = None;
+            self.inner.fence_lifted.notify_waiters();
+        }
+    }
 }
 
 fn eio(msg: String) -> io::Error {
@@ -148,11 +258,17 @@ fn eio(msg: String) -> io::Error {
 impl Shim {
     /// Assemble a shim from an opened journal, bitmap and backing disk.
     pub fn new(p: ShimParts) -> Self {
-        let mode = if p.bitmap.as_ref().is_some_and(|b| b.count() > 0) {
+        // Dirty regions alone do not mean bitmap mode (a sync may be under
+        // way); a journal still above half its cap does: it would leave
+        // bitmap mode only below half.
+        let mode = if p.bitmap.as_ref().is_some_and(|b| b.count() > 0)
+            && p.journal.live_bytes() >= p.journal.config().cap_bytes / 2
+        {
             Mode::Bitmap
         } else {
             Mode::Journal
         };
+        let sync = SyncShared::new(crate::sync::state_path(&p.state_dir), p.sync);
         Self {
             inner: Arc::new(Inner {
                 disk_id: p.disk_id,
@@ -162,15 +278,21 @@ impl Shim {
                 kind: p.kind,
                 size: p.size,
                 bitmap_path: p.bitmap_path,
-                resync_required: p.resync_required,
+                state_dir: p.state_dir,
+                resync_required: AtomicBool::new(p.resync_required),
                 core: Mutex::new(Core {
                     journal: p.journal,
                     bitmap: p.bitmap,
                     mode,
+                    fence: None,
                 }),
                 ranges: Arc::new(RangeLocks::default()),
                 syncer: Syncer::default(),
                 stats: Stats::default(),
+                sync,
+                link: LinkStatus::default(),
+                fence_lifted: Notify::new(),
+                shippable: Notify::new(),
                 started: Instant::now(),
                 last_err_log: Mutex::new(None),
             }),
@@ -204,10 +326,283 @@ impl Shim {
         self.core().mode
     }
 
+    /// Whether a full resync is owed after a machine crash.
+    pub fn resync_required(&self) -> bool {
+        self.inner.resync_required.load(Ordering::Relaxed)
+    }
+
+    /// The full resync owed after a machine crash is now durably recorded
+    /// as the running sync: drop the marker.
+    pub fn clear_resync_required(&self) -> io::Result<()> {
+        tidemark_util::crashsafe::remove_durable(&self.inner.state_dir.join("resync-required"))?;
+        self.inner.resync_required.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Leave bitmap mode once the journal is below half its cap; the sync
+    /// driver then resyncs the dirty regions. Returns whether it left.
+    pub fn maybe_exit_bitmap_mode(&self) -> bool {
+        let mut core = self.core();
+        if core.mode != Mode::Bitmap {
+            return false;
+        }
+        let cap = core.journal.config().cap_bytes;
+        let held = core.journal.live_bytes();
+        if held >= cap / 2 {
+            return false;
+        }
+        core.mode = Mode::Journal;
+        let (regions, bytes) = core.bitmap.as_ref().map_or((0, 0), |b| (b.count(), b.dirty_bytes()));
+        drop(core);
+        self.inner.stats.mode_changes.fetch_add(1, Ordering::Relaxed);
+        info!(
+            disk = %self.inner.disk_id,
+            "mode bitmap -> journal: the journal is below half its cap ({held} of {cap} bytes); \
+             resyncing {regions} dirty regions ({bytes} bytes)"
+        );
+        self.inner.sync.wake();
+        true
+    }
+
+    /// Mark `[offset, offset+len)` (clipped to the disk) for resync, e.g.
+    /// at the target's request; the sync driver picks it up.
+    pub fn mark_for_resync(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.inner.size;
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Err(eio(format!(
+                "resync range {offset}+{len} is outside the {size}-byte disk"
+            )));
+        }
+        {
+            let mut core = self.core();
+            let bitmap = self.inner.bitmap_mut(&mut core)?;
+            bitmap.mark(offset, end - offset).map_err(io::Error::from)?;
+        }
+        self.inner.sync.wake();
+        Ok(())
+    }
+
+    /// Mark every region for a whole-disk sync and make the marks durable.
+    pub fn mark_all_for_sync(&self) -> io::Result<()> {
+        let handle = {
+            let mut core = self.core();
+            let bitmap = self.inner.bitmap_mut(&mut core)?;
+            bitmap.mark_all().map_err(io::Error::from)?;
+            bitmap.sync_handle().map_err(io::Error::from)?
+        };
+        fileops::fdatasync(&handle)
+    }
+
+    /// Make the bitmap's bits durable (outside the journal lock).
+    pub fn persist_bitmap(&self) -> io::Result<()> {
+        let handle = match self.core().bitmap.as_ref().map(DirtyBitmap::sync_handle) {
+            Some(h) => h.map_err(io::Error::from)?,
+            None => return Ok(()),
+        };
+        fileops::fdatasync(&handle)
+    }
+
+    /// Dirty regions as (count, bytes).
+    pub fn dirty(&self) -> (u64, u64) {
+        self.core()
+            .bitmap
+            .as_ref()
+            .map_or((0, 0), |b| (b.count(), b.dirty_bytes()))
+    }
+
+    /// The first dirty run at or after `from`, at most `max` bytes long.
+    pub fn next_dirty(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let core = self.core();
+        let b = core.bitmap.as_ref()?;
+        b.next_dirty(from).map(|(o, l)| (o, l.min(max)))
+    }
+
+    /// Sync one chunk `[offset, offset+len)` (region-aligned, at most a
+    /// few MiB): fence it, wait for older overlapping writes, read it
+    /// through the backing disk, append its `Sync` / `Zero|FLAG_SYNC`
+    /// records, clear its regions in the bitmap, lift the fence. `full`
+    /// adds `FLAG_FULL`. `wait` drives the async ticket wait from the
+    /// caller's thread (e.g. `tokio::runtime::Handle::block_on`).
+    pub fn sync_chunk(
+        &self,
+        offset: u64,
+        len: u64,
+        full: bool,
+        wait: impl FnOnce(&Ticket),
+    ) -> io::Result<ChunkOutcome> {
+        let inner = &*self.inner;
+        check_range(inner.size, offset, len)?;
+        let ticket = {
+            let mut core = inner.core();
+            if core.mode != Mode::Journal {
+                return Ok(ChunkOutcome::Bitmap);
+            }
+            core.fence = Some((offset, offset + len));
+            inner.ranges.register(offset, len, None)
+        };
+        let mut guard = FenceGuard { inner, armed: true };
+        wait(&ticket);
+        let pieces = inner.read_for_sync(offset, len)?;
+        let full_flag = if full { FLAG_FULL } else { 0 };
+        let hashed: Vec<(Piece, [u8; 32])> = pieces
+            .into_iter()
+            .map(|p| {
+                let h = match &p {
+                    Piece::Data { data, .. } => blake3::hash(data),
+                    Piece::Zero { .. } => blake3::hash(&[]),
+                };
+                (p, *h.as_bytes())
+            })
+            .collect();
+        let payload: u64 = hashed
+            .iter()
+            .map(|(p, _)| match p {
+                Piece::Data { data, .. } => data.len() as u64,
+                Piece::Zero { .. } => 0,
+            })
+            .sum();
+        // Tests widen the window between the read and the append here.
+        fail::fail_point!("agent-sync-before-append");
+        let now = crate::now_ns();
+        let mut core = inner.core();
+        if core.mode != Mode::Journal {
+            return Ok(ChunkOutcome::Bitmap);
+        }
+        if !core.journal.has_room_for(hashed.len() as u64, payload) {
+            return Ok(ChunkOutcome::NoRoom);
+        }
+        let (mut first, mut last) = (0, 0);
+        for (p, hash) in &hashed {
+            let seq = match p {
+                Piece::Data { offset, data } => core.journal.append(
+                    RecordKind::Sync,
+                    full_flag,
+                    *offset,
+                    data.len() as u64,
+                    data,
+                    *hash,
+                    now,
+                ),
+                Piece::Zero { offset, len } => {
+                    core.journal
+                        .append(RecordKind::Zero, FLAG_SYNC | full_flag, *offset, *len, &[], *hash, now)
+                }
+            }
+            .map_err(|e| {
+                inner.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
+                io::Error::from(e)
+            })?;
+            if first == 0 {
+                first = seq;
+            }
+            last = seq;
+        }
+        if let Some(b) = core.bitmap.as_mut() {
+            b.unmark(offset, len).map_err(io::Error::from)?;
+        }
+        core.fence = None;
+        drop(core);
+        guard.armed = false;
+        inner.fence_lifted.notify_waiters();
+        inner.shippable.notify_one();
+        drop(ticket);
+        let n = hashed.len() as u64;
+        inner.stats.journal_records.fetch_add(n, Ordering::Relaxed);
+        inner.stats.sync_records.fetch_add(n, Ordering::Relaxed);
+        inner.stats.sync_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(ChunkOutcome::Appended {
+            first,
+            last,
+            records: n,
+        })
+    }
+
+    /// Append `SyncDone` for a sync that started at `start_seq`, if no
+    /// region is dirty and the shim is in journal mode; returns its seq.
+    pub fn append_sync_done(&self, start_seq: u64, full: bool) -> io::Result<Option<u64>> {
+        let mut core = self.core();
+        if core.mode != Mode::Journal || core.bitmap.as_ref().is_some_and(|b| b.count() > 0) {
+            return Ok(None);
+        }
+        let hash = *blake3::hash(&[]).as_bytes();
+        let flags = if full { FLAG_FULL } else { 0 };
+        let seq = core
+            .journal
+            .append(RecordKind::SyncDone, flags, start_seq, 0, &[], hash, crate::now_ns())
+            .map_err(io::Error::from)?;
+        drop(core);
+        self.inner.stats.journal_records.fetch_add(1, Ordering::Relaxed);
+        self.inner.shippable.notify_one();
+        Ok(Some(seq))
+    }
+
+    /// The journal's fill as (live bytes, cap).
+    pub fn journal_fill(&self) -> (u64, u64) {
+        let core = self.core();
+        (core.journal.live_bytes(), core.journal.config().cap_bytes)
+    }
+
+    /// The mode reported to the collector.
+    pub fn agent_mode(&self) -> AgentMode {
+        if self.mode() == Mode::Bitmap {
+            return AgentMode::Bitmap;
+        }
+        match self.inner.sync.snapshot().kind {
+            Some(SyncKind::Initial) => AgentMode::InitialSync,
+            Some(SyncKind::Resync) => AgentMode::Resync,
+            Some(SyncKind::Full) => AgentMode::FullResync,
+            None => AgentMode::Streaming,
+        }
+    }
+
+    /// The agent's report to the collector.
+    pub fn progress(&self) -> Progress {
+        let (source_seq, backlog) = {
+            let core = self.core();
+            let acked = self.inner.link.acked_seq.load(Ordering::Relaxed);
+            (
+                core.journal.next_seq().saturating_sub(1),
+                core.journal.bytes_after(acked.max(core.journal.consumed_seq())),
+            )
+        };
+        let (done, total) = self.sync_done_total();
+        Progress {
+            source_seq,
+            mode: self.agent_mode(),
+            sync_done: done,
+            sync_total: total,
+            full_resyncs: self.inner.sync.snapshot().full_resyncs,
+            backlog_bytes: backlog,
+            written_bytes: self.inner.stats.write_bytes.load(Ordering::Relaxed),
+            time_ns: crate::now_ns(),
+        }
+    }
+
+    /// Bytes done and total of the running sync (0, 0 when none).
+    pub fn sync_done_total(&self) -> (u64, u64) {
+        let f = self.inner.sync.snapshot();
+        let Some(kind) = f.kind else {
+            return (0, 0);
+        };
+        if kind.whole_disk() && !f.marked {
+            return (0, f.total_bytes);
+        }
+        let (_, dirty) = self.dirty();
+        let total = f.total_bytes.max(dirty);
+        (total - dirty, total)
+    }
+
     /// A status snapshot.
     pub fn status(&self) -> Status {
         let s = &self.inner.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (sync_done, sync_total) = self.sync_done_total();
+        let sf = self.inner.sync.snapshot();
+        let replication_mode = self.agent_mode().name();
+        let rate = self.inner.sync.rate_bps();
+        let (jfill, jcap) = self.journal_fill();
+        let acked = self.inner.link.acked_seq.load(Ordering::Relaxed);
         let core = self.core();
         let (regions, bytes, gran) = core
             .bitmap
@@ -221,7 +616,7 @@ impl Shim {
             disk_path: self.inner.disk_path.display().to_string(),
             disk_size: self.inner.size,
             mode: core.mode,
-            resync_required: self.inner.resync_required,
+            resync_required: self.resync_required(),
             next_seq: core.journal.next_seq(),
             last_seq: core.journal.next_seq().saturating_sub(1),
             consumed_seq: core.journal.consumed_seq(),
@@ -241,6 +636,36 @@ impl Shim {
             bitmap_writes: l(&s.bitmap_writes),
             io_errors: l(&s.io_errors),
             tracking_errors: l(&s.tracking_errors),
+            mode_changes: l(&s.mode_changes),
+            replication_mode,
+            sync: sf.kind.map(|kind| {
+                let left = sync_total - sync_done;
+                SyncStatus {
+                    kind,
+                    start_seq: sf.start_seq,
+                    done_bytes: sync_done,
+                    total_bytes: sync_total,
+                    percent: if sync_total == 0 {
+                        100.0
+                    } else {
+                        (sync_done as f64) * 100.0 / (sync_total as f64)
+                    },
+                    rate_bps: rate,
+                    eta_s: left.checked_div(rate),
+                    paused: core.mode == Mode::Bitmap || jfill > jcap / 2,
+                }
+            }),
+            full_resyncs: sf.full_resyncs,
+            journal_backlog_bytes: core.journal.bytes_after(acked.max(core.journal.consumed_seq())),
+            collector: self
+                .inner
+                .link
+                .collector
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            collector_connected: self.inner.link.connected.load(Ordering::Relaxed),
+            acked_seq: acked,
             uptime_secs: self.inner.started.elapsed().as_secs(),
         }
     }
@@ -305,6 +730,42 @@ impl Shim {
             "1 while in bitmap mode.",
             u64::from(st.mode == Mode::Bitmap),
         );
+        put(
+            "mode_changes_total",
+            "counter",
+            "Changes between journal and bitmap mode.",
+            st.mode_changes,
+        );
+        put(
+            "sync_bytes_total",
+            "counter",
+            "Disk bytes read and journaled by syncs.",
+            self.inner.stats.sync_bytes.load(Ordering::Relaxed),
+        );
+        put(
+            "sync_fence_waits_total",
+            "counter",
+            "Client writes that waited for a sync chunk's fence.",
+            self.inner.stats.fence_waits.load(Ordering::Relaxed),
+        );
+        put(
+            "full_resyncs_total",
+            "counter",
+            "Full resyncs of the disk.",
+            st.full_resyncs,
+        );
+        put(
+            "journal_backlog_bytes",
+            "gauge",
+            "Journal bytes not acknowledged by the collector.",
+            st.journal_backlog_bytes,
+        );
+        put(
+            "acked_seq",
+            "gauge",
+            "Highest seq acknowledged by the collector.",
+            st.acked_seq,
+        );
         out
     }
 
@@ -330,19 +791,32 @@ impl Shim {
         data: Vec<u8>,
         keep_allocated: bool,
     ) -> io::Result<()> {
-        let step = if data.len() >= OFFLOAD_MIN {
-            // Hash, journal and write a large payload on a blocking-pool
-            // thread, so the connection goes on reading the next request
-            // meanwhile. Ordering is unaffected: the range ticket, taken
-            // with the journal append, is what orders overlapping writes.
-            let inner = self.inner.clone();
-            tokio::task::spawn_blocking(move || inner.track_and_apply(kind, offset, len, data, keep_allocated))
-                .await
-                .map_err(|e| eio(format!("write task failed: {e}")))??
-        } else {
-            self.inner.track_and_apply(kind, offset, len, data, keep_allocated)?
+        let mut data = data;
+        let step = loop {
+            let step = if data.len() >= OFFLOAD_MIN {
+                // Hash, journal and write a large payload on a blocking-pool
+                // thread, so the connection goes on reading the next request
+                // meanwhile. Ordering is unaffected: the range ticket, taken
+                // with the journal append, is what orders overlapping writes.
+                let inner = self.inner.clone();
+                tokio::task::spawn_blocking(move || inner.track_and_apply(kind, offset, len, data, keep_allocated))
+                    .await
+                    .map_err(|e| eio(format!("write task failed: {e}")))??
+            } else {
+                self.inner.track_and_apply(kind, offset, len, data, keep_allocated)?
+            };
+            match step {
+                Step::Fenced(d) => {
+                    // A sync is reading this range: journal after its records.
+                    self.inner.stats.fence_waits.fetch_add(1, Ordering::Relaxed);
+                    self.inner.wait_unfenced(offset, len).await;
+                    data = d;
+                }
+                other => break other,
+            }
         };
         let result = match step {
+            Step::Fenced(_) => unreachable!("fenced steps are retried above"),
             Step::Done(r) => r,
             Step::Wait(ticket, data) => {
                 // Finish in a task of its own: once journaled, the disk write
@@ -358,6 +832,7 @@ impl Shim {
                 .map_err(|e| eio(format!("write task failed: {e}")))?
             }
         };
+        self.inner.shippable.notify_one();
         if let Err(e) = &result {
             self.inner.stats.io_errors.fetch_add(1, Ordering::Relaxed);
             self.inner.log_error(&format!(
@@ -378,6 +853,9 @@ enum Step {
     Done(io::Result<()>),
     /// Journaled; an older overlapping write must reach the disk first.
     Wait(Ticket, Vec<u8>),
+    /// Not tracked: a sync chunk overlapping it is being read. Retry once
+    /// its fence is lifted.
+    Fenced(Vec<u8>),
 }
 
 impl Inner {
@@ -406,7 +884,9 @@ impl Inner {
         keep_allocated: bool,
     ) -> io::Result<Step> {
         let hash = *blake3::hash(&data).as_bytes();
-        let ticket = self.track(kind, offset, len, &data, hash)?;
+        let Some(ticket) = self.track(kind, offset, len, &data, hash)? else {
+            return Ok(Step::Fenced(data));
+        };
         if ticket.must_wait() {
             return Ok(Step::Wait(ticket, data));
         }
@@ -415,14 +895,25 @@ impl Inner {
         Ok(Step::Done(r))
     }
 
-    /// Journal the change (or mark it in the bitmap) and take its range ticket.
-    fn track(&self, kind: RecordKind, offset: u64, len: u64, data: &[u8], hash: [u8; 32]) -> io::Result<Ticket> {
+    /// Journal the change (or mark it in the bitmap) and take its range
+    /// ticket; `None` if a sync chunk overlapping it is fenced.
+    fn track(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        hash: [u8; 32],
+    ) -> io::Result<Option<Ticket>> {
         let mut core = self.core();
+        if core.fenced(offset, len) {
+            return Ok(None);
+        }
         if core.mode == Mode::Journal {
             match core.journal.append(kind, 0, offset, len, data, hash, crate::now_ns()) {
                 Ok(seq) => {
                     self.stats.journal_records.fetch_add(1, Ordering::Relaxed);
-                    return Ok(self.ranges.register(offset, len, Some(seq)));
+                    return Ok(Some(self.ranges.register(offset, len, Some(seq))));
                 }
                 Err(e) if e.kind == ErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string())?,
                 Err(e) => {
@@ -442,7 +933,91 @@ impl Inner {
             return Err(io::Error::from(e));
         }
         self.stats.bitmap_writes.fetch_add(1, Ordering::Relaxed);
-        Ok(self.ranges.register(offset, len, None))
+        Ok(Some(self.ranges.register(offset, len, None)))
+    }
+
+    /// Wait until no fence overlaps `[offset, offset+len)`.
+    async fn wait_unfenced(&self, offset: u64, len: u64) {
+        loop {
+            let notified = self.fence_lifted.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.core().fenced(offset, len) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The bitmap, created if this is its first use.
+    fn bitmap_mut<'a>(&self, core: &'a mut Core) -> io::Result<&'a mut DirtyBitmap> {
+        if core.bitmap.is_none() {
+            core.bitmap = Some(
+                DirtyBitmap::open_or_create(&self.bitmap_path, self.size, DEFAULT_GRANULARITY)
+                    .map_err(io::Error::from)?,
+            );
+        }
+        core.bitmap.as_mut().ok_or_else(|| eio("no dirty bitmap".into()))
+    }
+
+    /// Read `[offset, offset+len)` for a sync: holes (SEEK_DATA/SEEK_HOLE)
+    /// and all-zero 4 KiB blocks become zero pieces, the rest data pieces;
+    /// neighbours of one kind are merged.
+    fn read_for_sync(&self, offset: u64, len: u64) -> io::Result<Vec<Piece>> {
+        const BLOCK: u64 = 4096;
+        let end = offset + len;
+        let mut runs = if self.kind == BackingKind::File {
+            fileops::allocation(&self.disk, offset, len, 4096)?
+        } else {
+            Vec::new()
+        };
+        let covered: u64 = runs.iter().map(|r| r.0).sum();
+        if covered < len {
+            runs.push((len - covered, false));
+        }
+        let mut out: Vec<Piece> = Vec::new();
+        let push_zero = |out: &mut Vec<Piece>, o: u64, l: u64| match out.last_mut() {
+            Some(Piece::Zero { offset, len }) if *offset + *len == o => *len += l,
+            _ => out.push(Piece::Zero { offset: o, len: l }),
+        };
+        let mut pos = offset;
+        for (l, hole) in runs {
+            let l = l.min(end - pos);
+            if l == 0 {
+                continue;
+            }
+            if hole {
+                push_zero(&mut out, pos, l);
+                pos += l;
+                continue;
+            }
+            let mut buf = vec![0u8; usize::try_from(l).map_err(|_| eio("sync chunk too large".into()))?];
+            self.disk.read_exact_at(&mut buf, pos)?;
+            let mut i = 0u64;
+            while i < l {
+                // Blocks are aligned on the disk, not on the run.
+                let b_end = ((pos + i) / BLOCK + 1) * BLOCK;
+                let n = (b_end - (pos + i)).min(l - i);
+                let (s, e) = (usize::try_from(i).unwrap_or(0), usize::try_from(i + n).unwrap_or(0));
+                let block = &buf[s..e];
+                if block.iter().all(|&b| b == 0) {
+                    push_zero(&mut out, pos + i, n);
+                } else {
+                    match out.last_mut() {
+                        Some(Piece::Data { offset, data }) if *offset + data.len() as u64 == pos + i => {
+                            data.extend_from_slice(block)
+                        }
+                        _ => out.push(Piece::Data {
+                            offset: pos + i,
+                            data: block.to_vec(),
+                        }),
+                    }
+                }
+                i += n;
+            }
+            pos += l;
+        }
+        Ok(out)
     }
 
     /// Journal a record without payload or range (Flush); in bitmap mode
@@ -456,6 +1031,8 @@ impl Inner {
         match core.journal.append(kind, 0, 0, 0, &[], hash, crate::now_ns()) {
             Ok(_) => {
                 self.stats.journal_records.fetch_add(1, Ordering::Relaxed);
+                drop(core);
+                self.shippable.notify_one();
                 Ok(())
             }
             Err(e) if e.kind == ErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string()),
@@ -468,14 +1045,10 @@ impl Inner {
     }
 
     fn enter_bitmap_mode(&self, core: &mut Core, why: &str) -> io::Result<()> {
-        if core.bitmap.is_none() {
-            core.bitmap = Some(
-                DirtyBitmap::open_or_create(&self.bitmap_path, self.size, DEFAULT_GRANULARITY).map_err(|e| {
-                    self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(disk = %self.disk_id, "cannot create the dirty bitmap, request refused: {e}");
-                    io::Error::from(e)
-                })?,
-            );
+        if let Err(e) = self.bitmap_mut(core) {
+            self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
+            error!(disk = %self.disk_id, "cannot create the dirty bitmap, request refused: {e}");
+            return Err(e);
         }
         core.mode = Mode::Bitmap;
         self.stats.mode_changes.fetch_add(1, Ordering::Relaxed);

@@ -82,6 +82,7 @@ fn cfg(dir: &std::path::Path) -> ProtectConfig {
         create_size: Some(SIZE),
         journal_cap: Some(256 << 20),
         bench_consume: false,
+        ship: None,
     }
 }
 

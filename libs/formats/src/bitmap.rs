@@ -38,6 +38,8 @@ pub struct DirtyBitmap {
     granularity: u64,
     disk_size: u64,
     bits: Vec<u8>,
+    /// Number of set bits, kept in step with `bits`.
+    ndirty: u64,
 }
 
 fn encode_header(granularity: u32, disk_size: u64, nbits: u64) -> [u8; HDR] {
@@ -87,6 +89,7 @@ impl DirtyBitmap {
                 granularity: u64::from(granularity),
                 disk_size,
                 bits: vec![0; nbytes],
+                ndirty: 0,
             });
         }
         let mut h = [0u8; HDR];
@@ -121,12 +124,21 @@ impl DirtyBitmap {
         let mut bits = vec![0u8; nbytes];
         file.read_exact_at(&mut bits, HEADER_LEN)
             .ctx("read bitmap bits", path)?;
+        // Bits past the last region are meaningless; never count them.
+        let tail = nbits % 8;
+        if tail != 0 {
+            if let Some(last) = bits.last_mut() {
+                *last &= (1u8 << tail) - 1;
+            }
+        }
+        let ndirty = bits.iter().map(|b| u64::from(b.count_ones())).sum();
         Ok(Self {
             path: path.to_path_buf(),
             file,
             granularity: u64::from(granularity),
             disk_size,
             bits,
+            ndirty,
         })
     }
 
@@ -151,16 +163,94 @@ impl DirtyBitmap {
             let bit = 1u8 << (i % 8);
             if self.bits[byte] & bit == 0 {
                 self.bits[byte] |= bit;
+                self.ndirty += 1;
                 lo = lo.min(byte);
                 hi = hi.max(byte);
             }
         }
+        self.write_bits(lo, hi)
+    }
+
+    /// Write bytes `lo..=hi` of the bits to the file (page cache).
+    fn write_bits(&self, lo: usize, hi: usize) -> Result<()> {
         if lo <= hi {
             self.file
                 .write_all_at(&self.bits[lo..=hi], HEADER_LEN + lo as u64)
                 .ctx("write bitmap bits", &self.path)?;
         }
         Ok(())
+    }
+
+    /// Mark every region dirty (a whole-disk sync).
+    pub fn mark_all(&mut self) -> Result<()> {
+        self.mark(0, self.disk_size)
+    }
+
+    /// Clear the regions that lie wholly inside `[offset, offset+len)` (a
+    /// region cut short by the end of the disk counts as wholly inside when
+    /// the range reaches the end), writing changed bytes to the file (page
+    /// cache). Call only once the range has been resynced: its records are
+    /// in the journal.
+    pub fn unmark(&mut self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.saturating_add(len).min(self.disk_size);
+        if offset >= end {
+            return Ok(());
+        }
+        let first = offset.div_ceil(self.granularity);
+        let last_excl = if end == self.disk_size {
+            self.disk_size.div_ceil(self.granularity)
+        } else {
+            end / self.granularity
+        };
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for i in first..last_excl {
+            let byte = usize::try_from(i / 8).unwrap_or(usize::MAX);
+            let bit = 1u8 << (i % 8);
+            if self.bits[byte] & bit != 0 {
+                self.bits[byte] &= !bit;
+                self.ndirty -= 1;
+                lo = lo.min(byte);
+                hi = hi.max(byte);
+            }
+        }
+        self.write_bits(lo, hi)
+    }
+
+    /// The first run of dirty regions at or after the region holding
+    /// `from`, as `(offset, len)` clipped to the disk; `None` if no region
+    /// from there on is dirty. Skips clean bytes eight regions at a time.
+    pub fn next_dirty(&self, from: u64) -> Option<(u64, u64)> {
+        let nbits = self.disk_size.div_ceil(self.granularity);
+        let bit = |i: u64| -> bool {
+            usize::try_from(i / 8)
+                .ok()
+                .and_then(|b| self.bits.get(b))
+                .is_some_and(|b| b & (1u8 << (i % 8)) != 0)
+        };
+        let mut i = from / self.granularity;
+        while i < nbits {
+            if i.is_multiple_of(8) {
+                let byte = usize::try_from(i / 8).unwrap_or(usize::MAX);
+                if self.bits.get(byte) == Some(&0) {
+                    i += 8;
+                    continue;
+                }
+            }
+            if bit(i) {
+                break;
+            }
+            i += 1;
+        }
+        if i >= nbits {
+            return None;
+        }
+        let mut j = i;
+        while j < nbits && bit(j) {
+            j += 1;
+        }
+        let start = i * self.granularity;
+        let end = (j * self.granularity).min(self.disk_size);
+        Some((start, end - start))
     }
 
     /// Make the bits durable.
@@ -225,12 +315,23 @@ impl DirtyBitmap {
 
     /// Number of dirty regions.
     pub fn count(&self) -> u64 {
-        self.bits.iter().map(|b| u64::from(b.count_ones())).sum()
+        self.ndirty
     }
 
     /// Bytes covered by dirty regions.
     pub fn dirty_bytes(&self) -> u64 {
-        self.dirty_ranges().iter().map(|r| r.1).sum()
+        let nbits = self.disk_size.div_ceil(self.granularity);
+        let mut bytes = self.ndirty * self.granularity;
+        // The last region may be cut short by the end of the disk.
+        if nbits > 0 && self.is_dirty((nbits - 1) * self.granularity) {
+            bytes -= nbits * self.granularity - self.disk_size;
+        }
+        bytes
+    }
+
+    /// The disk size the bitmap covers.
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size
     }
 
     /// Region size in bytes.
@@ -241,6 +342,7 @@ impl DirtyBitmap {
     /// Clear every bit, durably (after a completed resync).
     pub fn clear(&mut self) -> Result<()> {
         self.bits.iter_mut().for_each(|b| *b = 0);
+        self.ndirty = 0;
         self.file
             .write_all_at(&self.bits, HEADER_LEN)
             .ctx("clear bitmap", &self.path)?;
@@ -273,6 +375,41 @@ mod tests {
         assert_eq!(b.clean_parts(0, 10), vec![]);
         let err = DirtyBitmap::open_or_create(&p, size * 2, DEFAULT_GRANULARITY).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Mismatch);
+    }
+
+    #[test]
+    fn unmark_next_dirty_and_counts() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dirty.bitmap");
+        let g = u64::from(DEFAULT_GRANULARITY);
+        let size = 20 * g + 100;
+        let mut b = DirtyBitmap::open_or_create(&p, size, DEFAULT_GRANULARITY).unwrap();
+        assert_eq!(b.next_dirty(0), None);
+        b.mark_all().unwrap();
+        assert_eq!(b.count(), 21);
+        assert_eq!(b.dirty_bytes(), size);
+        assert_eq!(b.next_dirty(0), Some((0, size)));
+        assert_eq!(b.next_dirty(5 * g + 7), Some((5 * g, size - 5 * g)));
+        // Only whole regions are cleared.
+        b.unmark(g / 2, 3 * g).unwrap();
+        assert_eq!(b.count(), 19);
+        assert!(b.is_dirty(0) && !b.is_dirty(g) && !b.is_dirty(2 * g) && b.is_dirty(3 * g));
+        assert_eq!(b.next_dirty(g), Some((3 * g, size - 3 * g)));
+        // The short last region is cleared by a range reaching the end.
+        b.unmark(3 * g, size - 3 * g).unwrap();
+        assert_eq!(b.count(), 1);
+        assert_eq!(b.dirty_bytes(), g);
+        assert_eq!(b.next_dirty(g), None);
+        assert_eq!(b.next_dirty(0), Some((0, g)));
+        drop(b);
+        // Clears reach the file like marks do.
+        let mut b = DirtyBitmap::open_or_create(&p, size, DEFAULT_GRANULARITY).unwrap();
+        assert_eq!(b.count(), 1);
+        assert_eq!(b.dirty_ranges(), vec![(0, g)]);
+        b.mark(20 * g, 1).unwrap();
+        assert_eq!(b.dirty_bytes(), g + 100);
+        b.clear().unwrap();
+        assert_eq!((b.count(), b.dirty_bytes()), (0, 0));
     }
 
     #[test]

@@ -39,6 +39,49 @@ pub fn request(state: &std::path::Path, req: &Value) -> Result<Value> {
     Ok(v)
 }
 
+/// The collector link: where, connected or not, what it acknowledged.
+fn replication(s: &Value) -> String {
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    match s["collector"].as_str() {
+        None => "journal only (no collector)".into(),
+        Some(c) => format!(
+            "{} to {c}, acked seq {}, backlog {}",
+            if s["collector_connected"] == Value::Bool(true) {
+                s["replication_mode"].as_str().unwrap_or("?")
+            } else {
+                "disconnected"
+            },
+            n("acked_seq"),
+            format_size(n("journal_backlog_bytes"))
+        ),
+    }
+}
+
+/// The running sync: kind, bytes, rate, ETA.
+fn sync_line(y: &Value) -> String {
+    if y.is_null() {
+        return "none running".into();
+    }
+    let n = |k: &str| y[k].as_u64().unwrap_or(0);
+    let eta = y["eta_s"]
+        .as_u64()
+        .map_or_else(|| "unknown".to_string(), |e| format_duration(Duration::from_secs(e)));
+    format!(
+        "{} from seq {}: {} of {} ({:.1}%), {}/s, eta {eta}{}",
+        y["kind"].as_str().unwrap_or("?"),
+        n("start_seq"),
+        format_size(n("done_bytes")),
+        format_size(n("total_bytes")),
+        y["percent"].as_f64().unwrap_or(0.0),
+        format_size(n("rate_bps")),
+        if y["paused"] == Value::Bool(true) {
+            " (paused)"
+        } else {
+            ""
+        }
+    )
+}
+
 pub fn status(a: AgentStatusArgs) -> Result<()> {
     if a.metrics {
         let v = request(&a.agent, &serde_json::json!({"cmd": "metrics"}))?;
@@ -81,6 +124,10 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
                 }
             ),
         ),
+        ("replication", replication(s)),
+        ("sync", sync_line(&s["sync"])),
+        ("full resyncs", n("full_resyncs").to_string()),
+        ("mode changes", n("mode_changes").to_string()),
         ("last seq", n("last_seq").to_string()),
         ("consumed seq", n("consumed_seq").to_string()),
         (

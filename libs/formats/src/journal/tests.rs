@@ -278,3 +278,61 @@ fn out_of_range_segment_headers_are_corrupt() {
         assert_eq!(err.kind, ErrorKind::Corrupt, "{index} {first_seq}");
     }
 }
+
+#[test]
+fn advance_skips_seqs_and_survives_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(cfg(d.path(), 1 << 20, 1 << 30)).unwrap();
+    for i in 0..5 {
+        put(&mut j, i * 512, &[7u8; 4096]);
+    }
+    assert_eq!(j.first_seq(), 1);
+    // Not backwards.
+    j.advance_to(3).unwrap();
+    assert_eq!(j.next_seq(), 6);
+    j.advance_to(100).unwrap();
+    assert_eq!((j.next_seq(), j.first_seq(), j.consumed_seq()), (100, 100, 99));
+    assert_eq!(j.bytes_after(99), 0);
+    assert_eq!(put(&mut j, 0, b"after"), 100);
+    drop(j);
+    let (mut j, rep) = Journal::open(cfg(d.path(), 1 << 20, 1 << 30)).unwrap();
+    assert_eq!((rep.next_seq, rep.first_seq, rep.consumed_seq), (101, 100, 99));
+    assert_eq!(read_all(d.path()), vec![(100, 0, b"after".to_vec())]);
+    assert!(j.advance_to(1 << 63).is_err());
+}
+
+#[test]
+fn advance_on_an_empty_journal_and_crash_before_new_segment() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(cfg(d.path(), 1 << 20, 1 << 30)).unwrap();
+    j.advance_to(42).unwrap();
+    drop(j);
+    // A crash after the segments were retired, before the new one existed.
+    for e in std::fs::read_dir(d.path().join("journal")).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_str().unwrap().starts_with("seg-") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let (mut j, rep) = Journal::open(cfg(d.path(), 1 << 20, 1 << 30)).unwrap();
+    assert_eq!(rep.next_seq, 42);
+    assert_eq!(put(&mut j, 0, b"x"), 42);
+}
+
+#[test]
+fn bytes_after_counts_unconsumed_records() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = HEADER_LEN as u64 + 1000;
+    // Segments of 10 records each.
+    let (mut j, _) = Journal::open(cfg(d.path(), 64 + 10 * rec, 1 << 30)).unwrap();
+    for _ in 0..25 {
+        put(&mut j, 0, &[1u8; 1000]);
+    }
+    assert_eq!(j.segments(), 3);
+    assert_eq!(j.bytes_after(0), 25 * rec);
+    assert_eq!(j.bytes_after(10), 15 * rec);
+    assert_eq!(j.bytes_after(15), 10 * rec);
+    assert_eq!(j.bytes_after(25), 0);
+    assert_eq!(j.bytes_after(1000), 0);
+    assert!(j.has_room_for(2, 2000));
+}

@@ -489,6 +489,83 @@ impl Journal {
         Ok(())
     }
 
+    /// Make `seq` the next seq to be appended, skipping every seq in
+    /// between (a seq is never reused): the next hop already holds seqs up
+    /// to `seq - 1`, from a previous life of this journal (a state
+    /// directory restored from a backup or a VM snapshot). Every live
+    /// record counts as consumed; all segments, the current one too, are
+    /// retired and a new current segment starting at `seq` is made durable.
+    ///
+    /// Crash-safe: the consumed marker is written first, then segments are
+    /// retired oldest first (the live ones stay consecutive), then the new
+    /// segment is created; an open at any point finds a consistent journal
+    /// whose next seq is `seq`.
+    pub fn advance_to(&mut self, seq: u64) -> Result<()> {
+        if seq <= self.next_seq {
+            return Ok(());
+        }
+        if seq > 1 << 62 {
+            return Err(Error::new(
+                ErrorKind::OutOfBounds,
+                format!("cannot advance the journal to seq {seq} (beyond 2^62)"),
+            ));
+        }
+        write_consumed(&self.cfg.dir, seq - 1)?;
+        let next_index = self.segs.back().map_or(0, |s| s.index + 1);
+        while let Some(s) = self.segs.pop_front() {
+            self.live_bytes -= s.used;
+            let sp = spare_path(&self.cfg.dir, s.index);
+            fs::rename(&s.path, &sp).ctx("retire", &s.path)?;
+            self.spares.push(sp);
+        }
+        crashsafe::fsync_dir(&self.cfg.dir).ctx("sync", &self.cfg.dir)?;
+        self.consumed_seq = seq - 1;
+        self.next_seq = seq;
+        self.cur_dirty = false;
+        self.start_segment(next_index)?;
+        let t = self.sync_targets();
+        if let Err(e) = t.run() {
+            self.requeue(t);
+            return Err(Error::io("sync new segment in", &self.cfg.dir, e));
+        }
+        Ok(())
+    }
+
+    /// The oldest seq the journal still holds (consumed or not); equal to
+    /// [`Journal::next_seq`] when it holds no record.
+    pub fn first_seq(&self) -> u64 {
+        self.segs.front().map_or(self.next_seq, |s| s.first_seq)
+    }
+
+    /// Bytes of the records after `seq` (what the next hop still lacks when
+    /// it holds everything up to `seq`). Exact at segment boundaries;
+    /// inside the segment holding `seq + 1` it is interpolated by record
+    /// count, since the journal keeps no per-record index.
+    pub fn bytes_after(&self, seq: u64) -> u64 {
+        let mut total = 0u64;
+        for (i, s) in self.segs.iter().enumerate() {
+            let end_seq = self.segs.get(i + 1).map_or(self.next_seq, |n| n.first_seq);
+            if end_seq <= seq.saturating_add(1) {
+                continue;
+            }
+            let data = s.used.saturating_sub(SEGMENT_HEADER_LEN);
+            if s.first_seq > seq {
+                total += data;
+            } else {
+                let recs = u128::from(end_seq - s.first_seq);
+                let after = u128::from(end_seq - (seq + 1));
+                total += u64::try_from(u128::from(data) * after / recs.max(1)).unwrap_or(u64::MAX);
+            }
+        }
+        total
+    }
+
+    /// Whether `records` records carrying `payload_bytes` bytes in all
+    /// would fit under the cap.
+    pub fn has_room_for(&self, records: u64, payload_bytes: u64) -> bool {
+        self.live_bytes + records * HEADER_LEN as u64 + payload_bytes <= self.cfg.cap_bytes
+    }
+
     /// The seq the next append gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

@@ -1,0 +1,469 @@
+//! The sync driver: initial sync, resync of dirty regions, full resync.
+//!
+//! It owns *which* regions still have to be sent and *when*; the shim
+//! ([`Shim::sync_chunk`]) owns how one chunk is read and journaled in exact
+//! seq order against client writes (fence + range ticket).
+//!
+//! ```text
+//!  STATE/sync.json   {"format":1,"kind":"initial"|"resync"|"full"|null,"start_seq":…,
+//!                     "total_bytes":…,"marked":…,"full_resyncs":…,"last_full_start":…}
+//!  STATE/dirty.bitmap  the regions still to sync (tidemark_formats::bitmap)
+//! ```
+//!
+//! A sync is recorded in `sync.json` (crash-safe write) before it starts;
+//! a whole-disk sync (initial, full) then marks every region in the dirty
+//! bitmap and makes the marks durable before `marked` is recorded. The
+//! driver turns dirty regions into records chunk by chunk (clearing each
+//! chunk's regions as its records are appended, persisting the bitmap every
+//! second) and appends `SyncDone` (offset = the sync's start seq,
+//! `FLAG_FULL` for whole-disk syncs) once no region is dirty and the shim is
+//! in journal mode. A restart mid-sync continues from the bitmap.
+//!
+//! The driver never pushes the journal into bitmap mode: it pauses while the
+//! journal is above half its cap (and while in bitmap mode). It never
+//! blocks client I/O beyond one chunk's read.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tidemark_util::crashsafe;
+use tidemark_util::human::format_size;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::shim::{ChunkOutcome, Shim};
+
+/// Largest chunk read at once (and largest `Sync` record).
+pub const CHUNK: u64 = 1 << 20;
+/// How often the cleared bits are made durable.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// How often progress is logged.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// What kind of sync is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncKind {
+    /// The disk's first sync (new state directory, or the collector holds
+    /// no history for it).
+    Initial,
+    /// Only the dirty regions (bitmap mode, a target's resync request).
+    Resync,
+    /// The whole disk again (machine crash, a target's request,
+    /// `--force-resync`, a journal that lost what the collector needs).
+    Full,
+}
+
+impl SyncKind {
+    /// Whether every region is synced.
+    pub fn whole_disk(self) -> bool {
+        matches!(self, Self::Initial | Self::Full)
+    }
+}
+
+/// `STATE/sync.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncFile {
+    pub format: u32,
+    /// The running sync, if any.
+    pub kind: Option<SyncKind>,
+    /// Its first seq: every record it appends has a seq at least this.
+    pub start_seq: u64,
+    /// Bytes it has to send, as known when it started (grows if regions
+    /// are added meanwhile).
+    pub total_bytes: u64,
+    /// For a whole-disk sync: every region has been marked (durably).
+    pub marked: bool,
+    /// Full resyncs since the disk was first protected (not the initial sync).
+    pub full_resyncs: u64,
+    /// Start seq of the last completed whole-disk sync (0: none).
+    pub last_full_start: u64,
+}
+
+impl SyncFile {
+    /// No sync running, none ever done.
+    pub fn idle() -> Self {
+        Self {
+            format: 1,
+            kind: None,
+            start_seq: 0,
+            total_bytes: 0,
+            marked: false,
+            full_resyncs: 0,
+            last_full_start: 0,
+        }
+    }
+
+    /// The initial sync of a newly protected disk, starting at `start_seq`.
+    pub fn initial(start_seq: u64, disk_size: u64) -> Self {
+        Self {
+            kind: Some(SyncKind::Initial),
+            start_seq,
+            total_bytes: disk_size,
+            ..Self::idle()
+        }
+    }
+}
+
+/// `STATE/sync.json`.
+pub fn state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("sync.json")
+}
+
+/// Read the sync state, `None` if there is none yet.
+pub fn load(state_dir: &Path) -> Result<Option<SyncFile>> {
+    let p = state_path(state_dir);
+    let s = match std::fs::read_to_string(&p) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("read {}", p.display())),
+    };
+    let f: SyncFile = serde_json::from_str(&s).with_context(|| format!("{} is not a sync state", p.display()))?;
+    if f.format != 1 {
+        anyhow::bail!("{}: unsupported format {}", p.display(), f.format);
+    }
+    Ok(Some(f))
+}
+
+/// Write the sync state (crash-safe).
+pub fn store(path: &Path, f: &SyncFile) -> Result<()> {
+    let s = serde_json::to_string(f)? + "\n";
+    crashsafe::write_atomic(path, s.as_bytes()).with_context(|| format!("write {}", path.display()))
+}
+
+/// Sync state shared by the shim, the driver and the shipper.
+#[derive(Debug)]
+pub struct SyncShared {
+    path: PathBuf,
+    file: Mutex<SyncFile>,
+    wake_flag: Mutex<bool>,
+    wake_cv: Condvar,
+    /// Bytes/s over the last progress window.
+    rate: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SyncShared {
+    pub fn new(path: PathBuf, f: SyncFile) -> Self {
+        Self {
+            path,
+            file: Mutex::new(f),
+            wake_flag: Mutex::new(false),
+            wake_cv: Condvar::new(),
+            rate: Mutex::new(0),
+        }
+    }
+
+    /// A copy of the state.
+    pub fn snapshot(&self) -> SyncFile {
+        lock(&self.file).clone()
+    }
+
+    /// Change the state and write it durably (the in-memory copy changes
+    /// only if the write succeeded).
+    fn update(&self, change: impl FnOnce(&mut SyncFile)) -> Result<SyncFile> {
+        let mut g = lock(&self.file);
+        let mut next = g.clone();
+        change(&mut next);
+        store(&self.path, &next)?;
+        *g = next.clone();
+        Ok(next)
+    }
+
+    /// Move the running sync's start seq (after the journal skipped seqs).
+    pub fn set_start_seq(&self, seq: u64) -> Result<()> {
+        self.update(|f| f.start_seq = seq).map(|_| ())
+    }
+
+    /// Wake the driver (new dirty regions, a request, bitmap mode left).
+    pub fn wake(&self) {
+        *lock(&self.wake_flag) = true;
+        self.wake_cv.notify_all();
+    }
+
+    fn wait(&self, d: Duration) {
+        let g = lock(&self.wake_flag);
+        let (mut g, _) = self
+            .wake_cv
+            .wait_timeout_while(g, d, |woken| !*woken)
+            .unwrap_or_else(|p| p.into_inner());
+        *g = false;
+    }
+
+    /// Whether a whole-disk sync is under way, or completed, that the
+    /// collector will receive in full because it started at or after
+    /// `ship_from`, the first seq about to be shipped.
+    pub fn whole_sync_covers(&self, ship_from: u64) -> bool {
+        let f = self.snapshot();
+        let running = f.kind.is_some_and(SyncKind::whole_disk) && f.start_seq >= ship_from;
+        let done = f.last_full_start > 0 && f.last_full_start >= ship_from;
+        running || done
+    }
+
+    /// Bytes/s of the running sync, last window.
+    pub fn rate_bps(&self) -> u64 {
+        *lock(&self.rate)
+    }
+}
+
+/// What one step of the driver did.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Idle,
+    Paused,
+    Worked,
+}
+
+/// The driver's working state.
+struct Driver<W> {
+    shim: Shim,
+    wait: W,
+    cursor: u64,
+    last_persist: Instant,
+    last_log: Instant,
+    window_bytes: u64,
+    paused_logged: bool,
+}
+
+/// Run the sync driver on a thread of its own until `stop` is cancelled.
+/// `wait` drives a range ticket's async wait from that thread.
+pub fn spawn(
+    shim: Shim,
+    stop: CancellationToken,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("tidemark-sync".into()).spawn(move || {
+        let wait = move |t: &crate::ranges::Ticket| rt.block_on(t.wait());
+        run(shim, &stop, wait);
+    })
+}
+
+/// The driver loop (public for tests, which drive it with their own `wait`).
+pub fn run<W: Fn(&crate::ranges::Ticket)>(shim: Shim, stop: &CancellationToken, wait: W) {
+    let mut d = Driver {
+        shim,
+        wait,
+        cursor: 0,
+        last_persist: Instant::now(),
+        last_log: Instant::now(),
+        window_bytes: 0,
+        paused_logged: false,
+    };
+    if d.shim.resync_required() {
+        if let Err(e) = d.begin_owed_full_resync() {
+            error!(disk = %d.disk(), "cannot record the full resync owed after a machine crash: {e:#}");
+        }
+    }
+    let mut last_err: Option<Instant> = None;
+    while !stop.is_cancelled() {
+        match d.step() {
+            Ok(Step::Worked) => {}
+            Ok(Step::Paused) => d.shim.inner().sync.wait(Duration::from_millis(100)),
+            Ok(Step::Idle) => d.shim.inner().sync.wait(Duration::from_millis(500)),
+            Err(e) => {
+                if last_err.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    error!(disk = %d.disk(), "sync failed, retrying: {e:#}");
+                    last_err = Some(Instant::now());
+                }
+                d.shim.inner().sync.wait(Duration::from_secs(1));
+            }
+        }
+    }
+    if let Err(e) = d.shim.persist_bitmap() {
+        warn!(disk = %d.disk(), "persist the dirty bitmap at stop: {e}");
+    }
+}
+
+/// Durably record a whole-disk sync of `kind` starting at the journal's
+/// next seq (a full resync is counted); the driver marks every region and
+/// runs it. A sync already running is replaced.
+pub fn begin_whole(shim: &Shim, kind: SyncKind) -> Result<SyncFile> {
+    // The start seq is read before the state is written: records appended
+    // meanwhile only make the start earlier than needed, never later.
+    let start = shim.core().journal.next_seq();
+    let size = shim.inner().size;
+    let f = shim.inner().sync.update(|f| {
+        f.kind = Some(kind);
+        f.start_seq = start;
+        f.total_bytes = size;
+        f.marked = false;
+        if kind == SyncKind::Full {
+            f.full_resyncs += 1;
+        }
+    })?;
+    info!(
+        disk = %shim.inner().disk_id,
+        start_seq = start,
+        full_resyncs = f.full_resyncs,
+        "{} of the whole disk ({}) recorded",
+        if kind == SyncKind::Full { "full resync" } else { "initial sync" },
+        format_size(size)
+    );
+    shim.inner().sync.wake();
+    Ok(f)
+}
+
+impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
+    fn disk(&self) -> String {
+        self.shim.inner().disk_id.clone()
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.shim.core().journal.next_seq()
+    }
+
+    /// A machine crash may have let writes reach the disk without reaching
+    /// the journal: record a full resync, durably, then drop the marker.
+    fn begin_owed_full_resync(&mut self) -> Result<()> {
+        begin_whole(&self.shim, SyncKind::Full)?;
+        self.shim
+            .clear_resync_required()
+            .context("remove the resync-required marker")?;
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<Step> {
+        let f = self.shim.inner().sync.snapshot();
+        if f.kind.is_some_and(SyncKind::whole_disk) && !f.marked {
+            // Marks first, durably; then the record that they are there.
+            self.shim
+                .mark_all_for_sync()
+                .context("mark every region for the sync")?;
+            self.shim.inner().sync.update(|f| f.marked = true)?;
+            self.cursor = 0;
+            self.window_bytes = 0;
+            self.last_log = Instant::now();
+            info!(disk = %self.disk(), kind = ?f.kind, start_seq = f.start_seq, "whole-disk sync running");
+        }
+        self.shim.maybe_exit_bitmap_mode();
+        if self.shim.mode() == crate::shim::Mode::Bitmap {
+            return Ok(self.pause("bitmap mode"));
+        }
+        let f = self.shim.inner().sync.snapshot();
+        let Some(kind) = f.kind else {
+            let (regions, bytes) = self.shim.dirty();
+            if regions == 0 {
+                return Ok(Step::Idle);
+            }
+            let start = self.next_seq();
+            self.shim.inner().sync.update(|f| {
+                f.kind = Some(SyncKind::Resync);
+                f.start_seq = start;
+                f.total_bytes = bytes;
+                f.marked = true;
+            })?;
+            self.cursor = 0;
+            self.window_bytes = 0;
+            self.last_log = Instant::now();
+            info!(disk = %self.disk(), start_seq = start, "resync of {regions} dirty regions ({}) started", format_size(bytes));
+            return Ok(Step::Worked);
+        };
+        let (held, cap) = self.shim.journal_fill();
+        if held > cap / 2 {
+            return Ok(self.pause("the journal is above half its cap"));
+        }
+        if self.paused_logged {
+            self.paused_logged = false;
+            info!(disk = %self.disk(), "sync resumed");
+        }
+        let chunk = self
+            .shim
+            .next_dirty(self.cursor, CHUNK)
+            .or_else(|| self.shim.next_dirty(0, CHUNK));
+        let Some((off, len)) = chunk else {
+            return self.finish(kind, f.start_seq);
+        };
+        let outcome = self
+            .shim
+            .sync_chunk(off, len, kind.whole_disk(), &self.wait)
+            .with_context(|| format!("sync {off}+{len}"))?;
+        match outcome {
+            ChunkOutcome::Appended { .. } => {
+                fail::fail_point!("agent-sync-after-append");
+                self.cursor = off + len;
+                self.window_bytes += len;
+            }
+            ChunkOutcome::NoRoom => return Ok(self.pause("no room in the journal")),
+            ChunkOutcome::Bitmap => return Ok(self.pause("bitmap mode")),
+        }
+        if self.last_persist.elapsed() >= PERSIST_EVERY {
+            self.shim.persist_bitmap().context("persist the dirty bitmap")?;
+            self.last_persist = Instant::now();
+        }
+        self.log_progress(kind, false);
+        Ok(Step::Worked)
+    }
+
+    fn pause(&mut self, why: &str) -> Step {
+        if !self.paused_logged {
+            self.paused_logged = true;
+            info!(disk = %self.disk(), "sync paused: {why}");
+        }
+        Step::Paused
+    }
+
+    fn log_progress(&mut self, kind: SyncKind, force: bool) {
+        let el = self.last_log.elapsed();
+        if !force && el < LOG_EVERY {
+            return;
+        }
+        let rate = u64::try_from(u128::from(self.window_bytes) * 1000 / el.as_millis().max(1)).unwrap_or(u64::MAX);
+        *lock(&self.shim.inner().sync.rate) = rate;
+        self.window_bytes = 0;
+        self.last_log = Instant::now();
+        let (done, total) = self.shim.sync_done_total();
+        let left = total - done;
+        let eta = left
+            .checked_div(rate)
+            .map_or_else(|| "unknown".to_string(), |s| format!("{s}s"));
+        info!(
+            disk = %self.disk(),
+            kind = ?kind,
+            "sync progress: {} of {} ({:.1}%), {}/s, eta {eta}",
+            format_size(done),
+            format_size(total),
+            if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 },
+            format_size(rate),
+        );
+    }
+
+    /// No region is dirty: append SyncDone and record the sync as done.
+    fn finish(&mut self, kind: SyncKind, start: u64) -> Result<Step> {
+        self.shim.persist_bitmap().context("persist the dirty bitmap")?;
+        let Some(seq) = self
+            .shim
+            .append_sync_done(start, kind.whole_disk())
+            .context("append SyncDone")?
+        else {
+            // A region was marked meanwhile, or bitmap mode: go on.
+            return Ok(Step::Worked);
+        };
+        self.shim.inner().sync.update(|f| {
+            if kind.whole_disk() {
+                f.last_full_start = f.last_full_start.max(start);
+            }
+            // Another sync may have been recorded meanwhile: it goes on.
+            if f.kind == Some(kind) && f.start_seq == start {
+                f.kind = None;
+                f.marked = false;
+                f.total_bytes = 0;
+            }
+        })?;
+        *lock(&self.shim.inner().sync.rate) = 0;
+        info!(
+            disk = %self.disk(),
+            kind = ?kind,
+            start_seq = start,
+            sync_done_seq = seq,
+            "sync complete"
+        );
+        Ok(Step::Worked)
+    }
+}
