@@ -283,6 +283,7 @@ async fn session(shim: &Shim, cfg: &ShipConfig, stop: &CancellationToken, force:
         role: Role::Agent,
         flags: if *force { HELLO_FORCE_RESYNC } else { 0 },
         disk_uuid: uuid,
+        disk_size: shim.inner().size,
         disk_id: shim.inner().disk_id.clone(),
         token: cfg.token.clone(),
     });

@@ -218,11 +218,13 @@ async fn admit(
                 pending_full_sync: true,
                 full_sync_since: 0,
                 force_target: false,
+                disk_size: hello.disk_size,
             };
             let s = shared.clone();
             let r = row.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 s.catalog.bind(&r.disk_id, &r.disk_uuid, false)?;
+                s.catalog.set_disk_size(&r.disk_id, r.disk_size)?;
                 spool::ensure_dir(&s.cfg.spool.join(&r.disk_id))
             })
             .await
@@ -267,21 +269,35 @@ async fn admit(
             disk
         }
     };
-    let mut st = disk.lock();
-    if st.agent.is_some() {
-        return Err(refusal(
-            ErrorCode::Busy,
-            format!("disk {id} already has a live agent connection"),
-        ));
-    }
-    st.agent = Some(AgentLink { conn, tx });
-    let flags = if st.pending_full_sync {
-        WELCOME_NEED_FULL_SYNC
-    } else {
-        0
+    let (new_size, flags, acked) = {
+        let mut st = disk.lock();
+        if st.agent.is_some() {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!("disk {id} already has a live agent connection"),
+            ));
+        }
+        st.agent = Some(AgentLink { conn, tx });
+        let new_size = (hello.disk_size != 0 && hello.disk_size != st.disk_size).then_some(hello.disk_size);
+        if let Some(size) = new_size {
+            st.disk_size = size;
+        }
+        let flags = if st.pending_full_sync {
+            WELCOME_NEED_FULL_SYNC
+        } else {
+            0
+        };
+        let acked = st.acked_seq;
+        (new_size, flags, acked)
     };
-    let acked = st.acked_seq;
-    drop(st);
+    if let Some(size) = new_size {
+        let s = shared.clone();
+        let id = id.clone();
+        let r = tokio::task::spawn_blocking(move || s.catalog.set_disk_size(&id, size)).await;
+        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
+            warn!(disk = %hello.disk_id, "recording the disk size: {e:#}");
+        }
+    }
     Ok((disk, (acked, flags)))
 }
 

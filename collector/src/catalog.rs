@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS disks(
     trimmed_seq INTEGER NOT NULL DEFAULT 0,
     pending_full_sync INTEGER NOT NULL DEFAULT 0,
     full_sync_since INTEGER NOT NULL DEFAULT 0,
-    force_target INTEGER NOT NULL DEFAULT 0
+    force_target INTEGER NOT NULL DEFAULT 0,
+    disk_size INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS resync_requests(
     disk_id TEXT NOT NULL,
@@ -48,6 +49,8 @@ pub(crate) struct DiskRow {
     pub full_sync_since: u64,
     /// The target must be told to start this disk afresh.
     pub force_target: bool,
+    /// The disk's size as its agent last said (0: not yet known).
+    pub disk_size: u64,
 }
 
 /// A resync owed to an agent.
@@ -103,7 +106,7 @@ impl Catalog {
     pub(crate) fn disks(&self) -> Result<Vec<DiskRow>> {
         let c = self.conn();
         let mut st = c.prepare(
-            "SELECT disk_id, disk_uuid, trimmed_seq, pending_full_sync, full_sync_since, force_target FROM disks ORDER BY disk_id",
+            "SELECT disk_id, disk_uuid, trimmed_seq, pending_full_sync, full_sync_since, force_target, disk_size FROM disks ORDER BY disk_id",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -113,11 +116,12 @@ impl Catalog {
                 r.get::<_, i64>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (disk_id, uuid, trimmed, pending, since, force) = row?;
+            let (disk_id, uuid, trimmed, pending, since, force, size) = row?;
             let disk_uuid =
                 parse_uuid(&uuid).with_context(|| format!("catalog: disk {disk_id} has a bad uuid {uuid:?}"))?;
             out.push(DiskRow {
@@ -127,6 +131,7 @@ impl Catalog {
                 pending_full_sync: pending != 0,
                 full_sync_since: to_u64(since),
                 force_target: force != 0,
+                disk_size: to_u64(size),
             });
         }
         Ok(out)
@@ -146,6 +151,15 @@ impl Catalog {
         )?;
         tx.execute("DELETE FROM resync_requests WHERE disk_id = ?1", params![disk_id])?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Record the disk's size (from its agent's hello).
+    pub(crate) fn set_disk_size(&self, disk_id: &str, size: u64) -> Result<()> {
+        self.conn().execute(
+            "UPDATE disks SET disk_size = ?2 WHERE disk_id = ?1",
+            params![disk_id, to_i64(size)],
+        )?;
         Ok(())
     }
 

@@ -137,15 +137,16 @@ async fn session(
         .with_context(|| format!("connect to {}", shared.cfg.target))?;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
-    let (uuid, force) = {
+    let (uuid, force, disk_size) = {
         let st = disk.lock();
-        (st.uuid, st.force_target)
+        (st.uuid, st.force_target, st.disk_size)
     };
     let hello = Frame::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         role: Role::Collector,
         flags: if force { HELLO_FORCE_RESYNC } else { 0 },
         disk_uuid: uuid,
+        disk_size,
         disk_id: disk.id.clone(),
         token: shared.cfg.token.clone(),
     });

@@ -78,6 +78,8 @@ pub(crate) struct DiskState {
     pub pending_full_sync: bool,
     pub full_sync_since: u64,
     pub force_target: bool,
+    /// The disk's size (from the agent's hello; 0 until known).
+    pub disk_size: u64,
 }
 
 /// One disk the collector serves.
@@ -215,6 +217,7 @@ impl Shared {
                 pending_full_sync: row.pending_full_sync,
                 full_sync_since: row.full_sync_since,
                 force_target: row.force_target,
+                disk_size: row.disk_size,
             }),
             spooled: Notify::new(),
             progress_seen: Notify::new(),

@@ -66,6 +66,7 @@ fn hello() -> Frame {
         role: Role::Agent,
         flags: 0,
         disk_uuid: [2; 16],
+        disk_size: 1 << 20,
         disk_id: "vm1".into(),
         token: b"tok".to_vec(),
     })

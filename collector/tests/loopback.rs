@@ -82,6 +82,7 @@ fn hello(id: &str, uuid: [u8; 16]) -> Hello {
         role: Role::Agent,
         flags: 0,
         disk_uuid: uuid,
+        disk_size: 0,
         disk_id: id.into(),
         token: TOKEN.to_vec(),
     }

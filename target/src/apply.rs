@@ -59,6 +59,11 @@ pub(crate) struct DiskApplier {
 }
 
 impl DiskApplier {
+    /// Grow the replica to the disk's size as the sender reported it.
+    pub fn ensure_size(&mut self, size: u64) -> crate::Result<()> {
+        self.replica.ensure_size(size)
+    }
+
     pub fn new(row: DiskRow, halts: Vec<Halt>, replica: Replica, catalog: Catalog) -> Self {
         Self {
             row,

@@ -111,6 +111,19 @@ impl Replica {
         Ok(())
     }
 
+    /// Grow the replica to `size` bytes (the disk's size, from the hello);
+    /// never shrinks it. The new tail reads zeros.
+    pub fn ensure_size(&mut self, size: u64) -> Result<()> {
+        if size > self.size {
+            self.file
+                .set_len(size)
+                .io_ctx(|| format!("grow {} to the disk size {size}", self.path.display()))?;
+            fileops::fdatasync(&self.file).io_ctx(|| format!("fdatasync {}", self.path.display()))?;
+            self.size = size;
+        }
+        Ok(())
+    }
+
     /// fdatasync: every applied record (and the size) is durable after this.
     pub fn sync(&self) -> Result<()> {
         fileops::fdatasync(&self.file).io_ctx(|| format!("fdatasync {}", self.path.display()))

@@ -419,6 +419,11 @@ async fn session<R: AsyncRead + Unpin>(
         }
     };
 
+    if hello.disk_size > 0 {
+        if let Err(e) = work.applier.ensure_size(hello.disk_size) {
+            return Err(refuse(ErrorCode::Internal, format!("disk {id}: {e}")));
+        }
+    }
     let applied = work.applier.applied_seq();
     let flags = if applied == 0 { WELCOME_NEED_FULL_SYNC } else { 0 };
     send(

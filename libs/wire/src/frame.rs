@@ -11,8 +11,8 @@
 //!       +--------+-----+------+--------+------------+------------+
 //!    16 | body (body_len bytes), by type:                        |
 //!       |  1 Hello   proto u16, role u8, flags u32,              |
-//!       |            disk_uuid [16], id_len u8, disk_id,         |
-//!       |            token_len u16, token                        |
+//!       |            disk_uuid [16], disk_size u64, id_len u8,   |
+//!       |            disk_id, token_len u16, token               |
 //!       |  2 Welcome acked_seq u64 (highest durable seq held),   |
 //!       |            flags u32                                   |
 //!       |  3 Batch   first_seq u64, count u32, count records     |
@@ -110,6 +110,8 @@ pub struct Hello {
     /// `HELLO_*` bits.
     pub flags: u32,
     pub disk_uuid: [u8; 16],
+    /// The protected disk's size in bytes (0: not known to the sender).
+    pub disk_size: u64,
     pub disk_id: String,
     pub token: Vec<u8>,
 }
@@ -382,6 +384,7 @@ impl Frame {
                 body.push(h.role as u8);
                 body.extend_from_slice(&h.flags.to_le_bytes());
                 body.extend_from_slice(&h.disk_uuid);
+                body.extend_from_slice(&h.disk_size.to_le_bytes());
                 body.push(u8::try_from(h.disk_id.len()).unwrap_or(0));
                 body.extend_from_slice(h.disk_id.as_bytes());
                 body.extend_from_slice(&u16::try_from(h.token.len()).unwrap_or(0).to_le_bytes());
@@ -515,6 +518,7 @@ impl Frame {
                 }
                 let mut disk_uuid = [0u8; 16];
                 disk_uuid.copy_from_slice(c.take(16, "hello disk uuid")?);
+                let disk_size = c.u64("hello disk size")?;
                 let n = c.u8("hello")? as usize;
                 let disk_id = std::str::from_utf8(c.take(n, "hello disk id")?)
                     .ok()
@@ -531,6 +535,7 @@ impl Frame {
                     role,
                     flags,
                     disk_uuid,
+                    disk_size,
                     disk_id,
                     token,
                 })
@@ -682,6 +687,7 @@ mod tests {
             role: Role::Agent,
             flags: HELLO_FORCE_RESYNC,
             disk_uuid: [0x11; 16],
+            disk_size: 1 << 30,
             disk_id: "db".into(),
             token: b"s3".to_vec(),
         });
@@ -728,7 +734,10 @@ mod tests {
         let got: Vec<String> = frames.iter().map(|f| hex(&f.encode().unwrap())).collect();
         // Header (magic, version, type, flags, body length, crc), then the body.
         let want = [
-            "544d5746020100001e000000172c9d3d 0100 01 01000000 11111111111111111111111111111111 02 6462 0200 7333",
+            concat!(
+                "544d57460201000026000000406c3f1b 0100 01 01000000 11111111111111111111111111111111",
+                " 0000004000000000 02 6462 0200 7333"
+            ),
             "544d5746020200000c00000014299eb8 0900000000000000 01000000",
             "544d574602040000080000002524fcc0 0700000000000000",
             "544d57460205000006000000b21d7611 0100 0200 6e6f",
@@ -768,6 +777,7 @@ mod tests {
             role: Role::Agent,
             flags: 0,
             disk_uuid: [0; 16],
+            disk_size: 0,
             disk_id: "a/b".into(),
             token: vec![],
         });
@@ -788,6 +798,7 @@ mod tests {
                     role: if agent { Role::Agent } else { Role::Collector },
                     flags: u32::from(agent),
                     disk_uuid: uuid,
+                    disk_size: u64::from(agent) << 20,
                     disk_id: id,
                     token,
                 })),

@@ -90,6 +90,7 @@ pub fn hello(disk: &str, uuid: [u8; 16], flags: u32) -> Hello {
         role: Role::Collector,
         flags,
         disk_uuid: uuid,
+        disk_size: 0,
         disk_id: disk.into(),
         token: TOKEN.to_vec(),
     }
