@@ -537,6 +537,34 @@ impl Shim {
         Ok(Some(seq))
     }
 
+    /// Journal a Tag record named `name` (a consistency marker: every write
+    /// acknowledged before it is ordered before it); returns its seq.
+    /// `app_consistent` sets `FLAG_APP_CONSISTENT` (the filesystem was
+    /// frozen around it). In bitmap mode there is no ordered stream to
+    /// mark, and a full journal is not a reason to leave it: both refuse.
+    pub fn tag(&self, name: &str, app_consistent: bool) -> io::Result<u64> {
+        let mut core = self.core();
+        if core.mode != Mode::Journal {
+            return Err(io::Error::other(
+                "the agent is in bitmap mode (journal full): no ordered stream to tag until it resyncs",
+            ));
+        }
+        let flags = if app_consistent {
+            tidemark_wire::record::FLAG_APP_CONSISTENT
+        } else {
+            0
+        };
+        let hash = *blake3::hash(name.as_bytes()).as_bytes();
+        let seq = core
+            .journal
+            .append(RecordKind::Tag, flags, 0, 0, name.as_bytes(), hash, crate::now_ns())
+            .map_err(io::Error::from)?;
+        drop(core);
+        self.inner.stats.journal_records.fetch_add(1, Ordering::Relaxed);
+        self.inner.shippable.notify_one();
+        Ok(seq)
+    }
+
     /// The journal's fill as (live bytes, cap).
     pub fn journal_fill(&self) -> (u64, u64) {
         let core = self.core();
@@ -576,6 +604,7 @@ impl Shim {
             backlog_bytes: backlog,
             written_bytes: self.inner.stats.write_bytes.load(Ordering::Relaxed),
             time_ns: crate::now_ns(),
+            nonce: 0,
         }
     }
 

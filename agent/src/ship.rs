@@ -390,8 +390,10 @@ impl Conn<'_> {
                     }
                 }
             }
-            Frame::Request(Request::StatusNow) => {
-                write_frame(wr, &Frame::Progress(shim.progress())).await?;
+            Frame::Request(Request::StatusNow { nonce }) => {
+                let mut p = shim.progress();
+                p.nonce = nonce;
+                write_frame(wr, &Frame::Progress(p)).await?;
             }
             Frame::Request(Request::Resync { seq, offset, length }) => {
                 info!(disk = %disk, seq, offset, length, "the target asked to resync a range");

@@ -182,7 +182,7 @@ fn ships_resumes_recycles_and_reports() {
         );
 
         // 2. StatusNow → a Progress at once.
-        p.send(Frame::Request(Request::StatusNow)).await;
+        p.send(Frame::Request(Request::StatusNow { nonce: 0 })).await;
         let prog = loop {
             if let Frame::Progress(pr) = p.recv().await {
                 break pr;

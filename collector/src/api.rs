@@ -71,7 +71,7 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     let sent = match tx {
         Some(tx) => tx
             .send(Out {
-                frame: Frame::Request(Request::StatusNow),
+                frame: Frame::Request(Request::StatusNow { nonce: 0 }),
                 done: None,
             })
             .await

@@ -237,7 +237,7 @@ async fn read_loop(
                 }
             }
             Some((Frame::Request(req), _)) => match req {
-                Request::StatusNow => debug!(disk = %disk.id, "the target asked for status; nothing to send"),
+                Request::StatusNow { .. } => debug!(disk = %disk.id, "the target asked for status; nothing to send"),
                 _ => shared.relay_to_agent(disk, req),
             },
             Some((Frame::Error { code, reason }, _)) => bail!("the target reported {code:?}: {reason}"),

@@ -301,7 +301,7 @@ impl Shared {
                 }
                 info!(disk = %disk.id, seq, offset, length, "resync requested for a range");
             }
-            Request::StatusNow => {}
+            Request::StatusNow { .. } => {}
         }
         let tx = disk.lock().agent.as_ref().map(|a| a.tx.clone());
         let Some(tx) = tx else {

@@ -288,6 +288,7 @@ async fn spools_acks_forwards_packed_and_trims() {
             backlog_bytes: 0,
             written_bytes: 1000,
             time_ns: 0,
+            nonce: 0,
         }),
     )
     .await;
@@ -340,7 +341,7 @@ async fn spools_acks_forwards_packed_and_trims() {
     // Refresh: the agent is asked for a Progress.
     let api = c.api_addr;
     let refresh = tokio::spawn(async move { http(api, "POST", "/api/v1/disks/db1/refresh").await });
-    assert_eq!(recv(&mut a).await, Frame::Request(Request::StatusNow));
+    assert_eq!(recv(&mut a).await, Frame::Request(Request::StatusNow { nonce: 0 }));
     let (code, _) = refresh.await.unwrap();
     assert_eq!(code, 200);
     let (code, _) = http(api, "POST", "/api/v1/disks/gapdisk/refresh").await;

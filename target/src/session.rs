@@ -471,7 +471,7 @@ async fn session<R: AsyncRead + Unpin>(
         let p = match frame {
             None => return Ok(Some("the collector closed the connection".into())),
             Some(Frame::Packed(p)) => p,
-            Some(Frame::Request(Request::StatusNow)) => {
+            Some(Frame::Request(Request::StatusNow { .. })) => {
                 send(wr, &Frame::TargetState(last)).await?;
                 continue;
             }

@@ -52,7 +52,7 @@ pub fn apply_record(
                 fileops::discard_zeroing(f, kind, o, l).ctx(&format!("apply seq {} to", h.seq), path)?;
             }
         }
-        RecordKind::Flush | RecordKind::Tag | RecordKind::SyncDone => {}
+        RecordKind::Flush | RecordKind::Tag | RecordKind::SyncDone | RecordKind::SyncBegin => {}
     }
     Ok(())
 }

@@ -22,9 +22,10 @@
 //!       |  6 Progress source_seq u64, mode u8, sync_done u64,    |
 //!       |            sync_total u64, full_resyncs u64,           |
 //!       |            backlog_bytes u64, written_bytes u64,       |
-//!       |            time_ns u64                                 |
+//!       |            time_ns u64, nonce u64                      |
 //!       |  7 Request kind u8 (1 status-now, 2 resync, 3 full     |
-//!       |            resync), seq u64, offset u64, length u64    |
+//!       |            resync), seq u64 (status-now: its nonce),   |
+//!       |            offset u64, length u64                      |
 //!       |  8 Packed  first_seq u64, count u32, flags u32,        |
 //!       |            raw_len u32, zstd data (see crate::pack)    |
 //!       |  9 TargetState applied_seq u64, state u8,             |
@@ -167,13 +168,17 @@ pub struct Progress {
     pub written_bytes: u64,
     /// The agent's wall clock, nanoseconds since the Unix epoch.
     pub time_ns: u64,
+    /// The nonce of the `StatusNow` this answers (0: a periodic report). The
+    /// report is built after the request was read, so its `source_seq`
+    /// covers every write acknowledged before the request.
+    pub nonce: u64,
 }
 
 /// Something a downstream hop asks of its sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
-    /// Send a fresh [`Progress`] now.
-    StatusNow,
+    /// Send a fresh [`Progress`] now, echoing `nonce`.
+    StatusNow { nonce: u64 },
     /// The record at `seq` could not be applied: resync `offset..offset+length`.
     Resync { seq: u64, offset: u64, length: u64 },
     /// Resync the whole disk.
@@ -434,13 +439,14 @@ impl Frame {
                     p.backlog_bytes,
                     p.written_bytes,
                     p.time_ns,
+                    p.nonce,
                 ] {
                     body.extend_from_slice(&v.to_le_bytes());
                 }
             }
             Frame::Request(r) => {
                 let (kind, seq, offset, length) = match *r {
-                    Request::StatusNow => (1u8, 0, 0, 0),
+                    Request::StatusNow { nonce } => (1u8, nonce, 0, 0),
                     Request::Resync { seq, offset, length } => (2, seq, offset, length),
                     Request::FullResync => (3, 0, 0, 0),
                 };
@@ -600,13 +606,14 @@ impl Frame {
                     backlog_bytes: c.u64("progress")?,
                     written_bytes: c.u64("progress")?,
                     time_ns: c.u64("progress")?,
+                    nonce: c.u64("progress")?,
                 })
             }
             7 => {
                 let kind = c.u8("request")?;
                 let (seq, offset, length) = (c.u64("request")?, c.u64("request")?, c.u64("request")?);
                 Frame::Request(match kind {
-                    1 => Request::StatusNow,
+                    1 => Request::StatusNow { nonce: seq },
                     2 => {
                         if length == 0 || offset.checked_add(length).is_none() {
                             return Err(err(WireErrorKind::OutOfBounds, "resync request with a bad range"));
@@ -711,6 +718,7 @@ mod tests {
                 backlog_bytes: 5,
                 written_bytes: 6,
                 time_ns: 7,
+                nonce: 8,
             }),
             Frame::Request(Request::Resync {
                 seq: 3,
@@ -742,8 +750,8 @@ mod tests {
             "544d574602040000080000002524fcc0 0700000000000000",
             "544d57460205000006000000b21d7611 0100 0200 6e6f",
             concat!(
-                "544d5746020600003900000071cd0882 0100000000000000 03 0200000000000000 0300000000000000",
-                " 0400000000000000 0500000000000000 0600000000000000 0700000000000000"
+                "544d57460206000041000000572b382a 0100000000000000 03 0200000000000000 0300000000000000",
+                " 0400000000000000 0500000000000000 0600000000000000 0700000000000000 0800000000000000"
             ),
             "544d574602070000190000005f9df8b5 02 0300000000000000 0010000000000000 0002000000000000",
             "544d574602080000150000005cb23084 0200000000000000 01000000 01000000 50000000 ab",
@@ -812,9 +820,10 @@ mod tests {
                 backlog_bytes: v[3],
                 written_bytes: v[4],
                 time_ns: v[5],
+                nonce: v[0] ^ v[5],
             })),
             prop_oneof![
-                Just(Request::StatusNow),
+                any::<u64>().prop_map(|nonce| Request::StatusNow { nonce }),
                 Just(Request::FullResync),
                 (any::<u64>(), 0u64..1 << 40, 1u64..1 << 30).prop_map(|(seq, offset, length)| Request::Resync {
                     seq,

@@ -41,8 +41,9 @@ pub const FLAG_APP_CONSISTENT: u16 = 1;
 /// Zero flag: the range was produced by a sync (initial sync or resync),
 /// not by a client write.
 pub const FLAG_SYNC: u16 = 2;
-/// Sync, Zero (with [`FLAG_SYNC`]) and SyncDone flag: part of a whole-disk
-/// sync. On SyncDone, `offset` is the seq at which that sync started.
+/// Sync, Zero (with [`FLAG_SYNC`]), SyncBegin and SyncDone flag: part of a
+/// whole-disk sync. On SyncDone, `offset` is the seq at which that sync
+/// started (its SyncBegin).
 pub const FLAG_FULL: u16 = 4;
 
 /// What a record does.
@@ -63,6 +64,9 @@ pub enum RecordKind {
     Sync = 6,
     /// The initial sync or resync that began earlier is complete.
     SyncDone = 7,
+    /// A sync begins: until the SyncDone whose `offset` is this record's seq
+    /// (or later), the replica is not a consistent copy of the source.
+    SyncBegin = 8,
 }
 
 impl RecordKind {
@@ -76,6 +80,7 @@ impl RecordKind {
             5 => Self::Tag,
             6 => Self::Sync,
             7 => Self::SyncDone,
+            8 => Self::SyncBegin,
             _ => return None,
         })
     }
@@ -90,6 +95,7 @@ impl RecordKind {
             Self::Tag => "tag",
             Self::Sync => "sync",
             Self::SyncDone => "sync-done",
+            Self::SyncBegin => "sync-begin",
         }
     }
 
@@ -301,7 +307,7 @@ impl RecordHeader {
                     ));
                 }
             }
-            RecordKind::Flush | RecordKind::SyncDone => {
+            RecordKind::Flush | RecordKind::SyncDone | RecordKind::SyncBegin => {
                 if self.payload_len != 0 || self.length != 0 {
                     return bad(format!("seq {}: {} record must carry no range", self.seq, self.kind));
                 }
@@ -315,7 +321,7 @@ impl RecordHeader {
         let allowed = match self.kind {
             RecordKind::Tag => FLAG_APP_CONSISTENT,
             RecordKind::Zero => FLAG_SYNC | FLAG_FULL,
-            RecordKind::Sync | RecordKind::SyncDone => FLAG_FULL,
+            RecordKind::Sync | RecordKind::SyncDone | RecordKind::SyncBegin => FLAG_FULL,
             _ => 0,
         };
         if self.flags & !allowed != 0 || (self.kind == RecordKind::Zero && self.flags == FLAG_FULL) {
@@ -468,7 +474,7 @@ mod tests {
 
     fn arb_record() -> impl Strategy<Value = Record> {
         (
-            1u8..=7,
+            1u8..=8,
             any::<u64>(),
             any::<u64>(),
             0u64..(1 << 40),
@@ -482,7 +488,7 @@ mod tests {
                     RecordKind::Write | RecordKind::Sync => (data.len() as u64, data),
                     RecordKind::Zero | RecordKind::Trim => (len, vec![]),
                     RecordKind::Tag => (0, format!("tag-{}", data.len()).into_bytes()),
-                    RecordKind::Flush | RecordKind::SyncDone => (0, vec![]),
+                    RecordKind::Flush | RecordKind::SyncDone | RecordKind::SyncBegin => (0, vec![]),
                 };
                 let off = if length == 0 { 0 } else { off };
                 let mut header = RecordHeader::new(kind, seq, t, off, length, &payload);
