@@ -5,11 +5,14 @@
 //! - [`journal`]: the agent's write-ahead change journal (segment files of
 //!   change records).
 //! - [`bitmap`]: the persistent dirty bitmap used in bitmap mode.
+//! - [`replica`]: replica images (raw, VMDK flat and sparse) and exports
+//!   (also VMDK streamOptimized).
 
 pub mod apply;
 pub mod bitmap;
 pub mod error;
 pub mod journal;
+pub mod replica;
 pub mod spool;
 
 pub use error::{Error, ErrorKind};
