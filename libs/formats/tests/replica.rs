@@ -140,9 +140,8 @@ fn have_qemu() -> bool {
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: qemu-img / qemu-io not installed (Debian: qemu-utils)");
-    }
+    // CI installs qemu-utils (.ci/run): a missing qemu is an error, never a skip.
+    assert!(ok, "qemu-img / qemu-io are not installed (Debian: qemu-utils; .ci/run installs them)");
     ok
 }
 
