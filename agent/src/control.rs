@@ -1,32 +1,150 @@
 //! The control socket (`STATE/control.sock`): one JSON request per line,
-//! one JSON reply per line. Today it answers `{"cmd":"status"}` and
-//! `{"cmd":"metrics"}` (Prometheus text in the `metrics` key); tag
-//! requests join with the recovery tooling.
+//! one JSON reply per line. It answers `{"cmd":"status"}`,
+//! `{"cmd":"metrics"}` (Prometheus text in the `metrics` key) and
+//! `{"cmd":"tag","name":…,"app_consistent":bool}`, which journals a Tag
+//! record and replies with its seq once it is durable.
+//!
+//! Tag names are unique per disk: the names already used live in
+//! `STATE/tags.json` (the target refuses a duplicate too, but only after
+//! the stream got there). A tag request may carry `deadline_ns` (Unix
+//! time): `tidemark tag --freeze` thaws the filesystem at its deadline, so
+//! a tag journaled after it would claim a consistency it does not have;
+//! past the deadline the request is refused and nothing is journaled.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use tidemark_wire::record::MAX_TAG_LEN;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::shim::Shim;
+
+/// File in the state directory holding the tag names used on this disk.
+pub const TAGS_FILE: &str = "tags.json";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Request {
     cmd: String,
+    /// `tag`: the tag name.
+    #[serde(default)]
+    name: Option<String>,
+    /// `tag`: mark the point application-consistent.
+    #[serde(default)]
+    app_consistent: bool,
+    /// `tag`: refuse if this Unix time (ns) has passed before journaling.
+    #[serde(default)]
+    deadline_ns: Option<u64>,
+}
+
+/// One tag journaled by this agent (`STATE/tags.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TagEntry {
+    pub name: String,
+    pub seq: u64,
+    pub app_consistent: bool,
+    pub time_ns: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TagBook {
+    tags: Vec<TagEntry>,
+}
+
+/// Serialises tag requests: check the name, journal, record the name.
+static TAG_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The tags journaled on the disk whose state directory is `state`.
+pub fn read_tags(state: &Path) -> std::io::Result<Vec<TagEntry>> {
+    let path = state.join(TAGS_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice::<TagBook>(&b).map(|t| t.tags).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is damaged: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Check a tag name: 1..=255 bytes of UTF-8 (a `String` already is UTF-8),
+/// no control characters (they would garble every listing).
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the tag name is empty".into());
+    }
+    if name.len() > MAX_TAG_LEN as usize {
+        return Err(format!(
+            "the tag name is {} bytes long; at most {MAX_TAG_LEN} bytes of UTF-8 are allowed",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("the tag name contains control characters".into());
+    }
+    Ok(())
+}
+
+/// Journal a tag, make it durable, remember its name; the seq or why not.
+async fn tag(shim: &Shim, name: &str, app_consistent: bool, deadline_ns: Option<u64>) -> Result<u64, String> {
+    check_name(name)?;
+    let state = shim.inner().state_dir.clone();
+    let _guard = TAG_LOCK.lock().await;
+    let mut tags = read_tags(&state).map_err(|e| format!("cannot read the used tag names: {e}"))?;
+    if let Some(t) = tags.iter().find(|t| t.name == name) {
+        return Err(format!(
+            "tag name {name:?} is already used on this disk (seq {})",
+            t.seq
+        ));
+    }
+    let now = crate::now_ns();
+    if deadline_ns.is_some_and(|d| now >= d) {
+        return Err("the tag's deadline passed before it could be journaled (the filesystem is thawed by now); nothing was journaled".into());
+    }
+    let seq = shim
+        .tag(name, app_consistent)
+        .map_err(|e| format!("cannot journal the tag: {e}"))?;
+    // Durable before the reply: a tag the user was told about survives a crash.
+    shim.sync_all()
+        .await
+        .map_err(|e| format!("tag journaled at seq {seq} but not made durable: {e}"))?;
+    tags.push(TagEntry {
+        name: name.to_string(),
+        seq,
+        app_consistent,
+        time_ns: now,
+    });
+    let body = serde_json::to_vec_pretty(&TagBook { tags }).map_err(|e| e.to_string())?;
+    if let Err(e) = tidemark_util::crashsafe::write_atomic(&state.join(TAGS_FILE), &body) {
+        // The tag is in the stream; only the local uniqueness check lost
+        // it (the target still refuses a duplicate).
+        warn!(disk = %shim.inner().disk_id, seq, "tag {name:?} journaled but {TAGS_FILE} not updated: {e}");
+    }
+    info!(disk = %shim.inner().disk_id, seq, app_consistent, "tag {name:?} journaled");
+    Ok(seq)
 }
 
 /// Answer one request line.
-pub fn handle(shim: &Shim, line: &str) -> String {
+pub async fn handle(shim: &Shim, line: &str) -> String {
     let reply = match serde_json::from_str::<Request>(line) {
         Ok(r) if r.cmd == "status" => serde_json::json!({"ok": true, "status": shim.status()}),
         Ok(r) if r.cmd == "metrics" => serde_json::json!({"ok": true, "metrics": shim.metrics()}),
-        Ok(r) => {
-            serde_json::json!({"ok": false, "error": format!("unknown command {:?} (known: status, metrics)", r.cmd)})
-        }
+        Ok(r) if r.cmd == "tag" => match r.name {
+            None => serde_json::json!({"ok": false, "error": "tag needs a \"name\""}),
+            Some(name) => match tag(shim, &name, r.app_consistent, r.deadline_ns).await {
+                Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            },
+        },
+        Ok(r) => serde_json::json!({
+            "ok": false,
+            "error": format!("unknown command {:?} (known: status, metrics, tag)", r.cmd)
+        }),
         Err(e) => serde_json::json!({"ok": false, "error": format!("malformed request: {e}")}),
     };
     reply.to_string()
@@ -46,7 +164,7 @@ pub async fn serve(path: PathBuf, shim: Shim, stop: CancellationToken) -> std::i
             let (rd, mut wr) = stream.into_split();
             let mut lines = BufReader::new(rd.take(1 << 16)).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let mut out = handle(&shim, &line);
+                let mut out = handle(&shim, &line).await;
                 out.push('\n');
                 if wr.write_all(out.as_bytes()).await.is_err() {
                     break;
@@ -64,31 +182,86 @@ mod tests {
     use super::*;
     use crate::config::{ListenAddr, ProtectConfig};
 
-    #[test]
-    fn answers_status_metrics_and_refuses_garbage() {
-        let d = tempfile::tempdir().unwrap();
+    fn open(d: &Path, id: &str) -> crate::run::Opened {
         let cfg = ProtectConfig {
-            disk: d.path().join("d.img"),
-            state: d.path().join("st"),
-            listen: ListenAddr::Unix(d.path().join("s")),
-            disk_id: "ctl".into(),
+            disk: d.join("d.img"),
+            state: d.join("st"),
+            listen: ListenAddr::Unix(d.join("s")),
+            disk_id: id.into(),
             create_size: Some(1 << 20),
             journal_cap: None,
             bench_consume: false,
             ship: None,
         };
-        let o = crate::run::open(&cfg).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, r#"{"cmd":"status"}"#)).unwrap();
+        crate::run::open(&cfg).unwrap()
+    }
+
+    async fn ask(shim: &Shim, req: &str) -> serde_json::Value {
+        serde_json::from_str(&handle(shim, req).await).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_status_metrics_and_refuses_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let o = open(d.path(), "ctl");
+        let v = ask(&o.shim, r#"{"cmd":"status"}"#).await;
         assert_eq!(v["status"]["disk_id"], "ctl");
         assert_eq!(v["status"]["mode"], "journal");
-        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, r#"{"cmd":"metrics"}"#)).unwrap();
+        let v = ask(&o.shim, r#"{"cmd":"metrics"}"#).await;
         assert!(v["metrics"]
             .as_str()
             .unwrap()
             .contains("tidemark_agent_writes_total{disk=\"ctl\"} 0"));
-        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, r#"{"cmd":"launch"}"#)).unwrap();
+        let v = ask(&o.shim, r#"{"cmd":"launch"}"#).await;
         assert!(v["error"].as_str().unwrap().contains("unknown command"));
-        let v: serde_json::Value = serde_json::from_str(&handle(&o.shim, "not json")).unwrap();
+        let v = ask(&o.shim, "not json").await;
         assert!(v["error"].as_str().unwrap().contains("malformed request"));
+    }
+
+    #[tokio::test]
+    async fn tags_are_journaled_unique_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let o = open(d.path(), "tags");
+        let v = ask(
+            &o.shim,
+            r#"{"cmd":"tag","name":"before-upgrade","app_consistent":true}"#,
+        )
+        .await;
+        assert_eq!(v["ok"], true, "{v}");
+        let seq = v["seq"].as_u64().unwrap();
+        let v = ask(&o.shim, r#"{"cmd":"tag","name":"before-upgrade"}"#).await;
+        assert!(v["error"].as_str().unwrap().contains("already used"), "{v}");
+        let v = ask(&o.shim, r#"{"cmd":"tag","name":""}"#).await;
+        assert!(v["error"].as_str().unwrap().contains("empty"), "{v}");
+        let long = "é".repeat(128); // 256 bytes
+        let v = ask(&o.shim, &serde_json::json!({"cmd":"tag","name":long}).to_string()).await;
+        assert!(v["error"].as_str().unwrap().contains("at most 255 bytes"), "{v}");
+        let ok255 = format!("{}x", "é".repeat(127));
+        let v = ask(&o.shim, &serde_json::json!({"cmd":"tag","name":ok255}).to_string()).await;
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["seq"].as_u64().unwrap(), seq + 1);
+        let v = ask(&o.shim, r#"{"cmd":"tag"}"#).await;
+        assert!(v["error"].as_str().unwrap().contains("needs a"), "{v}");
+        let v = ask(&o.shim, r#"{"cmd":"tag","name":"late","deadline_ns":1}"#).await;
+        assert!(v["error"].as_str().unwrap().contains("deadline"), "{v}");
+
+        let tags = read_tags(&d.path().join("st")).unwrap();
+        assert_eq!(tags.len(), 2);
+        assert_eq!(
+            (tags[0].name.as_str(), tags[0].seq, tags[0].app_consistent),
+            ("before-upgrade", seq, true)
+        );
+        assert!(!tags[1].app_consistent);
+        // The journal holds exactly the two tags, with the app flag on the first.
+        let reader = tidemark_formats::journal::JournalReader::open(&d.path().join("st").join("journal")).unwrap();
+        let recs: Vec<_> = reader
+            .records_from(0)
+            .map(|r| r.unwrap())
+            .filter(|r| r.header.kind == tidemark_wire::record::RecordKind::Tag)
+            .collect();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].tag_name(), Some("before-upgrade"));
+        assert!(recs[0].header.app_consistent());
+        assert!(!recs[1].header.app_consistent());
     }
 }

@@ -28,6 +28,14 @@ enum Cmd {
     Status(cmd::status::StatusArgs),
     /// Wait until a disk's replica has caught up with its source.
     Wait(cmd::status::WaitArgs),
+    /// Insert a consistency tag through the agent (with --freeze: application-consistent).
+    Tag(cmd::tag::TagArgs),
+    /// List a disk's recovery points (time, seq, kind, tag).
+    Points(cmd::points::PointsArgs),
+    /// Serve a recovery point over NBD (and mount its filesystem) until signalled.
+    Mount(cmd::mount::MountArgs),
+    /// Materialize a recovery point as a disk image and record the failover.
+    Failover(cmd::failover::FailoverArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +45,10 @@ fn main() -> ExitCode {
         Cmd::AgentStatus(a) => cmd::agent::status(a),
         Cmd::Status(a) => cmd::status::status(a),
         Cmd::Wait(a) => cmd::status::wait(a),
+        Cmd::Tag(a) => cmd::tag::tag(a),
+        Cmd::Points(a) => cmd::points::points(a),
+        Cmd::Mount(a) => cmd::mount::mount(a),
+        Cmd::Failover(a) => cmd::failover::failover(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,7 @@
 pub mod agent;
+pub mod failover;
 pub mod journal;
+pub mod mount;
+pub mod points;
 pub mod status;
+pub mod tag;

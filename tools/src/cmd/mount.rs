@@ -1,0 +1,875 @@
+//! `tidemark mount`: a recovery point, pinned when opened, served over NBD
+//! (`libs/nbd`, with `base:allocation`) and optionally mounted.
+//!
+//! ```text
+//!  View (replica + undo, pinned) ──▶ Layered ──▶ NBD export (--listen)
+//!                                    │ read-only, or with --writable a
+//!                                    │ copy-on-write overlay: sparse temp
+//!                                    │ file + bitmap of written 4 KiB blocks
+//!                                    └─▶ (--mountpoint) FUSE file "disk" ─▶ loop ─▶ mount DIR
+//! ```
+//!
+//! The view is never written: writes land in an overlay that is an
+//! unlinked temp file, gone when the process ends. `--mountpoint` always
+//! mounts over a copy-on-write layer, because a crash-consistent ext4
+//! replays its journal even on a read-only mount: without `--writable` it
+//! is a second, throwaway overlay (the NBD export stays read-only) and the
+//! filesystem is mounted `ro`; with `--writable` the FUSE file and the NBD
+//! export share the user's overlay. Everything — the mount, the loop
+//! device, the FUSE mount, the socket — is undone on SIGTERM, SIGINT or
+//! SIGHUP, and on any error after it was set up.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tidemark_nbd::{Backend, ExportInfo, Extent, ZeroFlags};
+use tokio_util::sync::CancellationToken;
+
+use super::points::{open_source, Image, PointInfo};
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// The target's data directory.
+    #[arg(long, value_name = "DIR", required_unless_present = "image")]
+    data: Option<PathBuf>,
+    /// The disk id.
+    #[arg(required_unless_present = "image")]
+    disk: Option<String>,
+    /// Which point: latest, latest-app, seq:N, an RFC 3339 time, a tag
+    /// name, or tag:NAME.
+    #[arg(long, value_name = "SPEC", required_unless_present = "image")]
+    at: Option<String>,
+    /// Serve a raw image file instead of a recovery point (a failed-over
+    /// disk, or tests).
+    #[arg(long, hide = true, value_name = "FILE", conflicts_with_all = ["data", "disk", "at"])]
+    image: Option<PathBuf>,
+    /// Accept writes into a throwaway copy-on-write overlay (a drill); the
+    /// replica and its undo data are never touched.
+    #[arg(long)]
+    writable: bool,
+    /// Where to serve NBD: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "unix:SOCK")]
+    listen: String,
+    /// Also mount the point's filesystem here (FUSE + loop device).
+    #[arg(long, value_name = "DIR")]
+    mountpoint: Option<PathBuf>,
+}
+
+/// Granularity of the copy-on-write overlay.
+pub const BLOCK: u64 = 4096;
+
+/// An image, read-only or with a copy-on-write overlay on top.
+pub struct Layered {
+    base: Arc<dyn Image>,
+    size: u64,
+    cow: Option<Cow>,
+}
+
+/// The overlay: written blocks live in an unlinked sparse temp file at
+/// their own offsets; `written` says which.
+struct Cow {
+    file: File,
+    written: RwLock<Vec<u64>>,
+    /// Writers one at a time: a partial block is read, merged and written
+    /// whole, and must not interleave with another write to it.
+    write: Mutex<()>,
+}
+
+fn bit(bits: &[u64], block: u64) -> bool {
+    let i = usize::try_from(block / 64).unwrap_or(usize::MAX);
+    bits.get(i).is_some_and(|w| w & (1 << (block % 64)) != 0)
+}
+
+fn to_usize(n: u64) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+impl Layered {
+    /// `writable`: give it an overlay (an unlinked temp file in $TMPDIR).
+    pub fn new(base: Arc<dyn Image>, writable: bool) -> io::Result<Layered> {
+        let size = base.size();
+        let cow = if writable {
+            let file = tempfile::tempfile()?;
+            file.set_len(size)?;
+            let words = to_usize(size.div_ceil(BLOCK).div_ceil(64))?;
+            Some(Cow {
+                file,
+                written: RwLock::new(vec![0; words]),
+                write: Mutex::new(()),
+            })
+        } else {
+            None
+        };
+        Ok(Layered { base, size, cow })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn writable(&self) -> bool {
+        self.cow.is_some()
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// Runs of `[offset, offset+len)` that are (`true`) or are not in the
+    /// overlay.
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let Some(cow) = &self.cow else {
+            return vec![(offset, len, false)];
+        };
+        let bits = cow.written.read().unwrap_or_else(|p| p.into_inner());
+        let end = offset + len;
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let w = bit(&bits, pos / BLOCK);
+            let next = ((pos / BLOCK + 1) * BLOCK).min(end);
+            match out.last_mut() {
+                Some(r) if r.2 == w => r.1 += next - pos,
+                _ => out.push((pos, next - pos, w)),
+            }
+            pos = next;
+        }
+        out
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        for (o, l, over) in self.runs(offset, buf.len() as u64) {
+            let s = to_usize(o - offset)?;
+            let part = &mut buf[s..s + to_usize(l)?];
+            match (&self.cow, over) {
+                (Some(c), true) => c.file.read_exact_at(part, o)?,
+                _ => self.base.read_at(part, o)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn cow(&self) -> io::Result<&Cow> {
+        self.cow
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    /// Write into the overlay; `None` data writes zeros.
+    pub fn write_at(&self, data: Option<&[u8]>, offset: u64, len: u64) -> io::Result<()> {
+        let cow = self.cow()?;
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _w = cow.write.lock().unwrap_or_else(|p| p.into_inner());
+        let first = offset / BLOCK;
+        let last = (offset + len - 1) / BLOCK;
+        let start = first * BLOCK;
+        let end = ((last + 1) * BLOCK).min(self.size);
+        // Whole interior blocks of a zero write become a hole in the overlay.
+        let (zs, ze) = (
+            offset.div_ceil(BLOCK) * BLOCK,
+            ((offset + len) / BLOCK * BLOCK).max(offset),
+        );
+        if data.is_none() && ze > zs && ze - zs >= 1 << 20 {
+            tidemark_util::fileops::punch_hole(&cow.file, zs, ze - zs)?;
+            if zs > offset {
+                self.write_span(cow, None, offset, zs - offset)?;
+            }
+            if offset + len > ze {
+                self.write_span(cow, None, ze, offset + len - ze)?;
+            }
+            self.mark(cow, zs / BLOCK, (ze - 1) / BLOCK);
+            return Ok(());
+        }
+        if end - start > 32 << 20 {
+            // A large zero write that is not block-aligned enough to punch:
+            // in bounded pieces.
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(16 << 20);
+                let piece = data.map(|d| &d[to_usize(pos - offset).unwrap_or(0)..][..to_usize(n).unwrap_or(0)]);
+                self.write_span(cow, piece, pos, n)?;
+                pos += n;
+            }
+            return Ok(());
+        }
+        self.write_span(cow, data, offset, len)
+    }
+
+    /// Read-merge-write the blocks covering `[offset, offset+len)` (at most
+    /// a few tens of MiB); called with the writer lock held.
+    fn write_span(&self, cow: &Cow, data: Option<&[u8]>, offset: u64, len: u64) -> io::Result<()> {
+        let first = offset / BLOCK;
+        let last = (offset + len - 1) / BLOCK;
+        let start = first * BLOCK;
+        let end = ((last + 1) * BLOCK).min(self.size);
+        let mut buf = vec![0u8; to_usize(end - start)?];
+        if offset > start {
+            let n = to_usize(BLOCK.min(end - start))?;
+            self.read_at(&mut buf[..n], start)?;
+        }
+        if offset + len < end {
+            let tail = (end - 1) / BLOCK * BLOCK;
+            let s = to_usize(tail - start)?;
+            self.read_at(&mut buf[s..], tail)?;
+        }
+        let s = to_usize(offset - start)?;
+        match data {
+            Some(d) => buf[s..s + d.len()].copy_from_slice(d),
+            None => buf[s..s + to_usize(len)?].fill(0),
+        }
+        cow.file.write_all_at(&buf, start)?;
+        self.mark(cow, first, last);
+        Ok(())
+    }
+
+    fn mark(&self, cow: &Cow, first: u64, last: u64) {
+        let mut bits = cow.written.write().unwrap_or_else(|p| p.into_inner());
+        for b in first..=last {
+            if let Some(w) = bits.get_mut(usize::try_from(b / 64).unwrap_or(usize::MAX)) {
+                *w |= 1 << (b % 64);
+            }
+        }
+    }
+
+    /// Extents `(offset, len, data)` over `[offset, offset+len)`.
+    pub fn allocated(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        self.check(offset, len)?;
+        let mut out = Vec::new();
+        for (o, l, over) in self.runs(offset, len) {
+            if over {
+                out.push((o, l, true));
+            } else {
+                out.extend(self.base.allocated(o, l)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The NBD export of a [`Layered`] image.
+pub struct ViewBackend {
+    layer: Arc<Layered>,
+    name: String,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("I/O task failed: {e}")))?
+}
+
+impl Backend for ViewBackend {
+    fn info(&self) -> ExportInfo {
+        let w = self.layer.writable();
+        ExportInfo {
+            description: if w {
+                "tidemark point-in-time view (writes go to a throwaway overlay)".into()
+            } else {
+                "tidemark point-in-time view (read-only)".into()
+            },
+            read_only: !w,
+            can_trim: w,
+            can_zero: w,
+            can_fast_zero: false,
+            // A flush has nothing to make durable (the overlay is thrown
+            // away), and every connection sees every write at once.
+            multi_conn: true,
+            ..ExportInfo::new(self.name.clone(), self.layer.size())
+        }
+    }
+
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+        mut buf: Vec<u8>,
+    ) -> impl std::future::Future<Output = io::Result<Vec<u8>>> + Send {
+        let layer = self.layer.clone();
+        blocking(move || {
+            buf.resize(len as usize, 0);
+            layer.read_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+    }
+
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        _fua: bool,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        let layer = self.layer.clone();
+        blocking(move || layer.write_at(Some(&data), offset, data.len() as u64))
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, _fua: bool) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        let layer = self.layer.clone();
+        blocking(move || layer.write_at(None, offset, len))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        let layer = self.layer.clone();
+        async move {
+            if flags.fast_zero {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            blocking(move || layer.write_at(None, offset, len)).await
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u32) -> impl std::future::Future<Output = io::Result<Vec<Extent>>> + Send {
+        let layer = self.layer.clone();
+        blocking(move || {
+            let len = u64::from(len).min(layer.size().saturating_sub(offset));
+            let mut out: Vec<Extent> = Vec::new();
+            for (_, l, data) in layer.allocated(offset, len)? {
+                let l = u32::try_from(l).unwrap_or(u32::MAX);
+                match out.last_mut() {
+                    Some(e) if e.hole != data => e.length = e.length.saturating_add(l),
+                    _ => out.push(Extent {
+                        length: l,
+                        hole: !data,
+                        zero: !data,
+                    }),
+                }
+                if out.len() >= 1024 {
+                    break;
+                }
+            }
+            if out.is_empty() {
+                out.push(Extent {
+                    length: u32::try_from(len.max(1)).unwrap_or(u32::MAX),
+                    hole: false,
+                    zero: false,
+                });
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The one-file FUSE filesystem: `/disk` is the layered image.
+struct DiskFs {
+    layer: Arc<Layered>,
+    uid: u32,
+    gid: u32,
+    started: SystemTime,
+}
+
+const FILE_INO: u64 = 2;
+const FILE_NAME: &str = "disk";
+const TTL: Duration = Duration::from_secs(1);
+
+impl DiskFs {
+    fn attr(&self, ino: u64) -> fuser::FileAttr {
+        let dir = ino == fuser::FUSE_ROOT_ID;
+        fuser::FileAttr {
+            ino,
+            size: if dir { 0 } else { self.layer.size() },
+            blocks: if dir { 0 } else { self.layer.size().div_ceil(512) },
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: if dir {
+                fuser::FileType::Directory
+            } else {
+                fuser::FileType::RegularFile
+            },
+            perm: if dir { 0o755 } else { 0o600 },
+            nlink: if dir { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+impl fuser::Filesystem for DiskFs {
+    fn lookup(&mut self, _req: &fuser::Request<'_>, parent: u64, name: &OsStr, reply: fuser::ReplyEntry) {
+        if parent == fuser::FUSE_ROOT_ID && name == FILE_NAME {
+            reply.entry(&TTL, &self.attr(FILE_INO), 0);
+        } else {
+            reply.error(libc::ENOENT);
+        }
+    }
+
+    fn getattr(&mut self, _req: &fuser::Request<'_>, ino: u64, _fh: Option<u64>, reply: fuser::ReplyAttr) {
+        if ino == fuser::FUSE_ROOT_ID || ino == FILE_INO {
+            reply.attr(&TTL, &self.attr(ino));
+        } else {
+            reply.error(libc::ENOENT);
+        }
+    }
+
+    fn open(&mut self, _req: &fuser::Request<'_>, ino: u64, _flags: i32, reply: fuser::ReplyOpen) {
+        if ino != FILE_INO {
+            return reply.error(libc::EISDIR);
+        }
+        // No page cache: with --writable the NBD export changes the same
+        // overlay behind the kernel's back.
+        reply.opened(0, fuser::consts::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &mut self,
+        _req: &fuser::Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: fuser::ReplyData,
+    ) {
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(libc::EINVAL);
+        };
+        if ino != FILE_INO {
+            return reply.error(libc::EISDIR);
+        }
+        let n = u64::from(size).min(self.layer.size().saturating_sub(off));
+        let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
+        match self.layer.read_at(&mut buf, off) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    fn write(
+        &mut self,
+        _req: &fuser::Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: fuser::ReplyWrite,
+    ) {
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(libc::EINVAL);
+        };
+        if ino != FILE_INO {
+            return reply.error(libc::EISDIR);
+        }
+        if off.saturating_add(data.len() as u64) > self.layer.size() {
+            return reply.error(libc::ENOSPC);
+        }
+        match self.layer.write_at(Some(data), off, data.len() as u64) {
+            Ok(()) => reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX)),
+            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    fn flush(&mut self, _req: &fuser::Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: fuser::ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsync(&mut self, _req: &fuser::Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: fuser::ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &fuser::Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: fuser::ReplyDirectory,
+    ) {
+        if ino != fuser::FUSE_ROOT_ID {
+            return reply.error(libc::ENOTDIR);
+        }
+        let entries = [
+            (fuser::FUSE_ROOT_ID, fuser::FileType::Directory, "."),
+            (fuser::FUSE_ROOT_ID, fuser::FileType::Directory, ".."),
+            (FILE_INO, fuser::FileType::RegularFile, FILE_NAME),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(usize::try_from(offset).unwrap_or(0)) {
+            if reply.add(*ino, i64::try_from(i + 1).unwrap_or(i64::MAX), *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// Run a command; its stdout, or an error with its stderr.
+fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The filesystem mounted at the user's directory, and what holds it up;
+/// torn down in reverse order on drop, whatever was set up.
+struct FsMount {
+    mountpoint: PathBuf,
+    mounted: bool,
+    loop_dev: Option<String>,
+    fuse: Option<fuser::BackgroundSession>,
+    fuse_dir: Option<tempfile::TempDir>,
+}
+
+impl FsMount {
+    fn setup(layer: Arc<Layered>, mountpoint: &Path, read_only: bool) -> Result<FsMount> {
+        if !mountpoint.is_dir() {
+            bail!("--mountpoint {} is not a directory", mountpoint.display());
+        }
+        let mut m = FsMount {
+            mountpoint: mountpoint.to_path_buf(),
+            mounted: false,
+            loop_dev: None,
+            fuse: None,
+            fuse_dir: None,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-mount-")
+            .tempdir()
+            .context("temp dir for the FUSE file")?;
+        let fs = DiskFs {
+            layer,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            started: SystemTime::now(),
+        };
+        let opts = [
+            fuser::MountOption::FSName("tidemark".into()),
+            fuser::MountOption::Subtype("tidemark".into()),
+            fuser::MountOption::RW,
+            fuser::MountOption::NoExec,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoDev,
+        ];
+        let file = dir.path().join(FILE_NAME);
+        m.fuse = Some(
+            fuser::spawn_mount2(fs, dir.path(), &opts)
+                .with_context(|| format!("FUSE mount at {} (is /dev/fuse usable?)", dir.path().display()))?,
+        );
+        m.fuse_dir = Some(dir);
+        let start = Instant::now();
+        while !file.exists() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the FUSE file {} did not appear", file.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The loop device is writable even for a read-only mount: ext4
+        // replays its journal into the overlay underneath.
+        let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&file))
+            .context("attach a loop device to the view (needs root and /dev/loop-control)")?;
+        m.loop_dev = Some(dev.clone());
+        let mut cmd = Command::new("mount");
+        if read_only {
+            cmd.args(["-o", "ro"]);
+        }
+        sh(cmd.arg(&dev).arg(mountpoint))
+            .with_context(|| format!("mount the point's filesystem ({dev}) at {}", mountpoint.display()))?;
+        m.mounted = true;
+        Ok(m)
+    }
+
+    fn loop_dev(&self) -> Option<&str> {
+        self.loop_dev.as_deref()
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let mut ok = false;
+            for _ in 0..50 {
+                if sh(Command::new("umount").arg(&self.mountpoint)).is_ok() {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !ok {
+                eprintln!(
+                    "tidemark: {} busy; detaching it lazily (umount -l)",
+                    self.mountpoint.display()
+                );
+                if let Err(e) = sh(Command::new("umount").arg("-l").arg(&self.mountpoint)) {
+                    eprintln!("tidemark: {e:#}");
+                }
+            }
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            if let Err(e) = sh(Command::new("losetup").args(["-d", &dev])) {
+                eprintln!("tidemark: detach {dev}: {e:#}");
+            }
+            // Detaching is deferred until the last user closes the device;
+            // the FUSE file stays busy until then.
+            let name = dev.trim_start_matches("/dev/");
+            let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+            let start = Instant::now();
+            while backing.exists() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Unmounts the FUSE filesystem.
+        drop(self.fuse.take());
+        if let Some(d) = self.fuse_dir.take() {
+            let p = d.path().to_path_buf();
+            if d.close().is_err() {
+                // Still mounted (a client holds it): lazy unmount, then remove.
+                let _ = sh(Command::new("fusermount3").arg("-uz").arg(&p));
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+}
+
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+pub fn mount(a: MountArgs) -> Result<()> {
+    let (image, point) = open_source(
+        a.data.as_deref(),
+        a.disk.as_deref(),
+        a.at.as_deref(),
+        a.image.as_deref(),
+    )?;
+    say(&opened_line(point.as_ref(), a.image.as_deref()));
+    let name = a.disk.clone().unwrap_or_default();
+    let layer = Arc::new(Layered::new(image.clone(), a.writable).context("create the copy-on-write overlay")?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    rt.block_on(serve(a, name, image, layer))
+}
+
+/// `opened point seq N, TIME, kind, tag "x"`.
+pub fn opened_line(point: Option<&PointInfo>, image: Option<&Path>) -> String {
+    match (point, image) {
+        (Some(p), _) => format!("opened point {}", p.describe()),
+        (None, Some(i)) => format!("opened image {}", i.display()),
+        (None, None) => "opened".into(),
+    }
+}
+
+async fn serve(a: MountArgs, name: String, image: Arc<dyn Image>, layer: Arc<Layered>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Before anything is set up, so that a signal during setup still
+    // ends in the teardown below.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
+    let addr = tidemark_nbd::parse_listen(&a.listen).with_context(|| format!("--listen {}", a.listen))?;
+    let listener = tidemark_nbd::bind(&addr)
+        .await
+        .with_context(|| format!("listen on {}", a.listen))?;
+    let sock = match &addr {
+        tidemark_nbd::ListenAddr::Unix(p) => Some(p.clone()),
+        _ => None,
+    };
+    let _unlink = Unlink(sock);
+    let stop = CancellationToken::new();
+    let backend = Arc::new(ViewBackend {
+        layer: layer.clone(),
+        name,
+    });
+    let mut server = tokio::spawn(tidemark_nbd::serve(listener, backend, stop.clone()));
+    say(&format!(
+        "serving {} over NBD ({})",
+        a.listen,
+        if a.writable {
+            "writable: writes go to a throwaway overlay"
+        } else {
+            "read-only"
+        }
+    ));
+
+    let fs = match &a.mountpoint {
+        None => None,
+        Some(dir) => {
+            let fs_layer = if a.writable {
+                layer.clone()
+            } else {
+                Arc::new(Layered::new(image, true).context("create the throwaway overlay")?)
+            };
+            let (dir, ro) = (dir.clone(), !a.writable);
+            let m = tokio::task::spawn_blocking(move || FsMount::setup(fs_layer, &dir, ro))
+                .await
+                .context("mount task")?;
+            match m {
+                Ok(m) => {
+                    say(&format!(
+                        "mounted {} at {} ({})",
+                        m.loop_dev().unwrap_or("?"),
+                        a.mountpoint
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                        if a.writable {
+                            "writable; changes vanish on exit"
+                        } else {
+                            "read-only"
+                        }
+                    ));
+                    Some(m)
+                }
+                Err(e) => {
+                    stop.cancel();
+                    let _ = server.await;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    say("ready");
+
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM".to_string(),
+        _ = int.recv() => "SIGINT".to_string(),
+        _ = hup.recv() => "SIGHUP".to_string(),
+        r = &mut server => format!("the NBD server stopped: {r:?}"),
+    };
+    eprintln!("tidemark: {why}: cleaning up");
+    stop.cancel();
+    if !server.is_finished() {
+        let _ = server.await;
+    }
+    if let Some(m) = fs {
+        tokio::task::spawn_blocking(move || drop(m))
+            .await
+            .context("unmount task")?;
+    }
+    Ok(())
+}
+
+/// Removes the unix socket on the way out.
+struct Unlink(Option<PathBuf>);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+mod tests {
+    use super::*;
+
+    struct Mem(Vec<u8>);
+
+    impl Image for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0[o..o + buf.len()]);
+            Ok(())
+        }
+        fn allocated(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+            Ok(vec![(offset, len, true)])
+        }
+    }
+
+    fn base(n: usize) -> Arc<dyn Image> {
+        Arc::new(Mem((0..n).map(|i| (i % 251) as u8).collect()))
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let l = Layered::new(base(3 * 4096 + 100), false).unwrap();
+        let e = l.write_at(Some(&[1]), 0, 1).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+        let mut b = vec![0u8; 10];
+        l.read_at(&mut b, 4096 * 3 + 90).unwrap();
+        assert_eq!(b[0], ((4096 * 3 + 90) % 251) as u8);
+        assert!(l.read_at(&mut b, 4096 * 3 + 91).is_err());
+    }
+
+    #[test]
+    fn overlay_matches_a_model_and_leaves_the_base_alone() {
+        use rand::{Rng, SeedableRng};
+        let size = 64 * 4096 + 1234;
+        let b = base(size);
+        let l = Layered::new(b.clone(), true).unwrap();
+        let mut model: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for i in 0..400 {
+            let off = rng.gen_range(0..size - 1);
+            let len = rng.gen_range(1..=(size - off).min(20_000));
+            if i % 5 == 0 {
+                l.write_at(None, off as u64, len as u64).unwrap();
+                model[off..off + len].fill(0);
+            } else {
+                let d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                l.write_at(Some(&d), off as u64, len as u64).unwrap();
+                model[off..off + len].copy_from_slice(&d);
+            }
+            let (ro, rl) = (rng.gen_range(0..size), 0);
+            let rl = rng.gen_range(rl..=(size - ro).min(30_000));
+            let mut got = vec![0u8; rl];
+            l.read_at(&mut got, ro as u64).unwrap();
+            assert_eq!(got, model[ro..ro + rl], "step {i}");
+        }
+        let mut all = vec![0u8; size];
+        l.read_at(&mut all, 0).unwrap();
+        assert_eq!(all, model);
+        let mut orig = vec![0u8; size];
+        b.read_at(&mut orig, 0).unwrap();
+        assert!(orig.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+        let ext = l.allocated(0, size as u64).unwrap();
+        assert_eq!(ext.iter().map(|e| e.1).sum::<u64>(), size as u64);
+    }
+
+    #[test]
+    fn big_zero_writes_punch_the_overlay() {
+        let size = 8 << 20;
+        let l = Layered::new(base(size), true).unwrap();
+        l.write_at(None, 100, (size - 200) as u64).unwrap();
+        let mut b = vec![1u8; size];
+        l.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[99], 99);
+        assert!(b[100..size - 100].iter().all(|&x| x == 0));
+        assert_eq!(b[size - 100], ((size - 100) % 251) as u8);
+    }
+}
