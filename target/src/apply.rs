@@ -18,6 +18,9 @@
 //!   records are still applied, so that the resync can arrive.
 //! - A `SyncDone|FLAG_FULL` whose sync started at or after the first seq
 //!   held (or any, when that is seq 1) makes the disk consistent.
+//! - A `SyncBegin` at seq S makes the disk syncing (no recovery point)
+//!   until a `SyncDone` whose offset is ≥ S (full or not); of overlapping
+//!   syncs the latest begin counts.
 //!
 //! This module must never commit a seq before the replica is synced, and
 //! never apply a record that failed its check.
@@ -95,7 +98,7 @@ impl DiskApplier {
         let halted_seq = self.halts.iter().map(|h| h.seq).min();
         TargetState {
             applied_seq: self.row.applied_seq,
-            state: replica_state(self.row.sync_state, halted_seq.is_some()),
+            state: replica_state(self.row.sync_state, self.row.sync_from.is_some(), halted_seq.is_some()),
             halted_seq: halted_seq.unwrap_or(0),
             pending_bytes: self.halts.iter().map(|h| h.pending.bytes()).sum(),
         }
@@ -204,6 +207,17 @@ impl DiskApplier {
                 for halt in new_halts.iter_mut().filter(|x| !x.covered && x.seq < h.seq) {
                     cover(&id, halt, h.seq, h.offset, h.length, now);
                 }
+            }
+            if h.kind == RecordKind::SyncBegin {
+                // Syncs may overlap (a resync starts before a full one ends):
+                // the replica is consistent again only once the latest
+                // one that began has ended.
+                let from = row.sync_from.map_or(h.seq, |f| f.max(h.seq));
+                row.sync_from = Some(from);
+            }
+            if h.kind == RecordKind::SyncDone && row.sync_from.is_some_and(|f| h.offset >= f) {
+                info!(disk = %id, seq = h.seq, "sync from seq {} complete", h.offset);
+                row.sync_from = None;
             }
             if h.kind == RecordKind::SyncDone
                 && h.flags & FLAG_FULL != 0
@@ -557,6 +571,56 @@ mod tests {
         let o = a.apply(vec![tag], false).unwrap();
         assert!(o.new_halts.is_empty());
         assert_eq!(crate::catalog::disk_states(f.dir.path()).unwrap()[0].halts.len(), 2);
+    }
+
+    #[test]
+    fn sync_begin_holds_the_disk_syncing_until_its_sync_done() {
+        let f = Fixture::new();
+        let mut a = f.open();
+        // Consistent first (a stream from seq 1 with its full sync done).
+        let o = a
+            .apply(
+                vec![
+                    sync(1, 0, 1, 4096, FLAG_FULL),
+                    bare(RecordKind::SyncDone, 2, 1, 0, FLAG_FULL),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(o.state.state, ReplicaState::Consistent);
+        // A resync begins at 3; a SyncDone of an older sync (offset 2) does
+        // not end it; nor does a restart.
+        let o = a
+            .apply(
+                vec![
+                    bare(RecordKind::SyncBegin, 3, 0, 0, 0),
+                    sync(4, 0, 4, 4096, 0),
+                    bare(RecordKind::SyncDone, 5, 2, 0, 0),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(o.state.state, ReplicaState::Syncing);
+        drop(a);
+        let mut a = f.open();
+        assert_eq!(a.state().state, ReplicaState::Syncing);
+        assert_eq!(crate::catalog::disk_states(f.dir.path()).unwrap()[0].sync_from, Some(3));
+        // Overlapping syncs: begins at 6 and 7; the SyncDone of 6 is not enough.
+        let o = a
+            .apply(
+                vec![
+                    bare(RecordKind::SyncBegin, 6, 0, 0, FLAG_FULL),
+                    bare(RecordKind::SyncBegin, 7, 0, 0, 0),
+                    bare(RecordKind::SyncDone, 8, 6, 0, FLAG_FULL),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(o.state.state, ReplicaState::Syncing);
+        let o = a.apply(vec![bare(RecordKind::SyncDone, 9, 7, 0, 0)], false).unwrap();
+        assert_eq!(o.state.state, ReplicaState::Consistent);
+        let s = &crate::catalog::disk_states(f.dir.path()).unwrap()[0];
+        assert_eq!((s.sync_from, s.state.as_str()), (None, "consistent"));
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub const MIGRATIONS: &[&str] = &[
         covered_at    INTEGER,
         PRIMARY KEY (disk_id, seq)
     ) STRICT;",
+    // 2: a sync (resync or full) in progress since a SyncBegin record.
+    "ALTER TABLE disks ADD COLUMN sync_from INTEGER;",
 ];
 
 /// Whether a disk's replica is known to equal its source at some seq.
@@ -152,6 +154,9 @@ pub struct DiskState {
     pub first_seq: Option<u64>,
     /// Lowest seq of a halt not yet covered.
     pub halted_seq: Option<u64>,
+    /// The seq of the SyncBegin of a sync still running (no recovery point
+    /// until its SyncDone).
+    pub sync_from: Option<u64>,
     /// Bytes the uncovered halts still wait for.
     pub pending_bytes: u64,
     /// Every halt, covered or not, by seq.
@@ -164,15 +169,17 @@ pub struct DiskState {
 impl DiskState {
     /// The state as the wire names it.
     pub fn replica_state(&self) -> ReplicaState {
-        replica_state(self.sync_state, self.halted_seq.is_some())
+        replica_state(self.sync_state, self.sync_from.is_some(), self.halted_seq.is_some())
     }
 }
 
-/// The replica state a disk reports: halted wins over syncing.
-pub fn replica_state(sync: SyncState, halted: bool) -> ReplicaState {
+/// The replica state a disk reports: halted wins over syncing; a disk
+/// syncs while it awaits a full sync or a sync that began (SyncBegin) has
+/// not yet ended.
+pub fn replica_state(sync: SyncState, syncing: bool, halted: bool) -> ReplicaState {
     if halted {
         ReplicaState::Halted
-    } else if sync == SyncState::AwaitingFullSync {
+    } else if sync == SyncState::AwaitingFullSync || syncing {
         ReplicaState::Syncing
     } else {
         ReplicaState::Consistent
@@ -201,7 +208,8 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
     }
     let mut out = Vec::new();
     let mut st = conn.prepare(
-        "SELECT disk_id, disk_uuid, applied_seq, sync_state, first_seq, halted_seq, created_at, updated_at
+        "SELECT disk_id, disk_uuid, applied_seq, sync_state, first_seq, halted_seq, created_at, updated_at,
+                sync_from
          FROM disks ORDER BY disk_id",
     )?;
     let rows = st.query_map([], |r| {
@@ -214,17 +222,22 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
             r.get::<_, Option<i64>>(5)?,
             r.get::<_, i64>(6)?,
             r.get::<_, i64>(7)?,
+            r.get::<_, Option<i64>>(8)?,
         ))
     })?;
     for row in rows {
-        let (disk_id, disk_uuid, applied, sync, first, halted, created_at, updated_at) = row?;
+        let (disk_id, disk_uuid, applied, sync, first, halted, created_at, updated_at, sync_from) = row?;
         let sync_state =
             SyncState::parse(&sync).ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?;
         let halts = read_halts(&conn, &disk_id, false)?;
         let pending_bytes = halts.iter().filter(|h| !h.covered).map(|h| h.pending.bytes()).sum();
         let halted_seq = halted.map(|v| to_u64(v, "halted_seq")).transpose()?;
+        let sync_from = sync_from.map(|v| to_u64(v, "sync_from")).transpose()?;
         out.push(DiskState {
-            state: replica_state(sync_state, halted_seq.is_some()).name().to_string(),
+            state: replica_state(sync_state, sync_from.is_some(), halted_seq.is_some())
+                .name()
+                .to_string(),
+            sync_from,
             disk_id,
             disk_uuid,
             applied_seq: to_u64(applied, "applied_seq")?,
@@ -249,6 +262,8 @@ pub(crate) struct DiskRow {
     pub sync_state: SyncState,
     pub first_seq: Option<u64>,
     pub full_sync_seen: bool,
+    /// The seq of the SyncBegin of a sync that has not ended yet.
+    pub sync_from: Option<u64>,
     /// Set by a forced rebind until the old replica has been moved aside.
     pub replaced_uuid: Option<String>,
 }
@@ -423,7 +438,7 @@ impl Catalog {
     fn row(tx: &Connection, disk_id: &str) -> Result<Option<DiskRow>> {
         let r = tx
             .query_row(
-                "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid
+                "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid, sync_from
                  FROM disks WHERE disk_id = ?1",
                 [disk_id],
                 |r| {
@@ -434,11 +449,12 @@ impl Catalog {
                         r.get::<_, Option<i64>>(3)?,
                         r.get::<_, i64>(4)?,
                         r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((uuid, applied, sync, first, seen, replaced)) = r else {
+        let Some((uuid, applied, sync, first, seen, replaced, sync_from)) = r else {
             return Ok(None);
         };
         Ok(Some(DiskRow {
@@ -449,6 +465,7 @@ impl Catalog {
                 .ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?,
             first_seq: first.map(|v| to_u64(v, "first_seq")).transpose()?,
             full_sync_seen: seen != 0,
+            sync_from: sync_from.map(|v| to_u64(v, "sync_from")).transpose()?,
             replaced_uuid: replaced,
         }))
     }
@@ -467,6 +484,7 @@ impl Catalog {
             sync_state: SyncState::AwaitingFullSync,
             first_seq: None,
             full_sync_seen: false,
+            sync_from: None,
             replaced_uuid,
         };
         let out = match Self::row(&tx, disk_id)? {
@@ -489,7 +507,8 @@ impl Catalog {
                 tx.execute("DELETE FROM halts WHERE disk_id = ?1", [disk_id])?;
                 tx.execute(
                     "UPDATE disks SET disk_uuid = ?2, applied_seq = 0, sync_state = 'awaiting-full-sync',
-                         first_seq = NULL, full_sync_seen = 0, halted_seq = NULL, replaced_uuid = ?3,
+                         first_seq = NULL, full_sync_seen = 0, halted_seq = NULL, sync_from = NULL,
+                         replaced_uuid = ?3,
                          created_at = ?4, updated_at = ?4
                      WHERE disk_id = ?1",
                     params![disk_id, format_uuid(uuid), replaced, now],
@@ -522,7 +541,7 @@ impl Catalog {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
             "UPDATE disks SET applied_seq = ?2, sync_state = ?3, first_seq = ?4, full_sync_seen = ?5,
-                 halted_seq = ?6, updated_at = ?7
+                 halted_seq = ?6, updated_at = ?7, sync_from = ?9
              WHERE disk_id = ?1 AND disk_uuid = ?8",
             params![
                 row.disk_id,
@@ -533,6 +552,7 @@ impl Catalog {
                 halted_seq.map(|v| to_i64(v, "halted_seq")).transpose()?,
                 now_unix(),
                 format_uuid(&row.disk_uuid),
+                row.sync_from.map(|v| to_i64(v, "sync_from")).transpose()?,
             ],
         )?;
         if n != 1 {

@@ -122,6 +122,7 @@ impl Target {
             shared: Arc::new(session::Shared {
                 cfg,
                 live: Default::default(),
+                memory: Default::default(),
             }),
             _lock: lock,
         })

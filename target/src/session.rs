@@ -24,6 +24,7 @@ use tidemark_wire::{WireError, WireErrorKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -47,12 +48,49 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// always data in flight).
 const USER_TIMEOUT_MS: u32 = 30_000;
 
+/// Bytes of frames held at once across all connections: the read buffer
+/// and the decoded frame, twice a body of at most `MAX_BODY` (40 MiB).
+pub(crate) const FRAME_BUDGET: u64 = 80 << 20;
+/// Bytes of decompressed streams and unpacked records held at once across
+/// all connections (one batch holds at most `2 * MAX_RAW`, 128 MiB).
+pub(crate) const DECODED_BUDGET: u64 = 2 * tidemark_wire::pack::MAX_RAW as u64;
+
+/// The target's memory budget: without it, every connected disk could hold
+/// a 40 MiB frame and 128 MiB of decoded records at once. Permits are KiB.
+/// A connection takes frame permits before it allocates a body, then
+/// decoded permits before it unpacks; nobody holding decoded permits waits
+/// for frame permits, so the two cannot deadlock.
+#[derive(Debug)]
+pub(crate) struct Memory {
+    pub frames: Arc<Semaphore>,
+    pub decoded: Arc<Semaphore>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self {
+            frames: Arc::new(Semaphore::new(kib(FRAME_BUDGET) as usize)),
+            decoded: Arc::new(Semaphore::new(kib(DECODED_BUDGET) as usize)),
+        }
+    }
+}
+
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+/// KiB permits for `bytes` of a budget of `total` bytes (at least 1, at most all).
+pub(crate) fn permits(bytes: u64, total: u64) -> u32 {
+    kib(bytes).clamp(1, kib(total))
+}
+
 /// State shared by every connection of one target.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub cfg: Config,
     /// Disk ids with a live connection.
     pub live: Mutex<HashSet<String>>,
+    pub memory: Memory,
 }
 
 /// A disk id claimed for one connection; released on drop.
@@ -135,6 +173,10 @@ pub(crate) struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     filled: usize,
+    /// Where frame bodies take their memory from (none in unit tests).
+    budget: Option<Arc<Semaphore>>,
+    /// Held for the frame being read, then for the last frame returned.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -143,7 +185,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: Vec::new(),
             filled: 0,
+            budget: None,
+            permit: None,
         }
+    }
+
+    /// A reader whose frame bodies are counted against `budget`.
+    pub fn with_budget(inner: R, budget: Arc<Semaphore>) -> Self {
+        Self {
+            budget: Some(budget),
+            ..Self::new(inner)
+        }
+    }
+
+    /// The memory permit of the frame [`Self::next`] returned last; hold
+    /// it while the frame (or what is decoded from it) is in memory.
+    pub fn take_permit(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.permit.take()
     }
 
     /// The next frame, or `None` at a clean end of stream.
@@ -158,12 +216,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     .frame_len()
             };
             if self.filled >= FRAME_HEADER_LEN && self.filled >= need {
-                let r = Frame::decode(&self.buf[..need]);
+                // The permit goes with the frame (or is dropped with the error).
                 self.filled = 0;
+                let r = Frame::decode(&self.buf[..need]);
                 if self.buf.len() > KEEP_BUFFER {
                     self.buf = Vec::new();
                 }
                 return r.map(|(f, _)| Some(f)).map_err(ReadError::Wire);
+            }
+            if need > FRAME_HEADER_LEN {
+                if let Some(b) = &self.budget {
+                    // The read buffer and the decoded frame: twice the body.
+                    let want = permits(2 * need as u64, FRAME_BUDGET);
+                    if self.permit.as_ref().map_or(0, |p| p.num_permits()) < want as usize {
+                        // Cancel-safe: a permit acquired is kept in self.
+                        self.permit = None;
+                        let p = b
+                            .clone()
+                            .acquire_many_owned(want)
+                            .await
+                            .map_err(|_| ReadError::Io(io::Error::other("the memory budget is closed")))?;
+                        self.permit = Some(p);
+                    }
+                }
             }
             if self.buf.len() < need {
                 self.buf.resize(need, 0);
@@ -237,7 +312,7 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
             debug!("TCP_USER_TIMEOUT not set: {e}");
         }
         let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd);
+        let mut reader = FrameReader::with_budget(rd, shared.memory.frames.clone());
         match session(&mut reader, &mut wr, &shared, &stop).await {
             Ok(Some(why)) => info!("connection closed: {why}"),
             // A port probe (readiness checks): not worth a line.
@@ -468,6 +543,7 @@ async fn session<R: AsyncRead + Unpin>(
             }
             f = reader.next() => f?,
         };
+        let frame_permit = reader.take_permit();
         let p = match frame {
             None => return Ok(Some("the collector closed the connection".into())),
             Some(Frame::Packed(p)) => p,
@@ -485,6 +561,14 @@ async fn session<R: AsyncRead + Unpin>(
                 ))
             }
         };
+        // The decompressed stream and the records unpacked from it.
+        let decoded_permit = shared
+            .memory
+            .decoded
+            .clone()
+            .acquire_many_owned(permits(2 * u64::from(p.raw_len), DECODED_BUDGET))
+            .await
+            .map_err(|_| End::Close("the memory budget is closed".into()))?;
         // Apply on a blocking thread; keep reporting state meanwhile. The
         // job always runs to its end before this connection ends, so the
         // disk is never applied by two threads.
@@ -502,6 +586,7 @@ async fn session<R: AsyncRead + Unpin>(
             }
         };
         work = w;
+        drop((frame_permit, decoded_permit));
         let o = r?;
         fail::fail_point!("target-before-ack", |_| Err(End::Close(
             "failpoint target-before-ack".into()
@@ -567,6 +652,28 @@ mod tests {
         a.write_all(&bytes[..20]).await.unwrap();
         drop(a);
         assert!(matches!(r.next().await, Err(ReadError::Truncated(20))));
+    }
+
+    #[tokio::test]
+    async fn reader_waits_for_the_memory_budget_before_reading_a_body() {
+        let f = Frame::Error {
+            code: ErrorCode::Internal,
+            reason: "x".repeat(900),
+        };
+        let bytes = f.encode().unwrap();
+        let budget = Arc::new(Semaphore::new(kib(FRAME_BUDGET) as usize));
+        let all = budget.clone().acquire_many_owned(kib(FRAME_BUDGET)).await.unwrap();
+        let mut r = FrameReader::with_budget(&bytes[..], budget.clone());
+        let t = tokio::time::timeout(Duration::from_millis(50), r.next()).await;
+        assert!(t.is_err(), "no memory: the body is not read");
+        drop(all);
+        assert_eq!(r.next().await.unwrap(), Some(f));
+        let p = r.take_permit().expect("the frame's permit");
+        assert_eq!(budget.available_permits(), kib(FRAME_BUDGET) as usize - p.num_permits());
+        drop(p);
+        assert_eq!(budget.available_permits(), kib(FRAME_BUDGET) as usize);
+        assert_eq!(permits(u64::MAX, FRAME_BUDGET), kib(FRAME_BUDGET));
+        assert_eq!(permits(0, FRAME_BUDGET), 1);
     }
 
     #[tokio::test]
