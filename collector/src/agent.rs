@@ -22,7 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::catalog::DiskRow;
 use crate::net::{self, error_frame};
-use crate::state::{kib_permits, note_progress, AgentLink, Disk, Out, Shared};
+use crate::state::{kib_permits, note_progress, synced_range, AgentLink, Disk, Out, Shared};
 use crate::{failpoint, forward, spool};
 
 /// Largest frame accepted before the Hello is checked.
@@ -150,6 +150,8 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         let mut st = disk.lock();
         if st.agent.as_ref().is_some_and(|a| a.conn == conn) {
             st.agent = None;
+            // Pending `refresh` calls: this agent will not answer them.
+            st.nonce_waiters.clear();
         }
     }
     shared.agents_connected.fetch_sub(1, Ordering::Relaxed);
@@ -208,7 +210,8 @@ async fn admit(
             format!("collector could not bind disk {id}: {e:#}"),
         )
     };
-    let _bind = BINDING.lock().await;
+    let bind = BINDING.lock().await;
+    let mut old_spool = None;
     let disk = match shared.disk(id) {
         None => {
             let row = DiskRow {
@@ -259,12 +262,7 @@ async fn admit(
                         format!("disk {id} has a live agent connection; cannot rebind it now"),
                     ));
                 }
-                spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?;
-                warn!(
-                    disk = %id,
-                    uuid = %crate::catalog::uuid_text(&hello.disk_uuid),
-                    "disk id rebound to a new uuid (forced): old spool dropped, the target starts afresh"
-                );
+                old_spool = Some(spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?);
             }
             disk
         }
@@ -290,6 +288,24 @@ async fn admit(
         let acked = st.acked_seq;
         (new_size, flags, acked)
     };
+    // The agent link is set: no other connection can take the disk. Deleting
+    // the old spool can take a while; other hellos need not wait for it, but
+    // this agent must (its first files may have the old files' names).
+    drop(bind);
+    if let Some(old) = old_spool {
+        if let Err(e) = spool::drop_old_spool(shared, &disk, old).await {
+            let mut st = disk.lock();
+            if st.agent.as_ref().is_some_and(|a| a.conn == conn) {
+                st.agent = None;
+            }
+            return Err(internal(e));
+        }
+        warn!(
+            disk = %id,
+            uuid = %crate::catalog::uuid_text(&hello.disk_uuid),
+            "disk id rebound to a new uuid (forced): old spool dropped, the target starts afresh"
+        );
+    }
     if let Some(size) = new_size {
         let s = shared.clone();
         let id = id.clone();
@@ -336,29 +352,17 @@ async fn session(
         },
     )
     .await?;
-    // Requests owed since the agent was last here.
-    let owed = {
-        let s = shared.clone();
-        let id = disk.id.clone();
-        tokio::task::spawn_blocking(move || s.catalog.resyncs(&id)).await
-    };
-    match owed {
-        Ok(Ok(list)) => {
-            for r in list {
-                let req = tidemark_wire::frame::Request::Resync {
-                    seq: r.seq,
-                    offset: r.offset,
-                    length: r.length,
-                };
-                send_and_wait(tx, Frame::Request(req)).await?;
-                info!(disk = %disk.id, seq = r.seq, offset = r.offset, length = r.length, "delivered an owed resync request");
-                if let Err(e) = shared.catalog.remove_resync(&disk.id, r) {
-                    warn!(disk = %disk.id, "cannot drop a delivered resync from the catalog: {e:#}");
-                }
-            }
-        }
-        Ok(Err(e)) => warn!(disk = %disk.id, "cannot read owed resyncs from the catalog: {e:#}"),
-        Err(e) => warn!(disk = %disk.id, "cannot read owed resyncs from the catalog: {e}"),
+    // Range resyncs still owed: sent on every connection until sync records
+    // covering them are spooled (`Shared::cover_resyncs`), so a request lost
+    // with an earlier connection is not lost for good.
+    for r in shared.owed_resyncs(disk) {
+        let req = tidemark_wire::frame::Request::Resync {
+            seq: r.seq,
+            offset: r.offset,
+            length: r.length,
+        };
+        send_and_wait(tx, Frame::Request(req)).await?;
+        info!(disk = %disk.id, seq = r.seq, offset = r.offset, length = r.length, "sent an owed resync request");
     }
     loop {
         if shared.is_spool_full() {
@@ -379,18 +383,21 @@ async fn session(
             Ok(Ok(Some(x))) => x,
             Ok(Err(e)) => return Err(read_failure(e)),
         };
-        // Decoding holds the body about twice (bytes and records).
+        // The body is bounded by the header (MAX_BODY) before it is read.
+        // The shared budget is taken only once it has arrived: an agent
+        // trickling a body must not hold memory other connections need.
+        let (frame, buf) = match tokio::time::timeout(BODY_TIMEOUT, net::read_body(rd, h, hb)).await {
+            Err(_) => return Err(SessionEnd::Gone("frame body not received in time".into())),
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(read_failure(e)),
+        };
+        // Decoded, the body is held about twice (bytes and records).
         let permits = kib_permits(2 * u64::from(h.body_len) + 16);
         let _mem = shared
             .memory
             .acquire_many(permits)
             .await
             .map_err(|_| SessionEnd::Gone("collector stopping".into()))?;
-        let (frame, buf) = match tokio::time::timeout(BODY_TIMEOUT, net::read_body(rd, h, hb)).await {
-            Err(_) => return Err(SessionEnd::Gone("frame body not received in time".into())),
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(read_failure(e)),
-        };
         match frame {
             Frame::Batch(records) => {
                 let held = spool_batch(shared, disk, records, buf).await?;
@@ -444,9 +451,14 @@ async fn spool_batch(
     let skip = usize::try_from(held.saturating_add(1).saturating_sub(first)).unwrap_or(usize::MAX);
     let first_kept = first.max(held + 1);
     if first_kept > held + 1 && held != 0 {
+        let want = held + 1;
         return Err(SessionEnd::Refused(refusal(
             ErrorCode::Malformed,
-            format!("batch starts at seq {first_kept}, expected seq {}", held + 1),
+            format!(
+                "batch starts at seq {first_kept}, expected seq {want}: the agent's journal no longer holds seq {want}, \
+                 which this collector expects; if the collector or the agent state was restored from an old copy, \
+                 run the agent once with --force-resync"
+            ),
         )));
     }
     if first_kept > held + 1 {
@@ -466,6 +478,7 @@ async fn spool_batch(
     let full_sync_started = records[skip..]
         .iter()
         .any(|r| r.header.flags & FLAG_FULL != 0 && r.header.seq > since);
+    let synced: Vec<(u64, u64, u64)> = records[skip..].iter().filter_map(|r| synced_range(&r.header)).collect();
     let kept = n - skip as u64;
     drop(records);
     let dir = disk.dir.clone();
@@ -508,6 +521,7 @@ async fn spool_batch(
             warn!(disk = %disk.id, "cannot clear the owed full sync in the catalog: {e:#}");
         }
     }
+    shared.cover_resyncs(disk, &synced);
     shared.counters.batches_spooled.fetch_add(1, Ordering::Relaxed);
     shared.counters.records_spooled.fetch_add(kept, Ordering::Relaxed);
     shared.counters.bytes_spooled.fetch_add(len, Ordering::Relaxed);

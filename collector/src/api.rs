@@ -14,11 +14,13 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tidemark_wire::frame::{Frame, Request};
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::state::{Out, Shared};
 
-const REFRESH_WAIT: Duration = Duration::from_secs(2);
+/// How long `refresh` waits for the agent's answer before a 504.
+const REFRESH_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -64,29 +66,66 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     let Some(d) = s.disk(&id) else {
         return not_found(&id);
     };
-    let seen = d.progress_seen.notified();
-    tokio::pin!(seen);
-    seen.as_mut().enable();
-    let tx = d.lock().agent.as_ref().map(|a| a.tx.clone());
-    let sent = match tx {
-        Some(tx) => tx
-            .send(Out {
-                frame: Frame::Request(Request::StatusNow { nonce: 0 }),
-                done: None,
-            })
-            .await
-            .is_ok(),
-        None => false,
+    let nonce = s.next_nonce();
+    let (answer, answered) = oneshot::channel();
+    let tx = {
+        let mut st = d.lock();
+        let tx = st.agent.as_ref().map(|a| a.tx.clone());
+        if tx.is_some() {
+            st.nonce_waiters.push((nonce, answer));
+        }
+        tx
     };
-    if !sent {
+    let Some(tx) = tx else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "error": format!("the agent of disk {id:?} is not connected") })),
         )
             .into_response();
-    }
-    let _ = tokio::time::timeout(REFRESH_WAIT, seen).await;
-    Json(s.disk_status(&d).json).into_response()
+    };
+    // The agent builds the Progress that echoes the nonce after it read the
+    // request, so its source_seq covers every write acknowledged before.
+    let asked = async {
+        tx.send(Out {
+            frame: Frame::Request(Request::StatusNow { nonce }),
+            done: None,
+        })
+        .await
+        .ok()?;
+        drop(tx);
+        answered.await.ok()
+    };
+    let fresh = match tokio::time::timeout(REFRESH_WAIT, asked).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": format!(
+                    "the agent of disk {id:?} disconnected before it answered the status request"
+                ) })),
+            )
+                .into_response()
+        }
+        Err(_) => {
+            d.lock().nonce_waiters.retain(|(n, _)| *n != nonce);
+            let connected = d.lock().agent.is_some();
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                Json(json!({ "error": format!(
+                    "the agent of disk {id:?} did not answer a status request within {} s ({}); its last reported seq may be stale",
+                    REFRESH_WAIT.as_secs(),
+                    if connected { "still connected: it may be stalled or the connection congested" } else { "it is no longer connected" }
+                ) })),
+            )
+                .into_response();
+        }
+    };
+    let mut v = s.disk_status(&d).json;
+    // A periodic report built before the request may have landed after the
+    // answer; never report less than the answer.
+    let seq = v["source_seq"].as_u64().unwrap_or(0).max(fresh.source_seq);
+    v["source_seq"] = json!(seq);
+    Json(v).into_response()
 }
 
 fn esc(label: &str) -> String {

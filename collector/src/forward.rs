@@ -34,6 +34,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const TARGET_IDLE: Duration = Duration::from_secs(30);
 /// Largest frame the target sends (acks, states, requests, errors).
 const TARGET_MAX_BODY: u32 = 64 << 10;
+/// A target that takes nothing of a batch for this long is wedged: reconnect.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -93,21 +95,39 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
     }
 }
 
-/// Packed batches sent and not yet acknowledged: (last seq, wire bytes).
-#[derive(Default)]
+/// Packed batches sent and not yet acknowledged: (last seq, wire bytes),
+/// their total, and the highest seq sent on this session (at first, the
+/// target's applied seq).
 struct InFlight {
-    q: Mutex<(VecDeque<(u64, u64)>, u64)>,
+    q: Mutex<Sent>,
     changed: Notify,
 }
 
+/// (last seq, wire bytes) per batch not yet acknowledged; their total bytes;
+/// the highest seq sent.
+type Sent = (VecDeque<(u64, u64)>, u64, u64);
+
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<(u64, u64)>, u64)> {
+    fn new(applied: u64) -> Self {
+        Self {
+            q: Mutex::new((VecDeque::new(), 0, applied)),
+            changed: Notify::new(),
+        }
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sent> {
         self.q.lock().unwrap_or_else(|p| p.into_inner())
     }
+    /// Called before the batch is written, so that an ack that races the
+    /// end of the write is not taken for one beyond what was sent.
     fn add(&self, last: u64, bytes: u64) {
         let mut g = self.lock();
         g.0.push_back((last, bytes));
         g.1 += bytes;
+        g.2 = g.2.max(last);
+    }
+    /// The highest seq sent (or applied at the start of the session).
+    fn sent_upto(&self) -> u64 {
+        self.lock().2
     }
     fn acked(&self, seq: u64) {
         let mut g = self.lock();
@@ -186,7 +206,7 @@ async fn session(
     );
     spool::trim(shared, disk, generation, applied).await;
 
-    let inflight = Arc::new(InFlight::default());
+    let inflight = Arc::new(InFlight::new(applied));
     let ended = CancellationToken::new();
     // Aborted if this session is dropped (collector stopping, disk rebound).
     let mut reader = {
@@ -220,6 +240,16 @@ async fn read_loop(
         match f {
             None => bail!("the target closed the connection"),
             Some((Frame::Ack { seq }, _)) => {
+                let sent = inflight.sent_upto();
+                if seq > sent {
+                    error!(
+                        disk = %disk.id,
+                        ack = seq,
+                        sent_upto = sent,
+                        "the target acknowledged a seq beyond the highest sent; not trimming, reconnecting"
+                    );
+                    bail!("the target acknowledged seq {seq}, beyond the highest seq sent ({sent})");
+                }
                 {
                     let mut st = disk.lock();
                     if st.generation != generation {
@@ -301,8 +331,10 @@ async fn send_loop(
                 _ = shared.stop.cancelled() => return Ok(()),
             }
         }
-        // The file, its records and the packed copy are held at once.
-        let _mem = shared
+        // The file, its records and the packed copy are held at once while
+        // packing; the budget is given back before anything is written to
+        // the target, so a target that does not read stalls only this disk.
+        let mem = shared
             .memory
             .acquire_many(kib_permits(3 * entry.len))
             .await
@@ -314,6 +346,7 @@ async fn send_loop(
         let batch = match read {
             Ok(b) => b,
             Err(e) => {
+                drop(mem);
                 let gone = !disk.lock().files.contains_key(&first);
                 if gone {
                     continue; // trimmed meanwhile: the target has it
@@ -335,6 +368,7 @@ async fn send_loop(
             report_damage(shared, disk, &entry.path, &batch);
         }
         let records: Vec<Record> = batch.records.into_iter().filter(|r| r.header.seq >= next).collect();
+        let mut frames = Vec::new();
         for run in runs(&records) {
             let run_first = run[0].header.seq;
             let run_last = run_first + (run.len() as u64 - 1);
@@ -346,9 +380,21 @@ async fn send_loop(
                 .pack(run, flags)
                 .with_context(|| format!("pack seqs {run_first}..={run_last}"))?;
             let bytes = Frame::Packed(packed).encode().context("encode a packed frame")?;
+            frames.push((run_last, bytes, stats));
+            expect = run_last + 1;
+        }
+        drop(records);
+        drop(mem);
+        for (run_last, bytes, stats) in frames {
             inflight.add(run_last, bytes.len() as u64);
             tokio::select! {
-                r = wr.write_all(&bytes) => r.context("send to the target")?,
+                r = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)) => match r {
+                    Ok(r) => r.context("send to the target")?,
+                    Err(_) => bail!(
+                        "the target read nothing for {} s while a batch was being sent to it",
+                        WRITE_TIMEOUT.as_secs()
+                    ),
+                },
                 _ = ended.cancelled() => return Ok(()),
             }
             disk.wire_bytes.fetch_add(stats.wire_bytes, Ordering::Relaxed);
@@ -357,7 +403,6 @@ async fn send_loop(
             disk.zero_blocks.fetch_add(stats.zero_blocks, Ordering::Relaxed);
             shared.counters.batches_forwarded.fetch_add(1, Ordering::Relaxed);
             failpoint::hit("collector-forward-after-send");
-            expect = run_last + 1;
         }
         next = next.max(entry.last + 1);
     }

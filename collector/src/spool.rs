@@ -166,9 +166,16 @@ pub(crate) async fn trim(shared: &Arc<Shared>, disk: &Arc<Disk>, generation: u64
     shared.spool_shrank(bytes);
 }
 
-/// Rebind `disk` to `uuid` (HELLO_FORCE_RESYNC): the catalog first, then
-/// the old spool goes. The target session of the old binding ends.
-pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16]) -> Result<()> {
+/// The spool files of a binding that was replaced, still on disk.
+#[must_use = "the old spool must be dropped (drop_old_spool)"]
+pub(crate) struct OldSpool(std::collections::BTreeMap<u64, SpoolEntry>);
+
+/// Rebind `disk` to `uuid` (HELLO_FORCE_RESYNC): the catalog first, then the
+/// in-memory state. The target session of the old binding ends. The old
+/// files are returned for [`drop_old_spool`], which the caller runs outside
+/// the binding lock but before the new agent may spool anything (new files
+/// can have the same names as old ones).
+pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16]) -> Result<OldSpool> {
     {
         let shared = shared.clone();
         let id = disk.id.clone();
@@ -190,8 +197,17 @@ pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16
         st.full_sync_since = 0;
         st.force_target = true;
         st.spool_bytes = 0;
+        // The catalog's bind dropped them too.
+        st.owed_resyncs.clear();
         std::mem::take(&mut st.files)
     };
+    disk.spooled.notify_waiters();
+    Ok(OldSpool(victims))
+}
+
+/// Delete the files of a replaced binding (see [`rebind`]).
+pub(crate) async fn drop_old_spool(shared: &Arc<Shared>, disk: &Arc<Disk>, old: OldSpool) -> Result<()> {
+    let victims = old.0;
     let bytes: u64 = victims.values().map(|e| e.len).sum();
     let dir = disk.dir.clone();
     let r = tokio::task::spawn_blocking(move || -> Result<()> {
@@ -207,6 +223,5 @@ pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16
     .await
     .context("drop the old spool")?;
     shared.spool_shrank(bytes);
-    disk.spooled.notify_waiters();
     r
 }

@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use tidemark_wire::record::FLAG_SYNC;
+use tidemark_wire::RecordKind;
+
 use crate::catalog::{uuid_text, Catalog, DiskRow, Resync};
 use crate::config::Config;
 
@@ -80,6 +83,58 @@ pub(crate) struct DiskState {
     pub force_target: bool,
     /// The disk's size (from the agent's hello; 0 until known).
     pub disk_size: u64,
+    /// Range resyncs owed to the agent (mirrored in the catalog), each with
+    /// the parts not yet covered by sync records spooled after its seq.
+    pub owed_resyncs: Vec<OwedResync>,
+    /// `refresh` calls waiting for the Progress that echoes their nonce.
+    pub nonce_waiters: Vec<(u64, oneshot::Sender<Progress>)>,
+}
+
+/// A range resync owed to the agent until `Sync`/`Zero+SYNC` records with a
+/// seq above the request's have covered the whole range (what the target
+/// waits for before it lifts the halt). Delivering the request is not
+/// enough: a connection can drop with the frame still queued or unread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct OwedResync {
+    pub req: Resync,
+    /// Parts of the range not covered yet, `[start, end)`, ascending.
+    pub left: Vec<(u64, u64)>,
+}
+
+impl OwedResync {
+    pub(crate) fn new(req: Resync) -> Self {
+        let end = req.offset.saturating_add(req.length);
+        Self {
+            req,
+            left: if end > req.offset {
+                vec![(req.offset, end)]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Take `[start, end)`, synced at `seq`, off what is left; true once
+    /// nothing is left.
+    pub(crate) fn cover(&mut self, seq: u64, start: u64, end: u64) -> bool {
+        if seq > self.req.seq && end > start {
+            let mut next = Vec::with_capacity(self.left.len() + 1);
+            for &(a, b) in &self.left {
+                if end <= a || start >= b {
+                    next.push((a, b));
+                    continue;
+                }
+                if a < start {
+                    next.push((a, start));
+                }
+                if end < b {
+                    next.push((end, b));
+                }
+            }
+            self.left = next;
+        }
+        self.left.is_empty()
+    }
 }
 
 /// One disk the collector serves.
@@ -90,8 +145,6 @@ pub(crate) struct Disk {
     pub st: Mutex<DiskState>,
     /// A batch was spooled, or the binding changed: the forwarder looks again.
     pub spooled: Notify,
-    /// A Progress arrived (for `refresh`).
-    pub progress_seen: Notify,
     pub wire_bytes: AtomicU64,
     pub payload_bytes: AtomicU64,
     pub dedup_hits: AtomicU64,
@@ -133,6 +186,8 @@ pub(crate) struct Shared {
     pub memory: Semaphore,
     pub counters: Counters,
     next_conn: AtomicU64,
+    /// Nonces for `Request::StatusNow` (never 0: that marks a periodic report).
+    next_nonce: AtomicU64,
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -166,10 +221,15 @@ impl Shared {
             memory: Semaphore::new(usize::try_from(MEMORY_BUDGET / 1024).unwrap_or(usize::MAX)),
             counters: Counters::default(),
             next_conn: AtomicU64::new(1),
+            // Unlikely to repeat a nonce of an earlier run that an agent
+            // could still be answering.
+            next_nonce: AtomicU64::new((now_ns() & 0xffff_ffff_ffff) << 8 | 1),
             cfg,
         });
         for row in shared.catalog.disks()? {
             let disk = crate::spool::load_disk(&shared, &row)?;
+            let owed = shared.catalog.resyncs(&row.disk_id)?;
+            disk.lock().owed_resyncs = owed.into_iter().map(OwedResync::new).collect();
             shared.insert_disk(disk);
         }
         Ok(shared)
@@ -177,6 +237,16 @@ impl Shared {
 
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh nonce for a `StatusNow` request (never 0).
+    pub(crate) fn next_nonce(&self) -> u64 {
+        loop {
+            let n = self.next_nonce.fetch_add(1, Ordering::Relaxed);
+            if n != 0 {
+                return n;
+            }
+        }
     }
 
     fn disks(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Disk>>> {
@@ -218,9 +288,10 @@ impl Shared {
                 full_sync_since: row.full_sync_since,
                 force_target: row.force_target,
                 disk_size: row.disk_size,
+                owed_resyncs: Vec::new(),
+                nonce_waiters: Vec::new(),
             }),
             spooled: Notify::new(),
-            progress_seen: Notify::new(),
             wire_bytes: AtomicU64::new(0),
             payload_bytes: AtomicU64::new(0),
             dedup_hits: AtomicU64::new(0),
@@ -279,7 +350,9 @@ impl Shared {
     }
 
     /// A request from the target (or from the spool reader) for `disk`'s
-    /// agent: kept in the catalog until delivered, sent now if it is connected.
+    /// agent: kept (in the catalog for a restart) until the agent's records
+    /// show it was acted on, and sent now if the agent is connected. Owed
+    /// requests are sent again on every new agent connection.
     pub(crate) fn relay_to_agent(&self, disk: &Disk, req: Request) {
         match req {
             Request::FullResync => {
@@ -299,7 +372,13 @@ impl Shared {
                 if let Err(e) = self.catalog.add_resync(&disk.id, r) {
                     error!(disk = %disk.id, seq, "cannot record an owed resync in the catalog: {e:#}");
                 }
-                info!(disk = %disk.id, seq, offset, length, "resync requested for a range");
+                {
+                    let mut st = disk.lock();
+                    if !st.owed_resyncs.iter().any(|o| o.req == r) {
+                        st.owed_resyncs.push(OwedResync::new(r));
+                    }
+                }
+                info!(disk = %disk.id, seq, offset, length, "resync requested for a range; owed to the agent until synced");
             }
             Request::StatusNow { .. } => {}
         }
@@ -307,15 +386,53 @@ impl Shared {
         let Some(tx) = tx else {
             return;
         };
-        let sent = tx
-            .try_send(Out {
-                frame: Frame::Request(req),
-                done: None,
-            })
-            .is_ok();
-        if let (true, Request::Resync { seq, offset, length }) = (sent, req) {
-            if let Err(e) = self.catalog.remove_resync(&disk.id, Resync { seq, offset, length }) {
-                warn!(disk = %disk.id, seq, "cannot drop a delivered resync from the catalog: {e:#}");
+        // Not try_send: a full queue must not lose the request. If the
+        // connection ends first, the request is still owed and goes out
+        // again on the next one.
+        self.tracker.spawn(async move {
+            let _ = tx
+                .send(Out {
+                    frame: Frame::Request(req),
+                    done: None,
+                })
+                .await;
+        });
+    }
+
+    /// Owed range resyncs to send to a newly connected agent.
+    pub(crate) fn owed_resyncs(&self, disk: &Disk) -> Vec<Resync> {
+        disk.lock().owed_resyncs.iter().map(|o| o.req).collect()
+    }
+
+    /// Sync data that was just spooled (`Sync` and `Zero+SYNC` records:
+    /// seq, offset, length) takes its ranges off the owed resyncs; those
+    /// fully covered are no longer owed.
+    pub(crate) fn cover_resyncs(&self, disk: &Disk, synced: &[(u64, u64, u64)]) {
+        if synced.is_empty() {
+            return;
+        }
+        let done: Vec<Resync> = {
+            let mut st = disk.lock();
+            if st.owed_resyncs.is_empty() {
+                return;
+            }
+            let mut done = Vec::new();
+            st.owed_resyncs.retain_mut(|o| {
+                for &(seq, off, len) in synced {
+                    o.cover(seq, off, off.saturating_add(len));
+                }
+                let covered = o.left.is_empty();
+                if covered {
+                    done.push(o.req);
+                }
+                !covered
+            });
+            done
+        };
+        for r in done {
+            info!(disk = %disk.id, seq = r.seq, offset = r.offset, length = r.length, "owed resync done: the range was synced");
+            if let Err(e) = self.catalog.remove_resync(&disk.id, r) {
+                warn!(disk = %disk.id, seq = r.seq, "cannot drop a done resync from the catalog: {e:#}");
             }
         }
     }
@@ -359,18 +476,14 @@ impl Shared {
         let (write_rate, sync_rate) = rates(&st.samples, now);
         let target_state = st.target_state;
         let halted = target_state.is_some_and(|t| t.state == ReplicaState::Halted);
-        let agent_mode = progress.as_ref().map(|p| p.mode).filter(|_| agent_connected);
-        let mode = if halted {
-            "halted"
-        } else if let Some(m) = agent_mode.filter(|m| *m != AgentMode::Streaming) {
-            m.name()
-        } else if !agent_connected {
-            "disconnected"
-        } else if !st.target_connected || lag_seconds > BACKLOG_LAG_S {
-            "backlogged"
-        } else {
-            "streaming"
-        };
+        let last_mode = progress.as_ref().map(|p| p.mode);
+        let agent_mode = last_mode.filter(|_| agent_connected);
+        let mode = mode_name(
+            halted,
+            agent_mode,
+            agent_connected,
+            st.target_connected && lag_seconds <= BACKLOG_LAG_S,
+        );
         let syncing =
             agent_mode.is_some_and(|m| matches!(m, AgentMode::InitialSync | AgentMode::Resync | AgentMode::FullResync));
         let (sync_done, sync_total) = progress.as_ref().map_or((0, 0), |p| (p.sync_done, p.sync_total));
@@ -384,6 +497,7 @@ impl Shared {
                 "disk_id": disk.id,
                 "disk_uuid": uuid_text(&st.uuid),
                 "mode": mode,
+                "agent_mode": last_mode.map(AgentMode::name),
                 "sync_percent": sync_percent,
                 "sync_done_bytes": sync_done,
                 "sync_total_bytes": sync_total,
@@ -414,6 +528,36 @@ impl Shared {
     }
 }
 
+/// A disk's mode, by the precedence in `docs/pipeline.md`, first match
+/// wins: halted (target); the connected agent's mode if not streaming (a
+/// sync, including a resync of dirty regions, or bitmap); disconnected;
+/// backlogged (target away or lagging); streaming.
+pub(crate) fn mode_name(
+    halted: bool,
+    agent_mode: Option<AgentMode>,
+    agent_connected: bool,
+    target_keeping_up: bool,
+) -> &'static str {
+    if halted {
+        "halted"
+    } else if let Some(m) = agent_mode.filter(|m| agent_connected && *m != AgentMode::Streaming) {
+        m.name()
+    } else if !agent_connected {
+        "disconnected"
+    } else if !target_keeping_up {
+        "backlogged"
+    } else {
+        "streaming"
+    }
+}
+
+/// The range of a record that syncs data (`Sync`, or `Zero` with
+/// `FLAG_SYNC`): (seq, offset, length).
+pub(crate) fn synced_range(h: &tidemark_wire::RecordHeader) -> Option<(u64, u64, u64)> {
+    let sync = h.kind == RecordKind::Sync || (h.kind == RecordKind::Zero && h.flags & FLAG_SYNC != 0);
+    sync.then_some((h.seq, h.offset, h.length))
+}
+
 /// A disk's status object and the numbers the metrics reuse.
 pub(crate) struct DiskStatus {
     pub json: Value,
@@ -437,11 +581,18 @@ fn rates(samples: &VecDeque<(Instant, u64, u64)>, now: Instant) -> (f64, f64) {
     )
 }
 
-/// Record a Progress report.
+/// Record a Progress report; one that echoes a nonce wakes its `refresh`.
 pub(crate) fn note_progress(disk: &Disk, p: Progress) {
     let now = Instant::now();
     {
         let mut st = disk.lock();
+        if p.nonce != 0 {
+            if let Some(i) = st.nonce_waiters.iter().position(|(n, _)| *n == p.nonce) {
+                let (_, w) = st.nonce_waiters.swap_remove(i);
+                let _ = w.send(p.clone());
+            }
+        }
+        st.nonce_waiters.retain(|(_, w)| !w.is_closed());
         // A restarted agent counts from zero again.
         if st.samples.back().is_some_and(|s| s.1 > p.written_bytes) {
             st.samples.clear();
@@ -457,5 +608,57 @@ pub(crate) fn note_progress(disk: &Disk, p: Progress) {
         }
         st.progress = Some((p, now));
     }
-    disk.progress_seen.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owed_resync_is_done_only_when_later_sync_covers_the_whole_range() {
+        let mut o = OwedResync::new(Resync {
+            seq: 10,
+            offset: 4096,
+            length: 16384,
+        });
+        assert!(!o.cover(10, 0, 1 << 20), "a record at the request's seq does not count");
+        assert!(!o.cover(9, 0, 1 << 20), "nor one before it");
+        assert!(!o.cover(11, 8192, 12288));
+        assert_eq!(o.left, vec![(4096, 8192), (12288, 20480)]);
+        assert!(!o.cover(12, 0, 4096), "outside the range");
+        assert!(!o.cover(13, 4096, 8192));
+        assert!(!o.cover(14, 12288, 16384));
+        assert_eq!(o.left, vec![(16384, 20480)]);
+        assert!(o.cover(15, 16000, 30000));
+    }
+
+    #[test]
+    fn synced_ranges_are_sync_and_zero_sync_records() {
+        let data = vec![1u8; 4096];
+        let h = tidemark_wire::RecordHeader::new(RecordKind::Sync, 5, 0, 8192, 4096, &data);
+        assert_eq!(synced_range(&h), Some((5, 8192, 4096)));
+        let mut z = tidemark_wire::RecordHeader::new(RecordKind::Zero, 6, 0, 0, 65536, &[]);
+        assert_eq!(synced_range(&z), None, "a client's zero write");
+        z.flags = FLAG_SYNC;
+        assert_eq!(synced_range(&z), Some((6, 0, 65536)));
+        let w = tidemark_wire::RecordHeader::new(RecordKind::Write, 7, 0, 0, 4096, &data);
+        assert_eq!(synced_range(&w), None);
+    }
+
+    #[test]
+    fn mode_precedence_follows_the_pipeline_doc() {
+        use AgentMode::*;
+        // halted (target) > agent mode if not streaming > disconnected >
+        // backlogged > streaming.
+        assert_eq!(mode_name(true, Some(Resync), true, true), "halted");
+        for m in [InitialSync, Resync, FullResync, Bitmap] {
+            assert_eq!(mode_name(false, Some(m), true, false), m.name());
+            assert_eq!(mode_name(false, Some(m), true, true), m.name());
+            assert_eq!(mode_name(false, Some(m), false, true), "disconnected");
+        }
+        assert_eq!(mode_name(false, None, false, false), "disconnected");
+        assert_eq!(mode_name(false, Some(Streaming), true, false), "backlogged");
+        assert_eq!(mode_name(false, None, true, false), "backlogged");
+        assert_eq!(mode_name(false, Some(Streaming), true, true), "streaming");
+    }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tidemark_collector::{Config, Running};
 use tidemark_wire::frame::{
-    ErrorCode, Frame, FrameHeader, Hello, Request, Role, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC, PACKED_GAP,
-    PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+    AgentMode, ErrorCode, Frame, FrameHeader, Hello, Progress, Request, Role, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC,
+    MAX_BODY, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{MemStore, Unpacker, DEFAULT_WINDOW_BLOCKS};
 use tidemark_wire::{Record, RecordHeader, RecordKind};
@@ -69,6 +69,20 @@ fn rec(seq: u64) -> Record {
             &data,
         ),
         payload: data,
+    }
+}
+
+fn progress(source_seq: u64, mode: AgentMode, nonce: u64) -> Progress {
+    Progress {
+        source_seq,
+        mode,
+        sync_done: 0,
+        sync_total: 0,
+        full_resyncs: 0,
+        backlog_bytes: 0,
+        written_bytes: 0,
+        time_ns: 0,
+        nonce,
     }
 }
 
@@ -239,6 +253,8 @@ async fn spools_acks_forwards_packed_and_trims() {
         Frame::Error { code, reason } => {
             assert_eq!(code, ErrorCode::Malformed);
             assert!(reason.contains("expected seq 12"), "{reason}");
+            assert!(reason.contains("no longer holds seq 12"), "{reason}");
+            assert!(reason.contains("--force-resync"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
@@ -338,12 +354,35 @@ async fn spools_acks_forwards_packed_and_trims() {
         "{body}"
     );
     assert!(body.contains("tidemark_collector_batches_spooled_total 3"), "{body}");
-    // Refresh: the agent is asked for a Progress.
+    // Refresh: the agent is asked for a Progress with a fresh nonce; only
+    // the one echoing it answers the call.
     let api = c.api_addr;
     let refresh = tokio::spawn(async move { http(api, "POST", "/api/v1/disks/db1/refresh").await });
-    assert_eq!(recv(&mut a).await, Frame::Request(Request::StatusNow { nonce: 0 }));
-    let (code, _) = refresh.await.unwrap();
-    assert_eq!(code, 200);
+    let nonce = match recv(&mut a).await {
+        Frame::Request(Request::StatusNow { nonce }) => nonce,
+        other => panic!("expected a status request, got {other:?}"),
+    };
+    assert_ne!(nonce, 0);
+    send(&mut a, &Frame::Progress(progress(6, AgentMode::Streaming, 0))).await;
+    send(&mut a, &Frame::Progress(progress(7, AgentMode::Streaming, nonce + 1))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!refresh.is_finished(), "answered by a progress without its nonce");
+    send(&mut a, &Frame::Progress(progress(8, AgentMode::Streaming, nonce))).await;
+    let (code, body) = refresh.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["source_seq"], 8, "{v}");
+    assert_eq!(v["agent_mode"], "streaming", "{v}");
+    // A second refresh gets another nonce.
+    let refresh = tokio::spawn(async move { http(api, "POST", "/api/v1/disks/db1/refresh").await });
+    match recv(&mut a).await {
+        Frame::Request(Request::StatusNow { nonce: n }) => {
+            assert_ne!(n, nonce);
+            send(&mut a, &Frame::Progress(progress(9, AgentMode::Streaming, n))).await;
+        }
+        other => panic!("expected a status request, got {other:?}"),
+    }
+    assert_eq!(refresh.await.unwrap().0, 200);
     let (code, _) = http(api, "POST", "/api/v1/disks/gapdisk/refresh").await;
     assert_eq!(code, 503, "its agent was disconnected");
 
@@ -542,6 +581,168 @@ async fn damaged_spool_file_is_forwarded_with_the_bad_record_unchanged() {
         metrics.contains("tidemark_collector_disk_corrupt_records_total{disk=\"db\"} 1"),
         "{metrics}"
     );
+    stop.cancel();
+    c.wait().await.unwrap();
+}
+
+/// A sync record of `len` bytes at `offset`: data (`Sync`) or a zero range
+/// (`Zero` with `FLAG_SYNC`).
+fn sync_rec(seq: u64, offset: u64, len: u64, zero: bool) -> Record {
+    let payload = if zero { Vec::new() } else { vec![0x5a; len as usize] };
+    let kind = if zero { RecordKind::Zero } else { RecordKind::Sync };
+    let mut header = RecordHeader::new(kind, seq, 1_000_000 * seq, offset, len, &payload);
+    if zero {
+        header.flags = tidemark_wire::record::FLAG_SYNC;
+    }
+    Record { header, payload }
+}
+
+async fn disk_json(addr: std::net::SocketAddr, id: &str) -> Value {
+    let (code, body) = http(addr, "GET", &format!("/api/v1/disks/{id}")).await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owed_resync_is_sent_again_until_sync_records_cover_it() {
+    let d = tempfile::tempdir().unwrap();
+    let tl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (c, stop) = start(cfg(d.path(), tl.local_addr().unwrap())).await;
+    let (mut a, _, _) = agent(&c, "db", [2; 16]).await;
+    send(&mut a, &batch(1, 3)).await;
+    assert_eq!(recv(&mut a).await, Frame::Ack { seq: 3 });
+    let mut t = FakeTarget::accept(&tl, 0).await;
+    let (_, r) = t.packed().await;
+    assert_eq!(r.len(), 3);
+    let rs = Request::Resync {
+        seq: 2,
+        offset: 8192,
+        length: 8192,
+    };
+    send(&mut t.s, &Frame::Request(rs)).await;
+    assert_eq!(recv(&mut a).await, Frame::Request(rs), "relayed at once");
+
+    // The agent reports a resync, then goes away before acting on it: the
+    // collector shows the mode it last reported, and still owes the request.
+    send(&mut a, &Frame::Progress(progress(3, AgentMode::Resync, 0))).await;
+    eventually_json(c.api_addr, "db", |v| v["mode"] == "resync").await;
+    let (code, body) = {
+        let api = c.api_addr;
+        let t0 = Instant::now();
+        let r = http(api, "POST", "/api/v1/disks/db/refresh").await;
+        assert!(t0.elapsed() >= Duration::from_secs(4), "waited for the answer");
+        r
+    };
+    assert_eq!(code, 504, "the agent never answered: {body}");
+    assert!(body.contains("did not answer"), "{body}");
+    while let Some(f) = recv_within(&mut a, Duration::from_millis(100)).await {
+        assert!(matches!(f, Frame::Request(Request::StatusNow { .. })), "{f:?}");
+    }
+    drop(a);
+    let v = eventually_json(c.api_addr, "db", |v| v["agent_connected"] == false).await;
+    assert_eq!(v["mode"], "disconnected", "{v}");
+    assert_eq!(v["agent_mode"], "resync", "{v}");
+
+    let (mut a, _, _) = agent(&c, "db", [2; 16]).await;
+    assert_eq!(
+        recv(&mut a).await,
+        Frame::Request(rs),
+        "owed again on the next connection"
+    );
+    // Half the range synced (and a write, which does not count).
+    send(&mut a, &Frame::Batch(vec![sync_rec(4, 8192, 4096, false), rec(5)])).await;
+    assert_eq!(recv(&mut a).await, Frame::Ack { seq: 5 });
+    drop(a);
+    drop(t);
+    // The request survives a restart of the collector.
+    stop.cancel();
+    c.wait().await.unwrap();
+    let (c, stop) = start(cfg(d.path(), tl.local_addr().unwrap())).await;
+    let (mut a, acked, _) = agent(&c, "db", [2; 16]).await;
+    assert_eq!(acked, 5);
+    assert_eq!(recv(&mut a).await, Frame::Request(rs), "owed after a restart");
+    // The rest of the range, as a zero range: now it is covered.
+    send(&mut a, &Frame::Batch(vec![sync_rec(6, 8192, 8192, true)])).await;
+    assert_eq!(recv(&mut a).await, Frame::Ack { seq: 6 });
+    drop(a);
+    eventually_json(c.api_addr, "db", |v| v["agent_connected"] == false).await;
+    let (mut a, _, _) = agent(&c, "db", [2; 16]).await;
+    assert_eq!(
+        recv_within(&mut a, Duration::from_millis(500)).await,
+        None,
+        "nothing owed once synced"
+    );
+    stop.cancel();
+    c.wait().await.unwrap();
+}
+
+/// Poll a disk's status until `f` holds; returns it.
+async fn eventually_json(addr: std::net::SocketAddr, id: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let v = disk_json(addr, id).await;
+        if f(&v) {
+            return v;
+        }
+        assert!(t0.elapsed() < T, "timed out; last status {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_beyond_what_was_sent_is_refused_and_trims_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let tl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (c, stop) = start(cfg(d.path(), tl.local_addr().unwrap())).await;
+    let (mut a, _, _) = agent(&c, "db", [4; 16]).await;
+    send(&mut a, &batch(1, 3)).await;
+    assert_eq!(recv(&mut a).await, Frame::Ack { seq: 3 });
+    let mut t = FakeTarget::accept(&tl, 0).await;
+    let (_, r) = t.packed().await;
+    assert_eq!(r.len(), 3);
+    t.ack(10).await;
+    // The session is dropped: the collector reconnects and sends 1..3 again.
+    let mut t2 = FakeTarget::accept(&tl, 0).await;
+    assert_eq!(
+        recv_within(&mut t.s, Duration::from_secs(2)).await,
+        None,
+        "old session closed"
+    );
+    assert_eq!(spool_files(&d.path().join("db")).len(), 1, "nothing trimmed");
+    let v = disk_json(c.api_addr, "db").await;
+    assert_eq!(v["applied_seq"], 0, "{v}");
+    let (_, r) = t2.packed().await;
+    assert_eq!(r[0].header.seq, 1);
+    t2.ack(3).await;
+    eventually("trim", || spool_files(&d.path().join("db")).is_empty()).await;
+    stop.cancel();
+    c.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_trickling_frame_bodies_do_not_hold_the_memory_budget() {
+    let d = tempfile::tempdir().unwrap();
+    let tl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (c, stop) = start(cfg(d.path(), tl.local_addr().unwrap())).await;
+    // Three agents announce maximal batches and send a few bytes of each:
+    // together more than the whole memory budget, were it taken up front.
+    let mut slow = Vec::new();
+    for i in 0..3u8 {
+        let (mut s, _, _) = agent(&c, &format!("slow{i}"), [20 + i; 16]).await;
+        let mut f = batch(1, 1).encode().unwrap();
+        f[8..12].copy_from_slice(&MAX_BODY.to_le_bytes());
+        s.write_all(&f[..FRAME_HEADER_LEN + 100]).await.unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut good, _, _) = agent(&c, "good", [30; 16]).await;
+    send(&mut good, &batch(1, 2)).await;
+    assert_eq!(
+        recv_within(&mut good, Duration::from_secs(5)).await,
+        Some(Frame::Ack { seq: 2 }),
+        "another agent's batch is spooled while the slow ones trickle"
+    );
+    drop(slow);
     stop.cancel();
     c.wait().await.unwrap();
 }

@@ -177,26 +177,37 @@ pub fn status(a: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-/// Modes in which the replica is not yet a consistent copy.
+/// Whether the replica is not (yet) known to be a consistent copy that is
+/// keeping up: a sync, bitmap mode or a halt; an agent that went away while
+/// it was not streaming (or whose mode is unknown: nothing says its sync is
+/// over); or a target state other than consistent.
 fn syncing(d: &Value) -> bool {
+    let mode = d["mode"].as_str();
     matches!(
-        d["mode"].as_str(),
+        mode,
         Some("initial-sync" | "resync" | "full-resync" | "bitmap" | "halted")
-    ) || d["target_state"].as_str() != Some("consistent")
+    ) || (mode == Some("disconnected") && d["agent_mode"].as_str() != Some("streaming"))
+        || d["target_state"].as_str() != Some("consistent")
 }
+
+/// Waits between polls of the API.
+const POLL: Duration = Duration::from_millis(200);
 
 pub fn wait(a: WaitArgs) -> Result<()> {
     let start = Instant::now();
+    let timed_out = || start.elapsed() >= a.timeout;
     let path = format!("/api/v1/disks/{}", a.disk);
-    // A fresh source seq from the agent. While it is not connected (it may
-    // be reconnecting after a restart of either side) keep asking: the last
-    // seq it reported may be stale, or lost with a collector restart.
+    let refresh = format!("{path}/refresh");
+    // A fresh source seq from the agent (the collector answers only with a
+    // Progress that echoes its request, or with an error: 503 while the
+    // agent is not connected, 504 if it did not answer in time). Keep asking
+    // until the timeout: either side may be restarting.
     let mut noted = false;
     let mut target = loop {
-        match call(&a.api, "POST", &format!("{path}/refresh")) {
+        match call(&a.api, "POST", &refresh) {
             Ok(d) => break u(&d, "source_seq"),
             Err(e) => {
-                if start.elapsed() >= a.timeout {
+                if timed_out() {
                     bail!(
                         "timed out after {} waiting for the agent of disk {} to report its seq: {e}",
                         format_duration(a.timeout),
@@ -204,59 +215,96 @@ pub fn wait(a: WaitArgs) -> Result<()> {
                     );
                 }
                 if !noted {
-                    eprintln!("waiting for the agent of {} to connect ({e})", a.disk);
+                    eprintln!("waiting for the agent of {} to report its seq ({e})", a.disk);
                     noted = true;
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(POLL);
             }
         }
     };
     let mut last_note = Instant::now();
     let mut was_syncing = false;
+    let mut last: Option<Value> = None;
     loop {
-        let mut d = call(&a.api, "GET", &path)?;
-        // A sync that was running when we asked ends with records (and a
-        // SyncDone) newer than the seq we fetched: once it is over, ask again.
-        if syncing(&d) {
-            was_syncing = true;
-        } else if was_syncing {
-            was_syncing = false;
-            if let Ok(fresh) = call(&a.api, "POST", &format!("{path}/refresh")) {
+        let got = call(&a.api, "GET", &path).and_then(|mut d| {
+            // A sync that was running when we asked ends with records (and a
+            // SyncDone) newer than the seq we fetched: once it is over, ask
+            // again before calling the replica caught up.
+            if syncing(&d) {
+                was_syncing = true;
+            } else if was_syncing {
+                let fresh = call(&a.api, "POST", &refresh)?;
+                was_syncing = false;
                 target = target.max(u(&fresh, "source_seq"));
                 d = fresh;
-            } else {
-                was_syncing = true;
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
             }
-        }
-        let applied = u(&d, "applied_seq");
-        if applied >= target && !syncing(&d) {
-            println!(
-                "{}: replica caught up: applied seq {applied} ≥ {target} in {}",
-                a.disk,
-                format_duration(start.elapsed())
-            );
-            return Ok(());
-        }
-        if start.elapsed() >= a.timeout {
+            Ok(d)
+        });
+        let err = match got {
+            Ok(d) => {
+                let applied = u(&d, "applied_seq");
+                if applied >= target && !syncing(&d) {
+                    println!(
+                        "{}: replica caught up: applied seq {applied} ≥ {target} in {}",
+                        a.disk,
+                        format_duration(start.elapsed())
+                    );
+                    return Ok(());
+                }
+                last = Some(d);
+                None
+            }
+            // The collector may be restarting, or the agent not answering:
+            // keep trying until the timeout.
+            Err(e) => Some(e),
+        };
+        let where_ = match &last {
+            Some(d) => format!(
+                "applied seq {} of {target}, mode {}{}, target {}, lag {}",
+                u(d, "applied_seq"),
+                mode_text(d),
+                match (d["mode"].as_str(), d["agent_mode"].as_str()) {
+                    (Some("disconnected"), Some(m)) => format!(" (agent last reported {m})"),
+                    _ => String::new(),
+                },
+                d["target_state"].as_str().unwrap_or("unknown"),
+                secs(&d["lag_seconds"])
+            ),
+            None => format!("target seq {target}"),
+        };
+        let err_text = err.as_ref().map(|e| format!("; last error: {e:#}")).unwrap_or_default();
+        if timed_out() {
             bail!(
-                "timed out after {} waiting for disk {}: applied seq {applied} of {target}, mode {}, target {}",
+                "timed out after {} waiting for disk {}: {where_}{err_text}",
                 format_duration(a.timeout),
                 a.disk,
-                mode_text(&d),
-                d["target_state"].as_str().unwrap_or("unknown")
             );
         }
         if last_note.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "waiting for {}: applied {applied} of {target}, mode {}, lag {}",
-                a.disk,
-                mode_text(&d),
-                secs(&d["lag_seconds"])
-            );
+            eprintln!("waiting for {}: {where_}{err_text}", a.disk);
             last_note = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn disconnected_or_unsettled_is_not_caught_up() {
+        let d = |mode: &str, agent_mode: Value, target: &str| json!({"mode": mode, "agent_mode": agent_mode, "target_state": target});
+        assert!(!syncing(&d("streaming", json!("streaming"), "consistent")));
+        assert!(!syncing(&d("backlogged", json!("streaming"), "consistent")));
+        assert!(!syncing(&d("disconnected", json!("streaming"), "consistent")));
+        assert!(syncing(&d("disconnected", json!("resync"), "consistent")));
+        assert!(syncing(&d("disconnected", json!("bitmap"), "consistent")));
+        assert!(syncing(&d("disconnected", Value::Null, "consistent")));
+        assert!(syncing(&d("streaming", json!("streaming"), "syncing")));
+        assert!(syncing(&d("streaming", json!("streaming"), "unknown")));
+        assert!(syncing(&d("resync", json!("resync"), "consistent")));
+        assert!(syncing(&d("halted", json!("streaming"), "halted")));
     }
 }
