@@ -226,6 +226,7 @@ fn hello(protocol: u16, role: u8, uuid: [u8; 16], id: &str, token: &[u8]) -> Vec
     b.push(role);
     b.extend_from_slice(&0u32.to_le_bytes());
     b.extend_from_slice(&uuid);
+    b.extend_from_slice(&(32u64 << 20).to_le_bytes()); // disk size
     b.push(u8::try_from(id.len()).unwrap());
     b.extend_from_slice(id.as_bytes());
     b.extend_from_slice(&u16::try_from(token.len()).unwrap().to_le_bytes());
