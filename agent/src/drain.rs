@@ -4,7 +4,8 @@
 //! (preallocated segments overwritten, not allocated). It does not read the
 //! records: what a real shipper costs belongs to the replication benchmarks.
 //! Never enable it on a disk that is to be replicated: consumed records are
-//! gone.
+//! gone. `protect` (and the command line) refuse it together with a
+//! collector.
 
 use std::time::Duration;
 

@@ -10,6 +10,7 @@ use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use tidemark_formats::journal::{Journal, JournalConfig, JournalReader};
 use tidemark_util::fileops;
 use tidemark_util::human::format_size;
+use tidemark_wire::record::{RecordKind, FLAG_FULL};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -152,14 +153,24 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
         segment_size: segment_size_for(cap),
         cap_bytes: cap,
     };
-    let (journal, report) = Journal::open(jcfg).context("open journal")?;
-    // The first run owes the initial sync, from seq 1. A state directory
-    // without a sync state (made by an older agent, or a crash right after
-    // the journal was created) owes it too: seq 1 is the safe start.
+    let (mut journal, report) = Journal::open(jcfg).context("open journal")?;
+    // The first run owes the initial sync: a new journal begins with its
+    // SyncBegin, seq 1. A state directory without a sync state (made by an
+    // older agent, or a crash right after the journal was created) owes it
+    // too; if its journal already holds records, the driver journals the
+    // SyncBegin when it starts the sync (start seq 0 until then).
     let sync = match crate::sync::load(&state.dir)? {
         Some(s) => s,
         None => {
-            let s = crate::sync::SyncFile::initial(1, size);
+            let start = if journal.next_seq() == 1 {
+                let hash = *blake3::hash(&[]).as_bytes();
+                journal
+                    .append(RecordKind::SyncBegin, FLAG_FULL, 0, 0, &[], hash, crate::now_ns())
+                    .context("journal the initial sync's SyncBegin")?
+            } else {
+                0
+            };
+            let s = crate::sync::SyncFile::initial(start, size);
             crate::sync::store(&crate::sync::state_path(&state.dir), &s)?;
             s
         }
@@ -254,6 +265,12 @@ fn reapply(
 
 /// Run `protect` until SIGTERM/SIGINT.
 pub async fn protect(cfg: ProtectConfig) -> Result<()> {
+    if cfg.bench_consume && cfg.ship.is_some() {
+        bail!(
+            "--bench-consume cannot be combined with --collector: it recycles journal segments \
+             the collector has not acknowledged, so records would never reach the replica"
+        );
+    }
     let Opened {
         shim,
         state,

@@ -518,6 +518,31 @@ impl Shim {
         })
     }
 
+    /// Append the `SyncBegin` that starts a sync (`full`: a whole-disk
+    /// sync, `FLAG_FULL`) and return its seq, the sync's start seq; `None`
+    /// in bitmap mode or when the journal is full (no ordered stream to
+    /// begin it in; a sync never pushes the journal into bitmap mode).
+    pub fn append_sync_begin(&self, full: bool) -> io::Result<Option<u64>> {
+        let mut core = self.core();
+        if core.mode != Mode::Journal {
+            return Ok(None);
+        }
+        let hash = *blake3::hash(&[]).as_bytes();
+        let flags = if full { FLAG_FULL } else { 0 };
+        let seq = match core
+            .journal
+            .append(RecordKind::SyncBegin, flags, 0, 0, &[], hash, crate::now_ns())
+        {
+            Ok(seq) => seq,
+            Err(e) if e.kind == ErrorKind::Full => return Ok(None),
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        drop(core);
+        self.inner.stats.journal_records.fetch_add(1, Ordering::Relaxed);
+        self.inner.shippable.notify_one();
+        Ok(Some(seq))
+    }
+
     /// Append `SyncDone` for a sync that started at `start_seq`, if no
     /// region is dirty and the shim is in journal mode; returns its seq.
     pub fn append_sync_done(&self, start_seq: u64, full: bool) -> io::Result<Option<u64>> {
@@ -580,6 +605,10 @@ impl Shim {
             Some(SyncKind::Initial) => AgentMode::InitialSync,
             Some(SyncKind::Resync) => AgentMode::Resync,
             Some(SyncKind::Full) => AgentMode::FullResync,
+            // Regions waiting for a resync the driver has not started yet
+            // (just out of bitmap mode, a target's request): the replica
+            // lacks them, so this is not streaming.
+            None if self.dirty().0 > 0 => AgentMode::Resync,
             None => AgentMode::Streaming,
         }
     }
@@ -608,11 +637,12 @@ impl Shim {
         }
     }
 
-    /// Bytes done and total of the running sync (0, 0 when none).
+    /// Bytes done and total of the running sync (0, 0 when none; 0 and the
+    /// dirty bytes when regions wait for a resync not started yet).
     pub fn sync_done_total(&self) -> (u64, u64) {
         let f = self.inner.sync.snapshot();
         let Some(kind) = f.kind else {
-            return (0, 0);
+            return (0, self.dirty().1);
         };
         if kind.whole_disk() && !f.marked {
             return (0, f.total_bytes);

@@ -15,11 +15,12 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use tidemark_formats::journal::{Journal, JournalReader, RecordIter};
+use tidemark_formats::journal::{Journal, JournalReader, RecordIter, Skipped};
 use tidemark_wire::frame::{
     ErrorCode, Frame, FrameHeader, Hello, Request, Role, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC, PROTOCOL_VERSION,
     WELCOME_NEED_FULL_SYNC,
 };
+use tidemark_wire::record::{RecordHeader, RecordKind, FLAG_FULL};
 use tidemark_wire::Record;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::shim::Shim;
-use crate::sync::{begin_whole, SyncKind};
+use crate::sync::{begin_full_from, begin_whole, resync_lost, SyncKind};
 
 /// Where to ship and how to introduce ourselves.
 #[derive(Clone, Debug)]
@@ -59,6 +60,15 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A consumed marker is written at least this often while acks advance,
 /// even when no segment can be recycled yet.
 const CONSUME_EVERY: Duration = Duration::from_secs(1);
+/// A write to the collector that makes no progress for this long ends the
+/// session (the collector stopped reading, or vanished); also the socket's
+/// `TCP_USER_TIMEOUT`.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Polls that find the record at a seq under the applied watermark
+/// unreadable before it is taken for damaged.
+const UNREADABLE_POLLS: u32 = 3;
+/// Retry period while a damaged record cannot be stepped over.
+const UNREADABLE_RETRY: Duration = Duration::from_secs(1);
 
 /// How a session ended.
 #[derive(Debug)]
@@ -73,6 +83,10 @@ enum End {
     Refused {
         code: ErrorCode,
         reason: String,
+    },
+    /// The journal could not be read; retry with backoff.
+    Journal {
+        why: String,
     },
 }
 
@@ -97,6 +111,61 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
     Ok(())
 }
 
+/// Write `b` to the collector unless `stop` comes first; a write that makes
+/// no progress for [`WRITE_TIMEOUT`] loses the connection.
+async fn send_bytes<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    b: &[u8],
+    stop: &CancellationToken,
+) -> std::result::Result<(), SessionError> {
+    tokio::select! {
+        _ = stop.cancelled() => Err(SessionError::Stopped),
+        r = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(b)) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SessionError::Lost(format!("send to the collector: {e}"))),
+            Err(_) => Err(SessionError::Lost(format!(
+                "the collector took nothing for {} s (not reading, or gone)",
+                WRITE_TIMEOUT.as_secs()
+            ))),
+        },
+    }
+}
+
+/// [`send_bytes`] for one frame.
+async fn send_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    f: &Frame,
+    stop: &CancellationToken,
+) -> std::result::Result<(), SessionError> {
+    let b = f.encode().map_err(|e| anyhow!("encode frame: {e}"))?;
+    send_bytes(w, &b, stop).await
+}
+
+/// `TCP_USER_TIMEOUT`: unacknowledged data for longer than `d` ends the
+/// connection, so a collector that vanished (no FIN, no RST) is noticed.
+#[allow(unsafe_code)]
+fn set_user_timeout(s: &TcpStream, d: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(d.as_millis()).unwrap_or(libc::c_uint::MAX);
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_uint>()).unwrap_or(4);
+    // SAFETY: the fd is a live socket owned by `s`; the option value is a
+    // c_uint that outlives the call, and `len` is its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            std::ptr::from_ref(&ms).cast::<libc::c_void>(),
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Ship until `stop` is cancelled.
 pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
     let disk = shim.inner().disk_id.clone();
@@ -105,8 +174,9 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     // What was last logged about the link, so each state is logged once.
     let mut logged = String::new();
+    let mut damaged = Damaged::default();
     loop {
-        let end = session(&shim, &cfg, &stop, &mut force).await;
+        let end = session(&shim, &cfg, &stop, &mut force, &mut damaged).await;
         shim.inner()
             .link
             .connected
@@ -150,6 +220,18 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
                 }
                 REFUSED_RETRY
             }
+            End::Journal { why } => {
+                let key = format!("journal {why}");
+                if logged != key {
+                    error!(disk = %disk, "cannot read the journal for shipping: {why}; retrying");
+                    logged = key;
+                } else {
+                    debug!(disk = %disk, "journal still unreadable: {why}");
+                }
+                let w = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                w
+            }
         };
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -172,14 +254,9 @@ fn on_welcome(shim: &Shim, acked: u64, flags: u32, force: bool) -> Result<u64> {
              skipping to seq {} and resyncing the whole disk",
             acked + 1
         );
-        // The resync is recorded first (a crash after the advance must not
-        // lose it), then re-pointed at the new first seq.
-        begin_whole(shim, SyncKind::Full)?;
-        shim.core()
-            .journal
-            .advance_to(acked + 1)
-            .context("advance the journal past the collector's acked seq")?;
-        shim.inner().sync.set_start_seq(acked + 1)?;
+        // The resync is recorded and the journal advanced before the sync
+        // driver may run: its SyncBegin and records get seqs past `acked`.
+        begin_full_from(shim, acked + 1)?;
     }
     let first = shim.core().journal.first_seq();
     let mut ship_from = acked + 1;
@@ -227,13 +304,14 @@ async fn consume(shim: &Shim, acked: u64) -> Result<()> {
     Ok(())
 }
 
-/// Records from `iter` up to seq `upto`, at most one batch; `carry` is a
-/// record read for the previous batch that did not fit.
-fn read_batch(iter: &mut RecordIter, carry: &mut Option<Record>, upto: u64) -> Result<Vec<Record>> {
+/// Records from `queue` (read for an earlier batch that they did not fit,
+/// or placeholders for damaged records), then from `iter` up to seq `upto`:
+/// at most one batch.
+fn read_batch(iter: &mut RecordIter, queue: &mut VecDeque<Record>, upto: u64) -> Result<Vec<Record>> {
     let mut out: Vec<Record> = Vec::new();
     let mut bytes = 0usize;
     loop {
-        let r = match carry.take() {
+        let r = match queue.pop_front() {
             Some(r) => r,
             None => {
                 let want = iter.next_seq();
@@ -253,7 +331,7 @@ fn read_batch(iter: &mut RecordIter, carry: &mut Option<Record>, upto: u64) -> R
             }
         };
         if !out.is_empty() && (out.len() >= BATCH_RECORDS || bytes + r.payload.len() > BATCH_BYTES) {
-            *carry = Some(r);
+            queue.push_front(r);
             break;
         }
         bytes += r.payload.len();
@@ -262,7 +340,101 @@ fn read_batch(iter: &mut RecordIter, carry: &mut Option<Record>, upto: u64) -> R
     Ok(out)
 }
 
-async fn session(shim: &Shim, cfg: &ShipConfig, stop: &CancellationToken, force: &mut bool) -> End {
+/// Damaged journal records already reported (across sessions), so each is
+/// logged once.
+#[derive(Debug, Default)]
+struct Damaged {
+    logged: Option<u64>,
+}
+
+/// What stands in the stream for records that cannot be read: the stream
+/// stays gap-free (the collector refuses gaps), and the target learns that
+/// the replica lacks something until a sync that begins later is done.
+fn placeholders(sk: &Skipped, full: bool) -> Vec<Record> {
+    let now = crate::now_ns();
+    (sk.from..sk.to)
+        .map(|seq| {
+            // A lost tag name changes no data: a Flush keeps its place.
+            let kind = match &sk.header {
+                Some(h) if h.kind == RecordKind::Tag => RecordKind::Flush,
+                _ => RecordKind::SyncBegin,
+            };
+            let mut header = RecordHeader::new(kind, seq, now, 0, 0, &[]);
+            if kind == RecordKind::SyncBegin && full {
+                header.flags = FLAG_FULL;
+            }
+            Record {
+                header,
+                payload: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// The record at `iter`'s next seq is complete (under the applied
+/// watermark) but cannot be read: step over it, have what it changed
+/// resynced (durably), and return the placeholders to ship in its place.
+/// `None`: no later record found yet; try again later.
+fn recover_unreadable(shim: &Shim, iter: &mut RecordIter, damaged: &mut Damaged) -> Result<Option<Vec<Record>>> {
+    let disk = &shim.inner().disk_id;
+    let seq = iter.next_seq();
+    let Some(sk) = iter.skip_unreadable().context("step over a damaged journal record")? else {
+        if damaged.logged != Some(seq) {
+            damaged.logged = Some(seq);
+            error!(
+                disk = %disk,
+                seq,
+                "journal record {seq} cannot be read and no later record was found; shipping is stuck, retrying"
+            );
+        }
+        return Ok(None);
+    };
+    // What the lost records changed: a ranged record's range; nothing for a
+    // tag; unknown (the whole disk) otherwise.
+    let range = match &sk.header {
+        Some(h) if h.kind == RecordKind::Tag => Some(None),
+        Some(h) if h.length > 0 && h.offset.checked_add(h.length).is_some_and(|e| e <= shim.inner().size) => {
+            Some(Some((h.offset, h.length)))
+        }
+        _ => None,
+    };
+    let full = match range {
+        Some(None) => false,
+        Some(Some(r)) => resync_lost(shim, sk.to, Some(r))?,
+        None => resync_lost(shim, sk.to, None)?,
+    };
+    if damaged.logged != Some(sk.from) {
+        damaged.logged = Some(sk.from);
+        let what = match (&sk.header, range) {
+            (Some(h), Some(None)) => format!("a {} record; nothing to resync", h.kind),
+            (Some(h), Some(Some((o, l)))) => format!("a {} record of {o}+{l}; resyncing that range", h.kind),
+            _ => "unknown records; resyncing the whole disk".to_string(),
+        };
+        error!(
+            disk = %disk,
+            seq = sk.from,
+            segment = %sk.segment.display(),
+            offset = sk.pos,
+            "journal record {} in {} at offset {} is damaged ({}): seqs {}..{} are lost ({what}); \
+             shipping placeholders in their place",
+            sk.from,
+            sk.segment.display(),
+            sk.pos,
+            sk.reason,
+            sk.from,
+            sk.to - 1,
+        );
+    }
+    Ok(Some(placeholders(&sk, full)))
+}
+
+async fn session(
+    shim: &Shim,
+    cfg: &ShipConfig,
+    stop: &CancellationToken,
+    force: &mut bool,
+    damaged: &mut Damaged,
+) -> End {
     let lost = |connected: bool, why: String| End::Lost { connected, why };
     let stream = tokio::select! {
         _ = stop.cancelled() => return End::Stopped,
@@ -273,6 +445,9 @@ async fn session(shim: &Shim, cfg: &ShipConfig, stop: &CancellationToken, force:
         },
     };
     let _ = stream.set_nodelay(true);
+    if let Err(e) = set_user_timeout(&stream, WRITE_TIMEOUT) {
+        debug!("TCP_USER_TIMEOUT not set: {e}");
+    }
     let (mut rd, mut wr) = stream.into_split();
     let uuid = match uuid::Uuid::parse_str(&shim.inner().disk_uuid) {
         Ok(u) => *u.as_bytes(),
@@ -287,8 +462,11 @@ async fn session(shim: &Shim, cfg: &ShipConfig, stop: &CancellationToken, force:
         disk_id: shim.inner().disk_id.clone(),
         token: cfg.token.clone(),
     });
-    if let Err(e) = write_frame(&mut wr, &hello).await {
-        return lost(false, format!("{e:#}"));
+    match send_frame(&mut wr, &hello, stop).await {
+        Ok(()) => {}
+        Err(SessionError::Stopped) => return End::Stopped,
+        Err(SessionError::Lost(why) | SessionError::Journal(why)) => return lost(false, why),
+        Err(SessionError::Refused(code, reason)) => return End::Refused { code, reason },
     }
     let welcome = tokio::select! {
         _ = stop.cancelled() => return End::Stopped,
@@ -309,9 +487,13 @@ async fn session(shim: &Shim, cfg: &ShipConfig, stop: &CancellationToken, force:
     let link = &shim.inner().link;
     link.connected.store(true, std::sync::atomic::Ordering::Relaxed);
     link.acked_seq.store(acked, std::sync::atomic::Ordering::Relaxed);
-    let ship_from = {
+    let (ship_from, welcome_next) = {
         let shim = shim.clone();
-        match tokio::task::spawn_blocking(move || on_welcome(&shim, acked, flags, force_now)).await {
+        match tokio::task::spawn_blocking(move || {
+            on_welcome(&shim, acked, flags, force_now).map(|s| (s, shim.core().journal.next_seq()))
+        })
+        .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return lost(true, format!("{e:#}")),
             Err(e) => return lost(true, format!("welcome task: {e}")),
@@ -325,17 +507,25 @@ async fn session(shim: &Shim, cfg: &ShipConfig, stop: &CancellationToken, force:
         need_full_sync = flags & WELCOME_NEED_FULL_SYNC != 0,
         "connected to the collector"
     );
-    let r = stream_records(shim, stop, rd, &mut wr, acked, ship_from).await;
+    let r = stream_records(shim, stop, rd, &mut wr, acked, ship_from, welcome_next, damaged).await;
     match r {
-        Ok(()) => End::Stopped,
+        Ok(()) | Err(SessionError::Stopped) => End::Stopped,
         Err(SessionError::Refused(code, reason)) => End::Refused { code, reason },
         Err(SessionError::Lost(why)) => lost(true, why),
+        Err(SessionError::Journal(why)) => End::Journal { why },
     }
 }
 
 enum SessionError {
+    Stopped,
     Lost(String),
     Refused(ErrorCode, String),
+    /// Reading the journal failed (not the connection's fault).
+    Journal(String),
+}
+
+fn journal_err(e: impl std::fmt::Display) -> SessionError {
+    SessionError::Journal(e.to_string())
 }
 
 impl From<anyhow::Error> for SessionError {
@@ -347,6 +537,11 @@ impl From<anyhow::Error> for SessionError {
 /// Per-connection shipping state.
 struct Conn<'a> {
     shim: &'a Shim,
+    stop: &'a CancellationToken,
+    /// The journal's next seq right after this connection's Welcome: a
+    /// whole-disk sync that began at or after it answers any full-resync
+    /// request relayed on this connection.
+    welcome_next: u64,
     sent_upto: u64,
     acked: u64,
     inflight: VecDeque<(u64, u64)>,
@@ -385,7 +580,7 @@ impl Conn<'_> {
                         shim.core().journal.recyclable(upto)
                     };
                     if recyclable || self.last_consume.elapsed() >= CONSUME_EVERY {
-                        consume(shim, seq).await?;
+                        consume(shim, seq).await.map_err(|e| journal_err(format!("{e:#}")))?;
                         self.last_consume = Instant::now();
                     }
                 }
@@ -393,7 +588,7 @@ impl Conn<'_> {
             Frame::Request(Request::StatusNow { nonce }) => {
                 let mut p = shim.progress();
                 p.nonce = nonce;
-                write_frame(wr, &Frame::Progress(p)).await?;
+                send_frame(wr, &Frame::Progress(p), self.stop).await?;
             }
             Frame::Request(Request::Resync { seq, offset, length }) => {
                 info!(disk = %disk, seq, offset, length, "the target asked to resync a range");
@@ -402,11 +597,19 @@ impl Conn<'_> {
                 }
             }
             Frame::Request(Request::FullResync) => {
-                info!(disk = %disk, "the target asked for a full resync");
-                let s = shim.clone();
-                tokio::task::spawn_blocking(move || begin_whole(&s, SyncKind::Full))
-                    .await
-                    .map_err(|e| anyhow!("full resync task: {e}"))??;
+                // The target repeats the request on every connection until
+                // it sees the new sync's records: a whole-disk sync running
+                // (or about to begin), or one begun since this connection's
+                // Welcome, answers it.
+                if shim.inner().sync.whole_sync_since(self.welcome_next) {
+                    info!(disk = %disk, "the target asked for a full resync: the whole-disk sync under way (or just done) answers it");
+                } else {
+                    info!(disk = %disk, "the target asked for a full resync");
+                    let s = shim.clone();
+                    tokio::task::spawn_blocking(move || begin_whole(&s, SyncKind::Full))
+                        .await
+                        .map_err(|e| anyhow!("full resync task: {e}"))??;
+                }
             }
             Frame::Error {
                 code: ErrorCode::Busy,
@@ -439,6 +642,7 @@ fn frame_name(f: &Frame) -> &'static str {
 }
 
 /// The connected part of a session: batches out, acks and requests in.
+#[allow(clippy::too_many_arguments)]
 async fn stream_records(
     shim: &Shim,
     stop: &CancellationToken,
@@ -446,6 +650,8 @@ async fn stream_records(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     acked: u64,
     ship_from: u64,
+    welcome_next: u64,
+    damaged: &mut Damaged,
 ) -> std::result::Result<(), SessionError> {
     use std::sync::atomic::Ordering::Relaxed;
     let link = &shim.inner().link;
@@ -479,18 +685,22 @@ async fn stream_records(
 
     let dir = shim.core().journal.config().dir.clone();
     let mut iter = JournalReader::open(&dir)
-        .context("open the journal for shipping")?
+        .map_err(|e| journal_err(format!("open the journal for shipping: {e}")))?
         .records_from(ship_from);
-    let mut carry: Option<Record> = None;
+    let mut queue: VecDeque<Record> = VecDeque::new();
+    // Consecutive polls that found nothing readable under the watermark.
+    let mut stuck = 0u32;
     let mut c = Conn {
         shim,
+        stop,
+        welcome_next,
         sent_upto: ship_from - 1,
         acked,
         inflight: VecDeque::new(),
         unacked_bytes: 0,
         last_consume: Instant::now(),
     };
-    consume(shim, acked).await?;
+    consume(shim, acked).await.map_err(|e| journal_err(format!("{e:#}")))?;
     let mut next_progress = tokio::time::Instant::now();
     loop {
         if stop.is_cancelled() {
@@ -509,38 +719,63 @@ async fn stream_records(
         // Acks that could not recycle anything when they came are
         // consumed a little later, so the marker never lags for long.
         if c.last_consume.elapsed() >= CONSUME_EVERY {
-            consume(shim, c.acked).await?;
+            consume(shim, c.acked)
+                .await
+                .map_err(|e| journal_err(format!("{e:#}")))?;
             c.last_consume = Instant::now();
         }
         if tokio::time::Instant::now() >= next_progress {
-            write_frame(wr, &Frame::Progress(shim.progress())).await?;
+            send_frame(wr, &Frame::Progress(shim.progress()), stop).await?;
             next_progress = tokio::time::Instant::now() + PROGRESS_EVERY;
         }
-        let can_send = c.unacked_bytes < WINDOW_BYTES && (carry.is_some() || shim.applied_watermark() > c.sent_upto);
+        let can_send = c.unacked_bytes < WINDOW_BYTES && (!queue.is_empty() || shim.applied_watermark() > c.sent_upto);
         if can_send {
             let upto = shim.applied_watermark();
-            let (it, cr, r) = tokio::task::spawn_blocking(move || {
+            let (it, q, r) = tokio::task::spawn_blocking(move || {
                 let mut it = iter;
-                let mut cr = carry;
-                let r = read_batch(&mut it, &mut cr, upto);
-                (it, cr, r)
+                let mut q = queue;
+                let r = read_batch(&mut it, &mut q, upto);
+                (it, q, r)
             })
             .await
-            .map_err(|e| anyhow!("journal read task: {e}"))?;
+            .map_err(|e| journal_err(format!("journal read task: {e}")))?;
             iter = it;
-            carry = cr;
-            let batch = r?;
+            queue = q;
+            let batch = r.map_err(|e| journal_err(format!("{e:#}")))?;
             let Some(last) = batch.last().map(|r| r.header.seq) else {
-                // Applied but not readable yet: look again shortly.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // Nothing readable at a seq the watermark covers: its record
+                // is complete, so a few polls in a row mean it is damaged
+                // (the reader stops there as at the journal's end).
+                stuck = if iter.next_seq() <= upto { stuck + 1 } else { 0 };
+                let mut wait = Duration::from_millis(5);
+                if stuck >= UNREADABLE_POLLS {
+                    stuck = 0;
+                    let (s, mut it, mut dm) = (shim.clone(), iter, std::mem::take(damaged));
+                    let (it, dm, r) = tokio::task::spawn_blocking(move || {
+                        let r = recover_unreadable(&s, &mut it, &mut dm);
+                        (it, dm, r)
+                    })
+                    .await
+                    .map_err(|e| journal_err(format!("journal recovery task: {e}")))?;
+                    iter = it;
+                    *damaged = dm;
+                    match r.map_err(|e| journal_err(format!("{e:#}")))? {
+                        Some(ph) => queue.extend(ph),
+                        None => wait = UNREADABLE_RETRY,
+                    }
+                }
+                if queue.is_empty() {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
                 continue;
             };
+            stuck = 0;
             let bytes: u64 = batch.iter().map(|r| r.payload.len() as u64).sum();
             let enc = Frame::Batch(batch).encode().map_err(|e| anyhow!("encode batch: {e}"))?;
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                r = wr.write_all(&enc) => r.context("send batch")?,
-            }
+            send_bytes(wr, &enc, stop).await?;
             fail::fail_point!("agent-after-send");
             c.sent_upto = last;
             c.inflight.push_back((last, bytes));

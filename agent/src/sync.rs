@@ -12,12 +12,19 @@
 //!
 //! A sync is recorded in `sync.json` (crash-safe write) before it starts;
 //! a whole-disk sync (initial, full) then marks every region in the dirty
-//! bitmap and makes the marks durable before `marked` is recorded. The
-//! driver turns dirty regions into records chunk by chunk (clearing each
+//! bitmap and makes the marks durable before `marked` is recorded. Every
+//! sync begins with a `SyncBegin` record (`FLAG_FULL` for whole-disk
+//! syncs) journaled before any of its data: its seq is the sync's start seq.
+//! The driver turns dirty regions into records chunk by chunk (clearing each
 //! chunk's regions as its records are appended, persisting the bitmap every
 //! second) and appends `SyncDone` (offset = the sync's start seq,
 //! `FLAG_FULL` for whole-disk syncs) once no region is dirty and the shim is
 //! in journal mode. A restart mid-sync continues from the bitmap.
+//!
+//! Starting a sync and a driver step exclude each other (the *step lock*):
+//! a whole-disk sync is recorded (and the journal advanced, when the
+//! collector is ahead of it) while no chunk is being read or appended, so
+//! no chunk of the old sync can get seqs that the advance then discards.
 //!
 //! The driver never pushes the journal into bitmap mode: it pauses while the
 //! journal is above half its cap (and while in bitmap mode). It never
@@ -71,7 +78,9 @@ pub struct SyncFile {
     pub format: u32,
     /// The running sync, if any.
     pub kind: Option<SyncKind>,
-    /// Its first seq: every record it appends has a seq at least this.
+    /// Its first seq, that of its `SyncBegin`: every record it appends has
+    /// a seq at least this. 0: recorded, `SyncBegin` not journaled yet (it
+    /// will be, at the journal's next seq, before any of its records).
     pub start_seq: u64,
     /// Bytes it has to send, as known when it started (grows if regions
     /// are added meanwhile).
@@ -98,7 +107,8 @@ impl SyncFile {
         }
     }
 
-    /// The initial sync of a newly protected disk, starting at `start_seq`.
+    /// The initial sync of a newly protected disk, starting at `start_seq`
+    /// (its `SyncBegin`; 0 if not journaled yet).
     pub fn initial(start_seq: u64, disk_size: u64) -> Self {
         Self {
             kind: Some(SyncKind::Initial),
@@ -144,6 +154,8 @@ pub struct SyncShared {
     wake_cv: Condvar,
     /// Bytes/s over the last progress window.
     rate: Mutex<u64>,
+    /// Held by each driver step and while a sync is started.
+    steps: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -158,7 +170,13 @@ impl SyncShared {
             wake_flag: Mutex::new(false),
             wake_cv: Condvar::new(),
             rate: Mutex::new(0),
+            steps: Mutex::new(()),
         }
+    }
+
+    /// The step lock: no driver step runs while it is held.
+    fn hold(&self) -> MutexGuard<'_, ()> {
+        lock(&self.steps)
     }
 
     /// A copy of the state.
@@ -175,11 +193,6 @@ impl SyncShared {
         store(&self.path, &next)?;
         *g = next.clone();
         Ok(next)
-    }
-
-    /// Move the running sync's start seq (after the journal skipped seqs).
-    pub fn set_start_seq(&self, seq: u64) -> Result<()> {
-        self.update(|f| f.start_seq = seq).map(|_| ())
     }
 
     /// Wake the driver (new dirty regions, a request, bitmap mode left).
@@ -202,9 +215,19 @@ impl SyncShared {
     /// `ship_from`, the first seq about to be shipped.
     pub fn whole_sync_covers(&self, ship_from: u64) -> bool {
         let f = self.snapshot();
-        let running = f.kind.is_some_and(SyncKind::whole_disk) && f.start_seq >= ship_from;
+        // Not begun yet (start 0): its SyncBegin will get the journal's
+        // next seq, which is at least the first seq shipped.
+        let running = f.kind.is_some_and(SyncKind::whole_disk) && (f.start_seq == 0 || f.start_seq >= ship_from);
         let done = f.last_full_start > 0 && f.last_full_start >= ship_from;
         running || done
+    }
+
+    /// Whether a whole-disk sync is recorded (running, or about to begin),
+    /// or one that began at or after seq `since` has completed: a request
+    /// for a full resync issued before it began is answered by it.
+    pub fn whole_sync_since(&self, since: u64) -> bool {
+        let f = self.snapshot();
+        f.kind.is_some_and(SyncKind::whole_disk) || (f.last_full_start > 0 && f.last_full_start >= since)
     }
 
     /// Bytes/s of the running sync, last window.
@@ -281,17 +304,86 @@ pub fn run<W: Fn(&crate::ranges::Ticket)>(shim: Shim, stop: &CancellationToken, 
     }
 }
 
-/// Durably record a whole-disk sync of `kind` starting at the journal's
-/// next seq (a full resync is counted); the driver marks every region and
-/// runs it. A sync already running is replaced.
+/// Durably record a whole-disk sync of `kind` (a full resync is counted);
+/// the driver marks every region, journals its `SyncBegin` (whose seq is
+/// the sync's start seq) and runs it. A sync already running is replaced.
 pub fn begin_whole(shim: &Shim, kind: SyncKind) -> Result<SyncFile> {
-    // The start seq is read before the state is written: records appended
-    // meanwhile only make the start earlier than needed, never later.
-    let start = shim.core().journal.next_seq();
+    let g = shim.inner().sync.hold();
+    let f = record_whole(shim, kind)?;
+    drop(g);
+    shim.inner().sync.wake();
+    Ok(f)
+}
+
+/// The collector holds seqs this journal never wrote: durably record a full
+/// resync, then make `seq` the journal's next seq (`Journal::advance_to`),
+/// both before the driver may run a step, so that the sync's `SyncBegin`
+/// and every record it appends get seqs at or after `seq`.
+pub fn begin_full_from(shim: &Shim, seq: u64) -> Result<SyncFile> {
+    let g = shim.inner().sync.hold();
+    // Recorded first: a crash after the advance must not lose it.
+    let f = record_whole(shim, SyncKind::Full)?;
+    shim.core()
+        .journal
+        .advance_to(seq)
+        .context("advance the journal past the collector's acked seq")?;
+    drop(g);
+    shim.inner().sync.wake();
+    Ok(f)
+}
+
+/// Journal records `..to` were lost (unreadable) and stand in the stream as
+/// placeholders: make sure that a sync which begins after them covers what
+/// they changed, durably, before the placeholders are shipped. `range`: the
+/// one lost record's range; `None`: unknown, so the whole disk (a full
+/// resync, unless a whole-disk sync beginning after them is recorded).
+/// Returns whether the whole disk is resynced.
+pub fn resync_lost(shim: &Shim, to: u64, range: Option<(u64, u64)>) -> Result<bool> {
+    let g = shim.inner().sync.hold();
+    let f = shim.inner().sync.snapshot();
+    // A sync that began before the loss ends with a SyncDone whose start is
+    // before it: that does not cover the placeholders.
+    let begins_after = f.kind.is_some() && (f.start_seq == 0 || f.start_seq >= to);
+    let full = match range {
+        Some((offset, length)) => {
+            shim.mark_for_resync(offset, length)
+                .with_context(|| format!("mark {offset}+{length} for resync"))?;
+            shim.persist_bitmap().context("persist the dirty bitmap")?;
+            if f.kind.is_some() && !begins_after {
+                shim.inner().sync.update(|f| {
+                    if f.kind.is_some_and(SyncKind::whole_disk) {
+                        // The same whole-disk sync, begun again.
+                        f.start_seq = 0;
+                        f.marked = false;
+                    } else {
+                        // A new resync of every dirty region.
+                        f.kind = None;
+                        f.marked = false;
+                        f.total_bytes = 0;
+                    }
+                })?;
+            }
+            false
+        }
+        None => {
+            if !(f.kind.is_some_and(SyncKind::whole_disk) && begins_after) {
+                record_whole(shim, SyncKind::Full)?;
+            }
+            true
+        }
+    };
+    drop(g);
+    shim.inner().sync.wake();
+    Ok(full)
+}
+
+/// Record a whole-disk sync that has not begun (start seq 0). The caller
+/// holds the step lock.
+fn record_whole(shim: &Shim, kind: SyncKind) -> Result<SyncFile> {
     let size = shim.inner().size;
     let f = shim.inner().sync.update(|f| {
         f.kind = Some(kind);
-        f.start_seq = start;
+        f.start_seq = 0;
         f.total_bytes = size;
         f.marked = false;
         if kind == SyncKind::Full {
@@ -300,23 +392,17 @@ pub fn begin_whole(shim: &Shim, kind: SyncKind) -> Result<SyncFile> {
     })?;
     info!(
         disk = %shim.inner().disk_id,
-        start_seq = start,
         full_resyncs = f.full_resyncs,
         "{} of the whole disk ({}) recorded",
         if kind == SyncKind::Full { "full resync" } else { "initial sync" },
         format_size(size)
     );
-    shim.inner().sync.wake();
     Ok(f)
 }
 
 impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
     fn disk(&self) -> String {
         self.shim.inner().disk_id.clone()
-    }
-
-    fn next_seq(&self) -> u64 {
-        self.shim.core().journal.next_seq()
     }
 
     /// A machine crash may have let writes reach the disk without reaching
@@ -330,18 +416,8 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
     }
 
     fn step(&mut self) -> Result<Step> {
-        let f = self.shim.inner().sync.snapshot();
-        if f.kind.is_some_and(SyncKind::whole_disk) && !f.marked {
-            // Marks first, durably; then the record that they are there.
-            self.shim
-                .mark_all_for_sync()
-                .context("mark every region for the sync")?;
-            self.shim.inner().sync.update(|f| f.marked = true)?;
-            self.cursor = 0;
-            self.window_bytes = 0;
-            self.last_log = Instant::now();
-            info!(disk = %self.disk(), kind = ?f.kind, start_seq = f.start_seq, "whole-disk sync running");
-        }
+        let shim = self.shim.clone();
+        let _steps = shim.inner().sync.hold();
         self.shim.maybe_exit_bitmap_mode();
         if self.shim.mode() == crate::shim::Mode::Bitmap {
             return Ok(self.pause("bitmap mode"));
@@ -352,7 +428,11 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
             if regions == 0 {
                 return Ok(Step::Idle);
             }
-            let start = self.next_seq();
+            // The SyncBegin first (a crash after it and before the record
+            // leaves a SyncBegin without a sync: the next one follows it).
+            let Some(start) = self.shim.append_sync_begin(false).context("journal SyncBegin")? else {
+                return Ok(self.pause("no room in the journal"));
+            };
             self.shim.inner().sync.update(|f| {
                 f.kind = Some(SyncKind::Resync);
                 f.start_seq = start;
@@ -365,6 +445,30 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
             info!(disk = %self.disk(), start_seq = start, "resync of {regions} dirty regions ({}) started", format_size(bytes));
             return Ok(Step::Worked);
         };
+        if kind.whole_disk() && !f.marked {
+            // Marks first, durably; then the SyncBegin (unless the journal
+            // began with it: the initial sync of a new journal, seq 1);
+            // then the record that both are there.
+            self.shim
+                .mark_all_for_sync()
+                .context("mark every region for the sync")?;
+            let start = match f.start_seq {
+                0 => match self.shim.append_sync_begin(true).context("journal SyncBegin")? {
+                    Some(s) => s,
+                    None => return Ok(self.pause("no room in the journal")),
+                },
+                s => s,
+            };
+            self.shim.inner().sync.update(|f| {
+                f.marked = true;
+                f.start_seq = start;
+            })?;
+            self.cursor = 0;
+            self.window_bytes = 0;
+            self.last_log = Instant::now();
+            info!(disk = %self.disk(), kind = ?kind, start_seq = start, "whole-disk sync running");
+            return Ok(Step::Worked);
+        }
         let (held, cap) = self.shim.journal_fill();
         if held > cap / 2 {
             return Ok(self.pause("the journal is above half its cap"));

@@ -18,7 +18,7 @@ use tidemark_formats::apply::{apply_record, whole};
 use tidemark_nbd::Backend;
 use tidemark_util::fileops::BackingKind;
 use tidemark_wire::frame::{AgentMode, Frame, Request, Role, WELCOME_NEED_FULL_SYNC};
-use tidemark_wire::record::{Record, RecordKind};
+use tidemark_wire::record::{Record, RecordKind, FLAG_FULL};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -161,6 +161,13 @@ fn ships_resumes_recycles_and_reports() {
             }
         };
         assert_eq!(held.0[&1].header.seq, 1, "shipping starts at seq 1");
+        assert_eq!(
+            (held.0[&1].header.kind, held.0[&1].header.flags),
+            (RecordKind::SyncBegin, FLAG_FULL),
+            "a new journal begins with the initial sync's SyncBegin"
+        );
+        let done = held.0.values().find(|r| r.header.kind == RecordKind::SyncDone).unwrap();
+        assert_eq!((done.header.offset, done.header.flags), (1, FLAG_FULL));
         assert!(held.0.values().any(|r| r.header.kind == RecordKind::SyncDone));
         assert_eq!(shim.status().full_resyncs, 0, "covered by the initial sync, no new one");
 
@@ -253,10 +260,39 @@ fn ships_resumes_recycles_and_reports() {
         .await;
         let b = p.batch().await;
         assert_eq!(b[0].header.seq, ahead + 1);
+        assert_eq!(
+            (b[0].header.kind, b[0].header.flags),
+            (RecordKind::SyncBegin, FLAG_FULL),
+            "the full resync begins right after the skipped seqs"
+        );
         let st = shim.status();
         assert_eq!(st.full_resyncs, 1);
+        let t = tokio::time::Instant::now();
+        while shim.inner().sync.snapshot().start_seq == 0 {
+            assert!(t.elapsed() < TIMEOUT, "the full resync never began");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(shim.inner().sync.snapshot().start_seq, ahead + 1);
         assert!(st.next_seq > ahead);
+
+        // The target repeats its request while the sync runs: no new one.
+        p.send(Frame::Request(Request::FullResync)).await;
+        p.send(Frame::Request(Request::FullResync)).await;
+        p.send(Frame::Request(Request::StatusNow { nonce: 7 })).await;
+        loop {
+            if let Frame::Progress(pr) = p.recv().await {
+                if pr.nonce == 7 {
+                    assert_eq!(pr.full_resyncs, 1, "a repeated FullResync counted again");
+                    break;
+                }
+            }
+        }
+        // Whether it is still running or already done, it began once.
+        assert_eq!(
+            shim.inner().sync.snapshot().start_seq,
+            ahead + 1,
+            "the full resync began again"
+        );
 
         stop.cancel();
         shipper.await.unwrap();
@@ -300,4 +336,291 @@ fn refusal_is_retried() {
         stop.cancel();
         shipper.await.unwrap();
     });
+}
+
+/// Collector side for the tests below: receive and acknowledge until the
+/// agent has no sync left and everything journaled is held; returns the
+/// highest seq held.
+async fn drain_until_synced(p: &mut Peer, shim: &Shim, held: &mut Held, from: u64) -> u64 {
+    let t = tokio::time::Instant::now();
+    loop {
+        assert!(
+            t.elapsed() < TIMEOUT * 3,
+            "the agent never caught up: {:?}",
+            shim.status()
+        );
+        let f = tokio::time::timeout(Duration::from_millis(200), read_frame(&mut p.s)).await;
+        if let Ok(f) = f {
+            if let Frame::Batch(b) = f.unwrap() {
+                assert_eq!(b[0].header.seq, held.contiguous(from) + 1, "a gap in the stream");
+                held.add(b);
+                p.send(Frame::Ack {
+                    seq: held.contiguous(from),
+                })
+                .await;
+            }
+        }
+        let st = shim.status();
+        let a = held.contiguous(from);
+        if st.sync.is_none() && st.bitmap_dirty_regions == 0 && a >= st.last_seq {
+            return a;
+        }
+    }
+}
+
+/// Ask for a fresh Progress and return it.
+async fn progress(p: &mut Peer, nonce: u64) -> tidemark_wire::frame::Progress {
+    p.send(Frame::Request(Request::StatusNow { nonce })).await;
+    loop {
+        if let Frame::Progress(pr) = p.recv().await {
+            if pr.nonce == nonce {
+                return pr;
+            }
+        }
+    }
+}
+
+fn replay(held: &Held, img: &Path) {
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(img)
+        .unwrap();
+    f.set_len(SIZE).unwrap();
+    for r in held.0.values() {
+        apply_record(&f, img, BackingKind::File, SIZE, &r.header, &r.payload, whole).unwrap();
+    }
+}
+
+/// A FullResync starts one full resync; the target's repeats (while it
+/// runs, or after it completed on the same connection) do not restart it or
+/// count again; on a later connection a new request is honoured.
+#[test]
+fn repeated_full_resync_requests_start_one_sync() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = cfg(d.path(), l.local_addr().unwrap().to_string());
+        let o = open(&c).unwrap();
+        let shim = o.shim.clone();
+        let stop = CancellationToken::new();
+        let driver = sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current()).unwrap();
+        let shipper = tokio::spawn(tidemark_agent::ship::run(
+            shim.clone(),
+            c.ship.clone().unwrap(),
+            stop.clone(),
+        ));
+        let mut held = Held::default();
+        let mut p = Peer::accept(&l, &shim).await;
+        p.send(Frame::Welcome {
+            acked_seq: 0,
+            flags: WELCOME_NEED_FULL_SYNC,
+        })
+        .await;
+        write_mib(&shim, 1, 3).await;
+        drain_until_synced(&mut p, &shim, &mut held, 1).await;
+
+        p.send(Frame::Request(Request::FullResync)).await;
+        p.send(Frame::Request(Request::FullResync)).await;
+        p.send(Frame::Request(Request::FullResync)).await;
+        assert_eq!(progress(&mut p, 1).await.full_resyncs, 1);
+        let start = shim.inner().sync.snapshot();
+        drain_until_synced(&mut p, &shim, &mut held, 1).await;
+        let f = shim.inner().sync.snapshot();
+        assert!(
+            start.start_seq == 0 || f.last_full_start == start.start_seq,
+            "the full resync was restarted: {start:?} then {f:?}"
+        );
+        // A late repeat on the same connection: answered by the sync done.
+        p.send(Frame::Request(Request::FullResync)).await;
+        assert_eq!(progress(&mut p, 2).await.full_resyncs, 1);
+        assert!(shim.inner().sync.snapshot().kind.is_none());
+
+        // A new connection: a request now is a new need.
+        drop(p);
+        let acked = held.contiguous(1);
+        let mut p = Peer::accept(&l, &shim).await;
+        p.send(Frame::Welcome {
+            acked_seq: acked,
+            flags: 0,
+        })
+        .await;
+        p.send(Frame::Request(Request::FullResync)).await;
+        assert_eq!(progress(&mut p, 3).await.full_resyncs, 2);
+        drain_until_synced(&mut p, &shim, &mut held, 1).await;
+        shim.flush().await.unwrap();
+        let img = d.path().join("replica.img");
+        replay(&held, &img);
+        assert!(std::fs::read(&img).unwrap() == std::fs::read(&c.disk).unwrap());
+
+        stop.cancel();
+        shipper.await.unwrap();
+        tokio::task::spawn_blocking(move || driver.join().unwrap())
+            .await
+            .unwrap();
+    });
+}
+
+/// A collector that stops reading (spool full) does not keep the agent
+/// from stopping: every write to it gives way to stop.
+#[test]
+fn stop_is_prompt_when_the_collector_stops_reading() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // A tiny receive buffer, so the agent's writes block soon.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = sock.listen(4).unwrap();
+        let mut c = cfg(d.path(), l.local_addr().unwrap().to_string());
+        c.journal_cap = Some(64 << 20);
+        let o = open(&c).unwrap();
+        let shim = o.shim.clone();
+        let stop = CancellationToken::new();
+        let shipper = tokio::spawn(tidemark_agent::ship::run(
+            shim.clone(),
+            c.ship.clone().unwrap(),
+            stop.clone(),
+        ));
+        let mut p = Peer::accept(&l, &shim).await;
+        p.send(Frame::Welcome { acked_seq: 0, flags: 0 }).await;
+        for i in 0..3 {
+            write_mib(&shim, 6, i).await;
+        }
+        // Requests keep coming; nothing is read any more.
+        for n in 0..200 {
+            p.send(Frame::Request(Request::StatusNow { nonce: n })).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let t = std::time::Instant::now();
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), shipper)
+            .await
+            .expect("the shipper did not stop while the collector was not reading")
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        drop(p);
+    });
+}
+
+/// Damage the journal record `seq` on disk: its payload (`header` false)
+/// or its header.
+fn damage(state: &Path, seq: u64, header: bool) {
+    use std::os::unix::fs::FileExt;
+    use tidemark_wire::record::RecordHeader;
+    let jdir = state.join("journal");
+    let mut segs: Vec<_> = std::fs::read_dir(&jdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("seg-"))
+        .collect();
+    segs.sort();
+    for p in segs {
+        let f = std::fs::File::options().read(true).write(true).open(&p).unwrap();
+        let mut pos = 64u64;
+        loop {
+            let mut hb = [0u8; 80];
+            f.read_exact_at(&mut hb, pos).unwrap();
+            let Ok(h) = RecordHeader::decode(&hb) else { break };
+            if h.seq == seq {
+                let at = if header { pos + 40 } else { pos + 80 + 100 };
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, at).unwrap();
+                f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+                return;
+            }
+            pos += h.encoded_len();
+        }
+    }
+    panic!("seq {seq} not found in the journal");
+}
+
+/// A damaged journal record is not retried forever: it is stepped over, a
+/// placeholder SyncBegin takes its seq (the stream stays gap-free), what it
+/// changed is resynced, and the replica ends equal to the disk.
+fn damaged_record_is_stepped_over(header: bool) {
+    tidemark_util::init_logging();
+    let d = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = cfg(d.path(), l.local_addr().unwrap().to_string());
+        let o = open(&c).unwrap();
+        let shim = o.shim.clone();
+        let stop = CancellationToken::new();
+        let shipper = tokio::spawn(tidemark_agent::ship::run(
+            shim.clone(),
+            c.ship.clone().unwrap(),
+            stop.clone(),
+        ));
+        // Before the collector lets the agent ship: records, one damaged.
+        let first = shim.status().next_seq;
+        for i in 0..6u8 {
+            shim.write(u64::from(i) * 65536, vec![i + 1; 16384], false)
+                .await
+                .unwrap();
+        }
+        let bad = first + 2;
+        damage(&c.state, bad, header);
+        let driver = sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current()).unwrap();
+        let mut p = Peer::accept(&l, &shim).await;
+        p.send(Frame::Welcome {
+            acked_seq: 0,
+            flags: WELCOME_NEED_FULL_SYNC,
+        })
+        .await;
+        let mut held = Held::default();
+        let last = drain_until_synced(&mut p, &shim, &mut held, 1).await;
+        let ph = &held.0[&bad];
+        assert_eq!(
+            ph.header.kind,
+            RecordKind::SyncBegin,
+            "no placeholder for the damaged record"
+        );
+        assert_eq!(ph.header.flags, if header { FLAG_FULL } else { 0 });
+        let done = held
+            .0
+            .values()
+            .rev()
+            .find(|r| r.header.kind == RecordKind::SyncDone && r.header.offset > bad)
+            .expect("no sync that began after the damaged record completed");
+        assert_eq!(held.0[&done.header.offset].header.kind, RecordKind::SyncBegin);
+        assert_eq!(shim.status().full_resyncs, u64::from(header));
+        assert!(last >= done.header.seq);
+        shim.flush().await.unwrap();
+        let img = d.path().join("replica.img");
+        replay(&held, &img);
+        assert!(std::fs::read(&img).unwrap() == std::fs::read(&c.disk).unwrap());
+        stop.cancel();
+        shipper.await.unwrap();
+        tokio::task::spawn_blocking(move || driver.join().unwrap())
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn damaged_payload_is_stepped_over_and_its_range_resynced() {
+    damaged_record_is_stepped_over(false);
+}
+
+#[test]
+fn damaged_header_is_stepped_over_and_the_disk_resynced() {
+    damaged_record_is_stepped_over(true);
 }

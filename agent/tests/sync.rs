@@ -17,6 +17,7 @@ use tidemark_formats::apply::{apply_record, whole};
 use tidemark_formats::journal::{Journal, JournalReader};
 use tidemark_nbd::{Backend, ZeroFlags};
 use tidemark_util::fileops::BackingKind;
+use tidemark_wire::frame::AgentMode;
 use tidemark_wire::record::{Record, RecordKind, FLAG_FULL, FLAG_SYNC};
 use tokio_util::sync::CancellationToken;
 
@@ -219,6 +220,11 @@ fn initial_sync_under_concurrent_writes_replays_to_the_disk() {
         assert!(!done.is_empty(), "seed {seed}: no SyncDone");
         assert_eq!(done[0].header.flags, FLAG_FULL);
         assert_eq!(done[0].header.offset, 1, "an initial sync starts at seq 1");
+        assert_eq!(
+            (recs[0].header.seq, recs[0].header.kind, recs[0].header.flags),
+            (1, RecordKind::SyncBegin, FLAG_FULL),
+            "a new journal begins with the initial sync's SyncBegin"
+        );
         for r in &recs {
             match r.header.kind {
                 RecordKind::Sync => {
@@ -331,12 +337,24 @@ fn bitmap_mode_exit_resyncs_dirty_regions() {
     // Stand-in for the collector and target: apply what the journal holds
     // past `shipped`, then consume it.
     let mut shipped = 0u64;
+    // SyncBegin seq → flags, and every SyncDone, of what was shipped.
+    let mut begins = std::collections::BTreeMap::new();
+    let mut done: Vec<Record> = Vec::new();
     let mut ship = |consume: bool| {
         let upto = shim.applied_watermark();
         let recs: Vec<Record> = all_records(&c.state, shipped + 1)
             .into_iter()
             .take_while(|r| r.header.seq <= upto)
             .collect();
+        for r in &recs {
+            match r.header.kind {
+                RecordKind::SyncBegin => {
+                    begins.insert(r.header.seq, r.header.flags);
+                }
+                RecordKind::SyncDone => done.push(r.clone()),
+                _ => {}
+            }
+        }
         apply_to(&replica, SIZE, &recs, shipped + 1);
         shipped += recs.len() as u64;
         if consume && shipped > shim.core().journal.consumed_seq() {
@@ -383,13 +401,15 @@ fn bitmap_mode_exit_resyncs_dirty_regions() {
     assert_eq!(st.mode_changes, 2, "entering and leaving bitmap mode are both counted");
     assert_eq!(st.bitmap_dirty_regions, 0);
     assert_eq!(st.replication_mode, "streaming");
-    let done: Vec<Record> = all_records(&c.state, 1)
-        .into_iter()
-        .filter(|r| r.header.kind == RecordKind::SyncDone)
-        .collect();
     let last = done.last().expect("a SyncDone after the resync");
     assert_eq!(last.header.flags, 0, "a resync is not a whole-disk sync");
     assert!(last.header.offset > 1);
+    assert_eq!(
+        begins.get(&last.header.offset),
+        Some(&0),
+        "the resync's start seq is its SyncBegin: {begins:?}"
+    );
+    assert_eq!(begins.get(&1), Some(&FLAG_FULL), "the initial sync's SyncBegin");
     rt.block_on(shim.flush()).unwrap();
     assert!(
         std::fs::read(&replica).unwrap() == std::fs::read(&c.disk).unwrap(),
@@ -438,9 +458,153 @@ fn machine_crash_means_a_counted_full_resync() {
     assert!(!c.state.join("resync-required").exists());
     let f = sync::load(&c.state).unwrap().unwrap();
     assert_eq!((f.full_resyncs, f.kind, f.last_full_start), (1, None, next));
-    let last = all_records(&c.state, 1).pop().unwrap();
+    let recs = all_records(&c.state, 1);
+    let last = recs.last().unwrap();
     assert_eq!(
         (last.header.kind, last.header.flags, last.header.offset),
         (RecordKind::SyncDone, FLAG_FULL, next)
     );
+    let begin = recs.iter().find(|r| r.header.seq == next).unwrap();
+    assert_eq!(
+        (begin.header.kind, begin.header.flags),
+        (RecordKind::SyncBegin, FLAG_FULL)
+    );
+}
+
+/// Regions waiting for a resync make the agent report `resync`, even
+/// before the driver has started it; the resync begins with a SyncBegin.
+#[test]
+fn dirty_regions_report_resync_before_the_driver_starts() {
+    const SIZE: u64 = 4 << 20;
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), SIZE, 64 << 20);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let o = open(&c).unwrap();
+    let shim = o.shim.clone();
+    let stop = CancellationToken::new();
+    let driver = run_driver(&shim, &rt, &stop);
+    wait_sync_done(&shim, || {});
+    stop.cancel();
+    driver.join().unwrap();
+    assert_eq!(shim.progress().mode, AgentMode::Streaming);
+    shim.mark_for_resync(1 << 20, 8192).unwrap();
+    let p = shim.progress();
+    assert_eq!(p.mode, AgentMode::Resync, "dirty regions waiting, but not reported");
+    assert!(p.sync_total > 0 && p.sync_done == 0);
+    assert_eq!(shim.status().replication_mode, "resync");
+    let next = shim.core().journal.next_seq();
+    let stop = CancellationToken::new();
+    let driver = run_driver(&shim, &rt, &stop);
+    wait_sync_done(&shim, || {});
+    stop.cancel();
+    driver.join().unwrap();
+    let recs = all_records(&c.state, next);
+    assert_eq!((recs[0].header.kind, recs[0].header.flags), (RecordKind::SyncBegin, 0));
+    let last = recs.last().unwrap();
+    assert_eq!((last.header.kind, last.header.offset), (RecordKind::SyncDone, next));
+    assert_eq!(shim.progress().mode, AgentMode::Streaming);
+}
+
+/// A crash (`agent-sync-after-append` panics the driver; the process state
+/// is then dropped without a clean stop) in the middle of the initial sync,
+/// under client writes: after the restart the sync completes, and the
+/// journal replayed onto a blank disk equals the disk.
+#[test]
+fn crash_after_a_sync_append_mid_initial_sync() {
+    const SIZE: u64 = 16 << 20;
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), SIZE, 512 << 20);
+    let mut rng = Rng(77);
+    pre_fill(&c.disk, SIZE, &mut rng);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The 6th chunk's append is the last thing the first life does.
+    fail::cfg("agent-sync-after-append", "5*off->panic").unwrap();
+    let o = open(&c).unwrap();
+    let shim = o.shim.clone();
+    let stop = CancellationToken::new();
+    let driver = run_driver(&shim, &rt, &stop);
+    let until = Arc::new(AtomicBool::new(false));
+    let io = rt.spawn(random_io(shim.clone(), SIZE, 5, 100, until.clone()));
+    assert!(driver.join().is_err(), "the failpoint did not fire");
+    fail::remove("agent-sync-after-append");
+    until.store(true, Ordering::Relaxed);
+    rt.block_on(io).unwrap();
+    let dirty = shim.dirty().0;
+    assert!(dirty > 0, "the sync was not interrupted mid-way");
+    assert!(shim.inner().sync.snapshot().kind == Some(SyncKind::Initial));
+    drop(shim);
+    drop(o);
+
+    let o = open(&c).unwrap();
+    let shim = o.shim.clone();
+    assert_eq!(shim.inner().sync.snapshot().kind, Some(SyncKind::Initial));
+    let stop = CancellationToken::new();
+    let driver = run_driver(&shim, &rt, &stop);
+    rt.block_on(random_io(shim.clone(), SIZE, 6, 100, Arc::new(AtomicBool::new(true))));
+    wait_sync_done(&shim, || {});
+    stop.cancel();
+    driver.join().unwrap();
+    rt.block_on(shim.flush()).unwrap();
+    let recs = all_records(&c.state, 1);
+    let done: Vec<&Record> = recs.iter().filter(|r| r.header.kind == RecordKind::SyncDone).collect();
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].header.flags, done[0].header.offset), (FLAG_FULL, 1));
+    let replay = d.path().join("replay.img");
+    apply_to(&replay, SIZE, &recs, 1);
+    assert!(
+        std::fs::read(&replay).unwrap() == std::fs::read(&c.disk).unwrap(),
+        "the journal replayed onto a blank disk differs from the disk"
+    );
+}
+
+/// A collector ahead of the journal while a sync runs: the full resync is
+/// recorded and the journal advanced before the driver appends anything
+/// more, so the records from the new next seq on, applied onto any old
+/// image, give the disk (no chunk's records are lost to the advance).
+#[test]
+fn advance_past_the_collector_loses_no_sync_chunk() {
+    const SIZE: u64 = 16 << 20;
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), SIZE, 512 << 20);
+    let mut rng = Rng(99);
+    pre_fill(&c.disk, SIZE, &mut rng);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Chunks take a while between read and append.
+    fail::cfg("agent-sync-before-append", "sleep(20)").unwrap();
+    let o = open(&c).unwrap();
+    let shim = o.shim.clone();
+    let stop = CancellationToken::new();
+    let driver = run_driver(&shim, &rt, &stop);
+    std::thread::sleep(Duration::from_millis(50));
+    let ahead = shim.core().journal.next_seq() + 1000;
+    sync::begin_full_from(&shim, ahead + 1).unwrap();
+    fail::remove("agent-sync-before-append");
+    wait_sync_done(&shim, || {});
+    stop.cancel();
+    driver.join().unwrap();
+    rt.block_on(shim.flush()).unwrap();
+    let recs = all_records(&c.state, 0);
+    assert_eq!(recs[0].header.seq, ahead + 1);
+    assert_eq!(
+        (recs[0].header.kind, recs[0].header.flags),
+        (RecordKind::SyncBegin, FLAG_FULL)
+    );
+    assert_eq!(shim.inner().sync.snapshot().last_full_start, ahead + 1);
+    // An old image: garbage everywhere.
+    let img = d.path().join("old.img");
+    std::fs::write(&img, vec![0xa5u8; usz(SIZE)]).unwrap();
+    apply_to(&img, SIZE, &recs, ahead + 1);
+    assert!(std::fs::read(&img).unwrap() == std::fs::read(&c.disk).unwrap());
 }

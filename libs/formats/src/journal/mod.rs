@@ -34,7 +34,7 @@ mod reader;
 mod segment;
 mod writer;
 
-pub use reader::{JournalReader, RecordIter};
+pub use reader::{JournalReader, RecordIter, Skipped};
 pub use segment::{SegmentHeader, SEGMENT_HEADER_LEN};
 pub use writer::{Journal, JournalConfig, OpenReport, SyncTargets};
 

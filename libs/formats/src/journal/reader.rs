@@ -2,11 +2,16 @@
 //! shipper and benchmarks. Never modifies anything, so it is safe on the
 //! state of a live agent: a record still being appended simply ends the
 //! iteration, and calling `next` again later picks up from there.
+//!
+//! A damaged record also ends the iteration (the reader cannot tell it from
+//! a record being appended). A caller that knows the record is complete
+//! (the shipper: its seq is below the writer's next seq) can step over it
+//! with [`RecordIter::skip_unreadable`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use tidemark_wire::record::{Record, RecordHeader, HEADER_LEN};
+use tidemark_wire::record::{Record, RecordHeader, HEADER_LEN, MAGIC};
 
 use super::segment::{read_record_at, read_up_to, SegmentHeader, Step, SEGMENT_HEADER_LEN};
 use super::{list, segment_path};
@@ -75,6 +80,25 @@ struct Cursor {
     path: PathBuf,
     pos: u64,
     index: u64,
+}
+
+/// Records an iteration stepped over: `from..to` could not be read.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    /// The first seq that could not be read.
+    pub from: u64,
+    /// The seq the iteration resumes at (`from + 1` when the damaged
+    /// record's header is intact).
+    pub to: u64,
+    /// The segment holding `from`.
+    pub segment: PathBuf,
+    /// Where `from` starts in it.
+    pub pos: u64,
+    /// `from`'s header, when it is intact (its payload is damaged): what
+    /// the record changed. `None`: nothing is known about `from..to`.
+    pub header: Option<RecordHeader>,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 /// An iterator over verified records. It ends at the journal's current end;
@@ -169,6 +193,119 @@ impl RecordIter {
             }
         }
         Ok(None)
+    }
+}
+
+impl RecordIter {
+    /// Step over the record at [`RecordIter::next_seq`], which the caller
+    /// knows to be complete (the writer's next seq is past it) but which
+    /// cannot be read: the iteration resumes at the next record that can be
+    /// found. With an intact header (a damaged payload) that is the next
+    /// seq; otherwise the rest of the segment is searched for the first
+    /// valid record with a higher seq (stale records of an earlier use of
+    /// the file all have lower seqs), then the next segment's first record.
+    /// `None`: the record at `next_seq` can be read after all, or no later
+    /// record can be found (yet); nothing changed.
+    pub fn skip_unreadable(&mut self) -> Result<Option<Skipped>> {
+        if self.cur.is_none() && !self.seek()? {
+            return Ok(None);
+        }
+        let Some(cur) = self.cur.as_ref() else {
+            return Ok(None);
+        };
+        let want = self.want;
+        let (reason, header) = match read_record_at(&cur.file, &cur.path, cur.pos, want, &mut self.payload)? {
+            Step::Record(_) => return Ok(None),
+            Step::End(torn) => {
+                let mut hb = [0u8; HEADER_LEN];
+                let n = read_up_to(&cur.file, &mut hb, cur.pos).ctx("read", &cur.path)?;
+                let header = (n == HEADER_LEN)
+                    .then(|| RecordHeader::decode(&hb).ok())
+                    .flatten()
+                    .filter(|h| h.seq == want);
+                let reason = match (&torn, &header) {
+                    (Some((msg, _)), _) => msg.clone(),
+                    (None, _) if n < HEADER_LEN => format!("the segment ends inside the header of seq {want}"),
+                    (None, _) => format!("no valid header for seq {want}"),
+                };
+                (reason, header)
+            }
+        };
+        let skipped = |to: u64, header: Option<RecordHeader>| Skipped {
+            from: want,
+            to,
+            segment: cur.path.clone(),
+            pos: cur.pos,
+            header,
+            reason: reason.clone(),
+        };
+        if let Some(h) = header {
+            let len = h.encoded_len();
+            let out = skipped(want + 1, Some(h));
+            if let Some(c) = self.cur.as_mut() {
+                c.pos += len;
+            }
+            self.want = want + 1;
+            return Ok(Some(out));
+        }
+        // Search the rest of this segment for the first valid later record.
+        let len = cur.file.metadata().ctx("stat", &cur.path)?.len();
+        const WINDOW: usize = 1 << 20;
+        let mut buf = vec![0u8; WINDOW + HEADER_LEN];
+        let mut base = cur.pos + 1;
+        while base < len {
+            let n = read_up_to(&cur.file, &mut buf, base).ctx("read", &cur.path)?;
+            if n < HEADER_LEN {
+                break;
+            }
+            for i in 0..=(n - HEADER_LEN) {
+                if buf[i..i + 4] != MAGIC {
+                    continue;
+                }
+                let mut sb = [0u8; 8];
+                sb.copy_from_slice(&buf[i + 8..i + 16]);
+                let seq = u64::from_le_bytes(sb);
+                if seq <= want || seq > super::segment::MAX_SEQ {
+                    continue;
+                }
+                let pos = base + i as u64;
+                if let Step::Record(_) = read_record_at(&cur.file, &cur.path, pos, seq, &mut self.payload)? {
+                    let out = skipped(seq, None);
+                    if let Some(c) = self.cur.as_mut() {
+                        c.pos = pos;
+                    }
+                    self.want = seq;
+                    return Ok(Some(out));
+                }
+            }
+            if n < buf.len() {
+                break;
+            }
+            base += (n - HEADER_LEN + 1) as u64;
+        }
+        // Nothing later in this segment: the next one, if the writer has
+        // moved on to it.
+        let Some(next_index) = cur.index.checked_add(1) else {
+            return Ok(None);
+        };
+        let next = segment_path(&self.dir, next_index);
+        let Ok(f) = File::open(&next) else {
+            return Ok(None);
+        };
+        match SegmentHeader::read(&f, &next) {
+            Ok(h) if h.first_seq > want && h.index == next_index => {
+                let out = skipped(h.first_seq, None);
+                self.cur = Some(Cursor {
+                    file: f,
+                    path: next,
+                    pos: SEGMENT_HEADER_LEN,
+                    index: h.index,
+                });
+                self.want = h.first_seq;
+                Ok(Some(out))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
