@@ -1,7 +1,8 @@
 //! Applying one disk's records to its replica, in seq order, with the
-//! durability order of the pipeline: write the replica → fdatasync →
-//! commit applied seq, sync state and halts to the catalog. The session
-//! acks only after [`DiskApplier::apply`] returned.
+//! durability order of DESIGN.md for one batch: capture undo → fdatasync
+//! the undo segment → mark it captured in the catalog → write the replica
+//! → fdatasync → commit applied seq, sync state, halts and new recovery
+//! points. The session acks only after [`DiskApplier::apply`] returned.
 //!
 //! Nothing here touches the network, so the rules are unit-tested:
 //!
@@ -21,22 +22,48 @@
 //! - A `SyncBegin` at seq S makes the disk syncing (no recovery point)
 //!   until a `SyncDone` whose offset is ≥ S (full or not); of overlapping
 //!   syncs the latest begin counts.
+//! - Recovery points: a `Flush` while the disk is consistent (not awaiting
+//!   a full sync, not inside a sync, not halted) is a crash-consistent
+//!   point if the last one is at least `point_interval` older (source
+//!   time); a `Tag` is a point (`app` with FLAG_APP_CONSISTENT, else `tag`)
+//!   unless its name is taken (logged, no point) or the disk is not
+//!   consistent.
+//! - Undo: while the disk has a recovery point, the old contents of every
+//!   4 KiB block a record overwrites for the first time since the last
+//!   point are captured (a block written earlier in the same batch is
+//!   captured as that earlier record left it). Records at or below
+//!   `undo_captured_seq` were captured by an attempt that crashed after
+//!   its mark: they are never captured again (the replica may hold their
+//!   new data already).
 //!
-//! This module must never commit a seq before the replica is synced, and
-//! never apply a record that failed its check.
+//! This module must never commit a seq before the replica is synced, never
+//! write the replica before its undo is durable and marked, and never
+//! apply a record that failed its check.
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tidemark_util::crashsafe::fsync_dir;
 use tidemark_wire::frame::TargetState;
 use tidemark_wire::record::{Record, RecordKind, FLAG_FULL, FLAG_SYNC};
 use tracing::{error, info, warn};
 
-use crate::catalog::{now_unix, replica_state, Catalog, DiskRow, Halt, SyncState};
-use crate::error::{Error, Result};
+use crate::catalog::{now_ns, now_unix, replica_state, Catalog, DiskRow, Halt, SegmentRow, SyncState, UndoRow};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::ranges::RangeSet;
+use crate::recovery::{Point, PointKind};
 use crate::replica::Replica;
+use crate::retention::{OnFull, Pins};
+use crate::undo::{self, blocks_of, BlockSet, SegmentWriter, BLOCK, MAX_ENTRY_BLOCKS, UNDO_DIR};
 
 /// Highest seq, and highest end of a record's range, the target accepts:
 /// both are stored as SQLite integers (and offsets as `off_t`).
 pub const MAX_POSITION: u64 = u64::MAX >> 1;
+
+/// Expiry runs at most this often (and after a batch that went over the cap).
+const EXPIRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What applying one batch did.
 #[derive(Debug)]
@@ -51,14 +78,109 @@ pub(crate) struct Outcome {
     pub state: TargetState,
 }
 
+/// How a disk's applier keeps undo data.
+#[derive(Clone, Debug)]
+pub(crate) struct UndoOptions {
+    /// A segment is closed once it holds this many bytes.
+    pub segment_bytes: u64,
+    /// Points pinned by open views (expiry never removes what they need).
+    pub pins: Arc<Pins>,
+}
+
+impl Default for UndoOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: crate::retention::DEFAULT_SEGMENT_BYTES,
+            pins: Arc::default(),
+        }
+    }
+}
+
+/// A disk's undo segments: the folder, the one being appended to, the
+/// catalog's view of them all.
+#[derive(Debug)]
+struct UndoState {
+    dir: PathBuf,
+    writer: Option<SegmentWriter>,
+    segments: Vec<SegmentRow>,
+    opts: UndoOptions,
+}
+
+impl UndoState {
+    /// Open the disk's undo folder: remove segment files the catalog does
+    /// not know (created or expired around a crash), reopen the newest
+    /// segment for appending after its marked length.
+    fn open(disk_dir: &Path, uuid: &[u8; 16], segments: Vec<SegmentRow>, opts: UndoOptions) -> Result<Self> {
+        let dir = disk_dir.join(UNDO_DIR);
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).io_ctx(|| format!("create {}", dir.display()))?;
+            fsync_dir(disk_dir).io_ctx(|| format!("sync {}", disk_dir.display()))?;
+        }
+        let known: HashSet<u64> = segments.iter().map(|s| s.segment).collect();
+        let mut removed = false;
+        for e in std::fs::read_dir(&dir).io_ctx(|| format!("list {}", dir.display()))? {
+            let e = e.io_ctx(|| format!("list {}", dir.display()))?;
+            let name = e.file_name();
+            if let Some(n) = name.to_str().and_then(undo::parse_segment_name) {
+                if !known.contains(&n) {
+                    std::fs::remove_file(e.path()).io_ctx(|| format!("remove {}", e.path().display()))?;
+                    removed = true;
+                }
+            }
+        }
+        if removed {
+            fsync_dir(&dir).io_ctx(|| format!("sync {}", dir.display()))?;
+        }
+        let writer = match segments.last() {
+            Some(s) if s.bytes < opts.segment_bytes => {
+                Some(SegmentWriter::open_append(&dir, s.segment, uuid, s.bytes)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            dir,
+            writer,
+            segments,
+            opts,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// The segment to append to, starting a new one when there is none or
+    /// (with `may_roll`: only at the start of a batch, so that a batch's
+    /// captures land in one segment) the current one is full.
+    fn writer(&mut self, uuid: &[u8; 16], may_roll: bool) -> Result<&mut SegmentWriter> {
+        let full = |w: &SegmentWriter| may_roll && w.len >= self.opts.segment_bytes;
+        if self.writer.as_ref().is_none_or(full) {
+            let next = self.segments.last().map_or(0, |s| s.segment + 1);
+            let next = self.writer.as_ref().map_or(next, |w| next.max(w.number + 1));
+            self.writer = Some(SegmentWriter::create(&self.dir, next, uuid, now_ns())?);
+        }
+        Ok(self.writer.as_mut().expect("just set"))
+    }
+}
+
 /// One disk's apply state: its catalog row and open halts as committed,
-/// the replica, and the catalog connection it commits through.
+/// the replica, its undo segments, and the catalog connection it commits
+/// through.
 #[derive(Debug)]
 pub(crate) struct DiskApplier {
     row: DiskRow,
     halts: Vec<Halt>,
     replica: Replica,
     catalog: Catalog,
+    undo: UndoState,
+    /// The newest recovery point's seq (the start of the capture epoch).
+    last_point: Option<u64>,
+    /// Source time of the newest crash-consistent point.
+    last_crash_ns: Option<u64>,
+    /// Blocks captured since `last_point`, valid for the epoch it names.
+    captured: BlockSet,
+    captured_for: Option<Option<u64>>,
+    last_expiry: Option<Instant>,
 }
 
 impl DiskApplier {
@@ -67,17 +189,42 @@ impl DiskApplier {
         self.replica.ensure_size(size)
     }
 
-    pub fn new(row: DiskRow, halts: Vec<Halt>, replica: Replica, catalog: Catalog) -> Self {
-        Self {
+    pub fn new(
+        row: DiskRow,
+        halts: Vec<Halt>,
+        replica: Replica,
+        catalog: Catalog,
+        disk_dir: &Path,
+        opts: UndoOptions,
+    ) -> Result<Self> {
+        let segments = catalog.segments(&row.disk_id)?;
+        let undo = UndoState::open(disk_dir, &row.disk_uuid, segments, opts)?;
+        let points = catalog.points(&row.disk_id)?;
+        Ok(Self {
+            last_point: points.last().map(|p| p.seq),
+            last_crash_ns: points
+                .iter()
+                .rev()
+                .find(|p| p.kind == PointKind::Crash)
+                .map(|p| p.time_ns),
             row,
             halts,
             replica,
             catalog,
-        }
+            undo,
+            captured: BlockSet::new(),
+            captured_for: None,
+            last_expiry: None,
+        })
     }
 
     pub fn applied_seq(&self) -> u64 {
         self.row.applied_seq
+    }
+
+    /// Whether a failover stopped applying to this disk.
+    pub fn failed_over(&self) -> bool {
+        self.row.failed_over
     }
 
     /// Halts not yet covered, by seq.
@@ -139,6 +286,26 @@ impl DiskApplier {
         else {
             return Ok(self.unchanged());
         };
+        if self.row.failed_over {
+            return Err(Error::new(
+                ErrorKind::FailedOver,
+                format!("disk {id} was failed over: the target no longer applies to it"),
+            ));
+        }
+        let policy = self.row.policy.clone();
+        if policy.enabled() && policy.on_full == OnFull::Stop {
+            if let Some(max) = policy.max_bytes.filter(|m| self.undo.bytes() >= *m) {
+                error!(
+                    disk = %id,
+                    undo_bytes = self.undo.bytes(),
+                    "undo retention is full ({max} bytes, --on-full stop): not applying; raise --retention-max or shorten the window"
+                );
+                return Err(Error::new(
+                    ErrorKind::RetentionFull,
+                    format!("disk {id}: undo retention is full ({max} bytes) and its policy is to stop"),
+                ));
+            }
+        }
 
         let mut row = self.row.clone();
         let mut request_full_resync = false;
@@ -160,11 +327,16 @@ impl DiskApplier {
             row.first_seq = Some(start);
         }
 
+        // Pass 1: checks, state, halts and points; what to write.
         let now = now_unix();
         let mut halts = self.halts.clone();
         let mut changed = vec![false; halts.len()];
         let mut new_halts: Vec<Halt> = Vec::new();
-        for r in &fresh {
+        let mut ops: Vec<usize> = Vec::with_capacity(fresh.len());
+        let mut points: Vec<(usize, Point)> = Vec::new();
+        let mut last_crash_ns = self.last_crash_ns;
+        let interval_ns = u64::try_from(policy.point_interval.as_nanos()).unwrap_or(u64::MAX);
+        for (i, r) in fresh.iter().enumerate() {
             let h = &r.header;
             if let Err(e) = h.verify_payload(&r.payload) {
                 error!(
@@ -193,7 +365,7 @@ impl DiskApplier {
                 new_halts.push(halt);
                 continue;
             }
-            self.replica.apply(h, &r.payload)?;
+            ops.push(i);
             let covers = h.kind == RecordKind::Sync || (h.kind == RecordKind::Zero && h.flags & FLAG_SYNC != 0);
             if covers {
                 if h.flags & FLAG_FULL != 0 {
@@ -237,6 +409,60 @@ impl DiskApplier {
                     request_full_resync = true;
                 }
             }
+            if policy.enabled() && matches!(h.kind, RecordKind::Flush | RecordKind::Tag) {
+                let consistent = row.sync_state == SyncState::Consistent
+                    && row.sync_from.is_none()
+                    && !halts.iter().chain(new_halts.iter()).any(|x| !x.covered);
+                if h.kind == RecordKind::Flush {
+                    let due = last_crash_ns.is_none_or(|t| h.time_ns.abs_diff(t) >= interval_ns);
+                    if consistent && due {
+                        last_crash_ns = Some(h.time_ns);
+                        points.push((
+                            i,
+                            Point {
+                                seq: h.seq,
+                                time_ns: h.time_ns,
+                                kind: PointKind::Crash,
+                                tag: None,
+                            },
+                        ));
+                    }
+                } else {
+                    let name = String::from_utf8_lossy(&r.payload).into_owned();
+                    let taken = points.iter().any(|(_, p)| p.tag.as_deref() == Some(name.as_str()))
+                        || self.catalog.tag_exists(&id, &name)?;
+                    if !consistent {
+                        info!(disk = %id, seq = h.seq, tag = %name, "tag while the disk is not consistent (syncing or halted): not a recovery point");
+                    } else if taken {
+                        warn!(disk = %id, seq = h.seq, tag = %name, "a point with this tag name exists already: this tag is not a recovery point");
+                    } else {
+                        points.push((
+                            i,
+                            Point {
+                                seq: h.seq,
+                                time_ns: h.time_ns,
+                                kind: if h.app_consistent() {
+                                    PointKind::App
+                                } else {
+                                    PointKind::Tag
+                                },
+                                tag: Some(name),
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+
+        // Pass 2: undo, durable and marked before the replica is touched.
+        if policy.enabled() {
+            self.capture(&fresh, &ops, &points, last)?;
+            row.undo_captured_seq = self.row.undo_captured_seq;
+        }
+
+        // Pass 3: the replica.
+        for &i in &ops {
+            self.replica.apply(&fresh[i].header, &fresh[i].payload)?;
         }
 
         fail::fail_point!("target-apply-before-fsync", |_| Err(Error::injected(
@@ -262,18 +488,220 @@ impl DiskApplier {
             .cloned()
             .collect();
         let halted_seq = open.iter().map(|h| h.seq).min();
+        let new_points: Vec<Point> = points.into_iter().map(|(_, p)| p).collect();
         fail::fail_point!("target-before-commit", |_| Err(Error::injected("target-before-commit")));
-        self.catalog.commit(&row, halted_seq, &commit)?;
+        self.catalog.commit(&row, halted_seq, &commit, &new_points)?;
         fail::fail_point!("target-after-commit", |_| Err(Error::injected("target-after-commit")));
 
+        for p in &new_points {
+            info!(disk = %id, seq = p.seq, kind = p.kind.as_str(), tag = p.tag.as_deref().unwrap_or(""), "recovery point");
+        }
+        if let Some(p) = new_points.last() {
+            self.last_point = Some(p.seq);
+        }
+        self.last_crash_ns = last_crash_ns;
         self.row = row;
         self.halts = open;
+        if policy.enabled() {
+            let over = policy.max_bytes.is_some_and(|m| self.undo.bytes() > m);
+            if over || self.last_expiry.is_none_or(|t| t.elapsed() >= EXPIRY_EVERY) {
+                self.last_expiry = Some(Instant::now());
+                // Expiry failing loses nothing: the batch is committed;
+                // it is tried again after the next one.
+                if let Err(e) = self.expire() {
+                    warn!(disk = %id, "expiry failed: {e}");
+                }
+            }
+        }
         Ok(Outcome {
             ack: last,
             new_halts: new_halts.into_iter().filter(|h| !h.covered).collect(),
             request_full_resync,
             state: self.state(),
         })
+    }
+
+    /// The blocks captured after point `epoch` (none when there is no point).
+    fn load_captured(&self, epoch: Option<u64>) -> Result<BlockSet> {
+        match epoch {
+            Some(e) => self.catalog.captured_blocks(&self.row.disk_id, e),
+            None => Ok(BlockSet::new()),
+        }
+    }
+
+    /// Capture the undo of a batch (pass 2 of `apply`): the old contents of
+    /// every block first overwritten since the last point, as earlier
+    /// records of the batch left it; then fdatasync and mark.
+    fn capture(&mut self, fresh: &[Record], ops: &[usize], points: &[(usize, Point)], last: u64) -> Result<()> {
+        let through = self.row.undo_captured_seq;
+        // An attempt that crashed after its mark captured records ≤
+        // `through`; the catalog holds what they captured.
+        let skipping = fresh.first().is_some_and(|r| r.header.seq <= through);
+        let mut epoch = self.last_point;
+        if skipping || self.captured_for != Some(epoch) {
+            self.captured = self.load_captured(epoch)?;
+        }
+        self.captured_for = None; // invalid until the mark succeeds
+        let uuid = self.row.disk_uuid;
+        let mut rows: Vec<UndoRow> = Vec::new();
+        let mut touched = BlockSet::new();
+        let mut pi = 0;
+        let mut may_roll = true;
+        for (k, &i) in ops.iter().enumerate() {
+            while pi < points.len() && points[pi].0 < i {
+                epoch = Some(points[pi].1.seq);
+                self.captured = if skipping {
+                    self.load_captured(epoch)?
+                } else {
+                    BlockSet::new()
+                };
+                pi += 1;
+            }
+            let h = &fresh[i].header;
+            if h.length == 0
+                || !matches!(
+                    h.kind,
+                    RecordKind::Write | RecordKind::Sync | RecordKind::Zero | RecordKind::Trim
+                )
+            {
+                continue;
+            }
+            let (b0, b1) = blocks_of(h.offset, h.length);
+            if h.seq > through && epoch.is_some() {
+                for (s, e) in self.captured.missing(b0, b1) {
+                    let w = self.undo.writer(&uuid, may_roll)?;
+                    may_roll = false;
+                    capture_run(w, &self.replica, h.seq, s, e, fresh, &ops[..k], &touched, &mut rows)?;
+                }
+                self.captured.insert(b0, b1);
+            }
+            touched.insert(b0, b1);
+        }
+        while pi < points.len() {
+            epoch = Some(points[pi].1.seq);
+            self.captured = if skipping {
+                self.load_captured(epoch)?
+            } else {
+                BlockSet::new()
+            };
+            pi += 1;
+        }
+        if rows.is_empty() {
+            self.captured_for = Some(epoch);
+            return Ok(());
+        }
+        fail::fail_point!("target-undo-before-fsync", |_| Err(Error::injected(
+            "target-undo-before-fsync"
+        )));
+        let w = self.undo.writer.as_ref().expect("rows were appended to a writer");
+        w.sync()?;
+        let first_seq = rows.first().map_or(last, |r| r.capture_seq);
+        let max_seq = rows.iter().map(|r| r.capture_seq).max().unwrap_or(last);
+        let seg = match self.undo.segments.last() {
+            Some(s) if s.segment == w.number => SegmentRow {
+                last_seq: s.last_seq.max(max_seq),
+                bytes: w.len,
+                ..*s
+            },
+            _ => SegmentRow {
+                segment: w.number,
+                first_seq,
+                last_seq: max_seq,
+                bytes: w.len,
+            },
+        };
+        self.catalog.mark_undo(&self.row, &rows, &seg, last)?;
+        match self.undo.segments.last_mut() {
+            Some(s) if s.segment == seg.segment => *s = seg,
+            _ => self.undo.segments.push(seg),
+        }
+        self.row.undo_captured_seq = last;
+        self.captured_for = Some(epoch);
+        fail::fail_point!("target-undo-after-capture", |_| Err(Error::injected(
+            "target-undo-after-capture"
+        )));
+        Ok(())
+    }
+
+    /// Expire points older than the window (never the newest, never a
+    /// pinned one), prune for `--retention-max`, and delete every whole
+    /// segment no remaining point or pinned view needs: a view at P reads
+    /// entries captured after P, so a segment whose last capture is at or
+    /// below the oldest point still needed goes.
+    fn expire(&mut self) -> Result<()> {
+        let id = self.row.disk_id.clone();
+        let policy = self.row.policy.clone();
+        let pins = self.undo.opts.pins.clone();
+        let guard = pins.lock();
+        let pinned: Vec<u64> = guard.get(&id).map(|m| m.keys().copied().collect()).unwrap_or_default();
+        let points = self.catalog.points(&id)?;
+        let window_ns = u64::try_from(policy.window.as_nanos()).unwrap_or(u64::MAX);
+        let cutoff = now_ns().saturating_sub(window_ns);
+        let newest = points.last().map(|p| p.seq);
+        let mut keep: Vec<u64> = Vec::new();
+        let mut drop_points: Vec<u64> = Vec::new();
+        for p in &points {
+            if p.time_ns < cutoff && Some(p.seq) != newest && !pinned.contains(&p.seq) {
+                drop_points.push(p.seq);
+            } else {
+                keep.push(p.seq);
+            }
+        }
+        let active = self.undo.writer.as_ref().map(|w| w.number);
+        let deletable = |keep: &[u64]| -> Vec<SegmentRow> {
+            let need_after = keep.first().copied().into_iter().chain(pinned.iter().copied()).min();
+            self.undo
+                .segments
+                .iter()
+                .filter(|s| need_after.is_none_or(|p| s.last_seq <= p))
+                .copied()
+                .collect()
+        };
+        let mut segs = deletable(&keep);
+        if let (Some(max), OnFull::Prune) = (policy.max_bytes, policy.on_full) {
+            loop {
+                let left = self.undo.bytes() - segs.iter().map(|s| s.bytes).sum::<u64>();
+                if left <= max {
+                    break;
+                }
+                // The oldest point that may go: not the newest, not pinned.
+                let Some(pos) = keep.iter().position(|s| Some(*s) != newest && !pinned.contains(s)) else {
+                    break;
+                };
+                let seq = keep.remove(pos);
+                warn!(disk = %id, seq, undo_bytes = self.undo.bytes(), "undo retention over {max} bytes: pruning the oldest point");
+                drop_points.push(seq);
+                segs = deletable(&keep);
+            }
+        }
+        if drop_points.is_empty() && segs.is_empty() {
+            return Ok(());
+        }
+        let numbers: Vec<u64> = segs.iter().map(|s| s.segment).collect();
+        self.catalog.expire(&id, &drop_points, &numbers)?;
+        drop(guard);
+        self.undo.segments.retain(|s| !numbers.contains(&s.segment));
+        if active.is_some_and(|a| numbers.contains(&a)) {
+            self.undo.writer = None;
+        }
+        for n in &numbers {
+            let p = self.undo.dir.join(undo::segment_name(*n));
+            if let Err(e) = std::fs::remove_file(&p) {
+                // Removed at the next open (the catalog no longer knows it).
+                warn!(disk = %id, "remove {}: {e}", p.display());
+            }
+        }
+        if !numbers.is_empty() {
+            fsync_dir(&self.undo.dir).io_ctx(|| format!("sync {}", self.undo.dir.display()))?;
+        }
+        info!(
+            disk = %id,
+            points = drop_points.len(),
+            segments = numbers.len(),
+            undo_bytes = self.undo.bytes(),
+            "expired"
+        );
+        Ok(())
     }
 
     fn unchanged(&self) -> Outcome {
@@ -284,6 +712,83 @@ impl DiskApplier {
             state: self.state(),
         }
     }
+}
+
+/// Capture blocks `[s, e)` before seq `seq` overwrites them: holes of the
+/// replica (that no earlier record of the batch touched) as one ZERO
+/// entry, the rest in data entries of at most 1 MiB, each block as the
+/// replica holds it patched with the earlier records of the batch.
+#[allow(clippy::too_many_arguments)]
+fn capture_run(
+    w: &mut SegmentWriter,
+    replica: &Replica,
+    seq: u64,
+    s: u64,
+    e: u64,
+    fresh: &[Record],
+    earlier: &[usize],
+    touched: &BlockSet,
+    rows: &mut Vec<UndoRow>,
+) -> Result<()> {
+    let mut pos = s;
+    let mut buf = Vec::new();
+    while pos < e {
+        if !touched.overlaps(pos, e) {
+            let hole_end = match replica.next_data(pos * BLOCK)? {
+                None => e,
+                Some(d) => (d / BLOCK).min(e),
+            };
+            if hole_end > pos {
+                let n = u32::try_from(hole_end - pos).unwrap_or(u32::MAX);
+                let at = w.append_zero(seq, pos, n)?;
+                rows.push(UndoRow {
+                    capture_seq: seq,
+                    start_block: pos,
+                    end_block: pos + u64::from(n),
+                    segment: w.number,
+                    seg_offset: at,
+                    zero: true,
+                });
+                pos += u64::from(n);
+                continue;
+            }
+        }
+        let end = e.min(pos + u64::from(MAX_ENTRY_BLOCKS));
+        let (lo, hi) = (pos * BLOCK, end * BLOCK);
+        buf.clear();
+        buf.resize(usize::try_from(hi - lo).unwrap_or(0), 0);
+        replica.read_at(&mut buf, lo)?;
+        if touched.overlaps(pos, end) {
+            for &j in earlier {
+                let h = &fresh[j].header;
+                let (a, b) = (h.offset.max(lo), h.offset.saturating_add(h.length).min(hi));
+                if a >= b {
+                    continue;
+                }
+                let dst = &mut buf[usize::try_from(a - lo).unwrap_or(0)..usize::try_from(b - lo).unwrap_or(0)];
+                match h.kind {
+                    RecordKind::Write | RecordKind::Sync => {
+                        let p = &fresh[j].payload;
+                        let off = usize::try_from(a - h.offset).unwrap_or(0);
+                        dst.copy_from_slice(&p[off..off + dst.len()]);
+                    }
+                    RecordKind::Zero | RecordKind::Trim => dst.fill(0),
+                    _ => {}
+                }
+            }
+        }
+        let (at, zero) = w.append(seq, pos, &buf)?;
+        rows.push(UndoRow {
+            capture_seq: seq,
+            start_block: pos,
+            end_block: end,
+            segment: w.number,
+            seg_offset: at,
+            zero,
+        });
+        pos = end;
+    }
+    Ok(())
 }
 
 /// Subtract a sync record's range from a halt; returns whether it changed.
@@ -307,6 +812,7 @@ fn cover(disk: &str, halt: &mut Halt, seq: u64, offset: u64, length: u64, now: i
 mod tests {
     use super::*;
     use crate::catalog::Bind;
+    use crate::retention::DiskPolicy;
     use std::os::unix::fs::FileExt;
     use tidemark_wire::frame::ReplicaState;
     use tidemark_wire::record::RecordHeader;
@@ -353,14 +859,18 @@ mod tests {
 
         /// Open the disk as a new connection would: from the catalog.
         fn open(&self) -> DiskApplier {
+            self.open_with(&DiskPolicy::default(), UndoOptions::default())
+        }
+
+        fn open_with(&self, policy: &DiskPolicy, opts: UndoOptions) -> DiskApplier {
             let mut cat = Catalog::open(self.dir.path()).unwrap();
-            let row = match cat.bind("d", &[9; 16], false).unwrap() {
+            let row = match cat.bind("d", &[9; 16], false, policy).unwrap() {
                 Bind::New(r) | Bind::Existing(r) => r,
                 b => panic!("{b:?}"),
             };
             let halts = cat.open_halts("d").unwrap();
             let dir = crate::replica::ensure_disk_dir(self.dir.path(), "d").unwrap();
-            DiskApplier::new(row, halts, Replica::open(&dir).unwrap(), cat)
+            DiskApplier::new(row, halts, Replica::open(&dir).unwrap(), cat, &dir, opts).unwrap()
         }
 
         fn replica(&self) -> Vec<u8> {

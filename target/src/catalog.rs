@@ -43,6 +43,9 @@ use tidemark_wire::frame::ReplicaState;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::ranges::RangeSet;
+use crate::recovery::{Point, PointKind};
+use crate::retention::{DiskPolicy, OnFull};
+use crate::undo::BlockSet;
 
 /// The catalog's file name inside the data directory.
 pub const CATALOG_FILE: &str = "catalog.db";
@@ -83,6 +86,52 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;",
     // 2: a sync (resync or full) in progress since a SyncBegin record.
     "ALTER TABLE disks ADD COLUMN sync_from INTEGER;",
+    // 3: retention: recovery points, the undo index and its segments, the
+    // per-disk policy, failovers.
+    "ALTER TABLE disks ADD COLUMN undo_captured_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE disks ADD COLUMN retention_window_s INTEGER NOT NULL DEFAULT 86400;
+    ALTER TABLE disks ADD COLUMN retention_max_bytes INTEGER;
+    ALTER TABLE disks ADD COLUMN on_full TEXT NOT NULL DEFAULT 'prune';
+    ALTER TABLE disks ADD COLUMN point_interval_ms INTEGER NOT NULL DEFAULT 1000;
+    ALTER TABLE disks ADD COLUMN failed_over INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE points (
+        disk_id TEXT NOT NULL REFERENCES disks(disk_id) ON DELETE CASCADE,
+        seq     INTEGER NOT NULL,
+        time_ns INTEGER NOT NULL,
+        kind    TEXT NOT NULL CHECK (kind IN ('crash', 'app', 'tag')),
+        tag     TEXT,
+        PRIMARY KEY (disk_id, seq)
+    ) STRICT;
+    CREATE UNIQUE INDEX points_tag ON points (disk_id, tag) WHERE tag IS NOT NULL;
+    CREATE TABLE undo_segments (
+        disk_id   TEXT NOT NULL REFERENCES disks(disk_id) ON DELETE CASCADE,
+        segment   INTEGER NOT NULL,
+        first_seq INTEGER NOT NULL,
+        last_seq  INTEGER NOT NULL,
+        bytes     INTEGER NOT NULL,
+        PRIMARY KEY (disk_id, segment)
+    ) STRICT;
+    CREATE TABLE undo (
+        disk_id     TEXT NOT NULL REFERENCES disks(disk_id) ON DELETE CASCADE,
+        capture_seq INTEGER NOT NULL,
+        start_block INTEGER NOT NULL,
+        end_block   INTEGER NOT NULL,
+        segment     INTEGER NOT NULL,
+        seg_offset  INTEGER NOT NULL,
+        zero        INTEGER NOT NULL,
+        PRIMARY KEY (disk_id, capture_seq, start_block)
+    ) STRICT;
+    CREATE INDEX undo_by_end ON undo (disk_id, end_block);
+    CREATE INDEX undo_by_segment ON undo (disk_id, segment);
+    CREATE TABLE failovers (
+        disk_id    TEXT NOT NULL REFERENCES disks(disk_id) ON DELETE CASCADE,
+        at_ns      INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        point_time_ns INTEGER NOT NULL,
+        kind       TEXT NOT NULL,
+        tag        TEXT,
+        output     TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// Whether a disk's replica is known to equal its source at some seq.
@@ -164,6 +213,52 @@ pub struct DiskState {
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// The oldest and newest recovery points (None: no point).
+    pub oldest_point: Option<Point>,
+    pub newest_point: Option<Point>,
+    /// Seconds since the source time of the newest application-consistent
+    /// point (None: there is none).
+    pub last_app_point_age_s: Option<u64>,
+    /// Bytes of undo segments, and the cap (`--retention-max`).
+    pub undo_bytes: u64,
+    pub undo_cap_bytes: Option<u64>,
+    /// The disk's retention policy.
+    pub policy: DiskPolicy,
+    /// The failovers recorded, oldest first; non-empty means the target
+    /// no longer applies to this disk.
+    pub failovers: Vec<Failover>,
+}
+
+/// A failover recorded for a disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Failover {
+    /// When it was recorded (ns since the epoch).
+    pub at_ns: u64,
+    /// The point the disk was recovered at.
+    pub point: Point,
+    /// Where it was written.
+    pub output: String,
+}
+
+/// One entry of the undo index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UndoRow {
+    pub capture_seq: u64,
+    pub start_block: u64,
+    pub end_block: u64,
+    pub segment: u64,
+    pub seg_offset: u64,
+    pub zero: bool,
+}
+
+/// One undo segment as the catalog records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SegmentRow {
+    pub segment: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Marked length: bytes past it were never marked.
+    pub bytes: u64,
 }
 
 impl DiskState {
@@ -206,6 +301,12 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
     if version == 0 {
         return Ok(Vec::new());
     }
+    if version < 3 {
+        return Err(corrupt(format!(
+            "{}: schema version {version} predates retention; start the target once to migrate it",
+            path.display()
+        )));
+    }
     let mut out = Vec::new();
     let mut st = conn.prepare(
         "SELECT disk_id, disk_uuid, applied_seq, sync_state, first_seq, halted_seq, created_at, updated_at,
@@ -227,6 +328,16 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
     })?;
     for row in rows {
         let (disk_id, disk_uuid, applied, sync, first, halted, created_at, updated_at, sync_from) = row?;
+        let row = Catalog::row(&conn, &disk_id)?.ok_or_else(|| corrupt(format!("disk {disk_id} vanished")))?;
+        let points = read_points(&conn, &disk_id)?;
+        let now = now_ns();
+        let last_app = points.iter().rev().find(|p| p.kind == PointKind::App);
+        let failovers = read_failovers(&conn, &disk_id)?;
+        let undo_bytes: i64 = conn.query_row(
+            "SELECT COALESCE(SUM(bytes), 0) FROM undo_segments WHERE disk_id = ?1",
+            [&disk_id],
+            |r| r.get(0),
+        )?;
         let sync_state =
             SyncState::parse(&sync).ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?;
         let halts = read_halts(&conn, &disk_id, false)?;
@@ -248,6 +359,13 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
             halts,
             created_at,
             updated_at,
+            oldest_point: points.first().cloned(),
+            newest_point: points.last().cloned(),
+            last_app_point_age_s: last_app.map(|p| now.saturating_sub(p.time_ns) / 1_000_000_000),
+            undo_bytes: to_u64(undo_bytes, "undo bytes")?,
+            undo_cap_bytes: row.policy.max_bytes,
+            policy: row.policy,
+            failovers,
         });
     }
     Ok(out)
@@ -264,6 +382,13 @@ pub(crate) struct DiskRow {
     pub full_sync_seen: bool,
     /// The seq of the SyncBegin of a sync that has not ended yet.
     pub sync_from: Option<u64>,
+    /// Every record up to this seq has had its undo captured and marked
+    /// (a re-apply after a crash must not capture it again).
+    pub undo_captured_seq: u64,
+    /// The disk's retention policy.
+    pub policy: DiskPolicy,
+    /// A failover was recorded: nothing more is applied.
+    pub failed_over: bool,
     /// Set by a forced rebind until the old replica has been moved aside.
     pub replaced_uuid: Option<String>,
 }
@@ -308,6 +433,126 @@ fn to_u64(v: i64, what: &str) -> Result<u64> {
 /// the catalog (see `apply`), so this only fails on a bug.
 pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::new(ErrorKind::Catalog, format!("{what} {v} does not fit the catalog")))
+}
+
+pub(crate) fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A disk's recovery points, by seq.
+pub(crate) fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
+    let mut st = conn.prepare_cached("SELECT seq, time_ns, kind, tag FROM points WHERE disk_id = ?1 ORDER BY seq")?;
+    let rows = st.query_map([disk_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (seq, time, kind, tag) = r?;
+        out.push(Point {
+            seq: to_u64(seq, "point seq")?,
+            time_ns: to_u64(time, "point time")?,
+            kind: PointKind::parse(&kind).ok_or_else(|| corrupt(format!("disk {disk_id}: point kind {kind:?}")))?,
+            tag,
+        });
+    }
+    Ok(out)
+}
+
+fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
+    let mut st = conn.prepare_cached(
+        "SELECT at_ns, seq, point_time_ns, kind, tag, output FROM failovers WHERE disk_id = ?1 ORDER BY rowid",
+    )?;
+    let rows = st.query_map([disk_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, Option<String>>(4)?,
+            r.get::<_, String>(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (at, seq, t, kind, tag, output) = r?;
+        out.push(Failover {
+            at_ns: to_u64(at, "failover time")?,
+            point: Point {
+                seq: to_u64(seq, "seq")?,
+                time_ns: to_u64(t, "time")?,
+                kind: PointKind::parse(&kind).unwrap_or(PointKind::Crash),
+                tag,
+            },
+            output,
+        });
+    }
+    Ok(out)
+}
+
+/// Undo entries captured after `after` that cover a block of `[b0, b1)`,
+/// lowest capture seq first.
+pub(crate) fn undo_lookup(conn: &Connection, disk_id: &str, after: u64, b0: u64, b1: u64) -> Result<Vec<UndoRow>> {
+    let mut st = conn.prepare_cached(
+        "SELECT capture_seq, start_block, end_block, segment, seg_offset, zero FROM undo
+         WHERE disk_id = ?1 AND end_block > ?3 AND start_block < ?4 AND capture_seq > ?2
+         ORDER BY capture_seq",
+    )?;
+    let rows = st.query_map(
+        params![
+            disk_id,
+            to_i64(after, "seq")?,
+            to_i64(b0, "block")?,
+            to_i64(b1, "block")?
+        ],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        },
+    )?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (c, s, e, g, o, z) = r?;
+        out.push(UndoRow {
+            capture_seq: to_u64(c, "capture seq")?,
+            start_block: to_u64(s, "block")?,
+            end_block: to_u64(e, "block")?,
+            segment: to_u64(g, "segment")?,
+            seg_offset: to_u64(o, "offset")?,
+            zero: z != 0,
+        });
+    }
+    Ok(out)
+}
+
+/// Open the catalog read-only (tools, views); safe while the target runs.
+pub(crate) fn open_read_only(data_dir: &Path) -> Result<Connection> {
+    let path = data_dir.join(CATALOG_FILE);
+    if !path.exists() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("no catalog at {} (is the data directory right?)", path.display()),
+        ));
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::with_source(ErrorKind::Catalog, format!("open {}", path.display()), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
 }
 
 pub(crate) fn now_unix() -> i64 {
@@ -435,10 +680,12 @@ impl Catalog {
         Ok(())
     }
 
-    fn row(tx: &Connection, disk_id: &str) -> Result<Option<DiskRow>> {
+    pub(crate) fn row(tx: &Connection, disk_id: &str) -> Result<Option<DiskRow>> {
         let r = tx
             .query_row(
-                "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid, sync_from
+                "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid, sync_from,
+                        undo_captured_seq, retention_window_s, retention_max_bytes, on_full, point_interval_ms,
+                        failed_over
                  FROM disks WHERE disk_id = ?1",
                 [disk_id],
                 |r| {
@@ -450,11 +697,29 @@ impl Catalog {
                         r.get::<_, i64>(4)?,
                         r.get::<_, Option<String>>(5)?,
                         r.get::<_, Option<i64>>(6)?,
+                        (
+                            r.get::<_, i64>(7)?,
+                            r.get::<_, i64>(8)?,
+                            r.get::<_, Option<i64>>(9)?,
+                            r.get::<_, String>(10)?,
+                            r.get::<_, i64>(11)?,
+                            r.get::<_, i64>(12)?,
+                        ),
                     ))
                 },
             )
             .optional()?;
-        let Some((uuid, applied, sync, first, seen, replaced, sync_from)) = r else {
+        let Some((
+            uuid,
+            applied,
+            sync,
+            first,
+            seen,
+            replaced,
+            sync_from,
+            (captured, window, max, on_full, interval, fo),
+        )) = r
+        else {
             return Ok(None);
         };
         Ok(Some(DiskRow {
@@ -466,13 +731,23 @@ impl Catalog {
             first_seq: first.map(|v| to_u64(v, "first_seq")).transpose()?,
             full_sync_seen: seen != 0,
             sync_from: sync_from.map(|v| to_u64(v, "sync_from")).transpose()?,
+            undo_captured_seq: to_u64(captured, "undo_captured_seq")?,
+            policy: DiskPolicy {
+                window: Duration::from_secs(to_u64(window, "retention_window_s")?),
+                max_bytes: max.map(|v| to_u64(v, "retention_max_bytes")).transpose()?,
+                on_full: on_full
+                    .parse::<OnFull>()
+                    .map_err(|_| corrupt(format!("disk {disk_id}: unknown on_full {on_full:?}")))?,
+                point_interval: Duration::from_millis(to_u64(interval, "point_interval_ms")?),
+            },
+            failed_over: fo != 0,
             replaced_uuid: replaced,
         }))
     }
 
     /// Check (and create or, with `force`, replace) the binding of
     /// `disk_id` to `uuid`, in one transaction.
-    pub fn bind(&mut self, disk_id: &str, uuid: &[u8; 16], force: bool) -> Result<Bind> {
+    pub fn bind(&mut self, disk_id: &str, uuid: &[u8; 16], force: bool, policy: &DiskPolicy) -> Result<Bind> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -485,6 +760,9 @@ impl Catalog {
             first_seq: None,
             full_sync_seen: false,
             sync_from: None,
+            undo_captured_seq: 0,
+            policy: policy.clone(),
+            failed_over: false,
             replaced_uuid,
         };
         let out = match Self::row(&tx, disk_id)? {
@@ -493,6 +771,7 @@ impl Catalog {
                     "INSERT INTO disks (disk_id, disk_uuid, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
                     params![disk_id, format_uuid(uuid), now],
                 )?;
+                Self::put_policy(&tx, disk_id, policy)?;
                 Bind::New(fresh(None))
             }
             Some(row) if row.disk_uuid == *uuid => Bind::Existing(row),
@@ -504,10 +783,14 @@ impl Catalog {
                 // A rebind that was not finished (old replica not moved yet)
                 // keeps the name of the replica that is still there.
                 let replaced = row.replaced_uuid.clone().unwrap_or_else(|| old_uuid.clone());
-                tx.execute("DELETE FROM halts WHERE disk_id = ?1", [disk_id])?;
+                for t in ["halts", "points", "undo", "undo_segments", "failovers"] {
+                    tx.execute(&format!("DELETE FROM {t} WHERE disk_id = ?1"), [disk_id])?;
+                }
+                Self::put_policy(&tx, disk_id, policy)?;
                 tx.execute(
                     "UPDATE disks SET disk_uuid = ?2, applied_seq = 0, sync_state = 'awaiting-full-sync',
                          first_seq = NULL, full_sync_seen = 0, halted_seq = NULL, sync_from = NULL,
+                         undo_captured_seq = 0, failed_over = 0,
                          replaced_uuid = ?3,
                          created_at = ?4, updated_at = ?4
                      WHERE disk_id = ?1",
@@ -537,7 +820,7 @@ impl Catalog {
 
     /// Commit a batch: the disk's row and every halt created or changed by
     /// it, in one transaction. Called only after the replica's fdatasync.
-    pub fn commit(&mut self, row: &DiskRow, halted_seq: Option<u64>, halts: &[&Halt]) -> Result<()> {
+    pub fn commit(&mut self, row: &DiskRow, halted_seq: Option<u64>, halts: &[&Halt], points: &[Point]) -> Result<()> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
             "UPDATE disks SET applied_seq = ?2, sync_state = ?3, first_seq = ?4, full_sync_seen = ?5,
@@ -565,6 +848,198 @@ impl Catalog {
         for h in halts {
             Self::put_halt(&tx, &row.disk_id, h)?;
         }
+        for p in points {
+            tx.execute(
+                "INSERT INTO points (disk_id, seq, time_ns, kind, tag) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    row.disk_id,
+                    to_i64(p.seq, "point seq")?,
+                    to_i64(p.time_ns, "point time")?,
+                    p.kind.as_str(),
+                    p.tag
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_policy(tx: &Transaction<'_>, disk_id: &str, p: &DiskPolicy) -> Result<()> {
+        tx.execute(
+            "UPDATE disks SET retention_window_s = ?2, retention_max_bytes = ?3, on_full = ?4,
+                 point_interval_ms = ?5 WHERE disk_id = ?1",
+            params![
+                disk_id,
+                to_i64(p.window.as_secs(), "retention window")?,
+                p.max_bytes.map(|v| to_i64(v, "retention max")).transpose()?,
+                p.on_full.as_str(),
+                to_i64(
+                    u64::try_from(p.point_interval.as_millis()).unwrap_or(u64::MAX),
+                    "point interval"
+                )?,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The disk's recovery points, by seq.
+    pub fn points(&self, disk_id: &str) -> Result<Vec<Point>> {
+        read_points(&self.conn, disk_id)
+    }
+
+    /// Whether a point already carries tag `name`.
+    pub fn tag_exists(&self, disk_id: &str, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM points WHERE disk_id = ?1 AND tag = ?2",
+                params![disk_id, name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// The blocks captured after seq `after` (the current epoch's set).
+    pub fn captured_blocks(&self, disk_id: &str, after: u64) -> Result<BlockSet> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT start_block, end_block FROM undo WHERE disk_id = ?1 AND capture_seq > ?2")?;
+        let mut set = BlockSet::new();
+        let rows = st.query_map(params![disk_id, to_i64(after, "seq")?], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for r in rows {
+            let (s, e) = r?;
+            set.insert(to_u64(s, "start_block")?, to_u64(e, "end_block")?);
+        }
+        Ok(set)
+    }
+
+    /// The disk's undo segments, by number.
+    pub fn segments(&self, disk_id: &str) -> Result<Vec<SegmentRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT segment, first_seq, last_seq, bytes FROM undo_segments WHERE disk_id = ?1 ORDER BY segment",
+        )?;
+        let rows = st.query_map([disk_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (a, b, c, d) = r?;
+            out.push(SegmentRow {
+                segment: to_u64(a, "segment")?,
+                first_seq: to_u64(b, "first_seq")?,
+                last_seq: to_u64(c, "last_seq")?,
+                bytes: to_u64(d, "bytes")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Mark a batch's undo as captured: its index rows, its segment's new
+    /// length and `undo_captured_seq`, in one transaction. Called only
+    /// after the segment's fdatasync, and before the replica is written.
+    pub fn mark_undo(
+        &mut self,
+        row: &DiskRow,
+        rows: &[UndoRow],
+        segment: &SegmentRow,
+        captured_seq: u64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO undo (disk_id, capture_seq, start_block, end_block, segment, seg_offset, zero)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for u in rows {
+                ins.execute(params![
+                    row.disk_id,
+                    to_i64(u.capture_seq, "capture seq")?,
+                    to_i64(u.start_block, "block")?,
+                    to_i64(u.end_block, "block")?,
+                    to_i64(u.segment, "segment")?,
+                    to_i64(u.seg_offset, "offset")?,
+                    i64::from(u.zero),
+                ])?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO undo_segments (disk_id, segment, first_seq, last_seq, bytes) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (disk_id, segment) DO UPDATE SET last_seq = excluded.last_seq, bytes = excluded.bytes",
+            params![
+                row.disk_id,
+                to_i64(segment.segment, "segment")?,
+                to_i64(segment.first_seq, "seq")?,
+                to_i64(segment.last_seq, "seq")?,
+                to_i64(segment.bytes, "bytes")?,
+            ],
+        )?;
+        let n = tx.execute(
+            "UPDATE disks SET undo_captured_seq = ?2 WHERE disk_id = ?1 AND disk_uuid = ?3",
+            params![row.disk_id, to_i64(captured_seq, "seq")?, format_uuid(&row.disk_uuid)],
+        )?;
+        if n != 1 {
+            return Err(corrupt(format!("disk {}: no row to mark undo in", row.disk_id)));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Expire points and whole segments (their index rows with them), in
+    /// one transaction; the caller deletes the files afterwards.
+    pub fn expire(&mut self, disk_id: &str, points: &[u64], segments: &[u64]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for p in points {
+            tx.execute(
+                "DELETE FROM points WHERE disk_id = ?1 AND seq = ?2",
+                params![disk_id, to_i64(*p, "seq")?],
+            )?;
+        }
+        for s in segments {
+            let s = to_i64(*s, "segment")?;
+            tx.execute(
+                "DELETE FROM undo WHERE disk_id = ?1 AND segment = ?2",
+                params![disk_id, s],
+            )?;
+            tx.execute(
+                "DELETE FROM undo_segments WHERE disk_id = ?1 AND segment = ?2",
+                params![disk_id, s],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Record a failover and stop applying to the disk.
+    pub fn record_failover(&mut self, disk_id: &str, point: &Point, output: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("UPDATE disks SET failed_over = 1 WHERE disk_id = ?1", [disk_id])?;
+        if n != 1 {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no disk {disk_id} in the catalog"),
+            ));
+        }
+        tx.execute(
+            "INSERT INTO failovers (disk_id, at_ns, seq, point_time_ns, kind, tag, output)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                disk_id,
+                to_i64(now_ns(), "time")?,
+                to_i64(point.seq, "seq")?,
+                to_i64(point.time_ns, "time")?,
+                point.kind.as_str(),
+                point.tag,
+                output
+            ],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -623,7 +1098,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut c = Catalog::open(d.path()).unwrap();
         let u1 = [1u8; 16];
-        let Bind::New(mut row) = c.bind("db", &u1, false).unwrap() else {
+        let Bind::New(mut row) = c.bind("db", &u1, false, &DiskPolicy::default()).unwrap() else {
             panic!("expected a new disk")
         };
         assert_eq!(row.applied_seq, 0);
@@ -632,12 +1107,12 @@ mod tests {
         row.first_seq = Some(1);
         row.sync_state = SyncState::Consistent;
         let h = halt(40, 4096, 8192);
-        c.commit(&row, Some(40), &[&h]).unwrap();
+        c.commit(&row, Some(40), &[&h], &[]).unwrap();
         drop(c);
 
         // Reopening runs no migration twice and finds the same state.
         let mut c = Catalog::open(d.path()).unwrap();
-        let Bind::Existing(back) = c.bind("db", &u1, false).unwrap() else {
+        let Bind::Existing(back) = c.bind("db", &u1, false, &DiskPolicy::default()).unwrap() else {
             panic!("expected the existing disk")
         };
         assert_eq!(back, row);
@@ -659,7 +1134,7 @@ mod tests {
         h2.covered = true;
         h2.covered_seq = Some(50);
         row.applied_seq = 50;
-        c.commit(&row, None, &[&h2]).unwrap();
+        c.commit(&row, None, &[&h2], &[]).unwrap();
         assert!(c.open_halts("db").unwrap().is_empty());
         let s = &disk_states(d.path()).unwrap()[0];
         assert_eq!(s.state, "consistent");
@@ -672,16 +1147,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut c = Catalog::open(d.path()).unwrap();
         let (u1, u2) = ([1u8; 16], [2u8; 16]);
-        let Bind::New(mut row) = c.bind("db", &u1, false).unwrap() else {
+        let Bind::New(mut row) = c.bind("db", &u1, false, &DiskPolicy::default()).unwrap() else {
             panic!()
         };
         row.applied_seq = 7;
-        c.commit(&row, Some(3), &[&halt(3, 0, 512)]).unwrap();
-        match c.bind("db", &u2, false).unwrap() {
+        c.commit(&row, Some(3), &[&halt(3, 0, 512)], &[]).unwrap();
+        match c.bind("db", &u2, false, &DiskPolicy::default()).unwrap() {
             Bind::Mismatch { bound_uuid } => assert_eq!(bound_uuid, format_uuid(&u1)),
             b => panic!("expected a mismatch, got {b:?}"),
         }
-        let Bind::Rebound { row, old_uuid } = c.bind("db", &u2, true).unwrap() else {
+        let Bind::Rebound { row, old_uuid } = c.bind("db", &u2, true, &DiskPolicy::default()).unwrap() else {
             panic!("expected a rebind")
         };
         assert_eq!(old_uuid, format_uuid(&u1));
@@ -691,9 +1166,9 @@ mod tests {
         // A commit for the old UUID no longer lands.
         let mut stale = row.clone();
         stale.disk_uuid = u1;
-        assert!(c.commit(&stale, None, &[]).is_err());
+        assert!(c.commit(&stale, None, &[], &[]).is_err());
         c.clear_replaced("db").unwrap();
-        let Bind::Existing(back) = c.bind("db", &u2, true).unwrap() else {
+        let Bind::Existing(back) = c.bind("db", &u2, true, &DiskPolicy::default()).unwrap() else {
             panic!("the same UUID with FORCE_RESYNC keeps the binding")
         };
         assert_eq!(back.replaced_uuid, None);

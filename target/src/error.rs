@@ -26,6 +26,18 @@ pub enum ErrorKind {
     Config,
     /// A failpoint fired (fault-injection tests only).
     Injected,
+    /// Bytes on disk that do not read back as written (an undo segment
+    /// whose magic or checksum is wrong).
+    Corrupt,
+    /// A file written by a format version this build does not read.
+    UnsupportedVersion,
+    /// What was asked for does not exist (a disk, a recovery point).
+    NotFound,
+    /// The disk was failed over: the target no longer applies to it.
+    FailedOver,
+    /// The disk's undo retention is at `--retention-max` and its policy is
+    /// `--on-full stop`: applying waits for an operator.
+    RetentionFull,
 }
 
 /// An error with what was being done and where (path, disk, seq).

@@ -4,10 +4,12 @@
 //! only once it is durable in the replica and committed to the catalog.
 //!
 //! ```text
-//!  collector ──Packed──▶ session ──unpack (window.blocks)──▶ apply ──▶ replica.raw
-//!            ◀─Ack─────     │                                  │ fdatasync
-//!            ◀─Request─     │                                  ▼
-//!            ◀─TargetState──┘                             catalog.db (applied_seq, halts)
+//!  collector ──Packed──▶ session ──unpack (window.blocks)──▶ apply ──▶ undo/<n>.undo (old contents)
+//!            ◀─Ack─────     │                                  │ fdatasync, mark in catalog
+//!            ◀─Request─     │                                  ├──▶ replica.raw, fdatasync
+//!            ◀─TargetState──┘                                  ▼
+//!                                          catalog.db (applied_seq, halts, points, undo index)
+//!  tools ──recovery::View──▶ control.sock (pin) + replica.raw + undo segments (read only)
 //! ```
 //!
 //! - `session` (private): one connection, one disk; Hello
@@ -17,6 +19,10 @@
 //! - [`replica`]: the per-disk folder and the raw replica file.
 //! - [`window`]: the file-backed dedup window.
 //! - [`catalog`]: the SQLite catalog, and [`catalog::disk_states`] for tools.
+//! - [`undo`]: the undo segment format; [`retention`]: policies and pins.
+//! - [`recovery`]: points, `--at` specs, pinned views, failover, drain —
+//!   the API of the recovery tools; `control` (private): the daemon's
+//!   control socket those calls go through while it runs.
 //!
 //! The contract with the collector is `docs/pipeline.md`; this crate's
 //! behaviour in detail is `docs/target.md`. Libraries take [`Config`];
@@ -35,10 +41,14 @@ use tracing::{info, warn};
 
 mod apply;
 pub mod catalog;
+mod control;
 pub mod error;
 pub mod ranges;
+pub mod recovery;
 pub mod replica;
+pub mod retention;
 mod session;
+pub mod undo;
 pub mod window;
 
 pub use apply::MAX_POSITION;
@@ -65,6 +75,10 @@ pub struct Config {
     pub state_interval: Duration,
     /// How long a new connection may take to say Hello (default 10 s).
     pub hello_timeout: Duration,
+    /// The retention policy a disk gets when the target first sees it.
+    pub retention: retention::DiskPolicy,
+    /// Size at which an undo segment is closed (the unit of expiry).
+    pub segment_bytes: u64,
 }
 
 impl Config {
@@ -77,6 +91,8 @@ impl Config {
             window_blocks: tidemark_wire::pack::DEFAULT_WINDOW_BLOCKS,
             state_interval: Duration::from_secs(2),
             hello_timeout: Duration::from_secs(10),
+            retention: retention::DiskPolicy::default(),
+            segment_bytes: retention::DEFAULT_SEGMENT_BYTES,
         }
     }
 }
@@ -86,6 +102,7 @@ impl Config {
 #[derive(Debug)]
 pub struct Target {
     listener: TcpListener,
+    control: tokio::net::UnixListener,
     shared: Arc<session::Shared>,
     _lock: nix::fcntl::Flock<File>,
 }
@@ -108,7 +125,10 @@ impl Target {
         let lock = tidemark_util::fileops::lock_exclusive(f).map_err(|e| {
             Error::with_source(
                 ErrorKind::Busy,
-                format!("another tidemark-target is serving {}", dir.display()),
+                format!(
+                    "another tidemark-target is serving {}, or a recovery tool (tidemark mount / failover) has it open",
+                    dir.display()
+                ),
                 e,
             )
         })?;
@@ -117,13 +137,12 @@ impl Target {
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .io_ctx(|| format!("listen on {}", cfg.listen))?;
+        let control =
+            control::bind(&dir).io_ctx(|| format!("bind {}", dir.join(recovery::CONTROL_SOCKET).display()))?;
         Ok(Self {
             listener,
-            shared: Arc::new(session::Shared {
-                cfg,
-                live: Default::default(),
-                memory: Default::default(),
-            }),
+            control,
+            shared: Arc::new(session::Shared::new(cfg)),
             _lock: lock,
         })
     }
@@ -139,6 +158,7 @@ impl Target {
         let addr = self.local_addr()?;
         info!(listen = %addr, data = %self.shared.cfg.data_dir.display(), "serving");
         let mut conns = JoinSet::new();
+        let control = tokio::spawn(control::serve(self.control, self.shared.clone(), stop.clone()));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -158,6 +178,7 @@ impl Target {
         }
         drop(self.listener);
         while conns.join_next().await.is_some() {}
+        let _ = control.await;
         info!("stopped");
         Ok(())
     }

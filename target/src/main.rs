@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Deserialize;
+use tidemark_target::retention::OnFull;
 use tidemark_target::Config;
+use tidemark_util::human::{parse_duration, parse_size};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -29,6 +31,20 @@ struct Cli {
     /// File holding the shared token (surrounding whitespace is stripped).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// New disks: keep recovery points this long (e.g. 24h, 90m; 0 turns
+    /// retention off). Default 24h.
+    #[arg(long, value_name = "DUR")]
+    retention_window: Option<String>,
+    /// New disks: cap on undo data (e.g. 50G). Default: no cap.
+    #[arg(long, value_name = "SIZE")]
+    retention_max: Option<String>,
+    /// New disks: at the cap, prune the oldest points or stop applying.
+    #[arg(long, value_name = "prune|stop")]
+    on_full: Option<String>,
+    /// New disks: at most one crash-consistent point per this much time
+    /// (default 1s).
+    #[arg(long, value_name = "DUR")]
+    point_interval: Option<String>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -38,6 +54,10 @@ struct FileConfig {
     listen: Option<String>,
     data: Option<PathBuf>,
     token_file: Option<PathBuf>,
+    retention_window: Option<String>,
+    retention_max: Option<String>,
+    on_full: Option<String>,
+    point_interval: Option<String>,
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>> {
@@ -69,7 +89,21 @@ fn build(cli: Cli) -> Result<Config> {
         .token_file
         .or(file.token_file)
         .context("--token-file is required (or `token_file` in the config file)")?;
-    Ok(Config::new(listen, data, read_token(&token_file)?))
+    let mut cfg = Config::new(listen, data, read_token(&token_file)?);
+    let p = &mut cfg.retention;
+    if let Some(w) = cli.retention_window.or(file.retention_window) {
+        p.window = parse_duration(&w).context("--retention-window")?;
+    }
+    if let Some(m) = cli.retention_max.or(file.retention_max) {
+        p.max_bytes = Some(parse_size(&m).context("--retention-max")?);
+    }
+    if let Some(o) = cli.on_full.or(file.on_full) {
+        p.on_full = o.parse::<OnFull>().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if let Some(i) = cli.point_interval.or(file.point_interval) {
+        p.point_interval = parse_duration(&i).context("--point-interval")?;
+    }
+    Ok(cfg)
 }
 
 async fn serve(cfg: Config) -> Result<()> {
@@ -123,6 +157,41 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_flags_and_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let tok = d.path().join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let conf = d.path().join("t.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata = \"/x\"\ntoken_file = {:?}\nretention_window = \"2h\"\non_full = \"stop\"\n",
+                tok.display().to_string()
+            ),
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "t",
+            "--config",
+            conf.to_str().unwrap(),
+            "--retention-max",
+            "1G",
+            "--point-interval",
+            "5s",
+        ]);
+        let cfg = build(cli).unwrap();
+        assert_eq!(cfg.retention.window, std::time::Duration::from_secs(7200));
+        assert_eq!(cfg.retention.max_bytes, Some(1 << 30));
+        assert_eq!(cfg.retention.on_full, OnFull::Stop);
+        assert_eq!(cfg.retention.point_interval, std::time::Duration::from_secs(5));
+        let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap(), "--on-full", "maybe"]);
+        assert!(build(cli).unwrap_err().to_string().contains("prune or stop"));
+        std::fs::write(&conf, "retention = 3\n").unwrap();
+        let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap()]);
+        assert!(build(cli).unwrap_err().to_string().contains("unknown field"));
+    }
 
     #[test]
     fn token_file_is_trimmed_and_must_not_be_empty() {

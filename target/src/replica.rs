@@ -58,6 +58,26 @@ pub(crate) fn move_aside(dir: &Path, old_uuid: &str) -> Result<Option<PathBuf>> 
     Ok(Some(to))
 }
 
+/// `pread` that fills with zeros whatever lies past the end of the file.
+pub(crate) fn read_zero_fill(f: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    while !buf.is_empty() {
+        match f.read_at(buf, offset) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// An open raw replica.
 #[derive(Debug)]
 pub struct Replica {
@@ -122,6 +142,20 @@ impl Replica {
             self.size = size;
         }
         Ok(())
+    }
+
+    /// Fill `buf` from `offset`; what lies past the end reads zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_zero_fill(&self.file, buf, offset).io_ctx(|| format!("read {} at {offset}", self.path.display()))
+    }
+
+    /// The first byte at or after `offset` that may hold data (None: only
+    /// holes follow).
+    pub fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        if offset >= self.size {
+            return Ok(None);
+        }
+        fileops::seek_data(&self.file, offset).io_ctx(|| format!("seek data in {}", self.path.display()))
     }
 
     /// fdatasync: every applied record (and the size) is durable after this.

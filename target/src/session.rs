@@ -7,13 +7,13 @@
 //! frame headers are bounded before a body is allocated, and every decode
 //! error ends the connection instead of panicking.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tidemark_wire::frame::{
     ErrorCode, Frame, FrameHeader, ReplicaState, Request, Role, TargetState, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC,
@@ -28,10 +28,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::apply::{DiskApplier, Outcome};
+use crate::apply::{DiskApplier, Outcome, UndoOptions};
 use crate::catalog::{Bind, Catalog};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::replica::{self, Replica, WINDOW_FILE};
+use crate::retention::Pins;
 use crate::window::WindowFile;
 use crate::Config;
 
@@ -84,6 +85,17 @@ pub(crate) fn permits(bytes: u64, total: u64) -> u32 {
     kib(bytes).clamp(1, kib(total))
 }
 
+/// What a disk's live connection is doing (for drain and failover).
+#[derive(Debug)]
+pub(crate) struct Activity {
+    /// When the last Packed batch arrived (or the connection started).
+    pub last_batch: Instant,
+    /// A batch is being applied.
+    pub applying: bool,
+    /// Every seq ≤ this is applied.
+    pub applied_seq: u64,
+}
+
 /// State shared by every connection of one target.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -91,9 +103,62 @@ pub(crate) struct Shared {
     /// Disk ids with a live connection.
     pub live: Mutex<HashSet<String>>,
     pub memory: Memory,
+    /// Points pinned by views open through the control socket.
+    pub pins: Arc<Pins>,
+    /// Live connections' activity, by disk id.
+    pub activity: Mutex<HashMap<String, Activity>>,
+    /// Disks failed over while the target runs (the catalog says so too).
+    pub failed_over: Mutex<HashSet<String>>,
 }
 
-/// A disk id claimed for one connection; released on drop.
+impl Shared {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            live: Default::default(),
+            memory: Default::default(),
+            pins: Default::default(),
+            activity: Default::default(),
+            failed_over: Default::default(),
+        }
+    }
+
+    fn with_activity<T>(&self, disk: &str, f: impl FnOnce(Option<&mut Activity>) -> T) -> T {
+        let mut m = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        f(m.get_mut(disk))
+    }
+
+    /// No batch for `disk` starts applying after this returns.
+    pub fn stop_applying(&self, disk: &str) {
+        self.failed_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(disk.to_string());
+    }
+
+    fn is_failed_over(&self, disk: &str) -> bool {
+        self.failed_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(disk)
+    }
+
+    /// Whether a batch of `disk` is being applied.
+    pub fn applying(&self, disk: &str) -> bool {
+        self.with_activity(disk, |a| a.is_some_and(|a| a.applying))
+    }
+
+    /// The applied seq, if `disk` has a live connection that received no
+    /// batch for `idle` and applied everything it received.
+    pub fn drained(&self, disk: &str, idle: Duration) -> Option<u64> {
+        self.with_activity(disk, |a| {
+            a.filter(|a| !a.applying && a.last_batch.elapsed() >= idle)
+                .map(|a| a.applied_seq)
+        })
+    }
+}
+
+/// A disk id claimed for one connection; released (with its activity) on drop.
 struct LiveGuard {
     shared: Arc<Shared>,
     id: String,
@@ -113,6 +178,9 @@ impl Drop for LiveGuard {
     fn drop(&mut self) {
         let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
         live.remove(&self.id);
+        drop(live);
+        let mut a = self.shared.activity.lock().unwrap_or_else(|e| e.into_inner());
+        a.remove(&self.id);
     }
 }
 
@@ -358,9 +426,10 @@ enum Opened {
 
 impl Work {
     /// Bind the disk in the catalog and open its replica and window.
-    fn open(data_dir: &Path, disk_id: &str, uuid: &[u8; 16], force: bool, window_blocks: u32) -> Result<Opened> {
+    fn open(cfg: &Config, pins: Arc<Pins>, disk_id: &str, uuid: &[u8; 16], force: bool) -> Result<Opened> {
+        let (data_dir, window_blocks) = (cfg.data_dir.as_path(), cfg.window_blocks);
         let mut catalog = Catalog::open(data_dir)?;
-        let row = match catalog.bind(disk_id, uuid, force)? {
+        let row = match catalog.bind(disk_id, uuid, force, &cfg.retention)? {
             Bind::Mismatch { bound_uuid } => return Ok(Opened::Mismatch { bound_uuid }),
             Bind::New(row) => {
                 info!("new disk");
@@ -382,6 +451,11 @@ impl Work {
             if let Some(to) = replica::move_aside(&dir, old)? {
                 info!("old replica kept as {}", to.display());
             }
+            // The old disk's undo data describes the old replica only.
+            let undo = dir.join(crate::undo::UNDO_DIR);
+            if undo.exists() {
+                std::fs::remove_dir_all(&undo).io_ctx(|| format!("remove {}", undo.display()))?;
+            }
             catalog.clear_replaced(disk_id)?;
         }
         let halts = catalog.open_halts(disk_id)?;
@@ -389,8 +463,12 @@ impl Work {
         let window_path: PathBuf = dir.join(WINDOW_FILE);
         let window =
             WindowFile::create(&window_path, window_blocks).io_ctx(|| format!("create {}", window_path.display()))?;
+        let opts = UndoOptions {
+            segment_bytes: cfg.segment_bytes,
+            pins,
+        };
         Ok(Opened::Ready(Box::new(Work {
-            applier: DiskApplier::new(row, halts, replica, catalog),
+            applier: DiskApplier::new(row, halts, replica, catalog, &dir, opts)?,
             unpacker: Unpacker::new(window_blocks, window),
             disk_id: disk_id.to_string(),
         })))
@@ -474,13 +552,12 @@ async fn session<R: AsyncRead + Unpin>(
         ));
     };
     let force = hello.flags & HELLO_FORCE_RESYNC != 0;
-    let (data_dir, window_blocks, uuid) = (cfg.data_dir.clone(), cfg.window_blocks, hello.disk_uuid);
+    let (cfg2, pins, uuid) = (cfg.clone(), shared.pins.clone(), hello.disk_uuid);
     let id2 = id.clone();
     let span = tracing::Span::current();
-    let opened =
-        tokio::task::spawn_blocking(move || span.in_scope(|| Work::open(&data_dir, &id2, &uuid, force, window_blocks)))
-            .await
-            .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
+    let opened = tokio::task::spawn_blocking(move || span.in_scope(|| Work::open(&cfg2, pins, &id2, &uuid, force)))
+        .await
+        .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
     let mut work = match opened {
         Opened::Ready(w) => w,
         Opened::Mismatch { bound_uuid } => {
@@ -494,6 +571,12 @@ async fn session<R: AsyncRead + Unpin>(
         }
     };
 
+    if work.applier.failed_over() || shared.is_failed_over(&id) {
+        return Err(refuse(
+            ErrorCode::Busy,
+            format!("disk {id} was failed over: this target no longer applies to it"),
+        ));
+    }
     if hello.disk_size > 0 {
         if let Err(e) = work.applier.ensure_size(hello.disk_size) {
             return Err(refuse(ErrorCode::Internal, format!("disk {id}: {e}")));
@@ -511,6 +594,14 @@ async fn session<R: AsyncRead + Unpin>(
     .await?;
     let mut last = work.applier.state();
     info!(applied_seq = applied, state = last.state.name(), "collector connected");
+    shared.activity.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        id.clone(),
+        Activity {
+            last_batch: Instant::now(),
+            applying: false,
+            applied_seq: applied,
+        },
+    );
     // Requests are not durable upstream until acted on: repeat them on
     // every new connection while they are owed.
     for h in work.applier.open_halts() {
@@ -561,6 +652,18 @@ async fn session<R: AsyncRead + Unpin>(
                 ))
             }
         };
+        if shared.is_failed_over(&id) {
+            return Err(refuse(
+                ErrorCode::Busy,
+                format!("disk {id} was failed over: this target no longer applies to it"),
+            ));
+        }
+        shared.with_activity(&id, |a| {
+            if let Some(a) = a {
+                a.last_batch = Instant::now();
+                a.applying = true;
+            }
+        });
         // The decompressed stream and the records unpacked from it.
         let decoded_permit = shared
             .memory
@@ -587,6 +690,14 @@ async fn session<R: AsyncRead + Unpin>(
         };
         work = w;
         drop((frame_permit, decoded_permit));
+        let applied_now = work.applier.applied_seq();
+        shared.with_activity(&id, |a| {
+            if let Some(a) = a {
+                a.applying = false;
+                a.applied_seq = applied_now;
+                a.last_batch = Instant::now();
+            }
+        });
         let o = r?;
         fail::fail_point!("target-before-ack", |_| Err(End::Close(
             "failpoint target-before-ack".into()

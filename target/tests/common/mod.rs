@@ -30,9 +30,15 @@ pub struct Running {
 
 impl Running {
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    /// Start with the test defaults changed by `f`.
+    pub async fn start_with(dir: &Path, f: impl FnOnce(&mut Config)) -> Self {
         let mut cfg = Config::new("127.0.0.1:0", dir, TOKEN);
         cfg.state_interval = Duration::from_millis(300);
         cfg.hello_timeout = Duration::from_secs(2);
+        f(&mut cfg);
         let t = Target::bind(cfg).await.expect("bind the target");
         let addr = t.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -224,6 +230,8 @@ impl Conn {
 pub struct Source {
     pub disk: Vec<u8>,
     pub next_seq: u64,
+    /// Source time stamped on every record made (ns; 0 unless a test sets it).
+    pub time_ns: u64,
 }
 
 impl Source {
@@ -231,6 +239,22 @@ impl Source {
         Self {
             disk: Vec::new(),
             next_seq: first_seq,
+            time_ns: 0,
+        }
+    }
+
+    /// A Tag record (`app`: FLAG_APP_CONSISTENT).
+    pub fn tag(&mut self, name: &str, app: bool) -> Record {
+        let seq = self.seq();
+        let mut header = RecordHeader::new(RecordKind::Tag, seq, self.time_ns, 0, 0, name.as_bytes());
+        header.flags = if app {
+            tidemark_wire::record::FLAG_APP_CONSISTENT
+        } else {
+            0
+        };
+        Record {
+            header,
+            payload: name.as_bytes().to_vec(),
         }
     }
 
@@ -252,7 +276,7 @@ impl Source {
         self.grow(offset + data.len() as u64);
         let o = usize::try_from(offset).unwrap();
         self.disk[o..o + data.len()].copy_from_slice(&data);
-        let mut header = RecordHeader::new(kind, seq, 0, offset, data.len() as u64, &data);
+        let mut header = RecordHeader::new(kind, seq, self.time_ns, offset, data.len() as u64, &data);
         header.flags = flags;
         Record { header, payload: data }
     }
@@ -270,7 +294,7 @@ impl Source {
         self.grow(offset + length);
         let o = usize::try_from(offset).unwrap();
         self.disk[o..o + usize::try_from(length).unwrap()].fill(0);
-        let mut header = RecordHeader::new(kind, seq, 0, offset, length, b"");
+        let mut header = RecordHeader::new(kind, seq, self.time_ns, offset, length, b"");
         header.flags = flags;
         Record {
             header,
@@ -293,7 +317,7 @@ impl Source {
 
     pub fn bare(&mut self, kind: RecordKind, flags: u16, offset: u64) -> Record {
         let seq = self.seq();
-        let mut header = RecordHeader::new(kind, seq, 0, offset, 0, b"");
+        let mut header = RecordHeader::new(kind, seq, self.time_ns, offset, 0, b"");
         header.flags = flags;
         Record {
             header,
@@ -314,6 +338,13 @@ impl Source {
         payload[0] ^= 0xff;
         Record { header, payload }
     }
+}
+
+/// Now, in ns since the Unix epoch (record source times).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Deterministic, non-repeating 4 KiB-block content.

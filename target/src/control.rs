@@ -1,0 +1,186 @@
+//! The daemon's control socket, `DIR/control.sock`: JSON lines, one reply
+//! line per request, for the recovery tools while the daemon owns the data
+//! directory.
+//!
+//! ```text
+//!  {"op":"points","disk":D}                        → {"ok":true,"points":[{seq,time_ns,kind,tag}…]}
+//!  {"op":"pin","disk":D,"at":AtSpec}               → {"ok":true,"point":{…}}   pinned until unpin or close
+//!  {"op":"unpin","disk":D,"seq":N}                 → {"ok":true}
+//!  {"op":"failover","disk":D,"point":{…},"output":F} → {"ok":true}  applying to D has stopped
+//!  {"op":"drain","disk":D,"timeout_ms":N}          → {"ok":true,"applied_seq":N}
+//!  {"op":"status"}                                 → {"ok":true,"disks":[DiskState…]}
+//!  anything else, or a failure                     → {"ok":false,"error":"…"}
+//! ```
+//!
+//! A pin belongs to its connection: closing the connection (a tool that
+//! exits or dies) releases it. Pinning resolves the point and pins it under
+//! the pins lock that expiry holds while it deletes, so a point cannot
+//! expire between being chosen and being pinned.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::recovery::{self, AtSpec, Point};
+use crate::retention;
+use crate::session::Shared;
+
+/// How long a connection must have received no batch before a drain
+/// counts it as caught up.
+pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Req {
+    Points { disk: String },
+    Pin { disk: String, at: AtSpec },
+    Unpin { disk: String, seq: u64 },
+    Failover { disk: String, point: Point, output: String },
+    Drain { disk: String, timeout_ms: u64 },
+    Status,
+}
+
+/// Bind `DIR/control.sock` (the caller holds the data directory's lock, so
+/// a file left there is stale).
+pub(crate) fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    let p = data_dir.join(recovery::CONTROL_SOCKET);
+    match std::fs::remove_file(&p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(&p)
+}
+
+/// Serve the control socket until `stop`.
+pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok((s, _)) => {
+                    tokio::spawn(conn(s, shared.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    warn!("control socket: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    let _ = std::fs::remove_file(shared.cfg.data_dir.join(recovery::CONTROL_SOCKET));
+}
+
+async fn conn(s: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
+    let (rd, mut wr) = s.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let mut pins: Vec<(String, u64)> = Vec::new();
+    loop {
+        let line = tokio::select! {
+            _ = stop.cancelled() => break,
+            l = lines.next_line() => match l {
+                Ok(Some(l)) => l,
+                _ => break,
+            },
+        };
+        let reply = match serde_json::from_str::<Req>(&line) {
+            Ok(req) => handle(req, &shared, &mut pins)
+                .await
+                .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")})),
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        let mut out = reply.to_string();
+        out.push('\n');
+        if wr.write_all(out.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    for (disk, seq) in pins {
+        debug!(disk, seq, "view closed: unpinned");
+        retention::unpin(&shared.pins, &disk, seq);
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+async fn handle(req: Req, shared: &Arc<Shared>, pins: &mut Vec<(String, u64)>) -> anyhow::Result<Value> {
+    let dir = shared.cfg.data_dir.clone();
+    match req {
+        Req::Points { disk } => {
+            let pts = blocking(move || recovery::points_direct(&dir, &disk)).await?;
+            Ok(json!({"ok": true, "points": pts}))
+        }
+        Req::Pin { disk, at } => {
+            let sh = shared.clone();
+            let d = disk.clone();
+            let p = blocking(move || {
+                // Under the lock expiry deletes under: chosen and pinned at once.
+                let mut map = sh.pins.lock();
+                let pts = recovery::points_direct(&dir, &d)?;
+                let p = recovery::select(&pts, &at)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("disk {d}: no recovery point matches {at:?}"))?;
+                retention::pin(&mut map, &d, p.seq);
+                Ok(p)
+            })
+            .await?;
+            info!(disk = %disk, seq = p.seq, "view opened: point pinned");
+            pins.push((disk, p.seq));
+            Ok(json!({"ok": true, "point": p}))
+        }
+        Req::Unpin { disk, seq } => {
+            if let Some(i) = pins.iter().position(|(d, s)| *d == disk && *s == seq) {
+                pins.swap_remove(i);
+                retention::unpin(&shared.pins, &disk, seq);
+            }
+            Ok(json!({"ok": true}))
+        }
+        Req::Failover { disk, point, output } => {
+            shared.stop_applying(&disk);
+            let d = disk.clone();
+            let p = point.clone();
+            blocking(move || {
+                let mut c = crate::catalog::Catalog::open(&dir)?;
+                c.record_failover(&d, &p, &output)?;
+                Ok(())
+            })
+            .await?;
+            // A batch being applied right now finishes (its point is after
+            // any point a view could have chosen); none starts after it.
+            let until = Instant::now() + Duration::from_secs(60);
+            while shared.applying(&disk) && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            warn!(disk = %disk, seq = point.seq, "failed over: replication to this disk has stopped");
+            Ok(json!({"ok": true}))
+        }
+        Req::Drain { disk, timeout_ms } => {
+            let until = Instant::now() + Duration::from_millis(timeout_ms);
+            loop {
+                if let Some(seq) = shared.drained(&disk, DRAIN_IDLE) {
+                    return Ok(json!({"ok": true, "applied_seq": seq}));
+                }
+                if Instant::now() >= until {
+                    anyhow::bail!(
+                        "disk {disk}: not drained within {} ms (no collector connected, or it is still sending)",
+                        timeout_ms
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Req::Status => {
+            let disks = blocking(move || Ok(crate::catalog::disk_states(&dir)?)).await?;
+            Ok(json!({"ok": true, "disks": disks}))
+        }
+    }
+}
