@@ -4,11 +4,10 @@
 //! `failover`, with real agents, real clients (qemu-io, qemu-img,
 //! nbdcopy, nbdinfo) and real ext4 filesystems on loop devices.
 //!
-//! Needs root, /dev/fuse and loop devices (CI has them). Tests marked
-//! `#[ignore]` need the target's recovery API (`tidemark_target::recovery`,
-//! `docs/recovery.md`) built into `tidemark` (tools feature `recovery`);
-//! the others run without it (`mount`/`failover --image` serve a raw file
-//! through the same NBD, overlay, FUSE and export code).
+//! Needs root, /dev/fuse and loop devices (CI has them). Points come from
+//! the target's recovery API (`tidemark_target::recovery`,
+//! `docs/recovery.md`); `mount`/`failover --image` serve a raw file through
+//! the same NBD, overlay, FUSE and export code without a target.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -583,7 +582,6 @@ fn points_json(data: &Path, disk: &str) -> Vec<serde_json::Value> {
 /// `seq:N` and `tag:NAME` open the same point; failover to each format
 /// passes `qemu-img check` and compares identical.
 #[test]
-#[ignore = "needs tidemark_target::recovery (tools feature `recovery`)"]
 fn tagged_points_are_true() {
     for t in ["qemu-io", "qemu-img", "nbdcopy"] {
         need_tool(t);
@@ -660,7 +658,6 @@ fn tagged_points_are_true() {
 /// `--writable` changes vanish and the replica is byte-identical after;
 /// a `--freeze` tag is listed as `app` and `latest-app` opens it.
 #[test]
-#[ignore = "needs tidemark_target::recovery (tools feature `recovery`)"]
 fn mounted_points_and_app_consistent_tags() {
     for t in ["mkfs.ext4", "nbdfuse", "losetup", "qemu-img"] {
         need_tool(t);
