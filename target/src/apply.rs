@@ -1133,6 +1133,79 @@ mod tests {
         assert_eq!((s.sync_from, s.state.as_str()), (None, "consistent"));
     }
 
+    /// The cost of undo capture: apply throughput of a random 4 KiB write
+    /// stream with retention on vs off (docs/retention.md). Run with
+    /// `cargo nextest run -p tidemark-target --run-ignored only bench_undo`.
+    #[test]
+    #[ignore = "benchmark"]
+    fn bench_undo_capture_cost() {
+        const DISK: u64 = 256 << 20;
+        const BATCHES: u64 = 400;
+        const PER_BATCH: u64 = 256;
+        let mut results = Vec::new();
+        for on in [false, true, false, true] {
+            let f = Fixture::new();
+            let policy = DiskPolicy {
+                window: if on {
+                    std::time::Duration::from_secs(3600)
+                } else {
+                    std::time::Duration::ZERO
+                },
+                ..DiskPolicy::default()
+            };
+            let mut a = f.open_with(&policy, UndoOptions::default());
+            // A full disk of data first (not timed), and a first point.
+            let mut seq = 1;
+            let mut recs = Vec::new();
+            for i in 0..DISK / (1 << 20) {
+                recs.push(sync(seq, i << 20, (i % 251) as u8 + 1, 1 << 20, FLAG_FULL));
+                seq += 1;
+                if recs.len() == 16 {
+                    a.apply(std::mem::take(&mut recs), false).unwrap();
+                }
+            }
+            recs.push(bare(RecordKind::SyncDone, seq, 1, 0, FLAG_FULL));
+            seq += 1;
+            recs.push(bare(RecordKind::Flush, seq, 0, 0, 0));
+            seq += 1;
+            a.apply(recs, false).unwrap();
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let t0 = std::time::Instant::now();
+            for b in 0..BATCHES {
+                let mut recs = Vec::new();
+                for _ in 0..PER_BATCH {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let off = (x % (DISK / 4096)) * 4096;
+                    let mut r = write(seq, off, (x >> 56) as u8, 4096);
+                    r.header.time_ns = b * 100_000_000;
+                    recs.push(r);
+                    seq += 1;
+                }
+                // A Flush per batch, a point per 10 batches (1 s of source time).
+                let mut fl = bare(RecordKind::Flush, seq, 0, 0, 0);
+                fl.header.time_ns = b * 100_000_000;
+                recs.push(fl);
+                seq += 1;
+                a.apply(recs, false).unwrap();
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let mib = (BATCHES * PER_BATCH * 4096) as f64 / f64::from(1 << 20);
+            results.push((on, mib / secs));
+            eprintln!(
+                "retention {}: {:.0} MiB of 4 KiB random writes in {secs:.2} s = {:.1} MiB/s ({:.0} writes/s)",
+                if on { "on " } else { "off" },
+                mib,
+                mib / secs,
+                (BATCHES * PER_BATCH) as f64 / secs
+            );
+        }
+        let off: f64 = results.iter().filter(|r| !r.0).map(|r| r.1).sum::<f64>() / 2.0;
+        let on: f64 = results.iter().filter(|r| r.0).map(|r| r.1).sum::<f64>() / 2.0;
+        eprintln!("retention on / off: {:.2}x", on / off);
+    }
+
     #[test]
     fn out_of_range_records_are_refused_before_anything_is_applied() {
         let f = Fixture::new();
