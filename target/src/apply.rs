@@ -812,7 +812,7 @@ fn cover(disk: &str, halt: &mut Halt, seq: u64, offset: u64, length: u64, now: i
 mod tests {
     use super::*;
     use crate::catalog::Bind;
-    use crate::retention::DiskPolicy;
+    use crate::retention::{DiskPolicy, OnFull};
     use std::os::unix::fs::FileExt;
     use tidemark_wire::frame::ReplicaState;
     use tidemark_wire::record::RecordHeader;
@@ -1131,6 +1131,64 @@ mod tests {
         assert_eq!(o.state.state, ReplicaState::Consistent);
         let s = &crate::catalog::disk_states(f.dir.path()).unwrap()[0];
         assert_eq!((s.sync_from, s.state.as_str()), (None, "consistent"));
+    }
+
+    #[test]
+    fn at_the_undo_cap_stop_refuses_and_prune_drops_the_oldest_points() {
+        for on_full in [OnFull::Stop, OnFull::Prune] {
+            let f = Fixture::new();
+            let policy = DiskPolicy {
+                point_interval: std::time::Duration::ZERO,
+                max_bytes: Some(64 << 10),
+                on_full,
+                ..DiskPolicy::default()
+            };
+            let opts = UndoOptions {
+                segment_bytes: 16 << 10,
+                ..UndoOptions::default()
+            };
+            let mut a = f.open_with(&policy, opts);
+            a.apply(
+                vec![
+                    sync(1, 0, 1, 1 << 20, FLAG_FULL),
+                    bare(RecordKind::SyncDone, 2, 1, 0, FLAG_FULL),
+                ],
+                false,
+            )
+            .unwrap();
+            let mut seq = 3;
+            let mut refused = false;
+            for round in 0..10u64 {
+                let mut fl = bare(RecordKind::Flush, seq, 0, 0, 0);
+                fl.header.time_ns = now_ns();
+                let w = write(seq + 1, round * 32768, 7, 32768);
+                match a.apply(vec![fl, w], false) {
+                    Ok(_) => seq += 2,
+                    Err(e) => {
+                        assert_eq!((e.kind, on_full), (ErrorKind::RetentionFull, OnFull::Stop), "{e}");
+                        refused = true;
+                        break;
+                    }
+                }
+            }
+            let s = &crate::catalog::disk_states(f.dir.path()).unwrap()[0];
+            match on_full {
+                OnFull::Stop => {
+                    assert!(refused, "a full disk stops applying");
+                    assert!(s.undo_bytes >= 64 << 10);
+                    assert_eq!(s.oldest_point.as_ref().unwrap().seq, 3, "no point was dropped");
+                }
+                OnFull::Prune => {
+                    assert_eq!(s.applied_seq, 22);
+                    assert!(s.undo_bytes <= (64 << 10) + (48 << 10), "{} bytes", s.undo_bytes);
+                    assert!(
+                        s.oldest_point.as_ref().unwrap().seq > 3,
+                        "the oldest points were pruned"
+                    );
+                    assert_eq!(s.newest_point.as_ref().unwrap().seq, 21);
+                }
+            }
+        }
     }
 
     /// The cost of undo capture: apply throughput of a random 4 KiB write
