@@ -9,10 +9,15 @@ use serde_json::Value;
 use tidemark_util::human::{format_duration, format_size, parse_duration};
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["api", "data"])))]
 pub struct StatusArgs {
     /// The collector's API address (`http://HOST:PORT` or `HOST:PORT`).
     #[arg(long)]
-    api: String,
+    api: Option<String>,
+    /// The target's data directory: adds each disk's recovery state (points,
+    /// undo use, failover); works without a collector (e.g. after failover).
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
     /// Print one JSON object with a `disks` array.
     #[arg(long)]
     json: bool,
@@ -92,12 +97,143 @@ fn secs(v: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// Each disk's recovery state from the target's catalog, as JSON by disk id.
+fn recovery_states(data: &std::path::Path) -> Result<std::collections::BTreeMap<String, Value>> {
+    let disks = tidemark_target::catalog::disk_states(data)
+        .with_context(|| format!("read the target's catalog in {}", data.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let point = |p: &Option<tidemark_target::recovery::Point>| match p {
+        Some(p) => serde_json::json!({
+            "seq": p.seq,
+            "time": super::points::format_time(p.time_ns),
+            "age_s": u64::try_from(now.saturating_sub(u128::from(p.time_ns)) / 1_000_000_000).unwrap_or(0),
+            "kind": p.kind,
+            "tag": p.tag,
+        }),
+        None => Value::Null,
+    };
+    Ok(disks
+        .iter()
+        .map(|d| {
+            (
+                d.disk_id.clone(),
+                serde_json::json!({
+                    "disk_uuid": d.disk_uuid,
+                    "state": d.state,
+                    "applied_seq": d.applied_seq,
+                    "oldest_point": point(&d.oldest_point),
+                    "newest_point": point(&d.newest_point),
+                    "last_app_point_age_s": d.last_app_point_age_s,
+                    "undo_bytes": d.undo_bytes,
+                    "undo_cap_bytes": d.undo_cap_bytes,
+                    "failed_over": !d.failovers.is_empty(),
+                    "failover_seq": d.failovers.last().map(|f| f.point.seq),
+                }),
+            )
+        })
+        .collect())
+}
+
+fn recovery_table(rec: &std::collections::BTreeMap<String, Value>) {
+    let head = [
+        "DISK",
+        "REPLICA",
+        "APPLIED",
+        "OLDEST POINT",
+        "NEWEST POINT",
+        "LAST APP POINT",
+        "UNDO",
+        "FAILED OVER",
+    ];
+    let mut rows = vec![head.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    let pt = |p: &Value| match p["seq"].as_u64() {
+        Some(seq) => format!(
+            "seq {seq}, {} ago",
+            format_duration(Duration::from_secs(p["age_s"].as_u64().unwrap_or(0)))
+        ),
+        None => "-".into(),
+    };
+    for (id, r) in rec {
+        rows.push(vec![
+            id.clone(),
+            r["state"].as_str().unwrap_or("?").to_string(),
+            u(r, "applied_seq").to_string(),
+            pt(&r["oldest_point"]),
+            pt(&r["newest_point"]),
+            r["last_app_point_age_s"]
+                .as_u64()
+                .map(|s| format!("{} ago", format_duration(Duration::from_secs(s))))
+                .unwrap_or_else(|| "none".into()),
+            match r["undo_cap_bytes"].as_u64() {
+                Some(cap) => format!("{} of {}", format_size(u(r, "undo_bytes")), format_size(cap)),
+                None => format!("{} (no cap)", format_size(u(r, "undo_bytes"))),
+            },
+            match r["failover_seq"].as_u64() {
+                Some(seq) if r["failed_over"] == Value::Bool(true) => format!("yes, at seq {seq}"),
+                _ => "no".into(),
+            },
+        ]);
+    }
+    print_table(&rows);
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let n = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
 pub fn status(a: StatusArgs) -> Result<()> {
-    let v = call(&a.api, "GET", "/api/v1/status")?;
+    let rec = a.data.as_deref().map(recovery_states).transpose()?;
+    let Some(api) = a.api.as_deref() else {
+        let rec = rec.unwrap_or_default();
+        if a.json {
+            let disks: Vec<Value> = rec
+                .iter()
+                .map(|(id, r)| serde_json::json!({"disk_id": id, "recovery": r}))
+                .collect();
+            println!("{}", serde_json::json!({ "disks": disks }));
+        } else if rec.is_empty() {
+            println!("no disks");
+        } else {
+            recovery_table(&rec);
+        }
+        return Ok(());
+    };
+    let mut v = call(api, "GET", "/api/v1/status")?;
+    if let (Some(rec), Some(disks)) = (&rec, v["disks"].as_array_mut()) {
+        for d in disks {
+            let id = d["disk_id"].as_str().unwrap_or_default().to_string();
+            d["recovery"] = rec.get(&id).cloned().unwrap_or(Value::Null);
+        }
+    }
     if a.json {
         println!("{v}");
         return Ok(());
     }
+    if let Some(rec) = &rec {
+        status_table(&v);
+        println!();
+        println!(
+            "recovery (target catalog in {}):",
+            a.data.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+        );
+        recovery_table(rec);
+        return Ok(());
+    }
+    status_table(&v);
+    Ok(())
+}
+
+fn status_table(v: &Value) {
     let c = &v["collector"];
     println!(
         "collector: {} agents connected, spool {} of {}{}",
@@ -113,7 +249,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
     let disks = v["disks"].as_array().cloned().unwrap_or_default();
     if disks.is_empty() {
         println!("no disks");
-        return Ok(());
+        return;
     }
     let head = [
         "DISK",
@@ -158,13 +294,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
             u(d, "full_resyncs").to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..head.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print_table(&rows);
     for d in &disks {
         if d["mode"] == "halted" {
             println!(
@@ -174,7 +304,6 @@ pub fn status(a: StatusArgs) -> Result<()> {
             );
         }
     }
-    Ok(())
 }
 
 /// Whether the replica is not (yet) known to be a consistent copy that is
