@@ -184,11 +184,6 @@ pub(crate) struct DiskApplier {
 }
 
 impl DiskApplier {
-    /// Grow the replica to the disk's size as the sender reported it.
-    pub fn ensure_size(&mut self, size: u64) -> crate::Result<()> {
-        self.replica.ensure_size(size)
-    }
-
     pub fn new(
         row: DiskRow,
         halts: Vec<Halt>,
@@ -279,6 +274,13 @@ impl DiskApplier {
                     "disk {id}: seq {}: range {}+{} ends beyond the largest replica ({MAX_POSITION} bytes)",
                     h.seq, h.offset, h.length
                 )));
+            }
+            if h.seq > applied {
+                // A VMDK replica has a fixed size: refuse before anything
+                // of the batch is captured or written.
+                self.replica
+                    .check_fits(h)
+                    .map_err(|e| Error::new(e.kind, format!("disk {id}: {}", e.context)))?;
             }
         }
         let fresh: Vec<Record> = records.into_iter().filter(|r| r.header.seq > applied).collect();
@@ -734,7 +736,7 @@ fn capture_run(
     let mut buf = Vec::new();
     while pos < e {
         if !touched.overlaps(pos, e) {
-            let hole_end = match replica.next_data(pos * BLOCK)? {
+            let hole_end = match replica.next_data(pos * BLOCK, e * BLOCK)? {
                 None => e,
                 Some(d) => (d / BLOCK).min(e),
             };
@@ -812,6 +814,7 @@ fn cover(disk: &str, halt: &mut Halt, seq: u64, offset: u64, length: u64, now: i
 mod tests {
     use super::*;
     use crate::catalog::Bind;
+    use crate::replica::ReplicaFormat;
     use crate::retention::{DiskPolicy, OnFull};
     use std::os::unix::fs::FileExt;
     use tidemark_wire::frame::ReplicaState;
@@ -863,14 +866,19 @@ mod tests {
         }
 
         fn open_with(&self, policy: &DiskPolicy, opts: UndoOptions) -> DiskApplier {
+            self.open_format(policy, opts, ReplicaFormat::Raw, 0)
+        }
+
+        fn open_format(&self, policy: &DiskPolicy, opts: UndoOptions, format: ReplicaFormat, size: u64) -> DiskApplier {
             let mut cat = Catalog::open(self.dir.path()).unwrap();
-            let row = match cat.bind("d", &[9; 16], false, policy).unwrap() {
+            let row = match cat.bind("d", &[9; 16], false, policy, format).unwrap() {
                 Bind::New(r) | Bind::Existing(r) => r,
                 b => panic!("{b:?}"),
             };
             let halts = cat.open_halts("d").unwrap();
             let dir = crate::replica::ensure_disk_dir(self.dir.path(), "d").unwrap();
-            DiskApplier::new(row, halts, Replica::open(&dir).unwrap(), cat, &dir, opts).unwrap()
+            let replica = Replica::open(&dir, row.format, size).unwrap();
+            DiskApplier::new(row, halts, replica, cat, &dir, opts).unwrap()
         }
 
         fn replica(&self) -> Vec<u8> {
@@ -1262,6 +1270,83 @@ mod tests {
         let off: f64 = results.iter().filter(|r| !r.0).map(|r| r.1).sum::<f64>() / 2.0;
         let on: f64 = results.iter().filter(|r| r.0).map(|r| r.1).sum::<f64>() / 2.0;
         eprintln!("retention on / off: {:.2}x", on / off);
+    }
+
+    /// Every format applies the same records to the same bytes (Write,
+    /// Zero, Trim, growth of raw only), captures the same undo, and a view
+    /// at an old point reads what the disk held then; a record beyond a
+    /// VMDK replica's size refuses its whole batch.
+    #[test]
+    fn every_format_applies_and_captures_through_the_image() {
+        const DISK: u64 = 1 << 20;
+        const LEN: usize = 1 << 20;
+        for format in [ReplicaFormat::Raw, ReplicaFormat::VmdkFlat, ReplicaFormat::VmdkSparse] {
+            let f = Fixture::new();
+            std::fs::write(f.dir.path().join(crate::LOCK_FILE), b"").unwrap();
+            let policy = DiskPolicy {
+                point_interval: std::time::Duration::ZERO,
+                ..DiskPolicy::default()
+            };
+            let mut a = f.open_format(&policy, UndoOptions::default(), format, DISK);
+            let flush = |seq: u64, t: u64| {
+                let mut r = bare(RecordKind::Flush, seq, 0, 0, 0);
+                r.header.time_ns = t;
+                r
+            };
+            let mut want = vec![0u8; LEN];
+            a.apply(
+                vec![
+                    sync(1, 0, 1, 256 << 10, FLAG_FULL),
+                    sync(2, 512 << 10, 2, 128 << 10, FLAG_FULL),
+                    bare(RecordKind::SyncDone, 3, 1, 0, FLAG_FULL),
+                    flush(4, 1),
+                ],
+                false,
+            )
+            .unwrap();
+            want[..256 << 10].fill(1);
+            want[512 << 10..640 << 10].fill(2);
+            let at_point = want.clone();
+            a.apply(
+                vec![
+                    write(5, 4096, 5, 8192),
+                    bare(RecordKind::Zero, 6, 64 << 10, 64 << 10, 0),
+                    bare(RecordKind::Trim, 7, 512 << 10, 4096, 0),
+                    write(8, 900 << 10, 8, 100),
+                    write(9, 4096, 9, 4096),
+                    flush(10, 2),
+                ],
+                false,
+            )
+            .unwrap();
+            want[4096..12288].fill(5);
+            want[64 << 10..128 << 10].fill(0);
+            want[512 << 10..(512 << 10) + 4096].fill(0);
+            want[900 << 10..(900 << 10) + 100].fill(8);
+            want[4096..8192].fill(9);
+            let img = tidemark_formats::replica::open_read_only(&f.dir.path().join("d")).unwrap();
+            assert_eq!((img.format(), img.size()), (format, DISK));
+            let mut got = vec![0u8; LEN];
+            img.read_at(&mut got, 0).unwrap();
+            assert!(got == want, "{format}: the replica holds what was applied");
+            // The undo was read through the image: the view at seq 4 is the
+            // disk as it was then.
+            let v = crate::recovery::View::open(f.dir.path(), "d", &crate::recovery::AtSpec::Seq(4)).unwrap();
+            assert_eq!(v.point().seq, 4);
+            let mut old = vec![0u8; LEN];
+            v.read_at(&mut old, 0).unwrap();
+            assert!(old == at_point, "{format}: the view at seq 4");
+            drop(v);
+            let e = a.apply(vec![write(11, DISK - 512, 3, 4096)], false);
+            if format == ReplicaFormat::Raw {
+                e.unwrap();
+                assert_eq!(f.replica().len() as u64, DISK + 3584, "raw grows");
+            } else {
+                let e = e.unwrap_err();
+                assert!(e.to_string().contains("ends beyond"), "{e}");
+                assert_eq!(a.applied_seq(), 10, "nothing of the batch applied");
+            }
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ use tidemark_wire::frame::ReplicaState;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ranges::RangeSet;
 use crate::recovery::{Point, PointKind};
+use crate::replica::ReplicaFormat;
 use crate::retention::{DiskPolicy, OnFull};
 use crate::undo::BlockSet;
 
@@ -132,6 +133,10 @@ pub const MIGRATIONS: &[&str] = &[
         tag        TEXT,
         output     TEXT NOT NULL
     ) STRICT;",
+    // 4: the replica's format (raw | vmdk-flat | vmdk-sparse), fixed when
+    // the disk is first seen (or rebound); older disks are raw.
+    "ALTER TABLE disks ADD COLUMN format TEXT NOT NULL DEFAULT 'raw'
+        CHECK (format IN ('raw', 'vmdk-flat', 'vmdk-sparse'));",
 ];
 
 /// Whether a disk's replica is known to equal its source at some seq.
@@ -224,6 +229,9 @@ pub struct DiskState {
     pub undo_cap_bytes: Option<u64>,
     /// The disk's retention policy.
     pub policy: DiskPolicy,
+    /// The format its replica is kept in (`raw`, `vmdk-flat`, `vmdk-sparse`).
+    #[serde(serialize_with = "ser_format")]
+    pub format: ReplicaFormat,
     /// The failovers recorded, oldest first; non-empty means the target
     /// no longer applies to this disk.
     pub failovers: Vec<Failover>,
@@ -259,6 +267,10 @@ pub(crate) struct SegmentRow {
     pub last_seq: u64,
     /// Marked length: bytes past it were never marked.
     pub bytes: u64,
+}
+
+fn ser_format<S: serde::Serializer>(f: &ReplicaFormat, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(f.as_str())
 }
 
 impl DiskState {
@@ -301,9 +313,9 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
     if version == 0 {
         return Ok(Vec::new());
     }
-    if version < 3 {
+    if version < 4 {
         return Err(corrupt(format!(
-            "{}: schema version {version} predates retention; start the target once to migrate it",
+            "{}: schema version {version} predates replica formats; start the target once to migrate it",
             path.display()
         )));
     }
@@ -365,6 +377,7 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
             undo_bytes: to_u64(undo_bytes, "undo bytes")?,
             undo_cap_bytes: row.policy.max_bytes,
             policy: row.policy,
+            format: row.format,
             failovers,
         });
     }
@@ -387,6 +400,8 @@ pub(crate) struct DiskRow {
     pub undo_captured_seq: u64,
     /// The disk's retention policy.
     pub policy: DiskPolicy,
+    /// The format of its replica.
+    pub format: ReplicaFormat,
     /// A failover was recorded: nothing more is applied.
     pub failed_over: bool,
     /// Set by a forced rebind until the old replica has been moved aside.
@@ -685,7 +700,7 @@ impl Catalog {
             .query_row(
                 "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid, sync_from,
                         undo_captured_seq, retention_window_s, retention_max_bytes, on_full, point_interval_ms,
-                        failed_over
+                        failed_over, format
                  FROM disks WHERE disk_id = ?1",
                 [disk_id],
                 |r| {
@@ -705,6 +720,7 @@ impl Catalog {
                             r.get::<_, i64>(11)?,
                             r.get::<_, i64>(12)?,
                         ),
+                        r.get::<_, String>(13)?,
                     ))
                 },
             )
@@ -718,6 +734,7 @@ impl Catalog {
             replaced,
             sync_from,
             (captured, window, max, on_full, interval, fo),
+            format,
         )) = r
         else {
             return Ok(None);
@@ -740,14 +757,25 @@ impl Catalog {
                     .map_err(|_| corrupt(format!("disk {disk_id}: unknown on_full {on_full:?}")))?,
                 point_interval: Duration::from_millis(to_u64(interval, "point_interval_ms")?),
             },
+            format: format
+                .parse::<ReplicaFormat>()
+                .map_err(|_| corrupt(format!("disk {disk_id}: unknown replica format {format:?}")))?,
             failed_over: fo != 0,
             replaced_uuid: replaced,
         }))
     }
 
     /// Check (and create or, with `force`, replace) the binding of
-    /// `disk_id` to `uuid`, in one transaction.
-    pub fn bind(&mut self, disk_id: &str, uuid: &[u8; 16], force: bool, policy: &DiskPolicy) -> Result<Bind> {
+    /// `disk_id` to `uuid`, in one transaction. A new (or rebound) disk
+    /// gets `policy` and `format`; an existing one keeps its own.
+    pub fn bind(
+        &mut self,
+        disk_id: &str,
+        uuid: &[u8; 16],
+        force: bool,
+        policy: &DiskPolicy,
+        format: ReplicaFormat,
+    ) -> Result<Bind> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -762,14 +790,15 @@ impl Catalog {
             sync_from: None,
             undo_captured_seq: 0,
             policy: policy.clone(),
+            format,
             failed_over: false,
             replaced_uuid,
         };
         let out = match Self::row(&tx, disk_id)? {
             None => {
                 tx.execute(
-                    "INSERT INTO disks (disk_id, disk_uuid, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
-                    params![disk_id, format_uuid(uuid), now],
+                    "INSERT INTO disks (disk_id, disk_uuid, created_at, updated_at, format) VALUES (?1, ?2, ?3, ?3, ?4)",
+                    params![disk_id, format_uuid(uuid), now, format.as_str()],
                 )?;
                 Self::put_policy(&tx, disk_id, policy)?;
                 Bind::New(fresh(None))
@@ -792,9 +821,9 @@ impl Catalog {
                          first_seq = NULL, full_sync_seen = 0, halted_seq = NULL, sync_from = NULL,
                          undo_captured_seq = 0, failed_over = 0,
                          replaced_uuid = ?3,
-                         created_at = ?4, updated_at = ?4
+                         created_at = ?4, updated_at = ?4, format = ?5
                      WHERE disk_id = ?1",
-                    params![disk_id, format_uuid(uuid), replaced, now],
+                    params![disk_id, format_uuid(uuid), replaced, now, format.as_str()],
                 )?;
                 Bind::Rebound {
                     row: fresh(Some(replaced)),
@@ -1098,7 +1127,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut c = Catalog::open(d.path()).unwrap();
         let u1 = [1u8; 16];
-        let Bind::New(mut row) = c.bind("db", &u1, false, &DiskPolicy::default()).unwrap() else {
+        let Bind::New(mut row) = c
+            .bind("db", &u1, false, &DiskPolicy::default(), ReplicaFormat::Raw)
+            .unwrap()
+        else {
             panic!("expected a new disk")
         };
         assert_eq!(row.applied_seq, 0);
@@ -1112,7 +1144,10 @@ mod tests {
 
         // Reopening runs no migration twice and finds the same state.
         let mut c = Catalog::open(d.path()).unwrap();
-        let Bind::Existing(back) = c.bind("db", &u1, false, &DiskPolicy::default()).unwrap() else {
+        let Bind::Existing(back) = c
+            .bind("db", &u1, false, &DiskPolicy::default(), ReplicaFormat::Raw)
+            .unwrap()
+        else {
             panic!("expected the existing disk")
         };
         assert_eq!(back, row);
@@ -1147,16 +1182,25 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut c = Catalog::open(d.path()).unwrap();
         let (u1, u2) = ([1u8; 16], [2u8; 16]);
-        let Bind::New(mut row) = c.bind("db", &u1, false, &DiskPolicy::default()).unwrap() else {
+        let Bind::New(mut row) = c
+            .bind("db", &u1, false, &DiskPolicy::default(), ReplicaFormat::Raw)
+            .unwrap()
+        else {
             panic!()
         };
         row.applied_seq = 7;
         c.commit(&row, Some(3), &[&halt(3, 0, 512)], &[]).unwrap();
-        match c.bind("db", &u2, false, &DiskPolicy::default()).unwrap() {
+        match c
+            .bind("db", &u2, false, &DiskPolicy::default(), ReplicaFormat::Raw)
+            .unwrap()
+        {
             Bind::Mismatch { bound_uuid } => assert_eq!(bound_uuid, format_uuid(&u1)),
             b => panic!("expected a mismatch, got {b:?}"),
         }
-        let Bind::Rebound { row, old_uuid } = c.bind("db", &u2, true, &DiskPolicy::default()).unwrap() else {
+        let Bind::Rebound { row, old_uuid } = c
+            .bind("db", &u2, true, &DiskPolicy::default(), ReplicaFormat::Raw)
+            .unwrap()
+        else {
             panic!("expected a rebind")
         };
         assert_eq!(old_uuid, format_uuid(&u1));
@@ -1168,7 +1212,10 @@ mod tests {
         stale.disk_uuid = u1;
         assert!(c.commit(&stale, None, &[], &[]).is_err());
         c.clear_replaced("db").unwrap();
-        let Bind::Existing(back) = c.bind("db", &u2, true, &DiskPolicy::default()).unwrap() else {
+        let Bind::Existing(back) = c
+            .bind("db", &u2, true, &DiskPolicy::default(), ReplicaFormat::Raw)
+            .unwrap()
+        else {
             panic!("the same UUID with FORCE_RESYNC keeps the binding")
         };
         assert_eq!(back.replaced_uuid, None);

@@ -1,22 +1,24 @@
 //! tidemark-target, the master target: receives one packed stream per disk
 //! from the collector, checks every record's blake3 end to end, applies the
-//! records in seq order to a sparse raw replica, and acknowledges a seq
+//! records in seq order to a replica (raw, VMDK monolithicFlat or
+//! monolithicSparse: `--format`, per disk), and acknowledges a seq
 //! only once it is durable in the replica and committed to the catalog.
 //!
 //! ```text
 //!  collector ──Packed──▶ session ──unpack (window.blocks)──▶ apply ──▶ undo/<n>.undo (old contents)
 //!            ◀─Ack─────     │                                  │ fdatasync, mark in catalog
-//!            ◀─Request─     │                                  ├──▶ replica.raw, fdatasync
+//!            ◀─Request─     │                                  ├──▶ replica.{raw,vmdk}, flush
 //!            ◀─TargetState──┘                                  ▼
 //!                                          catalog.db (applied_seq, halts, points, undo index)
-//!  tools ──recovery::View──▶ control.sock (pin) + replica.raw + undo segments (read only)
+//!  tools ──recovery::View──▶ control.sock (pin) + replica + undo segments (read only)
 //! ```
 //!
 //! - `session` (private): one connection, one disk; Hello
 //!   checks, Welcome, the batch loop, state reports, requests upstream.
 //! - `apply` (private): the ordering and halting rules, with
 //!   no network in sight.
-//! - [`replica`]: the per-disk folder and the raw replica file.
+//! - [`replica`]: the per-disk folder and the replica in the disk's format
+//!   (through `tidemark_formats::replica::ReplicaImage`).
 //! - [`window`]: the file-backed dedup window.
 //! - [`catalog`]: the SQLite catalog, and [`catalog::disk_states`] for tools.
 //! - [`undo`]: the undo segment format; [`retention`]: policies and pins.
@@ -77,6 +79,9 @@ pub struct Config {
     pub hello_timeout: Duration,
     /// The retention policy a disk gets when the target first sees it.
     pub retention: retention::DiskPolicy,
+    /// The replica format a disk gets when the target first sees it
+    /// (default raw).
+    pub format: replica::ReplicaFormat,
     /// Size at which an undo segment is closed (the unit of expiry).
     pub segment_bytes: u64,
 }
@@ -92,6 +97,7 @@ impl Config {
             state_interval: Duration::from_secs(2),
             hello_timeout: Duration::from_secs(10),
             retention: retention::DiskPolicy::default(),
+            format: replica::ReplicaFormat::Raw,
             segment_bytes: retention::DEFAULT_SEGMENT_BYTES,
         }
     }

@@ -16,7 +16,7 @@ use tracing::info;
 #[command(
     name = "tidemark-target",
     version,
-    about = "Tidemark target: apply replicated disk streams to raw replicas"
+    about = "Tidemark target: apply replicated disk streams to replicas (raw or VMDK)"
 )]
 struct Cli {
     /// TOML file with any of the keys below (flags override it).
@@ -45,6 +45,10 @@ struct Cli {
     /// (default 1s).
     #[arg(long, value_name = "DUR")]
     point_interval: Option<String>,
+    /// New disks: the replica's format (default raw). VMDK sizes are the
+    /// disk's rounded up to 512 bytes.
+    #[arg(long, value_name = "raw|vmdk-flat|vmdk-sparse")]
+    format: Option<String>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -58,6 +62,7 @@ struct FileConfig {
     retention_max: Option<String>,
     on_full: Option<String>,
     point_interval: Option<String>,
+    format: Option<String>,
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>> {
@@ -102,6 +107,9 @@ fn build(cli: Cli) -> Result<Config> {
     }
     if let Some(i) = cli.point_interval.or(file.point_interval) {
         p.point_interval = parse_duration(&i).context("--point-interval")?;
+    }
+    if let Some(f) = cli.format.or(file.format) {
+        cfg.format = f.parse().map_err(|e| anyhow::anyhow!("--format: {e}"))?;
     }
     Ok(cfg)
 }
@@ -157,6 +165,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_target::replica::ReplicaFormat;
 
     #[test]
     fn retention_flags_and_keys() {
@@ -186,6 +195,16 @@ mod tests {
         assert_eq!(cfg.retention.max_bytes, Some(1 << 30));
         assert_eq!(cfg.retention.on_full, OnFull::Stop);
         assert_eq!(cfg.retention.point_interval, std::time::Duration::from_secs(5));
+        assert_eq!(cfg.format, ReplicaFormat::Raw, "the default");
+        let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap(), "--format", "vmdk-sparse"]);
+        assert_eq!(build(cli).unwrap().format, ReplicaFormat::VmdkSparse);
+        let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap(), "--format", "qcow2"]);
+        assert!(build(cli).unwrap_err().to_string().contains("unknown replica format"));
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("format = \"vmdk-flat\"\n");
+        std::fs::write(&conf, text).unwrap();
+        let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap()]);
+        assert_eq!(build(cli).unwrap().format, ReplicaFormat::VmdkFlat);
         let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap(), "--on-full", "maybe"]);
         assert!(build(cli).unwrap_err().to_string().contains("prune or stop"));
         std::fs::write(&conf, "retention = 3\n").unwrap();

@@ -310,9 +310,9 @@ pub(crate) fn points_direct(data_dir: &Path, disk_id: &str) -> anyhow::Result<Ve
 
 fn check_disk(conn: &Connection, data_dir: &Path, disk_id: &str) -> anyhow::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version < 3 {
+    if version < 4 {
         bail!(
-            "{}: the catalog predates recovery points (start the target once to migrate it)",
+            "{}: the catalog predates replica formats (start the target once to migrate it)",
             data_dir.display()
         );
     }

@@ -422,17 +422,25 @@ struct Work {
 enum Opened {
     Ready(Box<Work>),
     Mismatch { bound_uuid: String },
+    FailedOver,
 }
 
 impl Work {
     /// Bind the disk in the catalog and open its replica and window.
-    fn open(cfg: &Config, pins: Arc<Pins>, disk_id: &str, uuid: &[u8; 16], force: bool) -> Result<Opened> {
+    fn open(
+        cfg: &Config,
+        pins: Arc<Pins>,
+        disk_id: &str,
+        uuid: &[u8; 16],
+        force: bool,
+        disk_size: u64,
+    ) -> Result<Opened> {
         let (data_dir, window_blocks) = (cfg.data_dir.as_path(), cfg.window_blocks);
         let mut catalog = Catalog::open(data_dir)?;
-        let row = match catalog.bind(disk_id, uuid, force, &cfg.retention)? {
+        let row = match catalog.bind(disk_id, uuid, force, &cfg.retention, cfg.format)? {
             Bind::Mismatch { bound_uuid } => return Ok(Opened::Mismatch { bound_uuid }),
             Bind::New(row) => {
-                info!("new disk");
+                info!(format = %row.format, "new disk");
                 row
             }
             Bind::Existing(row) => row,
@@ -459,7 +467,11 @@ impl Work {
             catalog.clear_replaced(disk_id)?;
         }
         let halts = catalog.open_halts(disk_id)?;
-        let replica = Replica::open(&dir)?;
+        if row.failed_over {
+            // Refused by the caller; the replica is not opened (nor grown).
+            return Ok(Opened::FailedOver);
+        }
+        let replica = Replica::open(&dir, row.format, disk_size)?;
         let window_path: PathBuf = dir.join(WINDOW_FILE);
         let window =
             WindowFile::create(&window_path, window_blocks).io_ctx(|| format!("create {}", window_path.display()))?;
@@ -552,14 +564,21 @@ async fn session<R: AsyncRead + Unpin>(
         ));
     };
     let force = hello.flags & HELLO_FORCE_RESYNC != 0;
-    let (cfg2, pins, uuid) = (cfg.clone(), shared.pins.clone(), hello.disk_uuid);
+    let (cfg2, pins, uuid, size) = (cfg.clone(), shared.pins.clone(), hello.disk_uuid, hello.disk_size);
     let id2 = id.clone();
     let span = tracing::Span::current();
-    let opened = tokio::task::spawn_blocking(move || span.in_scope(|| Work::open(&cfg2, pins, &id2, &uuid, force)))
-        .await
-        .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
+    let opened =
+        tokio::task::spawn_blocking(move || span.in_scope(|| Work::open(&cfg2, pins, &id2, &uuid, force, size)))
+            .await
+            .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
     let mut work = match opened {
         Opened::Ready(w) => w,
+        Opened::FailedOver => {
+            return Err(refuse(
+                ErrorCode::Busy,
+                format!("disk {id} was failed over: this target no longer applies to it"),
+            ))
+        }
         Opened::Mismatch { bound_uuid } => {
             return Err(refuse(
                 ErrorCode::DiskMismatch,
@@ -576,11 +595,6 @@ async fn session<R: AsyncRead + Unpin>(
             ErrorCode::Busy,
             format!("disk {id} was failed over: this target no longer applies to it"),
         ));
-    }
-    if hello.disk_size > 0 {
-        if let Err(e) = work.applier.ensure_size(hello.disk_size) {
-            return Err(refuse(ErrorCode::Internal, format!("disk {id}: {e}")));
-        }
     }
     let applied = work.applier.applied_seq();
     let flags = if applied == 0 { WELCOME_NEED_FULL_SYNC } else { 0 };
