@@ -6,6 +6,7 @@
 //! names it.
 
 pub mod pipe;
+pub mod recovery;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -248,8 +249,8 @@ pub fn sparse_file(path: &Path, size: u64) {
     f.set_len(size).expect("set_len");
 }
 
-/// `qemu-img compare` two raw images; panics with its output if they differ.
-pub fn assert_identical(a: &Path, b: &Path) {
+/// `qemu-img compare` two raw images; Err with its output if they differ.
+pub fn compare(a: &Path, b: &Path) -> Result<(), String> {
     let out = run(
         Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "raw"])
@@ -257,23 +258,35 @@ pub fn assert_identical(a: &Path, b: &Path) {
             .arg(b),
         Duration::from_secs(120),
     );
-    assert!(
-        out.status.success(),
-        "{} and {} differ: {}{}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} and {} differ: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// `qemu-img compare` two raw images; panics with its output if they differ.
+pub fn assert_identical(a: &Path, b: &Path) {
+    if let Err(e) = compare(a, b) {
+        panic!("{e}");
+    }
+}
+
+/// `cp --sparse=always from to`, within `timeout`.
+pub fn copy_sparse(from: &Path, to: &Path, timeout: Duration) {
+    run_ok(Command::new("cp").arg("--sparse=always").arg(from).arg(to), timeout);
 }
 
 /// Replay the agent's journal onto a copy of `pre` and check it equals the disk.
 pub fn assert_replay_matches(state: &Path, pre: &Path, disk: &Path) {
     let copy = pre.with_extension("replayed");
-    run_ok(
-        Command::new("cp").arg("--sparse=always").arg(pre).arg(&copy),
-        Duration::from_secs(120),
-    );
+    copy_sparse(pre, &copy, Duration::from_secs(120));
     run_ok(
         Command::new(bin("tidemark"))
             .args(["journal", "replay", "--state"])
@@ -462,15 +475,18 @@ impl Site {
     /// Start a target (data in `dir/data`) and a collector (spool in
     /// `dir/spool`) with `collector_extra` flags (e.g. `--spool-cap 64M`).
     pub fn start(dir: &Path, collector_extra: &[&str]) -> Site {
+        Self::start_with(dir, &[], collector_extra)
+    }
+
+    /// As [`Site::start`], with `target_extra` flags for the target too
+    /// (e.g. `--retention-window 10s`, `--format vmdk-flat`).
+    pub fn start_with(dir: &Path, target_extra: &[&str], collector_extra: &[&str]) -> Site {
         let token_file = dir.join("token");
         std::fs::write(&token_file, "test-secret-token\n").expect("token");
         let (target_port, collector_port, api_port) = (free_port(), free_port(), free_port());
-        let target = Service::start(
-            "tidemark-target",
-            &Self::target_args(dir, &token_file, target_port),
-            &dir.join("target.log"),
-            target_port,
-        );
+        let mut targs = Self::target_args(dir, &token_file, target_port);
+        targs.extend(target_extra.iter().map(|s| s.to_string()));
+        let target = Service::start("tidemark-target", &targs, &dir.join("target.log"), target_port);
         let mut cargs = vec![
             "--listen".to_string(),
             format!("127.0.0.1:{collector_port}"),

@@ -10,37 +10,16 @@
 //! the same NBD, overlay, FUSE and export code without a target.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use tidemark_tests::pipe::*;
+use tidemark_tests::recovery::*;
 use tidemark_tests::*;
 
 const T: Duration = Duration::from_secs(60);
-
-fn tidemark() -> Command {
-    Command::new(bin("tidemark"))
-}
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// `tidemark tag`; the seq it printed.
-fn tag(state: &Path, name: &str, extra: &[&str]) -> u64 {
-    let o = run_ok(tidemark().args(["tag", "--agent", s(state), name]).args(extra), T);
-    stdout(&o)
-        .parse()
-        .unwrap_or_else(|_| panic!("tag printed {:?}", stdout(&o)))
-}
 
 /// Tags in the agent's journal: (seq, name).
 fn journal_tags(state: &Path) -> Vec<(u64, String)> {
@@ -65,61 +44,6 @@ fn tag_entry(state: &Path, name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("{name} not in tags.json: {v}"))
 }
 
-/// Mounts, loop devices and FUSE mounts undone on drop, also when a test
-/// panics halfway.
-#[derive(Default)]
-struct Undo {
-    mounts: Vec<PathBuf>,
-    loops: Vec<String>,
-    fuse: Vec<(PathBuf, Child)>,
-}
-
-impl Undo {
-    fn nbdfuse(&mut self, dir: &Path, sock: &Path) -> PathBuf {
-        fs::create_dir_all(dir).unwrap();
-        let child = Command::new("nbdfuse")
-            .arg(dir)
-            .args(["--unix", s(sock)])
-            .spawn()
-            .expect("nbdfuse");
-        self.fuse.push((dir.to_path_buf(), child));
-        wait_for_path(&dir.join("nbd"), T);
-        dir.join("nbd")
-    }
-
-    fn losetup(&mut self, file: &Path) -> String {
-        let lo = stdout(&run_ok(Command::new("losetup").args(["-f", "--show", s(file)]), T));
-        self.loops.push(lo.clone());
-        lo
-    }
-
-    fn mount(&mut self, dev: &str, at: &Path) {
-        fs::create_dir_all(at).unwrap();
-        run_ok(Command::new("mount").args([dev, s(at)]), T);
-        self.mounts.push(at.to_path_buf());
-    }
-
-    fn undo(&mut self) {
-        for m in self.mounts.drain(..).rev() {
-            let _ = Command::new("fsfreeze").arg("-u").arg(&m).output();
-            let _ = Command::new("umount").arg(&m).output();
-        }
-        for l in self.loops.drain(..).rev() {
-            let _ = Command::new("losetup").args(["-d", &l]).output();
-        }
-        for (d, mut c) in self.fuse.drain(..).rev() {
-            let _ = Command::new("fusermount3").arg("-u").arg(&d).output();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        self.undo();
-    }
-}
-
 /// Can a file be written and synced on the filesystem at `dir` within 20 s
 /// (that is, it is not frozen)?
 fn writable_now(dir: &Path) -> bool {
@@ -129,113 +53,6 @@ fn writable_now(dir: &Path) -> bool {
         Duration::from_secs(30),
     );
     out.status.success()
-}
-
-/// A running `tidemark mount`, stopped with SIGTERM on drop.
-struct Mount {
-    child: Child,
-    lines: Vec<String>,
-    sock: PathBuf,
-}
-
-impl Mount {
-    fn start(args: &[&str], sock: &Path) -> Mount {
-        let mut child = tidemark()
-            .arg("mount")
-            .args(args)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tidemark mount");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let (etx, erx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut s);
-            let _ = etx.send(s);
-        });
-        let mut lines = Vec::new();
-        let start = Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l == "ready" => break,
-                Ok(l) => lines.push(l),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = child.wait();
-                    panic!(
-                        "tidemark mount exited before ready: {lines:?}\n{}",
-                        erx.recv_timeout(T).unwrap_or_default()
-                    );
-                }
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "tidemark mount exited ({st}) before ready: {lines:?}\n{}",
-                    erx.recv_timeout(T).unwrap_or_default()
-                );
-            }
-            assert!(start.elapsed() < T, "tidemark mount not ready: {lines:?}");
-        }
-        Mount {
-            child,
-            lines,
-            sock: sock.to_path_buf(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.sock.display())
-    }
-
-    /// Copy the export to `out` with nbdcopy.
-    fn copy_to(&self, out: &Path) {
-        run_ok(
-            Command::new("nbdcopy").arg(self.uri()).arg(out),
-            Duration::from_secs(300),
-        );
-    }
-
-    /// SIGTERM; waits for a clean exit.
-    fn stop(mut self) {
-        run_ok(Command::new("kill").arg("-TERM").arg(self.child.id().to_string()), T);
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "tidemark mount exited with {st}");
-                break;
-            }
-            assert!(start.elapsed() < T, "tidemark mount did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(!self.sock.exists(), "socket left behind");
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .output();
-            let start = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < T {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn sha(p: &Path) -> String {
@@ -330,7 +147,7 @@ fn freeze_tags_are_app_consistent_and_always_thawed() {
     let nbd = undo.nbdfuse(&d.join("fuse"), &a.sock);
     let lo = undo.losetup(&nbd);
     let mnt = d.join("mnt");
-    undo.mount(&lo, &mnt);
+    undo.mount(&lo, &mnt, &[]);
     for i in 0..20u64 {
         fs::write(mnt.join(format!("app{i}")), vec![i as u8; 100_000]).unwrap();
     }
@@ -364,7 +181,7 @@ fn freeze_tags_are_app_consistent_and_always_thawed() {
     let plain = ext4_image(d, "plain");
     let plo = undo.losetup(&plain);
     let pmnt = d.join("pmnt");
-    undo.mount(&plo, &pmnt);
+    undo.mount(&plo, &pmnt, &[]);
     let pid = a.child.id().to_string();
     run_ok(Command::new("kill").args(["-STOP", &pid]), T);
     let start = Instant::now();
@@ -420,7 +237,7 @@ fn mount_serves_views_and_cleans_up() {
     let m = Mount::start(&["--image", s(&img)], &sock);
     assert!(m.lines[0].starts_with("opened image"), "{:?}", m.lines);
     let copy = d.join("copy.raw");
-    m.copy_to(&copy);
+    m.copy_to(&copy, Duration::from_secs(300));
     assert_identical(&copy, &img);
     let map = run_ok(Command::new("nbdinfo").arg("--map").arg(m.uri()), T);
     assert!(stdout(&map).contains("hole"), "{}", stdout(&map));
@@ -435,7 +252,7 @@ fn mount_serves_views_and_cleans_up() {
         "a write to a read-only view succeeded: {}",
         stdout(&w)
     );
-    m.stop();
+    m.stop_removing_socket();
 
     // Writable NBD: writes read back, then vanish.
     let m = Mount::start(&["--image", s(&img), "--writable"], &sock);
@@ -456,7 +273,7 @@ fn mount_serves_views_and_cleans_up() {
         "{}",
         stdout(&r)
     );
-    m.stop();
+    m.stop_removing_socket();
     assert_eq!(sha(&img), before);
 
     // --mountpoint, read-only.
@@ -469,7 +286,7 @@ fn mount_serves_views_and_cleans_up() {
     );
     assert_eq!(fs::read(mnt.join("sub/f3")).unwrap().len(), 21_003);
     assert!(fs::write(mnt.join("new"), "x").is_err(), "read-only mount took a write");
-    m.stop();
+    m.stop_removing_socket();
     nothing_left(&mnt);
     assert_eq!(sha(&img), before);
 
@@ -478,13 +295,13 @@ fn mount_serves_views_and_cleans_up() {
     fs::write(mnt.join("drill.txt"), "drill").unwrap();
     fs::remove_file(mnt.join("hello.txt")).unwrap();
     assert_eq!(fs::read_to_string(mnt.join("drill.txt")).unwrap(), "drill");
-    m.stop();
+    m.stop_removing_socket();
     nothing_left(&mnt);
     assert!(!mnt.join("drill.txt").exists());
     assert_eq!(sha(&img), before);
     let m = Mount::start(&["--image", s(&img), "--mountpoint", s(&mnt)], &sock);
     assert!(mnt.join("hello.txt").exists() && !mnt.join("drill.txt").exists());
-    m.stop();
+    m.stop_removing_socket();
     nothing_left(&mnt);
 
     // A bad mountpoint fails cleanly.
@@ -548,35 +365,6 @@ fn failover_exports_every_format() {
 // ---------------------------------------------------------------------
 // With the target's recovery API (tools feature `recovery`).
 
-/// Write bursts and, at several moments, flush, copy the source as a
-/// reference and tag; later bursts overwrite the same regions many times.
-/// Returns (tag name, seq, reference copy).
-fn tagged_workload(a: &Agent, d: &Path, size: u64, rounds: usize) -> Vec<(String, u64, PathBuf)> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-    let mut refs = Vec::new();
-    for r in 0..rounds {
-        for _ in 0..3 {
-            assert!(write_burst(&a.sock, size, &mut rng, 40));
-        }
-        // write_burst ends with a flush; nothing writes until the tag.
-        let copy = d.join(format!("ref{r}.raw"));
-        run_ok(Command::new("cp").arg("--sparse=always").arg(&a.disk).arg(&copy), T);
-        let name = format!("round-{r}");
-        let seq = tag(&a.state, &name, &[]);
-        refs.push((name, seq, copy));
-    }
-    for _ in 0..5 {
-        assert!(write_burst(&a.sock, size, &mut rng, 40));
-    }
-    refs
-}
-
-fn points_json(data: &Path, disk: &str) -> Vec<serde_json::Value> {
-    let o = run_ok(tidemark().args(["points", "--data", s(data), disk, "--json"]), T);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["points"].as_array().unwrap().clone()
-}
-
 /// Point-in-time truth: each tagged point, mounted through NBD, equals the
 /// reference copied at that moment; tags are listed by `tidemark points`;
 /// `seq:N` and `tag:NAME` open the same point; failover to each format
@@ -591,7 +379,7 @@ fn tagged_points_are_true() {
     let site = Site::start(d, &[]);
     let size = 64 * MIB;
     let a = agent(&site, d, "pit", size, &[]);
-    let refs = tagged_workload(&a, d, size, 4);
+    let refs = tagged_workload(&a, d, size, 4, 5);
     wait_and_compare(&site, "pit", &a.disk, Duration::from_secs(180));
     let data = d.join("data");
 
@@ -618,8 +406,8 @@ fn tagged_points_are_true() {
         let m = Mount::start(&["--data", s(&data), "pit", "--at", &at], &sock);
         assert!(m.lines[0].contains(&format!("seq {seq}")), "{at} opened {:?}", m.lines);
         let copy = d.join(format!("view{i}.raw"));
-        m.copy_to(&copy);
-        m.stop();
+        m.copy_to(&copy, Duration::from_secs(300));
+        m.stop_removing_socket();
         assert_identical(&copy, reference);
     }
 
@@ -671,7 +459,7 @@ fn mounted_points_and_app_consistent_tags() {
     let nbd = undo.nbdfuse(&d.join("fuse"), &a.sock);
     let lo = undo.losetup(&nbd);
     let mnt = d.join("mnt");
-    undo.mount(&lo, &mnt);
+    undo.mount(&lo, &mnt, &[]);
     fs::write(mnt.join("at-tag.txt"), "frozen in time").unwrap();
     let seq = tag(&a.state, "app-point", &["--freeze", s(&mnt)]);
     fs::write(mnt.join("after-tag.txt"), "later").unwrap();
@@ -695,7 +483,7 @@ fn mounted_points_and_app_consistent_tags() {
     assert!(m.lines[0].contains(&format!("seq {seq}")), "{:?}", m.lines);
     assert_eq!(fs::read_to_string(vm.join("at-tag.txt")).unwrap(), "frozen in time");
     assert!(!vm.join("after-tag.txt").exists());
-    m.stop();
+    m.stop_removing_socket();
     nothing_left(&vm);
     let m = Mount::start(
         &[
@@ -711,7 +499,7 @@ fn mounted_points_and_app_consistent_tags() {
         &sock,
     );
     fs::write(vm.join("drill.txt"), "drill").unwrap();
-    m.stop();
+    m.stop_removing_socket();
     nothing_left(&vm);
     assert_eq!(sha(&site.replica("pfs")), replica_before);
     a.stop();

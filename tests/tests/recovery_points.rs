@@ -12,74 +12,28 @@
 //! Each burst remembers the agent's last journaled seq before and after it,
 //! so a listed point maps to its reference by seq.
 //!
-//! The target is started here (not through `Site::start`) to pass the
-//! retention flags (`--retention-window`, `--point-interval`).
+//! The target is started with `Site::start_with` to pass the retention
+//! flags (`--retention-window`, `--point-interval`).
 //! `TIDEMARK_FAULT_SEED=N` replays a run.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tidemark_tests::pipe::*;
+use tidemark_tests::recovery::*;
 use tidemark_tests::*;
 
 const T: Duration = Duration::from_secs(60);
-
-fn tidemark() -> Command {
-    Command::new(bin("tidemark"))
-}
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-/// A target with `target_extra` flags (retention) and a collector, under
-/// `d` (data in `d/data`), as `Site::start` would start them.
-fn site_with(d: &Path, target_extra: &[&str]) -> Site {
-    let token_file = d.join("token");
-    fs::write(&token_file, "test-secret-token\n").unwrap();
-    let (target_port, collector_port, api_port) = (free_port(), free_port(), free_port());
-    let mut targs: Vec<String> = vec![
-        "--listen".into(),
-        format!("127.0.0.1:{target_port}"),
-        "--data".into(),
-        d.join("data").display().to_string(),
-        "--token-file".into(),
-        token_file.display().to_string(),
-    ];
-    targs.extend(target_extra.iter().map(|s| s.to_string()));
-    let target = Service::start("tidemark-target", &targs, &d.join("target.log"), target_port);
-    let cargs: Vec<String> = vec![
-        "--listen".into(),
-        format!("127.0.0.1:{collector_port}"),
-        "--spool".into(),
-        d.join("spool").display().to_string(),
-        "--target".into(),
-        format!("127.0.0.1:{target_port}"),
-        "--api".into(),
-        format!("127.0.0.1:{api_port}"),
-        "--token-file".into(),
-        token_file.display().to_string(),
-    ];
-    let collector = Service::start("tidemark-collector", &cargs, &d.join("collector.log"), api_port);
-    Site {
-        dir: d.into(),
-        token_file,
-        target,
-        collector,
-        target_port,
-        collector_port,
-        api_port,
-    }
-}
+/// How long nbdcopy may take to read a view.
+const COPY: Duration = Duration::from_secs(120);
 
 /// The agent's last journaled seq.
 fn last_seq(state: &Path) -> u64 {
@@ -153,35 +107,12 @@ fn reference(state: &Path, disk: &Path, file: PathBuf, write: impl FnOnce() -> R
     write().unwrap_or_else(|e| panic!("{e}"));
     let after = last_seq(state);
     assert!(after > before, "the burst journaled nothing ({before})");
-    run_ok(Command::new("cp").arg("--sparse=always").arg(disk).arg(&file), T);
+    copy_sparse(disk, &file, T);
     Ref { before, after, file }
 }
 
 fn ref_for(refs: &[Ref], seq: u64) -> Option<&Ref> {
     refs.iter().find(|r| r.before < seq && seq <= r.after)
-}
-
-#[derive(Clone, Debug)]
-struct Pt {
-    seq: u64,
-    kind: String,
-    time: String,
-}
-
-/// `tidemark points --json`, oldest first.
-fn points(data: &Path, disk: &str) -> Vec<Pt> {
-    let o = run_ok(tidemark().args(["points", "--data", s(data), disk, "--json"]), T);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("points JSON");
-    v["points"]
-        .as_array()
-        .expect("points array")
-        .iter()
-        .map(|p| Pt {
-            seq: p["seq"].as_u64().expect("seq"),
-            kind: p["kind"].as_str().expect("kind").to_string(),
-            time: p["time"].as_str().expect("time").to_string(),
-        })
-        .collect()
 }
 
 /// The newest crash point a reference's burst made.
@@ -201,141 +132,10 @@ fn age_s(time: &str) -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64() - t
 }
 
-/// `qemu-img compare`; Err with its output if the images differ.
-fn compare(a: &Path, b: &Path) -> Result<(), String> {
-    let out = run(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(a)
-            .arg(b),
-        Duration::from_secs(120),
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} and {} differ: {}{}",
-            a.display(),
-            b.display(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A running `tidemark mount`, stopped with SIGTERM on drop.
-struct Mount {
-    child: Child,
-    lines: Vec<String>,
-    sock: PathBuf,
-}
-
-impl Mount {
-    fn start(args: &[&str], sock: &Path) -> Mount {
-        let mut child = tidemark()
-            .arg("mount")
-            .args(args)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tidemark mount");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let (etx, erx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut s);
-            let _ = etx.send(s);
-        });
-        let mut lines = Vec::new();
-        let start = Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l == "ready" => break,
-                Ok(l) => lines.push(l),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = child.wait();
-                    panic!(
-                        "tidemark mount {args:?} exited before ready: {lines:?}\n{}",
-                        erx.recv_timeout(T).unwrap_or_default()
-                    );
-                }
-            }
-            assert!(start.elapsed() < T, "tidemark mount {args:?} not ready: {lines:?}");
-        }
-        Mount {
-            child,
-            lines,
-            sock: sock.to_path_buf(),
-        }
-    }
-
-    /// A view of `disk` at exactly `seq`.
-    fn at_seq(data: &Path, disk: &str, seq: u64, sock: &Path) -> Mount {
-        let m = Mount::start(&["--data", s(data), disk, "--at", &format!("seq:{seq}")], sock);
-        assert!(
-            m.lines.first().is_some_and(|l| l.contains(&format!("seq {seq},"))),
-            "seq:{seq} opened {:?}",
-            m.lines
-        );
-        m
-    }
-
-    /// Copy the export to `out` with nbdcopy.
-    fn copy_to(&self, out: &Path) {
-        run_ok(
-            Command::new("nbdcopy")
-                .arg(format!("nbd+unix:///?socket={}", self.sock.display()))
-                .arg(out),
-            Duration::from_secs(120),
-        );
-    }
-
-    /// SIGTERM; waits for a clean exit.
-    fn stop(mut self) {
-        run_ok(Command::new("kill").arg("-TERM").arg(self.child.id().to_string()), T);
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "tidemark mount exited with {st}");
-                break;
-            }
-            assert!(start.elapsed() < T, "tidemark mount did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .output();
-            let start = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < T {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Open `disk` at `seq`, copy it to `out` and close the view.
 fn read_point(data: &Path, disk: &str, seq: u64, sock: &Path, out: &Path) {
     let m = Mount::at_seq(data, disk, seq, sock);
-    m.copy_to(out);
+    m.copy_to(out, COPY);
     m.stop();
 }
 
@@ -361,60 +161,6 @@ fn check_points(data: &Path, disk: &str, d: &Path, todo: &[(u64, PathBuf)]) {
     );
 }
 
-/// Mounts, loop devices and FUSE mounts undone on drop, also when a test
-/// panics halfway.
-#[derive(Default)]
-struct Undo {
-    mounts: Vec<PathBuf>,
-    loops: Vec<String>,
-    fuse: Vec<(PathBuf, Child)>,
-}
-
-impl Undo {
-    fn nbdfuse(&mut self, dir: &Path, sock: &Path) -> PathBuf {
-        fs::create_dir_all(dir).unwrap();
-        let child = Command::new("nbdfuse")
-            .arg(dir)
-            .args(["--unix", s(sock)])
-            .spawn()
-            .expect("nbdfuse");
-        self.fuse.push((dir.to_path_buf(), child));
-        wait_for_path(&dir.join("nbd"), T);
-        dir.join("nbd")
-    }
-
-    fn losetup(&mut self, file: &Path) -> String {
-        let lo = stdout(&run_ok(Command::new("losetup").args(["-f", "--show", s(file)]), T));
-        self.loops.push(lo.clone());
-        lo
-    }
-
-    fn mount(&mut self, dev: &str, at: &Path, opts: &[&str]) {
-        fs::create_dir_all(at).unwrap();
-        run_ok(Command::new("mount").args(opts).args([dev, s(at)]), T);
-        self.mounts.push(at.to_path_buf());
-    }
-
-    fn undo(&mut self) {
-        for m in self.mounts.drain(..).rev() {
-            let _ = Command::new("umount").arg(&m).output();
-        }
-        for l in self.loops.drain(..).rev() {
-            let _ = Command::new("losetup").args(["-d", &l]).output();
-        }
-        for (d, mut c) in self.fuse.drain(..).rev() {
-            let _ = Command::new("fusermount3").arg("-u").arg(&d).output();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        self.undo();
-    }
-}
-
 fn elapsed_note(name: &str, start: Instant) {
     eprintln!("{name}: {:.1} s", start.elapsed().as_secs_f64());
 }
@@ -434,7 +180,7 @@ fn crash_points_match_references_at_flush() {
     let mut rng = StdRng::seed_from_u64(seed());
     let dir = tmpdir("rp-flush");
     let d = dir.path();
-    let site = site_with(d, &["--point-interval", "0"]);
+    let site = Site::start_with(d, &["--point-interval", "0"], &[]);
     let size = 32 * MIB;
     let a = agent(&site, d, "cp", size, &[]);
     site.wait("cp", T);
@@ -509,7 +255,7 @@ fn ext4_points_pass_fsck() {
     let disk = d.join("fs.img");
     sparse_file(&disk, size);
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F", s(&disk)]), T);
-    let site = site_with(d, &["--point-interval", "0"]);
+    let site = Site::start_with(d, &["--point-interval", "0"], &[]);
     let a = agent(&site, d, "fs", size, &[]);
     site.wait("fs", T);
     let data = d.join("data");
@@ -692,7 +438,7 @@ fn views_under_load_never_change() {
     let dir = tmpdir("rp-views");
     let d = dir.path();
     let window = 10.0;
-    let site = site_with(d, &["--retention-window", "10s"]);
+    let site = Site::start_with(d, &["--retention-window", "10s"], &[]);
     let size = 32 * MIB;
     let a = agent(&site, d, "vw", size, &[]);
     site.wait("vw", T);
@@ -723,16 +469,16 @@ fn views_under_load_never_change() {
         .unwrap_or_else(|| panic!("latest opened {:?}", v2.lines));
     assert!(latest > early);
     let (first1, first2) = (d.join("v1-first.raw"), d.join("v2-first.raw"));
-    v1.copy_to(&first1);
+    v1.copy_to(&first1, COPY);
     compare(&first1, &r.file).unwrap_or_else(|e| panic!("view at {early}: {e}"));
-    v2.copy_to(&first2);
+    v2.copy_to(&first2, COPY);
     let again = d.join("again.raw");
     let mut reads = 1;
     while t0.elapsed() < Duration::from_secs(16) && reads < 12 {
         std::thread::sleep(Duration::from_millis(1500));
-        v1.copy_to(&again);
+        v1.copy_to(&again, COPY);
         compare(&again, &first1).unwrap_or_else(|e| panic!("view at {early}, read {reads}: {e}"));
-        v2.copy_to(&again);
+        v2.copy_to(&again, COPY);
         compare(&again, &first2).unwrap_or_else(|e| panic!("latest view ({:?}), read {reads}: {e}", v2.lines));
         reads += 1;
     }
@@ -814,7 +560,7 @@ fn retention_window_expires_old_points() {
     let dir = tmpdir("rp-expire");
     let d = dir.path();
     let window = 5.0;
-    let site = site_with(d, &["--retention-window", "5s", "--point-interval", "0"]);
+    let site = Site::start_with(d, &["--retention-window", "5s", "--point-interval", "0"], &[]);
     let size = 32 * MIB;
     let a = agent(&site, d, "ex", size, &[]);
     site.wait("ex", T);
@@ -928,7 +674,7 @@ fn kill9_target_during_apply_keeps_points_true() {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tmpdir("rp-kill");
     let d = dir.path();
-    let mut site = site_with(d, &["--retention-window", "1h", "--point-interval", "0"]);
+    let mut site = Site::start_with(d, &["--retention-window", "1h", "--point-interval", "0"], &[]);
     let size = 32 * MIB;
     let a = agent(&site, d, "kl", size, &[]);
     site.wait("kl", T);
