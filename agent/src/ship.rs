@@ -49,6 +49,12 @@ pub const BATCH_RECORDS: usize = 1024;
 pub const BATCH_BYTES: usize = 4 << 20;
 /// Most payload bytes sent and not yet acknowledged.
 pub const WINDOW_BYTES: u64 = 32 << 20;
+/// At most this many batches unacknowledged. Each costs the collector an
+/// fsync round, so under a steady stream of small writes a cap by bytes
+/// alone lets hundreds of tiny batches queue behind one another; capped by
+/// count, batches grow with the backlog instead and latency stays at a few
+/// fsync rounds.
+pub const WINDOW_BATCHES: usize = 4;
 /// Progress period.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -728,7 +734,9 @@ async fn stream_records(
             send_frame(wr, &Frame::Progress(shim.progress()), stop).await?;
             next_progress = tokio::time::Instant::now() + PROGRESS_EVERY;
         }
-        let can_send = c.unacked_bytes < WINDOW_BYTES && (!queue.is_empty() || shim.applied_watermark() > c.sent_upto);
+        let can_send = c.unacked_bytes < WINDOW_BYTES
+            && c.inflight.len() < WINDOW_BATCHES
+            && (!queue.is_empty() || shim.applied_watermark() > c.sent_upto);
         if can_send {
             let upto = shim.applied_watermark();
             let (it, q, r) = tokio::task::spawn_blocking(move || {

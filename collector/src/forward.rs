@@ -36,6 +36,14 @@ const TARGET_IDLE: Duration = Duration::from_secs(30);
 const TARGET_MAX_BODY: u32 = 64 << 10;
 /// A target that takes nothing of a batch for this long is wedged: reconnect.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Spool files merged into one packed batch while they add up to less than
+/// this (and at most MERGE_FILES of them): each batch costs the target an
+/// fsync round, so a run of small files goes as one.
+const MERGE_BYTES: u64 = 4 << 20;
+const MERGE_FILES: usize = 64;
+/// Packed batches unacknowledged at once (besides the byte cap): capped by
+/// count, batches grow with the backlog rather than queueing.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -124,6 +132,10 @@ impl InFlight {
         g.0.push_back((last, bytes));
         g.1 += bytes;
         g.2 = g.2.max(last);
+    }
+    /// Batches sent and not yet acknowledged.
+    fn count(&self) -> usize {
+        self.lock().0.len()
     }
     /// The highest seq sent (or applied at the start of the session).
     fn sent_upto(&self) -> u64 {
@@ -297,16 +309,30 @@ async fn send_loop(
         let spooled = disk.spooled.notified();
         tokio::pin!(spooled);
         spooled.as_mut().enable();
-        let found = {
+        // The first spool file past what was sent, and the files right
+        // after it while they add up to less than MERGE_BYTES: one packed
+        // batch (one fsync round at the target) for a run of small files.
+        let (found, more) = {
             let st = disk.lock();
             if st.generation != generation {
                 return Ok(());
             }
             next = next.max(st.applied_seq + 1);
-            st.files
-                .iter()
-                .find(|(_, e)| e.last >= next)
-                .map(|(first, e)| (*first, e.clone()))
+            let mut it = st.files.iter().skip_while(|(_, e)| e.last < next);
+            let found = it.next().map(|(first, e)| (*first, e.clone()));
+            let mut more = Vec::new();
+            if let Some((_, e)) = &found {
+                let (mut total, mut last) = (e.len, e.last);
+                for (f, e) in it {
+                    if *f != last + 1 || total + e.len > MERGE_BYTES || more.len() >= MERGE_FILES {
+                        break;
+                    }
+                    total += e.len;
+                    last = e.last;
+                    more.push((*f, e.clone()));
+                }
+            }
+            (found, more)
         };
         let Some((first, entry)) = found else {
             tokio::select! {
@@ -321,7 +347,7 @@ async fn send_loop(
             let changed = inflight.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if inflight.bytes() < shared.cfg.max_in_flight {
+            if inflight.bytes() < shared.cfg.max_in_flight && inflight.count() < MAX_BATCHES_IN_FLIGHT {
                 break;
             }
             tokio::select! {
@@ -334,9 +360,10 @@ async fn send_loop(
         // The file, its records and the packed copy are held at once while
         // packing; the budget is given back before anything is written to
         // the target, so a target that does not read stalls only this disk.
+        let merged_len: u64 = entry.len + more.iter().map(|(_, e)| e.len).sum::<u64>();
         let mem = shared
             .memory
-            .acquire_many(kib_permits(3 * entry.len))
+            .acquire_many(kib_permits(3 * merged_len))
             .await
             .context("memory budget closed")?;
         let path = entry.path.clone();
@@ -367,7 +394,21 @@ async fn send_loop(
         if !batch.body_ok {
             report_damage(shared, disk, &entry.path, &batch);
         }
-        let records: Vec<Record> = batch.records.into_iter().filter(|r| r.header.seq >= next).collect();
+        let mut records: Vec<Record> = batch.records.into_iter().filter(|r| r.header.seq >= next).collect();
+        // The files after it: one that cannot be read now ends the merge
+        // (the next round takes it first, with the error handling above).
+        let mut merged_last = entry.last;
+        for (_, e) in more {
+            let path = e.path.clone();
+            let Ok(Ok(b)) = tokio::task::spawn_blocking(move || fmt::read_batch(&path, &uuid)).await else {
+                break;
+            };
+            if !b.body_ok {
+                report_damage(shared, disk, &e.path, &b);
+            }
+            records.extend(b.records);
+            merged_last = e.last;
+        }
         let mut frames = Vec::new();
         for run in runs(&records) {
             let run_first = run[0].header.seq;
@@ -404,7 +445,7 @@ async fn send_loop(
             shared.counters.batches_forwarded.fetch_add(1, Ordering::Relaxed);
             failpoint::hit("collector-forward-after-send");
         }
-        next = next.max(entry.last + 1);
+        next = next.max(merged_last + 1);
     }
 }
 
