@@ -141,7 +141,10 @@ fn have_qemu() -> bool {
             .output()
             .is_ok_and(|o| o.status.success());
     // CI installs qemu-utils (.ci/run): a missing qemu is an error, never a skip.
-    assert!(ok, "qemu-img / qemu-io are not installed (Debian: qemu-utils; .ci/run installs them)");
+    assert!(
+        ok,
+        "qemu-img / qemu-io are not installed (Debian: qemu-utils; .ci/run installs them)"
+    );
     ok
 }
 
