@@ -158,11 +158,13 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     // SyncBegin, seq 1. A state directory without a sync state (made by an
     // older agent, or a crash right after the journal was created) owes it
     // too; if its journal already holds records, the driver journals the
-    // SyncBegin when it starts the sync (start seq 0 until then).
+    // SyncBegin when it starts the sync (start seq 0 until then). Without a
+    // collector nothing syncs yet, and the journal holds client writes only:
+    // the SyncBegin waits until a collector is configured.
     let sync = match crate::sync::load(&state.dir)? {
         Some(s) => s,
         None => {
-            let start = if journal.next_seq() == 1 {
+            let start = if journal.next_seq() == 1 && cfg.ship.is_some() {
                 let hash = *blake3::hash(&[]).as_bytes();
                 journal
                     .append(RecordKind::SyncBegin, FLAG_FULL, 0, 0, &[], hash, crate::now_ns())

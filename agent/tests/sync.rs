@@ -30,7 +30,13 @@ fn cfg(dir: &Path, size: u64, cap: u64) -> ProtectConfig {
         create_size: Some(size),
         journal_cap: Some(cap),
         bench_consume: false,
-        ship: None,
+        // As with --collector (the tests run the driver themselves and
+        // never connect): the first run journals the initial SyncBegin.
+        ship: Some(tidemark_agent::ship::ShipConfig {
+            addr: "127.0.0.1:9".into(),
+            token: b"unused".to_vec(),
+            force_resync: false,
+        }),
     }
 }
 
@@ -556,7 +562,15 @@ fn crash_after_a_sync_append_mid_initial_sync() {
     let recs = all_records(&c.state, 1);
     let done: Vec<&Record> = recs.iter().filter(|r| r.header.kind == RecordKind::SyncDone).collect();
     assert_eq!(done.len(), 1);
-    assert_eq!((done[0].header.flags, done[0].header.offset), (FLAG_FULL, 1));
+    // The sync's start seq is its SyncBegin's (seq 1 when a collector is
+    // configured at the first run; here, without one, the driver journals it
+    // when it starts).
+    let begin = recs
+        .iter()
+        .find(|r| r.header.kind == RecordKind::SyncBegin && r.header.flags == FLAG_FULL)
+        .map(|r| r.header.seq)
+        .expect("a SyncBegin");
+    assert_eq!((done[0].header.flags, done[0].header.offset), (FLAG_FULL, begin));
     let replay = d.path().join("replay.img");
     apply_to(&replay, SIZE, &recs, 1);
     assert!(
