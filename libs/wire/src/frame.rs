@@ -612,6 +612,18 @@ impl Frame {
             7 => {
                 let kind = c.u8("request")?;
                 let (seq, offset, length) = (c.u64("request")?, c.u64("request")?, c.u64("request")?);
+                // Fields a kind does not use must be zero: one encoding per request.
+                let unused_zero = match kind {
+                    1 => offset == 0 && length == 0,
+                    3 => seq == 0 && offset == 0 && length == 0,
+                    _ => true,
+                };
+                if !unused_zero {
+                    return Err(err(
+                        WireErrorKind::Corrupt,
+                        format!("request kind {kind} with non-zero fields it does not use"),
+                    ));
+                }
                 Frame::Request(match kind {
                     1 => Request::StatusNow { nonce: seq },
                     2 => {
@@ -760,6 +772,22 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert_eq!(g, &w.replace(' ', ""));
         }
+    }
+
+    /// Found by the frame_decode fuzzer: a status-now request carrying an
+    /// offset decoded, then re-encoded without it.
+    #[test]
+    fn requests_have_one_encoding() {
+        let mut f = Frame::Request(Request::StatusNow { nonce: 1 }).encode().unwrap();
+        f[25] = 0xfe; // inside the offset field
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&f[0..12]), &f[16..]);
+        f[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(Frame::decode(&f).unwrap_err().msg.contains("non-zero"));
+        let mut g = Frame::Request(Request::FullResync).encode().unwrap();
+        g[17] = 1; // the seq field
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&g[0..12]), &g[16..]);
+        g[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(Frame::decode(&g).is_err());
     }
 
     #[test]
