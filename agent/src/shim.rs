@@ -851,6 +851,8 @@ impl Shim {
         keep_allocated: bool,
     ) -> io::Result<()> {
         let mut data = data;
+        // Hashed once, also when a fenced write is retried.
+        let mut hash = None;
         let step = loop {
             let step = if data.len() >= OFFLOAD_MIN {
                 // Hash, journal and write a large payload on a blocking-pool
@@ -858,24 +860,28 @@ impl Shim {
                 // meanwhile. Ordering is unaffected: the range ticket, taken
                 // with the journal append, is what orders overlapping writes.
                 let inner = self.inner.clone();
-                tokio::task::spawn_blocking(move || inner.track_and_apply(kind, offset, len, data, keep_allocated))
-                    .await
-                    .map_err(|e| eio(format!("write task failed: {e}")))??
+                tokio::task::spawn_blocking(move || {
+                    inner.track_and_apply(kind, offset, len, data, hash, keep_allocated)
+                })
+                .await
+                .map_err(|e| eio(format!("write task failed: {e}")))??
             } else {
-                self.inner.track_and_apply(kind, offset, len, data, keep_allocated)?
+                self.inner
+                    .track_and_apply(kind, offset, len, data, hash, keep_allocated)?
             };
             match step {
-                Step::Fenced(d) => {
+                Step::Fenced(d, h) => {
                     // A sync is reading this range: journal after its records.
                     self.inner.stats.fence_waits.fetch_add(1, Ordering::Relaxed);
                     self.inner.wait_unfenced(offset, len).await;
                     data = d;
+                    hash = Some(h);
                 }
                 other => break other,
             }
         };
         let result = match step {
-            Step::Fenced(_) => unreachable!("fenced steps are retried above"),
+            Step::Fenced(..) => unreachable!("fenced steps are retried above"),
             Step::Done(r) => r,
             Step::Wait(ticket, data) => {
                 // Finish in a task of its own: once journaled, the disk write
@@ -913,8 +919,8 @@ enum Step {
     /// Journaled; an older overlapping write must reach the disk first.
     Wait(Ticket, Vec<u8>),
     /// Not tracked: a sync chunk overlapping it is being read. Retry once
-    /// its fence is lifted.
-    Fenced(Vec<u8>),
+    /// its fence is lifted (payload and its hash, kept for the retry).
+    Fenced(Vec<u8>, [u8; 32]),
 }
 
 impl Inner {
@@ -940,11 +946,12 @@ impl Inner {
         offset: u64,
         len: u64,
         data: Vec<u8>,
+        hash: Option<[u8; 32]>,
         keep_allocated: bool,
     ) -> io::Result<Step> {
-        let hash = *blake3::hash(&data).as_bytes();
+        let hash = hash.unwrap_or_else(|| *blake3::hash(&data).as_bytes());
         let Some(ticket) = self.track(kind, offset, len, &data, hash)? else {
-            return Ok(Step::Fenced(data));
+            return Ok(Step::Fenced(data, hash));
         };
         if ticket.must_wait() {
             return Ok(Step::Wait(ticket, data));
