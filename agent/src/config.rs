@@ -5,12 +5,37 @@ use std::path::PathBuf;
 pub use crate::ship::ShipConfig;
 pub use tidemark_nbd::ListenAddr;
 
+/// The ublk front end's settings (`--ublk`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UblkOptions {
+    /// Device number N of `/dev/ublkbN`; `None`: the one this state
+    /// directory used last (to recover it), else the kernel picks.
+    pub id: Option<u32>,
+    /// Hardware queues (one server thread each).
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+}
+
+impl Default for UblkOptions {
+    fn default() -> Self {
+        UblkOptions {
+            id: None,
+            queues: 1,
+            depth: 64,
+        }
+    }
+}
+
 /// Everything `protect` needs.
 #[derive(Clone, Debug)]
 pub struct ProtectConfig {
     pub disk: PathBuf,
     pub state: PathBuf,
-    pub listen: ListenAddr,
+    /// Serve the disk over NBD here (with or without `ublk`).
+    pub listen: Option<ListenAddr>,
+    /// Serve the disk as a ublk block device (`/dev/ublkbN`).
+    pub ublk: Option<UblkOptions>,
     pub disk_id: String,
     /// Create a sparse file of this size if `disk` does not exist.
     pub create_size: Option<u64>,

@@ -186,7 +186,8 @@ mod tests {
         let cfg = ProtectConfig {
             disk: d.join("d.img"),
             state: d.join("st"),
-            listen: ListenAddr::Unix(d.join("s")),
+            listen: Some(ListenAddr::Unix(d.join("s"))),
+            ublk: None,
             disk_id: id.into(),
             create_size: Some(1 << 20),
             journal_cap: None,

@@ -18,6 +18,7 @@ pub mod ship;
 pub mod state;
 pub mod sync;
 pub mod syncer;
+pub mod ublk;
 
 /// Nanoseconds since the Unix epoch, for record timestamps.
 pub fn now_ns() -> u64 {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use tidemark_agent::config::{ProtectConfig, ShipConfig};
+use tidemark_agent::config::{ProtectConfig, ShipConfig, UblkOptions};
 use tidemark_util::human::parse_size;
 
 #[derive(Parser)]
@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve a protected disk over NBD, journaling every write.
+    /// Serve a protected disk over NBD and/or as a ublk block device,
+    /// journaling every write.
     Protect(ProtectArgs),
 }
 
@@ -37,9 +38,24 @@ struct ProtectArgs {
     /// State directory (journal, bitmap, control socket).
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Where to serve NBD: unix:PATH or tcp:HOST:PORT.
+    /// Where to serve NBD: unix:PATH or tcp:HOST:PORT (optional with --ublk).
     #[arg(long)]
     listen: Option<String>,
+    /// Also (or only) serve the disk as a kernel block device /dev/ublkbN
+    /// through the ublk driver (Linux 6.0+, module ublk_drv).
+    #[arg(long)]
+    ublk: bool,
+    /// With --ublk: the device number N of /dev/ublkbN. Default: the device
+    /// this state directory used last (re-attached if it is still there),
+    /// else the next free one.
+    #[arg(long)]
+    ublk_id: Option<u32>,
+    /// With --ublk: hardware queues, one server thread each (1-16, default 1).
+    #[arg(long)]
+    queues: Option<u16>,
+    /// With --ublk: requests in flight per queue (1-4096, default 64).
+    #[arg(long)]
+    depth: Option<u16>,
     /// Disk id (1–64 of A-Z a-z 0-9 . _ -); default: the disk's file name.
     #[arg(long)]
     disk_id: Option<String>,
@@ -73,6 +89,10 @@ struct FileConfig {
     disk: Option<PathBuf>,
     state: Option<PathBuf>,
     listen: Option<String>,
+    ublk: bool,
+    ublk_id: Option<u32>,
+    queues: Option<u16>,
+    depth: Option<u16>,
     disk_id: Option<String>,
     create_size: Option<String>,
     journal_cap: Option<String>,
@@ -100,8 +120,35 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
     let listen = a
         .listen
         .or(file.listen)
-        .context("--listen is required (or `listen` in the config file)")?;
-    let listen = tidemark_nbd::parse_listen(&listen).map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
+        .map(|l| tidemark_nbd::parse_listen(&l).map_err(|e| anyhow::anyhow!("--listen: {e}")))
+        .transpose()?;
+    let ublk = if a.ublk || file.ublk {
+        let d = UblkOptions::default();
+        let queues = a.queues.or(file.queues).unwrap_or(d.queues);
+        let depth = a.depth.or(file.depth).unwrap_or(d.depth);
+        if !(1..=16).contains(&queues) {
+            anyhow::bail!("--queues {queues} is out of range: give 1 to 16");
+        }
+        if !(1..=4096).contains(&depth) {
+            anyhow::bail!("--depth {depth} is out of range: give 1 to 4096");
+        }
+        Some(UblkOptions {
+            id: a.ublk_id.or(file.ublk_id),
+            queues,
+            depth,
+        })
+    } else {
+        if a.ublk_id.is_some() || a.queues.is_some() || a.depth.is_some() {
+            anyhow::bail!("--ublk-id, --queues and --depth need --ublk (or `ublk = true` in the config file)");
+        }
+        if file.ublk_id.is_some() || file.queues.is_some() || file.depth.is_some() {
+            anyhow::bail!("`ublk_id`, `queues` and `depth` in the config file need `ublk = true`");
+        }
+        None
+    };
+    if listen.is_none() && ublk.is_none() {
+        anyhow::bail!("give --listen (NBD), --ublk, or both (or `listen` / `ublk` in the config file)");
+    }
     let disk_id = match a.disk_id.or(file.disk_id) {
         Some(id) => id,
         None => disk
@@ -156,6 +203,7 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
         disk,
         state,
         listen,
+        ublk,
         disk_id,
         bench_consume: a.bench_consume,
         ship,

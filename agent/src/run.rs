@@ -273,13 +273,37 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
              the collector has not acknowledged, so records would never reach the replica"
         );
     }
+    if cfg.ublk.is_some() {
+        // Before anything is opened: a kernel without ublk fails at once.
+        crate::ublk::check_available()?;
+    }
     let Opened {
         shim,
         state,
         disk_lock: _disk_lock,
         ..
     } = open(&cfg)?;
-    let listener = tidemark_nbd::bind(&cfg.listen).await.context("cannot serve the disk")?;
+    let listener = match &cfg.listen {
+        Some(l) => Some(tidemark_nbd::bind(l).await.context("cannot serve the disk")?),
+        None => None,
+    };
+    let device = match &cfg.ublk {
+        Some(opts) => {
+            let (shim, opts, dir, rt) = (
+                shim.clone(),
+                opts.clone(),
+                cfg.state.clone(),
+                tokio::runtime::Handle::current(),
+            );
+            // Off the runtime thread: bringing the device up blocks until the
+            // kernel has read the partition table through it.
+            let d = tokio::task::spawn_blocking(move || crate::ublk::start(shim, &opts, &dir, rt))
+                .await
+                .context("ublk start task")??;
+            Some(d)
+        }
+        None => None,
+    };
     let stop = CancellationToken::new();
     {
         let stop = stop.clone();
@@ -312,12 +336,46 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         .ship
         .clone()
         .map(|sc| tokio::spawn(crate::ship::run(shim.clone(), sc, stop.clone())));
-    info!(disk = %cfg.disk_id, listen = ?cfg.listen, "serving");
+    info!(
+        disk = %cfg.disk_id,
+        listen = ?cfg.listen,
+        ublk = device.as_ref().map(|d| d.block_device()).unwrap_or_default(),
+        "serving"
+    );
     let backend = Arc::new(shim.clone());
-    tidemark_nbd::serve(listener, backend, stop.clone())
-        .await
-        .context("NBD server")?;
+    let nbd = async {
+        match listener {
+            Some(l) => tidemark_nbd::serve(l, backend, stop.clone())
+                .await
+                .context("NBD server"),
+            None => {
+                stop.cancelled().await;
+                Ok(())
+            }
+        }
+    };
+    // A ublk device that goes away under the agent (deleted from outside,
+    // a failed queue) stops the agent, with an error.
+    let watch_ublk = async {
+        let Some(d) = &device else {
+            return Ok(());
+        };
+        tokio::select! {
+            () = d.ended() => {
+                stop.cancel();
+                Err(anyhow::anyhow!("{} stopped while the agent was serving it (deleted from outside?)", d.block_device()))
+            }
+            () = stop.cancelled() => Ok(()),
+        }
+    };
+    let (nbd_r, ublk_r) = tokio::join!(nbd, watch_ublk);
     stop.cancel();
+    if let Some(d) = device {
+        if let Err(e) = d.shutdown().await {
+            warn!("ublk device: {e:#}");
+        }
+    }
+    nbd_r?;
     if let Some(d) = drain {
         let _ = d.join();
     }
@@ -333,9 +391,11 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
     let next = shim.core().journal.next_seq();
     state.mark_clean(next)?;
     let _ = control.await;
-    if let ListenAddr::Unix(p) = &cfg.listen {
+    if let Some(ListenAddr::Unix(p)) = &cfg.listen {
         let _ = std::fs::remove_file(p);
     }
+    // Everything is flushed and marked clean; then report a lost device.
+    ublk_r?;
     info!(disk = %cfg.disk_id, next_seq = next, "stopped cleanly");
     Ok(())
 }

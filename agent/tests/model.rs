@@ -77,7 +77,8 @@ fn cfg(dir: &std::path::Path) -> ProtectConfig {
     ProtectConfig {
         disk: dir.join("disk.img"),
         state: dir.join("state"),
-        listen: ListenAddr::Unix(dir.join("unused.sock")),
+        listen: Some(ListenAddr::Unix(dir.join("unused.sock"))),
+        ublk: None,
         disk_id: "model".into(),
         create_size: Some(SIZE),
         journal_cap: Some(256 << 20),

@@ -29,7 +29,8 @@ fn cfg(dir: &Path, addr: String) -> ProtectConfig {
     ProtectConfig {
         disk: dir.join("disk.img"),
         state: dir.join("state"),
-        listen: ListenAddr::Unix(dir.join("unused.sock")),
+        listen: Some(ListenAddr::Unix(dir.join("unused.sock"))),
+        ublk: None,
         disk_id: "ship-me".into(),
         create_size: Some(SIZE),
         // 1 MiB segments: the writes below fill several.

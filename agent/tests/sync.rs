@@ -25,7 +25,8 @@ fn cfg(dir: &Path, size: u64, cap: u64) -> ProtectConfig {
     ProtectConfig {
         disk: dir.join("disk.img"),
         state: dir.join("state"),
-        listen: ListenAddr::Unix(dir.join("unused.sock")),
+        listen: Some(ListenAddr::Unix(dir.join("unused.sock"))),
+        ublk: None,
         disk_id: "sync".into(),
         create_size: Some(size),
         journal_cap: Some(cap),

@@ -1288,8 +1288,41 @@ fn cli_and_state_errors_are_clear() {
         nothing_created(&format!("--listen {bad}"));
     }
     let out = agent_protect(&["--disk", s(&new_disk), "--state", s(&new_state)]);
-    expect_fail(&out, &["--listen is required"], "no --listen");
+    expect_fail(&out, &["give --listen (NBD), --ublk, or both"], "no --listen");
     nothing_created("no --listen");
+
+    // ublk settings without --ublk, or out of range.
+    for (args, needle) in [
+        (&["--queues", "2"][..], "need --ublk"),
+        (&["--ublk-id", "3"][..], "need --ublk"),
+        (&["--ublk", "--queues", "0"][..], "--queues 0 is out of range"),
+        (&["--ublk", "--depth", "5000"][..], "--depth 5000 is out of range"),
+    ] {
+        let mut a = vec!["--disk", s(&new_disk), "--create-size", "1M", "--state", s(&new_state)];
+        a.extend_from_slice(args);
+        let out = agent_protect(&a);
+        expect_fail(&out, &[needle], &format!("{args:?}"));
+        nothing_created(&format!("{args:?}"));
+    }
+    // This kernel has no ublk driver (the VM tests cover the driver): --ublk
+    // fails at once, saying so, and creates nothing.
+    if !Path::new("/dev/ublk-control").exists() {
+        let out = agent_protect(&[
+            "--disk",
+            s(&new_disk),
+            "--create-size",
+            "1M",
+            "--state",
+            s(&new_state),
+            "--ublk",
+        ]);
+        expect_fail(
+            &out,
+            &["/dev/ublk-control", "lacks the ublk driver"],
+            "--ublk without ublk_drv",
+        );
+        nothing_created("--ublk without ublk_drv");
+    }
 
     // A config file with an unknown key: the message names the key.
     let cfg = d.join("agent.toml");

@@ -1,0 +1,630 @@
+//! The ublk front end: the protected disk as a kernel block device,
+//! `/dev/ublkbN`, served through the kernel's ublk driver (libublk).
+//!
+//! Every request goes through the same [`Shim`] as NBD requests do, so
+//! WRITE, DISCARD and WRITE_ZEROES are journaled before they reach the disk
+//! and FLUSH makes journal and disk durable. Requests of a queue are served
+//! by one thread (libublk's io_uring loop with a small local executor); the
+//! shim's async work (large writes, fdatasync rounds) runs on the agent's
+//! tokio runtime, and whatever wakes a request from there also kicks the
+//! queue's ring through an eventfd, so the queue thread never sleeps on a
+//! request that is ready.
+//!
+//! Devices are created with `UBLK_F_USER_RECOVERY` and
+//! `UBLK_F_USER_RECOVERY_REISSUE`: when the agent dies (kill -9, a crash),
+//! the kernel keeps `/dev/ublkbN`, holds new requests, and re-issues the
+//! ones the dead agent had not completed to the next agent, which finds the
+//! device number in its state directory and re-attaches. A client sees a
+//! pause, never an error, and every completed write was journaled first (a
+//! re-issued write may be journaled twice, which replays the same bytes).
+//! A clean stop deletes the device.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::{sys, BufDesc, UblkError, UblkFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use serde::{Deserialize, Serialize};
+use tidemark_nbd::{Backend, ZeroFlags};
+use tracing::{error, info, warn};
+
+use crate::config::UblkOptions;
+use crate::shim::Shim;
+
+/// The ublk driver's control device.
+pub const CONTROL: &str = "/dev/ublk-control";
+
+/// Largest request the device accepts (bytes).
+const IO_BUF_BYTES: u32 = 512 << 10;
+
+/// The file in the state directory that names this disk's device.
+const STATE_FILE: &str = "ublk.json";
+
+/// Fail at once, with the reason, when the kernel has no ublk driver.
+pub fn check_available() -> Result<()> {
+    check_available_at(Path::new(CONTROL))
+}
+
+fn check_available_at(control: &Path) -> Result<()> {
+    if !control.exists() {
+        bail!(
+            "--ublk: {} does not exist: this kernel lacks the ublk driver (ublk_drv, Linux 6.0 \
+             or later; try `modprobe ublk_drv`), so the disk cannot be served as /dev/ublkbN. \
+             Serve it over NBD with --listen instead",
+            control.display()
+        );
+    }
+    Ok(())
+}
+
+/// What the state directory remembers of the device.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct Recorded {
+    id: u32,
+    size: u64,
+}
+
+fn state_file(state: &Path) -> PathBuf {
+    state.join(STATE_FILE)
+}
+
+fn read_recorded(state: &Path) -> Result<Option<Recorded>> {
+    let p = state_file(state);
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .with_context(|| format!("{} is damaged; remove it to start a new device", p.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
+    }
+}
+
+fn write_recorded(state: &Path, r: &Recorded) -> Result<()> {
+    let p = state_file(state);
+    tidemark_util::crashsafe::write_atomic(&p, &serde_json::to_vec(r)?)
+        .with_context(|| format!("write {}", p.display()))
+}
+
+fn remove_recorded(state: &Path) {
+    let p = state_file(state);
+    if let Err(e) = std::fs::remove_file(&p) {
+        if e.kind() != io::ErrorKind::NotFound {
+            warn!("cannot remove {}: {e}", p.display());
+        }
+    }
+}
+
+fn ublk_err(what: &str, e: UblkError) -> anyhow::Error {
+    match e {
+        UblkError::OtherError(n) | UblkError::UringIOError(n) if n < 0 => {
+            anyhow::anyhow!("{what}: {}", io::Error::from_raw_os_error(-n))
+        }
+        e => anyhow::anyhow!("{what}: {e}"),
+    }
+}
+
+/// A running ublk device.
+pub struct Device {
+    id: u32,
+    ctrl: Arc<UblkCtrl>,
+    thread: Option<JoinHandle<Result<()>>>,
+    state: PathBuf,
+    /// Fires when the device's server thread ends, for whatever reason.
+    ended: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Device {
+    /// `/dev/ublkbN`.
+    pub fn block_device(&self) -> String {
+        format!("/dev/ublkb{}", self.id)
+    }
+
+    /// Resolves when the device's server stops (deleted from outside, or a
+    /// queue failed); a clean [`Device::shutdown`] also ends it.
+    pub async fn ended(&self) {
+        let mut rx = self.ended.clone();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Clean stop: stop the device (requests in flight complete first),
+    /// wait for its threads, delete it, forget it in the state directory.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let ctrl = self.ctrl.clone();
+        let thread = self.thread.take();
+        let id = self.id;
+        let r = tokio::task::spawn_blocking(move || -> Result<()> {
+            if let Err(e) = ctrl.kill_dev() {
+                warn!(id, "stop ublk device: {e}");
+            }
+            let served = match thread {
+                Some(t) => t
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("ublk server thread panicked"))),
+                None => Ok(()),
+            };
+            match ctrl.del_dev() {
+                Ok(_) => {}
+                Err(UblkError::OtherError(n)) if n == -libc::ENOENT => {}
+                Err(e) => return Err(ublk_err(&format!("delete /dev/ublkb{id}"), e)),
+            }
+            served
+        })
+        .await
+        .context("ublk stop task")?;
+        remove_recorded(&self.state);
+        info!(id, "ublk device deleted");
+        r
+    }
+}
+
+/// How the device is brought up.
+enum Start {
+    /// A new device (`None`: the kernel picks its number).
+    Add(Option<u32>),
+    /// Re-attach to a device left by an agent that died.
+    Recover(u32),
+}
+
+/// Decide between adding a device and recovering the one the last agent
+/// left behind.
+fn plan(opts: &UblkOptions, recorded: Option<&Recorded>, size: u64) -> Result<Start> {
+    let id = opts.id.or(recorded.map(|r| r.id));
+    let Some(id) = id else {
+        return Ok(Start::Add(None));
+    };
+    if i32::try_from(id).is_err() {
+        bail!("--ublk-id {id} is too large");
+    }
+    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return Ok(Start::Add(Some(id)));
+    }
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_err(&format!("open ublk device {id}"), e))?;
+    let info = ctrl.dev_info();
+    let ours = recorded.is_some_and(|r| r.id == id && r.size == size);
+    match u32::from(info.state) {
+        sys::UBLK_S_DEV_LIVE => bail!(
+            "/dev/ublkb{id} is live, served by another process (pid {}); give another --ublk-id",
+            info.ublksrv_pid
+        ),
+        sys::UBLK_S_DEV_QUIESCED if ours => Ok(Start::Recover(id)),
+        sys::UBLK_S_DEV_QUIESCED => bail!(
+            "/dev/ublkb{id} is waiting for its server to come back, and this state directory does \
+             not say it was this disk's device; give another --ublk-id (or delete the device)"
+        ),
+        sys::UBLK_S_DEV_DEAD if ours => {
+            // Added but never started (the last agent died while starting):
+            // nothing can be using it. Delete it and add it anew.
+            ctrl.del_dev()
+                .map_err(|e| ublk_err(&format!("delete stale ublk device {id}"), e))?;
+            Ok(Start::Add(Some(id)))
+        }
+        s => bail!("ublk device {id} exists (state {s}) and is not this disk's; give another --ublk-id"),
+    }
+}
+
+/// The device's parameters: 512-byte logical blocks, 4 KiB physical, a
+/// volatile cache (so the kernel sends FLUSH) with FUA, discard and
+/// write-zeroes.
+fn params(dev: &mut UblkDev, size: u64) {
+    let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
+    dev.tgt.dev_size = size;
+    dev.tgt.params = sys::ublk_params {
+        types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
+        basic: sys::ublk_param_basic {
+            attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            logical_bs_shift: 9,
+            physical_bs_shift: 12,
+            io_opt_shift: 12,
+            io_min_shift: 9,
+            max_sectors,
+            dev_sectors: size >> 9,
+            ..Default::default()
+        },
+        discard: sys::ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: 4096,
+            max_discard_sectors: 1 << 21,
+            max_write_zeroes_sectors: 1 << 21,
+            max_discard_segments: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+}
+
+/// Bring the device up (add or recover) and serve it from threads of its
+/// own until [`Device::shutdown`]. Returns once `/dev/ublkbN` is live.
+pub fn start(shim: Shim, opts: &UblkOptions, state: &Path, rt: tokio::runtime::Handle) -> Result<Device> {
+    check_available()?;
+    let size = shim.size();
+    if size == 0 || !size.is_multiple_of(512) {
+        bail!("--ublk: the disk's size ({size} bytes) must be a non-zero multiple of 512");
+    }
+    let recorded = read_recorded(state)?;
+    let start = plan(opts, recorded.as_ref(), size)?;
+    let flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    let (id, dev_flags) = match start {
+        Start::Add(id) => (id.map_or(-1, |i| i as i32), UblkFlags::UBLK_DEV_F_ADD_DEV),
+        Start::Recover(id) => {
+            let c = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_err(&format!("open ublk device {id}"), e))?;
+            c.start_user_recover()
+                .map_err(|e| ublk_err(&format!("start recovery of /dev/ublkb{id}"), e))?;
+            info!(
+                id,
+                "re-attaching to /dev/ublkb{id}, left by an agent that stopped without deleting it"
+            );
+            (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        }
+    };
+    let ctrl = UblkCtrlBuilder::default()
+        .name("tidemark")
+        .id(id)
+        .nr_queues(opts.queues)
+        .depth(opts.depth)
+        .io_buf_bytes(IO_BUF_BYTES)
+        .ctrl_flags(flags)
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| ublk_err("create the ublk device", e))?;
+    let ctrl = Arc::new(ctrl);
+    let id = ctrl.dev_info().dev_id;
+    // Remember the device before it goes live, so an agent that dies from
+    // here on is followed by one that re-attaches.
+    write_recorded(state, &Recorded { id, size })?;
+
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
+    let thread = {
+        let ctrl = ctrl.clone();
+        std::thread::Builder::new()
+            .name(format!("ublk{id}"))
+            .spawn(move || {
+                let q_shim = shim.clone();
+                let r = ctrl
+                    .run_target(
+                        |dev: &mut UblkDev| {
+                            params(dev, size);
+                            Ok(())
+                        },
+                        move |qid, dev: &UblkDev| serve_queue(qid, dev, &q_shim, &rt),
+                        move |_ctrl: &UblkCtrl| {
+                            let _ = ready_tx.send(());
+                        },
+                    )
+                    .map(|_| ())
+                    .map_err(|e| ublk_err(&format!("serve /dev/ublkb{id}"), e));
+                let _ = ended_tx.send(true);
+                r
+            })
+            .context("start the ublk server thread")?
+    };
+    let mut device = Device {
+        id,
+        ctrl,
+        thread: Some(thread),
+        state: state.to_path_buf(),
+        ended: ended_rx,
+    };
+    // Wait until the device is live, or its thread ended (a failed start).
+    match ready_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => {
+            info!(id, device = %device.block_device(), queues = opts.queues, depth = opts.depth, "ublk device live");
+            Ok(device)
+        }
+        Err(_) => {
+            let why = match device.thread.take().map(JoinHandle::join) {
+                Some(Ok(Err(e))) => e,
+                Some(Err(_)) => anyhow::anyhow!("the ublk server thread panicked"),
+                _ => anyhow::anyhow!("the device did not come up within 60 s"),
+            };
+            let _ = device.ctrl.kill_dev();
+            Err(why.context(format!("start /dev/ublkb{id}")))
+        }
+    }
+}
+
+/// One queue's server: a task per tag, plus one that drains the kick
+/// eventfd, on libublk's io_uring loop.
+fn serve_queue(qid: u16, dev: &UblkDev, shim: &Shim, rt: &tokio::runtime::Handle) {
+    // Tokio's spawn and spawn_blocking, used by the shim, need a context.
+    let _rt = rt.enter();
+    let kick = match EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC) {
+        Ok(fd) => Kick {
+            efd: Arc::new(fd),
+            thread: std::thread::current().id(),
+        },
+        Err(e) => {
+            error!(qid, "ublk queue: eventfd: {e}");
+            return;
+        }
+    };
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            error!(qid, "ublk queue: {}", ublk_err("set up", e));
+            return;
+        }
+    };
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let mut tasks = Vec::new();
+    for tag in q.tags() {
+        let q = q.clone();
+        let shim = shim.clone();
+        let kick = kick.clone();
+        tasks.push(exe.spawn(async move {
+            match io_task(&q, tag, &shim, &kick).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => error!(qid, tag, "ublk request loop: {}", ublk_err("serve", e)),
+            }
+        }));
+    }
+    // Not in `tasks`: it never ends by itself, and is dropped with the
+    // executor once every request loop has.
+    let drain = {
+        let q = q.clone();
+        let kick = kick.clone();
+        exe.spawn(async move { kick.drain(&q).await })
+    };
+    let exe2 = exe.clone();
+    smol::block_on(exe.run(async move {
+        let run_ops = || while exe2.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            error!(qid, "ublk queue loop: {}", ublk_err("events", e));
+        }
+    }));
+    drop(drain);
+}
+
+/// Serve one tag: fetch a request, do it, commit the result and fetch the
+/// next, until the queue goes down.
+async fn io_task(q: &UblkQueue<'_>, tag: u16, shim: &Shim, kick: &Kick) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let iod = *q.get_iod(tag);
+        let res = kick.run(serve(shim, iod, buf.as_mut_slice())).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+    }
+}
+
+/// A request as the shim sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, len: usize, fua: bool },
+    Flush,
+    Discard { offset: u64, len: u64, fua: bool },
+    Zeroes { offset: u64, len: u64, flags: ZeroFlags },
+}
+
+/// Decode a request descriptor, or the negative errno to answer with.
+/// FLUSH comes first: its start sector is not a sector (u64::MAX).
+fn decode(op_flags: u32, start_sector: u64, nr_sectors: u32, buf_len: usize) -> Result<Request, i32> {
+    let op = op_flags & 0xff;
+    if op == sys::UBLK_IO_OP_FLUSH {
+        return Ok(Request::Flush);
+    }
+    let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
+    let offset = start_sector.checked_mul(512).ok_or(-libc::EINVAL)?;
+    let len = u64::from(nr_sectors) * 512;
+    let data_len = || usize::try_from(len).ok().filter(|&l| l <= buf_len).ok_or(-libc::EINVAL);
+    match op {
+        sys::UBLK_IO_OP_READ => Ok(Request::Read {
+            offset,
+            len: data_len()?,
+        }),
+        sys::UBLK_IO_OP_WRITE => Ok(Request::Write {
+            offset,
+            len: data_len()?,
+            fua,
+        }),
+        sys::UBLK_IO_OP_DISCARD => Ok(Request::Discard { offset, len, fua }),
+        sys::UBLK_IO_OP_WRITE_ZEROES => Ok(Request::Zeroes {
+            offset,
+            len,
+            flags: ZeroFlags {
+                fua,
+                no_hole: op_flags & sys::UBLK_IO_F_NOUNMAP != 0,
+                fast_zero: false,
+            },
+        }),
+        _ => Err(-libc::EOPNOTSUPP),
+    }
+}
+
+/// Do one request through the shim; the result for the kernel (bytes
+/// moved, or a negative errno).
+async fn serve(shim: &Shim, iod: sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
+    let req = match decode(iod.op_flags, iod.start_sector, iod.nr_sectors, buf.len()) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let moved = |len: usize| i32::try_from(len).unwrap_or(i32::MAX);
+    let r = match req {
+        Request::Read { offset, len } => shim.read_at(&mut buf[..len], offset).map(|()| moved(len)),
+        Request::Write { offset, len, fua } => shim.write(offset, buf[..len].to_vec(), fua).await.map(|()| moved(len)),
+        Request::Flush => shim.flush().await.map(|()| 0),
+        Request::Discard { offset, len, fua } => shim.trim(offset, len, fua).await.map(|()| 0),
+        Request::Zeroes { offset, len, flags } => shim.write_zeroes(offset, len, flags).await.map(|()| 0),
+    };
+    r.unwrap_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Wakes a queue thread that may be asleep in io_uring: a request's future
+/// woken from another thread (the tokio runtime, the blocking pool) also
+/// writes the queue's eventfd, whose read completes in the ring.
+#[derive(Clone)]
+struct Kick {
+    efd: Arc<EventFd>,
+    thread: ThreadId,
+}
+
+impl Kick {
+    /// Run `fut` with wakers that kick this queue.
+    fn run<'a, T>(&self, fut: impl Future<Output = T> + 'a) -> Kicked<'a, T> {
+        Kicked {
+            fut: Box::pin(fut),
+            kick: self.clone(),
+        }
+    }
+
+    /// Keep a poll on the eventfd armed in the ring; drain it when it fires.
+    async fn drain(&self, q: &UblkQueue<'_>) {
+        use std::os::fd::AsRawFd;
+        let fd = io_uring::types::Fd(self.efd.as_raw_fd());
+        loop {
+            let sqe = io_uring::opcode::PollAdd::new(fd, libc::POLLIN as u32).build();
+            let res = q.ublk_submit_sqe(sqe).await;
+            if res < 0 && res != -libc::EINTR && res != -libc::ECANCELED {
+                error!(
+                    "ublk queue: poll on its eventfd failed: {}",
+                    io::Error::from_raw_os_error(-res)
+                );
+                return;
+            }
+            // Non-blocking: EAGAIN when another poll already drained it.
+            let _ = self.efd.read();
+        }
+    }
+}
+
+struct Kicked<'a, T> {
+    fut: Pin<Box<dyn Future<Output = T> + 'a>>,
+    kick: Kick,
+}
+
+impl<T> Future for Kicked<'_, T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let waker = Waker::from(Arc::new(KickWaker {
+            inner: cx.waker().clone(),
+            kick: self.kick.clone(),
+        }));
+        let mut cx = Context::from_waker(&waker);
+        self.fut.as_mut().poll(&mut cx)
+    }
+}
+
+struct KickWaker {
+    inner: Waker,
+    kick: Kick,
+}
+
+impl Wake for KickWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.inner.wake_by_ref();
+        // On the queue's own thread the executor runs again before the
+        // thread sleeps; elsewhere the thread may be asleep in the ring.
+        if std::thread::current().id() != self.kick.thread {
+            let _ = self.kick.efd.write(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_driver_is_named() {
+        let e = check_available_at(Path::new("/nonexistent/ublk-control")).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("lacks the ublk driver") && m.contains("ublk_drv"), "{m}");
+    }
+
+    #[test]
+    fn flush_is_decoded_before_bounds() {
+        assert_eq!(decode(sys::UBLK_IO_OP_FLUSH, u64::MAX, 0, 4096), Ok(Request::Flush));
+        // Any other op with that start sector is refused, not wrapped.
+        assert_eq!(decode(sys::UBLK_IO_OP_WRITE, u64::MAX, 8, 4096), Err(-libc::EINVAL));
+    }
+
+    #[test]
+    fn requests_decode() {
+        assert_eq!(
+            decode(sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA, 8, 8, 4096),
+            Ok(Request::Write {
+                offset: 4096,
+                len: 4096,
+                fua: true
+            })
+        );
+        assert_eq!(
+            decode(sys::UBLK_IO_OP_READ, 0, 16, 4096),
+            Err(-libc::EINVAL),
+            "larger than the buffer"
+        );
+        assert_eq!(
+            decode(sys::UBLK_IO_OP_WRITE_ZEROES | sys::UBLK_IO_F_NOUNMAP, 1, 1 << 20, 4096),
+            Ok(Request::Zeroes {
+                offset: 512,
+                len: 512 << 20,
+                flags: ZeroFlags {
+                    fua: false,
+                    no_hole: true,
+                    fast_zero: false
+                }
+            })
+        );
+        assert_eq!(
+            decode(sys::UBLK_IO_OP_DISCARD, 2, 2, 0),
+            Ok(Request::Discard {
+                offset: 1024,
+                len: 1024,
+                fua: false
+            })
+        );
+        assert_eq!(decode(sys::UBLK_IO_OP_WRITE_SAME, 0, 1, 4096), Err(-libc::EOPNOTSUPP));
+    }
+
+    #[test]
+    fn recorded_device_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(read_recorded(d.path()).unwrap(), None);
+        let r = Recorded { id: 3, size: 1 << 30 };
+        write_recorded(d.path(), &r).unwrap();
+        assert_eq!(read_recorded(d.path()).unwrap(), Some(r));
+        std::fs::write(state_file(d.path()), b"{not json").unwrap();
+        let e = read_recorded(d.path()).unwrap_err().to_string();
+        assert!(e.contains("ublk.json is damaged"), "{e}");
+        remove_recorded(d.path());
+        assert_eq!(read_recorded(d.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn kicked_wake_from_another_thread_writes_the_eventfd() {
+        let kick = Kick {
+            efd: Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap()),
+            thread: std::thread::current().id(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let mut fut = std::pin::pin!(kick.run(rx));
+        let noop = Waker::noop();
+        assert!(fut.as_mut().poll(&mut Context::from_waker(noop)).is_pending());
+        assert!(kick.efd.read().is_err(), "nothing kicked yet");
+        std::thread::spawn(move || tx.send(7).unwrap()).join().unwrap();
+        assert_eq!(kick.efd.read().unwrap(), 1, "the wake from another thread kicked");
+        assert!(matches!(
+            fut.as_mut().poll(&mut Context::from_waker(noop)),
+            Poll::Ready(Ok(7))
+        ));
+    }
+}
