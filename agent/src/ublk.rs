@@ -117,11 +117,22 @@ fn ublk_err(what: &str, e: UblkError) -> anyhow::Error {
 /// A running ublk device.
 pub struct Device {
     id: u32,
-    ctrl: Arc<UblkCtrl>,
     thread: Option<JoinHandle<Result<()>>>,
     state: PathBuf,
     /// Fires when the device's server thread ends, for whatever reason.
     ended: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Whether ublk device `id` exists.
+fn exists(id: u32) -> bool {
+    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
+/// A control handle for device `id`, usable on the calling thread (libublk
+/// keeps one control ring per thread; its constructor sets it up).
+fn control(id: u32) -> Result<UblkCtrl> {
+    let n = i32::try_from(id).map_err(|_| anyhow::anyhow!("ublk device number {id} is too large"))?;
+    UblkCtrl::new_simple(n).map_err(|e| ublk_err(&format!("open ublk device {id}"), e))
 }
 
 impl Device {
@@ -140,12 +151,13 @@ impl Device {
     /// Clean stop: stop the device (requests in flight complete first),
     /// wait for its threads, delete it, forget it in the state directory.
     pub async fn shutdown(mut self) -> Result<()> {
-        let ctrl = self.ctrl.clone();
         let thread = self.thread.take();
         let id = self.id;
         let r = tokio::task::spawn_blocking(move || -> Result<()> {
-            if let Err(e) = ctrl.kill_dev() {
-                warn!(id, "stop ublk device: {e}");
+            if exists(id) {
+                if let Err(e) = control(id).and_then(|c| c.kill_dev().map_err(|e| ublk_err("stop", e))) {
+                    warn!(id, "stop ublk device: {e:#}");
+                }
             }
             let served = match thread {
                 Some(t) => t
@@ -153,10 +165,12 @@ impl Device {
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("ublk server thread panicked"))),
                 None => Ok(()),
             };
-            match ctrl.del_dev() {
-                Ok(_) => {}
-                Err(UblkError::OtherError(n)) if n == -libc::ENOENT => {}
-                Err(e) => return Err(ublk_err(&format!("delete /dev/ublkb{id}"), e)),
+            // A device this agent added is deleted as its server ends; one it
+            // re-attached to is deleted here.
+            if exists(id) {
+                control(id)?
+                    .del_dev()
+                    .map_err(|e| ublk_err(&format!("delete /dev/ublkb{id}"), e))?;
             }
             served
         })
@@ -186,10 +200,10 @@ fn plan(opts: &UblkOptions, recorded: Option<&Recorded>, size: u64) -> Result<St
     if i32::try_from(id).is_err() {
         bail!("--ublk-id {id} is too large");
     }
-    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+    if !exists(id) {
         return Ok(Start::Add(Some(id)));
     }
-    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_err(&format!("open ublk device {id}"), e))?;
+    let ctrl = control(id)?;
     let info = ctrl.dev_info();
     let ours = recorded.is_some_and(|r| r.id == id && r.size == size);
     match u32::from(info.state) {
@@ -253,12 +267,59 @@ pub fn start(shim: Shim, opts: &UblkOptions, state: &Path, rt: tokio::runtime::H
     }
     let recorded = read_recorded(state)?;
     let start = plan(opts, recorded.as_ref(), size)?;
+    let opts = opts.clone();
+    let state_dir = state.to_path_buf();
+    // The device is created, served and dropped on a thread of its own:
+    // libublk's control ring belongs to the thread that made it.
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<u32>>();
+    let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
+    let thread = std::thread::Builder::new()
+        .name("ublk".into())
+        .spawn(move || {
+            let r = serve_device(shim, &opts, start, size, &state_dir, rt, &ready_tx);
+            if let Err(e) = &r {
+                let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+            }
+            let _ = ended_tx.send(true);
+            r
+        })
+        .context("start the ublk server thread")?;
+    // Wait until the device is live, or its thread ended (a failed start).
+    match ready_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(id)) => {
+            let device = Device {
+                id,
+                thread: Some(thread),
+                state: state.to_path_buf(),
+                ended: ended_rx,
+            };
+            info!(id, device = %device.block_device(), "ublk device live");
+            Ok(device)
+        }
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => bail!("--ublk: the device did not come up within 60 s"),
+    }
+}
+
+/// Create (or re-attach to) the device and serve it until it stops.
+fn serve_device(
+    shim: Shim,
+    opts: &UblkOptions,
+    start: Start,
+    size: u64,
+    state: &Path,
+    rt: tokio::runtime::Handle,
+    ready: &mpsc::Sender<Result<u32>>,
+) -> Result<()> {
     let flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
     let (id, dev_flags) = match start {
         Start::Add(id) => (id.map_or(-1, |i| i as i32), UblkFlags::UBLK_DEV_F_ADD_DEV),
         Start::Recover(id) => {
-            let c = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_err(&format!("open ublk device {id}"), e))?;
-            c.start_user_recover()
+            control(id)?
+                .start_user_recover()
                 .map_err(|e| ublk_err(&format!("start recovery of /dev/ublkb{id}"), e))?;
             info!(
                 id,
@@ -277,61 +338,23 @@ pub fn start(shim: Shim, opts: &UblkOptions, state: &Path, rt: tokio::runtime::H
         .dev_flags(dev_flags)
         .build()
         .map_err(|e| ublk_err("create the ublk device", e))?;
-    let ctrl = Arc::new(ctrl);
     let id = ctrl.dev_info().dev_id;
     // Remember the device before it goes live, so an agent that dies from
     // here on is followed by one that re-attaches.
     write_recorded(state, &Recorded { id, size })?;
-
-    let (ready_tx, ready_rx) = mpsc::channel::<()>();
-    let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
-    let thread = {
-        let ctrl = ctrl.clone();
-        std::thread::Builder::new()
-            .name(format!("ublk{id}"))
-            .spawn(move || {
-                let q_shim = shim.clone();
-                let r = ctrl
-                    .run_target(
-                        |dev: &mut UblkDev| {
-                            params(dev, size);
-                            Ok(())
-                        },
-                        move |qid, dev: &UblkDev| serve_queue(qid, dev, &q_shim, &rt),
-                        move |_ctrl: &UblkCtrl| {
-                            let _ = ready_tx.send(());
-                        },
-                    )
-                    .map(|_| ())
-                    .map_err(|e| ublk_err(&format!("serve /dev/ublkb{id}"), e));
-                let _ = ended_tx.send(true);
-                r
-            })
-            .context("start the ublk server thread")?
-    };
-    let mut device = Device {
-        id,
-        ctrl,
-        thread: Some(thread),
-        state: state.to_path_buf(),
-        ended: ended_rx,
-    };
-    // Wait until the device is live, or its thread ended (a failed start).
-    match ready_rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(()) => {
-            info!(id, device = %device.block_device(), queues = opts.queues, depth = opts.depth, "ublk device live");
-            Ok(device)
-        }
-        Err(_) => {
-            let why = match device.thread.take().map(JoinHandle::join) {
-                Some(Ok(Err(e))) => e,
-                Some(Err(_)) => anyhow::anyhow!("the ublk server thread panicked"),
-                _ => anyhow::anyhow!("the device did not come up within 60 s"),
-            };
-            let _ = device.ctrl.kill_dev();
-            Err(why.context(format!("start /dev/ublkb{id}")))
-        }
-    }
+    let ready = ready.clone();
+    ctrl.run_target(
+        |dev: &mut UblkDev| {
+            params(dev, size);
+            Ok(())
+        },
+        move |qid, dev: &UblkDev| serve_queue(qid, dev, &shim, &rt),
+        move |_ctrl: &UblkCtrl| {
+            let _ = ready.send(Ok(id));
+        },
+    )
+    .map_err(|e| ublk_err(&format!("serve /dev/ublkb{id}"), e))?;
+    Ok(())
 }
 
 /// One queue's server: a task per tag, plus one that drains the kick
