@@ -1,7 +1,8 @@
 # Host hook of the replication test: a secondary site on the host's
 # loopback — tidemark-target and tidemark-collector from the host's release
 # build — which the guest's agent reaches as 10.0.2.2 through qemu's user
-# networking; afterwards the replica must be identical to the "repl" disk.
+# networking; afterwards the replica must be identical to the "repl" disk
+# image, and its filesystem clean.
 #
 # Hook API (vm-images/run-tests): host_before_<test> runs before the boot,
 # host_after_<test> after qemu has exited; both in subshells with set -e.
@@ -46,4 +47,7 @@ host_after_replication() {
     return 1
   fi
   echo "qemu-img compare: the replica is identical to the repl disk"
+  cp --sparse=always "$replica" "$RUN/replica-copy.img"
+  e2fsck -fn "$RUN/replica-copy.img" || { echo "HOST-FAIL: e2fsck of the replica found errors"; return 1; }
+  rm -f "$RUN/replica-copy.img"
 }
