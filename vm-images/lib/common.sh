@@ -80,9 +80,14 @@ bpo_init() {
   fi
   if [ "${1:-}" = force ] || [ -z "$(find "$APT_DIR/updated" -mmin -1440 2>/dev/null)" ]; then
     say "apt-get update (private $BPO_SUITE configuration in ${APT_DIR#"$ROOT"/})"
-    apt-get "${BPO_OPTS[@]}" update >"$APT_DIR/update.log" 2>&1 ||
-      { cat "$APT_DIR/update.log" >&2; die "apt-get update of $BPO_SUITE failed"; }
-    touch "$APT_DIR/updated"
+    if apt-get "${BPO_OPTS[@]}" update >"$APT_DIR/update.log" 2>&1; then
+      touch "$APT_DIR/updated"
+    elif ls "$APT_DIR"/state/lists/*_Packages* >/dev/null 2>&1; then
+      say "warning: apt-get update of $BPO_SUITE failed; going on with the lists at hand"
+    else
+      cat "$APT_DIR/update.log" >&2
+      die "apt-get update of $BPO_SUITE failed"
+    fi
   fi
 }
 
