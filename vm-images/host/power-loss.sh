@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Host hook of the power-loss test. Before the boot: kill -9 qemu at the
 # console line "FLUSH-ACKED <n>". After: from the disk images alone,
 #  1. the scratch disk (ext4, the agent's state directory) recovers its own

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Host hook of the replication test: a secondary site on the host's
 # loopback — tidemark-target and tidemark-collector from the host's release
 # build — which the guest's agent reaches as 10.0.2.2 through qemu's user

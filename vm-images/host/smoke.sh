@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Host hook of the smoke test: a nonce the guest must fetch over the
 # network from the host (busybox httpd on 127.0.0.1, reached from the
 # guest as 10.0.2.2) and also find in /hostdata.

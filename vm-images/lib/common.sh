@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by vm-images/install-deps, vm-images/build and vm-images/run-tests
 # (bash, sourced). Paths, messages, and the two ways packages are fetched:
 #
