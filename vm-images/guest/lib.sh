@@ -218,3 +218,42 @@ tm_cleanup() {
   done
   return 0
 }
+
+# --- the ublk front end -------------------------------------------------------------
+
+# _ublk_live LOG N: the log has more than N "ublk device live" lines.
+_ublk_live() { [ "$(grep -c 'ublk device live' "$1" 2>/dev/null || true)" -gt "$2" ]; }
+
+# start_ublk_agent ID DISK [EXTRA ARGS...]: `tidemark-agent protect --ublk`
+# (no NBD) for DISK as disk id ID, state in $(agent_state ID). Waits (60 s
+# at most) until the device is live. Sets AGENT_PID, AGENT_STATE, UBLK_DEV
+# (/dev/ublkbN). Not in $(...).
+start_ublk_agent() {
+  _id=$1 _disk=$2; shift 2
+  AGENT_STATE=$(agent_state "$_id")
+  _log=$(agent_log "$_id")
+  _seen=$(grep -c 'ublk device live' "$_log" 2>/dev/null || true)
+  tidemark-agent protect --disk "$_disk" --state "$AGENT_STATE" --disk-id "$_id" --ublk "$@" >>"$_log" 2>&1 &
+  AGENT_PID=$!
+  echo "$AGENT_PID" >"$TM_WORK/agent-$_id.pid"
+  _i=0
+  until _ublk_live "$_log" "${_seen:-0}"; do
+    kill -0 "$AGENT_PID" 2>/dev/null ||
+      fail "agent $_id exited at start: $(tail -n 3 "$_log" | tr '\n' ' ')"
+    _i=$((_i + 1))
+    [ $_i -le 600 ] || fail "agent $_id: no ublk device within 60 s"
+    sleep 0.1
+  done
+  UBLK_DEV=$(grep 'ublk device live' "$_log" | tail -n1 | sed -n 's/.*device=\(\/dev\/ublkb[0-9]*\).*/\1/p')
+  [ -b "$UBLK_DEV" ] || fail "agent $_id says ${UBLK_DEV:-its device} is live, but it is no block device"
+  log "agent $_id (pid $AGENT_PID) serves $_disk as $UBLK_DEV"
+}
+
+# kill9_agent ID: kill -9 (no cleanup of any kind), and reap it.
+kill9_agent() {
+  _pid=$(cat "$TM_WORK/agent-$1.pid")
+  kill -KILL "$_pid" 2>/dev/null || fail "agent $1 (pid $_pid) is not running"
+  wait "$_pid" 2>/dev/null || true
+  rm -f "$TM_WORK/agent-$1.pid"
+  log "agent $1 (pid $_pid) killed with SIGKILL"
+}
