@@ -17,19 +17,31 @@ dmesg -c >/dev/null 2>&1 || true
 start_ublk_agent ur "$D"
 dev=$UBLK_DEV
 dd if=/dev/urandom of="$TM_WORK/load" bs=1M count=48 2>/dev/null
+# Both clients repeat their work until the kills are done (at most 20
+# rounds each), so every kill lands while they have writes in flight.
 (
-  rc=0
-  dd if="$TM_WORK/load" of="$dev" bs=64k oflag=direct conv=notrunc,fsync 2>"$TM_WORK/dd.log" || rc=$?
+  rc=0 n=0
+  while [ $rc = 0 ] && [ $n -lt 20 ]; do
+    n=$((n + 1))
+    dd if="$TM_WORK/load" of="$dev" bs=64k oflag=direct conv=notrunc,fsync 2>"$TM_WORK/dd.log" || rc=$?
+    [ -f "$TM_WORK/kills.done" ] && break
+  done
+  echo "dd rounds: $n" >>"$TM_WORK/rounds"
   echo "$rc" >"$TM_WORK/dd.rc"
 ) &
 DD=$!
 FIO=
 if [ -x /tools/bin/fio ]; then
   (
-    rc=0
-    /tools/bin/fio --name=recovery --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite \
-      --bs=4k --iodepth=16 --offset=128M --size=32M --verify=crc32c --do_verify=1 \
-      --verify_fatal=1 --randrepeat=1 >"$TM_WORK/fio.log" 2>&1 || rc=$?
+    rc=0 n=0
+    while [ $rc = 0 ] && [ $n -lt 20 ]; do
+      n=$((n + 1))
+      /tools/bin/fio --name=recovery --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite \
+        --bs=4k --iodepth=16 --offset=128M --size=32M --verify=crc32c --do_verify=1 \
+        --verify_fatal=1 --randseed=$n >"$TM_WORK/fio.log" 2>&1 || rc=$?
+      [ -f "$TM_WORK/kills.done" ] && break
+    done
+    echo "fio rounds: $n" >>"$TM_WORK/rounds"
     echo "$rc" >"$TM_WORK/fio.rc"
   ) &
   FIO=$!
@@ -39,7 +51,8 @@ fi
 
 kills=0
 while [ $kills -lt 3 ]; do
-  sleep 2
+  sleep 1.5
+  [ ! -f "$TM_WORK/dd.rc" ] || fail "dd ended before kill $((kills + 1)): status $(cat "$TM_WORK/dd.rc")"
   kill9_agent ur
   kills=$((kills + 1))
   sleep 1
@@ -48,6 +61,7 @@ while [ $kills -lt 3 ]; do
   assert_eq "$UBLK_DEV" "$dev" "device after restart $kills"
   grep -q "re-attaching to $dev" "$(agent_log ur)" || fail "agent did not re-attach to $dev"
 done
+touch "$TM_WORK/kills.done"
 log "$kills kills done; waiting for the clients"
 i=0
 while [ ! -f "$TM_WORK/dd.rc" ] || { [ -n "$FIO" ] && [ ! -f "$TM_WORK/fio.rc" ]; }; do
@@ -57,6 +71,7 @@ while [ ! -f "$TM_WORK/dd.rc" ] || { [ -n "$FIO" ] && [ ! -f "$TM_WORK/fio.rc" ]
 done
 wait $DD || true
 [ -n "$FIO" ] && { wait $FIO || true; }
+cat "$TM_WORK/rounds"
 assert_eq "$(cat "$TM_WORK/dd.rc")" 0 "dd exit status (an I/O error reached the client?)"
 if [ -n "$FIO" ]; then
   tail -n 5 "$TM_WORK/fio.log"
