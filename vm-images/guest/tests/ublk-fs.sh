@@ -21,8 +21,10 @@ umount_fs "$M"
 dd if="$D" of="$TM_SCRATCH/pre.img" bs=1M 2>/dev/null
 
 # 3. Protect it as /dev/ublkbN.
-start_ublk_agent uf "$D"
+# Two queues (two server threads), 32 requests each: not the defaults.
+start_ublk_agent uf "$D" --queues 2 --depth 32
 assert_eq "$(block_size "$UBLK_DEV")" "$(block_size "$D")" "size of $UBLK_DEV"
+assert_eq "$(ls "/sys/block/${UBLK_DEV#/dev/}/mq" | wc -l)" 2 "hardware queues of $UBLK_DEV"
 grep -q . "/sys/block/${UBLK_DEV#/dev/}/queue/discard_max_bytes" &&
   [ "$(cat "/sys/block/${UBLK_DEV#/dev/}/queue/discard_max_bytes")" -gt 0 ] ||
   fail "$UBLK_DEV does not offer discard"
