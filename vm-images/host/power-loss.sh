@@ -49,7 +49,7 @@ host_after_power_loss() {
   e2fsck -fy "$scratch" >"$W/e2fsck.log" 2>&1 || rc=$?
   cat "$W/e2fsck.log"
   [ $rc -le 1 ] || pl_fail "e2fsck of the scratch disk image: status $rc"
-  debugfs -R "rdump /power-loss/pl.state $W" "$scratch" >"$W/rdump.log" 2>&1 || true
+  debugfs -R "rdump /${PL_TEST:-power-loss}/pl.state $W" "$scratch" >"$W/rdump.log" 2>&1 || true
   st=$W/pl.state
   [ -f "$st/disk.json" ] || { cat "$W/rdump.log"; pl_fail "no agent state directory on the scratch disk image"; }
   ls -la "$st" "$st/journal"

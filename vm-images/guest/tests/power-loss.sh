@@ -18,8 +18,15 @@
 D=$(disk protect)
 STRIDE=65536
 MAX=2000
-start_agent pl "$D"
-dev=$(nbd_connect "$AGENT_SOCK")
+# The front end: the kernel NBD client (this test), or ublk
+# (power-loss-ublk.sh sets PL_FRONT=ublk and sources this file).
+if [ "${PL_FRONT:-nbd}" = ublk ]; then
+  start_ublk_agent pl "$D"
+  dev=$UBLK_DEV
+else
+  start_agent pl "$D"
+  dev=$(nbd_connect "$AGENT_SOCK")
+fi
 
 echo 0 >"$TM_WORK/acked"
 (
