@@ -185,6 +185,22 @@ umount_fs() {
 
 # --- data ----------------------------------------------------------------------
 
+# write_files DIR: DIR/after/f0..f15 (64 KiB to 1 MiB of random bytes) and
+# DIR/after/big (12 MiB).
+write_files() {
+  mkdir "$1/after"
+  _i=0
+  while [ $_i -lt 16 ]; do
+    dd if=/dev/urandom of="$1/after/f$_i" bs=64k count=$((_i + 1)) 2>/dev/null
+    _i=$((_i + 1))
+  done
+  dd if=/dev/urandom of="$1/after/big" bs=1M count=12 2>/dev/null
+}
+
+# sum_files DIR: the sha256 of every file below DIR, into $TM_WORK/sums
+# (check later with: (cd DIR && sha256sum -c -s "$TM_WORK/sums")).
+sum_files() { (cd "$1" && find . -type f | sort | xargs sha256sum) >"$TM_WORK/sums"; }
+
 # pattern_block TAG N: 4096 bytes that name TAG and N (the host's hooks
 # make the same bytes with the same command).
 pattern_block() { yes "tidemark-$1-block-$(printf %06d "$2")" | head -c 4096; }

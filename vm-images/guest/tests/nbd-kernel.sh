@@ -28,16 +28,10 @@ assert_eq "$(block_size "$dev")" "$(block_size "$D")" "size of $dev"
 # 4. Use it.
 mount_fs "$dev" "$M"
 [ -f "$M/before.bin" ] || fail "before.bin not visible through the shim"
-mkdir "$M/after"
-i=0
-while [ $i -lt 16 ]; do
-  dd if=/dev/urandom of="$M/after/f$i" bs=64k count=$((i + 1)) 2>/dev/null
-  i=$((i + 1))
-done
-dd if=/dev/urandom of="$M/after/big" bs=1M count=12 2>/dev/null
+write_files "$M"
 rm -r "$M/guest-scripts"
 rm "$M/after/f3" "$M/after/f7"
-(cd "$M" && find . -type f | sort | xargs sha256sum) >"$TM_WORK/sums"
+sum_files "$M"
 sync
 umount_fs "$M"
 e2fsck -fn "$dev" >"$TM_WORK/fsck-nbd.log" 2>&1 || fail "e2fsck through the shim found errors"

@@ -26,7 +26,7 @@ dd if=/dev/urandom of="$M/a.bin" bs=1M count=8 2>/dev/null
 sync
 dd if=/dev/urandom of="$M/b.bin" bs=1M count=4 2>/dev/null
 rm "$M/a.bin" "$M/guest-scripts/lib.sh"
-(cd "$M" && find . -type f | sort | xargs sha256sum) >"$TM_WORK/sums"
+sum_files "$M"
 umount_fs "$M"
 nbd_disconnect "$dev"
 tidemark wait --api "$TM_API" repl --timeout 5m || fail "tidemark wait: the replica did not catch up"

@@ -33,17 +33,11 @@ assert_eq "$(cat "/sys/block/${UBLK_DEV#/dev/}/queue/write_cache")" "write back"
 # 4. Use it.
 mount_fs "$UBLK_DEV" "$M" -o discard
 [ -f "$M/before.bin" ] || fail "before.bin not visible through the ublk device"
-mkdir "$M/after"
-i=0
-while [ $i -lt 16 ]; do
-  dd if=/dev/urandom of="$M/after/f$i" bs=64k count=$((i + 1)) 2>/dev/null
-  i=$((i + 1))
-done
-dd if=/dev/urandom of="$M/after/big" bs=1M count=12 2>/dev/null
+write_files "$M"
 sync
 rm -r "$M/guest-scripts" "$M/after/big"
 rm "$M/after/f3" "$M/after/f7"
-(cd "$M" && find . -type f | sort | xargs sha256sum) >"$TM_WORK/sums"
+sum_files "$M"
 sync
 umount_fs "$M"
 e2fsck -fn "$UBLK_DEV" >"$TM_WORK/fsck-ublk.log" 2>&1 || fail "e2fsck through the ublk device found errors"
