@@ -342,6 +342,14 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         ublk = device.as_ref().map(|d| d.block_device()).unwrap_or_default(),
         "serving"
     );
+    let mut served_as = Vec::new();
+    if let Some(l) = &cfg.listen {
+        served_as.push(format!("nbd {l}"));
+    }
+    if let Some(d) = &device {
+        served_as.push(format!("ublk {}", d.block_device()));
+    }
+    shim.set_front_ends(served_as);
     let backend = Arc::new(shim.clone());
     let nbd = async {
         match listener {

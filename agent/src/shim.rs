@@ -133,6 +133,8 @@ pub struct Inner {
     started: Instant,
     /// Rate limit for per-I/O error logs.
     last_err_log: Mutex<Option<Instant>>,
+    /// How the disk is served right now (`nbd unix:…`, `ublk /dev/ublkb0`).
+    front_ends: Mutex<Vec<String>>,
 }
 
 /// The protected disk as an NBD backend (cheap to clone).
@@ -203,6 +205,8 @@ pub struct Status {
     pub collector_connected: bool,
     pub acked_seq: u64,
     pub uptime_secs: u64,
+    /// How the disk is served: `nbd ADDR`, `ublk /dev/ublkbN`.
+    pub served_as: Vec<String>,
 }
 
 /// Progress of a running sync.
@@ -295,6 +299,7 @@ impl Shim {
                 shippable: Notify::new(),
                 started: Instant::now(),
                 last_err_log: Mutex::new(None),
+                front_ends: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -726,6 +731,7 @@ impl Shim {
             collector_connected: self.inner.link.connected.load(Ordering::Relaxed),
             acked_seq: acked,
             uptime_secs: self.inner.started.elapsed().as_secs(),
+            served_as: self.inner.front_ends.lock().map(|f| f.clone()).unwrap_or_default(),
         }
     }
 
@@ -841,6 +847,11 @@ impl Shim {
         self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.stats.read_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Record how the disk is served, for the status (replaces the list).
+    pub fn set_front_ends(&self, f: Vec<String>) {
+        *self.inner.front_ends.lock().unwrap_or_else(|p| p.into_inner()) = f;
     }
 
     /// The disk's size in bytes.

@@ -767,6 +767,12 @@ fn qemu_io_patterns_fua_zero_discard() {
     assert!(status_u64(&agent, "zeroes") >= 4, "{}", agent.status());
     assert!(status_u64(&agent, "trims") >= 1, "{}", agent.status());
     assert!(status_u64(&agent, "flushes") >= 1, "{}", agent.status());
+    let served = agent.status()["served_as"].clone();
+    assert_eq!(
+        served,
+        serde_json::json!([format!("nbd unix:{}", agent.sock.display())]),
+        "served_as"
+    );
     let recs = journal_dump(&fx.state);
     check_dump_shape(&recs);
     assert!(count_kind(&recs, "zero") >= 4, "{recs:?}");

@@ -124,6 +124,14 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
                 }
             ),
         ),
+        (
+            "served as",
+            s["served_as"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("replication", replication(s)),
         ("sync", sync_line(&s["sync"])),
         ("full resyncs", n("full_resyncs").to_string()),
