@@ -151,9 +151,28 @@ pub async fn handle(shim: &Shim, line: &str) -> String {
 }
 
 /// Serve the control socket until `stop` is cancelled.
-pub async fn serve(path: PathBuf, shim: Shim, stop: CancellationToken) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
+/// Create the control socket at `path` (replacing a stale one). Done before
+/// the agent serves, so a path it cannot bind (too long for a unix socket,
+/// a read-only directory) stops the start with the reason.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| {
+        let long = path.as_os_str().len() > 107;
+        anyhow::anyhow!(
+            "cannot create the control socket {}: {e}{}",
+            path.display(),
+            if long {
+                " (a unix socket path holds at most 107 bytes: give a shorter --state path)"
+            } else {
+                ""
+            }
+        )
+    })
+}
+
+/// Answer control requests on `listener` (from [`bind`] at `path`) until
+/// `stop`; removes the socket file then.
+pub async fn serve(listener: UnixListener, path: PathBuf, shim: Shim, stop: CancellationToken) -> std::io::Result<()> {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => break,

@@ -273,6 +273,15 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
              the collector has not acknowledged, so records would never reach the replica"
         );
     }
+    let control_path = crate::state::control_path(&cfg.state);
+    if control_path.as_os_str().len() > 107 {
+        bail!(
+            "--state {}: its control socket {} would be longer than a unix socket path can be \
+             (107 bytes); give a shorter state directory path",
+            cfg.state.display(),
+            control_path.display()
+        );
+    }
     if cfg.ublk.is_some() {
         // Before anything is opened: a kernel without ublk fails at once.
         crate::ublk::check_available()?;
@@ -287,6 +296,7 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         Some(l) => Some(tidemark_nbd::bind(l).await.context("cannot serve the disk")?),
         None => None,
     };
+    let control_listener = crate::control::bind(&state.control_path())?;
     let device = match &cfg.ublk {
         Some(opts) => {
             let (shim, opts, dir, rt) = (
@@ -319,17 +329,29 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
             stop.cancel();
         });
     }
-    let control = tokio::spawn(crate::control::serve(state.control_path(), shim.clone(), stop.clone()));
+    let control = tokio::spawn(crate::control::serve(
+        control_listener,
+        state.control_path(),
+        shim.clone(),
+        stop.clone(),
+    ));
     let drain = cfg
         .bench_consume
         .then(|| crate::drain::spawn(shim.clone(), stop.clone()));
     // Shipping and syncing need a collector; without one the agent only
     // journals (the sync state stays recorded for when one is configured).
     let sync_driver = match &cfg.ship {
-        Some(_) => Some(
-            crate::sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current())
-                .context("start the sync driver")?,
-        ),
+        Some(_) => match crate::sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                // Nothing has been served yet: take the device down again.
+                stop.cancel();
+                if let Some(d) = device {
+                    let _ = d.shutdown().await;
+                }
+                return Err(anyhow::Error::from(e).context("start the sync driver"));
+            }
+        },
         None => None,
     };
     let shipper = cfg

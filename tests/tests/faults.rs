@@ -1291,6 +1291,26 @@ fn cli_and_state_errors_are_clear() {
     expect_fail(&out, &["give --listen (NBD), --ublk, or both"], "no --listen");
     nothing_created("no --listen");
 
+    // A state directory whose control socket path would be too long.
+    let deep_state = d.join("s".repeat(120));
+    let out = agent_protect(&[
+        "--disk",
+        s(&new_disk),
+        "--create-size",
+        "1M",
+        "--state",
+        s(&deep_state),
+        "--listen",
+        &listen,
+    ]);
+    expect_fail(
+        &out,
+        &["control socket", "shorter state directory path"],
+        "long --state",
+    );
+    nothing_created("long --state");
+    assert!(!deep_state.exists(), "long --state: the state directory was created");
+
     // ublk settings without --ublk, or out of range.
     for (args, needle) in [
         (&["--queues", "2"][..], "need --ublk"),

@@ -21,6 +21,7 @@ host_before_power_loss() {
 STRIDE=65536
 
 pl_fail() {
+  [ -z "${PL_LINK:-}" ] || rm -f "$PL_LINK"
   echo "HOST-FAIL: $*"
   exit 1
 }
@@ -42,6 +43,12 @@ host_after_power_loss() {
   agent=$GUEST_BIN/tidemark-agent
   rm -rf "$W"
   mkdir -p "$W"
+  # Unix socket paths (the agent's NBD and control sockets) hold 107 bytes,
+  # and $RUN is under wherever the repository is: work through a short
+  # symlink to $W.
+  PL_LINK=$(mktemp -u /tmp/tm-pl.XXXXXX)
+  ln -s "$W" "$PL_LINK"
+  W=$PL_LINK
   echo "a FLUSH was acknowledged after blocks 1..$n had been; qemu was killed at once"
 
   # 1. the state directory
@@ -139,5 +146,6 @@ host_after_power_loss() {
     pattern_block pl "$i" >"$W/want"
     block_at "$img" "$i" | cmp -s "$W/want" - || pl_fail "block $i differs on the image after recovery"
   done
+  rm -f "$PL_LINK"
   echo "power loss: every write acknowledged before the FLUSH survived; machine-crash recovery OK"
 }
