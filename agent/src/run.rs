@@ -297,6 +297,26 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         None => None,
     };
     let control_listener = crate::control::bind(&state.control_path())?;
+    // Signals are caught from here on: one during a slow ublk start is
+    // honoured once the device is up (a clean stop follows at once).
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = int.recv() => info!("SIGINT: stopping"),
+            }
+            stop.cancel();
+        });
+    }
+    if cfg.ublk.is_none() {
+        crate::ublk::warn_if_left_behind(&cfg.state);
+    }
     let device = match &cfg.ublk {
         Some(opts) => {
             let (shim, opts, dir, rt) = (
@@ -314,21 +334,6 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         }
         None => None,
     };
-    let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
-            stop.cancel();
-        });
-    }
     let control = tokio::spawn(crate::control::serve(
         control_listener,
         state.control_path(),

@@ -854,6 +854,11 @@ impl Shim {
         *self.inner.front_ends.lock().unwrap_or_else(|p| p.into_inner()) = f;
     }
 
+    /// The disk's identity (its random UUID, from the state directory).
+    pub fn disk_uuid(&self) -> String {
+        self.inner.disk_uuid.clone()
+    }
+
     /// The disk's size in bytes.
     pub fn size(&self) -> u64 {
         self.inner.size

@@ -41,6 +41,7 @@ use tracing::{error, info, warn};
 
 use crate::config::UblkOptions;
 use crate::shim::Shim;
+use crate::state::current_boot_id;
 
 /// The ublk driver's control device.
 pub const CONTROL: &str = "/dev/ublk-control";
@@ -68,11 +69,37 @@ fn check_available_at(control: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What the state directory remembers of the device.
-#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+/// What the state directory remembers of the device: enough to tell that a
+/// device waiting for its server is this disk's, from this boot.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
 struct Recorded {
     id: u32,
     size: u64,
+    disk_uuid: String,
+    boot_id: String,
+}
+
+impl Recorded {
+    /// Device `id` of this boot was made by an agent of this disk.
+    fn is(&self, id: u32, size: u64, disk_uuid: &str) -> bool {
+        self.id == id && self.size == size && self.disk_uuid == disk_uuid && self.boot_id == current_boot_id()
+    }
+}
+
+/// Warn when the state directory names a device that is still there, waiting
+/// for this agent, and the agent was started without `--ublk`: its I/O is
+/// held until an agent with `--ublk` re-attaches.
+pub fn warn_if_left_behind(state: &Path) {
+    if let Ok(Some(r)) = read_recorded(state) {
+        if r.boot_id == current_boot_id() && exists(r.id) {
+            warn!(
+                "/dev/ublkb{} (recorded in {}) is still there, waiting for this disk's agent; its \
+                 I/O is held until an agent started with --ublk re-attaches to it",
+                r.id,
+                state_file(state).display()
+            );
+        }
+    }
 }
 
 fn state_file(state: &Path) -> PathBuf {
@@ -165,19 +192,40 @@ impl Device {
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("ublk server thread panicked"))),
                 None => Ok(()),
             };
-            // A device this agent added is deleted as its server ends; one it
-            // re-attached to is deleted here.
+            // Delete without waiting for openers (a filesystem still mounted
+            // would make a synchronous delete wait forever): the kernel frees
+            // the device when the last one closes it.
             if exists(id) {
-                control(id)?
-                    .del_dev()
-                    .map_err(|e| ublk_err(&format!("delete /dev/ublkb{id}"), e))?;
+                match control(id).and_then(|c| c.del_dev_async().map_err(|e| ublk_err("delete", e))) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(id, "delete /dev/ublkb{id}: {e:#}");
+                        return served.and(Err(e));
+                    }
+                }
+                let t0 = std::time::Instant::now();
+                while exists(id) && t0.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if exists(id) {
+                    warn!(
+                        id,
+                        "/dev/ublkb{id} is still open (a mounted filesystem?): it goes away once closed"
+                    );
+                }
             }
             served
         })
         .await
         .context("ublk stop task")?;
-        remove_recorded(&self.state);
-        info!(id, "ublk device deleted");
+        match &r {
+            Ok(()) => {
+                remove_recorded(&self.state);
+                info!(id, "ublk device deleted");
+            }
+            // Kept: the next agent finds the stopped device and deletes it.
+            Err(e) => warn!(id, "ublk device not deleted cleanly: {e:#}"),
+        }
         r
     }
 }
@@ -191,39 +239,78 @@ enum Start {
 }
 
 /// Decide between adding a device and recovering the one the last agent
-/// left behind.
-fn plan(opts: &UblkOptions, recorded: Option<&Recorded>, size: u64) -> Result<Start> {
-    let id = opts.id.or(recorded.map(|r| r.id));
-    let Some(id) = id else {
-        return Ok(Start::Add(None));
+/// left behind. `--ublk-id` is a demand; a number from `ublk.json` only a
+/// hint: if that device is not this disk's any more, a new one is added.
+fn plan(opts: &UblkOptions, recorded: Option<&Recorded>, size: u64, disk_uuid: &str) -> Result<Start> {
+    if let (Some(want), Some(r)) = (opts.id, recorded) {
+        if r.id != want && r.is(r.id, size, disk_uuid) && exists(r.id) {
+            warn!(
+                "this disk's last device /dev/ublkb{} still exists and is left as it is (--ublk-id {want} \
+                 asks for another); its I/O is held until it is deleted or re-attached",
+                r.id
+            );
+        }
+    }
+    let (id, explicit) = match (opts.id, recorded) {
+        (Some(id), _) => (id, true),
+        (None, Some(r)) => (r.id, false),
+        (None, None) => return Ok(Start::Add(None)),
     };
     if i32::try_from(id).is_err() {
         bail!("--ublk-id {id} is too large");
     }
-    if !exists(id) {
-        return Ok(Start::Add(Some(id)));
-    }
-    let ctrl = control(id)?;
-    let info = ctrl.dev_info();
-    let ours = recorded.is_some_and(|r| r.id == id && r.size == size);
-    match u32::from(info.state) {
-        sys::UBLK_S_DEV_LIVE => bail!(
-            "/dev/ublkb{id} is live, served by another process (pid {}); give another --ublk-id",
-            info.ublksrv_pid
-        ),
-        sys::UBLK_S_DEV_QUIESCED if ours => Ok(Start::Recover(id)),
-        sys::UBLK_S_DEV_QUIESCED => bail!(
-            "/dev/ublkb{id} is waiting for its server to come back, and this state directory does \
-             not say it was this disk's device; give another --ublk-id (or delete the device)"
-        ),
-        sys::UBLK_S_DEV_DEAD if ours => {
-            // Added but never started (the last agent died while starting):
-            // nothing can be using it. Delete it and add it anew.
-            ctrl.del_dev()
-                .map_err(|e| ublk_err(&format!("delete stale ublk device {id}"), e))?;
-            Ok(Start::Add(Some(id)))
+    let ours = recorded.is_some_and(|r| r.is(id, size, disk_uuid));
+    // Not this disk's: refuse a demanded number, pick another for a hint.
+    let not_ours = |why: String| -> Result<Start> {
+        if explicit {
+            bail!("{why}; give another --ublk-id");
         }
-        s => bail!("ublk device {id} exists (state {s}) and is not this disk's; give another --ublk-id"),
+        info!("{why}; adding a new device");
+        Ok(Start::Add(None))
+    };
+    // The kernel notices a dead server from a work item, not at once: a
+    // device whose server has just died may still say "live" for a moment.
+    let t0 = std::time::Instant::now();
+    loop {
+        if !exists(id) {
+            return Ok(Start::Add(Some(id)));
+        }
+        let ctrl = control(id)?;
+        let info = ctrl.dev_info();
+        let server_gone = !Path::new(&format!("/proc/{}", info.ublksrv_pid)).exists();
+        match u32::from(info.state) {
+            sys::UBLK_S_DEV_LIVE if ours && server_gone && t0.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sys::UBLK_S_DEV_LIVE => {
+                return not_ours(format!(
+                    "/dev/ublkb{id} is live, served by another process (pid {})",
+                    info.ublksrv_pid
+                ))
+            }
+            sys::UBLK_S_DEV_QUIESCED if ours => return Ok(Start::Recover(id)),
+            sys::UBLK_S_DEV_QUIESCED => {
+                return not_ours(format!(
+                    "/dev/ublkb{id} is waiting for its server, and this state directory does not \
+                     say it is this disk's device from this boot"
+                ))
+            }
+            sys::UBLK_S_DEV_DEAD if ours => {
+                // Stopped but not deleted (the last agent died while
+                // starting or stopping it). Delete it and add it anew.
+                ctrl.del_dev_async()
+                    .map_err(|e| ublk_err(&format!("delete stale ublk device {id}"), e))?;
+                let t1 = std::time::Instant::now();
+                while exists(id) && t1.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if exists(id) {
+                    bail!("stale /dev/ublkb{id} of this disk is still open; close it (unmount) and start again");
+                }
+                return Ok(Start::Add(Some(id)));
+            }
+            st => return not_ours(format!("ublk device {id} exists (state {st}) and is not this disk's")),
+        }
     }
 }
 
@@ -266,61 +353,96 @@ pub fn start(shim: Shim, opts: &UblkOptions, state: &Path, rt: tokio::runtime::H
         bail!("--ublk: the disk's size ({size} bytes) must be a non-zero multiple of 512");
     }
     let recorded = read_recorded(state)?;
-    let start = plan(opts, recorded.as_ref(), size)?;
+    let disk_uuid = shim.disk_uuid();
+    let start = plan(opts, recorded.as_ref(), size, &disk_uuid)?;
     let opts = opts.clone();
     let state_dir = state.to_path_buf();
     // The device is created, served and dropped on a thread of its own:
     // libublk's control ring belongs to the thread that made it.
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<u32>>();
+    let (tx, rx) = mpsc::channel::<Started>();
     let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("ublk".into())
         .spawn(move || {
-            let r = serve_device(shim, &opts, start, size, &state_dir, rt, &ready_tx);
+            let r = serve_device(shim, &opts, start, size, &disk_uuid, &state_dir, rt, &tx);
             if let Err(e) = &r {
-                let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                let _ = tx.send(Started::Failed(anyhow::anyhow!("{e:#}")));
             }
             let _ = ended_tx.send(true);
             r
         })
         .context("start the ublk server thread")?;
     // Wait until the device is live, or its thread ended (a failed start).
-    match ready_rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(id)) => {
-            let device = Device {
-                id,
-                thread: Some(thread),
-                state: state.to_path_buf(),
-                ended: ended_rx,
-            };
-            info!(id, device = %device.block_device(), "ublk device live");
-            Ok(device)
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut created = None;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Started::Created(id)) => created = Some(id),
+            Ok(Started::Live(id)) => {
+                let device = Device {
+                    id,
+                    thread: Some(thread),
+                    state: state.to_path_buf(),
+                    ended: ended_rx,
+                };
+                info!(id, device = %device.block_device(), "ublk device live");
+                return Ok(device);
+            }
+            Ok(Started::Failed(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
+                bail!("--ublk: the ublk server thread ended while starting the device (see the log above)");
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Take the half-made device down, so nothing is left waiting
+                // for a server that gave up.
+                if let Some(id) = created.filter(|&id| exists(id)) {
+                    let _ = control(id).map(|c| {
+                        let _ = c.kill_dev();
+                        let _ = c.del_dev_async();
+                    });
+                }
+                bail!("--ublk: the device did not come up within 60 s");
+            }
         }
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            Err(e)
-        }
-        Err(_) => bail!("--ublk: the device did not come up within 60 s"),
     }
 }
 
+/// What the server thread reports while the device comes up.
+enum Started {
+    /// The device exists (number known), not yet live.
+    Created(u32),
+    /// `/dev/ublkbN` is live.
+    Live(u32),
+    Failed(anyhow::Error),
+}
+
 /// Create (or re-attach to) the device and serve it until it stops.
+#[allow(clippy::too_many_arguments)]
 fn serve_device(
     shim: Shim,
     opts: &UblkOptions,
     start: Start,
     size: u64,
+    disk_uuid: &str,
     state: &Path,
     rt: tokio::runtime::Handle,
-    ready: &mpsc::Sender<Result<u32>>,
+    report: &mpsc::Sender<Started>,
 ) -> Result<()> {
     let flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
     let (id, dev_flags) = match start {
         Start::Add(id) => (id.map_or(-1, |i| i as i32), UblkFlags::UBLK_DEV_F_ADD_DEV),
         Start::Recover(id) => {
-            control(id)?
+            let r = control(id)?
                 .start_user_recover()
                 .map_err(|e| ublk_err(&format!("start recovery of /dev/ublkb{id}"), e))?;
+            if r < 0 {
+                bail!("start recovery of /dev/ublkb{id}: {}", io::Error::from_raw_os_error(-r));
+            }
             info!(
                 id,
                 "re-attaching to /dev/ublkb{id}, left by an agent that stopped without deleting it"
@@ -341,19 +463,31 @@ fn serve_device(
     let id = ctrl.dev_info().dev_id;
     // Remember the device before it goes live, so an agent that dies from
     // here on is followed by one that re-attaches.
-    write_recorded(state, &Recorded { id, size })?;
-    let ready = ready.clone();
-    ctrl.run_target(
+    write_recorded(
+        state,
+        &Recorded {
+            id,
+            size,
+            disk_uuid: disk_uuid.to_string(),
+            boot_id: current_boot_id(),
+        },
+    )?;
+    let _ = report.send(Started::Created(id));
+    let ready = report.clone();
+    let served = ctrl.run_target(
         |dev: &mut UblkDev| {
             params(dev, size);
             Ok(())
         },
         move |qid, dev: &UblkDev| serve_queue(qid, dev, &shim, &rt),
         move |_ctrl: &UblkCtrl| {
-            let _ = ready.send(Ok(id));
+            let _ = ready.send(Started::Live(id));
         },
-    )
-    .map_err(|e| ublk_err(&format!("serve /dev/ublkb{id}"), e))?;
+    );
+    // Deleting is the stopping side's job (without waiting for openers);
+    // libublk's own delete, on drop, would wait for them.
+    ctrl.disown();
+    served.map_err(|e| ublk_err(&format!("serve /dev/ublkb{id}"), e))?;
     Ok(())
 }
 
@@ -388,7 +522,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, shim: &Shim, rt: &tokio::runtime::Handle
         tasks.push(exe.spawn(async move {
             match io_task(&q, tag, &shim, &kick).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
-                Err(e) => error!(qid, tag, "ublk request loop: {}", ublk_err("serve", e)),
+                Err(e) => queue_failed(qid, &format!("tag {tag}: {}", ublk_err("request loop", e))),
             }
         }));
     }
@@ -414,13 +548,36 @@ fn serve_queue(qid: u16, dev: &UblkDev, shim: &Shim, rt: &tokio::runtime::Handle
 /// next, until the queue goes down.
 async fn io_task(q: &UblkQueue<'_>, tag: u16, shim: &Shim, kick: &Kick) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+    // A negative result is the kernel refusing the command: the descriptor
+    // then holds no new request, and serving it again would replay a stale
+    // one.
+    let r = q
+        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
+    if r < 0 {
+        return Err(UblkError::OtherError(r));
+    }
     loop {
         let iod = *q.get_iod(tag);
         let res = kick.run(serve(shim, iod, buf.as_mut_slice())).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+        let r = q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+        if r < 0 {
+            return Err(UblkError::OtherError(r));
+        }
     }
+}
+
+/// A queue that cannot go on serving: requests on it would hang while the
+/// agent looked healthy. End the process as a crash does; the kernel holds
+/// the device (user recovery) and the restarted agent re-attaches, and the
+/// requests in flight are re-issued to it.
+fn queue_failed(qid: u16, what: &str) -> ! {
+    error!(
+        qid,
+        "ublk queue failed: {what}; exiting so that a restarted agent re-attaches to the device"
+    );
+    eprintln!("tidemark-agent: ublk queue {qid} failed: {what}; exiting (restart the agent to re-attach)");
+    std::process::abort()
 }
 
 /// A request as the shim sees it.
@@ -512,11 +669,11 @@ impl Kick {
             let sqe = io_uring::opcode::PollAdd::new(fd, libc::POLLIN as u32).build();
             let res = q.ublk_submit_sqe(sqe).await;
             if res < 0 && res != -libc::EINTR && res != -libc::ECANCELED {
-                error!(
-                    "ublk queue: poll on its eventfd failed: {}",
-                    io::Error::from_raw_os_error(-res)
+                // Without it the queue would only wake at its idle timeout.
+                queue_failed(
+                    q.get_qid(),
+                    &format!("poll on its eventfd: {}", io::Error::from_raw_os_error(-res)),
                 );
-                return;
             }
             // Non-blocking: EAGAIN when another poll already drained it.
             let _ = self.efd.read();
@@ -622,9 +779,26 @@ mod tests {
     fn recorded_device_round_trips() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(read_recorded(d.path()).unwrap(), None);
-        let r = Recorded { id: 3, size: 1 << 30 };
+        let r = Recorded {
+            id: 3,
+            size: 1 << 30,
+            disk_uuid: "u-1".into(),
+            boot_id: current_boot_id(),
+        };
         write_recorded(d.path(), &r).unwrap();
-        assert_eq!(read_recorded(d.path()).unwrap(), Some(r));
+        assert_eq!(read_recorded(d.path()).unwrap(), Some(r.clone()));
+        assert!(r.is(3, 1 << 30, "u-1"));
+        assert!(!r.is(4, 1 << 30, "u-1"), "another number");
+        assert!(!r.is(3, 1 << 20, "u-1"), "another size");
+        assert!(!r.is(3, 1 << 30, "u-2"), "another disk");
+        let old_boot = Recorded {
+            boot_id: "an-earlier-boot".into(),
+            ..r.clone()
+        };
+        assert!(
+            !old_boot.is(3, 1 << 30, "u-1"),
+            "a device number from an earlier boot is not ours"
+        );
         std::fs::write(state_file(d.path()), b"{not json").unwrap();
         let e = read_recorded(d.path()).unwrap_err().to_string();
         assert!(e.contains("ublk.json is damaged"), "{e}");

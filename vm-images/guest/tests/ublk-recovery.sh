@@ -84,6 +84,19 @@ fi
 cmp -n $((48 << 20)) "$TM_WORK/load" "$dev" || fail "what dd wrote does not read back from $dev"
 grep -c "unclean stop: re-applied the journal" "$(agent_log ur)" | grep -qx 3 ||
   fail "the agent did not recover from its journal after each kill"
+# While the device waits for its server, another disk's agent asking for
+# that number must be refused: re-attaching would hand it this disk's
+# requests.
+kill9_agent ur
+other=$(disk protect)
+if timeout 30 tidemark-agent protect --disk "$other" --state "$TM_SCRATCH/other.state" --disk-id other \
+  --ublk --ublk-id "${dev#/dev/ublkb}" >"$TM_WORK/other.log" 2>&1; then
+  fail "another disk's agent took over $dev"
+fi
+grep -q "does not say it is this disk's device" "$TM_WORK/other.log" ||
+  fail "another disk's agent was not refused for the right reason: $(tail -n 2 "$TM_WORK/other.log" | tr '\n' ' ')"
+start_ublk_agent ur "$D"
+assert_eq "$UBLK_DEV" "$dev" "device after the refused takeover"
 stop_agent ur
 [ ! -e "$dev" ] || fail "$dev is still there after the agent's clean stop"
 
