@@ -152,22 +152,12 @@ pub async fn handle(shim: &Shim, line: &str) -> String {
 
 /// Serve the control socket until `stop` is cancelled.
 /// Create the control socket at `path` (replacing a stale one). Done before
-/// the agent serves, so a path it cannot bind (too long for a unix socket,
-/// a read-only directory) stops the start with the reason.
+/// the agent serves, so a path it cannot bind (a read-only directory) stops
+/// the start with the reason. `protect` has already refused a path too long
+/// for a unix socket.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| {
-        let long = path.as_os_str().len() > 107;
-        anyhow::anyhow!(
-            "cannot create the control socket {}: {e}{}",
-            path.display(),
-            if long {
-                " (a unix socket path holds at most 107 bytes: give a shorter --state path)"
-            } else {
-                ""
-            }
-        )
-    })
+    UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot create the control socket {}: {e}", path.display()))
 }
 
 /// Answer control requests on `listener` (from [`bind`] at `path`) until

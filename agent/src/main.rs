@@ -77,7 +77,7 @@ struct ProtectArgs {
     #[arg(long)]
     force_resync: bool,
     /// Benchmarks only: consume the journal locally so segments recycle
-    /// (refused with --collector).
+    /// (refused with --collector, by `protect`).
     #[arg(long, hide = true)]
     bench_consume: bool,
 }
@@ -191,12 +191,6 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
             None
         }
     };
-    if a.bench_consume && ship.is_some() {
-        anyhow::bail!(
-            "--bench-consume cannot be used with --collector (or `collector` in the config file): \
-             it recycles journal segments the collector has not acknowledged"
-        );
-    }
     Ok(ProtectConfig {
         create_size: size("create-size", a.create_size.or(file.create_size))?,
         journal_cap: size("journal-cap", a.journal_cap.or(file.journal_cap))?,

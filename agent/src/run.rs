@@ -273,11 +273,13 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
              the collector has not acknowledged, so records would never reach the replica"
         );
     }
+    // A unix socket path holds at most 107 bytes (sun_path, NUL-terminated).
+    const MAX_SOCKET_PATH: usize = 107;
     let control_path = crate::state::control_path(&cfg.state);
-    if control_path.as_os_str().len() > 107 {
+    if control_path.as_os_str().len() > MAX_SOCKET_PATH {
         bail!(
             "--state {}: its control socket {} would be longer than a unix socket path can be \
-             (107 bytes); give a shorter state directory path",
+             ({MAX_SOCKET_PATH} bytes); give a shorter state directory path",
             cfg.state.display(),
             control_path.display()
         );

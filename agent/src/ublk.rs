@@ -155,6 +155,16 @@ fn exists(id: u32) -> bool {
     Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
 }
 
+/// Wait (5 s at most) for device `id` to go away after a delete that does
+/// not wait for its openers; whether it went.
+fn wait_gone(id: u32) -> bool {
+    let t0 = std::time::Instant::now();
+    while exists(id) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !exists(id)
+}
+
 /// A control handle for device `id`, usable on the calling thread (libublk
 /// keeps one control ring per thread; its constructor sets it up).
 fn control(id: u32) -> Result<UblkCtrl> {
@@ -203,11 +213,7 @@ impl Device {
                         return served.and(Err(e));
                     }
                 }
-                let t0 = std::time::Instant::now();
-                while exists(id) && t0.elapsed() < Duration::from_secs(5) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if exists(id) {
+                if !wait_gone(id) {
                     warn!(
                         id,
                         "/dev/ublkb{id} is still open (a mounted filesystem?): it goes away once closed"
@@ -300,11 +306,7 @@ fn plan(opts: &UblkOptions, recorded: Option<&Recorded>, size: u64, disk_uuid: &
                 // starting or stopping it). Delete it and add it anew.
                 ctrl.del_dev_async()
                     .map_err(|e| ublk_err(&format!("delete stale ublk device {id}"), e))?;
-                let t1 = std::time::Instant::now();
-                while exists(id) && t1.elapsed() < Duration::from_secs(5) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if exists(id) {
+                if !wait_gone(id) {
                     bail!("stale /dev/ublkb{id} of this disk is still open; close it (unmount) and start again");
                 }
                 return Ok(Start::Add(Some(id)));
@@ -658,6 +660,7 @@ impl Kick {
         Kicked {
             fut: Box::pin(fut),
             kick: self.clone(),
+            waker: None,
         }
     }
 
@@ -684,18 +687,28 @@ impl Kick {
 struct Kicked<'a, T> {
     fut: Pin<Box<dyn Future<Output = T> + 'a>>,
     kick: Kick,
+    /// The executor's waker and the kicking one made from it, reused while
+    /// the executor's stays the same (polls of one request mostly do).
+    waker: Option<(Waker, Waker)>,
 }
 
 impl<T> Future for Kicked<'_, T> {
     type Output = T;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let waker = Waker::from(Arc::new(KickWaker {
-            inner: cx.waker().clone(),
-            kick: self.kick.clone(),
-        }));
-        let mut cx = Context::from_waker(&waker);
-        self.fut.as_mut().poll(&mut cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        let kicking = match &this.waker {
+            Some((outer, kicking)) if outer.will_wake(cx.waker()) => kicking.clone(),
+            _ => {
+                let kicking = Waker::from(Arc::new(KickWaker {
+                    inner: cx.waker().clone(),
+                    kick: this.kick.clone(),
+                }));
+                this.waker = Some((cx.waker().clone(), kicking.clone()));
+                kicking
+            }
+        };
+        this.fut.as_mut().poll(&mut Context::from_waker(&kicking))
     }
 }
 

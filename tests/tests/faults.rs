@@ -1311,6 +1311,32 @@ fn cli_and_state_errors_are_clear() {
     nothing_created("long --state");
     assert!(!deep_state.exists(), "long --state: the state directory was created");
 
+    // --bench-consume recycles unacknowledged journal segments: refused
+    // with a collector, before anything is created.
+    let token = d.join("token");
+    fs::write(&token, "secret\n").expect("write token");
+    let out = agent_protect(&[
+        "--disk",
+        s(&new_disk),
+        "--create-size",
+        "1M",
+        "--state",
+        s(&new_state),
+        "--listen",
+        &listen,
+        "--collector",
+        "127.0.0.1:9",
+        "--token-file",
+        s(&token),
+        "--bench-consume",
+    ]);
+    expect_fail(
+        &out,
+        &["--bench-consume cannot be combined with --collector"],
+        "--bench-consume with --collector",
+    );
+    nothing_created("--bench-consume with --collector");
+
     // ublk settings without --ublk, or out of range.
     for (args, needle) in [
         (&["--queues", "2"][..], "need --ublk"),

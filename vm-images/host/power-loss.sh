@@ -29,6 +29,15 @@ pl_fail() {
 # block_at FILE I: block I of the test (4 KiB at I * STRIDE).
 block_at() { dd if="$1" bs=4096 skip=$(($2 * STRIDE / 4096)) count=1 status=none; }
 is_zero() { [ -z "$(tr -d '\0' <"$1" | head -c 1)" ]; }
+# blocks_as_written FILE N WHERE: blocks 1..N of FILE are the test's, or fail
+# saying block i differs WHERE.
+blocks_as_written() {
+  local i
+  for ((i = 1; i <= $2; i++)); do
+    pattern_block pl "$i" >"$W/want"
+    block_at "$1" "$i" | cmp -s "$W/want" - || pl_fail "block $i differs $3"
+  done
+}
 
 host_after_power_loss() {
   case $KILL_LINE in
@@ -100,10 +109,7 @@ host_after_power_loss() {
   # 4. replay onto a zero disk
   truncate -s "$(stat -c %s "$img")" "$W/zero.img"
   "$tm" journal replay --state "$st" --onto "$W/zero.img" || pl_fail "tidemark journal replay failed"
-  for ((i = 1; i <= n; i++)); do
-    pattern_block pl "$i" >"$W/want"
-    block_at "$W/zero.img" "$i" | cmp -s "$W/want" - || pl_fail "block $i differs after journal replay"
-  done
+  blocks_as_written "$W/zero.img" "$n" "after journal replay"
   rm -f "$W/zero.img"
   echo "journal replay: blocks 1..$n as written"
 
@@ -127,10 +133,7 @@ host_after_power_loss() {
   echo "$status" | grep -q '"resync_required":true' || pl_fail "agent-status does not say a full resync is owed"
   if command -v nbdcopy >/dev/null 2>&1; then
     nbdcopy "nbd+unix:///?socket=$W/pl.sock" "$W/served.img" || pl_fail "nbdcopy from the recovered agent failed"
-    for ((i = 1; i <= n; i++)); do
-      pattern_block pl "$i" >"$W/want"
-      block_at "$W/served.img" "$i" | cmp -s "$W/want" - || pl_fail "block $i as served by the recovered agent differs"
-    done
+    blocks_as_written "$W/served.img" "$n" "as served by the recovered agent"
     rm -f "$W/served.img"
     echo "served over NBD after recovery: blocks 1..$n as written"
   else
@@ -142,10 +145,7 @@ host_after_power_loss() {
   [ $rc = 0 ] || { tail -n 5 "$W/agent.log"; pl_fail "the recovered agent exited with $rc on SIGTERM"; }
 
   # 6. the image after recovery
-  for ((i = 1; i <= n; i++)); do
-    pattern_block pl "$i" >"$W/want"
-    block_at "$img" "$i" | cmp -s "$W/want" - || pl_fail "block $i differs on the image after recovery"
-  done
+  blocks_as_written "$img" "$n" "on the image after recovery"
   rm -f "$PL_LINK"
   echo "power loss: every write acknowledged before the FLUSH survived; machine-crash recovery OK"
 }
