@@ -44,6 +44,8 @@ const MERGE_FILES: usize = 64;
 /// Packed batches unacknowledged at once (besides the byte cap): capped by
 /// count, batches grow with the backlog rather than queueing.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// How long the answer to a target's `StatusNow` waits for the agent's.
+const ASK_AGENT_WAIT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -220,16 +222,29 @@ async fn session(
 
     let inflight = Arc::new(InFlight::new(applied));
     let ended = CancellationToken::new();
+    // Frames the reader wants sent (answers to the target's questions).
+    let (answers, mut to_send) = tokio::sync::mpsc::unbounded_channel::<Frame>();
     // Aborted if this session is dropped (collector stopping, disk rebound).
     let mut reader = {
         let (s, d, inf, end) = (shared.clone(), disk.clone(), inflight.clone(), ended.clone());
         AbortOnDropHandle::new(tokio::spawn(async move {
-            let r = read_loop(&s, &d, generation, &inf, &mut rd).await;
+            let r = read_loop(&s, &d, generation, &inf, &mut rd, &answers).await;
             end.cancel();
             r
         }))
     };
-    let sent = send_loop(shared, disk, generation, rebound, &ended, &inflight, &mut wr, applied).await;
+    let sent = send_loop(
+        shared,
+        disk,
+        generation,
+        rebound,
+        &ended,
+        &inflight,
+        &mut wr,
+        applied,
+        &mut to_send,
+    )
+    .await;
     ended.cancel();
     let _ = wr.shutdown().await;
     reader.abort();
@@ -243,6 +258,7 @@ async fn read_loop(
     generation: u64,
     inflight: &InFlight,
     rd: &mut OwnedReadHalf,
+    answers: &tokio::sync::mpsc::UnboundedSender<Frame>,
 ) -> Result<()> {
     loop {
         let f = tokio::time::timeout(TARGET_IDLE, net::read_frame(rd, TARGET_MAX_BODY))
@@ -279,7 +295,16 @@ async fn read_loop(
                 }
             }
             Some((Frame::Request(req), _)) => match req {
-                Request::StatusNow { .. } => debug!(disk = %disk.id, "the target asked for status; nothing to send"),
+                Request::StatusNow { nonce } => {
+                    // A drain before a failover: say what is held here and
+                    // at the agent, without holding up acks meanwhile.
+                    debug!(disk = %disk.id, nonce, "the target asks what is held for the disk");
+                    let (s, d, out) = (shared.clone(), disk.clone(), answers.clone());
+                    tokio::spawn(async move {
+                        let p = crate::state::held_for_target(&s, &d, nonce, ASK_AGENT_WAIT).await;
+                        let _ = out.send(Frame::Progress(p));
+                    });
+                }
                 _ => shared.relay_to_agent(disk, req),
             },
             Some((Frame::Error { code, reason }, _)) => bail!("the target reported {code:?}: {reason}"),
@@ -298,6 +323,7 @@ async fn send_loop(
     inflight: &InFlight,
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     applied: u64,
+    to_send: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>,
 ) -> Result<()> {
     let mut packer = Packer::new(shared.cfg.window_blocks, shared.cfg.zstd_level).context("zstd compressor")?;
     // `next`: where to look in the spool; `expect`: the seq the target
@@ -306,6 +332,9 @@ async fn send_loop(
     let mut expect = applied + 1;
     let uuid = disk.lock().uuid;
     loop {
+        while let Ok(f) = to_send.try_recv() {
+            net::write_frame(wr, &f).await.context("send to the target")?;
+        }
         let spooled = disk.spooled.notified();
         tokio::pin!(spooled);
         spooled.as_mut().enable();
@@ -337,6 +366,10 @@ async fn send_loop(
         let Some((first, entry)) = found else {
             tokio::select! {
                 _ = &mut spooled => continue,
+                Some(f) = to_send.recv() => {
+                    net::write_frame(wr, &f).await.context("send to the target")?;
+                    continue;
+                }
                 _ = ended.cancelled() => return Ok(()),
                 _ = rebound.cancelled() => return Ok(()),
                 _ = shared.stop.cancelled() => return Ok(()),
@@ -352,6 +385,7 @@ async fn send_loop(
             }
             tokio::select! {
                 _ = &mut changed => {}
+                Some(f) = to_send.recv() => net::write_frame(wr, &f).await.context("send to the target")?,
                 _ = ended.cancelled() => return Ok(()),
                 _ = rebound.cancelled() => return Ok(()),
                 _ = shared.stop.cancelled() => return Ok(()),

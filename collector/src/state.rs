@@ -581,6 +581,60 @@ fn rates(samples: &VecDeque<(Instant, u64, u64)>, now: Instant) -> (f64, f64) {
     )
 }
 
+/// Ask the disk's agent for a fresh Progress (`Request::StatusNow`) and wait
+/// up to `wait` for the answer. None: no agent is connected, it left, or it
+/// did not answer in time. The agent builds its answer after it read the
+/// request, so the answer's `source_seq` covers every write it acknowledged
+/// before.
+pub(crate) async fn ask_agent(shared: &Shared, disk: &Disk, wait: Duration) -> Option<Progress> {
+    let nonce = shared.next_nonce();
+    let (answer, answered) = oneshot::channel();
+    let tx = {
+        let mut st = disk.lock();
+        let tx = st.agent.as_ref().map(|a| a.tx.clone())?;
+        st.nonce_waiters.push((nonce, answer));
+        tx
+    };
+    let asked = async {
+        tx.send(Out {
+            frame: Frame::Request(Request::StatusNow { nonce }),
+            done: None,
+        })
+        .await
+        .ok()?;
+        drop(tx);
+        answered.await.ok()
+    };
+    let got = tokio::time::timeout(wait, asked).await.ok().flatten();
+    if got.is_none() {
+        disk.lock().nonce_waiters.retain(|(n, _)| *n != nonce);
+    }
+    got
+}
+
+/// The answer to a target's `StatusNow` (the drain barrier before a
+/// failover): a Progress whose `source_seq` is the highest seq this
+/// collector holds for the disk or its agent reported when asked just now,
+/// and whose `time_ns` is 0 when the agent could not be asked (then only
+/// the spool counts).
+pub(crate) async fn held_for_target(shared: &Shared, disk: &Disk, nonce: u64, wait: Duration) -> Progress {
+    let fresh = ask_agent(shared, disk, wait).await;
+    let st = disk.lock();
+    let held = st.acked_seq;
+    let last_mode = st.progress.as_ref().map_or(AgentMode::Streaming, |(p, _)| p.mode);
+    Progress {
+        source_seq: fresh.as_ref().map_or(held, |p| p.source_seq.max(held)),
+        mode: fresh.as_ref().map_or(last_mode, |p| p.mode),
+        sync_done: 0,
+        sync_total: 0,
+        full_resyncs: 0,
+        backlog_bytes: 0,
+        written_bytes: 0,
+        time_ns: if fresh.is_some() { now_ns().max(1) } else { 0 },
+        nonce,
+    }
+}
+
 /// Record a Progress report; one that echoes a nonce wakes its `refresh`.
 pub(crate) fn note_progress(disk: &Disk, p: Progress) {
     let now = Instant::now();

@@ -175,8 +175,6 @@ pub(crate) struct DiskApplier {
     undo: UndoState,
     /// The newest recovery point's seq (the start of the capture epoch).
     last_point: Option<u64>,
-    /// Source time of the newest crash-consistent point.
-    last_crash_ns: Option<u64>,
     /// Blocks captured since `last_point`, valid for the epoch it names.
     captured: BlockSet,
     captured_for: Option<Option<u64>>,
@@ -197,11 +195,6 @@ impl DiskApplier {
         let points = catalog.points(&row.disk_id)?;
         Ok(Self {
             last_point: points.last().map(|p| p.seq),
-            last_crash_ns: points
-                .iter()
-                .rev()
-                .find(|p| p.kind == PointKind::Crash)
-                .map(|p| p.time_ns),
             row,
             halts,
             replica,
@@ -336,8 +329,17 @@ impl DiskApplier {
         let mut new_halts: Vec<Halt> = Vec::new();
         let mut ops: Vec<usize> = Vec::with_capacity(fresh.len());
         let mut points: Vec<(usize, Point)> = Vec::new();
-        let mut last_crash_ns = self.last_crash_ns;
-        let interval_ns = u64::try_from(policy.point_interval.as_nanos()).unwrap_or(u64::MAX);
+        // Points recorded since this applier last looked (a view opened at
+        // `latest` records the applied state as a point): the capture epoch
+        // starts at the newest one.
+        let (newest_point, crash_tail) = if policy.enabled() {
+            self.catalog.point_tail(&id)?
+        } else {
+            (None, Vec::new())
+        };
+        self.last_point = newest_point;
+        let mut thin = Thinning::new(&crash_tail, policy.point_interval, self.pinned(&id));
+        let mut thinned: Vec<u64> = Vec::new();
         for (i, r) in fresh.iter().enumerate() {
             let h = &r.header;
             if let Err(e) = h.verify_payload(&r.payload) {
@@ -416,9 +418,18 @@ impl DiskApplier {
                     && row.sync_from.is_none()
                     && !halts.iter().chain(new_halts.iter()).any(|x| !x.covered);
                 if h.kind == RecordKind::Flush {
-                    let due = last_crash_ns.is_none_or(|t| h.time_ns.abs_diff(t) >= interval_ns);
-                    if consistent && due {
-                        last_crash_ns = Some(h.time_ns);
+                    // The newest flush is always a point; the one it
+                    // replaces as newest goes if it is closer than the
+                    // interval to the point before it.
+                    if consistent {
+                        if let Some(drop) = thin.add(h.seq, h.time_ns) {
+                            match points.iter().position(|(_, p)| p.seq == drop) {
+                                Some(k) => {
+                                    points.remove(k);
+                                }
+                                None => thinned.push(drop),
+                            }
+                        }
                         points.push((
                             i,
                             Point {
@@ -426,6 +437,7 @@ impl DiskApplier {
                                 time_ns: h.time_ns,
                                 kind: PointKind::Crash,
                                 tag: None,
+                                latest: false,
                             },
                         ));
                     }
@@ -449,6 +461,7 @@ impl DiskApplier {
                                     PointKind::Tag
                                 },
                                 tag: Some(name),
+                                latest: false,
                             },
                         ));
                     }
@@ -476,6 +489,7 @@ impl DiskApplier {
         )));
 
         row.applied_seq = last;
+        row.applied_time_ns = fresh.last().map_or(row.applied_time_ns, |r| r.header.time_ns);
         let mut commit: Vec<&Halt> = halts
             .iter()
             .zip(&changed)
@@ -492,16 +506,18 @@ impl DiskApplier {
         let halted_seq = open.iter().map(|h| h.seq).min();
         let new_points: Vec<Point> = points.into_iter().map(|(_, p)| p).collect();
         fail::fail_point!("target-before-commit", |_| Err(Error::injected("target-before-commit")));
-        self.catalog.commit(&row, halted_seq, &commit, &new_points)?;
+        self.catalog.commit(&row, halted_seq, &commit, &new_points, &thinned)?;
         fail::fail_point!("target-after-commit", |_| Err(Error::injected("target-after-commit")));
 
         for p in &new_points {
             info!(disk = %id, seq = p.seq, kind = p.kind.as_str(), tag = p.tag.as_deref().unwrap_or(""), "recovery point");
         }
+        for seq in &thinned {
+            tracing::debug!(disk = %id, seq, "recovery point thinned (--point-interval)");
+        }
         if let Some(p) = new_points.last() {
             self.last_point = Some(p.seq);
         }
-        self.last_crash_ns = last_crash_ns;
         self.row = row;
         self.halts = open;
         if policy.enabled() {
@@ -521,6 +537,17 @@ impl DiskApplier {
             request_full_resync,
             state: self.state(),
         })
+    }
+
+    /// The seqs of this disk's points that open views have pinned.
+    fn pinned(&self, disk: &str) -> Vec<u64> {
+        self.undo
+            .opts
+            .pins
+            .lock()
+            .get(disk)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The blocks captured after point `epoch` (none when there is no point).
@@ -712,6 +739,52 @@ impl DiskApplier {
             new_halts: Vec::new(),
             request_full_resync: false,
             state: self.state(),
+        }
+    }
+}
+
+/// Where crash points go: every flush of a consistent disk becomes the
+/// newest point; the point it replaces as newest is dropped again when it
+/// lies less than `interval` (source time) after the point before it, and
+/// is not pinned by a view. So the newest flush is always recoverable and
+/// older crash points are at least `interval` apart.
+struct Thinning {
+    /// The newest crash point and the one before it: (seq, source time).
+    newest: Option<(u64, u64)>,
+    before: Option<(u64, u64)>,
+    interval_ns: u64,
+    pinned: Vec<u64>,
+}
+
+impl Thinning {
+    /// `tail`: the newest crash points, newest first (as
+    /// `Catalog::point_tail` reads them).
+    fn new(tail: &[(u64, u64)], interval: std::time::Duration, pinned: Vec<u64>) -> Self {
+        Self {
+            newest: tail.first().copied(),
+            before: tail.get(1).copied(),
+            interval_ns: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+            pinned,
+        }
+    }
+
+    /// A flush at (seq, time) becomes the newest point; returns the seq of
+    /// the point to drop, if any.
+    fn add(&mut self, seq: u64, time_ns: u64) -> Option<u64> {
+        let new = (seq, time_ns);
+        let Some(newest) = self.newest else {
+            self.newest = Some(new);
+            return None;
+        };
+        let close = self
+            .before
+            .is_some_and(|b| newest.1.abs_diff(b.1) < self.interval_ns && !self.pinned.contains(&newest.0));
+        self.newest = Some(new);
+        if close {
+            Some(newest.0)
+        } else {
+            self.before = Some(newest);
+            None
         }
     }
 }
@@ -1193,10 +1266,67 @@ mod tests {
                         s.oldest_point.as_ref().unwrap().seq > 3,
                         "the oldest points were pruned"
                     );
-                    assert_eq!(s.newest_point.as_ref().unwrap().seq, 21);
+                    // The applied state is the newest point: seq 22 wrote after the last flush.
+                    assert_eq!(s.newest_point.as_ref().map(|p| (p.seq, p.latest)), Some((22, true)));
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_newest_flush_is_always_a_point_and_older_ones_are_thinned() {
+        let f = Fixture::new();
+        let policy = DiskPolicy {
+            point_interval: std::time::Duration::from_secs(1),
+            ..DiskPolicy::default()
+        };
+        let mut a = f.open_with(&policy, UndoOptions::default());
+        a.apply(
+            vec![
+                sync(1, 0, 1, 64 << 10, FLAG_FULL),
+                bare(RecordKind::SyncDone, 2, 1, 0, FLAG_FULL),
+            ],
+            false,
+        )
+        .unwrap();
+        let ms = 1_000_000u64;
+        let t0 = 1_700_000_000_000 * ms;
+        let crash = |a: &DiskApplier| -> Vec<u64> {
+            a.catalog
+                .points("d")
+                .unwrap()
+                .iter()
+                .filter(|p| p.kind == PointKind::Crash)
+                .map(|p| p.seq)
+                .collect()
+        };
+        // One batch per flush: a write, then a flush at these source times.
+        let mut seq = 3;
+        let mut flush_seq = Vec::new();
+        for at in [0, 300, 600, 1200, 1500, 1700] {
+            let w = write(seq, 4096, u8::try_from(seq).unwrap(), 4096);
+            let mut fl = bare(RecordKind::Flush, seq + 1, 0, 0, 0);
+            fl.header.time_ns = t0 + at * ms;
+            a.apply(vec![w, fl], false).unwrap();
+            flush_seq.push(seq + 1);
+            let pts = crash(&a);
+            assert_eq!(pts.last(), Some(&(seq + 1)), "the newest flush is a point: {pts:?}");
+            seq += 2;
+        }
+        // 0 ms, 1200 ms (≥ 1 s after 0), then 1700 ms newest; 1500 went
+        // (< 1 s after 1200), as did 300 and 600.
+        assert_eq!(crash(&a), vec![flush_seq[0], flush_seq[3], flush_seq[5]]);
+        // Several flushes in one batch: only the last one stays.
+        let mut b = Vec::new();
+        for at in [1800, 1900, 2000] {
+            b.push(write(seq, 8192, 9, 4096));
+            let mut fl = bare(RecordKind::Flush, seq + 1, 0, 0, 0);
+            fl.header.time_ns = t0 + at * ms;
+            b.push(fl);
+            seq += 2;
+        }
+        a.apply(b, false).unwrap();
+        assert_eq!(crash(&a), vec![flush_seq[0], flush_seq[3], seq - 1]);
     }
 
     /// The cost of undo capture: apply throughput of a random 4 KiB write

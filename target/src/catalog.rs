@@ -137,6 +137,9 @@ pub const MIGRATIONS: &[&str] = &[
     // the disk is first seen (or rebound); older disks are raw.
     "ALTER TABLE disks ADD COLUMN format TEXT NOT NULL DEFAULT 'raw'
         CHECK (format IN ('raw', 'vmdk-flat', 'vmdk-sparse'));",
+    // 5: the source time of the record at applied_seq, so that the applied
+    // state can be offered as the `latest` crash-consistent point.
+    "ALTER TABLE disks ADD COLUMN applied_time_ns INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Whether a disk's replica is known to equal its source at some seq.
@@ -341,7 +344,7 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
     for row in rows {
         let (disk_id, disk_uuid, applied, sync, first, halted, created_at, updated_at, sync_from) = row?;
         let row = Catalog::row(&conn, &disk_id)?.ok_or_else(|| corrupt(format!("disk {disk_id} vanished")))?;
-        let points = read_points(&conn, &disk_id)?;
+        let points = read_points_with_latest(&conn, &disk_id)?;
         let now = now_ns();
         let last_app = points.iter().rev().find(|p| p.kind == PointKind::App);
         let failovers = read_failovers(&conn, &disk_id)?;
@@ -384,12 +387,19 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
     Ok(out)
 }
 
+/// What [`Catalog::point_tail`] reads: the newest point's seq, and the
+/// newest two crash points (seq, source time), newest first.
+pub(crate) type PointTail = (Option<u64>, Vec<(u64, u64)>);
+
 /// A disk's row, as the session keeps it in memory between commits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct DiskRow {
     pub disk_id: String,
     pub disk_uuid: [u8; 16],
     pub applied_seq: u64,
+    /// Source time of the record at `applied_seq` (0: not known, e.g. a
+    /// disk applied by an older build).
+    pub applied_time_ns: u64,
     pub sync_state: SyncState,
     pub first_seq: Option<u64>,
     pub full_sync_seen: bool,
@@ -475,9 +485,52 @@ pub(crate) fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>
             time_ns: to_u64(time, "point time")?,
             kind: PointKind::parse(&kind).ok_or_else(|| corrupt(format!("disk {disk_id}: point kind {kind:?}")))?,
             tag,
+            latest: false,
         });
     }
     Ok(out)
+}
+
+/// A disk's recovery points as the tools offer them: the recorded points,
+/// and the applied state as the newest crash-consistent point (`latest`:
+/// any prefix of the ordered stream is a crash state of the source) while
+/// the disk is consistent and keeps retention. That point, when the
+/// applied seq is not a recorded point already, is marked `latest`.
+pub(crate) fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
+    let mut pts = read_points(conn, disk_id)?;
+    let Some(row) = Catalog::row(conn, disk_id)? else {
+        return Ok(pts);
+    };
+    let halted: Option<i64> = conn.query_row("SELECT halted_seq FROM disks WHERE disk_id = ?1", [disk_id], |r| {
+        r.get(0)
+    })?;
+    let consistent = row.sync_state == SyncState::Consistent && row.sync_from.is_none() && halted.is_none();
+    if !consistent || !row.policy.enabled() || row.applied_seq == 0 {
+        return Ok(pts);
+    }
+    match pts.last() {
+        Some(p) if p.seq >= row.applied_seq => {}
+        _ => {
+            let updated: i64 = conn.query_row("SELECT updated_at FROM disks WHERE disk_id = ?1", [disk_id], |r| {
+                r.get(0)
+            })?;
+            // A disk last applied by an older build has no applied time:
+            // the commit's wall clock is the best there is.
+            let time_ns = if row.applied_time_ns != 0 {
+                row.applied_time_ns
+            } else {
+                u64::try_from(updated).unwrap_or(0).saturating_mul(1_000_000_000)
+            };
+            pts.push(Point {
+                seq: row.applied_seq,
+                time_ns,
+                kind: PointKind::Crash,
+                tag: None,
+                latest: true,
+            });
+        }
+    }
+    Ok(pts)
 }
 
 fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
@@ -504,6 +557,7 @@ fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
                 time_ns: to_u64(t, "time")?,
                 kind: PointKind::parse(&kind).unwrap_or(PointKind::Crash),
                 tag,
+                latest: false,
             },
             output,
         });
@@ -700,7 +754,7 @@ impl Catalog {
             .query_row(
                 "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid, sync_from,
                         undo_captured_seq, retention_window_s, retention_max_bytes, on_full, point_interval_ms,
-                        failed_over, format
+                        failed_over, format, applied_time_ns
                  FROM disks WHERE disk_id = ?1",
                 [disk_id],
                 |r| {
@@ -721,6 +775,7 @@ impl Catalog {
                             r.get::<_, i64>(12)?,
                         ),
                         r.get::<_, String>(13)?,
+                        r.get::<_, i64>(14)?,
                     ))
                 },
             )
@@ -735,6 +790,7 @@ impl Catalog {
             sync_from,
             (captured, window, max, on_full, interval, fo),
             format,
+            applied_time,
         )) = r
         else {
             return Ok(None);
@@ -743,6 +799,7 @@ impl Catalog {
             disk_id: disk_id.to_string(),
             disk_uuid: parse_uuid(&uuid).ok_or_else(|| corrupt(format!("disk {disk_id}: bad uuid {uuid:?}")))?,
             applied_seq: to_u64(applied, "applied_seq")?,
+            applied_time_ns: to_u64(applied_time, "applied_time_ns")?,
             sync_state: SyncState::parse(&sync)
                 .ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?,
             first_seq: first.map(|v| to_u64(v, "first_seq")).transpose()?,
@@ -784,6 +841,7 @@ impl Catalog {
             disk_id: disk_id.to_string(),
             disk_uuid: *uuid,
             applied_seq: 0,
+            applied_time_ns: 0,
             sync_state: SyncState::AwaitingFullSync,
             first_seq: None,
             full_sync_seen: false,
@@ -817,7 +875,7 @@ impl Catalog {
                 }
                 Self::put_policy(&tx, disk_id, policy)?;
                 tx.execute(
-                    "UPDATE disks SET disk_uuid = ?2, applied_seq = 0, sync_state = 'awaiting-full-sync',
+                    "UPDATE disks SET disk_uuid = ?2, applied_seq = 0, applied_time_ns = 0, sync_state = 'awaiting-full-sync',
                          first_seq = NULL, full_sync_seen = 0, halted_seq = NULL, sync_from = NULL,
                          undo_captured_seq = 0, failed_over = 0,
                          replaced_uuid = ?3,
@@ -849,11 +907,23 @@ impl Catalog {
 
     /// Commit a batch: the disk's row and every halt created or changed by
     /// it, in one transaction. Called only after the replica's fdatasync.
-    pub fn commit(&mut self, row: &DiskRow, halted_seq: Option<u64>, halts: &[&Halt], points: &[Point]) -> Result<()> {
+    ///
+    /// `thinned` are older crash points that `--point-interval` drops now
+    /// that a newer flush is a point (their undo data stays: a view at any
+    /// seq reads the first capture after it, whichever point it was
+    /// captured for).
+    pub fn commit(
+        &mut self,
+        row: &DiskRow,
+        halted_seq: Option<u64>,
+        halts: &[&Halt],
+        points: &[Point],
+        thinned: &[u64],
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
             "UPDATE disks SET applied_seq = ?2, sync_state = ?3, first_seq = ?4, full_sync_seen = ?5,
-                 halted_seq = ?6, updated_at = ?7, sync_from = ?9
+                 halted_seq = ?6, updated_at = ?7, sync_from = ?9, applied_time_ns = ?10
              WHERE disk_id = ?1 AND disk_uuid = ?8",
             params![
                 row.disk_id,
@@ -865,6 +935,7 @@ impl Catalog {
                 now_unix(),
                 format_uuid(&row.disk_uuid),
                 row.sync_from.map(|v| to_i64(v, "sync_from")).transpose()?,
+                to_i64(row.applied_time_ns, "applied time")?,
             ],
         )?;
         if n != 1 {
@@ -876,6 +947,12 @@ impl Catalog {
         }
         for h in halts {
             Self::put_halt(&tx, &row.disk_id, h)?;
+        }
+        for seq in thinned {
+            tx.execute(
+                "DELETE FROM points WHERE disk_id = ?1 AND seq = ?2 AND kind = 'crash'",
+                params![row.disk_id, to_i64(*seq, "point seq")?],
+            )?;
         }
         for p in points {
             tx.execute(
@@ -914,6 +991,46 @@ impl Catalog {
     /// The disk's recovery points, by seq.
     pub fn points(&self, disk_id: &str) -> Result<Vec<Point>> {
         read_points(&self.conn, disk_id)
+    }
+
+    /// The newest point's seq, and the newest two crash points (seq, source
+    /// time), newest first: what the applier needs to place and thin the
+    /// next points. Read at every batch, because a view opened at `latest`
+    /// may have added a point since (see [`Catalog::insert_point`]).
+    pub fn point_tail(&self, disk_id: &str) -> Result<PointTail> {
+        let newest: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(seq) FROM points WHERE disk_id = ?1", [disk_id], |r| {
+                    r.get(0)
+                })?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, time_ns FROM points WHERE disk_id = ?1 AND kind = 'crash' ORDER BY seq DESC LIMIT 2",
+        )?;
+        let rows = st.query_map([disk_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut crash = Vec::new();
+        for r in rows {
+            let (seq, t) = r?;
+            crash.push((to_u64(seq, "point seq")?, to_u64(t, "point time")?));
+        }
+        Ok((newest.map(|v| to_u64(v, "point seq")).transpose()?, crash))
+    }
+
+    /// Make the applied state a recorded crash point (a view opened at
+    /// `latest` pins it; from the next batch on, overwrites are captured
+    /// for it). The caller holds the disk's apply lock, so no batch is
+    /// between its capture and its commit. A point already there is kept.
+    pub fn insert_point(&mut self, disk_id: &str, p: &Point) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO points (disk_id, seq, time_ns, kind, tag) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                disk_id,
+                to_i64(p.seq, "point seq")?,
+                to_i64(p.time_ns, "point time")?,
+                p.kind.as_str(),
+                p.tag
+            ],
+        )?;
+        Ok(())
     }
 
     /// Whether a point already carries tag `name`.
@@ -1139,7 +1256,7 @@ mod tests {
         row.first_seq = Some(1);
         row.sync_state = SyncState::Consistent;
         let h = halt(40, 4096, 8192);
-        c.commit(&row, Some(40), &[&h], &[]).unwrap();
+        c.commit(&row, Some(40), &[&h], &[], &[]).unwrap();
         drop(c);
 
         // Reopening runs no migration twice and finds the same state.
@@ -1169,7 +1286,7 @@ mod tests {
         h2.covered = true;
         h2.covered_seq = Some(50);
         row.applied_seq = 50;
-        c.commit(&row, None, &[&h2], &[]).unwrap();
+        c.commit(&row, None, &[&h2], &[], &[]).unwrap();
         assert!(c.open_halts("db").unwrap().is_empty());
         let s = &disk_states(d.path()).unwrap()[0];
         assert_eq!(s.state, "consistent");
@@ -1189,7 +1306,7 @@ mod tests {
             panic!()
         };
         row.applied_seq = 7;
-        c.commit(&row, Some(3), &[&halt(3, 0, 512)], &[]).unwrap();
+        c.commit(&row, Some(3), &[&halt(3, 0, 512)], &[], &[]).unwrap();
         match c
             .bind("db", &u2, false, &DiskPolicy::default(), ReplicaFormat::Raw)
             .unwrap()
@@ -1210,7 +1327,7 @@ mod tests {
         // A commit for the old UUID no longer lands.
         let mut stale = row.clone();
         stale.disk_uuid = u1;
-        assert!(c.commit(&stale, None, &[], &[]).is_err());
+        assert!(c.commit(&stale, None, &[], &[], &[]).is_err());
         c.clear_replaced("db").unwrap();
         let Bind::Existing(back) = c
             .bind("db", &u2, true, &DiskPolicy::default(), ReplicaFormat::Raw)

@@ -4,10 +4,10 @@
 //!
 //! ```text
 //!  {"op":"points","disk":D}                        → {"ok":true,"points":[{seq,time_ns,kind,tag}…]}
-//!  {"op":"pin","disk":D,"at":AtSpec}               → {"ok":true,"point":{…}}   pinned until unpin or close
+//!  {"op":"pin","disk":D,"at":AtSpec[,"stop":true]} → {"ok":true,"point":{…}}   pinned until unpin or close
 //!  {"op":"unpin","disk":D,"seq":N}                 → {"ok":true}
 //!  {"op":"failover","disk":D,"point":{…},"output":F} → {"ok":true}  applying to D has stopped
-//!  {"op":"drain","disk":D,"timeout_ms":N}          → {"ok":true,"applied_seq":N}
+//!  {"op":"drain","disk":D,"timeout_ms":N}          → {"ok":true,"applied_seq":N,"held_seq":N,"agent_answered":B}
 //!  {"op":"status"}                                 → {"ok":true,"disks":[DiskState…]}
 //!  anything else, or a failure                     → {"ok":false,"error":"…"}
 //! ```
@@ -15,7 +15,19 @@
 //! A pin belongs to its connection: closing the connection (a tool that
 //! exits or dies) releases it. Pinning resolves the point and pins it under
 //! the pins lock that expiry holds while it deletes, so a point cannot
-//! expire between being chosen and being pinned.
+//! expire between being chosen and being pinned. `latest` is the applied
+//! state; pinning it records it as a point under the disk's apply lock, so
+//! that every later overwrite is captured for it.
+//!
+//! `"stop":true` (failover) first stops applying to the disk (a batch being
+//! applied finishes), so the point chosen is the replica's final state. If
+//! the connection closes before the `failover` op records it, applying
+//! resumes: an export that failed or was interrupted changes nothing.
+//!
+//! `drain` is a barrier: it asks the collector, over the disk's connection,
+//! for the highest seq it or the agent holds, then waits until the replica
+//! has applied it. It fails naming what is missing (no collector
+//! connected, or the seqs not yet applied when the time is up).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,18 +44,34 @@ use crate::recovery::{self, AtSpec, Point};
 use crate::retention;
 use crate::session::Shared;
 
-/// How long a connection must have received no batch before a drain
-/// counts it as caught up.
-pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// How long a drain waits for the collector's answer to its question.
+const PROBE_WAIT: Duration = Duration::from_secs(15);
 
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum Req {
-    Points { disk: String },
-    Pin { disk: String, at: AtSpec },
-    Unpin { disk: String, seq: u64 },
-    Failover { disk: String, point: Point, output: String },
-    Drain { disk: String, timeout_ms: u64 },
+    Points {
+        disk: String,
+    },
+    Pin {
+        disk: String,
+        at: AtSpec,
+        #[serde(default)]
+        stop: bool,
+    },
+    Unpin {
+        disk: String,
+        seq: u64,
+    },
+    Failover {
+        disk: String,
+        point: Point,
+        output: String,
+    },
+    Drain {
+        disk: String,
+        timeout_ms: u64,
+    },
     Status,
 }
 
@@ -82,6 +110,7 @@ async fn conn(s: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
     let (rd, mut wr) = s.into_split();
     let mut lines = BufReader::new(rd).lines();
     let mut pins: Vec<(String, u64)> = Vec::new();
+    let mut stopped: Vec<String> = Vec::new();
     loop {
         let line = tokio::select! {
             _ = stop.cancelled() => break,
@@ -91,7 +120,7 @@ async fn conn(s: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
             },
         };
         let reply = match serde_json::from_str::<Req>(&line) {
-            Ok(req) => handle(req, &shared, &mut pins)
+            Ok(req) => handle(req, &shared, &mut pins, &mut stopped)
                 .await
                 .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")})),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
@@ -106,29 +135,62 @@ async fn conn(s: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
         debug!(disk, seq, "view closed: unpinned");
         retention::unpin(&shared.pins, &disk, seq);
     }
+    for disk in stopped {
+        warn!(disk = %disk, "a failover was abandoned before it was recorded: applying again");
+        shared.resume_applying(&disk);
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
 }
 
-async fn handle(req: Req, shared: &Arc<Shared>, pins: &mut Vec<(String, u64)>) -> anyhow::Result<Value> {
+async fn handle(
+    req: Req,
+    shared: &Arc<Shared>,
+    pins: &mut Vec<(String, u64)>,
+    stopped: &mut Vec<String>,
+) -> anyhow::Result<Value> {
     let dir = shared.cfg.data_dir.clone();
     match req {
         Req::Points { disk } => {
             let pts = blocking(move || recovery::points_direct(&dir, &disk)).await?;
             Ok(json!({"ok": true, "points": pts}))
         }
-        Req::Pin { disk, at } => {
+        Req::Pin { disk, at, stop } => {
+            if stop {
+                // Check the disk exists before stopping anything.
+                let (d, dir2) = (disk.clone(), dir.clone());
+                blocking(move || recovery::points_direct(&dir2, &d).map(drop)).await?;
+                if !stopped.contains(&disk) {
+                    shared.stop_applying(&disk);
+                    stopped.push(disk.clone());
+                }
+                // A batch being applied right now finishes; none starts after it.
+                let until = Instant::now() + Duration::from_secs(60);
+                while shared.applying(&disk) {
+                    if Instant::now() >= until {
+                        anyhow::bail!("disk {disk}: a batch is still being applied after 60 s; try again");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             let sh = shared.clone();
             let d = disk.clone();
             let p = blocking(move || {
+                // No batch between its point tail and its commit while the
+                // applied state becomes a point.
+                let lock = sh.apply_lock(&d);
+                let _applying = lock.lock().unwrap_or_else(|e| e.into_inner());
                 // Under the lock expiry deletes under: chosen and pinned at once.
                 let mut map = sh.pins.lock();
                 let pts = recovery::points_direct(&dir, &d)?;
                 let p = recovery::select(&pts, &at)
                     .cloned()
-                    .ok_or_else(|| anyhow::anyhow!("disk {d}: no recovery point matches {at:?}"))?;
+                    .ok_or_else(|| anyhow::anyhow!("disk {d}: {}", recovery::describe(&at)))?;
+                if p.latest {
+                    crate::catalog::Catalog::open(&dir)?.insert_point(&d, &p)?;
+                }
                 retention::pin(&mut map, &d, p.seq);
                 Ok(p)
             })
@@ -146,6 +208,7 @@ async fn handle(req: Req, shared: &Arc<Shared>, pins: &mut Vec<(String, u64)>) -
         }
         Req::Failover { disk, point, output } => {
             shared.stop_applying(&disk);
+            stopped.retain(|d| *d != disk);
             let d = disk.clone();
             let p = point.clone();
             blocking(move || {
@@ -165,17 +228,55 @@ async fn handle(req: Req, shared: &Arc<Shared>, pins: &mut Vec<(String, u64)>) -
         }
         Req::Drain { disk, timeout_ms } => {
             let until = Instant::now() + Duration::from_millis(timeout_ms);
+            let Some(probe) = shared.probe(&disk) else {
+                let (d, dir2) = (disk.clone(), dir.clone());
+                let applied = blocking(move || {
+                    let pts = recovery::points_direct(&dir2, &d)?;
+                    Ok(pts.iter().rev().find(|p| p.latest).map(|p| p.seq))
+                })
+                .await?;
+                anyhow::bail!(
+                    "disk {disk}: no collector is connected for it, so nothing can confirm that the replica holds every acknowledged write{}; start the collector (or reconnect it), or fail over with --no-drain to accept the replica as it is",
+                    applied.map(|s| format!(" (it has applied seq {s})")).unwrap_or_default()
+                );
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            probe
+                .send(tx)
+                .map_err(|_| anyhow::anyhow!("disk {disk}: the collector's connection ended; try again"))?;
+            let held = match tokio::time::timeout(PROBE_WAIT.min(until.saturating_duration_since(Instant::now())), rx).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(_)) => anyhow::bail!("disk {disk}: the collector's connection ended before it answered; try again"),
+                Err(_) => anyhow::bail!(
+                    "disk {disk}: the collector did not say what it holds within {} s (an older collector does not answer); fail over with --no-drain to accept the replica as it is",
+                    PROBE_WAIT.as_secs()
+                ),
+            };
             loop {
-                if let Some(seq) = shared.drained(&disk, DRAIN_IDLE) {
-                    return Ok(json!({"ok": true, "applied_seq": seq}));
+                let applied = shared.settled_seq(&disk);
+                if applied.is_some_and(|a| a >= held.seq) {
+                    return Ok(json!({
+                        "ok": true,
+                        "applied_seq": applied,
+                        "held_seq": held.seq,
+                        "agent_answered": held.agent_answered,
+                    }));
                 }
                 if Instant::now() >= until {
+                    let a =
+                        applied.map_or_else(|| "nothing (its connection ended)".to_string(), |a| format!("seq {a}"));
                     anyhow::bail!(
-                        "disk {disk}: not drained within {} ms (no collector connected, or it is still sending)",
-                        timeout_ms
+                        "disk {disk}: not drained within {} ms: the {} holds up to seq {}, the replica has applied {a}",
+                        timeout_ms,
+                        if held.agent_answered {
+                            "agent"
+                        } else {
+                            "collector (the agent did not answer)"
+                        },
+                        held.seq
                     );
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         Req::Status => {

@@ -81,14 +81,40 @@ pub struct Point {
     pub kind: PointKind,
     /// The tag's name (App and Tag points).
     pub tag: Option<String>,
+    /// This point is the replica's applied state, newer than every
+    /// recorded point (`--at latest`), and not recorded in the catalog.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latest: bool,
+}
+
+impl Point {
+    /// `seq 42, 2026-…+01:00, app, tag "nightly"` (`latest` for the
+    /// applied state).
+    pub fn describe(&self) -> String {
+        let tag = self.tag.as_ref().map(|t| format!(", tag \"{t}\"")).unwrap_or_default();
+        let latest = if self.latest {
+            " (latest: every applied write)"
+        } else {
+            ""
+        };
+        format!(
+            "seq {}, {}, {}{tag}{latest}",
+            self.seq,
+            format_time(self.time_ns),
+            self.kind.as_str()
+        )
+    }
 }
 
 /// Which point a user asks for (`--at`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AtSpec {
-    /// The newest point.
+    /// The replica's applied state: every record applied (a crash state of
+    /// the source, offered while the disk is consistent).
     Latest,
+    /// The newest point made by a flush (or a tag).
+    LatestFlush,
     /// The newest application-consistent point.
     LatestApp,
     /// The point at this seq, or the last one before it.
@@ -99,41 +125,136 @@ pub enum AtSpec {
     Tag(String),
 }
 
+/// What `--at` accepts, for error messages.
+pub const AT_FORMS: &str = "latest, latest-flush, latest-app, seq:N, tag:NAME, a time \
+(2026-11-28T10:00:00Z, 2026-11-28 10:00 local time, 10:00 today) or a relative time (10m ago)";
+
 impl AtSpec {
-    /// Parse `latest`, `latest-app`, `seq:N`, an RFC 3339 time
-    /// (`2026-11-28T10:00:00Z`, `…+02:00`, fractions allowed), `tag:NAME`,
-    /// or a bare tag name (anything else).
+    /// Parse `latest`, `latest-flush`, `latest-app`, `seq:N`, `tag:NAME`,
+    /// an RFC 3339 time (`2026-11-28T10:00:00Z`, `…+02:00`, fractions
+    /// allowed), a local time (`2026-11-28 10:00[:00]`, `2026-11-28T10:00`,
+    /// `10:00[:00]` today), a relative time (`10m ago`, `1h30m ago`), or a
+    /// bare tag name (anything else that [`tag_name_problem`] accepts).
     pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Self::parse_at(s, now_ns())
+    }
+
+    /// [`AtSpec::parse`] with "now" given (relative times count back from it).
+    pub fn parse_at(s: &str, now_ns: u64) -> anyhow::Result<Self> {
         let s = s.trim();
         if s.is_empty() {
-            bail!("an empty --at spec (latest, latest-app, seq:N, an RFC 3339 time, or a tag name)");
+            bail!("--at is empty: give one of {AT_FORMS}");
         }
-        if s == "latest" {
-            return Ok(Self::Latest);
-        }
-        if s == "latest-app" {
-            return Ok(Self::LatestApp);
+        match s {
+            "latest" => return Ok(Self::Latest),
+            "latest-flush" => return Ok(Self::LatestFlush),
+            "latest-app" => return Ok(Self::LatestApp),
+            _ => {}
         }
         if let Some(n) = s.strip_prefix("seq:") {
             return n
+                .trim()
                 .parse()
                 .map(Self::Seq)
-                .map_err(|_| anyhow!("--at {s:?}: {n:?} is not a seq number"));
+                .map_err(|_| anyhow!("--at {s}: \"{n}\" is not a seq number (seq:N wants a whole number)"));
         }
         if let Some(name) = s.strip_prefix("tag:") {
             if name.is_empty() {
-                bail!("--at {s:?}: an empty tag name");
+                bail!("--at {s}: tag:NAME wants a name");
             }
             return Ok(Self::Tag(name.to_string()));
+        }
+        if let Some(ago) = s.strip_suffix(" ago").or_else(|| s.strip_suffix("ago")) {
+            let d = tidemark_util::human::parse_duration(ago.trim()).map_err(|_| {
+                anyhow!(
+                    "--at {s}: \"{}\" is not a duration (e.g. 10m ago, 1h30m ago)",
+                    ago.trim()
+                )
+            })?;
+            let back = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            return Ok(Self::Time(now_ns.saturating_sub(back)));
         }
         if let Some(t) = parse_rfc3339(s) {
             return Ok(Self::Time(t));
         }
-        if s.as_bytes().first().is_some_and(u8::is_ascii_digit) && s.contains(':') && s.contains('-') {
-            bail!("--at {s:?} looks like a time but is not RFC 3339 (e.g. 2026-11-28T10:00:00Z); use tag:{s} for a tag of that name");
+        if let Some(t) = parse_local_time(s, now_ns) {
+            return Ok(Self::Time(t));
+        }
+        if looks_like_time(s) {
+            bail!(
+                "--at {s} looks like a time but is not one this tool reads (2026-11-28T10:00:00Z, 2026-11-28 10:00, 10:00); \
+                 use tag:{s} for a tag of that name"
+            );
         }
         Ok(Self::Tag(s.to_string()))
     }
+}
+
+/// Why `name` cannot be a tag name, if it cannot: `--at` must be able to
+/// name every tag by itself, so a name that `--at` reads as something else
+/// (`latest`, `seq:5`, a time, `10m ago`) or that has a `tag:` prefix is
+/// refused, as are empty names, names over 128 bytes and control
+/// characters.
+pub fn tag_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a tag name cannot be empty".into());
+    }
+    if name.len() > 128 {
+        return Some(format!("tag name of {} bytes: at most 128", name.len()));
+    }
+    if name.trim() != name {
+        return Some(format!("tag name \"{name}\" starts or ends with white space"));
+    }
+    if name.chars().any(char::is_control) {
+        return Some("a tag name cannot hold control characters".into());
+    }
+    if name.starts_with("tag:") {
+        return Some(format!("tag name \"{name}\" starts with tag:, which --at strips"));
+    }
+    match AtSpec::parse_at(name, now_ns()) {
+        Ok(AtSpec::Tag(t)) if t == name => None,
+        _ => Some(format!(
+            "tag name \"{name}\" reads as a point spec to --at ({AT_FORMS}); choose another name"
+        )),
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Whether `s` starts like a date or a clock time (so that a typo in one
+/// is an error, not a tag name).
+fn looks_like_time(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    (digits == 4 && b.get(4) == Some(&b'-')) || ((1..=2).contains(&digits) && b.get(digits) == Some(&b':'))
+}
+
+/// A time without a zone, in the local zone: `YYYY-MM-DD HH:MM[:SS[.f]]`,
+/// the same with `T`, or `HH:MM[:SS]` (today).
+fn parse_local_time(s: &str, now_ns: u64) -> Option<u64> {
+    use chrono::{Local, NaiveDate, NaiveDateTime, NaiveTime, TimeZone};
+    let naive = [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ]
+    .iter()
+    .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+    .or_else(|| {
+        let t = ["%H:%M:%S%.f", "%H:%M"]
+            .iter()
+            .find_map(|f| NaiveTime::parse_from_str(s, f).ok())?;
+        let secs = i64::try_from(now_ns / 1_000_000_000).ok()?;
+        let today: NaiveDate = Local.timestamp_opt(secs, 0).single()?.date_naive();
+        Some(today.and_time(t))
+    })?;
+    let local = Local.from_local_datetime(&naive).earliest()?;
+    u64::try_from(local.timestamp_nanos_opt()?).ok()
 }
 
 /// Parse an RFC 3339 date-time into ns since the Unix epoch (None if it is
@@ -217,6 +338,7 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
 pub fn select<'a>(points: &'a [Point], at: &AtSpec) -> Option<&'a Point> {
     match at {
         AtSpec::Latest => points.last(),
+        AtSpec::LatestFlush => points.iter().rev().find(|p| !p.latest),
         AtSpec::LatestApp => points.iter().rev().find(|p| p.kind == PointKind::App),
         AtSpec::Seq(n) => points.iter().rev().find(|p| p.seq <= *n),
         AtSpec::Time(t) => points.iter().rev().find(|p| p.time_ns <= *t),
@@ -224,13 +346,28 @@ pub fn select<'a>(points: &'a [Point], at: &AtSpec) -> Option<&'a Point> {
     }
 }
 
-fn describe(at: &AtSpec) -> String {
+/// Why no point matched `at`, in the operator's words.
+pub(crate) fn describe(at: &AtSpec) -> String {
     match at {
-        AtSpec::Latest => "no recovery point yet".into(),
-        AtSpec::LatestApp => "no application-consistent point".into(),
+        AtSpec::Latest => "no recovery point yet (the disk is not consistent: its initial sync or a resync has not finished, it is halted, or retention is off)".into(),
+        AtSpec::LatestFlush => "no point made by a flush or a tag yet".into(),
+        AtSpec::LatestApp => "no application-consistent point (take one with tidemark tag --freeze)".into(),
         AtSpec::Seq(n) => format!("no point at or before seq {n}"),
-        AtSpec::Time(t) => format!("no point at or before {t} ns since the epoch"),
-        AtSpec::Tag(n) => format!("no point tagged {n:?}"),
+        AtSpec::Time(t) => format!("no point at or before {}", format_time(*t)),
+        AtSpec::Tag(n) => format!("no point tagged \"{n}\" (tidemark points lists them)"),
+    }
+}
+
+/// Local time, RFC 3339, with as many fractional digits as it needs so
+/// that `--at TIME` given a printed time resolves to that very point.
+pub fn format_time(ns: u64) -> String {
+    let secs = i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX);
+    let sub = u32::try_from(ns % 1_000_000_000).unwrap_or(0);
+    match chrono::DateTime::from_timestamp(secs, sub) {
+        Some(t) => t
+            .with_timezone(&chrono::Local)
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+        None => format!("@{ns}ns"),
     }
 }
 
@@ -305,7 +442,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) fn points_direct(data_dir: &Path, disk_id: &str) -> anyhow::Result<Vec<Point>> {
     let conn = catalog::open_read_only(data_dir)?;
     check_disk(&conn, data_dir, disk_id)?;
-    Ok(catalog::read_points(&conn, disk_id)?)
+    Ok(catalog::read_points_with_latest(&conn, disk_id)?)
 }
 
 fn check_disk(conn: &Connection, data_dir: &Path, disk_id: &str) -> anyhow::Result<()> {
@@ -317,7 +454,7 @@ fn check_disk(conn: &Connection, data_dir: &Path, disk_id: &str) -> anyhow::Resu
         );
     }
     if catalog::Catalog::row(conn, disk_id)?.is_none() {
-        bail!("no disk {disk_id:?} in {}", data_dir.display());
+        bail!("no disk {disk_id} in {}", data_dir.display());
     }
     Ok(())
 }
@@ -341,50 +478,73 @@ pub fn resolve(data_dir: &Path, disk_id: &str, at: &AtSpec) -> anyhow::Result<Po
         .ok_or_else(|| anyhow!("disk {disk_id}: {}", describe(at)))
 }
 
-/// Stop applying to the disk and record the failover (point, output, time).
-/// May be run again at another point.
-pub fn record_failover(data_dir: &Path, disk_id: &str, point: &Point, output: &Path) -> anyhow::Result<()> {
-    let out = output.display().to_string();
-    match access(data_dir)? {
-        Access::Direct(_lock) => {
-            let mut c = catalog::Catalog::open(data_dir)?;
-            c.record_failover(disk_id, point, &out)?;
-            Ok(())
-        }
+/// The disk's state as `tidemark status --data` shows it (through the
+/// daemon when one runs).
+pub fn disk_state(data_dir: &Path, disk_id: &str) -> anyhow::Result<catalog::DiskState> {
+    let disks = match access(data_dir)? {
+        Access::Direct(_lock) => catalog::disk_states(data_dir)?,
         Access::Daemon(mut c) => {
-            c.call(
-                serde_json::json!({"op": "failover", "disk": disk_id, "point": point, "output": out}),
-                Duration::from_secs(90),
-            )?;
-            Ok(())
+            let v = c.call(serde_json::json!({"op": "status"}), CALL_TIMEOUT)?;
+            let ids: Vec<String> = v["disks"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d["disk_id"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !ids.iter().any(|i| i == disk_id) {
+                bail!("no disk {disk_id} in {}", data_dir.display());
+            }
+            // The daemon's reply is for display; read the typed state here.
+            catalog::disk_states(data_dir)?
         }
-    }
+    };
+    disks
+        .into_iter()
+        .find(|d| d.disk_id == disk_id)
+        .ok_or_else(|| anyhow!("no disk {disk_id} in {}", data_dir.display()))
 }
 
-/// Wait until the target has applied everything the collector holds for
-/// the disk, and return the applied seq. The collector does not report its
-/// acked seq to the target, so "everything" means: the collector's
-/// connection for the disk has received no batch for 2 s and every batch
-/// received is applied. Needs a running target (there is nothing to wait
-/// for without one).
-pub fn drain(data_dir: &Path, disk_id: &str, timeout: Duration) -> anyhow::Result<u64> {
+/// What a drain found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    /// The replica has applied every seq up to this.
+    pub applied_seq: u64,
+    /// The highest seq the collector (and, if it answered, the agent) held
+    /// when asked.
+    pub held_seq: u64,
+    /// The agent answered, so its journal is included in `held_seq`.
+    pub agent_answered: bool,
+}
+
+/// A barrier: ask the collector, over the disk's connection to the target,
+/// what it (and, when connected, the agent) holds for the disk, and wait
+/// until the replica has applied all of it. Needs a running target with
+/// the collector connected; fails naming what is missing otherwise.
+pub fn drain(data_dir: &Path, disk_id: &str, timeout: Duration) -> anyhow::Result<Drained> {
     match access(data_dir)? {
         Access::Direct(_) => bail!(
-            "no target is running on {}: nothing can arrive to drain (fail over with --no-drain)",
+            "no target is running on {}: nothing can confirm that the replica holds every acknowledged write; start the target (and the collector), or fail over with --no-drain to accept the replica as it is",
             data_dir.display()
         ),
         Access::Daemon(mut c) => {
             let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
             let v = c.call(
                 serde_json::json!({"op": "drain", "disk": disk_id, "timeout_ms": ms}),
-                timeout + Duration::from_secs(5),
+                timeout + Duration::from_secs(20),
             )?;
-            v["applied_seq"].as_u64().context("applied_seq in the target's reply")
+            Ok(Drained {
+                applied_seq: v["applied_seq"].as_u64().context("applied_seq in the target's reply")?,
+                held_seq: v["held_seq"].as_u64().context("held_seq in the target's reply")?,
+                agent_answered: v["agent_answered"].as_bool().unwrap_or(false),
+            })
         }
     }
 }
 
 /// What keeps a view's data in place.
+#[allow(clippy::large_enum_variant)]
 enum Hold {
     /// The daemon pinned the point until this connection closes.
     Pinned(#[allow(dead_code)] Control),
@@ -401,7 +561,8 @@ pub struct View {
     replica: Box<dyn ReplicaImage>,
     conn: Mutex<Connection>,
     segments: Mutex<HashMap<u64, File>>,
-    _hold: Hold,
+    hold: Mutex<Hold>,
+    data_dir: PathBuf,
 }
 
 impl std::fmt::Debug for View {
@@ -421,6 +582,17 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 impl View {
     /// Open (and pin) a view of `disk_id` at the point `at` names.
     pub fn open(data_dir: &Path, disk_id: &str, at: &AtSpec) -> anyhow::Result<View> {
+        Self::open_with(data_dir, disk_id, at, false)
+    }
+
+    /// Open a view for a failover: a running target first stops applying
+    /// to the disk (so `latest` is its final state), and starts again if
+    /// this view is closed before [`View::record_failover`].
+    pub fn open_for_failover(data_dir: &Path, disk_id: &str, at: &AtSpec) -> anyhow::Result<View> {
+        Self::open_with(data_dir, disk_id, at, true)
+    }
+
+    fn open_with(data_dir: &Path, disk_id: &str, at: &AtSpec, stop: bool) -> anyhow::Result<View> {
         let (point, hold) = match access(data_dir)? {
             Access::Direct(lock) => {
                 let pts = points_direct(data_dir, disk_id)?;
@@ -431,8 +603,8 @@ impl View {
             }
             Access::Daemon(mut c) => {
                 let v = c.call(
-                    serde_json::json!({"op": "pin", "disk": disk_id, "at": at}),
-                    CALL_TIMEOUT,
+                    serde_json::json!({"op": "pin", "disk": disk_id, "at": at, "stop": stop}),
+                    Duration::from_secs(90),
                 )?;
                 let p: Point = serde_json::from_value(v["point"].clone()).context("point in the target's reply")?;
                 (p, Hold::Pinned(c))
@@ -450,8 +622,29 @@ impl View {
             replica,
             conn: Mutex::new(conn),
             segments: Mutex::new(HashMap::new()),
-            _hold: hold,
+            hold: Mutex::new(hold),
+            data_dir: data_dir.to_path_buf(),
         })
+    }
+
+    /// Record the failover of this view's disk at its point to `output`:
+    /// the target stops applying to the disk for good.
+    pub fn record_failover(&self, output: &Path) -> anyhow::Result<()> {
+        let out = output.display().to_string();
+        let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *hold {
+            Hold::Locked(_) => {
+                let mut c = catalog::Catalog::open(&self.data_dir)?;
+                c.record_failover(&self.disk_id, &self.point, &out)?;
+            }
+            Hold::Pinned(c) => {
+                c.call(
+                    serde_json::json!({"op": "failover", "disk": self.disk_id, "point": self.point, "output": out}),
+                    Duration::from_secs(90),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// The point this view shows.
@@ -599,7 +792,54 @@ mod tests {
             time_ns,
             kind,
             tag: tag.map(str::to_string),
+            latest: false,
         }
+    }
+
+    #[test]
+    fn local_relative_and_reserved_forms() {
+        let now = 1_800_000_000_000_000_000;
+        assert_eq!(
+            AtSpec::parse_at("10m ago", now).unwrap(),
+            AtSpec::Time(now - 600_000_000_000)
+        );
+        assert_eq!(
+            AtSpec::parse_at("1h30m ago", now).unwrap(),
+            AtSpec::Time(now - 5_400_000_000_000)
+        );
+        assert!(AtSpec::parse_at("ten minutes ago", now).is_err());
+        assert_eq!(AtSpec::parse("latest-flush").unwrap(), AtSpec::LatestFlush);
+        // Local times are the local zone's: whatever it is, they round-trip
+        // through the printed form.
+        let AtSpec::Time(t) = AtSpec::parse("2026-11-28 10:00").unwrap() else {
+            panic!("a local time")
+        };
+        assert_eq!(AtSpec::parse(&format_time(t)).unwrap(), AtSpec::Time(t));
+        assert_eq!(
+            AtSpec::parse("2026-11-28T10:00:30").unwrap(),
+            AtSpec::Time(t + 30_000_000_000)
+        );
+        assert!(matches!(AtSpec::parse("10:00").unwrap(), AtSpec::Time(_)));
+        assert!(AtSpec::parse("25:00").is_err(), "looks like a clock time, is not one");
+        for bad in [
+            "latest",
+            "latest-app",
+            "latest-flush",
+            "seq:5",
+            "tag:x",
+            "10m ago",
+            "2026-11-28 10:00",
+            "10:00",
+            "",
+            " x",
+        ] {
+            assert!(tag_name_problem(bad).is_some(), "{bad:?} must be refused as a tag name");
+        }
+        for good in ["nightly", "before-upgrade", "v1.2", "pre_patch_2026"] {
+            assert_eq!(tag_name_problem(good), None, "{good}");
+        }
+        let e = AtSpec::parse("seq:x").unwrap_err().to_string();
+        assert!(!e.contains("Tag(") && e.contains("seq:N"), "{e}");
     }
 
     #[test]

@@ -94,6 +94,20 @@ pub(crate) struct Activity {
     pub applying: bool,
     /// Every seq ≤ this is applied.
     pub applied_seq: u64,
+    /// Asks the collector (through this connection) what it holds for the
+    /// disk: the answer is the highest seq the collector or, where it could
+    /// ask it, the agent holds, and whether the agent answered.
+    pub probe: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Held>>,
+}
+
+/// What a collector said it holds for a disk (the drain barrier).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Held {
+    /// Every seq the collector spooled or the agent journaled is ≤ this.
+    pub seq: u64,
+    /// The agent answered (its journal is included); otherwise only the
+    /// collector's spool is.
+    pub agent_answered: bool,
 }
 
 /// State shared by every connection of one target.
@@ -109,6 +123,10 @@ pub(crate) struct Shared {
     pub activity: Mutex<HashMap<String, Activity>>,
     /// Disks failed over while the target runs (the catalog says so too).
     pub failed_over: Mutex<HashSet<String>>,
+    /// Per disk: held while a batch is applied (from the point tail it
+    /// reads to its commit) and while a view records the applied state as
+    /// a point, so that the next batch captures what it overwrites.
+    apply_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl Shared {
@@ -120,7 +138,33 @@ impl Shared {
             pins: Default::default(),
             activity: Default::default(),
             failed_over: Default::default(),
+            apply_locks: Default::default(),
         }
+    }
+
+    /// The disk's apply lock (see `apply_locks`).
+    pub fn apply_lock(&self, disk: &str) -> Arc<Mutex<()>> {
+        self.apply_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(disk.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Apply to the disk again (a failover that stopped it was abandoned).
+    pub fn resume_applying(&self, disk: &str) {
+        self.failed_over.lock().unwrap_or_else(|e| e.into_inner()).remove(disk);
+    }
+
+    /// The probe of the disk's live connection, if it has one.
+    pub fn probe(&self, disk: &str) -> Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Held>>> {
+        self.with_activity(disk, |a| a.map(|a| a.probe.clone()))
+    }
+
+    /// The applied seq of the disk's live connection, if no batch is being applied.
+    pub fn settled_seq(&self, disk: &str) -> Option<u64> {
+        self.with_activity(disk, |a| a.filter(|a| !a.applying).map(|a| a.applied_seq))
     }
 
     fn with_activity<T>(&self, disk: &str, f: impl FnOnce(Option<&mut Activity>) -> T) -> T {
@@ -146,15 +190,6 @@ impl Shared {
     /// Whether a batch of `disk` is being applied.
     pub fn applying(&self, disk: &str) -> bool {
         self.with_activity(disk, |a| a.is_some_and(|a| a.applying))
-    }
-
-    /// The applied seq, if `disk` has a live connection that received no
-    /// batch for `idle` and applied everything it received.
-    pub fn drained(&self, disk: &str, idle: Duration) -> Option<u64> {
-        self.with_activity(disk, |a| {
-            a.filter(|a| !a.applying && a.last_batch.elapsed() >= idle)
-                .map(|a| a.applied_seq)
-        })
     }
 }
 
@@ -608,12 +643,16 @@ async fn session<R: AsyncRead + Unpin>(
     .await?;
     let mut last = work.applier.state();
     info!(applied_seq = applied, state = last.state.name(), "collector connected");
+    let (probe, mut probes) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Held>>();
+    let mut probe_waiters: Vec<(u64, tokio::sync::oneshot::Sender<Held>)> = Vec::new();
+    let mut nonce: u64 = 0;
     shared.activity.lock().unwrap_or_else(|e| e.into_inner()).insert(
         id.clone(),
         Activity {
             last_batch: Instant::now(),
             applying: false,
             applied_seq: applied,
+            probe,
         },
     );
     // Requests are not durable upstream until acted on: repeat them on
@@ -646,6 +685,13 @@ async fn session<R: AsyncRead + Unpin>(
                 send(wr, &Frame::TargetState(last)).await?;
                 continue;
             }
+            Some(answer) = probes.recv() => {
+                nonce += 1;
+                probe_waiters.retain(|(_, w)| !w.is_closed());
+                probe_waiters.push((nonce, answer));
+                send(wr, &Frame::Request(Request::StatusNow { nonce })).await?;
+                continue;
+            }
             f = reader.next() => f?,
         };
         let frame_permit = reader.take_permit();
@@ -654,6 +700,19 @@ async fn session<R: AsyncRead + Unpin>(
             Some(Frame::Packed(p)) => p,
             Some(Frame::Request(Request::StatusNow { .. })) => {
                 send(wr, &Frame::TargetState(last)).await?;
+                continue;
+            }
+            Some(Frame::Progress(p)) => {
+                // The answer to a drain's StatusNow: what the collector holds.
+                if let Some(i) = probe_waiters.iter().position(|(n, _)| *n == p.nonce) {
+                    let (_, w) = probe_waiters.swap_remove(i);
+                    let _ = w.send(Held {
+                        seq: p.source_seq,
+                        agent_answered: p.time_ns != 0,
+                    });
+                } else {
+                    debug!(nonce = p.nonce, "a progress report nobody waits for");
+                }
                 continue;
             }
             Some(Frame::Error { code, reason }) => {
@@ -690,7 +749,9 @@ async fn session<R: AsyncRead + Unpin>(
         // job always runs to its end before this connection ends, so the
         // disk is never applied by two threads.
         let span = tracing::Span::current();
+        let lock = shared.apply_lock(&id);
         let mut job = tokio::task::spawn_blocking(move || {
+            let _applying = lock.lock().unwrap_or_else(|e| e.into_inner());
             let r = span.in_scope(|| work.process(&p));
             (work, r)
         });

@@ -132,10 +132,16 @@ async fn every_point_reads_as_its_reference_and_views_never_change() {
     let mut b = vec![src.bare(RecordKind::Flush, 0, 0)];
     b.extend(initial_sync(&mut src));
     c.ship(&b).await;
-    assert!(
-        points(dir.path()).await.is_empty(),
-        "no point before the first Flush after the sync"
+    // Flushes before the disk is consistent are not points; once the sync
+    // is done, the applied state is (`latest`), though not recorded.
+    let pts = points(dir.path()).await;
+    let applied = src.next_seq - 1;
+    assert_eq!(
+        pts.iter().map(|p| (p.seq, p.latest)).collect::<Vec<_>>(),
+        vec![(applied, true)],
+        "no recorded point before the first Flush after the sync"
     );
+    refs.insert(applied, src.disk.clone());
 
     let mut early: Option<(Arc<View>, Vec<u8>)> = None;
     for round in 0..30u64 {
@@ -155,6 +161,8 @@ async fn every_point_reads_as_its_reference_and_views_never_change() {
         }
         batch.extend(churn(&mut src, &mut rng, 3));
         c.ship(&batch).await;
+        // The applied state is `latest` (a view there records it as a point).
+        refs.insert(src.next_seq - 1, src.disk.clone());
         if round == 3 {
             let v = open_view(dir.path(), AtSpec::Latest).await;
             let bytes = read_all(&v).await;
@@ -305,7 +313,7 @@ async fn expiry_deletes_old_segments_but_never_what_a_pinned_view_needs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_stops_applying_and_drain_waits_for_an_idle_connection() {
+async fn drain_is_a_barrier_and_failover_stops_applying() {
     let dir = tempfile::tempdir().unwrap();
     let t = Running::start(dir.path()).await;
     let (mut c, _, _) = Conn::open(t.addr, hello("vm", uuid(1), 0)).await;
@@ -314,23 +322,55 @@ async fn failover_stops_applying_and_drain_waits_for_an_idle_connection() {
     let mut b = initial_sync(&mut src);
     b.push(src.bare(RecordKind::Flush, 0, 0));
     c.ship(&b).await;
-    let last = src.next_seq - 1;
-    let d = dir.path().to_path_buf();
-    let t0 = std::time::Instant::now();
-    let seq = blocking(move || recovery::drain(&d, "vm", Duration::from_secs(10)).unwrap()).await;
-    assert_eq!(seq, last);
-    assert!(t0.elapsed() >= Duration::from_millis(1500));
-    let d = dir.path().to_path_buf();
-    assert!(
-        blocking(move || recovery::drain(&d, "other", Duration::from_millis(300)))
-            .await
-            .is_err()
-    );
+    let applied = src.next_seq - 1;
 
-    let p = points(dir.path()).await.pop().unwrap();
+    // The collector says it holds two more records than were applied: the
+    // drain waits for them, and ends once they are applied.
     let d = dir.path().to_path_buf();
-    let p2 = p.clone();
-    blocking(move || recovery::record_failover(&d, "vm", &p2, Path::new("/tmp/out.raw")).unwrap()).await;
+    let drain = tokio::task::spawn_blocking(move || recovery::drain(&d, "vm", Duration::from_secs(20)));
+    let more = vec![src.write(4096, pattern(9, 4096)), src.write(8192, pattern(10, 4096))];
+    let last = src.next_seq - 1;
+    c.answer_status(last, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!drain.is_finished(), "the drain ended before seq {last} was applied");
+    c.ship(&more).await;
+    let got = drain.await.unwrap().unwrap();
+    assert_eq!(
+        got,
+        recovery::Drained {
+            applied_seq: last,
+            held_seq: last,
+            agent_answered: true
+        }
+    );
+    assert!(last > applied);
+
+    // Records the collector holds that never arrive: the drain fails naming them.
+    let d = dir.path().to_path_buf();
+    let drain = tokio::task::spawn_blocking(move || recovery::drain(&d, "vm", Duration::from_millis(800)));
+    c.answer_status(last + 5, false).await;
+    let e = drain.await.unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("seq {}", last + 5)) && e.contains(&format!("applied seq {last}")),
+        "{e}"
+    );
+    let d = dir.path().to_path_buf();
+    let e = blocking(move || recovery::drain(&d, "other", Duration::from_millis(300)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no disk other"), "{e}");
+
+    // `latest` is the applied state (the writes after the last flush too).
+    let pts = points(dir.path()).await;
+    let newest = pts.last().unwrap();
+    assert_eq!((newest.seq, newest.latest), (last, true));
+
+    // A failover view stops applying; recording it makes that final.
+    let d = dir.path().to_path_buf();
+    let v = blocking(move || recovery::View::open_for_failover(&d, "vm", &AtSpec::Latest).unwrap()).await;
+    assert_eq!(v.point().seq, last);
+    blocking(move || v.record_failover(Path::new("/tmp/out.raw")).unwrap()).await;
     // The next batch is refused; so is a new connection.
     c.send_packed(&[src.write(0, pattern(5, 4096))], 0).await;
     loop {
@@ -346,15 +386,38 @@ async fn failover_stops_applying_and_drain_waits_for_an_idle_connection() {
     }
     let (_, reason) = refused(t.addr, hello("vm", uuid(1), 0)).await;
     assert!(reason.contains("failed over"), "{reason}");
-    // Failover again at another point (the same one here) is recorded too.
+    // Failover again at another point is recorded too.
     let d = dir.path().to_path_buf();
-    blocking(move || recovery::record_failover(&d, "vm", &p, Path::new("/tmp/out2.raw")).unwrap()).await;
+    let v = blocking(move || recovery::View::open_for_failover(&d, "vm", &AtSpec::Seq(applied)).unwrap()).await;
+    blocking(move || v.record_failover(Path::new("/tmp/out2.raw")).unwrap()).await;
     let st = &tidemark_target::catalog::disk_states(dir.path()).unwrap()[0];
     assert_eq!(st.failovers.len(), 2);
     assert_eq!(st.applied_seq, last);
     t.stop().await;
-    // Without a daemon: drain says why it cannot, failover still records.
+    // Without a daemon: drain says why it cannot.
     let d = dir.path().to_path_buf();
     let e = blocking(move || recovery::drain(&d, "vm", Duration::from_secs(1)).unwrap_err()).await;
     assert!(e.to_string().contains("no-drain"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_failover_resumes_applying() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Running::start(dir.path()).await;
+    let (mut c, _, _) = Conn::open(t.addr, hello("vm", uuid(1), 0)).await;
+    let mut src = Source::new(1);
+    src.time_ns = now_ns();
+    let mut b = initial_sync(&mut src);
+    b.push(src.bare(RecordKind::Flush, 0, 0));
+    c.ship(&b).await;
+    let d = dir.path().to_path_buf();
+    let v = blocking(move || recovery::View::open_for_failover(&d, "vm", &AtSpec::Latest).unwrap()).await;
+    drop(v); // the export failed, or the tool was killed
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let w = src.write(0, pattern(7, 4096));
+    c.ship(&[w]).await;
+    let st = &tidemark_target::catalog::disk_states(dir.path()).unwrap()[0];
+    assert!(st.failovers.is_empty());
+    assert_eq!(st.applied_seq, src.next_seq - 1);
+    t.stop().await;
 }

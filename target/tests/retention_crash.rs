@@ -105,20 +105,29 @@ async fn a_crash_at_any_apply_step_keeps_every_point_true() {
         assert_replica(dir.path(), "vm", &src.disk);
         let d = dir.path().to_path_buf();
         let refs2 = refs.clone();
+        let now = src.disk.clone();
         let n = tokio::task::spawn_blocking(move || {
             let pts = recovery::points(&d, "vm").unwrap();
+            // The writes after the last flush: the applied state is `latest`.
+            let newest = pts.last().unwrap();
+            assert!(
+                newest.latest && newest.seq == last,
+                "{step}: latest is the applied seq {last}"
+            );
             for p in &pts {
                 let got = read_view(&d, p.seq);
-                let want = &refs2[&p.seq];
+                let want = if p.latest { &now } else { &refs2[&p.seq] };
                 if let Some(i) = got.iter().zip(want.iter()).position(|(a, b)| a != b) {
                     panic!("{step}: point {} differs from its reference at byte {i}", p.seq);
                 }
             }
-            pts.len()
+            pts.iter().filter(|p| !p.latest).count()
         })
         .await
         .unwrap();
         assert_eq!(n, refs.len(), "{step}: every Flush is a point");
+        // The view opened at the applied state recorded it as a point.
+        refs.insert(last, src.disk.clone());
         drop(c);
         t.stop().await;
     }

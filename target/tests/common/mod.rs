@@ -217,6 +217,36 @@ impl Conn {
         out
     }
 
+    /// Answer the target's next `StatusNow` as a collector does: it holds
+    /// up to `held` (with the agent's answer when `agent`).
+    pub async fn answer_status(&mut self, held: u64, agent: bool) {
+        loop {
+            match self.next().await {
+                Some(Frame::Request(Request::StatusNow { nonce })) => {
+                    let p = tidemark_wire::frame::Progress {
+                        source_seq: held,
+                        mode: tidemark_wire::frame::AgentMode::Streaming,
+                        sync_done: 0,
+                        sync_total: 0,
+                        full_resyncs: 0,
+                        backlog_bytes: 0,
+                        written_bytes: 0,
+                        time_ns: u64::from(agent),
+                        nonce,
+                    };
+                    self.stream
+                        .write_all(&Frame::Progress(p).encode().unwrap())
+                        .await
+                        .unwrap();
+                    return;
+                }
+                Some(Frame::Error { code, reason }) => panic!("target error {code:?}: {reason}"),
+                Some(f) => self.seen.push(f),
+                None => panic!("connection closed while waiting for StatusNow"),
+            }
+        }
+    }
+
     /// Read frames for `d`, collecting them into `seen`.
     pub async fn collect_for(&mut self, d: Duration) {
         let end = tokio::time::Instant::now() + d;

@@ -2,23 +2,31 @@
 //! then record the failover at the target (which stops applying to the
 //! disk). Run it again with another `--at` to pick another point.
 //!
-//! For `--at latest` the target first drains what the collector still
-//! holds for the disk, unless `--no-drain` (the primary site is gone and
-//! the collector with it). `tidemark_formats::replica::export` writes the
-//! image under a temporary name and renames it into place once complete
-//! and durable, so `FILE` is never half a disk.
+//! Nothing here destroys by accident: the output is checked before a byte
+//! is read (not a directory, its folder writable, not an existing file
+//! unless `--force`); the image is written under a temporary name and
+//! renamed into place once complete and durable, so `FILE` is never half a
+//! disk; a failure or a signal removes the partial file, and the target
+//! goes on applying (the failover is recorded only after the export).
+//!
+//! For `--at latest` the target first drains: a barrier that ends when the
+//! replica has applied everything the collector holds for the disk and, if
+//! the agent is connected, everything it has journaled (`--no-drain` when
+//! the primary site is gone). A running target then stops applying, so the
+//! point is the replica's final state.
 
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use tidemark_formats::replica::{self, ExportFormat};
+use tidemark_target::recovery::{self as r, AtSpec};
 use tidemark_util::human::{format_duration, format_size};
 
-use super::mount::opened_line;
-use super::points::{drain, open_source, record_failover};
+use super::points::{format_time, FileImage, Image};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutFormat {
@@ -32,7 +40,28 @@ pub enum OutFormat {
     VmdkStream,
 }
 
+impl OutFormat {
+    fn name(self) -> &'static str {
+        match self {
+            OutFormat::Raw => "raw",
+            OutFormat::VmdkFlat => "vmdk-flat",
+            OutFormat::VmdkSparse => "vmdk-sparse",
+            OutFormat::VmdkStream => "vmdk-stream",
+        }
+    }
+}
+
 #[derive(Args)]
+#[command(
+    override_usage = "tidemark failover --data DIR DISK --at SPEC --output FILE [--format raw|vmdk-flat|vmdk-sparse|vmdk-stream] [--force] [--no-drain]",
+    after_help = "Examples:\n  \
+  # the primary is down after its writes stopped: nothing acknowledged is lost\n  \
+  tidemark failover --data /var/lib/tidemark/target db1 --at latest --output /vm/db1.vmdk --format vmdk-sparse\n  \
+  # the primary site is gone with its collector: take what the replica holds\n  \
+  tidemark failover --data /var/lib/tidemark/target db1 --at latest --no-drain --output /vm/db1.raw\n  \
+  # an earlier point: a tag, a time, or a relative time\n  \
+  tidemark failover --data /var/lib/tidemark/target db1 --at '2h ago' --output /vm/db1-2h.raw"
+)]
 pub struct FailoverArgs {
     /// The target's data directory.
     #[arg(long, value_name = "DIR", required_unless_present = "image")]
@@ -40,8 +69,9 @@ pub struct FailoverArgs {
     /// The disk id.
     #[arg(required_unless_present = "image")]
     disk: Option<String>,
-    /// Which point: latest, latest-app, seq:N, an RFC 3339 time, a tag
-    /// name, or tag:NAME.
+    /// Which point: latest, latest-flush, latest-app, seq:N, tag:NAME (or
+    /// a bare tag name), a time (RFC 3339, or local: 2026-11-28 10:00), or
+    /// a relative time (10m ago).
     #[arg(long, value_name = "SPEC", required_unless_present = "image")]
     at: Option<String>,
     /// Export a raw image file instead of a recovery point (tests); no
@@ -54,8 +84,11 @@ pub struct FailoverArgs {
     /// Its format.
     #[arg(long, value_enum, default_value_t = OutFormat::Raw)]
     format: OutFormat,
-    /// Do not wait for the collector's backlog before `--at latest` (the
-    /// primary site is gone).
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Do not wait for what the collector and the agent still hold before
+    /// `--at latest` (the primary site is gone).
     #[arg(long)]
     no_drain: bool,
     /// The longest the drain may take.
@@ -67,42 +100,211 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     tidemark_util::human::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// Check every file the export will create before anything is read:
+/// its folder exists and takes a new file, it is not a directory, and it
+/// does not exist unless `force`.
+fn check_outputs(files: &[PathBuf], force: bool) -> Result<()> {
+    for f in files {
+        let dir = f
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            bail!("--output {}: the folder {} does not exist", f.display(), dir.display());
+        }
+        match std::fs::symlink_metadata(f) {
+            Ok(m) if m.is_dir() => bail!("--output {} is a directory; name a file", f.display()),
+            Ok(_) if !force => bail!(
+                "--output {} exists; use --force to replace it (or name another file)",
+                f.display()
+            ),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => bail!("--output {}: {e}", f.display()),
+        }
+        let part = replica::part_path(f)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&part)
+            .with_context(|| format!("--output {}: cannot create a file in {}", f.display(), dir.display()))?;
+        let _ = std::fs::remove_file(&part);
+    }
+    Ok(())
+}
+
+/// Removes the partial files of an export unless it completed, also when
+/// the process is ended by a signal.
+struct PartGuard {
+    parts: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+impl PartGuard {
+    fn new(files: &[PathBuf]) -> Result<Self> {
+        let parts: Vec<PathBuf> = files.iter().map(|f| replica::part_path(f)).collect::<Result<_, _>>()?;
+        let parts = Arc::new(Mutex::new(parts));
+        let on_signal = parts.clone();
+        std::thread::Builder::new()
+            .name("failover-signals".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                    return;
+                };
+                rt.block_on(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::hangup()),
+                    ) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                        _ = hup.recv() => {}
+                    }
+                    for p in on_signal.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    eprintln!("\nfailover interrupted: the partial output is removed, nothing was recorded, the target applies to the disk again");
+                    std::process::exit(130);
+                });
+            })
+            .context("start the signal watcher")?;
+        Ok(Self { parts })
+    }
+
+    fn done(&self) {
+        self.parts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+impl Drop for PartGuard {
+    fn drop(&mut self) {
+        for p in self.parts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 pub fn failover(a: FailoverArgs) -> Result<()> {
-    if let (Some(data), Some(disk), Some("latest"), false) = (&a.data, &a.disk, a.at.as_deref(), a.no_drain) {
-        eprintln!("draining what the collector still holds for {disk} (--no-drain skips this)…");
-        let seq = drain(data, disk, a.drain_timeout)
+    let files = replica::export_outputs(&a.output, a.format.export_format())?;
+    if let Some(img) = &a.image {
+        check_outputs(&files, a.force)?;
+        let image = FileImage::open(img)?;
+        let guard = PartGuard::new(&files)?;
+        let started = Instant::now();
+        write_image(&image, &a.output, a.format)?;
+        guard.done();
+        println!(
+            "exported {} to {} ({}, {}) in {}",
+            img.display(),
+            a.output.display(),
+            a.format.name(),
+            format_size(Image::size(&image)),
+            format_duration(started.elapsed())
+        );
+        return Ok(());
+    }
+    let (Some(data), Some(disk), Some(at)) = (&a.data, &a.disk, &a.at) else {
+        bail!("name the point: --data DIR DISK --at SPEC");
+    };
+    let spec = AtSpec::parse(at)?;
+    check_outputs(&files, a.force)?;
+    let state = r::disk_state(data, disk)?;
+    if let Some(f) = state.failovers.last() {
+        eprintln!(
+            "note: {disk} was already failed over on {} at {} to {}; failing over again",
+            format_time(f.at_ns),
+            f.point.describe(),
+            f.output
+        );
+    }
+    if spec == AtSpec::Latest && !a.no_drain {
+        eprintln!("draining: waiting until the replica holds everything the collector and the agent hold for {disk} (--no-drain skips this)…");
+        let d = r::drain(data, disk, a.drain_timeout)
             .with_context(|| format!("drain {disk} (if the primary site is gone, use --no-drain)"))?;
-        eprintln!("drained: the replica has applied seq {seq}");
+        eprintln!(
+            "drained: the {} held up to seq {}; the replica has applied seq {}",
+            if d.agent_answered {
+                "agent"
+            } else {
+                "collector (the agent is not connected, so its journal was not asked)"
+            },
+            d.held_seq,
+            d.applied_seq
+        );
     }
-    let (image, point) = open_source(
-        a.data.as_deref(),
-        a.disk.as_deref(),
-        a.at.as_deref(),
-        a.image.as_deref(),
-    )?;
-    eprintln!("{}", opened_line(point.as_ref(), a.image.as_deref()));
-    let size = image.size();
-    let read = |off: u64, buf: &mut [u8]| image.read_at(buf, off);
-    let mut bar = Progress::new(size);
+    let view = r::View::open_for_failover(data, disk, &spec)?;
+    let point = view.point().clone();
+    eprintln!("opened point {}", point.describe());
+    let guard = PartGuard::new(&files)?;
     let started = Instant::now();
-    export(&read, size, &a.output, a.format, &mut |d, t| bar.update(d, t))
-        .with_context(|| format!("write {}", a.output.display()))?;
-    bar.finish();
-    if let (Some(data), Some(disk), Some(p)) = (&a.data, &a.disk, &point) {
-        record_failover(data, disk, p, &a.output)
-            .with_context(|| format!("{} is written, but the failover was not recorded", a.output.display()))?;
-    }
+    let image = ViewImage(&view);
+    write_image(&image, &a.output, a.format)?;
+    view.record_failover(&a.output).with_context(|| {
+        format!(
+            "{} is written, but the failover was not recorded (the target goes on applying to {disk})",
+            a.output.display()
+        )
+    })?;
+    guard.done();
     println!(
-        "failed over {} to {} ({:?}, {}) in {}",
-        match &point {
-            Some(p) => format!("{} at {}", a.disk.as_deref().unwrap_or("?"), p.describe()),
-            None => a.image.as_ref().map(|i| i.display().to_string()).unwrap_or_default(),
-        },
+        "failed over {disk} at {} to {} ({}, {}) in {}",
+        point.describe(),
         a.output.display(),
-        a.format,
-        format_size(size),
+        a.format.name(),
+        format_size(view.size()),
         format_duration(started.elapsed())
     );
+    Ok(())
+}
+
+/// A view read as an [`Image`] without taking it over.
+struct ViewImage<'a>(&'a r::View);
+
+impl ViewImage<'_> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+}
+
+trait Source {
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl Source for ViewImage<'_> {
+    fn size(&self) -> u64 {
+        ViewImage::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        ViewImage::read_at(self, buf, offset)
+    }
+}
+
+impl Source for FileImage {
+    fn size(&self) -> u64 {
+        Image::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        Image::read_at(self, buf, offset)
+    }
+}
+
+/// Export `src` to `out` with a progress line.
+fn write_image(src: &dyn Source, out: &Path, format: OutFormat) -> Result<()> {
+    let size = src.size();
+    let read = |off: u64, buf: &mut [u8]| src.read_at(buf, off);
+    let mut bar = Progress::new(size);
+    export(&read, size, out, format, &mut |d, t| bar.update(d, t))
+        .with_context(|| format!("write {}", out.display()))?;
+    bar.finish();
     Ok(())
 }
 

@@ -270,6 +270,17 @@ pub fn export(
     }
 }
 
+/// The files an export to `out` in `format` creates (a flat VMDK is a
+/// descriptor and an extent beside it). Each is written as its
+/// [`part_path`] first and renamed into place when complete.
+pub fn export_outputs(out: &Path, format: ExportFormat) -> Result<Vec<PathBuf>> {
+    let mut files = vec![out.to_path_buf()];
+    if format == ExportFormat::VmdkFlat {
+        files.push(out.with_file_name(vmdk::flat::extent_name_for(out)?));
+    }
+    Ok(files)
+}
+
 /// The source of an export: reads chunks in order and reports progress.
 pub(crate) struct ExportReader<'a> {
     read: &'a dyn Fn(u64, &mut [u8]) -> io::Result<()>,
@@ -301,7 +312,7 @@ impl ExportReader<'_> {
 }
 
 /// A temporary name beside `path` for an output being written.
-pub(crate) fn part_path(path: &Path) -> Result<PathBuf> {
+pub fn part_path(path: &Path) -> Result<PathBuf> {
     let name = path.file_name().ok_or_else(|| {
         Error::new(
             ErrorKind::OutOfBounds,
