@@ -92,14 +92,16 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         record_failover(data, disk, p, &a.output)
             .with_context(|| format!("{} is written, but the failover was not recorded", a.output.display()))?;
     }
-    println!(
-        "failed over {} to {} ({:?}, {}) in {}",
+    outln!(
+        "failed over {} to {} ({}, {}) in {}",
         match &point {
             Some(p) => format!("{} at {}", a.disk.as_deref().unwrap_or("?"), p.describe()),
             None => a.image.as_ref().map(|i| i.display().to_string()).unwrap_or_default(),
         },
         a.output.display(),
-        a.format,
+        a.format
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string()),
         format_size(size),
         format_duration(started.elapsed())
     );
