@@ -10,6 +10,13 @@
 //! time): `tidemark tag --freeze` thaws the filesystem at its deadline, so
 //! a tag journaled after it would claim a consistency it does not have;
 //! past the deadline the request is refused and nothing is journaled.
+//!
+//! A name already used is refused with the tag that holds it in
+//! `existing` (`{"seq","app_consistent","time_ns"}`): `tidemark tag`
+//! retried after a lost answer learns that its tag is in, and at which
+//! seq. Since requests are serialised, a request with a deadline in the
+//! past answers "what became of my earlier request for this name": the
+//! tag (`existing`) or a refusal that journals nothing.
 
 use std::path::{Path, PathBuf};
 
@@ -90,17 +97,35 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why a tag request was refused, and the tag already holding its name.
+struct Refused {
+    error: String,
+    existing: Option<TagEntry>,
+}
+
+impl From<String> for Refused {
+    fn from(error: String) -> Refused {
+        Refused { error, existing: None }
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(error: &str) -> Refused {
+        error.to_string().into()
+    }
+}
+
 /// Journal a tag, make it durable, remember its name; the seq or why not.
-async fn tag(shim: &Shim, name: &str, app_consistent: bool, deadline_ns: Option<u64>) -> Result<u64, String> {
+async fn tag(shim: &Shim, name: &str, app_consistent: bool, deadline_ns: Option<u64>) -> Result<u64, Refused> {
     check_name(name)?;
     let state = shim.inner().state_dir.clone();
     let _guard = TAG_LOCK.lock().await;
     let mut tags = read_tags(&state).map_err(|e| format!("cannot read the used tag names: {e}"))?;
     if let Some(t) = tags.iter().find(|t| t.name == name) {
-        return Err(format!(
-            "tag name {name:?} is already used on this disk (seq {})",
-            t.seq
-        ));
+        return Err(Refused {
+            error: format!("tag name {name:?} is already used on this disk (seq {})", t.seq),
+            existing: Some(t.clone()),
+        });
     }
     let now = crate::now_ns();
     if deadline_ns.is_some_and(|d| now >= d) {
@@ -126,6 +151,10 @@ async fn tag(shim: &Shim, name: &str, app_consistent: bool, deadline_ns: Option<
         warn!(disk = %shim.inner().disk_id, seq, "tag {name:?} journaled but {TAGS_FILE} not updated: {e}");
     }
     info!(disk = %shim.inner().disk_id, seq, app_consistent, "tag {name:?} journaled");
+    // Tests: an answer that comes late (`return(MS)`), the lock still held.
+    if let Some(ms) = fail::eval("agent-tag-slow-answer", |a| a.and_then(|a| a.parse::<u64>().ok())).flatten() {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     Ok(seq)
 }
 
@@ -138,7 +167,15 @@ pub async fn handle(shim: &Shim, line: &str) -> String {
             None => serde_json::json!({"ok": false, "error": "tag needs a \"name\""}),
             Some(name) => match tag(shim, &name, r.app_consistent, r.deadline_ns).await {
                 Ok(seq) => serde_json::json!({"ok": true, "seq": seq}),
-                Err(e) => serde_json::json!({"ok": false, "error": e}),
+                Err(Refused { error, existing: None }) => serde_json::json!({"ok": false, "error": error}),
+                Err(Refused {
+                    error,
+                    existing: Some(t),
+                }) => serde_json::json!({
+                    "ok": false,
+                    "error": error,
+                    "existing": {"seq": t.seq, "app_consistent": t.app_consistent, "time_ns": t.time_ns},
+                }),
             },
         },
         Ok(r) => serde_json::json!({
@@ -241,6 +278,8 @@ mod tests {
         let seq = v["seq"].as_u64().unwrap();
         let v = ask(&o.shim, r#"{"cmd":"tag","name":"before-upgrade"}"#).await;
         assert!(v["error"].as_str().unwrap().contains("already used"), "{v}");
+        assert_eq!(v["existing"]["app_consistent"], true, "{v}");
+        assert!(v["existing"]["seq"].as_u64().is_some(), "{v}");
         let v = ask(&o.shim, r#"{"cmd":"tag","name":""}"#).await;
         assert!(v["error"].as_str().unwrap().contains("empty"), "{v}");
         let long = "é".repeat(128); // 256 bytes

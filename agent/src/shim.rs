@@ -168,7 +168,7 @@ pub struct Status {
     pub disk_id: String,
     pub disk_uuid: String,
     pub disk_path: String,
-    pub disk_size: u64,
+    pub disk_size_bytes: u64,
     pub mode: Mode,
     /// A machine crash left writes that may be missing from the journal:
     /// the whole disk must be resynced.
@@ -177,11 +177,11 @@ pub struct Status {
     pub last_seq: u64,
     pub consumed_seq: u64,
     pub journal_bytes: u64,
-    pub journal_cap: u64,
+    pub journal_cap_bytes: u64,
     pub journal_segments: usize,
     pub bitmap_dirty_regions: u64,
     pub bitmap_dirty_bytes: u64,
-    pub bitmap_granularity: u64,
+    pub bitmap_granularity_bytes: u64,
     pub writes: u64,
     pub write_bytes: u64,
     pub reads: u64,
@@ -204,9 +204,10 @@ pub struct Status {
     pub collector: Option<String>,
     pub collector_connected: bool,
     pub acked_seq: u64,
-    pub uptime_secs: u64,
-    /// How the disk is served: `nbd ADDR`, `ublk /dev/ublkbN`.
-    pub served_as: Vec<String>,
+    pub uptime_s: u64,
+    /// How the disk is served: `nbd ADDR`, `ublk /dev/ublkbN` (both,
+    /// comma-separated, when it is served both ways; None before it is).
+    pub served_as: Option<String>,
 }
 
 /// Progress of a running sync.
@@ -678,18 +679,18 @@ impl Shim {
             disk_id: self.inner.disk_id.clone(),
             disk_uuid: self.inner.disk_uuid.clone(),
             disk_path: self.inner.disk_path.display().to_string(),
-            disk_size: self.inner.size,
+            disk_size_bytes: self.inner.size,
             mode: core.mode,
             resync_required: self.resync_required(),
             next_seq: core.journal.next_seq(),
             last_seq: core.journal.next_seq().saturating_sub(1),
             consumed_seq: core.journal.consumed_seq(),
             journal_bytes: core.journal.live_bytes(),
-            journal_cap: core.journal.config().cap_bytes,
+            journal_cap_bytes: core.journal.config().cap_bytes,
             journal_segments: core.journal.segments(),
             bitmap_dirty_regions: regions,
             bitmap_dirty_bytes: bytes,
-            bitmap_granularity: gran,
+            bitmap_granularity_bytes: gran,
             writes: l(&s.writes),
             write_bytes: l(&s.write_bytes),
             reads: l(&s.reads),
@@ -730,8 +731,14 @@ impl Shim {
                 .clone(),
             collector_connected: self.inner.link.connected.load(Ordering::Relaxed),
             acked_seq: acked,
-            uptime_secs: self.inner.started.elapsed().as_secs(),
-            served_as: self.inner.front_ends.lock().map(|f| f.clone()).unwrap_or_default(),
+            uptime_s: self.inner.started.elapsed().as_secs(),
+            served_as: self
+                .inner
+                .front_ends
+                .lock()
+                .ok()
+                .filter(|f| !f.is_empty())
+                .map(|f| f.join(", ")),
         }
     }
 
@@ -782,7 +789,7 @@ impl Shim {
             "Bytes of unconsumed journal.",
             st.journal_bytes,
         );
-        put("journal_cap_bytes", "gauge", "Journal size cap.", st.journal_cap);
+        put("journal_cap_bytes", "gauge", "Journal size cap.", st.journal_cap_bytes);
         put(
             "bitmap_dirty_bytes",
             "gauge",

@@ -342,7 +342,7 @@ async fn spools_acks_forwards_packed_and_trims() {
     assert_eq!(disk["agent_connected"], true);
     assert_eq!(disk["target_connected"], true);
     assert_eq!(disk["spool_bytes"], 0);
-    assert_eq!(disk["lag_seconds"], 0.0);
+    assert_eq!(disk["lag_s"], 0.0);
     assert_eq!(disk["disk_uuid"], "01010101-0101-0101-0101-010101010101");
     assert_eq!(disk["zero_blocks"], 5, "one zero block per record");
     assert_eq!(disk["dedup_hits"], 4, "the repeated block after its first literal");

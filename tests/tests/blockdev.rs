@@ -62,7 +62,7 @@ fn loop_device_is_protected_and_trims_read_zeros() {
         &["--disk-id", "blk0"],
     );
     let st = agent.status();
-    assert_eq!(st["disk_size"], 64 << 20);
+    assert_eq!(st["disk_size_bytes"], 64 << 20);
     assert_eq!(st["disk_id"], "blk0");
     let uri = agent.uri();
     qemu_io(

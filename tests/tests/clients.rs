@@ -770,7 +770,7 @@ fn qemu_io_patterns_fua_zero_discard() {
     let served = agent.status()["served_as"].clone();
     assert_eq!(
         served,
-        serde_json::json!([format!("nbd unix:{}", agent.sock.display())]),
+        serde_json::json!(format!("nbd unix:{}", agent.sock.display())),
         "served_as"
     );
     let recs = journal_dump(&fx.state);

@@ -817,7 +817,7 @@ fn journal_cap_switches_to_bitmap_mode() {
 
     let st = agent.status();
     assert_eq!(st["mode"], "bitmap", "status: {st}");
-    assert_eq!(st["bitmap_granularity"], G, "status: {st}");
+    assert_eq!(st["bitmap_granularity_bytes"], G, "status: {st}");
     let log = agent.log_text();
     assert!(
         log.contains("mode journal -> bitmap"),

@@ -115,13 +115,16 @@ fn tag_through_the_agent() {
         assert!(!o.status.success(), "{name:?} accepted");
         assert!(stderr(&o).contains(why), "{name:?}: {}", stderr(&o));
     };
-    refused("first", "already used");
+    // A retry of a name the agent holds: that tag's seq, nothing journaled again.
+    let o = run_ok(tidemark().args(["tag", "--agent", s(&state), "first"]), T);
+    assert_eq!(stdout(&o), s1.to_string());
+    assert!(stderr(&o).contains("not inserted again"), "{}", stderr(&o));
     refused("", "empty");
     refused(&"x".repeat(256), "at most 255 bytes");
     tag(&state, &"x".repeat(255), &[]);
     a.stop();
     let a = Agent::start(&disk, &state, &d.join("t.sock"), &[]);
-    refused("first", "already used");
+    assert_eq!(tag(&state, "first", &[]), s1, "the name is remembered across a restart");
     assert_eq!(journal_tags(&state).len(), 3);
     a.stop();
     let o = run(tidemark().args(["tag", "--agent", s(&state), "nobody-home"]), T);

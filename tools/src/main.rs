@@ -4,13 +4,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[macro_use]
+mod out;
 mod cmd;
 
 #[derive(Parser)]
 #[command(
     name = "tidemark",
     version,
-    about = "Tidemark: continuous data protection for block devices"
+    about = "Tidemark: continuous data protection for block devices",
+    after_help = "Examples:\n  tidemark status --api 127.0.0.1:7702\n  tidemark status --api 127.0.0.1:7702 --check --max-lag 2m\n  tidemark tag --agent /var/lib/tidemark/db before-upgrade\n  tidemark points --data /srv/replicas db"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,38 +26,77 @@ enum Cmd {
     #[command(subcommand)]
     Journal(cmd::journal::JournalCmd),
     /// Ask a running agent for its status (mode, seqs, journal use).
+    #[command(
+        override_usage = "tidemark agent-status --agent STATE_DIR [--json | --metrics]",
+        after_help = "Examples:\n  tidemark agent-status --agent /var/lib/tidemark/db\n  tidemark agent-status --agent /var/lib/tidemark/db --json"
+    )]
     AgentStatus(cmd::agent::AgentStatusArgs),
     /// Replication status of every disk, from the collector's API.
+    #[command(
+        override_usage = "tidemark status (--api URL | --data DIR | both) [--json] [--check [--max-lag DUR]]",
+        after_help = "Examples:\n  tidemark status --api 127.0.0.1:7702\n  tidemark status --api 127.0.0.1:7702 --data /srv/replicas --json\n  tidemark status --api 127.0.0.1:7702 --check --max-lag 2m   # exit 0 ok, 1 warning, 2 critical"
+    )]
     Status(cmd::status::StatusArgs),
     /// Wait until a disk's replica has caught up with its source.
+    #[command(
+        override_usage = "tidemark wait --api URL DISK [--timeout DUR]",
+        after_help = "Example:\n  tidemark wait --api 127.0.0.1:7702 db --timeout 10m"
+    )]
     Wait(cmd::status::WaitArgs),
     /// Insert a consistency tag through the agent (with --freeze: application-consistent).
+    #[command(
+        override_usage = "tidemark tag --agent STATE_DIR NAME [--freeze MOUNTPOINT] [--timeout DUR]",
+        after_help = "Examples:\n  tidemark tag --agent /var/lib/tidemark/db before-upgrade\n  tidemark tag --agent /var/lib/tidemark/db nightly --freeze /mnt/db --timeout 20s\n\nA retry with the same name reports the tag already inserted (its seq) and succeeds."
+    )]
     Tag(cmd::tag::TagArgs),
     /// List a disk's recovery points (time, seq, kind, tag).
+    #[command(
+        override_usage = "tidemark points --data DIR DISK [--json]",
+        after_help = "Example:\n  tidemark points --data /srv/replicas db"
+    )]
     Points(cmd::points::PointsArgs),
     /// Serve a recovery point over NBD (and mount its filesystem) until signalled.
+    #[command(
+        override_usage = "tidemark mount --data DIR DISK --at SPEC --listen unix:SOCK [--writable] [--mountpoint DIR]",
+        after_help = "Examples:\n  tidemark mount --data /srv/replicas db --at latest-app --listen unix:/run/db-view.sock\n  tidemark mount --data /srv/replicas db --at before-upgrade --listen unix:/run/db-view.sock --writable --mountpoint /mnt/drill"
+    )]
     Mount(cmd::mount::MountArgs),
     /// Materialize a recovery point as a disk image and record the failover.
+    #[command(
+        override_usage = "tidemark failover --data DIR DISK --at SPEC --output FILE [--format raw|vmdk-flat|vmdk-sparse|vmdk-stream] [--force] [--no-drain]",
+        after_help = "Examples:\n  # writes stopped, tidemark wait returned: nothing acknowledged is lost\n  tidemark failover --data /srv/replicas db --at latest --output /srv/recovered/db.vmdk --format vmdk-sparse\n  # the primary site is gone with its collector: take what the replica holds\n  tidemark failover --data /srv/replicas db --at latest --no-drain --output /srv/recovered/db.raw\n  # an earlier point: a tag, a time, or a relative time\n  tidemark failover --data /srv/replicas db --at '2h ago' --output db-2h.raw"
+    )]
     Failover(cmd::failover::FailoverArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Journal(c) => cmd::journal::run(c),
-        Cmd::AgentStatus(a) => cmd::agent::status(a),
         Cmd::Status(a) => cmd::status::status(a),
-        Cmd::Wait(a) => cmd::status::wait(a),
-        Cmd::Tag(a) => cmd::tag::tag(a),
-        Cmd::Points(a) => cmd::points::points(a),
-        Cmd::Mount(a) => cmd::mount::mount(a),
-        Cmd::Failover(a) => cmd::failover::failover(a),
+        Cmd::Journal(c) => cmd::journal::run(c).map(ok),
+        Cmd::AgentStatus(a) => cmd::agent::status(a).map(ok),
+        Cmd::Wait(a) => cmd::status::wait(a).map(ok),
+        Cmd::Tag(a) => cmd::tag::tag(a).map(ok),
+        Cmd::Points(a) => cmd::points::points(a).map(ok),
+        Cmd::Mount(a) => cmd::mount::mount(a).map(ok),
+        Cmd::Failover(a) => cmd::failover::failover(a).map(ok),
     };
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match r {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("tidemark: error: {e:#}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    // Output the reader closed early (`| head -1`) is not a failure; any
+    // other trouble writing it is.
+    if let Some(e) = out::failure() {
+        eprintln!("tidemark: error: cannot write the output: {e}");
+        return ExitCode::FAILURE;
     }
+    code
+}
+
+fn ok(_: ()) -> ExitCode {
+    ExitCode::SUCCESS
 }

@@ -26,15 +26,17 @@ pub struct AgentStatusArgs {
 /// Send one request to the agent's control socket and return the reply.
 pub fn request(state: &std::path::Path, req: &Value) -> Result<Value> {
     let path = state.join("control.sock");
-    let mut s =
-        UnixStream::connect(&path).with_context(|| format!("connect to {} (is the agent running?)", path.display()))?;
+    let mut s = UnixStream::connect(&path)
+        .with_context(|| format!("cannot connect to {} (is the agent running?)", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     writeln!(s, "{req}")?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).context("read agent reply")?;
-    let v: Value = serde_json::from_str(&line).context("agent reply is not JSON")?;
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("no answer from the agent")?;
+    let v: Value = serde_json::from_str(&line).context("the agent's answer is not JSON")?;
     if v["ok"] != Value::Bool(true) {
-        bail!("agent refused: {}", v["error"]);
+        bail!("agent refused: {}", v["error"].as_str().unwrap_or("(no reason given)"));
     }
     Ok(v)
 }
@@ -85,13 +87,13 @@ fn sync_line(y: &Value) -> String {
 pub fn status(a: AgentStatusArgs) -> Result<()> {
     if a.metrics {
         let v = request(&a.agent, &serde_json::json!({"cmd": "metrics"}))?;
-        print!("{}", v["metrics"].as_str().unwrap_or_default());
+        crate::out::text(v["metrics"].as_str().unwrap_or_default());
         return Ok(());
     }
     let v = request(&a.agent, &serde_json::json!({"cmd": "status"}))?;
     let s = &v["status"];
     if a.json {
-        println!("{s}");
+        outln!("{s}");
         return Ok(());
     }
     let n = |k: &str| s[k].as_u64().unwrap_or(0);
@@ -109,7 +111,7 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
             format!(
                 "{} ({})",
                 s["disk_path"].as_str().unwrap_or("?"),
-                format_size(n("disk_size"))
+                format_size(n("disk_size_bytes"))
             ),
         ),
         (
@@ -124,14 +126,7 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
                 }
             ),
         ),
-        (
-            "served as",
-            s["served_as"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
-                .filter(|t| !t.is_empty())
-                .unwrap_or_else(|| "-".into()),
-        ),
+        ("served as", s["served_as"].as_str().unwrap_or("-").to_string()),
         ("replication", replication(s)),
         ("sync", sync_line(&s["sync"])),
         ("full resyncs", n("full_resyncs").to_string()),
@@ -143,7 +138,7 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
             format!(
                 "{} of {} cap, {} segments",
                 format_size(n("journal_bytes")),
-                format_size(n("journal_cap")),
+                format_size(n("journal_cap_bytes")),
                 n("journal_segments")
             ),
         ),
@@ -165,10 +160,10 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
             "errors (I/O / tracking)",
             format!("{} / {}", n("io_errors"), n("tracking_errors")),
         ),
-        ("uptime", format_duration(Duration::from_secs(n("uptime_secs")))),
+        ("uptime", format_duration(Duration::from_secs(n("uptime_s")))),
     ];
     for (k, v) in rows {
-        println!("{k:<26} {v}");
+        outln!("{k:<26} {v}");
     }
     Ok(())
 }

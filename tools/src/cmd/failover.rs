@@ -52,16 +52,6 @@ impl OutFormat {
 }
 
 #[derive(Args)]
-#[command(
-    override_usage = "tidemark failover --data DIR DISK --at SPEC --output FILE [--format raw|vmdk-flat|vmdk-sparse|vmdk-stream] [--force] [--no-drain]",
-    after_help = "Examples:\n  \
-  # the primary is down after its writes stopped: nothing acknowledged is lost\n  \
-  tidemark failover --data /var/lib/tidemark/target db1 --at latest --output /vm/db1.vmdk --format vmdk-sparse\n  \
-  # the primary site is gone with its collector: take what the replica holds\n  \
-  tidemark failover --data /var/lib/tidemark/target db1 --at latest --no-drain --output /vm/db1.raw\n  \
-  # an earlier point: a tag, a time, or a relative time\n  \
-  tidemark failover --data /var/lib/tidemark/target db1 --at '2h ago' --output /vm/db1-2h.raw"
-)]
 pub struct FailoverArgs {
     /// The target's data directory.
     #[arg(long, value_name = "DIR", required_unless_present = "image")]
@@ -198,7 +188,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         let started = Instant::now();
         write_image(&image, &a.output, a.format)?;
         guard.done();
-        println!(
+        outln!(
             "exported {} to {} ({}, {}) in {}",
             img.display(),
             a.output.display(),
@@ -251,7 +241,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         )
     })?;
     guard.done();
-    println!(
+    outln!(
         "failed over {disk} at {} to {} ({}, {}) in {}",
         point.describe(),
         a.output.display(),

@@ -16,8 +16,16 @@ use tidemark_util::human::format_size;
 #[derive(Subcommand)]
 pub enum JournalCmd {
     /// List the records in the journal (one JSON object per line with --json).
+    #[command(
+        override_usage = "tidemark journal dump --state DIR [--json]",
+        after_help = "Examples:\n  tidemark journal dump --state /var/lib/tidemark/db | less\n  tidemark journal dump --state /var/lib/tidemark/db --json | grep '\"kind\":\"tag\"'"
+    )]
     Dump(DumpArgs),
     /// Apply the journal to a copy of the disk taken before protection began.
+    #[command(
+        override_usage = "tidemark journal replay --state DIR --onto FILE [--upto SEQ]",
+        after_help = "Example:\n  cp --sparse=always db-before.img check.img\n  tidemark journal replay --state /var/lib/tidemark/db --onto check.img && qemu-img compare check.img db.img"
+    )]
     Replay(ReplayArgs),
 }
 
@@ -66,6 +74,15 @@ fn dump(a: DumpArgs) -> Result<()> {
     let reader = open(&a.state)?;
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
+    // A closed stdout (`| head`) ends the dump quietly; see `crate::out`.
+    macro_rules! w {
+        ($($arg:tt)*) => {
+            if let Err(e) = writeln!(out, $($arg)*) {
+                crate::out::note(&e);
+                return Ok(());
+            }
+        };
+    }
     let mut counts: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
     let (mut first, mut last) = (None, 0);
     for r in reader.records_from(0) {
@@ -88,32 +105,33 @@ fn dump(a: DumpArgs) -> Result<()> {
             if let Some(t) = r.tag_name() {
                 o["tag"] = serde_json::Value::from(t);
             }
-            writeln!(out, "{o}")?;
+            w!("{o}");
         } else {
             let extra = r.tag_name().map(|t| format!(" tag={t}")).unwrap_or_default();
-            writeln!(
-                out,
+            w!(
                 "{:>10}  {:<9} {:>14} {:>10}  {}{extra}",
                 h.seq,
                 h.kind.name(),
                 h.offset,
                 h.length,
                 &hex(&h.hash)[..16]
-            )?;
+            );
         }
     }
     if !a.json {
         match first {
-            None => writeln!(out, "journal is empty")?,
+            None => w!("journal is empty"),
             Some(f) => {
-                writeln!(out, "seq {f}..={last}")?;
+                w!("seq {f}..={last}");
                 for (k, (n, bytes)) in &counts {
-                    writeln!(out, "  {k:<9} {n:>10} records {:>12}", format_size(*bytes))?;
+                    w!("  {k:<9} {n:>10} records {:>12}", format_size(*bytes));
                 }
             }
         }
     }
-    out.flush()?;
+    if let Err(e) = out.flush() {
+        crate::out::note(&e);
+    }
     Ok(())
 }
 

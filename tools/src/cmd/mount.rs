@@ -21,7 +21,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -656,9 +656,7 @@ impl Drop for FsMount {
 }
 
 fn say(line: &str) {
-    let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+    outln!("{line}");
 }
 
 pub fn mount(a: MountArgs) -> Result<()> {

@@ -147,11 +147,11 @@ pub fn points(a: PointsArgs) -> Result<()> {
     let pts = list(&a.data, &a.disk)?;
     if a.json {
         let v: Vec<_> = pts.iter().map(point_json).collect();
-        println!("{}", serde_json::json!({ "points": v }));
+        outln!("{}", serde_json::json!({ "points": v }));
         return Ok(());
     }
     if pts.is_empty() {
-        println!("no recovery points for {}", a.disk);
+        outln!("no recovery points for {}", a.disk);
         return Ok(());
     }
     let rows: Vec<[String; 4]> = pts
@@ -171,9 +171,9 @@ pub fn points(a: PointsArgs) -> Result<()> {
         .collect();
     let w = |i: usize, h: &str| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(h.len());
     let (w0, w1, w2) = (w(0, "TIME"), w(1, "SEQ"), w(2, "KIND"));
-    println!("{:<w0$}  {:>w1$}  {:<w2$}  TAG", "TIME", "SEQ", "KIND");
+    outln!("{:<w0$}  {:>w1$}  {:<w2$}  TAG", "TIME", "SEQ", "KIND");
     for r in rows {
-        println!("{:<w0$}  {:>w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
+        outln!("{:<w0$}  {:>w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
     }
     Ok(())
 }

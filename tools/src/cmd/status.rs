@@ -1,6 +1,7 @@
 //! `tidemark status` and `tidemark wait`: read the collector's HTTP API
 //! (`docs/pipeline.md`, "Status API").
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -21,6 +22,14 @@ pub struct StatusArgs {
     /// Print one JSON object with a `disks` array.
     #[arg(long)]
     json: bool,
+    /// Health check for monitoring: print one line per problem and exit 0
+    /// (ok), 1 (warning) or 2 (critical); see the README for the rules.
+    #[arg(long)]
+    check: bool,
+    /// With --check: lag (age of the oldest unapplied record) above this is
+    /// critical, above half of it a warning.
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_timeout, requires = "check")]
+    max_lag: Duration,
 }
 
 #[derive(Args)]
@@ -55,21 +64,98 @@ fn agent() -> ureq::Agent {
         .build()
 }
 
+/// A failed API call, in the operator's words: the URL, the HTTP status
+/// if the API answered, and what went wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    pub url: String,
+    /// The HTTP status, if the API answered with an error.
+    pub status: Option<u16>,
+    pub msg: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(code) => write!(f, "{}: HTTP {code}: {}", self.url, self.msg),
+            None => write!(f, "{}: {}", self.url, self.msg),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The HTTP status of a failed API call, if the API answered.
+fn http_status(e: &anyhow::Error) -> Option<u16> {
+    e.downcast_ref::<ApiError>().and_then(|a| a.status)
+}
+
+/// What a transport error means to an operator (ureq's own text may hold
+/// raw bytes, e.g. the status line of something that is not HTTP).
+fn transport_text(t: &ureq::Transport) -> String {
+    use ureq::ErrorKind as K;
+    let io = || {
+        std::error::Error::source(t)
+            .map(|s| s.to_string())
+            .or_else(|| t.message().map(str::to_string))
+            .unwrap_or_else(|| "I/O error".into())
+    };
+    match t.kind() {
+        K::InvalidUrl | K::UnknownScheme => "not a valid API address (use HOST:PORT or http://HOST:PORT)".into(),
+        K::Dns => "cannot resolve the host name".into(),
+        K::ConnectionFailed => format!("cannot connect: {} (is the collector running with --api here?)", io()),
+        K::BadStatus | K::BadHeader => {
+            "the service there does not answer in HTTP: this is not the collector's --api address (perhaps its --listen port)"
+                .into()
+        }
+        K::Io => {
+            let e = std::error::Error::source(t).and_then(|s| s.downcast_ref::<std::io::Error>());
+            match e {
+                Some(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+                    "no answer in time (is this the collector's --api address?)".into()
+                }
+                // A real I/O error (reset, refused) carries an OS error;
+                // ureq's own parse errors (with the bytes it read) do not.
+                Some(e) if e.raw_os_error().is_some() => {
+                    format!("{e} (is this the collector's --api address?)")
+                }
+                _ => "the service there does not answer in HTTP: this is not the collector's --api address (perhaps its --listen port)".into(),
+            }
+        }
+        _ => t.message().map_or_else(|| t.kind().to_string(), str::to_string),
+    }
+}
+
 /// GET or POST `path` and parse the JSON reply; an HTTP error carries the
 /// API's own message.
 fn call(api: &str, method: &str, path: &str) -> Result<Value> {
     let url = format!("{}{path}", base(api));
+    let fail = |status, msg: String| {
+        anyhow::Error::new(ApiError {
+            url: url.clone(),
+            status,
+            msg,
+        })
+    };
     match agent().request(method, &url).call() {
-        Ok(r) => r.into_json().with_context(|| format!("{url}: reply is not JSON")),
+        Ok(r) => r.into_json().map_err(|_| {
+            fail(
+                None,
+                "the reply is not JSON: this is not the collector's status API".into(),
+            )
+        }),
         Err(ureq::Error::Status(code, r)) => {
             let body: Value = r.into_json().unwrap_or(Value::Null);
-            let msg = body["error"].as_str().map(str::to_string).unwrap_or_default();
-            Err(anyhow!(
-                "{url}: HTTP {code}{}{msg}",
-                if msg.is_empty() { "" } else { ": " }
-            ))
+            let msg = body["error"].as_str().map_or_else(
+                || match code {
+                    404 => "not found (is this the collector's --api address?)".to_string(),
+                    _ => "no reason given".to_string(),
+                },
+                str::to_string,
+            );
+            Err(fail(Some(code), msg))
         }
-        Err(e) => Err(anyhow!("{url}: {e} (is the collector running with --api?)")),
+        Err(ureq::Error::Transport(t)) => Err(fail(None, transport_text(&t))),
     }
 }
 
@@ -187,11 +273,14 @@ fn print_table(rows: &[Vec<String>]) {
         .collect();
     for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end());
     }
 }
 
-pub fn status(a: StatusArgs) -> Result<()> {
+pub fn status(a: StatusArgs) -> Result<ExitCode> {
+    if a.check {
+        return check(&a);
+    }
     let rec = a.data.as_deref().map(recovery_states).transpose()?;
     let Some(api) = a.api.as_deref() else {
         let rec = rec.unwrap_or_default();
@@ -200,13 +289,13 @@ pub fn status(a: StatusArgs) -> Result<()> {
                 .iter()
                 .map(|(id, r)| serde_json::json!({"disk_id": id, "recovery": r}))
                 .collect();
-            println!("{}", serde_json::json!({ "disks": disks }));
+            outln!("{}", serde_json::json!({ "disks": disks }));
         } else if rec.is_empty() {
-            println!("no disks");
+            outln!("no disks");
         } else {
             recovery_table(&rec);
         }
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     };
     let mut v = call(api, "GET", "/api/v1/status")?;
     if let (Some(rec), Some(disks)) = (&rec, v["disks"].as_array_mut()) {
@@ -216,26 +305,239 @@ pub fn status(a: StatusArgs) -> Result<()> {
         }
     }
     if a.json {
-        println!("{v}");
-        return Ok(());
+        outln!("{v}");
+        return Ok(ExitCode::SUCCESS);
     }
+    status_table(&v);
     if let Some(rec) = &rec {
-        status_table(&v);
-        println!();
-        println!(
+        outln!();
+        outln!(
             "recovery (target catalog in {}):",
             a.data.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
         );
         recovery_table(rec);
-        return Ok(());
     }
-    status_table(&v);
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How bad a problem is, for `status --check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    fn name(self) -> &'static str {
+        match self {
+            Severity::Warning => "WARNING",
+            Severity::Critical => "CRITICAL",
+        }
+    }
+}
+
+/// One problem `status --check` found: how bad, which disk (none: the
+/// collector), what.
+#[derive(Debug, PartialEq)]
+struct Problem {
+    severity: Severity,
+    disk: Option<String>,
+    what: String,
+}
+
+/// The rules of `status --check` (README, "tidemark status"), applied to
+/// the collector's status object (and, with --data, the target's recovery
+/// states by disk id).
+fn problems(
+    v: Option<&Value>,
+    rec: Option<&std::collections::BTreeMap<String, Value>>,
+    max_lag: Duration,
+) -> Vec<Problem> {
+    use Severity::{Critical, Warning};
+    let mut out = Vec::new();
+    let mut add = |severity, disk: Option<&str>, what: String| {
+        out.push(Problem {
+            severity,
+            disk: disk.map(str::to_string),
+            what,
+        });
+    };
+    if let Some(v) = v {
+        let c = &v["collector"];
+        let (spool, cap) = (u(c, "spool_bytes"), u(c, "spool_cap_bytes"));
+        if c["spool_full"] == Value::Bool(true) {
+            add(
+                Critical,
+                None,
+                format!(
+                    "spool full ({} of {}): agents are held back",
+                    format_size(spool),
+                    format_size(cap)
+                ),
+            );
+        } else if cap > 0 && spool.saturating_mul(10) >= cap.saturating_mul(9) {
+            add(
+                Warning,
+                None,
+                format!("spool {} of {} (90 % or more)", format_size(spool), format_size(cap)),
+            );
+        }
+        let max = max_lag.as_secs_f64();
+        for d in v["disks"].as_array().into_iter().flatten() {
+            let id = d["disk_id"].as_str();
+            let mode = d["mode"].as_str().unwrap_or("unknown");
+            match mode {
+                "halted" => add(
+                    Critical,
+                    id,
+                    format!(
+                        "halted at seq {}: a record failed its check at the target",
+                        u(d, "halted_seq")
+                    ),
+                ),
+                "bitmap" => add(
+                    Warning,
+                    id,
+                    "bitmap mode: the agent tracks dirty regions only; a resync follows".into(),
+                ),
+                "initial-sync" | "resync" | "full-resync" => add(
+                    Warning,
+                    id,
+                    format!("{}: no consistent recovery point until it is done", mode_text(d)),
+                ),
+                "backlogged" if d["target_connected"] != Value::Bool(false) => {
+                    add(Warning, id, format!("backlogged: lag {}", secs(&d["lag_s"])));
+                }
+                _ => {}
+            }
+            if d["agent_connected"] == Value::Bool(false) {
+                add(
+                    Critical,
+                    id,
+                    format!("agent disconnected (last report {} ago)", secs(&d["source_age_s"])),
+                );
+            }
+            if d["target_connected"] == Value::Bool(false) {
+                add(Critical, id, "target disconnected: nothing is being applied".into());
+            }
+            let lag = d["lag_s"].as_f64().unwrap_or(0.0);
+            if lag > max {
+                add(
+                    Critical,
+                    id,
+                    format!("lag {} over --max-lag {}", secs(&d["lag_s"]), format_duration(max_lag)),
+                );
+            } else if lag > max / 2.0 {
+                add(
+                    Warning,
+                    id,
+                    format!(
+                        "lag {} over half of --max-lag {}",
+                        secs(&d["lag_s"]),
+                        format_duration(max_lag)
+                    ),
+                );
+            }
+        }
+    }
+    for (id, r) in rec.into_iter().flatten() {
+        if r["state"] == "halted" {
+            add(Critical, Some(id), "the replica is halted (target catalog)".into());
+        }
+        if r["failed_over"] == Value::Bool(true) {
+            add(
+                Warning,
+                Some(id),
+                format!(
+                    "failed over at seq {}: the replica no longer follows the source",
+                    u(r, "failover_seq")
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// `status --check`: a summary line, one line per problem, exit 0/1/2.
+fn check(a: &StatusArgs) -> Result<ExitCode> {
+    let critical = |what: String| -> Result<ExitCode> {
+        if a.json {
+            outln!(
+                "{}",
+                serde_json::json!({"check": "critical", "problems": [{"severity": "critical", "disk_id": null, "problem": what}]})
+            );
+        } else {
+            outln!("CRITICAL: {what}");
+        }
+        Ok(ExitCode::from(2))
+    };
+    let rec = match a.data.as_deref().map(recovery_states).transpose() {
+        Ok(r) => r,
+        Err(e) => return critical(format!("{e:#}")),
+    };
+    let v = match a
+        .api
+        .as_deref()
+        .map(|api| call(api, "GET", "/api/v1/status"))
+        .transpose()
+    {
+        Ok(v) => v,
+        Err(e) => return critical(format!("{e:#}")),
+    };
+    let found = problems(v.as_ref(), rec.as_ref(), a.max_lag);
+    let worst = found.iter().map(|p| p.severity).max();
+    let (word, code) = match worst {
+        None => ("ok", 0),
+        Some(Severity::Warning) => ("warning", 1),
+        Some(Severity::Critical) => ("critical", 2),
+    };
+    if a.json {
+        let list: Vec<Value> = found
+            .iter()
+            .map(|p| serde_json::json!({"severity": p.severity.name().to_lowercase(), "disk_id": p.disk, "problem": p.what}))
+            .collect();
+        outln!("{}", serde_json::json!({"check": word, "problems": list}));
+        return Ok(ExitCode::from(code));
+    }
+    let disks = v
+        .as_ref()
+        .and_then(|v| v["disks"].as_array().map(Vec::len))
+        .unwrap_or_else(|| rec.as_ref().map_or(0, |r| r.len()));
+    let lag = v
+        .as_ref()
+        .and_then(|v| v["disks"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["lag_s"].as_f64())
+        .fold(None, |m: Option<f64>, l| Some(m.map_or(l, |m| m.max(l))));
+    let lag = lag
+        .map(|l| format!(", max lag {}", secs(&Value::from(l))))
+        .unwrap_or_default();
+    match worst {
+        None => outln!("OK: {disks} disk{}{lag}", if disks == 1 { "" } else { "s" }),
+        Some(_) => {
+            let n = |s| found.iter().filter(|p| p.severity == s).count();
+            outln!(
+                "{}: {} critical, {} warning ({disks} disk{}{lag})",
+                word.to_uppercase(),
+                n(Severity::Critical),
+                n(Severity::Warning),
+                if disks == 1 { "" } else { "s" }
+            );
+        }
+    }
+    for p in &found {
+        match &p.disk {
+            Some(d) => outln!("{} {d}: {}", p.severity.name(), p.what),
+            None => outln!("{} collector: {}", p.severity.name(), p.what),
+        }
+    }
+    Ok(ExitCode::from(code))
 }
 
 fn status_table(v: &Value) {
     let c = &v["collector"];
-    println!(
+    outln!(
         "collector: {} agents connected, spool {} of {}{}",
         u(c, "agents_connected"),
         format_size(u(c, "spool_bytes")),
@@ -248,7 +550,7 @@ fn status_table(v: &Value) {
     );
     let disks = v["disks"].as_array().cloned().unwrap_or_default();
     if disks.is_empty() {
-        println!("no disks");
+        outln!("no disks");
         return;
     }
     let head = [
@@ -272,7 +574,7 @@ fn status_table(v: &Value) {
             u(d, "source_seq").to_string(),
             u(d, "acked_seq").to_string(),
             u(d, "applied_seq").to_string(),
-            secs(&d["lag_seconds"]),
+            secs(&d["lag_s"]),
             format_size(u(d, "lag_bytes")),
             format!(
                 "{}/s",
@@ -297,7 +599,7 @@ fn status_table(v: &Value) {
     print_table(&rows);
     for d in &disks {
         if d["mode"] == "halted" {
-            println!(
+            outln!(
                 "{}: HALTED at seq {} (a record failed its check; the range is being resynced)",
                 d["disk_id"].as_str().unwrap_or("?"),
                 u(d, "halted_seq")
@@ -319,6 +621,30 @@ fn syncing(d: &Value) -> bool {
         || d["target_state"].as_str() != Some("consistent")
 }
 
+/// The error for a disk the collector answered 404 for: no use waiting.
+fn unknown_disk(api: &str, disk: &str) -> anyhow::Error {
+    let known = call(api, "GET", "/api/v1/status").ok().map(|v| {
+        v["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["disk_id"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    });
+    match known {
+        Some(k) if k.is_empty() => anyhow!(
+            "the collector at {} knows no disk {disk}; it knows no disks at all",
+            base(api)
+        ),
+        Some(k) => anyhow!(
+            "the collector at {} knows no disk {disk}; known: {}",
+            base(api),
+            k.join(", ")
+        ),
+        None => anyhow!("the collector at {} knows no disk {disk}", base(api)),
+    }
+}
+
 /// Waits between polls of the API.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -335,6 +661,7 @@ pub fn wait(a: WaitArgs) -> Result<()> {
     let mut target = loop {
         match call(&a.api, "POST", &refresh) {
             Ok(d) => break u(&d, "source_seq"),
+            Err(e) if http_status(&e) == Some(404) => return Err(unknown_disk(&a.api, &a.disk)),
             Err(e) => {
                 if timed_out() {
                     bail!(
@@ -370,10 +697,11 @@ pub fn wait(a: WaitArgs) -> Result<()> {
             Ok(d)
         });
         let err = match got {
+            Err(e) if http_status(&e) == Some(404) => return Err(unknown_disk(&a.api, &a.disk)),
             Ok(d) => {
                 let applied = u(&d, "applied_seq");
                 if applied >= target && !syncing(&d) {
-                    println!(
+                    outln!(
                         "{}: replica caught up: applied seq {applied} ≥ {target} in {}",
                         a.disk,
                         format_duration(start.elapsed())
@@ -397,7 +725,7 @@ pub fn wait(a: WaitArgs) -> Result<()> {
                     _ => String::new(),
                 },
                 d["target_state"].as_str().unwrap_or("unknown"),
-                secs(&d["lag_seconds"])
+                secs(&d["lag_s"])
             ),
             None => format!("target seq {target}"),
         };
@@ -435,5 +763,57 @@ mod tests {
         assert!(syncing(&d("streaming", json!("streaming"), "unknown")));
         assert!(syncing(&d("resync", json!("resync"), "consistent")));
         assert!(syncing(&d("halted", json!("streaming"), "halted")));
+    }
+
+    #[test]
+    fn check_rules() {
+        let disk = |mode: &str, extra: Value| {
+            let mut d =
+                json!({"disk_id": "d", "mode": mode, "agent_connected": true, "target_connected": true, "lag_s": 0.5});
+            for (k, v) in extra.as_object().unwrap() {
+                d[k] = v.clone();
+            }
+            d
+        };
+        let st = |d: Value| json!({"collector": {"spool_bytes": 0, "spool_cap_bytes": 100, "spool_full": false}, "disks": [d]});
+        let worst = |v: Value| {
+            problems(Some(&v), None, Duration::from_secs(300))
+                .iter()
+                .map(|p| p.severity)
+                .max()
+        };
+        assert_eq!(worst(st(disk("streaming", json!({})))), None);
+        assert_eq!(worst(st(disk("bitmap", json!({})))), Some(Severity::Warning));
+        assert_eq!(worst(st(disk("resync", json!({})))), Some(Severity::Warning));
+        assert_eq!(
+            worst(st(disk("backlogged", json!({"lag_s": 20.0})))),
+            Some(Severity::Warning)
+        );
+        assert_eq!(
+            worst(st(disk("streaming", json!({"lag_s": 200.0})))),
+            Some(Severity::Warning)
+        );
+        assert_eq!(
+            worst(st(disk("streaming", json!({"lag_s": 400.0})))),
+            Some(Severity::Critical)
+        );
+        assert_eq!(
+            worst(st(disk("halted", json!({"halted_seq": 9})))),
+            Some(Severity::Critical)
+        );
+        assert_eq!(
+            worst(st(disk("disconnected", json!({"agent_connected": false})))),
+            Some(Severity::Critical)
+        );
+        let p = problems(
+            Some(&st(disk("backlogged", json!({"target_connected": false})))),
+            None,
+            Duration::from_secs(300),
+        );
+        assert_eq!(p.len(), 1, "one line for one problem: {p:?}");
+        assert!(p[0].what.contains("target disconnected"));
+        let mut full = st(disk("streaming", json!({})));
+        full["collector"]["spool_full"] = json!(true);
+        assert_eq!(worst(full), Some(Severity::Critical));
     }
 }

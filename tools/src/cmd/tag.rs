@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use tidemark_util::human::format_duration;
 
 #[derive(Args)]
 pub struct TagArgs {
@@ -48,17 +49,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// thaws at the deadline, the agent refuses this much earlier.
 const AGENT_MARGIN: Duration = Duration::from_millis(500);
 
+/// How long to wait, after no answer in time, for the agent to say what
+/// became of the request (it serialises tag requests, so this waits for
+/// the first one to finish).
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
 pub fn tag(a: TagArgs) -> Result<()> {
-    if a.name.is_empty() {
-        bail!("the tag name is empty");
+    // Every tag must be reachable by `--at NAME` (and `tag:NAME`).
+    if let Some(why) = tidemark_target::recovery::tag_name_problem(&a.name) {
+        bail!("{why}");
     }
     let Some(mnt) = &a.freeze else {
-        let seq = ask(&a.agent, &a.name, false, None, a.timeout)?;
-        println!("{seq}");
+        let deadline_ns = unix_ns(SystemTime::now() + a.timeout);
+        let t = ask(&a.agent, &a.name, false, deadline_ns, a.timeout)?;
+        t.note(&a.name);
+        outln!("{}", t.seq);
         return Ok(());
     };
     if a.timeout <= AGENT_MARGIN * 2 {
-        bail!("--timeout must be more than {:?} with --freeze", AGENT_MARGIN * 2);
+        bail!(
+            "--timeout must be more than {} with --freeze",
+            format_duration(AGENT_MARGIN * 2)
+        );
     }
     let mnt = check_mountpoint(mnt)?;
     let dir = File::open(&mnt).with_context(|| format!("open {}", mnt.display()))?;
@@ -82,70 +94,137 @@ pub fn tag(a: TagArgs) -> Result<()> {
         let (frozen, done) = (frozen.clone(), done.clone());
         std::thread::spawn(move || watchdog(&frozen, &done, deadline, &sigfd))
     };
-    let r = ask(&a.agent, &a.name, true, Some(deadline_ns), a.timeout - AGENT_MARGIN);
+    let r = ask(&a.agent, &a.name, true, deadline_ns, a.timeout - AGENT_MARGIN);
     let thawed = frozen.thaw();
     done.store(true, Ordering::Relaxed);
     let fired = watchdog.join().unwrap_or(None);
     let _ = mask.thread_unblock();
     let held = started.elapsed();
-    if let Some(why) = fired {
-        // Thawed by the watchdog: whatever the agent said, do not claim
-        // the point (the agent refused it past its deadline anyway).
-        bail!(
-            "{why}: thawed {} after {held:.1?}{}",
-            mnt.display(),
-            r.err()
-                .map(|e| format!("; the tag was not inserted: {e:#}"))
-                .unwrap_or_default()
-        );
-    }
     thawed?;
-    let seq = r.with_context(|| {
-        format!(
-            "tag not inserted; {} was frozen for {held:.1?} and is thawed",
-            mnt.display()
+    // The agent journals a tag only before its deadline, which is before
+    // the watchdog thaws: a seq it gives is a point taken while frozen,
+    // even if the answer came after the thaw.
+    let t = r.map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#} ({} was frozen for {}{} and is thawed)",
+            mnt.display(),
+            secs(held),
+            if fired.is_some() { ", up to --timeout," } else { "" }
         )
     })?;
-    eprintln!(
-        "froze {}, tagged {:?} at seq {seq} (application-consistent), thawed after {held:.1?}",
-        mnt.display(),
-        a.name
-    );
-    println!("{seq}");
+    if t.existing {
+        t.note(&a.name);
+    } else {
+        eprintln!(
+            "froze {}, tagged {} at seq {} (application-consistent), thawed after {}",
+            mnt.display(),
+            a.name,
+            t.seq,
+            secs(held)
+        );
+    }
+    outln!("{}", t.seq);
     Ok(())
 }
 
-/// Ask the agent for a tag; its seq.
-fn ask(agent: &Path, name: &str, app: bool, deadline_ns: Option<u64>, timeout: Duration) -> Result<u64> {
-    let mut req = serde_json::json!({"cmd": "tag", "name": name, "app_consistent": app});
-    if let Some(d) = deadline_ns {
-        req["deadline_ns"] = d.into();
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// A tag the agent holds.
+struct Tagged {
+    seq: u64,
+    /// It was there already (a retry, or the answer to a request that
+    /// timed out came through the settle request).
+    existing: bool,
+}
+
+impl Tagged {
+    fn note(&self, name: &str) {
+        if self.existing {
+            eprintln!(
+                "tag {name} is in the journal at seq {} (inserted by an earlier request; not inserted again)",
+                self.seq
+            );
+        }
     }
-    let v = request_with_timeout(agent, &req, timeout)?;
-    v["seq"].as_u64().context("the agent's reply carries no seq")
+}
+
+/// Ask the agent for a tag (journaled only before `deadline_ns`, Unix
+/// time); its seq. If the agent does not answer within `timeout`, ask what
+/// became of the request, so that a tag it did insert is never reported
+/// as timed out.
+fn ask(agent: &Path, name: &str, app: bool, deadline_ns: u64, timeout: Duration) -> Result<Tagged> {
+    let req = serde_json::json!({"cmd": "tag", "name": name, "app_consistent": app, "deadline_ns": deadline_ns});
+    match request_with_timeout(agent, &req, timeout)? {
+        Answer::Reply(v) => answer(&v, app),
+        Answer::NoAnswer => {
+            // The deadline has passed: this request journals nothing, and
+            // waits (the agent serialises tag requests) for the first.
+            let settle = serde_json::json!({"cmd": "tag", "name": name, "app_consistent": app, "deadline_ns": 1});
+            match request_with_timeout(agent, &settle, SETTLE_WAIT) {
+                Ok(Answer::Reply(v)) if v["existing"]["seq"].is_u64() => {
+                    eprintln!("the agent answered late ({} allowed)", format_duration(timeout));
+                    answer(&v, app)
+                }
+                Ok(Answer::Reply(_)) => bail!(
+                    "timed out: the agent did not insert the tag within {}; nothing was journaled",
+                    format_duration(timeout)
+                ),
+                Ok(Answer::NoAnswer) | Err(_) => bail!(
+                    "timed out: no answer from the agent within {}; the tag is in the journal only if the agent \
+                     got to it in that time: run the same command again, it prints the tag's seq if so",
+                    format_duration(timeout)
+                ),
+            }
+        }
+    }
+}
+
+/// The agent's reply to a tag request, as a tag it holds or an error.
+fn answer(v: &serde_json::Value, app: bool) -> Result<Tagged> {
+    if v["ok"] == serde_json::Value::Bool(true) {
+        let seq = v["seq"].as_u64().context("the agent's reply carries no seq")?;
+        return Ok(Tagged { seq, existing: false });
+    }
+    let e = &v["existing"];
+    if let Some(seq) = e["seq"].as_u64() {
+        if app && e["app_consistent"] != serde_json::Value::Bool(true) {
+            bail!("the name is taken by a crash-consistent tag at seq {seq} (not application-consistent): choose another name");
+        }
+        return Ok(Tagged { seq, existing: true });
+    }
+    bail!("agent refused: {}", v["error"].as_str().unwrap_or("(no reason given)"))
+}
+
+/// What came back on the control socket.
+enum Answer {
+    Reply(serde_json::Value),
+    /// Nothing within the timeout.
+    NoAnswer,
 }
 
 /// One request on the agent's control socket, answered within `timeout`.
-fn request_with_timeout(state: &Path, req: &serde_json::Value, timeout: Duration) -> Result<serde_json::Value> {
+fn request_with_timeout(state: &Path, req: &serde_json::Value, timeout: Duration) -> Result<Answer> {
     use std::io::{BufRead, BufReader, Write};
     let path = state.join("control.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&path)
-        .with_context(|| format!("connect to {} (is the agent running?)", path.display()))?;
+        .with_context(|| format!("cannot connect to {} (is the agent running?)", path.display()))?;
     s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
     s.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
-    writeln!(s, "{req}")?;
+    writeln!(s, "{req}").context("send the request to the agent")?;
     let mut line = String::new();
     if let Err(e) = BufReader::new(&s).read_line(&mut line) {
         if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
-            bail!("timed out: no answer from the agent within {timeout:?}");
+            return Ok(Answer::NoAnswer);
         }
         return Err(anyhow::Error::new(e).context("read the agent's answer"));
     }
-    let v: serde_json::Value = serde_json::from_str(&line).context("agent reply is not JSON")?;
-    if v["ok"] != serde_json::Value::Bool(true) {
-        bail!("agent refused: {}", v["error"].as_str().unwrap_or("(no reason given)"));
+    if line.is_empty() {
+        bail!("the agent closed the connection without answering");
     }
-    Ok(v)
+    let v: serde_json::Value = serde_json::from_str(&line).context("the agent's answer is not JSON")?;
+    Ok(Answer::Reply(v))
 }
 
 fn unix_ns(t: SystemTime) -> u64 {
