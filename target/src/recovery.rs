@@ -193,14 +193,14 @@ impl AtSpec {
 /// Why `name` cannot be a tag name, if it cannot: `--at` must be able to
 /// name every tag by itself, so a name that `--at` reads as something else
 /// (`latest`, `seq:5`, a time, `10m ago`) or that has a `tag:` prefix is
-/// refused, as are empty names, names over 128 bytes and control
+/// refused, as are empty names, names over 255 bytes and control
 /// characters.
 pub fn tag_name_problem(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("a tag name cannot be empty".into());
     }
-    if name.len() > 128 {
-        return Some(format!("tag name of {} bytes: at most 128", name.len()));
+    if name.len() > 255 {
+        return Some(format!("tag name of {} bytes: at most 255 bytes", name.len()));
     }
     if name.trim() != name {
         return Some(format!("tag name \"{name}\" starts or ends with white space"));

@@ -350,7 +350,7 @@ fn failover_exports_every_format() {
             "{}",
             stderr(&o)
         );
-        assert!(stdout(&o).contains("failed over"), "{}", stdout(&o));
+        assert!(stdout(&o).contains("exported"), "{}", stdout(&o));
         if fmt == "raw" {
             assert_identical(&img, &out);
             continue;

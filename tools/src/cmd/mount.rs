@@ -524,10 +524,15 @@ impl fuser::Filesystem for DiskFs {
 
 /// Run a command; its stdout, or an error with its stderr.
 fn sh(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.output().with_context(|| format!("run {line}"))?;
     if !out.status.success() {
         bail!(
-            "{cmd:?} failed ({}): {}",
+            "{line} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -762,7 +767,11 @@ async fn serve(a: MountArgs, name: String, image: Arc<dyn Image>, layer: Arc<Lay
         _ = term.recv() => "SIGTERM".to_string(),
         _ = int.recv() => "SIGINT".to_string(),
         _ = hup.recv() => "SIGHUP".to_string(),
-        r = &mut server => format!("the NBD server stopped: {r:?}"),
+        r = &mut server => match r {
+            Ok(Ok(())) => "the NBD server stopped".to_string(),
+            Ok(Err(e)) => format!("the NBD server stopped: {e:#}"),
+            Err(e) => format!("the NBD server ended: {e}"),
+        },
     };
     eprintln!("tidemark: {why}: cleaning up");
     stop.cancel();

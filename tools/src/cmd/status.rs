@@ -621,9 +621,16 @@ fn syncing(d: &Value) -> bool {
         || d["target_state"].as_str() != Some("consistent")
 }
 
+/// A collector younger than this may not know a disk yet: its agents are
+/// still reconnecting after its restart.
+const RECONNECT_GRACE_S: u64 = 30;
+
 /// The error for a disk the collector answered 404 for: no use waiting.
-fn unknown_disk(api: &str, disk: &str) -> anyhow::Error {
-    let known = call(api, "GET", "/api/v1/status").ok().map(|v| {
+/// None when the 404 is passing: the disk is listed now, or the collector
+/// has just started and its agents may still be reconnecting.
+fn unknown_disk(api: &str, disk: &str) -> Option<anyhow::Error> {
+    let status = call(api, "GET", "/api/v1/status").ok();
+    let known = status.as_ref().map(|v| {
         v["disks"]
             .as_array()
             .into_iter()
@@ -631,7 +638,14 @@ fn unknown_disk(api: &str, disk: &str) -> anyhow::Error {
             .filter_map(|d| d["disk_id"].as_str().map(str::to_string))
             .collect::<Vec<_>>()
     });
-    match known {
+    let young = status
+        .as_ref()
+        .and_then(|v| v["collector"]["uptime_s"].as_u64())
+        .is_some_and(|u| u < RECONNECT_GRACE_S);
+    if young || known.as_ref().is_some_and(|k| k.iter().any(|d| d == disk)) {
+        return None;
+    }
+    Some(match known {
         Some(k) if k.is_empty() => anyhow!(
             "the collector at {} knows no disk {disk}; it knows no disks at all",
             base(api)
@@ -642,7 +656,7 @@ fn unknown_disk(api: &str, disk: &str) -> anyhow::Error {
             k.join(", ")
         ),
         None => anyhow!("the collector at {} knows no disk {disk}", base(api)),
-    }
+    })
 }
 
 /// Waits between polls of the API.
@@ -661,8 +675,12 @@ pub fn wait(a: WaitArgs) -> Result<()> {
     let mut target = loop {
         match call(&a.api, "POST", &refresh) {
             Ok(d) => break u(&d, "source_seq"),
-            Err(e) if http_status(&e) == Some(404) => return Err(unknown_disk(&a.api, &a.disk)),
             Err(e) => {
+                if http_status(&e) == Some(404) {
+                    if let Some(unknown) = unknown_disk(&a.api, &a.disk) {
+                        return Err(unknown);
+                    }
+                }
                 if timed_out() {
                     bail!(
                         "timed out after {} waiting for the agent of disk {} to report its seq: {e}",
@@ -696,8 +714,14 @@ pub fn wait(a: WaitArgs) -> Result<()> {
             }
             Ok(d)
         });
+        let unknown = match &got {
+            Err(e) if http_status(e) == Some(404) => unknown_disk(&a.api, &a.disk),
+            _ => None,
+        };
+        if let Some(unknown) = unknown {
+            return Err(unknown);
+        }
         let err = match got {
-            Err(e) if http_status(&e) == Some(404) => return Err(unknown_disk(&a.api, &a.disk)),
             Ok(d) => {
                 let applied = u(&d, "applied_seq");
                 if applied >= target && !syncing(&d) {
