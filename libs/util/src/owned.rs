@@ -26,6 +26,9 @@ use crate::crashsafe;
 /// File name of the marker in every daemon directory.
 pub const MARKER_FILE: &str = "TIDEMARK-DIR";
 
+/// A filesystem's own folder, found at the root of a fresh one: never ours.
+const LOST_FOUND: &str = "lost+found";
+
 /// The marker format version this build writes and reads.
 pub const MARKER_VERSION: u32 = 1;
 
@@ -234,12 +237,7 @@ fn inspect_with(path: &Path, spec: &DirSpec, own_new_lock: bool) -> Result<Found
         if found != kind {
             return Err(err(
                 DirErrorKind::OtherKind,
-                format!(
-                    "{} is {}, not {}",
-                    path.display(),
-                    found.describe(),
-                    kind.describe()
-                ),
+                format!("{} is {}, not {}", path.display(), found.describe(), kind.describe()),
             ));
         }
         return Ok(Found::Marked);
@@ -251,7 +249,8 @@ fn inspect_with(path: &Path, spec: &DirSpec, own_new_lock: bool) -> Result<Found
         let e = e.map_err(|e| io_err("list", path, &e))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if own_new_lock && name == kind.lock_file() {
+        // A fresh filesystem's root counts as empty.
+        if (own_new_lock && name == kind.lock_file()) || (is_dir && name == LOST_FOUND) {
             continue;
         }
         if !is_own(spec, &name, is_dir) {
@@ -330,15 +329,16 @@ fn holder(lock_path: &Path) -> Option<u32> {
 
 fn busy(path: &Path, spec: &DirSpec, lock_path: &Path) -> DirError {
     let who = match holder(lock_path) {
-        Some(pid) => format!("another {} (process {pid}) holds its lock", spec.kind.daemon()),
-        None => format!("another {} holds its lock", spec.kind.daemon()),
+        Some(pid) => format!(" (process {pid} holds its lock)"),
+        None => String::new(),
     };
     err(
         DirErrorKind::Busy,
         format!(
-            "{} {} is in use: {who}{}",
+            "{} {} is in use by another {}{who}{}",
             spec.kind.noun(),
             path.display(),
+            spec.kind.daemon(),
             spec.busy_hint
         ),
     )
@@ -487,7 +487,7 @@ fn rollback(path: &Path, kind: DirKind, c: &Created) {
     }
     if c.was_empty {
         if let Ok(rd) = fs::read_dir(path) {
-            for e in rd.flatten() {
+            for e in rd.flatten().filter(|e| e.file_name() != LOST_FOUND) {
                 let p = e.path();
                 let _ = match e.file_type() {
                     Ok(t) if t.is_dir() => fs::remove_dir_all(&p),
@@ -605,7 +605,10 @@ mod tests {
         );
         let e = claim(&p, &AGENT).unwrap_err();
         assert_eq!(e.kind, DirErrorKind::Busy);
-        assert!(e.message.contains("in use: another tidemark-agent (process "), "{e}");
+        assert!(
+            e.message.contains("is in use by another tidemark-agent (process "),
+            "{e}"
+        );
         fs::write(p.join("disk.json"), "{}").unwrap();
         o.abandon();
         assert!(!d.path().join("a").exists(), "the created ancestors go too");
