@@ -190,7 +190,7 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
                 anyhow::bail!("token file {} is empty", tf.display());
             }
             if !addr.contains(':') {
-                anyhow::bail!("--collector {addr:?} must be HOST:PORT");
+                anyhow::bail!("--collector {addr} must be HOST:PORT");
             }
             Some(ShipConfig {
                 addr,
