@@ -188,12 +188,12 @@ pub async fn handle(shim: &Shim, line: &str) -> String {
 }
 
 /// Serve the control socket until `stop` is cancelled.
-/// Create the control socket at `path` (replacing a stale one). Done before
+/// Create the control socket at `path` (from `StateDir::free_control_path`,
+/// which removed a stale one in the agent's own directory). Done before
 /// the agent serves, so a path it cannot bind (a read-only directory) stops
 /// the start with the reason. `protect` has already refused a path too long
 /// for a unix socket.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
     UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot create the control socket {}: {e}", path.display()))
 }
 

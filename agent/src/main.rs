@@ -13,7 +13,9 @@ use tidemark_util::human::parse_size;
 #[command(
     name = "tidemark-agent",
     version,
-    about = "Tidemark agent: protect a disk behind a journaling block shim"
+    about = "Tidemark agent: protect a disk behind a journaling block shim",
+    after_help = "Example:\n  tidemark-agent protect --disk /var/lib/vm/db.img --state /var/lib/tidemark/db \\\n      \
+                  --listen unix:/run/tidemark/db.sock"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -24,6 +26,18 @@ struct Cli {
 enum Cmd {
     /// Serve a protected disk over NBD and/or as a ublk block device,
     /// journaling every write.
+    #[command(
+        override_usage = "tidemark-agent protect --disk PATH --state DIR (--listen ADDR | --ublk) [OPTIONS]\n       \
+                          tidemark-agent protect --config FILE [OPTIONS]",
+        after_help = "--disk and --state are required, and --listen or --ublk (or both), unless the \
+                      --config file gives them.\n\n\
+                      Examples:\n  \
+                      tidemark-agent protect --disk /var/lib/vm/db.img --state /var/lib/tidemark/db \\\n      \
+                      --listen unix:/run/tidemark/db.sock --collector dr.example:7700 --token-file /etc/tidemark/token\n  \
+                      tidemark-agent protect --disk /tmp/test.img --create-size 4G --state /tmp/test.state \\\n      \
+                      --listen tcp:127.0.0.1:10809\n  \
+                      tidemark-agent protect --config /etc/tidemark/db.toml"
+    )]
     Protect(ProtectArgs),
 }
 
@@ -176,7 +190,7 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
                 anyhow::bail!("token file {} is empty", tf.display());
             }
             if !addr.contains(':') {
-                anyhow::bail!("--collector {addr:?} must be HOST:PORT");
+                anyhow::bail!("--collector {addr} must be HOST:PORT");
             }
             Some(ShipConfig {
                 addr,
@@ -234,7 +248,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tidemark-agent: error: {e:#}");
+            eprintln!("tidemark-agent: error: {}", tidemark_util::owned::report(e.chain()));
             ExitCode::FAILURE
         }
     }

@@ -18,8 +18,9 @@ use crate::config::{default_journal_cap, segment_size_for, validate_disk_id, Lis
 use crate::shim::{Shim, ShimParts};
 use crate::state::{DiskMeta, LastStop, StateDir};
 
-/// Open (or create) the backing disk.
-fn open_disk(cfg: &ProtectConfig) -> Result<File> {
+/// Open (or create) the backing disk; `created` says whether this call
+/// made the file (so a failed start removes it, and only it).
+fn open_disk(cfg: &ProtectConfig, created: &mut bool) -> Result<File> {
     let p = &cfg.disk;
     if !p.exists() {
         let Some(size) = cfg.create_size else {
@@ -37,6 +38,7 @@ fn open_disk(cfg: &ProtectConfig) -> Result<File> {
             .create_new(true)
             .open(p)
             .with_context(|| format!("create disk {}", p.display()))?;
+        *created = true;
         f.set_len(size).with_context(|| format!("size disk {}", p.display()))?;
         info!(disk = %p.display(), size = %format_size(size), "created sparse disk file");
         return Ok(f);
@@ -65,9 +67,9 @@ fn check_meta(m: &DiskMeta, cfg: &ProtectConfig) -> Result<()> {
 /// cannot protect it at once: each journal would miss the other's writes.
 fn lock_disk(cfg: &ProtectConfig) -> Result<nix::fcntl::Flock<File>> {
     let f = File::open(&cfg.disk).with_context(|| format!("open disk {}", cfg.disk.display()))?;
-    fileops::lock_exclusive(f).map_err(|e| {
+    fileops::lock_exclusive(f).map_err(|_| {
         anyhow::anyhow!(
-            "disk {} is in use by another agent, which already protects it ({e})",
+            "disk {} is in use: another agent already protects it",
             cfg.disk.display()
         )
     })
@@ -80,34 +82,87 @@ pub struct Opened {
     pub last_stop: LastStop,
     /// Held for as long as the disk is served.
     pub disk_lock: nix::fcntl::Flock<File>,
+    /// The disk file, if this start created it (`--create-size`).
+    pub created_disk: Option<std::path::PathBuf>,
 }
 
-/// Open state, disk, journal and bitmap; re-apply the journal after an
-/// unclean stop.
-pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
+impl Opened {
+    /// A start that failed after opening: remove what this start created
+    /// (the disk file, the state directory or what it added to one).
+    pub fn abandon(self) {
+        let Opened {
+            shim,
+            state,
+            disk_lock,
+            created_disk,
+            ..
+        } = self;
+        drop(shim);
+        drop(disk_lock);
+        if let Some(p) = created_disk {
+            let _ = std::fs::remove_file(p);
+        }
+        state.abandon();
+    }
+}
+
+/// Everything that can be refused without creating anything: the disk id,
+/// the state directory (another daemon's, foreign files, in use), its disk
+/// identity, a missing disk without `--create-size`.
+pub fn precheck(cfg: &ProtectConfig) -> Result<()> {
     validate_disk_id(&cfg.disk_id).map_err(anyhow::Error::msg)?;
-    // Refuse what can be refused before anything is created.
+    crate::state::probe(&cfg.state)?;
     if let Some(m) = crate::state::read_meta(&cfg.state)? {
         check_meta(&m, cfg)?;
     }
-    if !cfg.disk.exists() && cfg.create_size.is_none() {
-        bail!(
-            "disk {} does not exist (give --create-size to create a sparse file)",
-            cfg.disk.display()
-        );
+    if !cfg.disk.exists() {
+        match cfg.create_size {
+            None => bail!(
+                "disk {} does not exist (give --create-size to create a sparse file)",
+                cfg.disk.display()
+            ),
+            Some(0) => bail!("--create-size must be more than 0 bytes"),
+            Some(_) => {}
+        }
     }
-    // Take the state directory's lock first when it exists (the usual
-    // "already running" case), else the disk's, so a refused start creates
-    // nothing.
-    let lock_existing_disk = || cfg.disk.exists().then(|| lock_disk(cfg)).transpose();
-    let (state, early_lock) = if cfg.state.exists() {
-        let state = StateDir::open(&cfg.state)?;
-        (state, lock_existing_disk()?)
-    } else {
-        let l = lock_existing_disk()?;
-        (StateDir::open(&cfg.state)?, l)
-    };
-    let disk = open_disk(cfg)?;
+    Ok(())
+}
+
+/// Open state, disk, journal and bitmap; re-apply the journal after an
+/// unclean stop. A refusal or failure removes what this call created.
+pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
+    // Refuse what can be refused before anything is created.
+    precheck(cfg)?;
+    // Lock an existing disk before the state directory is claimed, so a
+    // disk another agent protects is refused with nothing created.
+    let early_lock = cfg.disk.exists().then(|| lock_disk(cfg)).transpose()?;
+    let state = StateDir::open(&cfg.state)?;
+    let mut created_disk = false;
+    match open_claimed(cfg, &state, early_lock, &mut created_disk) {
+        Ok((shim, last_stop, disk_lock)) => Ok(Opened {
+            shim,
+            state,
+            last_stop,
+            disk_lock,
+            created_disk: created_disk.then(|| cfg.disk.clone()),
+        }),
+        Err(e) => {
+            if created_disk {
+                let _ = std::fs::remove_file(&cfg.disk);
+            }
+            state.abandon();
+            Err(e)
+        }
+    }
+}
+
+fn open_claimed(
+    cfg: &ProtectConfig,
+    state: &StateDir,
+    early_lock: Option<nix::fcntl::Flock<File>>,
+    created_disk: &mut bool,
+) -> Result<(Shim, LastStop, nix::fcntl::Flock<File>)> {
+    let disk = open_disk(cfg, created_disk)?;
     let disk_lock = match early_lock {
         Some(l) => l,
         None => lock_disk(cfg)?,
@@ -200,7 +255,7 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     );
     match last_stop {
         LastStop::ProcessCrash | LastStop::MachineCrash => {
-            let n = reapply(&state, &disk, kind, size, bitmap.as_ref())?;
+            let n = reapply(state, &disk, kind, size, bitmap.as_ref())?;
             info!(disk = %meta.disk_id, records = n, "unclean stop: re-applied the journal onto the disk");
             if last_stop == LastStop::MachineCrash {
                 state.mark_resync_required()?;
@@ -230,12 +285,7 @@ pub fn open(cfg: &ProtectConfig) -> Result<Opened> {
     if shim.mode() == crate::shim::Mode::Bitmap {
         warn!(disk = %meta.disk_id, "starting in bitmap mode: regions written past the journal cap await resync");
     }
-    Ok(Opened {
-        shim,
-        state,
-        last_stop,
-        disk_lock,
-    })
+    Ok((shim, last_stop, disk_lock))
 }
 
 /// Re-apply every live journal record onto the disk (idempotent, in seq
@@ -265,6 +315,17 @@ fn reapply(
     Ok(n)
 }
 
+/// Undo a start that failed: the sockets it bound, then what opening
+/// created (disk file, state directory or what it added to one).
+fn abandon_start(opened: Option<Opened>, control: Option<&std::path::Path>, nbd: Option<&std::path::Path>) {
+    for p in [control, nbd].into_iter().flatten() {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(o) = opened {
+        o.abandon();
+    }
+}
+
 /// Run `protect` until SIGTERM/SIGINT.
 pub async fn protect(cfg: ProtectConfig) -> Result<()> {
     if cfg.bench_consume && cfg.ship.is_some() {
@@ -288,17 +349,33 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         // Before anything is opened: a kernel without ublk fails at once.
         crate::ublk::check_available()?;
     }
-    let Opened {
-        shim,
-        state,
-        disk_lock: _disk_lock,
-        ..
-    } = open(&cfg)?;
+    // Refuse what can be refused and bind the listeners before anything is
+    // created: a port in use leaves no disk file and no state directory.
+    precheck(&cfg)?;
     let listener = match &cfg.listen {
         Some(l) => Some(tidemark_nbd::bind(l).await.context("cannot serve the disk")?),
         None => None,
     };
-    let control_listener = crate::control::bind(&state.control_path())?;
+    // The NBD socket file this start made, removed again if it fails.
+    let nbd_socket = match &cfg.listen {
+        Some(ListenAddr::Unix(p)) => Some(p.clone()),
+        _ => None,
+    };
+    let opened = match open(&cfg) {
+        Ok(o) => o,
+        Err(e) => {
+            abandon_start(None, None, nbd_socket.as_deref());
+            return Err(e);
+        }
+    };
+    let control_path = opened.state.control_path();
+    let control_listener = match opened.state.free_control_path().and_then(|p| crate::control::bind(&p)) {
+        Ok(l) => l,
+        Err(e) => {
+            abandon_start(Some(opened), None, nbd_socket.as_deref());
+            return Err(e);
+        }
+    };
     // Signals are caught from here on: one during a slow ublk start is
     // honoured once the device is up (a clean stop follows at once).
     let stop = CancellationToken::new();
@@ -322,20 +399,53 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
     let device = match &cfg.ublk {
         Some(opts) => {
             let (shim, opts, dir, rt) = (
-                shim.clone(),
+                opened.shim.clone(),
                 opts.clone(),
                 cfg.state.clone(),
                 tokio::runtime::Handle::current(),
             );
             // Off the runtime thread: bringing the device up blocks until the
             // kernel has read the partition table through it.
-            let d = tokio::task::spawn_blocking(move || crate::ublk::start(shim, &opts, &dir, rt))
+            let r = tokio::task::spawn_blocking(move || crate::ublk::start(shim, &opts, &dir, rt))
                 .await
-                .context("ublk start task")??;
-            Some(d)
+                .context("ublk start task")
+                .and_then(|r| r);
+            match r {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    drop(control_listener);
+                    abandon_start(Some(opened), Some(&control_path), nbd_socket.as_deref());
+                    return Err(e);
+                }
+            }
         }
         None => None,
     };
+    // Shipping and syncing need a collector; without one the agent only
+    // journals (the sync state stays recorded for when one is configured).
+    let sync_driver = match &cfg.ship {
+        Some(_) => match crate::sync::spawn(opened.shim.clone(), stop.clone(), tokio::runtime::Handle::current()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                // Nothing has been served yet: take the device down again.
+                stop.cancel();
+                if let Some(d) = device {
+                    let _ = d.shutdown().await;
+                }
+                drop(control_listener);
+                abandon_start(Some(opened), Some(&control_path), nbd_socket.as_deref());
+                return Err(anyhow::Error::from(e).context("start the sync driver"));
+            }
+        },
+        None => None,
+    };
+    // Started: from here on what was created stays.
+    let Opened {
+        shim,
+        state,
+        disk_lock: _disk_lock,
+        ..
+    } = opened;
     let control = tokio::spawn(crate::control::serve(
         control_listener,
         state.control_path(),
@@ -345,29 +455,13 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
     let drain = cfg
         .bench_consume
         .then(|| crate::drain::spawn(shim.clone(), stop.clone()));
-    // Shipping and syncing need a collector; without one the agent only
-    // journals (the sync state stays recorded for when one is configured).
-    let sync_driver = match &cfg.ship {
-        Some(_) => match crate::sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current()) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                // Nothing has been served yet: take the device down again.
-                stop.cancel();
-                if let Some(d) = device {
-                    let _ = d.shutdown().await;
-                }
-                return Err(anyhow::Error::from(e).context("start the sync driver"));
-            }
-        },
-        None => None,
-    };
     let shipper = cfg
         .ship
         .clone()
         .map(|sc| tokio::spawn(crate::ship::run(shim.clone(), sc, stop.clone())));
     info!(
         disk = %cfg.disk_id,
-        listen = ?cfg.listen,
+        listen = %cfg.listen.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
         ublk = device.as_ref().map(|d| d.block_device()).unwrap_or_default(),
         "serving"
     );

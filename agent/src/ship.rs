@@ -209,7 +209,7 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
                 w
             }
             End::Refused { code, reason } => {
-                let key = format!("refused {code:?} {reason}");
+                let key = format!("refused {code} {reason}");
                 if logged != key {
                     let hint = if code == ErrorCode::DiskMismatch {
                         " (if this disk replaced the one the collector knows, restart the agent with --force-resync)"
@@ -219,7 +219,7 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
                     error!(
                         disk = %disk,
                         collector = %cfg.addr,
-                        "collector refused this agent ({code:?}): {reason}{hint}; retrying every {}s",
+                        "collector refused this agent ({code}): {reason}{hint}; retrying every {}s",
                         REFUSED_RETRY.as_secs()
                     );
                     logged = key;

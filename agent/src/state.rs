@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  STATE/
-//!    lock            flock'd by the running agent
+//!    TIDEMARK-DIR    "kind agent-state" (tidemark_util::owned)
+//!    lock            flock'd by the running agent ("pid N")
 //!    disk.json       {"format":1,"disk_id":…,"disk_uuid":…,"disk_size":…,"disk_path":…}
 //!    boot_id         kernel boot id the agent last ran under
 //!    clean-shutdown  present only after a clean exit: {"format":1,"next_seq":…}
@@ -13,12 +14,41 @@
 //!    control.sock    status and tag requests
 //! ```
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tidemark_util::crashsafe;
+use tidemark_util::owned::{self, DirKind, DirSpec, OwnedDir};
+
+/// What the agent keeps in its state directory, so that a directory made
+/// before markers existed is recognised (and anything else refused).
+pub const SPEC: DirSpec = DirSpec {
+    kind: DirKind::AgentState,
+    own_names: &[
+        "disk.json",
+        "boot_id",
+        "clean-shutdown",
+        "resync-required",
+        "journal",
+        "dirty.bitmap",
+        "sync.json",
+        "control.sock",
+        "ublk.json",
+        crate::control::TAGS_FILE,
+    ],
+    any_subdir: false,
+    adopt_if_any: &["disk.json", "lock"],
+    busy_hint: "",
+};
+
+/// Refuse a state directory that is another daemon's, holds foreign
+/// files, or is in use — changing nothing.
+pub fn probe(dir: &Path) -> Result<()> {
+    owned::probe(dir, &SPEC)?;
+    Ok(())
+}
 
 /// Identity of the protected disk, recorded on first use.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,7 +96,7 @@ pub enum LastStop {
 #[derive(Debug)]
 pub struct StateDir {
     pub dir: PathBuf,
-    _lock: nix::fcntl::Flock<File>,
+    owned: OwnedDir,
 }
 
 /// The kernel's boot id.
@@ -77,23 +107,29 @@ pub fn current_boot_id() -> String {
 }
 
 impl StateDir {
-    /// Create (if needed) and lock `dir`. A second agent gets a clear error.
+    /// Create (if needed), mark and lock `dir` (`tidemark_util::owned`). A
+    /// second agent, or a directory that is not an agent's, gets a clear
+    /// error and nothing changes.
     pub fn open(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("create state directory {}", dir.display()))?;
-        let lock_path = dir.join("lock");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .with_context(|| format!("open {}", lock_path.display()))?;
-        let lock = tidemark_util::fileops::lock_exclusive(f)
-            .map_err(|e| anyhow::anyhow!("state directory {} is in use by another agent ({e})", dir.display()))?;
+        let owned = owned::claim(dir, &SPEC)?;
+        if owned.adopted() {
+            tracing::info!(state = %dir.display(), "adopted a state directory of an earlier version (marker written)");
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
-            _lock: lock,
+            owned,
         })
+    }
+
+    /// A start that failed: remove what opening this directory created.
+    pub fn abandon(self) {
+        self.owned.abandon();
+    }
+
+    /// `control.sock`, free to be bound: a stale socket of an earlier run
+    /// is removed (only here, in the agent's own locked directory).
+    pub fn free_control_path(&self) -> Result<PathBuf> {
+        Ok(self.owned.free_socket_path("control.sock")?)
     }
 
     /// Read `disk.json`, or `None` on first use.
@@ -201,7 +237,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = StateDir::open(d.path()).unwrap();
         let err = StateDir::open(d.path()).unwrap_err().to_string();
-        assert!(err.contains("in use by another agent"), "{err}");
+        assert!(err.contains("is in use by another tidemark-agent"), "{err}");
         assert_eq!(s.begin_run(true).unwrap(), LastStop::FirstRun);
         assert_eq!(s.begin_run(false).unwrap(), LastStop::ProcessCrash);
         s.mark_clean(5).unwrap();

@@ -73,7 +73,7 @@ fn refusal(code: ErrorCode, reason: impl Into<String>) -> Refusal {
 /// Tell the peer why, log one line, close.
 async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, peer: SocketAddr, disk: Option<&str>, r: Refusal) {
     shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-    warn!(%peer, disk = disk.unwrap_or("-"), code = ?r.code, "refused an agent connection: {}", r.reason);
+    warn!(%peer, disk = disk.unwrap_or("-"), code = %r.code, "refused an agent connection: {}", r.reason);
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
         net::write_frame(wr, &error_frame(r.code, r.reason)),
@@ -136,7 +136,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         Ok(()) => info!(disk = %disk.id, %peer, "agent disconnected"),
         Err(SessionEnd::Refused(r)) => {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(disk = %disk.id, %peer, code = ?r.code, "closing the agent connection: {}", r.reason);
+            warn!(disk = %disk.id, %peer, code = %r.code, "closing the agent connection: {}", r.reason);
             let _ = tx
                 .send(Out {
                     frame: error_frame(r.code, r.reason.clone()),
@@ -408,7 +408,7 @@ async fn session(
             }
             Frame::Progress(p) => note_progress(disk, p),
             Frame::Error { code, reason } => {
-                return Err(SessionEnd::Gone(format!("the agent reported {code:?}: {reason}")));
+                return Err(SessionEnd::Gone(format!("the agent reported {code}: {reason}")));
             }
             other => {
                 return Err(SessionEnd::Refused(refusal(

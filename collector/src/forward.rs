@@ -191,7 +191,7 @@ async fn session(
         .context("read welcome")?;
     let (applied, flags) = match welcome {
         Some((Frame::Welcome { acked_seq, flags }, _)) => (acked_seq, flags),
-        Some((Frame::Error { code, reason }, _)) => bail!("the target refused: {code:?}: {reason}"),
+        Some((Frame::Error { code, reason }, _)) => bail!("the target refused: {code}: {reason}"),
         Some((other, _)) => bail!("expected a welcome from the target, got {other:?}"),
         None => bail!("the target closed the connection before its welcome"),
     };
@@ -307,7 +307,7 @@ async fn read_loop(
                 }
                 _ => shared.relay_to_agent(disk, req),
             },
-            Some((Frame::Error { code, reason }, _)) => bail!("the target reported {code:?}: {reason}"),
+            Some((Frame::Error { code, reason }, _)) => bail!("the target reported {code}: {reason}"),
             Some((other, _)) => bail!("unexpected frame from the target: {other:?}"),
         }
     }

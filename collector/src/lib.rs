@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tidemark_util::owned::{self, DirKind, DirSpec, OwnedDir};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -49,6 +50,8 @@ pub struct Running {
     pub api_addr: SocketAddr,
     stop: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
+    /// Marked and locked while the collector runs.
+    _dir: OwnedDir,
 }
 
 impl Running {
@@ -67,27 +70,60 @@ impl Running {
     }
 }
 
-/// Open the spool and catalog, bind the listeners and start serving. The
-/// collector runs until `stop` is cancelled; see [`Running::wait`].
+/// What the collector keeps in its spool directory, so that one made
+/// before markers existed is recognised (and anything else refused).
+pub const DIR_SPEC: DirSpec = DirSpec {
+    kind: DirKind::CollectorSpool,
+    own_names: &["catalog.db", "catalog.db-wal", "catalog.db-shm", "catalog.db-journal"],
+    any_subdir: true,
+    adopt_if_any: &["catalog.db"],
+    busy_hint: "",
+};
+
+/// Bind the listeners, then claim the spool directory (marker and lock,
+/// `tidemark_util::owned`), open the catalog, index the spool and start
+/// serving. A refused start changes nothing on disk; one that fails after
+/// the claim removes what it created. The collector runs until `stop` is
+/// cancelled; see [`Running::wait`].
 pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
     if cfg.token.is_empty() {
         anyhow::bail!("the token is empty");
     }
-    let shared = {
+    // Refuse another daemon's directory, foreign files or a second
+    // collector, then bind, before anything is created.
+    owned::probe(&cfg.spool, &DIR_SPEC)?;
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for agents on {}: {e}", cfg.listen))?;
+    let api_listener = TcpListener::bind(&cfg.api)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve the API on {}: {e}", cfg.api))?;
+    let listen_addr = listener.local_addr().context("agent listener address")?;
+    let api_addr = api_listener.local_addr().context("API listener address")?;
+    let dir = {
+        let spool = cfg.spool.clone();
+        tokio::task::spawn_blocking(move || owned::claim(&spool, &DIR_SPEC))
+            .await
+            .context("claim the spool directory")??
+    };
+    if dir.adopted() {
+        info!(spool = %cfg.spool.display(), "adopted a spool directory of an earlier version (marker written)");
+    }
+    let opened = {
         let cfg = cfg.clone();
         let stop = stop.clone();
         tokio::task::spawn_blocking(move || state::Shared::open(cfg, stop))
             .await
-            .context("open the spool")??
+            .context("open the spool")
+            .and_then(|r| r)
     };
-    let listener = TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("listen for agents on {}", cfg.listen))?;
-    let api_listener = TcpListener::bind(&cfg.api)
-        .await
-        .with_context(|| format!("serve the API on {}", cfg.api))?;
-    let listen_addr = listener.local_addr().context("agent listener address")?;
-    let api_addr = api_listener.local_addr().context("API listener address")?;
+    let shared = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            dir.abandon();
+            return Err(e);
+        }
+    };
     for disk in shared.all_disks() {
         forward::spawn(&shared, &disk);
     }
@@ -107,6 +143,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
         api_addr,
         stop,
         tracker,
+        _dir: dir,
     })
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use serde::Deserialize;
 use tidemark_collector::config::{read_token, Config, DEFAULT_SPOOL_CAP};
 use tidemark_util::human::parse_size;
 use tokio_util::sync::CancellationToken;
@@ -14,33 +15,73 @@ use tracing::info;
 #[command(
     name = "tidemark-collector",
     version,
-    about = "Tidemark collector: receive change streams from agents, spool them durably, forward them packed to the target"
+    about = "Tidemark collector: receive change streams from agents, spool them durably, forward them packed to the target",
+    override_usage = "tidemark-collector --listen HOST:PORT --spool DIR --target HOST:PORT --api HOST:PORT \
+                      --token-file FILE [OPTIONS]\n       \
+                      tidemark-collector --config FILE [OPTIONS]",
+    after_help = "--listen, --spool, --target, --api and --token-file are required unless the --config file \
+                  gives them.\n\n\
+                  Examples:\n  \
+                  tidemark-collector --listen 0.0.0.0:7700 --spool /srv/tidemark/spool --target dr.example:7800 \\\n      \
+                  --api 127.0.0.1:7780 --token-file /etc/tidemark/token --spool-cap 64G\n  \
+                  tidemark-collector --config /etc/tidemark/collector.toml"
 )]
 struct Cli {
+    /// TOML file with any of the keys below (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Where agents connect (HOST:PORT).
     #[arg(long)]
-    listen: String,
+    listen: Option<String>,
     /// Spool directory (catalog.db and one folder per disk).
     #[arg(long)]
-    spool: PathBuf,
+    spool: Option<PathBuf>,
     /// The target (HOST:PORT).
     #[arg(long)]
-    target: String,
+    target: Option<String>,
     /// The HTTP status API (HOST:PORT).
     #[arg(long)]
-    api: String,
+    api: Option<String>,
     /// File holding the shared token (surrounding whitespace is ignored).
     #[arg(long)]
-    token_file: PathBuf,
-    /// Spool size at which agents are no longer read (e.g. 8GiB).
+    token_file: Option<PathBuf>,
+    /// Spool size at which agents are no longer read (e.g. 8G; default 8G).
     #[arg(long)]
     spool_cap: Option<String>,
 }
 
+/// The configuration file: the same keys as the flags.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    listen: Option<String>,
+    spool: Option<PathBuf>,
+    target: Option<String>,
+    api: Option<String>,
+    token_file: Option<PathBuf>,
+    spool_cap: Option<String>,
+}
+
 fn build(cli: Cli) -> Result<Config> {
-    let token = read_token(&cli.token_file)?;
-    let mut cfg = Config::new(cli.listen, cli.spool, cli.target, cli.api, token);
-    cfg.spool_cap = match cli.spool_cap {
+    let file: FileConfig = match &cli.config {
+        Some(p) => {
+            let s = std::fs::read_to_string(p).with_context(|| format!("read config {}", p.display()))?;
+            toml::from_str(&s).map_err(|e| anyhow::anyhow!("config {}: {}", p.display(), e.message()))?
+        }
+        None => FileConfig::default(),
+    };
+    let need = |flag: &str, key: &str| format!("--{flag} is required (or `{key}` in the config file)");
+    let listen = cli.listen.or(file.listen).with_context(|| need("listen", "listen"))?;
+    let spool = cli.spool.or(file.spool).with_context(|| need("spool", "spool"))?;
+    let target = cli.target.or(file.target).with_context(|| need("target", "target"))?;
+    let api = cli.api.or(file.api).with_context(|| need("api", "api"))?;
+    let token_file = cli
+        .token_file
+        .or(file.token_file)
+        .with_context(|| need("token-file", "token_file"))?;
+    let token = read_token(&token_file)?;
+    let mut cfg = Config::new(listen, spool, target, api, token);
+    cfg.spool_cap = match cli.spool_cap.or(file.spool_cap) {
         Some(s) => parse_size(&s).context("--spool-cap")?,
         None => DEFAULT_SPOOL_CAP,
     };
@@ -90,8 +131,53 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tidemark-collector: error: {e:#}");
+            eprintln!("tidemark-collector: error: {}", tidemark_util::owned::report(e.chain()));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_keys_flags_override_and_unknown_keys_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let tok = d.path().join("token");
+        std::fs::write(&tok, "t\n").unwrap();
+        let conf = d.path().join("c.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen = \"127.0.0.1:7700\"\nspool = \"/srv/spool\"\ntarget = \"dr:7800\"\napi = \"127.0.0.1:7780\"\n\
+                 token_file = \"{}\"\nspool_cap = \"2G\"\n",
+                tok.display()
+            ),
+        )
+        .unwrap();
+        let cfg = build(Cli::parse_from(["c", "--config", conf.to_str().unwrap()])).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:7700");
+        assert_eq!(cfg.spool, PathBuf::from("/srv/spool"));
+        assert_eq!(cfg.target, "dr:7800");
+        assert_eq!(cfg.spool_cap, 2 << 30);
+        assert_eq!(cfg.token, b"t");
+        let cli = Cli::parse_from([
+            "c",
+            "--config",
+            conf.to_str().unwrap(),
+            "--spool-cap",
+            "8G",
+            "--api",
+            "0.0.0.0:1",
+        ]);
+        let cfg = build(cli).unwrap();
+        assert_eq!(cfg.spool_cap, 8 << 30);
+        assert_eq!(cfg.api, "0.0.0.0:1");
+        std::fs::write(&conf, "listen = \"x:1\"\nspool_kap = \"1G\"\n").unwrap();
+        let e = build(Cli::parse_from(["c", "--config", conf.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("spool_kap"), "{e}");
+        let e = build(Cli::parse_from(["c", "--listen", "x:1"])).unwrap_err();
+        assert!(e.to_string().contains("--spool is required"), "{e}");
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 use tidemark_wire::frame::{AgentMode, Frame, Progress, ReplicaState, Request, TargetState};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -203,10 +203,9 @@ pub(crate) fn kib_permits(bytes: u64) -> u32 {
 }
 
 impl Shared {
-    /// Open the spool directory and catalog and index every disk's spool
-    /// (blocking: it reads every spool file header).
+    /// Open the catalog in the (claimed) spool directory and index every
+    /// disk's spool (blocking: it reads every spool file header).
     pub(crate) fn open(cfg: Config, stop: CancellationToken) -> Result<Arc<Self>> {
-        std::fs::create_dir_all(&cfg.spool).with_context(|| format!("create spool {}", cfg.spool.display()))?;
         let catalog = Catalog::open(&cfg.spool.join("catalog.db"))?;
         let shared = Arc::new(Self {
             catalog,

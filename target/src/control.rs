@@ -75,16 +75,11 @@ enum Req {
     Status,
 }
 
-/// Bind `DIR/control.sock` (the caller holds the data directory's lock, so
-/// a file left there is stale).
-pub(crate) fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
-    let p = data_dir.join(recovery::CONTROL_SOCKET);
-    match std::fs::remove_file(&p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    UnixListener::bind(&p)
+/// Bind the control socket at `path` (`DIR/control.sock`, made free by
+/// `OwnedDir::free_socket_path`: a stale socket is removed only in the
+/// target's own, locked data directory).
+pub(crate) fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    UnixListener::bind(path)
 }
 
 /// Serve the control socket until `stop`.

@@ -30,12 +30,12 @@
 //! behaviour in detail is `docs/target.md`. Libraries take [`Config`];
 //! clap lives in the binary.
 
-use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tidemark_util::owned::{self, DirKind, DirSpec, OwnedDir};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -58,8 +58,35 @@ pub use error::{Error, ErrorKind, Result};
 
 use error::IoContext;
 
-/// Name of the lock file that keeps two targets off one data directory.
+/// Name of the lock file that keeps two targets off one data directory
+/// (the recovery tools take it too, shared, while they read it directly).
 pub const LOCK_FILE: &str = "target.lock";
+
+/// What the target keeps in its data directory, so that one made before
+/// markers existed is recognised (and anything else refused).
+pub const DIR_SPEC: DirSpec = DirSpec {
+    kind: DirKind::TargetData,
+    own_names: &[
+        catalog::CATALOG_FILE,
+        "catalog.db-wal",
+        "catalog.db-shm",
+        "catalog.db-journal",
+        recovery::CONTROL_SOCKET,
+    ],
+    any_subdir: true,
+    adopt_if_any: &[LOCK_FILE],
+    busy_hint: ", or a recovery tool (tidemark mount / failover) has it open",
+};
+
+fn dir_error(e: owned::DirError) -> Error {
+    let kind = match e.kind {
+        owned::DirErrorKind::Busy => ErrorKind::Busy,
+        owned::DirErrorKind::Io => ErrorKind::Io,
+        owned::DirErrorKind::Unsupported => ErrorKind::UnsupportedVersion,
+        _ => ErrorKind::Config,
+    };
+    Error::new(kind, e.message)
+}
 
 /// How the target runs.
 #[derive(Clone, Debug)]
@@ -110,46 +137,48 @@ pub struct Target {
     listener: TcpListener,
     control: tokio::net::UnixListener,
     shared: Arc<session::Shared>,
-    _lock: nix::fcntl::Flock<File>,
+    /// Marked and locked for as long as the target runs.
+    _dir: OwnedDir,
 }
 
 impl Target {
-    /// Prepare the data directory and bind the listener.
+    /// Bind the listener, then claim the data directory (marker and lock,
+    /// `tidemark_util::owned`), open the catalog and bind the control
+    /// socket. A refused start changes nothing on disk; one that fails after
+    /// the claim removes what it created.
     pub async fn bind(cfg: Config) -> Result<Self> {
         if cfg.token.is_empty() {
             return Err(Error::new(ErrorKind::Config, "the token is empty"));
         }
         let dir = cfg.data_dir.clone();
-        std::fs::create_dir_all(&dir).io_ctx(|| format!("create data directory {}", dir.display()))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .io_ctx(|| format!("open {}", lock_path.display()))?;
-        let lock = tidemark_util::fileops::lock_exclusive(f).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Busy,
-                format!(
-                    "another tidemark-target is serving {}, or a recovery tool (tidemark mount / failover) has it open",
-                    dir.display()
-                ),
-                e,
-            )
-        })?;
-        // Creates the catalog or brings its schema up to date.
-        drop(catalog::Catalog::open(&dir)?);
+        // Refuse another daemon's directory, foreign files or a held lock,
+        // then bind, before anything is created.
+        owned::probe(&dir, &DIR_SPEC).map_err(dir_error)?;
         let listener = TcpListener::bind(&cfg.listen)
             .await
-            .io_ctx(|| format!("listen on {}", cfg.listen))?;
-        let control =
-            control::bind(&dir).io_ctx(|| format!("bind {}", dir.join(recovery::CONTROL_SOCKET).display()))?;
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot listen on {}: {e}", cfg.listen)))?;
+        let claimed = owned::claim(&dir, &DIR_SPEC).map_err(dir_error)?;
+        if claimed.adopted() {
+            info!(data = %dir.display(), "adopted a data directory of an earlier version (marker written)");
+        }
+        let opened = (|| {
+            // Creates the catalog or brings its schema up to date.
+            drop(catalog::Catalog::open(&dir)?);
+            let path = claimed.free_socket_path(recovery::CONTROL_SOCKET).map_err(dir_error)?;
+            control::bind(&path).io_ctx(|| format!("cannot create the control socket {}", path.display()))
+        })();
+        let control = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                claimed.abandon();
+                return Err(e);
+            }
+        };
         Ok(Self {
             listener,
             control,
             shared: Arc::new(session::Shared::new(cfg)),
-            _lock: lock,
+            _dir: claimed,
         })
     }
 

@@ -16,7 +16,15 @@ use tracing::info;
 #[command(
     name = "tidemark-target",
     version,
-    about = "Tidemark target: apply replicated disk streams to replicas (raw or VMDK)"
+    about = "Tidemark target: apply replicated disk streams to replicas (raw or VMDK)",
+    override_usage = "tidemark-target --listen HOST:PORT --data DIR --token-file FILE [OPTIONS]\n       \
+                      tidemark-target --config FILE [OPTIONS]",
+    after_help = "--listen, --data and --token-file are required unless the --config file gives them.\n\n\
+                  Examples:\n  \
+                  tidemark-target --listen 0.0.0.0:7800 --data /srv/tidemark/data --token-file /etc/tidemark/token\n  \
+                  tidemark-target --listen 0.0.0.0:7800 --data /srv/tidemark/data --token-file /etc/tidemark/token \\\n      \
+                  --retention-window 72h --retention-max 500G --on-full prune\n  \
+                  tidemark-target --config /etc/tidemark/target.toml"
 )]
 struct Cli {
     /// TOML file with any of the keys below (flags override it).
@@ -156,7 +164,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tidemark-target: error: {e:#}");
+            eprintln!("tidemark-target: error: {}", tidemark_util::owned::report(e.chain()));
             ExitCode::FAILURE
         }
     }

@@ -1411,7 +1411,7 @@ fn cli_and_state_errors_are_clear() {
         "--listen",
         &format!("unix:{}", sock.display()),
     ]);
-    expect_fail(&out, &["in use by another agent", s(&state)], "second agent");
+    expect_fail(&out, &["in use by another tidemark-agent", s(&state)], "second agent");
     assert!(sock.exists(), "the second agent removed the first one's socket");
     assert!(
         state.join("control.sock").exists(),

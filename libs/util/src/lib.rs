@@ -6,6 +6,7 @@
 pub mod crashsafe;
 pub mod fileops;
 pub mod human;
+pub mod owned;
 
 /// Initialise `tracing` to stderr, honouring `RUST_LOG` (default `info`).
 pub fn init_logging() {

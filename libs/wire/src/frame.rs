@@ -89,6 +89,20 @@ pub enum ErrorCode {
     Busy = 6,
 }
 
+/// In the operator's words, for messages and logs.
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::BadToken => "bad token",
+            Self::UnsupportedVersion => "unsupported protocol version",
+            Self::DiskMismatch => "disk mismatch",
+            Self::Malformed => "malformed frame",
+            Self::Internal => "internal error",
+            Self::Busy => "busy",
+        })
+    }
+}
+
 impl ErrorCode {
     fn from_u16(v: u16) -> Option<Self> {
         Some(match v {
