@@ -423,9 +423,9 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
             Err(End::Close(why)) => warn!("connection closed: {why}"),
             Err(End::Refuse { code, reason }) => {
                 if code == ErrorCode::Internal {
-                    error!("connection failed ({code:?}): {reason}");
+                    error!("connection failed ({code}): {reason}");
                 } else {
-                    warn!("refused ({code:?}): {reason}");
+                    warn!("refused ({code}): {reason}");
                 }
                 // Best effort: the peer may be gone already.
                 let _ = send(&mut wr, &Frame::Error { code, reason }).await;
@@ -716,7 +716,7 @@ async fn session<R: AsyncRead + Unpin>(
                 continue;
             }
             Some(Frame::Error { code, reason }) => {
-                return Err(End::Close(format!("the collector reported {code:?}: {reason}")))
+                return Err(End::Close(format!("the collector reported {code}: {reason}")))
             }
             Some(f) => {
                 return Err(refuse(
