@@ -134,6 +134,22 @@ fn every_command_survives_a_closed_stdout() {
         vec!["wait", "--api", &api, "cp", "--timeout", "60s"],
     ] {
         survives(&mut tm(&args), 0);
+        // And as an operator types it: piped into `head -1` under pipefail.
+        let line = std::iter::once(bin("tidemark").display().to_string())
+            .chain(args.iter().map(|a| format!("'{a}'")))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let o = run(
+            Command::new("bash").args(["-o", "pipefail", "-c", &format!("{line} | head -1")]),
+            T,
+        );
+        assert!(
+            o.status.success() && !stderr(&o).contains("panicked"),
+            "{line} | head -1: {}\n{}",
+            o.status,
+            stderr(&o)
+        );
+        assert_eq!(stdout(&o).lines().count(), 1, "{line} | head -1");
     }
     // A command that fails still fails with its own error, once.
     let err = survives(&mut tm(&["agent-status", "--agent", s(d)]), 1);
