@@ -1400,6 +1400,62 @@ mod tests {
         let off: f64 = results.iter().filter(|r| !r.0).map(|r| r.1).sum::<f64>() / 2.0;
         let on: f64 = results.iter().filter(|r| r.0).map(|r| r.1).sum::<f64>() / 2.0;
         eprintln!("retention on / off: {:.2}x", on / off);
+
+        // Hot blocks (a 4 MiB region rewritten over and over, like a
+        // database's log): a point per batch (a flush in every batch: the
+        // newest flush is always a point) against a point per 10 batches
+        // (flushes only every 10th batch: what one point per 1 s interval
+        // captured before).
+        let mut hot = Vec::new();
+        for every in [1u64, 10, 1, 10] {
+            let f = Fixture::new();
+            let mut a = f.open_with(&DiskPolicy::default(), UndoOptions::default());
+            let mut seq = 1;
+            a.apply(
+                vec![
+                    sync(1, 0, 1, 4 << 20, FLAG_FULL),
+                    bare(RecordKind::SyncDone, 2, 1, 0, FLAG_FULL),
+                    bare(RecordKind::Flush, 3, 0, 0, 0),
+                ],
+                false,
+            )
+            .unwrap();
+            seq += 3;
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let t0 = std::time::Instant::now();
+            for b in 0..BATCHES {
+                let mut recs = Vec::new();
+                for _ in 0..PER_BATCH {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let mut r = write(seq, (x % 1024) * 4096, (x >> 56) as u8, 4096);
+                    r.header.time_ns = b * 100_000_000;
+                    recs.push(r);
+                    seq += 1;
+                }
+                if b % every == 0 {
+                    let mut fl = bare(RecordKind::Flush, seq, 0, 0, 0);
+                    fl.header.time_ns = b * 100_000_000;
+                    recs.push(fl);
+                    seq += 1;
+                }
+                a.apply(recs, false).unwrap();
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let mib = (BATCHES * PER_BATCH * 4096) as f64 / f64::from(1 << 20);
+            eprintln!(
+                "hot 4 MiB, a point per {every:>2} batch(es): {:.1} MiB/s, undo {:.0} MiB",
+                mib / secs,
+                a.undo.bytes() as f64 / f64::from(1 << 20)
+            );
+            hot.push((every, mib / secs));
+        }
+        let per = |e: u64| hot.iter().filter(|h| h.0 == e).map(|h| h.1).sum::<f64>() / 2.0;
+        eprintln!(
+            "hot blocks, a point per batch / per 10 batches: {:.2}x",
+            per(1) / per(10)
+        );
     }
 
     /// Every format applies the same records to the same bytes (Write,
