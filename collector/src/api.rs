@@ -12,12 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tidemark_wire::frame::{Frame, Request};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::state::{Out, Shared};
+use crate::state::{NoAnswer, Shared};
 
 /// How long `refresh` waits for the agent's answer before a 504.
 const REFRESH_WAIT: Duration = Duration::from_secs(5);
@@ -66,58 +64,32 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     let Some(d) = s.disk(&id) else {
         return not_found(&id);
     };
-    let nonce = s.next_nonce();
-    let (answer, answered) = oneshot::channel();
-    let tx = {
-        let mut st = d.lock();
-        let tx = st.agent.as_ref().map(|a| a.tx.clone());
-        if tx.is_some() {
-            st.nonce_waiters.push((nonce, answer));
-        }
-        tx
-    };
-    let Some(tx) = tx else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": format!("the agent of disk {id:?} is not connected") })),
-        )
-            .into_response();
-    };
-    // The agent builds the Progress that echoes the nonce after it read the
-    // request, so its source_seq covers every write acknowledged before.
-    let asked = async {
-        tx.send(Out {
-            frame: Frame::Request(Request::StatusNow { nonce }),
-            done: None,
-        })
-        .await
-        .ok()?;
-        drop(tx);
-        answered.await.ok()
-    };
-    let fresh = match tokio::time::timeout(REFRESH_WAIT, asked).await {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "error": format!(
-                    "the agent of disk {id:?} disconnected before it answered the status request"
-                ) })),
-            )
-                .into_response()
-        }
-        Err(_) => {
-            d.lock().nonce_waiters.retain(|(n, _)| *n != nonce);
-            let connected = d.lock().agent.is_some();
-            return (
-                StatusCode::GATEWAY_TIMEOUT,
-                Json(json!({ "error": format!(
-                    "the agent of disk {id:?} did not answer a status request within {} s ({}); its last reported seq may be stale",
-                    REFRESH_WAIT.as_secs(),
-                    if connected { "still connected: it may be stalled or the connection congested" } else { "it is no longer connected" }
-                ) })),
-            )
-                .into_response();
+    let fresh = match crate::state::ask_agent(&s, &d, REFRESH_WAIT).await {
+        Ok(p) => p,
+        Err(why) => {
+            let (code, msg) = match why {
+                NoAnswer::NotConnected => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the agent of disk {id} is not connected"),
+                ),
+                NoAnswer::Left => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the agent of disk {id} disconnected before it answered the status request"),
+                ),
+                NoAnswer::TimedOut => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the agent of disk {id} did not answer a status request within {} s ({}); its last reported seq may be stale",
+                        REFRESH_WAIT.as_secs(),
+                        if d.lock().agent.is_some() {
+                            "still connected: it may be stalled or the connection congested"
+                        } else {
+                            "it is no longer connected"
+                        }
+                    ),
+                ),
+            };
+            return (code, Json(json!({ "error": msg }))).into_response();
         }
     };
     let mut v = s.disk_status(&d).json;

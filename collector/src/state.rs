@@ -580,17 +580,27 @@ fn rates(samples: &VecDeque<(Instant, u64, u64)>, now: Instant) -> (f64, f64) {
     )
 }
 
+/// Why [`ask_agent`] got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoAnswer {
+    /// No agent is connected for the disk.
+    NotConnected,
+    /// It disconnected before it answered.
+    Left,
+    /// It did not answer in time.
+    TimedOut,
+}
+
 /// Ask the disk's agent for a fresh Progress (`Request::StatusNow`) and wait
-/// up to `wait` for the answer. None: no agent is connected, it left, or it
-/// did not answer in time. The agent builds its answer after it read the
-/// request, so the answer's `source_seq` covers every write it acknowledged
-/// before.
-pub(crate) async fn ask_agent(shared: &Shared, disk: &Disk, wait: Duration) -> Option<Progress> {
+/// up to `wait` for the answer. The agent builds its answer after it read
+/// the request, so the answer's `source_seq` covers every write it
+/// acknowledged before.
+pub(crate) async fn ask_agent(shared: &Shared, disk: &Disk, wait: Duration) -> Result<Progress, NoAnswer> {
     let nonce = shared.next_nonce();
     let (answer, answered) = oneshot::channel();
     let tx = {
         let mut st = disk.lock();
-        let tx = st.agent.as_ref().map(|a| a.tx.clone())?;
+        let tx = st.agent.as_ref().map(|a| a.tx.clone()).ok_or(NoAnswer::NotConnected)?;
         st.nonce_waiters.push((nonce, answer));
         tx
     };
@@ -604,11 +614,14 @@ pub(crate) async fn ask_agent(shared: &Shared, disk: &Disk, wait: Duration) -> O
         drop(tx);
         answered.await.ok()
     };
-    let got = tokio::time::timeout(wait, asked).await.ok().flatten();
-    if got.is_none() {
-        disk.lock().nonce_waiters.retain(|(n, _)| *n != nonce);
+    match tokio::time::timeout(wait, asked).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(NoAnswer::Left),
+        Err(_) => {
+            disk.lock().nonce_waiters.retain(|(n, _)| *n != nonce);
+            Err(NoAnswer::TimedOut)
+        }
     }
-    got
 }
 
 /// The answer to a target's `StatusNow` (the drain barrier before a
@@ -617,7 +630,7 @@ pub(crate) async fn ask_agent(shared: &Shared, disk: &Disk, wait: Duration) -> O
 /// and whose `time_ns` is 0 when the agent could not be asked (then only
 /// the spool counts).
 pub(crate) async fn held_for_target(shared: &Shared, disk: &Disk, nonce: u64, wait: Duration) -> Progress {
-    let fresh = ask_agent(shared, disk, wait).await;
+    let fresh = ask_agent(shared, disk, wait).await.ok();
     let st = disk.lock();
     let held = st.acked_seq;
     let last_mode = st.progress.as_ref().map_or(AgentMode::Streaming, |(p, _)| p.mode);
