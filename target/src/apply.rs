@@ -338,7 +338,13 @@ impl DiskApplier {
             (None, Vec::new())
         };
         self.last_point = newest_point;
-        let mut thin = Thinning::new(&crash_tail, policy.point_interval, self.pinned(&id));
+        let mut thin = Thinning::new(&crash_tail, policy.point_interval);
+        // Records up to this seq were captured by an attempt that crashed
+        // before its commit, against the points that attempt chose (which
+        // may differ if the batch is cut differently now): a flush among
+        // them is not made a point again, or a view there could miss a
+        // capture. Tags are points whatever the batch boundaries.
+        let recaptured = self.row.undo_captured_seq;
         let mut thinned: Vec<u64> = Vec::new();
         for (i, r) in fresh.iter().enumerate() {
             let h = &r.header;
@@ -421,7 +427,7 @@ impl DiskApplier {
                     // The newest flush is always a point; the one it
                     // replaces as newest goes if it is closer than the
                     // interval to the point before it.
-                    if consistent {
+                    if consistent && h.seq > recaptured {
                         if let Some(drop) = thin.add(h.seq, h.time_ns) {
                             match points.iter().position(|(_, p)| p.seq == drop) {
                                 Some(k) => {
@@ -472,6 +478,15 @@ impl DiskApplier {
         // Pass 2: undo, durable and marked before the replica is touched.
         if policy.enabled() {
             self.capture(&fresh, &ops, &points, last)?;
+            if self.row.undo_captured_seq < last && self.offers_latest() {
+                // Nothing to capture, but the replica is about to move past
+                // the applied seq, which is offered as `latest`: say so
+                // durably first, so that a crash before the commit does not
+                // leave `latest` offered over a replica that holds part of
+                // this batch.
+                self.catalog.mark_captured(&self.row, last)?;
+                self.row.undo_captured_seq = last;
+            }
             row.undo_captured_seq = self.row.undo_captured_seq;
         }
 
@@ -539,15 +554,13 @@ impl DiskApplier {
         })
     }
 
-    /// The seqs of this disk's points that open views have pinned.
-    fn pinned(&self, disk: &str) -> Vec<u64> {
-        self.undo
-            .opts
-            .pins
-            .lock()
-            .get(disk)
-            .map(|m| m.keys().copied().collect())
-            .unwrap_or_default()
+    /// Whether the applied seq is offered as the `latest` point now (as
+    /// `catalog::read_points_with_latest` decides it).
+    fn offers_latest(&self) -> bool {
+        self.row.sync_state == SyncState::Consistent
+            && self.row.sync_from.is_none()
+            && self.halts.is_empty()
+            && self.row.applied_seq > 0
     }
 
     /// The blocks captured after point `epoch` (none when there is no point).
@@ -745,26 +758,27 @@ impl DiskApplier {
 
 /// Where crash points go: every flush of a consistent disk becomes the
 /// newest point; the point it replaces as newest is dropped again when it
-/// lies less than `interval` (source time) after the point before it, and
-/// is not pinned by a view. So the newest flush is always recoverable and
-/// older crash points are at least `interval` apart.
+/// lies less than `interval` (source time) after the point before it. So
+/// the newest flush is always recoverable and older crash points are at
+/// least `interval` apart. The decision depends on the records and the
+/// committed catalog only (not on open views: a view at a dropped point
+/// still reads right, its undo is kept while it is pinned), so a re-applied
+/// batch decides the same.
 struct Thinning {
     /// The newest crash point and the one before it: (seq, source time).
     newest: Option<(u64, u64)>,
     before: Option<(u64, u64)>,
     interval_ns: u64,
-    pinned: Vec<u64>,
 }
 
 impl Thinning {
     /// `tail`: the newest crash points, newest first (as
     /// `Catalog::point_tail` reads them).
-    fn new(tail: &[(u64, u64)], interval: std::time::Duration, pinned: Vec<u64>) -> Self {
+    fn new(tail: &[(u64, u64)], interval: std::time::Duration) -> Self {
         Self {
             newest: tail.first().copied(),
             before: tail.get(1).copied(),
             interval_ns: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
-            pinned,
         }
     }
 
@@ -776,9 +790,7 @@ impl Thinning {
             self.newest = Some(new);
             return None;
         };
-        let close = self
-            .before
-            .is_some_and(|b| newest.1.abs_diff(b.1) < self.interval_ns && !self.pinned.contains(&newest.0));
+        let close = self.before.is_some_and(|b| newest.1.abs_diff(b.1) < self.interval_ns);
         self.newest = Some(new);
         if close {
             Some(newest.0)

@@ -505,7 +505,11 @@ pub(crate) fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Resul
         r.get(0)
     })?;
     let consistent = row.sync_state == SyncState::Consistent && row.sync_from.is_none() && halted.is_none();
-    if !consistent || !row.policy.enabled() || row.applied_seq == 0 {
+    // A batch that was being applied when the target stopped may have
+    // written part of itself to the replica: until it is applied again,
+    // the replica is not the applied state.
+    let settled = row.undo_captured_seq <= row.applied_seq;
+    if !consistent || !settled || !row.policy.enabled() || row.applied_seq == 0 {
         return Ok(pts);
     }
     match pts.last() {
@@ -924,7 +928,7 @@ impl Catalog {
         let n = tx.execute(
             "UPDATE disks SET applied_seq = ?2, sync_state = ?3, first_seq = ?4, full_sync_seen = ?5,
                  halted_seq = ?6, updated_at = ?7, sync_from = ?9, applied_time_ns = ?10
-             WHERE disk_id = ?1 AND disk_uuid = ?8",
+             WHERE disk_id = ?1 AND disk_uuid = ?8 AND failed_over = 0",
             params![
                 row.disk_id,
                 to_i64(row.applied_seq, "applied_seq")?,
@@ -940,7 +944,7 @@ impl Catalog {
         )?;
         if n != 1 {
             return Err(corrupt(format!(
-                "disk {}: no row bound to {} to commit to",
+                "disk {}: no row bound to {} to commit to (or it was failed over)",
                 row.disk_id,
                 format_uuid(&row.disk_uuid)
             )));
@@ -1030,6 +1034,19 @@ impl Catalog {
                 p.tag
             ],
         )?;
+        Ok(())
+    }
+
+    /// Record that every record up to `seq` has had its undo captured (none
+    /// was needed): the replica may hold them before the commit says so.
+    pub fn mark_captured(&mut self, row: &DiskRow, seq: u64) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE disks SET undo_captured_seq = ?2 WHERE disk_id = ?1 AND disk_uuid = ?3",
+            params![row.disk_id, to_i64(seq, "seq")?, format_uuid(&row.disk_uuid)],
+        )?;
+        if n != 1 {
+            return Err(corrupt(format!("disk {}: no row to mark undo in", row.disk_id)));
+        }
         Ok(())
     }
 

@@ -131,8 +131,25 @@ async fn conn(s: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
         retention::unpin(&shared.pins, &disk, seq);
     }
     for disk in stopped {
-        warn!(disk = %disk, "a failover was abandoned before it was recorded: applying again");
-        shared.resume_applying(&disk);
+        // Another failover of the disk may have been recorded meanwhile.
+        let (dir, d) = (shared.cfg.data_dir.clone(), disk.clone());
+        let recorded = blocking(move || {
+            let conn = crate::catalog::open_read_only(&dir)?;
+            Ok(crate::catalog::Catalog::row(&conn, &d)?.is_some_and(|r| r.failed_over))
+        })
+        .await;
+        match recorded {
+            Ok(false) => {
+                warn!(disk = %disk, "a failover was abandoned before it was recorded: applying again");
+                shared.resume_applying(&disk);
+            }
+            Ok(true) => {
+                info!(disk = %disk, "a failover was abandoned, but the disk was failed over before: it stays stopped")
+            }
+            Err(e) => {
+                warn!(disk = %disk, "a failover was abandoned; cannot tell whether the disk was failed over ({e:#}): it stays stopped until the target restarts")
+            }
+        }
     }
 }
 
@@ -203,7 +220,6 @@ async fn handle(
         }
         Req::Failover { disk, point, output } => {
             shared.stop_applying(&disk);
-            stopped.retain(|d| *d != disk);
             let d = disk.clone();
             let p = point.clone();
             blocking(move || {
@@ -212,6 +228,7 @@ async fn handle(
                 Ok(())
             })
             .await?;
+            stopped.retain(|d| *d != disk);
             // A batch being applied right now finishes (its point is after
             // any point a view could have chosen); none starts after it.
             let until = Instant::now() + Duration::from_secs(60);
@@ -247,6 +264,14 @@ async fn handle(
                     PROBE_WAIT.as_secs()
                 ),
             };
+            if held.agent_mode != tidemark_wire::frame::AgentMode::Streaming {
+                anyhow::bail!(
+                    "disk {disk}: the agent {} in {} mode: it holds writes that are not in its journal yet (bitmap) or is syncing, so seq {} is not everything; wait until it streams again (tidemark wait), or fail over with --no-drain to accept the replica as it is",
+                    if held.agent_answered { "is" } else { "was last" },
+                    held.agent_mode.name(),
+                    held.seq
+                );
+            }
             loop {
                 let applied = shared.settled_seq(&disk);
                 if applied.is_some_and(|a| a >= held.seq) {

@@ -108,6 +108,10 @@ pub(crate) struct Held {
     /// The agent answered (its journal is included); otherwise only the
     /// collector's spool is.
     pub agent_answered: bool,
+    /// The agent's mode (its answer, or the last it reported): anything
+    /// but streaming means writes it holds outside its journal (bitmap
+    /// mode) or a sync under way.
+    pub agent_mode: tidemark_wire::frame::AgentMode,
 }
 
 /// State shared by every connection of one target.
@@ -180,7 +184,7 @@ impl Shared {
             .insert(disk.to_string());
     }
 
-    fn is_failed_over(&self, disk: &str) -> bool {
+    pub fn is_failed_over(&self, disk: &str) -> bool {
         self.failed_over
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -598,6 +602,14 @@ async fn session<R: AsyncRead + Unpin>(
             format!("disk {id} already has a live connection"),
         ));
     };
+    if shared.is_failed_over(&id) {
+        // Before Work::open: a forced rebind must not move the replica or
+        // its undo away under a failover's export.
+        return Err(refuse(
+            ErrorCode::Busy,
+            format!("disk {id} is being failed over or was failed over: this target no longer applies to it"),
+        ));
+    }
     let force = hello.flags & HELLO_FORCE_RESYNC != 0;
     let (cfg2, pins, uuid, size) = (cfg.clone(), shared.pins.clone(), hello.disk_uuid, hello.disk_size);
     let id2 = id.clone();
@@ -709,6 +721,7 @@ async fn session<R: AsyncRead + Unpin>(
                     let _ = w.send(Held {
                         seq: p.source_seq,
                         agent_answered: p.time_ns != 0,
+                        agent_mode: p.mode,
                     });
                 } else {
                     debug!(nonce = p.nonce, "a progress report nobody waits for");
@@ -750,8 +763,18 @@ async fn session<R: AsyncRead + Unpin>(
         // disk is never applied by two threads.
         let span = tracing::Span::current();
         let lock = shared.apply_lock(&id);
+        let (sh, id2) = (shared.clone(), id.clone());
         let mut job = tokio::task::spawn_blocking(move || {
             let _applying = lock.lock().unwrap_or_else(|e| e.into_inner());
+            // A failover may have stopped the disk since the check above
+            // (it then waits for this lock before it picks its point).
+            if sh.is_failed_over(&id2) {
+                let e = Error::new(
+                    ErrorKind::FailedOver,
+                    format!("disk {id2} was failed over: the target no longer applies to it"),
+                );
+                return (work, Err(e));
+            }
             let r = span.in_scope(|| work.process(&p));
             (work, r)
         });

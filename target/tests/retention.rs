@@ -354,6 +354,13 @@ async fn drain_is_a_barrier_and_failover_stops_applying() {
         e.contains(&format!("seq {}", last + 5)) && e.contains(&format!("applied seq {last}")),
         "{e}"
     );
+    // An agent in bitmap mode holds writes outside its journal: no barrier.
+    let d = dir.path().to_path_buf();
+    let drain = tokio::task::spawn_blocking(move || recovery::drain(&d, "vm", Duration::from_secs(5)));
+    c.answer_status_in(last, true, tidemark_wire::frame::AgentMode::Bitmap)
+        .await;
+    let e = drain.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("bitmap mode"), "{e}");
     let d = dir.path().to_path_buf();
     let e = blocking(move || recovery::drain(&d, "other", Duration::from_millis(300)))
         .await
@@ -419,5 +426,17 @@ async fn an_abandoned_failover_resumes_applying() {
     let st = &tidemark_target::catalog::disk_states(dir.path()).unwrap()[0];
     assert!(st.failovers.is_empty());
     assert_eq!(st.applied_seq, src.next_seq - 1);
+
+    // Recorded, then another failover abandoned: the disk stays failed over.
+    let d = dir.path().to_path_buf();
+    let v = blocking(move || recovery::View::open_for_failover(&d, "vm", &AtSpec::Latest).unwrap()).await;
+    blocking(move || v.record_failover(Path::new("/tmp/out.raw")).unwrap()).await;
+    let d = dir.path().to_path_buf();
+    let v = blocking(move || recovery::View::open_for_failover(&d, "vm", &AtSpec::Latest).unwrap()).await;
+    drop(v);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, reason) = refused(t.addr, hello("vm", uuid(1), 0)).await;
+    assert!(reason.contains("failed over"), "{reason}");
     t.stop().await;
 }

@@ -220,12 +220,18 @@ impl Conn {
     /// Answer the target's next `StatusNow` as a collector does: it holds
     /// up to `held` (with the agent's answer when `agent`).
     pub async fn answer_status(&mut self, held: u64, agent: bool) {
+        self.answer_status_in(held, agent, tidemark_wire::frame::AgentMode::Streaming)
+            .await
+    }
+
+    /// [`Conn::answer_status`] with the agent in `mode`.
+    pub async fn answer_status_in(&mut self, held: u64, agent: bool, mode: tidemark_wire::frame::AgentMode) {
         loop {
             match self.next().await {
                 Some(Frame::Request(Request::StatusNow { nonce })) => {
                     let p = tidemark_wire::frame::Progress {
                         source_seq: held,
-                        mode: tidemark_wire::frame::AgentMode::Streaming,
+                        mode,
                         sync_done: 0,
                         sync_total: 0,
                         full_resyncs: 0,
