@@ -3,7 +3,7 @@
 //! `println!` panics when stdout is a pipe whose reader went away
 //! (`tidemark status | head -1`): Rust ignores SIGPIPE, so the write fails
 //! with EPIPE and the macro turns that into a panic (exit 101). Every line
-//! the tool prints goes through [`outln!`] instead: a closed stdout ends
+//! the tool prints goes through `outln!` instead: a closed stdout ends
 //! the output quietly, the command's work goes on (a tag inserted, a
 //! failover recorded still count), and the process exits as it would have
 //! — nobody is left to read what it had to say. Any other write error (a
