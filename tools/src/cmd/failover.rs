@@ -155,7 +155,12 @@ impl PartGuard {
                         _ = int.recv() => {}
                         _ = hup.recv() => {}
                     }
-                    for p in on_signal.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    let parts = on_signal.lock().unwrap_or_else(|e| e.into_inner());
+                    if parts.is_empty() {
+                        // The export is complete and the failover recorded.
+                        std::process::exit(130);
+                    }
+                    for p in parts.iter() {
                         let _ = std::fs::remove_file(p);
                     }
                     eprintln!("\nfailover interrupted: the partial output is removed, nothing was recorded, the target applies to the disk again");
@@ -212,7 +217,9 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
             f.output
         );
     }
-    if spec == AtSpec::Latest && !a.no_drain {
+    if spec == AtSpec::Latest && !a.no_drain && !state.failovers.is_empty() {
+        eprintln!("no drain: nothing has been applied to {disk} since its failover");
+    } else if spec == AtSpec::Latest && !a.no_drain {
         eprintln!("draining: waiting until the replica holds everything the collector and the agent hold for {disk} (--no-drain skips this)…");
         let d = r::drain(data, disk, a.drain_timeout)
             .with_context(|| format!("drain {disk} (if the primary site is gone, use --no-drain)"))?;
