@@ -338,7 +338,7 @@ impl DiskApplier {
             (None, Vec::new())
         };
         self.last_point = newest_point;
-        let mut thin = Thinning::new(&crash_tail, policy.point_interval);
+        let mut thin = Thinning::new(&crash_tail, policy.point_interval, self.pinned(&id));
         // Records up to this seq were captured by an attempt that crashed
         // before its commit, against the points that attempt chose (which
         // may differ if the batch is cut differently now): a flush among
@@ -554,6 +554,17 @@ impl DiskApplier {
         })
     }
 
+    /// The seqs of this disk's points that open views have pinned.
+    fn pinned(&self, disk: &str) -> Vec<u64> {
+        self.undo
+            .opts
+            .pins
+            .lock()
+            .get(disk)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether the applied seq is offered as the `latest` point now (as
     /// `catalog::read_points_with_latest` decides it).
     fn offers_latest(&self) -> bool {
@@ -760,25 +771,29 @@ impl DiskApplier {
 /// newest point; the point it replaces as newest is dropped again when it
 /// lies less than `interval` (source time) after the point before it. So
 /// the newest flush is always recoverable and older crash points are at
-/// least `interval` apart. The decision depends on the records and the
-/// committed catalog only (not on open views: a view at a dropped point
-/// still reads right, its undo is kept while it is pinned), so a re-applied
-/// batch decides the same.
+/// least `interval` apart. A point a view has pinned is kept (it stays
+/// listed while the view is open). Pins only decide which *older* point is
+/// deleted, which never changes what a view reads (its undo is kept while
+/// it is pinned); the points a batch *creates* depend on the records and
+/// the committed catalog only, and a re-applied batch creates no crash
+/// points (see `recaptured` in `apply`).
 struct Thinning {
     /// The newest crash point and the one before it: (seq, source time).
     newest: Option<(u64, u64)>,
     before: Option<(u64, u64)>,
     interval_ns: u64,
+    pinned: Vec<u64>,
 }
 
 impl Thinning {
     /// `tail`: the newest crash points, newest first (as
     /// `Catalog::point_tail` reads them).
-    fn new(tail: &[(u64, u64)], interval: std::time::Duration) -> Self {
+    fn new(tail: &[(u64, u64)], interval: std::time::Duration, pinned: Vec<u64>) -> Self {
         Self {
             newest: tail.first().copied(),
             before: tail.get(1).copied(),
             interval_ns: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+            pinned,
         }
     }
 
@@ -790,7 +805,9 @@ impl Thinning {
             self.newest = Some(new);
             return None;
         };
-        let close = self.before.is_some_and(|b| newest.1.abs_diff(b.1) < self.interval_ns);
+        let close = self
+            .before
+            .is_some_and(|b| newest.1.abs_diff(b.1) < self.interval_ns && !self.pinned.contains(&newest.0));
         self.newest = Some(new);
         if close {
             Some(newest.0)
