@@ -20,11 +20,16 @@
 //! - [`replica`]: the per-disk folder and the replica in the disk's format
 //!   (through `tidemark_formats::replica::ReplicaImage`).
 //! - [`window`]: the file-backed dedup window.
-//! - [`catalog`]: the SQLite catalog, and [`catalog::disk_states`] for tools.
-//! - [`undo`]: the undo segment format; [`retention`]: policies and pins.
-//! - [`recovery`]: points, `--at` specs, pinned views, failover, drain —
-//!   the API of the recovery tools; `control` (private): the daemon's
-//!   control socket those calls go through while it runs.
+//! - `retention`: the pins that keep expiry off open views.
+//! - `control` (private): the daemon's control socket, through which the
+//!   recovery tools reach a data directory while the target runs.
+//!
+//! The recovery state on disk lives in libraries, shared with the tools
+//! (`docs/architecture.md`): the catalog, its schema, points, policies and
+//! the error type in `tidemark_catalog` (re-exported here as [`catalog`],
+//! [`error`], [`ranges`]); the undo segment format in
+//! `tidemark_formats::undo` ([`undo`]); points, `--at`, views, drain and
+//! failover records in `tidemark_recovery` ([`recovery`]).
 //!
 //! The contract with the collector is `docs/pipeline.md`; this crate's
 //! behaviour in detail is `docs/target.md`. Libraries take [`Config`];
@@ -42,15 +47,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 mod apply;
-pub mod catalog;
+pub use tidemark_catalog as catalog;
 mod control;
-pub mod error;
-pub mod ranges;
-pub mod recovery;
+pub use tidemark_catalog::error;
+pub use tidemark_catalog::ranges;
+pub use tidemark_recovery as recovery;
 pub mod replica;
 pub mod retention;
 mod session;
-pub mod undo;
+pub use tidemark_formats::undo;
 pub mod window;
 
 pub use apply::MAX_POSITION;
@@ -58,9 +63,7 @@ pub use error::{Error, ErrorKind, Result};
 
 use error::IoContext;
 
-/// Name of the lock file that keeps two targets off one data directory
-/// (the recovery tools take it too, shared, while they read it directly).
-pub const LOCK_FILE: &str = "target.lock";
+pub use tidemark_catalog::layout::LOCK_FILE;
 
 /// What the target keeps in its data directory, so that one made before
 /// markers existed is recognised (and anything else refused).
@@ -71,7 +74,7 @@ pub const DIR_SPEC: DirSpec = DirSpec {
         "catalog.db-wal",
         "catalog.db-shm",
         "catalog.db-journal",
-        recovery::CONTROL_SOCKET,
+        catalog::layout::CONTROL_SOCKET,
     ],
     any_subdir: true,
     adopt_if_any: &[LOCK_FILE],
@@ -164,7 +167,9 @@ impl Target {
         let opened = (|| {
             // Creates the catalog or brings its schema up to date.
             drop(catalog::Catalog::open(&dir)?);
-            let path = claimed.free_socket_path(recovery::CONTROL_SOCKET).map_err(dir_error)?;
+            let path = claimed
+                .free_socket_path(catalog::layout::CONTROL_SOCKET)
+                .map_err(dir_error)?;
             control::bind(&path).io_ctx(|| format!("cannot create the control socket {}", path.display()))
         })();
         let control = match opened {

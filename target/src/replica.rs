@@ -44,11 +44,7 @@ pub const REPLICA_FILE: &str = RAW_FILE;
 /// File name of the dedup window inside a disk's folder.
 pub const WINDOW_FILE: &str = "window.blocks";
 
-/// The folder of `disk_id` (already validated as 1-64 of `[A-Za-z0-9._-]`,
-/// not `.` or `..`, by the frame decoder).
-pub fn disk_dir(data_dir: &Path, disk_id: &str) -> PathBuf {
-    data_dir.join(disk_id)
-}
+pub use tidemark_catalog::layout::disk_dir;
 
 /// Create a disk's folder durably if it does not exist.
 pub(crate) fn ensure_disk_dir(data_dir: &Path, disk_id: &str) -> Result<PathBuf> {

@@ -5,7 +5,7 @@
 //! nbdcopy, nbdinfo) and real ext4 filesystems on loop devices.
 //!
 //! Needs root, /dev/fuse and loop devices (CI has them). Points come from
-//! the target's recovery API (`tidemark_target::recovery`,
+//! the target's recovery API (`tidemark_recovery`,
 //! `docs/recovery.md`); `mount`/`failover --image` serve a raw file through
 //! the same NBD, overlay, FUSE and export code without a target.
 

@@ -354,6 +354,27 @@ impl DirtyBitmap {
 mod tests {
     use super::*;
 
+    /// The header's bytes, pinned: a change here is a format change and
+    /// needs a version bump (and a reader for version 1).
+    #[test]
+    fn golden_header_bytes() {
+        let h = encode_header(64 << 10, 0x1_0000_0000, 0x1_0000);
+        let want_prefix: [u8; 32] = [
+            b'T', b'M', b'B', b'I', b'T', b'M', b'A', b'P', // magic
+            1, 0, 0, 0, // version
+            0, 0, 1, 0, // granularity 64 KiB
+            0, 0, 0, 0, 1, 0, 0, 0, // disk size 4 GiB
+            0, 0, 1, 0, 0, 0, 0, 0, // 65536 bits
+        ];
+        assert_eq!(h[..32], want_prefix);
+        assert_eq!(
+            u32::from_le_bytes([h[32], h[33], h[34], h[35]]),
+            crc32c::crc32c(&want_prefix),
+            "the checksum covers bytes 0..32"
+        );
+        assert!(h[36..].iter().all(|&b| b == 0), "bytes 36..64 are zero");
+    }
+
     #[test]
     fn marks_persist_and_merge() {
         let d = tempfile::tempdir().unwrap();

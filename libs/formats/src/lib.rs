@@ -7,6 +7,9 @@
 //! - [`bitmap`]: the persistent dirty bitmap used in bitmap mode.
 //! - [`replica`]: replica images (raw, VMDK flat and sparse) and exports
 //!   (also VMDK streamOptimized).
+//! - [`spool`]: the collector's spool files.
+//! - [`undo`]: the target's undo segments (old contents of replica blocks,
+//!   for recovery points).
 
 pub mod apply;
 pub mod bitmap;
@@ -14,5 +17,6 @@ pub mod error;
 pub mod journal;
 pub mod replica;
 pub mod spool;
+pub mod undo;
 
 pub use error::{Error, ErrorKind};

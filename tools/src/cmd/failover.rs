@@ -23,10 +23,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use tidemark_formats::replica::{self, ExportFormat};
-use tidemark_target::recovery::{self as r, AtSpec};
+use tidemark_recovery::{self as r, AtSpec};
 use tidemark_util::human::{format_duration, format_size};
 
-use super::points::{format_time, FileImage, Image};
+use tidemark_recovery::overlay::{FileImage, Image};
+
+use super::points::format_time;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutFormat {

@@ -1,22 +1,20 @@
 //! `tidemark points`, and what `mount` and `failover` share with it:
-//! recovery points as the tools print them, and the [`Image`] a view is
-//! read through.
+//! recovery points as the tools print them, and opening the image a point
+//! is read through.
 //!
-//! Everything that touches the target's data goes through
-//! `tidemark_target::recovery` (`docs/recovery.md`), which owns the
-//! catalog, the undo data, the `--at` parser and the pinning of views.
+//! Everything that touches the target's data goes through the
+//! `tidemark_recovery` library (`docs/recovery.md`), which owns the
+//! `--at` parser, views and their pinning, over `tidemark_catalog`.
 
-use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use tidemark_target::recovery as r;
+use tidemark_recovery as r;
+use tidemark_recovery::overlay::{FileImage, Image};
 
-pub use tidemark_target::recovery::{format_time, AtSpec as At, Point as PointInfo};
+pub use tidemark_recovery::{format_time, AtSpec as At, Point as PointInfo};
 
 #[derive(Args)]
 #[command(
@@ -44,79 +42,11 @@ pub fn point_json(p: &PointInfo) -> serde_json::Value {
     })
 }
 
-/// A disk image read at random offsets: a pinned view of a recovery
-/// point, or a plain raw file (`--image`).
-pub trait Image: Send + Sync + 'static {
-    fn size(&self) -> u64;
-    /// Fill `buf` from `offset` (`offset + buf.len() <= size`).
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Extents `(offset, len, data)` covering `[offset, offset+len)`;
-    /// `data == false` reads as zeros.
-    fn allocated(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>>;
-}
-
-/// A raw image file, read-only.
-pub struct FileImage {
-    file: File,
-    size: u64,
-}
-
-impl FileImage {
-    pub fn open(path: &Path) -> Result<FileImage> {
-        let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        let size =
-            tidemark_util::fileops::backing_size(&file).with_context(|| format!("size of {}", path.display()))?;
-        Ok(FileImage { file, size })
-    }
-}
-
-impl Image for FileImage {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-
-    fn allocated(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
-        let runs = match tidemark_util::fileops::allocation(&self.file, offset, len, 1024) {
-            Ok(r) => r,
-            // A block device or a filesystem without SEEK_DATA: all data.
-            Err(_) => return Ok(vec![(offset, len, true)]),
-        };
-        let mut pos = offset;
-        let mut out = Vec::with_capacity(runs.len() + 1);
-        for (l, hole) in runs {
-            out.push((pos, l, !hole));
-            pos += l;
-        }
-        if pos < offset + len {
-            out.push((pos, offset + len - pos, true));
-        }
-        Ok(out)
-    }
-}
-
-struct ViewImage(r::View);
-
-impl Image for ViewImage {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn allocated(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
-        self.0.allocated(offset, len)
-    }
-}
-
 /// Open a pinned view of `disk` at `at`.
 pub fn open_view(data: &Path, disk: &str, at: &At) -> Result<(Arc<dyn Image>, PointInfo)> {
     let v = r::View::open(data, disk, at)?;
     let p = v.point().clone();
-    Ok((Arc::new(ViewImage(v)), p))
+    Ok((Arc::new(v), p))
 }
 
 /// What `mount` and `failover` read: a recovery point (`--data`, `DISK`,
@@ -176,26 +106,4 @@ pub fn points(a: PointsArgs) -> Result<()> {
         outln!("{:<w0$}  {:>w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_image_reports_holes() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("img");
-        let f = File::create(&p).unwrap();
-        f.set_len(4 << 20).unwrap();
-        f.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
-        let img = FileImage::open(&p).unwrap();
-        assert_eq!(img.size(), 4 << 20);
-        let ext = img.allocated(0, 4 << 20).unwrap();
-        assert_eq!(ext.iter().map(|e| e.1).sum::<u64>(), 4 << 20);
-        assert!(ext.iter().any(|e| e.2 && e.0 <= 1 << 20 && e.0 + e.1 > 1 << 20));
-        let mut b = [0u8; 4];
-        img.read_at(&mut b, 1 << 20).unwrap();
-        assert_eq!(b, [7; 4]);
-    }
 }

@@ -185,13 +185,13 @@ fn secs(v: &Value) -> String {
 
 /// Each disk's recovery state from the target's catalog, as JSON by disk id.
 fn recovery_states(data: &std::path::Path) -> Result<std::collections::BTreeMap<String, Value>> {
-    let disks = tidemark_target::catalog::disk_states(data)
+    let disks = tidemark_catalog::disk_states(data)
         .with_context(|| format!("read the target's catalog in {}", data.display()))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let point = |p: &Option<tidemark_target::recovery::Point>| match p {
+    let point = |p: &Option<tidemark_recovery::Point>| match p {
         Some(p) => serde_json::json!({
             "seq": p.seq,
             "time": super::points::format_time(p.time_ns),

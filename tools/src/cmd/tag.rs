@@ -56,7 +56,7 @@ const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
 pub fn tag(a: TagArgs) -> Result<()> {
     // Every tag must be reachable by `--at NAME` (and `tag:NAME`).
-    if let Some(why) = tidemark_target::recovery::tag_name_problem(&a.name) {
+    if let Some(why) = tidemark_recovery::tag_name_problem(&a.name) {
         bail!("{why}");
     }
     let Some(mnt) = &a.freeze else {

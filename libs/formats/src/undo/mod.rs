@@ -227,11 +227,11 @@ impl SegmentWriter {
             .create(true)
             .truncate(true)
             .open(&path)
-            .io_ctx(|| format!("create {}", path.display()))?;
+            .ctx("create", &path)?;
         file.write_all_at(&encode_segment_header(uuid, number, created_ns), 0)
-            .io_ctx(|| format!("write {}", path.display()))?;
-        fileops::fdatasync(&file).io_ctx(|| format!("fdatasync {}", path.display()))?;
-        fsync_dir(dir).io_ctx(|| format!("sync {}", dir.display()))?;
+            .ctx("write", &path)?;
+        fileops::fdatasync(&file).ctx("fdatasync", &path)?;
+        fsync_dir(dir).ctx("sync", dir)?;
         Ok(Self {
             file,
             path,
@@ -248,15 +248,14 @@ impl SegmentWriter {
             .read(true)
             .write(true)
             .open(&path)
-            .io_ctx(|| format!("open {}", path.display()))?;
+            .ctx("open", &path)?;
         let mut h = [0u8; 64];
-        file.read_exact_at(&mut h, 0)
-            .io_ctx(|| format!("read {}", path.display()))?;
+        file.read_exact_at(&mut h, 0).ctx("read", &path)?;
         let (u, n) = decode_segment_header(&path, &h)?;
         if u != *uuid || n != number {
             return Err(corrupt(&path, 0, "belongs to another disk or segment"));
         }
-        let have = file.metadata().io_ctx(|| format!("stat {}", path.display()))?.len();
+        let have = file.metadata().ctx("stat", &path)?.len();
         if have < len {
             return Err(corrupt(
                 &path,
@@ -265,8 +264,8 @@ impl SegmentWriter {
             ));
         }
         if have > len {
-            file.set_len(len).io_ctx(|| format!("truncate {}", path.display()))?;
-            fileops::fdatasync(&file).io_ctx(|| format!("fdatasync {}", path.display()))?;
+            file.set_len(len).ctx("truncate", &path)?;
+            fileops::fdatasync(&file).ctx("fdatasync", &path)?;
         }
         Ok(Self {
             file,
@@ -301,16 +300,14 @@ impl SegmentWriter {
 
     fn put(&mut self, bytes: &[u8]) -> Result<u64> {
         let at = self.len;
-        self.file
-            .write_all_at(bytes, at)
-            .io_ctx(|| format!("write {}", self.path.display()))?;
+        self.file.write_all_at(bytes, at).ctx("write", &self.path)?;
         self.len += bytes.len() as u64;
         Ok(at)
     }
 
     /// fdatasync: every entry appended is durable after this.
     pub fn sync(&self) -> Result<()> {
-        fileops::fdatasync(&self.file).io_ctx(|| format!("fdatasync {}", self.path.display()))
+        fileops::fdatasync(&self.file).ctx("fdatasync", &self.path)
     }
 }
 
@@ -319,7 +316,7 @@ impl SegmentWriter {
 pub fn read_block(file: &File, path: &Path, at: u64, block: u64, out: &mut [u8]) -> Result<()> {
     let mut h = [0u8; ENTRY_HEADER_BYTES];
     file.read_exact_at(&mut h, at)
-        .io_ctx(|| format!("read {} at {at}", path.display()))?;
+        .map_err(|e| Error::io(&format!("read at byte {at} of"), path, e))?;
     let e = decode_entry_header(path, at, &h)?;
     if block < e.start_block || block - e.start_block >= u64::from(e.nblocks) {
         return Err(corrupt(
@@ -335,10 +332,10 @@ pub fn read_block(file: &File, path: &Path, at: u64, block: u64, out: &mut [u8])
     let i = block - e.start_block;
     let mut sum = [0u8; 4];
     file.read_exact_at(&mut sum, at + ENTRY_HEADER_LEN + i * 4)
-        .io_ctx(|| format!("read {} at {at}", path.display()))?;
+        .map_err(|e| Error::io(&format!("read at byte {at} of"), path, e))?;
     let data_at = at + ENTRY_HEADER_LEN + u64::from(e.nblocks) * 4 + i * BLOCK;
     file.read_exact_at(out, data_at)
-        .io_ctx(|| format!("read {} at {data_at}", path.display()))?;
+        .map_err(|e| Error::io(&format!("read at byte {data_at} of"), path, e))?;
     if sum32(out) != u32::from_le_bytes(sum) {
         return Err(corrupt(path, data_at, format!("block {block}: checksum mismatch")));
     }

@@ -1,4 +1,4 @@
-//! The target's catalog: one SQLite database, `DIR/catalog.db`, holding per
+//! The catalog: one SQLite database, `DIR/catalog.db`, holding per
 //! disk the UUID binding, the applied seq, the sync state and the halts
 //! (records that failed their end-to-end check, with the byte ranges still
 //! waiting for a resync).
@@ -41,12 +41,13 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use tidemark_wire::frame::ReplicaState;
 
+use tidemark_formats::replica::ReplicaFormat;
+use tidemark_formats::undo::BlockSet;
+
 use crate::error::{Error, ErrorKind, Result};
+use crate::point::{Point, PointKind};
+use crate::policy::{DiskPolicy, OnFull};
 use crate::ranges::RangeSet;
-use crate::recovery::{Point, PointKind};
-use crate::replica::ReplicaFormat;
-use crate::retention::{DiskPolicy, OnFull};
-use crate::undo::BlockSet;
 
 /// The catalog's file name inside the data directory.
 pub const CATALOG_FILE: &str = "catalog.db";
@@ -253,7 +254,7 @@ pub struct Failover {
 
 /// One entry of the undo index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct UndoRow {
+pub struct UndoRow {
     pub capture_seq: u64,
     pub start_block: u64,
     pub end_block: u64,
@@ -264,7 +265,7 @@ pub(crate) struct UndoRow {
 
 /// One undo segment as the catalog records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct SegmentRow {
+pub struct SegmentRow {
     pub segment: u64,
     pub first_seq: u64,
     pub last_seq: u64,
@@ -389,11 +390,11 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
 
 /// What [`Catalog::point_tail`] reads: the newest point's seq, and the
 /// newest two crash points (seq, source time), newest first.
-pub(crate) type PointTail = (Option<u64>, Vec<(u64, u64)>);
+pub type PointTail = (Option<u64>, Vec<(u64, u64)>);
 
 /// A disk's row, as the session keeps it in memory between commits.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct DiskRow {
+pub struct DiskRow {
     pub disk_id: String,
     pub disk_uuid: [u8; 16],
     pub applied_seq: u64,
@@ -420,7 +421,7 @@ pub(crate) struct DiskRow {
 
 /// What [`Catalog::bind`] found for a Hello.
 #[derive(Debug)]
-pub(crate) enum Bind {
+pub enum Bind {
     /// First time this disk id is seen; a row was created.
     New(DiskRow),
     /// The id is bound to this UUID already.
@@ -433,7 +434,7 @@ pub(crate) enum Bind {
 }
 
 /// A read-write connection to the catalog.
-pub(crate) struct Catalog {
+pub struct Catalog {
     conn: Connection,
     path: PathBuf,
 }
@@ -456,18 +457,18 @@ fn to_u64(v: i64, what: &str) -> Result<u64> {
 
 /// Seqs, offsets and lengths are bounded to `i64::MAX` before they reach
 /// the catalog (see `apply`), so this only fails on a bug.
-pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
+pub fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::new(ErrorKind::Catalog, format!("{what} {v} does not fit the catalog")))
 }
 
-pub(crate) fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// A disk's recovery points, by seq.
-pub(crate) fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
+pub fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
     let mut st = conn.prepare_cached("SELECT seq, time_ns, kind, tag FROM points WHERE disk_id = ?1 ORDER BY seq")?;
     let rows = st.query_map([disk_id], |r| {
         Ok((
@@ -496,7 +497,7 @@ pub(crate) fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>
 /// any prefix of the ordered stream is a crash state of the source) while
 /// the disk is consistent and keeps retention. That point, when the
 /// applied seq is not a recorded point already, is marked `latest`.
-pub(crate) fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
+pub fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
     let mut pts = read_points(conn, disk_id)?;
     let Some(row) = Catalog::row(conn, disk_id)? else {
         return Ok(pts);
@@ -571,7 +572,7 @@ fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
 
 /// Undo entries captured after `after` that cover a block of `[b0, b1)`,
 /// lowest capture seq first.
-pub(crate) fn undo_lookup(conn: &Connection, disk_id: &str, after: u64, b0: u64, b1: u64) -> Result<Vec<UndoRow>> {
+pub fn undo_lookup(conn: &Connection, disk_id: &str, after: u64, b0: u64, b1: u64) -> Result<Vec<UndoRow>> {
     let mut st = conn.prepare_cached(
         "SELECT capture_seq, start_block, end_block, segment, seg_offset, zero FROM undo
          WHERE disk_id = ?1 AND end_block > ?3 AND start_block < ?4 AND capture_seq > ?2
@@ -611,7 +612,7 @@ pub(crate) fn undo_lookup(conn: &Connection, disk_id: &str, after: u64, b0: u64,
 }
 
 /// Open the catalog read-only (tools, views); safe while the target runs.
-pub(crate) fn open_read_only(data_dir: &Path) -> Result<Connection> {
+pub fn open_read_only(data_dir: &Path) -> Result<Connection> {
     let path = data_dir.join(CATALOG_FILE);
     if !path.exists() {
         return Err(Error::new(
@@ -628,7 +629,7 @@ pub(crate) fn open_read_only(data_dir: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-pub(crate) fn now_unix() -> i64 {
+pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -753,7 +754,7 @@ impl Catalog {
         Ok(())
     }
 
-    pub(crate) fn row(tx: &Connection, disk_id: &str) -> Result<Option<DiskRow>> {
+    pub fn row(tx: &Connection, disk_id: &str) -> Result<Option<DiskRow>> {
         let r = tx
             .query_row(
                 "SELECT disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen, replaced_uuid, sync_from,

@@ -1,4 +1,5 @@
-//! The one error type of the target crate.
+//! The error type of the recovery state (catalog, undo, replica), which the
+//! target's service code uses as its own.
 //!
 //! Errors are mapped to protocol replies at the edge (the session): a
 //! [`ErrorKind::Malformed`] becomes `Error{Malformed}` for the collector,
@@ -104,7 +105,7 @@ impl std::error::Error for Error {
 }
 
 /// Attach context to I/O results.
-pub(crate) trait IoContext<T> {
+pub trait IoContext<T> {
     fn io_ctx(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
@@ -122,10 +123,18 @@ impl From<rusqlite::Error> for Error {
 
 impl From<tidemark_formats::Error> for Error {
     fn from(e: tidemark_formats::Error) -> Self {
+        use tidemark_formats::ErrorKind as F;
         let kind = match e.kind {
-            tidemark_formats::ErrorKind::OutOfBounds => ErrorKind::Malformed,
+            F::OutOfBounds => ErrorKind::Malformed,
+            F::Corrupt => ErrorKind::Corrupt,
+            F::UnsupportedVersion => ErrorKind::UnsupportedVersion,
             _ => ErrorKind::Io,
         };
-        Self::new(kind, e.to_string())
+        // Keep the I/O cause as the source, so callers can still see it.
+        Self {
+            kind,
+            context: e.context,
+            source: e.source.map(|s| Box::new(s) as _),
+        }
     }
 }
