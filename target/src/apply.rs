@@ -1,5 +1,5 @@
 //! Applying one disk's records to its replica, in seq order, with the
-//! durability order of DESIGN.md for one batch: capture undo → fdatasync
+//! durability order of `docs/design.md` for one batch: capture undo → fdatasync
 //! the undo segment → mark it captured in the catalog → write the replica
 //! → fdatasync → commit applied seq, sync state, halts and new recovery
 //! points. The session acks only after [`DiskApplier::apply`] returned.

@@ -4,8 +4,8 @@
 //!
 //! Every test protects a disk that already holds data, keeps a copy of it
 //! taken before the agent first started, and ends by replaying the agent's
-//! journal onto that copy: the result must equal the disk (DESIGN.md,
-//! invariant 6), whatever the client did to it.
+//! journal onto that copy: the result must equal the disk (`docs/design.md`,
+//! rule 6), whatever the client did to it.
 //!
 //! The ext4 test needs root, /dev/fuse and free loop devices; it says so
 //! when it cannot run.
