@@ -4,6 +4,9 @@
 //! → fdatasync → commit applied seq, sync state, halts and new recovery
 //! points. The session acks only after [`DiskApplier::apply`] returned.
 //!
+//! Every decision is made first, without I/O, by `plan::plan` (tested
+//! against a model there); [`DiskApplier::apply`] reads what the plan needs
+//! from the catalog, plans, and executes the plan in the order above.
 //! Nothing here touches the network, so the rules are unit-tested:
 //!
 //! - Records at or below the applied seq are dropped (idempotent resend);
@@ -47,20 +50,18 @@ use std::time::Instant;
 
 use tidemark_util::crashsafe::fsync_dir;
 use tidemark_wire::frame::TargetState;
-use tidemark_wire::record::{Record, RecordKind, FLAG_FULL, FLAG_SYNC};
-use tracing::{error, info, warn};
+use tidemark_wire::record::{Record, RecordHeader, RecordKind};
+use tracing::{info, warn};
 
 use crate::catalog::{now_ns, now_unix, replica_state, Catalog, DiskRow, Halt, SegmentRow, SyncState, UndoRow};
-use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::ranges::RangeSet;
-use crate::recovery::{Point, PointKind};
+use crate::error::{Error, IoContext, Result};
+use crate::plan::{plan, Plan, PlanInput};
+use crate::recovery::Point;
 use crate::replica::Replica;
 use crate::retention::{OnFull, Pins};
 use crate::undo::{self, blocks_of, BlockSet, SegmentWriter, BLOCK, MAX_ENTRY_BLOCKS, UNDO_DIR};
 
-/// Highest seq, and highest end of a record's range, the target accepts:
-/// both are stored as SQLite integers (and offsets as `off_t`).
-pub const MAX_POSITION: u64 = u64::MAX >> 1;
+pub use crate::plan::MAX_POSITION;
 
 /// Expiry runs at most this often (and after a batch that went over the cap).
 const EXPIRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -244,236 +245,63 @@ impl DiskApplier {
     /// dropped (the next connection starts again from the catalog).
     pub fn apply(&mut self, records: Vec<Record>, gap_flag: bool) -> Result<Outcome> {
         let id = self.row.disk_id.clone();
-        let applied = self.row.applied_seq;
-        let Some(first) = records.first().map(|r| r.header.seq) else {
-            return Ok(self.unchanged());
-        };
-        // Check everything before touching anything: bad input is never
-        // partly applied.
-        for (i, r) in records.iter().enumerate() {
-            let h = &r.header;
-            if Some(h.seq) != first.checked_add(i as u64) {
-                return Err(Error::malformed(format!(
-                    "disk {id}: batch record {i} has seq {}, expected {}",
-                    h.seq,
-                    first.saturating_add(i as u64)
-                )));
-            }
-            if h.seq == 0 || h.seq > MAX_POSITION {
-                return Err(Error::malformed(format!("disk {id}: seq {} is out of range", h.seq)));
-            }
-            if h.offset.saturating_add(h.length) > MAX_POSITION {
-                return Err(Error::malformed(format!(
-                    "disk {id}: seq {}: range {}+{} ends beyond the largest replica ({MAX_POSITION} bytes)",
-                    h.seq, h.offset, h.length
-                )));
-            }
-            if h.seq > applied {
-                // A VMDK replica has a fixed size: refuse before anything
-                // of the batch is captured or written.
-                self.replica
-                    .check_fits(h)
-                    .map_err(|e| Error::new(e.kind, format!("disk {id}: {}", e.context)))?;
-            }
-        }
-        let fresh: Vec<Record> = records.into_iter().filter(|r| r.header.seq > applied).collect();
-        let (Some(start), Some(last)) = (fresh.first().map(|r| r.header.seq), fresh.last().map(|r| r.header.seq))
-        else {
-            return Ok(self.unchanged());
-        };
-        if self.row.failed_over {
-            return Err(Error::new(
-                ErrorKind::FailedOver,
-                format!("disk {id} was failed over: the target no longer applies to it"),
-            ));
-        }
-        let policy = self.row.policy.clone();
-        if policy.enabled() && policy.on_full == OnFull::Stop {
-            if let Some(max) = policy.max_bytes.filter(|m| self.undo.bytes() >= *m) {
-                error!(
-                    disk = %id,
-                    undo_bytes = self.undo.bytes(),
-                    "undo retention is full ({max} bytes, --on-full stop): not applying; raise --retention-max or shorten the window"
-                );
-                return Err(Error::new(
-                    ErrorKind::RetentionFull,
-                    format!("disk {id}: undo retention is full ({max} bytes) and its policy is to stop"),
-                ));
-            }
-        }
-
-        let mut row = self.row.clone();
-        let mut request_full_resync = false;
-        if start > applied + 1 {
-            if !gap_flag && applied != 0 {
-                return Err(Error::malformed(format!(
-                    "disk {id}: gap: expected seq {}, the batch starts at {start} without PACKED_GAP",
-                    applied + 1
-                )));
-            }
-            if applied != 0 {
-                warn!(disk = %id, seq = start, "records {}..{start} were lost upstream; the disk awaits a full sync", applied + 1);
-            }
-            row.first_seq = Some(start);
-            row.sync_state = SyncState::AwaitingFullSync;
-            row.full_sync_seen = false;
-            request_full_resync = true;
-        } else if row.first_seq.is_none() {
-            row.first_seq = Some(start);
-        }
-
-        // Pass 1: checks, state, halts and points; what to write.
-        let now = now_unix();
-        let mut halts = self.halts.clone();
-        let mut changed = vec![false; halts.len()];
-        let mut new_halts: Vec<Halt> = Vec::new();
-        let mut ops: Vec<usize> = Vec::with_capacity(fresh.len());
-        let mut points: Vec<(usize, Point)> = Vec::new();
-        // Points recorded since this applier last looked (a view opened at
-        // `latest` records the applied state as a point): the capture epoch
-        // starts at the newest one.
-        let (newest_point, crash_tail) = if policy.enabled() {
+        // What the plan needs from the catalog, read first: points recorded
+        // since this applier last looked (a view opened at `latest` records
+        // the applied state as a point; the capture epoch starts at the
+        // newest one), and which of the batch's tag names are taken.
+        let (newest_point, crash_tail) = if self.row.policy.enabled() {
             self.catalog.point_tail(&id)?
         } else {
             (None, Vec::new())
         };
-        self.last_point = newest_point;
-        let mut thin = Thinning::new(&crash_tail, policy.point_interval, self.pinned(&id));
-        // Records up to this seq were captured by an attempt that crashed
-        // before its commit, against the points that attempt chose (which
-        // may differ if the batch is cut differently now): a flush among
-        // them is not made a point again, or a view there could miss a
-        // capture. Tags are points whatever the batch boundaries.
-        let recaptured = self.row.undo_captured_seq;
-        let mut thinned: Vec<u64> = Vec::new();
-        for (i, r) in fresh.iter().enumerate() {
-            let h = &r.header;
-            if let Err(e) = h.verify_payload(&r.payload) {
-                error!(
-                    disk = %id, seq = h.seq, kind = %h.kind, offset = h.offset, length = h.length,
-                    "record failed its end-to-end check ({}): not applied; the disk is halted until a resync covers its range",
-                    e.msg
-                );
-                let mut halt = Halt {
-                    seq: h.seq,
-                    kind: h.kind.name().to_string(),
-                    offset: h.offset,
-                    length: h.length,
-                    pending: RangeSet::single(h.offset, h.length),
-                    covered: false,
-                    covered_seq: None,
-                    reason: e.msg,
-                    detected_at: now,
-                    covered_at: None,
-                };
-                if halt.pending.is_empty() {
-                    // No disk range: nothing to resync; kept for the record.
-                    halt.covered = true;
-                    halt.covered_seq = Some(h.seq);
-                    halt.covered_at = Some(now);
-                }
-                new_halts.push(halt);
-                continue;
-            }
-            ops.push(i);
-            let covers = h.kind == RecordKind::Sync || (h.kind == RecordKind::Zero && h.flags & FLAG_SYNC != 0);
-            if covers {
-                if h.flags & FLAG_FULL != 0 {
-                    row.full_sync_seen = true;
-                }
-                for (halt, c) in halts.iter_mut().zip(changed.iter_mut()) {
-                    if !halt.covered && halt.seq < h.seq && cover(&id, halt, h.seq, h.offset, h.length, now) {
-                        *c = true;
-                    }
-                }
-                for halt in new_halts.iter_mut().filter(|x| !x.covered && x.seq < h.seq) {
-                    cover(&id, halt, h.seq, h.offset, h.length, now);
-                }
-            }
-            if h.kind == RecordKind::SyncBegin {
-                // Syncs may overlap (a resync starts before a full one ends):
-                // the replica is consistent again only once the latest
-                // one that began has ended.
-                let from = row.sync_from.map_or(h.seq, |f| f.max(h.seq));
-                row.sync_from = Some(from);
-            }
-            if h.kind == RecordKind::SyncDone && row.sync_from.is_some_and(|f| h.offset >= f) {
-                info!(disk = %id, seq = h.seq, "sync from seq {} complete", h.offset);
-                row.sync_from = None;
-            }
-            if h.kind == RecordKind::SyncDone
-                && h.flags & FLAG_FULL != 0
-                && row.sync_state == SyncState::AwaitingFullSync
-            {
-                let held_from = row.first_seq.unwrap_or(1);
-                if h.offset >= held_from || held_from == 1 {
-                    info!(disk = %id, seq = h.seq, "full sync (from seq {}) complete: the replica is consistent", h.offset);
-                    row.sync_state = SyncState::Consistent;
-                } else {
-                    info!(
-                        disk = %id, seq = h.seq,
-                        "a full sync from seq {} completed, but records before seq {held_from} were lost after it started; asking for another",
-                        h.offset
-                    );
-                    row.full_sync_seen = false;
-                    request_full_resync = true;
-                }
-            }
-            if policy.enabled() && matches!(h.kind, RecordKind::Flush | RecordKind::Tag) {
-                let consistent = row.sync_state == SyncState::Consistent
-                    && row.sync_from.is_none()
-                    && !halts.iter().chain(new_halts.iter()).any(|x| !x.covered);
-                if h.kind == RecordKind::Flush {
-                    // The newest flush is always a point; the one it
-                    // replaces as newest goes if it is closer than the
-                    // interval to the point before it.
-                    if consistent && h.seq > recaptured {
-                        if let Some(drop) = thin.add(h.seq, h.time_ns) {
-                            match points.iter().position(|(_, p)| p.seq == drop) {
-                                Some(k) => {
-                                    points.remove(k);
-                                }
-                                None => thinned.push(drop),
-                            }
-                        }
-                        points.push((
-                            i,
-                            Point {
-                                seq: h.seq,
-                                time_ns: h.time_ns,
-                                kind: PointKind::Crash,
-                                tag: None,
-                                latest: false,
-                            },
-                        ));
-                    }
-                } else {
-                    let name = String::from_utf8_lossy(&r.payload).into_owned();
-                    let taken = points.iter().any(|(_, p)| p.tag.as_deref() == Some(name.as_str()))
-                        || self.catalog.tag_exists(&id, &name)?;
-                    if !consistent {
-                        info!(disk = %id, seq = h.seq, tag = %name, "tag while the disk is not consistent (syncing or halted): not a recovery point");
-                    } else if taken {
-                        warn!(disk = %id, seq = h.seq, tag = %name, "a point with this tag name exists already: this tag is not a recovery point");
-                    } else {
-                        points.push((
-                            i,
-                            Point {
-                                seq: h.seq,
-                                time_ns: h.time_ns,
-                                kind: if h.app_consistent() {
-                                    PointKind::App
-                                } else {
-                                    PointKind::Tag
-                                },
-                                tag: Some(name),
-                                latest: false,
-                            },
-                        ));
-                    }
+        let mut existing_tags = HashSet::new();
+        if self.row.policy.enabled() {
+            for r in records.iter().filter(|r| r.header.kind == RecordKind::Tag) {
+                let name = String::from_utf8_lossy(&r.payload).into_owned();
+                if self.catalog.tag_exists(&id, &name)? {
+                    existing_tags.insert(name);
                 }
             }
         }
+        let replica = &self.replica;
+        let fits = |h: &RecordHeader| replica.check_fits(h);
+        let input = PlanInput {
+            row: &self.row,
+            halts: &self.halts,
+            gap_flag,
+            undo_bytes: self.undo.bytes(),
+            crash_tail,
+            pinned: self.pinned(&id),
+            existing_tags,
+            fits: &fits,
+            now: now_unix(),
+        };
+        let Some(plan) = plan(&input, records)? else {
+            return Ok(self.unchanged());
+        };
+        self.last_point = newest_point;
+        self.execute(plan)
+    }
+
+    /// Carry out a plan: capture undo → fdatasync → mark → write the
+    /// replica → fdatasync → commit → acknowledge, with the failpoints of
+    /// the crash tests between the steps.
+    fn execute(&mut self, plan: Plan) -> Result<Outcome> {
+        let id = self.row.disk_id.clone();
+        let policy = self.row.policy.clone();
+        let halts_to_commit: Vec<Halt> = plan.halts_to_commit().into_iter().cloned().collect();
+        let open = plan.open_halts();
+        let Plan {
+            fresh,
+            last,
+            mut row,
+            ops,
+            points,
+            thinned,
+            new_halts,
+            request_full_resync,
+            ..
+        } = plan;
 
         // Pass 2: undo, durable and marked before the replica is touched.
         if policy.enabled() {
@@ -505,19 +333,7 @@ impl DiskApplier {
 
         row.applied_seq = last;
         row.applied_time_ns = fresh.last().map_or(row.applied_time_ns, |r| r.header.time_ns);
-        let mut commit: Vec<&Halt> = halts
-            .iter()
-            .zip(&changed)
-            .filter(|(_, c)| **c)
-            .map(|(h, _)| h)
-            .collect();
-        commit.extend(new_halts.iter());
-        let open: Vec<Halt> = halts
-            .iter()
-            .chain(new_halts.iter())
-            .filter(|h| !h.covered)
-            .cloned()
-            .collect();
+        let commit: Vec<&Halt> = halts_to_commit.iter().collect();
         let halted_seq = open.iter().map(|h| h.seq).min();
         let new_points: Vec<Point> = points.into_iter().map(|(_, p)| p).collect();
         fail::fail_point!("target-before-commit", |_| Err(Error::injected("target-before-commit")));
@@ -767,57 +583,6 @@ impl DiskApplier {
     }
 }
 
-/// Where crash points go: every flush of a consistent disk becomes the
-/// newest point; the point it replaces as newest is dropped again when it
-/// lies less than `interval` (source time) after the point before it. So
-/// the newest flush is always recoverable and older crash points are at
-/// least `interval` apart. A point a view has pinned is kept (it stays
-/// listed while the view is open). Pins only decide which *older* point is
-/// deleted, which never changes what a view reads (its undo is kept while
-/// it is pinned); the points a batch *creates* depend on the records and
-/// the committed catalog only, and a re-applied batch creates no crash
-/// points (see `recaptured` in `apply`).
-struct Thinning {
-    /// The newest crash point and the one before it: (seq, source time).
-    newest: Option<(u64, u64)>,
-    before: Option<(u64, u64)>,
-    interval_ns: u64,
-    pinned: Vec<u64>,
-}
-
-impl Thinning {
-    /// `tail`: the newest crash points, newest first (as
-    /// `Catalog::point_tail` reads them).
-    fn new(tail: &[(u64, u64)], interval: std::time::Duration, pinned: Vec<u64>) -> Self {
-        Self {
-            newest: tail.first().copied(),
-            before: tail.get(1).copied(),
-            interval_ns: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
-            pinned,
-        }
-    }
-
-    /// A flush at (seq, time) becomes the newest point; returns the seq of
-    /// the point to drop, if any.
-    fn add(&mut self, seq: u64, time_ns: u64) -> Option<u64> {
-        let new = (seq, time_ns);
-        let Some(newest) = self.newest else {
-            self.newest = Some(new);
-            return None;
-        };
-        let close = self
-            .before
-            .is_some_and(|b| newest.1.abs_diff(b.1) < self.interval_ns && !self.pinned.contains(&newest.0));
-        self.newest = Some(new);
-        if close {
-            Some(newest.0)
-        } else {
-            self.before = Some(newest);
-            None
-        }
-    }
-}
-
 /// Capture blocks `[s, e)` before seq `seq` overwrites them: holes of the
 /// replica (that no earlier record of the batch touched) as one ZERO
 /// entry, the rest in data entries of at most 1 MiB, each block as the
@@ -895,32 +660,17 @@ fn capture_run(
     Ok(())
 }
 
-/// Subtract a sync record's range from a halt; returns whether it changed.
-fn cover(disk: &str, halt: &mut Halt, seq: u64, offset: u64, length: u64, now: i64) -> bool {
-    if !halt.pending.subtract(offset, length) {
-        return false;
-    }
-    if halt.pending.is_empty() {
-        halt.covered = true;
-        halt.covered_seq = Some(seq);
-        halt.covered_at = Some(now);
-        info!(
-            disk,
-            seq, "the range of the record that failed at seq {} is resynced", halt.seq
-        );
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::catalog::Bind;
+    use crate::error::ErrorKind;
+    use crate::recovery::PointKind;
     use crate::replica::ReplicaFormat;
     use crate::retention::{DiskPolicy, OnFull};
     use std::os::unix::fs::FileExt;
     use tidemark_wire::frame::ReplicaState;
-    use tidemark_wire::record::RecordHeader;
+    use tidemark_wire::record::{FLAG_FULL, FLAG_SYNC};
 
     fn write(seq: u64, offset: u64, byte: u8, len: usize) -> Record {
         let payload = vec![byte; len];
