@@ -17,6 +17,7 @@ pub mod shim;
 pub mod ship;
 pub mod state;
 pub mod sync;
+pub mod sync_state;
 pub mod syncer;
 pub mod ublk;
 

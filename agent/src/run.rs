@@ -216,7 +216,7 @@ fn open_claimed(
     // SyncBegin when it starts the sync (start seq 0 until then). Without a
     // collector nothing syncs yet, and the journal holds client writes only:
     // the SyncBegin waits until a collector is configured.
-    let sync = match crate::sync::load(&state.dir)? {
+    let sync = match crate::sync_state::load(&state.dir)? {
         Some(s) => s,
         None => {
             let start = if journal.next_seq() == 1 && cfg.ship.is_some() {
@@ -227,8 +227,8 @@ fn open_claimed(
             } else {
                 0
             };
-            let s = crate::sync::SyncFile::initial(start, size);
-            crate::sync::store(&crate::sync::state_path(&state.dir), &s)?;
+            let s = crate::sync_state::SyncFile::initial(start, size);
+            crate::sync_state::store(&crate::sync_state::state_path(&state.dir), &s)?;
             s
         }
     };

@@ -42,7 +42,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::ranges::{RangeLocks, Ticket};
-use crate::sync::{SyncFile, SyncKind, SyncShared};
+use crate::sync_state::{SyncFile, SyncKind, SyncShared};
 use crate::syncer::Syncer;
 
 /// How writes are tracked.
@@ -273,7 +273,7 @@ impl Shim {
         } else {
             Mode::Journal
         };
-        let sync = SyncShared::new(crate::sync::state_path(&p.state_dir), p.sync);
+        let sync = SyncShared::new(crate::sync_state::state_path(&p.state_dir), p.sync);
         Self {
             inner: Arc::new(Inner {
                 disk_id: p.disk_id,

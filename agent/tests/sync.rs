@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use tidemark_agent::config::{ListenAddr, ProtectConfig};
 use tidemark_agent::run::open;
 use tidemark_agent::shim::{ChunkOutcome, Mode, Shim};
-use tidemark_agent::sync::{self, SyncKind};
+use tidemark_agent::sync;
+use tidemark_agent::sync_state::{self, SyncKind};
 use tidemark_formats::apply::{apply_record, whole};
 use tidemark_formats::journal::{Journal, JournalReader};
 use tidemark_nbd::{Backend, ZeroFlags};
@@ -463,7 +464,7 @@ fn machine_crash_means_a_counted_full_resync() {
     stop.cancel();
     driver.join().unwrap();
     assert!(!c.state.join("resync-required").exists());
-    let f = sync::load(&c.state).unwrap().unwrap();
+    let f = sync_state::load(&c.state).unwrap().unwrap();
     assert_eq!((f.full_resyncs, f.kind, f.last_full_start), (1, None, next));
     let recs = all_records(&c.state, 1);
     let last = recs.last().unwrap();
