@@ -11,11 +11,13 @@
 pub mod config;
 pub mod control;
 pub mod drain;
+pub mod metrics;
 pub mod ranges;
 pub mod run;
 pub mod shim;
 pub mod ship;
 pub mod state;
+pub mod status;
 pub mod sync;
 pub mod sync_state;
 pub mod syncer;

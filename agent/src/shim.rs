@@ -28,7 +28,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
@@ -160,68 +160,6 @@ pub struct ShimParts {
     pub resync_required: bool,
     /// The persisted sync state.
     pub sync: SyncFile,
-}
-
-/// A snapshot of the agent's state, for the control socket.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub disk_id: String,
-    pub disk_uuid: String,
-    pub disk_path: String,
-    pub disk_size_bytes: u64,
-    pub mode: Mode,
-    /// A machine crash left writes that may be missing from the journal:
-    /// the whole disk must be resynced.
-    pub resync_required: bool,
-    pub next_seq: u64,
-    pub last_seq: u64,
-    pub consumed_seq: u64,
-    pub journal_bytes: u64,
-    pub journal_cap_bytes: u64,
-    pub journal_segments: usize,
-    pub bitmap_dirty_regions: u64,
-    pub bitmap_dirty_bytes: u64,
-    pub bitmap_granularity_bytes: u64,
-    pub writes: u64,
-    pub write_bytes: u64,
-    pub reads: u64,
-    pub read_bytes: u64,
-    pub flushes: u64,
-    pub trims: u64,
-    pub zeroes: u64,
-    pub bitmap_writes: u64,
-    pub io_errors: u64,
-    pub tracking_errors: u64,
-    pub mode_changes: u64,
-    /// What the agent reports to the collector: streaming, initial-sync,
-    /// resync, full-resync or bitmap.
-    pub replication_mode: &'static str,
-    /// The running sync, if any.
-    pub sync: Option<SyncStatus>,
-    pub full_resyncs: u64,
-    /// Journal bytes the collector has not acknowledged.
-    pub journal_backlog_bytes: u64,
-    pub collector: Option<String>,
-    pub collector_connected: bool,
-    pub acked_seq: u64,
-    pub uptime_s: u64,
-    /// How the disk is served: `nbd ADDR`, `ublk /dev/ublkbN` (both,
-    /// comma-separated, when it is served both ways; None before it is).
-    pub served_as: Option<String>,
-}
-
-/// Progress of a running sync.
-#[derive(Debug, Serialize)]
-pub struct SyncStatus {
-    pub kind: SyncKind,
-    pub start_seq: u64,
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub percent: f64,
-    pub rate_bps: u64,
-    pub eta_s: Option<u64>,
-    /// Waiting: the journal is above half its cap, or in bitmap mode.
-    pub paused: bool,
 }
 
 /// What [`Shim::sync_chunk`] did.
@@ -658,187 +596,20 @@ impl Shim {
         (total - dirty, total)
     }
 
-    /// A status snapshot.
-    pub fn status(&self) -> Status {
-        let s = &self.inner.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (sync_done, sync_total) = self.sync_done_total();
-        let sf = self.inner.sync.snapshot();
-        let replication_mode = self.agent_mode().name();
-        let rate = self.inner.sync.rate_bps();
-        let (jfill, jcap) = self.journal_fill();
-        let acked = self.inner.link.acked_seq.load(Ordering::Relaxed);
-        let core = self.core();
-        let (regions, bytes, gran) = core
-            .bitmap
-            .as_ref()
-            .map_or((0, 0, u64::from(DEFAULT_GRANULARITY)), |b| {
-                (b.count(), b.dirty_bytes(), b.granularity())
-            });
-        Status {
-            disk_id: self.inner.disk_id.clone(),
-            disk_uuid: self.inner.disk_uuid.clone(),
-            disk_path: self.inner.disk_path.display().to_string(),
-            disk_size_bytes: self.inner.size,
-            mode: core.mode,
-            resync_required: self.resync_required(),
-            next_seq: core.journal.next_seq(),
-            last_seq: core.journal.next_seq().saturating_sub(1),
-            consumed_seq: core.journal.consumed_seq(),
-            journal_bytes: core.journal.live_bytes(),
-            journal_cap_bytes: core.journal.config().cap_bytes,
-            journal_segments: core.journal.segments(),
-            bitmap_dirty_regions: regions,
-            bitmap_dirty_bytes: bytes,
-            bitmap_granularity_bytes: gran,
-            writes: l(&s.writes),
-            write_bytes: l(&s.write_bytes),
-            reads: l(&s.reads),
-            read_bytes: l(&s.read_bytes),
-            flushes: l(&s.flushes),
-            trims: l(&s.trims),
-            zeroes: l(&s.zeroes),
-            bitmap_writes: l(&s.bitmap_writes),
-            io_errors: l(&s.io_errors),
-            tracking_errors: l(&s.tracking_errors),
-            mode_changes: l(&s.mode_changes),
-            replication_mode,
-            sync: sf.kind.map(|kind| {
-                let left = sync_total - sync_done;
-                SyncStatus {
-                    kind,
-                    start_seq: sf.start_seq,
-                    done_bytes: sync_done,
-                    total_bytes: sync_total,
-                    percent: if sync_total == 0 {
-                        100.0
-                    } else {
-                        (sync_done as f64) * 100.0 / (sync_total as f64)
-                    },
-                    rate_bps: rate,
-                    eta_s: left.checked_div(rate),
-                    paused: core.mode == Mode::Bitmap || jfill > jcap / 2,
-                }
-            }),
-            full_resyncs: sf.full_resyncs,
-            journal_backlog_bytes: core.journal.bytes_after(acked.max(core.journal.consumed_seq())),
-            collector: self
-                .inner
-                .link
-                .collector
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            collector_connected: self.inner.link.connected.load(Ordering::Relaxed),
-            acked_seq: acked,
-            uptime_s: self.inner.started.elapsed().as_secs(),
-            served_as: self
-                .inner
-                .front_ends
-                .lock()
-                .ok()
-                .filter(|f| !f.is_empty())
-                .map(|f| f.join(", ")),
-        }
+    /// How long this shim has been running.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
     }
 
-    /// Counters and gauges in Prometheus text format.
-    pub fn metrics(&self) -> String {
-        let st = self.status();
-        let disk = &st.disk_id;
-        let mut out = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP tidemark_agent_{name} {help}\n# TYPE tidemark_agent_{name} {kind}\ntidemark_agent_{name}{{disk=\"{disk}\"}} {v}\n"
-            ));
-        };
-        put("writes_total", "counter", "Write requests completed.", st.writes);
-        put(
-            "written_bytes_total",
-            "counter",
-            "Bytes written by clients.",
-            st.write_bytes,
-        );
-        put("reads_total", "counter", "Read requests completed.", st.reads);
-        put("read_bytes_total", "counter", "Bytes read by clients.", st.read_bytes);
-        put("flushes_total", "counter", "FLUSH requests.", st.flushes);
-        put("trims_total", "counter", "TRIM requests completed.", st.trims);
-        put("zeroes_total", "counter", "WRITE_ZEROES requests completed.", st.zeroes);
-        put(
-            "bitmap_writes_total",
-            "counter",
-            "Changes tracked in the dirty bitmap instead of the journal.",
-            st.bitmap_writes,
-        );
-        put(
-            "io_errors_total",
-            "counter",
-            "Backing disk or sync errors returned to clients.",
-            st.io_errors,
-        );
-        put(
-            "tracking_errors_total",
-            "counter",
-            "Journal or bitmap errors that failed a request.",
-            st.tracking_errors,
-        );
-        put("last_seq", "gauge", "Highest journaled seq.", st.last_seq);
-        put(
-            "journal_bytes",
-            "gauge",
-            "Bytes of unconsumed journal.",
-            st.journal_bytes,
-        );
-        put("journal_cap_bytes", "gauge", "Journal size cap.", st.journal_cap_bytes);
-        put(
-            "bitmap_dirty_bytes",
-            "gauge",
-            "Bytes in dirty bitmap regions.",
-            st.bitmap_dirty_bytes,
-        );
-        put(
-            "bitmap_mode",
-            "gauge",
-            "1 while in bitmap mode.",
-            u64::from(st.mode == Mode::Bitmap),
-        );
-        put(
-            "mode_changes_total",
-            "counter",
-            "Changes between journal and bitmap mode.",
-            st.mode_changes,
-        );
-        put(
-            "sync_bytes_total",
-            "counter",
-            "Disk bytes read and journaled by syncs.",
-            self.inner.stats.sync_bytes.load(Ordering::Relaxed),
-        );
-        put(
-            "sync_fence_waits_total",
-            "counter",
-            "Client writes that waited for a sync chunk's fence.",
-            self.inner.stats.fence_waits.load(Ordering::Relaxed),
-        );
-        put(
-            "full_resyncs_total",
-            "counter",
-            "Full resyncs of the disk.",
-            st.full_resyncs,
-        );
-        put(
-            "journal_backlog_bytes",
-            "gauge",
-            "Journal bytes not acknowledged by the collector.",
-            st.journal_backlog_bytes,
-        );
-        put(
-            "acked_seq",
-            "gauge",
-            "Highest seq acknowledged by the collector.",
-            st.acked_seq,
-        );
-        out
+    /// How the disk is served (front ends, comma-separated); `None` before
+    /// it is.
+    pub fn served_as(&self) -> Option<String> {
+        self.inner
+            .front_ends
+            .lock()
+            .ok()
+            .filter(|f| !f.is_empty())
+            .map(|f| f.join(", "))
     }
 
     /// Read `buf.len()` bytes at `offset` from the disk (reads are not

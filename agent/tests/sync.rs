@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tidemark_agent::config::{ListenAddr, ProtectConfig};
 use tidemark_agent::run::open;
 use tidemark_agent::shim::{ChunkOutcome, Mode, Shim};
+use tidemark_agent::status::Status;
 use tidemark_agent::sync;
 use tidemark_agent::sync_state::{self, SyncKind};
 use tidemark_formats::apply::{apply_record, whole};
@@ -251,7 +252,7 @@ fn initial_sync_under_concurrent_writes_replays_to_the_disk() {
             std::fs::read(&replay).unwrap() == disk,
             "seed {seed}: the journal replayed onto a blank disk differs from the disk"
         );
-        let st = shim.status();
+        let st = Status::of(&shim);
         assert!(st.sync.is_none());
         assert_eq!(st.full_resyncs, 0, "the initial sync is not a full resync");
     }
@@ -389,7 +390,7 @@ fn bitmap_mode_exit_resyncs_dirty_regions() {
         let off = rng.below(SIZE / 4096 - 32) * 4096;
         rt.block_on(shim.write(off, vec![0xee; 96 << 10], false)).unwrap();
     }
-    let st = shim.status();
+    let st = Status::of(&shim);
     assert_eq!(st.mode, Mode::Bitmap);
     assert!(st.bitmap_dirty_regions > 0);
     assert_eq!(st.replication_mode, "bitmap");
@@ -404,7 +405,7 @@ fn bitmap_mode_exit_resyncs_dirty_regions() {
     stop.cancel();
     driver.join().unwrap();
     ship(false);
-    let st = shim.status();
+    let st = Status::of(&shim);
     assert_eq!(st.mode, Mode::Journal);
     assert_eq!(st.mode_changes, 2, "entering and leaving bitmap mode are both counted");
     assert_eq!(st.bitmap_dirty_regions, 0);
@@ -503,7 +504,7 @@ fn dirty_regions_report_resync_before_the_driver_starts() {
     let p = shim.progress();
     assert_eq!(p.mode, AgentMode::Resync, "dirty regions waiting, but not reported");
     assert!(p.sync_total > 0 && p.sync_done == 0);
-    assert_eq!(shim.status().replication_mode, "resync");
+    assert_eq!(Status::of(&shim).replication_mode, "resync");
     let next = shim.core().journal.next_seq();
     let stop = CancellationToken::new();
     let driver = run_driver(&shim, &rt, &stop);
