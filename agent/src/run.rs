@@ -473,7 +473,7 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         served_as.push(format!("ublk {}", d.block_device()));
     }
     shim.set_front_ends(served_as);
-    let backend = Arc::new(shim.clone());
+    let backend = Arc::new(crate::nbd::Export::new(shim.clone()));
     let nbd = async {
         match listener {
             Some(l) => tidemark_nbd::serve(l, backend, stop.clone())

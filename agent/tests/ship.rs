@@ -16,7 +16,6 @@ use tidemark_agent::ship::{read_frame, write_frame};
 use tidemark_agent::status::Status;
 use tidemark_agent::sync;
 use tidemark_formats::apply::{apply_record, whole};
-use tidemark_nbd::Backend;
 use tidemark_util::fileops::BackingKind;
 use tidemark_wire::frame::{AgentMode, Frame, Request, Role, WELCOME_NEED_FULL_SYNC};
 use tidemark_wire::record::{Record, RecordKind, FLAG_FULL};

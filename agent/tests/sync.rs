@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 
 use tidemark_agent::config::{ListenAddr, ProtectConfig};
 use tidemark_agent::run::open;
-use tidemark_agent::shim::{ChunkOutcome, Mode, Shim};
+use tidemark_agent::shim::{ChunkOutcome, Mode, Shim, Zeroing};
 use tidemark_agent::status::Status;
 use tidemark_agent::sync;
 use tidemark_agent::sync_state::{self, SyncKind};
 use tidemark_formats::apply::{apply_record, whole};
 use tidemark_formats::journal::{Journal, JournalReader};
-use tidemark_nbd::{Backend, ZeroFlags};
 use tidemark_util::fileops::BackingKind;
 use tidemark_wire::frame::AgentMode;
 use tidemark_wire::record::{Record, RecordKind, FLAG_FULL, FLAG_SYNC};
@@ -141,7 +140,7 @@ async fn random_io(shim: Shim, size: u64, seed: u64, ops: usize, until: Arc<Atom
         let len = ((1 + rng.below(256)) * 512).min(size - off);
         match rng.below(10) {
             0 => shim.trim(off, len, false).await.unwrap(),
-            1 => shim.write_zeroes(off, len, ZeroFlags::default()).await.unwrap(),
+            1 => shim.write_zeroes(off, len, Zeroing::default()).await.unwrap(),
             2 => shim.flush().await.unwrap(),
             _ => {
                 let b = u8::try_from(i % 251).unwrap() | 1;
