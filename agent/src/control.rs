@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::shim::Shim;
+use crate::status::Status;
 
 /// File in the state directory holding the tag names used on this disk.
 pub const TAGS_FILE: &str = "tags.json";
@@ -161,8 +162,8 @@ async fn tag(shim: &Shim, name: &str, app_consistent: bool, deadline_ns: Option<
 /// Answer one request line.
 pub async fn handle(shim: &Shim, line: &str) -> String {
     let reply = match serde_json::from_str::<Request>(line) {
-        Ok(r) if r.cmd == "status" => serde_json::json!({"ok": true, "status": shim.status()}),
-        Ok(r) if r.cmd == "metrics" => serde_json::json!({"ok": true, "metrics": shim.metrics()}),
+        Ok(r) if r.cmd == "status" => serde_json::json!({"ok": true, "status": Status::of(shim)}),
+        Ok(r) if r.cmd == "metrics" => serde_json::json!({"ok": true, "metrics": crate::metrics::render(shim)}),
         Ok(r) if r.cmd == "tag" => match r.name {
             None => serde_json::json!({"ok": false, "error": "tag needs a \"name\""}),
             Some(name) => match tag(shim, &name, r.app_consistent, r.deadline_ns).await {

@@ -2,6 +2,7 @@
 //! unclean stop, serve the shim until SIGTERM/SIGINT, then stop cleanly.
 
 use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +12,7 @@ use tidemark_formats::journal::{Journal, JournalConfig, JournalReader};
 use tidemark_util::fileops;
 use tidemark_util::human::format_size;
 use tidemark_wire::record::{RecordKind, FLAG_FULL};
+use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -216,7 +218,7 @@ fn open_claimed(
     // SyncBegin when it starts the sync (start seq 0 until then). Without a
     // collector nothing syncs yet, and the journal holds client writes only:
     // the SyncBegin waits until a collector is configured.
-    let sync = match crate::sync::load(&state.dir)? {
+    let sync = match crate::sync_state::load(&state.dir)? {
         Some(s) => s,
         None => {
             let start = if journal.next_seq() == 1 && cfg.ship.is_some() {
@@ -227,8 +229,8 @@ fn open_claimed(
             } else {
                 0
             };
-            let s = crate::sync::SyncFile::initial(start, size);
-            crate::sync::store(&crate::sync::state_path(&state.dir), &s)?;
+            let s = crate::sync_state::SyncFile::initial(start, size);
+            crate::sync_state::store(&crate::sync_state::state_path(&state.dir), &s)?;
             s
         }
     };
@@ -328,6 +330,27 @@ fn abandon_start(opened: Option<Opened>, control: Option<&std::path::Path>, nbd:
 
 /// Run `protect` until SIGTERM/SIGINT.
 pub async fn protect(cfg: ProtectConfig) -> Result<()> {
+    check_startable(&cfg)?;
+    // Refuse what can be refused and bind the listeners before anything is
+    // created: a port in use leaves no disk file and no state directory.
+    precheck(&cfg)?;
+    let (listener, nbd_socket) = bind_nbd(&cfg).await?;
+    let starting = open_and_bind_control(&cfg, nbd_socket)?;
+    // Signals are caught from here on: one during a slow ublk start is
+    // honoured once the device is up (a clean stop follows at once).
+    let stop = CancellationToken::new();
+    stop_on_signal(&stop);
+    let running = start(&cfg, starting, &stop).await?;
+    running.announce(&cfg);
+    let (nbd_r, ublk_r) = running.serve(listener, &stop).await;
+    stop.cancel();
+    running.stop(&cfg, nbd_r, ublk_r).await
+}
+
+/// Refusals that need nothing opened: options that do not go together, a
+/// state directory whose control socket path would be too long, a kernel
+/// without ublk for `--ublk`.
+fn check_startable(cfg: &ProtectConfig) -> Result<()> {
     if cfg.bench_consume && cfg.ship.is_some() {
         bail!(
             "--bench-consume cannot be combined with --collector: it recycles journal segments \
@@ -349,105 +372,125 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         // Before anything is opened: a kernel without ublk fails at once.
         crate::ublk::check_available()?;
     }
-    // Refuse what can be refused and bind the listeners before anything is
-    // created: a port in use leaves no disk file and no state directory.
-    precheck(&cfg)?;
+    Ok(())
+}
+
+/// Bind the NBD listener (`--listen`); also the socket file it made, which
+/// a failed start removes again.
+async fn bind_nbd(cfg: &ProtectConfig) -> Result<(Option<tidemark_nbd::Listener>, Option<PathBuf>)> {
     let listener = match &cfg.listen {
         Some(l) => Some(tidemark_nbd::bind(l).await.context("cannot serve the disk")?),
         None => None,
     };
-    // The NBD socket file this start made, removed again if it fails.
-    let nbd_socket = match &cfg.listen {
+    let socket = match &cfg.listen {
         Some(ListenAddr::Unix(p)) => Some(p.clone()),
         _ => None,
     };
-    let opened = match open(&cfg) {
+    Ok((listener, socket))
+}
+
+/// A start under way: what it has opened and bound so far, all of it
+/// removed again by [`Starting::abandon`] if a later step fails.
+struct Starting {
+    opened: Opened,
+    control: UnixListener,
+    /// The NBD socket file this start made.
+    nbd_socket: Option<PathBuf>,
+}
+
+impl Starting {
+    fn abandon(self) {
+        let control_path = self.opened.state.control_path();
+        drop(self.control);
+        abandon_start(Some(self.opened), Some(&control_path), self.nbd_socket.as_deref());
+    }
+}
+
+/// Open the disk and its state, then bind the control socket. A failure
+/// removes what this start made, the NBD socket file included.
+fn open_and_bind_control(cfg: &ProtectConfig, nbd_socket: Option<PathBuf>) -> Result<Starting> {
+    let opened = match open(cfg) {
         Ok(o) => o,
         Err(e) => {
             abandon_start(None, None, nbd_socket.as_deref());
             return Err(e);
         }
     };
-    let control_path = opened.state.control_path();
-    let control_listener = match opened.state.free_control_path().and_then(|p| crate::control::bind(&p)) {
-        Ok(l) => l,
+    match opened.state.free_control_path().and_then(|p| crate::control::bind(&p)) {
+        Ok(control) => Ok(Starting {
+            opened,
+            control,
+            nbd_socket,
+        }),
         Err(e) => {
             abandon_start(Some(opened), None, nbd_socket.as_deref());
+            Err(e)
+        }
+    }
+}
+
+/// Cancel `stop` at the first SIGTERM or SIGINT.
+fn stop_on_signal(stop: &CancellationToken) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        stop.cancel();
+    });
+}
+
+/// Everything that runs while the disk is served.
+struct Running {
+    shim: Shim,
+    state: StateDir,
+    /// Held for as long as the disk is served.
+    disk_lock: nix::fcntl::Flock<File>,
+    device: Option<crate::ublk::Device>,
+    control: tokio::task::JoinHandle<std::io::Result<()>>,
+    drain: Option<std::thread::JoinHandle<()>>,
+    shipper: Option<tokio::task::JoinHandle<()>>,
+    sync_driver: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Bring up what runs beside the NBD server: the ublk device, the sync
+/// driver, the control server, the drain and the shipper. A failure before
+/// anything is served undoes the start.
+async fn start(cfg: &ProtectConfig, starting: Starting, stop: &CancellationToken) -> Result<Running> {
+    let device = match start_ublk(cfg, &starting.opened.shim).await {
+        Ok(d) => d,
+        Err(e) => {
+            starting.abandon();
             return Err(e);
         }
     };
-    // Signals are caught from here on: one during a slow ublk start is
-    // honoured once the device is up (a clean stop follows at once).
-    let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
+    let sync_driver = match start_sync_driver(cfg, &starting.opened.shim, stop) {
+        Ok(d) => d,
+        Err(e) => {
+            // Nothing has been served yet: take the device down again.
             stop.cancel();
-        });
-    }
-    if cfg.ublk.is_none() {
-        crate::ublk::warn_if_left_behind(&cfg.state);
-    }
-    let device = match &cfg.ublk {
-        Some(opts) => {
-            let (shim, opts, dir, rt) = (
-                opened.shim.clone(),
-                opts.clone(),
-                cfg.state.clone(),
-                tokio::runtime::Handle::current(),
-            );
-            // Off the runtime thread: bringing the device up blocks until the
-            // kernel has read the partition table through it.
-            let r = tokio::task::spawn_blocking(move || crate::ublk::start(shim, &opts, &dir, rt))
-                .await
-                .context("ublk start task")
-                .and_then(|r| r);
-            match r {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    drop(control_listener);
-                    abandon_start(Some(opened), Some(&control_path), nbd_socket.as_deref());
-                    return Err(e);
-                }
+            if let Some(d) = device {
+                let _ = d.shutdown().await;
             }
+            starting.abandon();
+            return Err(e);
         }
-        None => None,
-    };
-    // Shipping and syncing need a collector; without one the agent only
-    // journals (the sync state stays recorded for when one is configured).
-    let sync_driver = match &cfg.ship {
-        Some(_) => match crate::sync::spawn(opened.shim.clone(), stop.clone(), tokio::runtime::Handle::current()) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                // Nothing has been served yet: take the device down again.
-                stop.cancel();
-                if let Some(d) = device {
-                    let _ = d.shutdown().await;
-                }
-                drop(control_listener);
-                abandon_start(Some(opened), Some(&control_path), nbd_socket.as_deref());
-                return Err(anyhow::Error::from(e).context("start the sync driver"));
-            }
-        },
-        None => None,
     };
     // Started: from here on what was created stays.
-    let Opened {
-        shim,
-        state,
-        disk_lock: _disk_lock,
+    let Starting {
+        opened: Opened {
+            shim, state, disk_lock, ..
+        },
+        control,
         ..
-    } = opened;
+    } = starting;
     let control = tokio::spawn(crate::control::serve(
-        control_listener,
+        control,
         state.control_path(),
         shim.clone(),
         stop.clone(),
@@ -459,74 +502,150 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
         .ship
         .clone()
         .map(|sc| tokio::spawn(crate::ship::run(shim.clone(), sc, stop.clone())));
-    info!(
-        disk = %cfg.disk_id,
-        listen = %cfg.listen.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
-        ublk = device.as_ref().map(|d| d.block_device()).unwrap_or_default(),
-        "serving"
+    Ok(Running {
+        shim,
+        state,
+        disk_lock,
+        device,
+        control,
+        drain,
+        shipper,
+        sync_driver,
+    })
+}
+
+/// Bring up the ublk device `--ublk` asks for; without it, warn about a
+/// device of this disk's still waiting for its agent.
+async fn start_ublk(cfg: &ProtectConfig, shim: &Shim) -> Result<Option<crate::ublk::Device>> {
+    let Some(opts) = &cfg.ublk else {
+        crate::ublk::warn_if_left_behind(&cfg.state);
+        return Ok(None);
+    };
+    let (shim, opts, dir, rt) = (
+        shim.clone(),
+        opts.clone(),
+        cfg.state.clone(),
+        tokio::runtime::Handle::current(),
     );
-    let mut served_as = Vec::new();
-    if let Some(l) = &cfg.listen {
-        served_as.push(format!("nbd {l}"));
+    // Off the runtime thread: bringing the device up blocks until the
+    // kernel has read the partition table through it.
+    tokio::task::spawn_blocking(move || crate::ublk::start(shim, &opts, &dir, rt))
+        .await
+        .context("ublk start task")
+        .and_then(|r| r)
+        .map(Some)
+}
+
+/// Shipping and syncing need a collector; without one the agent only
+/// journals (the sync state stays recorded for when one is configured).
+fn start_sync_driver(
+    cfg: &ProtectConfig,
+    shim: &Shim,
+    stop: &CancellationToken,
+) -> Result<Option<std::thread::JoinHandle<()>>> {
+    if cfg.ship.is_none() {
+        return Ok(None);
     }
-    if let Some(d) = &device {
-        served_as.push(format!("ublk {}", d.block_device()));
-    }
-    shim.set_front_ends(served_as);
-    let backend = Arc::new(shim.clone());
-    let nbd = async {
-        match listener {
-            Some(l) => tidemark_nbd::serve(l, backend, stop.clone())
-                .await
-                .context("NBD server"),
-            None => {
-                stop.cancelled().await;
-                Ok(())
-            }
+    crate::sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current())
+        .map(Some)
+        .context("start the sync driver")
+}
+
+impl Running {
+    /// Log that the disk is served, and record how for the status.
+    fn announce(&self, cfg: &ProtectConfig) {
+        info!(
+            disk = %cfg.disk_id,
+            listen = %cfg.listen.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
+            ublk = self.device.as_ref().map(|d| d.block_device()).unwrap_or_default(),
+            "serving"
+        );
+        let mut served_as = Vec::new();
+        if let Some(l) = &cfg.listen {
+            served_as.push(format!("nbd {l}"));
         }
-    };
-    // A ublk device that goes away under the agent (deleted from outside,
-    // a failed queue) stops the agent, with an error.
-    let watch_ublk = async {
-        let Some(d) = &device else {
-            return Ok(());
+        if let Some(d) = &self.device {
+            served_as.push(format!("ublk {}", d.block_device()));
+        }
+        self.shim.set_front_ends(served_as);
+    }
+
+    /// Serve NBD on `listener` (if any) until `stop`, and watch the ublk
+    /// device: one that goes away under the agent (deleted from outside, a
+    /// failed queue) stops the agent, with an error. Both outcomes.
+    async fn serve(
+        &self,
+        listener: Option<tidemark_nbd::Listener>,
+        stop: &CancellationToken,
+    ) -> (Result<()>, Result<()>) {
+        let backend = Arc::new(crate::nbd::Export::new(self.shim.clone()));
+        let nbd = async {
+            match listener {
+                Some(l) => tidemark_nbd::serve(l, backend, stop.clone())
+                    .await
+                    .context("NBD server"),
+                None => {
+                    stop.cancelled().await;
+                    Ok(())
+                }
+            }
         };
-        tokio::select! {
-            () = d.ended() => {
-                stop.cancel();
-                Err(anyhow::anyhow!("{} stopped while the agent was serving it (deleted from outside?)", d.block_device()))
+        let watch_ublk = async {
+            let Some(d) = &self.device else {
+                return Ok(());
+            };
+            tokio::select! {
+                () = d.ended() => {
+                    stop.cancel();
+                    Err(anyhow::anyhow!("{} stopped while the agent was serving it (deleted from outside?)", d.block_device()))
+                }
+                () = stop.cancelled() => Ok(()),
             }
-            () = stop.cancelled() => Ok(()),
+        };
+        tokio::join!(nbd, watch_ublk)
+    }
+
+    /// The clean stop: the ublk device goes, the background work ends, a
+    /// final flush, the clean-shutdown marker. An NBD server error is
+    /// returned before the marker is written, a lost ublk device after it.
+    async fn stop(self, cfg: &ProtectConfig, nbd_r: Result<()>, ublk_r: Result<()>) -> Result<()> {
+        let Running {
+            shim,
+            state,
+            disk_lock: _disk_lock,
+            device,
+            control,
+            drain,
+            shipper,
+            sync_driver,
+        } = self;
+        if let Some(d) = device {
+            if let Err(e) = d.shutdown().await {
+                warn!("ublk device: {e:#}");
+            }
         }
-    };
-    let (nbd_r, ublk_r) = tokio::join!(nbd, watch_ublk);
-    stop.cancel();
-    if let Some(d) = device {
-        if let Err(e) = d.shutdown().await {
-            warn!("ublk device: {e:#}");
+        nbd_r?;
+        if let Some(d) = drain {
+            let _ = d.join();
         }
+        if let Some(s) = shipper {
+            let _ = s.await;
+        }
+        if let Some(d) = sync_driver {
+            // Off the runtime thread: the driver may be waiting for a write
+            // that this thread has to finish.
+            let _ = tokio::task::spawn_blocking(move || d.join()).await;
+        }
+        shim.sync_all().await.context("final flush")?;
+        let next = shim.core().journal.next_seq();
+        state.mark_clean(next)?;
+        let _ = control.await;
+        if let Some(ListenAddr::Unix(p)) = &cfg.listen {
+            let _ = std::fs::remove_file(p);
+        }
+        // Everything is flushed and marked clean; then report a lost device.
+        ublk_r?;
+        info!(disk = %cfg.disk_id, next_seq = next, "stopped cleanly");
+        Ok(())
     }
-    nbd_r?;
-    if let Some(d) = drain {
-        let _ = d.join();
-    }
-    if let Some(s) = shipper {
-        let _ = s.await;
-    }
-    if let Some(d) = sync_driver {
-        // Off the runtime thread: the driver may be waiting for a write
-        // that this thread has to finish.
-        let _ = tokio::task::spawn_blocking(move || d.join()).await;
-    }
-    shim.sync_all().await.context("final flush")?;
-    let next = shim.core().journal.next_seq();
-    state.mark_clean(next)?;
-    let _ = control.await;
-    if let Some(ListenAddr::Unix(p)) = &cfg.listen {
-        let _ = std::fs::remove_file(p);
-    }
-    // Everything is flushed and marked clean; then report a lost device.
-    ublk_r?;
-    info!(disk = %cfg.disk_id, next_seq = next, "stopped cleanly");
-    Ok(())
 }

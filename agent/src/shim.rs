@@ -28,13 +28,12 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use tidemark_formats::journal::Journal;
-use tidemark_formats::ErrorKind;
-use tidemark_nbd::{Backend, ExportInfo, Extent, ZeroFlags};
+use tidemark_formats::ErrorKind as FormatErrorKind;
 use tidemark_util::fileops::{self, BackingKind};
 use tidemark_wire::frame::{AgentMode, Progress};
 use tidemark_wire::record::{RecordKind, FLAG_FULL, FLAG_SYNC};
@@ -42,7 +41,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::ranges::{RangeLocks, Ticket};
-use crate::sync::{SyncFile, SyncKind, SyncShared};
+use crate::sync_state::{SyncFile, SyncKind, SyncShared};
 use crate::syncer::Syncer;
 
 /// How writes are tracked.
@@ -137,7 +136,9 @@ pub struct Inner {
     front_ends: Mutex<Vec<String>>,
 }
 
-/// The protected disk as an NBD backend (cheap to clone).
+/// The journaling core of one protected disk (cheap to clone). Front ends
+/// ([`crate::nbd`], [`crate::ublk`]) call its client I/O methods: [`Shim::read`],
+/// [`Shim::write`], [`Shim::flush`], [`Shim::trim`], [`Shim::write_zeroes`].
 #[derive(Clone, Debug)]
 pub struct Shim {
     inner: Arc<Inner>,
@@ -162,68 +163,6 @@ pub struct ShimParts {
     pub sync: SyncFile,
 }
 
-/// A snapshot of the agent's state, for the control socket.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub disk_id: String,
-    pub disk_uuid: String,
-    pub disk_path: String,
-    pub disk_size_bytes: u64,
-    pub mode: Mode,
-    /// A machine crash left writes that may be missing from the journal:
-    /// the whole disk must be resynced.
-    pub resync_required: bool,
-    pub next_seq: u64,
-    pub last_seq: u64,
-    pub consumed_seq: u64,
-    pub journal_bytes: u64,
-    pub journal_cap_bytes: u64,
-    pub journal_segments: usize,
-    pub bitmap_dirty_regions: u64,
-    pub bitmap_dirty_bytes: u64,
-    pub bitmap_granularity_bytes: u64,
-    pub writes: u64,
-    pub write_bytes: u64,
-    pub reads: u64,
-    pub read_bytes: u64,
-    pub flushes: u64,
-    pub trims: u64,
-    pub zeroes: u64,
-    pub bitmap_writes: u64,
-    pub io_errors: u64,
-    pub tracking_errors: u64,
-    pub mode_changes: u64,
-    /// What the agent reports to the collector: streaming, initial-sync,
-    /// resync, full-resync or bitmap.
-    pub replication_mode: &'static str,
-    /// The running sync, if any.
-    pub sync: Option<SyncStatus>,
-    pub full_resyncs: u64,
-    /// Journal bytes the collector has not acknowledged.
-    pub journal_backlog_bytes: u64,
-    pub collector: Option<String>,
-    pub collector_connected: bool,
-    pub acked_seq: u64,
-    pub uptime_s: u64,
-    /// How the disk is served: `nbd ADDR`, `ublk /dev/ublkbN` (both,
-    /// comma-separated, when it is served both ways; None before it is).
-    pub served_as: Option<String>,
-}
-
-/// Progress of a running sync.
-#[derive(Debug, Serialize)]
-pub struct SyncStatus {
-    pub kind: SyncKind,
-    pub start_seq: u64,
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub percent: f64,
-    pub rate_bps: u64,
-    pub eta_s: Option<u64>,
-    /// Waiting: the journal is above half its cap, or in bitmap mode.
-    pub paused: bool,
-}
-
 /// What [`Shim::sync_chunk`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkOutcome {
@@ -233,6 +172,79 @@ pub enum ChunkOutcome {
     NoRoom,
     /// The shim is in bitmap mode; nothing was appended.
     Bitmap,
+}
+
+/// Why a client request failed. A front end answers with
+/// [`Error::errno`], or with the `io::Error` it converts into (the one the
+/// failing step returned).
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    source: io::Error,
+}
+
+/// What kind of failure an [`Error`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The range is not inside the disk (`EINVAL`); nothing was done.
+    OutOfRange,
+    /// The disk cannot do it the way asked (fast zeroing of a block
+    /// device, `EOPNOTSUPP`); nothing was done.
+    Unsupported,
+    /// The change could not be tracked (a journal or dirty bitmap error):
+    /// the disk was not written.
+    Tracking,
+    /// Reading or writing the backing disk, or making journal, disk and
+    /// bitmap durable, failed.
+    Io,
+}
+
+impl Error {
+    fn new(kind: ErrorKind, source: io::Error) -> Self {
+        Self { kind, source }
+    }
+
+    /// What failed.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The errno a block front end answers with (`EIO` when the failure
+    /// carries none).
+    pub fn errno(&self) -> i32 {
+        self.source.raw_os_error().unwrap_or(libc::EIO)
+    }
+}
+
+/// The message is that of the failing step, unchanged.
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.source()
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        e.source
+    }
+}
+
+/// How [`Shim::write_zeroes`] zeroes a range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Zeroing {
+    /// Durable before the call returns.
+    pub fua: bool,
+    /// The range stays allocated (no hole is punched).
+    pub keep_allocated: bool,
+    /// Fail with [`ErrorKind::Unsupported`] rather than zero slowly.
+    pub fast_only: bool,
 }
 
 /// One piece of a chunk read for a sync.
@@ -273,7 +285,7 @@ impl Shim {
         } else {
             Mode::Journal
         };
-        let sync = SyncShared::new(crate::sync::state_path(&p.state_dir), p.sync);
+        let sync = SyncShared::new(crate::sync_state::state_path(&p.state_dir), p.sync);
         Self {
             inner: Arc::new(Inner {
                 disk_id: p.disk_id,
@@ -540,7 +552,7 @@ impl Shim {
             .append(RecordKind::SyncBegin, flags, 0, 0, &[], hash, crate::now_ns())
         {
             Ok(seq) => seq,
-            Err(e) if e.kind == ErrorKind::Full => return Ok(None),
+            Err(e) if e.kind == FormatErrorKind::Full => return Ok(None),
             Err(e) => return Err(io::Error::from(e)),
         };
         drop(core);
@@ -658,202 +670,115 @@ impl Shim {
         (total - dirty, total)
     }
 
-    /// A status snapshot.
-    pub fn status(&self) -> Status {
-        let s = &self.inner.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (sync_done, sync_total) = self.sync_done_total();
-        let sf = self.inner.sync.snapshot();
-        let replication_mode = self.agent_mode().name();
-        let rate = self.inner.sync.rate_bps();
-        let (jfill, jcap) = self.journal_fill();
-        let acked = self.inner.link.acked_seq.load(Ordering::Relaxed);
-        let core = self.core();
-        let (regions, bytes, gran) = core
-            .bitmap
-            .as_ref()
-            .map_or((0, 0, u64::from(DEFAULT_GRANULARITY)), |b| {
-                (b.count(), b.dirty_bytes(), b.granularity())
-            });
-        Status {
-            disk_id: self.inner.disk_id.clone(),
-            disk_uuid: self.inner.disk_uuid.clone(),
-            disk_path: self.inner.disk_path.display().to_string(),
-            disk_size_bytes: self.inner.size,
-            mode: core.mode,
-            resync_required: self.resync_required(),
-            next_seq: core.journal.next_seq(),
-            last_seq: core.journal.next_seq().saturating_sub(1),
-            consumed_seq: core.journal.consumed_seq(),
-            journal_bytes: core.journal.live_bytes(),
-            journal_cap_bytes: core.journal.config().cap_bytes,
-            journal_segments: core.journal.segments(),
-            bitmap_dirty_regions: regions,
-            bitmap_dirty_bytes: bytes,
-            bitmap_granularity_bytes: gran,
-            writes: l(&s.writes),
-            write_bytes: l(&s.write_bytes),
-            reads: l(&s.reads),
-            read_bytes: l(&s.read_bytes),
-            flushes: l(&s.flushes),
-            trims: l(&s.trims),
-            zeroes: l(&s.zeroes),
-            bitmap_writes: l(&s.bitmap_writes),
-            io_errors: l(&s.io_errors),
-            tracking_errors: l(&s.tracking_errors),
-            mode_changes: l(&s.mode_changes),
-            replication_mode,
-            sync: sf.kind.map(|kind| {
-                let left = sync_total - sync_done;
-                SyncStatus {
-                    kind,
-                    start_seq: sf.start_seq,
-                    done_bytes: sync_done,
-                    total_bytes: sync_total,
-                    percent: if sync_total == 0 {
-                        100.0
-                    } else {
-                        (sync_done as f64) * 100.0 / (sync_total as f64)
-                    },
-                    rate_bps: rate,
-                    eta_s: left.checked_div(rate),
-                    paused: core.mode == Mode::Bitmap || jfill > jcap / 2,
-                }
-            }),
-            full_resyncs: sf.full_resyncs,
-            journal_backlog_bytes: core.journal.bytes_after(acked.max(core.journal.consumed_seq())),
-            collector: self
-                .inner
-                .link
-                .collector
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            collector_connected: self.inner.link.connected.load(Ordering::Relaxed),
-            acked_seq: acked,
-            uptime_s: self.inner.started.elapsed().as_secs(),
-            served_as: self
-                .inner
-                .front_ends
-                .lock()
-                .ok()
-                .filter(|f| !f.is_empty())
-                .map(|f| f.join(", ")),
-        }
+    /// How long this shim has been running.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
     }
 
-    /// Counters and gauges in Prometheus text format.
-    pub fn metrics(&self) -> String {
-        let st = self.status();
-        let disk = &st.disk_id;
-        let mut out = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP tidemark_agent_{name} {help}\n# TYPE tidemark_agent_{name} {kind}\ntidemark_agent_{name}{{disk=\"{disk}\"}} {v}\n"
-            ));
-        };
-        put("writes_total", "counter", "Write requests completed.", st.writes);
-        put(
-            "written_bytes_total",
-            "counter",
-            "Bytes written by clients.",
-            st.write_bytes,
-        );
-        put("reads_total", "counter", "Read requests completed.", st.reads);
-        put("read_bytes_total", "counter", "Bytes read by clients.", st.read_bytes);
-        put("flushes_total", "counter", "FLUSH requests.", st.flushes);
-        put("trims_total", "counter", "TRIM requests completed.", st.trims);
-        put("zeroes_total", "counter", "WRITE_ZEROES requests completed.", st.zeroes);
-        put(
-            "bitmap_writes_total",
-            "counter",
-            "Changes tracked in the dirty bitmap instead of the journal.",
-            st.bitmap_writes,
-        );
-        put(
-            "io_errors_total",
-            "counter",
-            "Backing disk or sync errors returned to clients.",
-            st.io_errors,
-        );
-        put(
-            "tracking_errors_total",
-            "counter",
-            "Journal or bitmap errors that failed a request.",
-            st.tracking_errors,
-        );
-        put("last_seq", "gauge", "Highest journaled seq.", st.last_seq);
-        put(
-            "journal_bytes",
-            "gauge",
-            "Bytes of unconsumed journal.",
-            st.journal_bytes,
-        );
-        put("journal_cap_bytes", "gauge", "Journal size cap.", st.journal_cap_bytes);
-        put(
-            "bitmap_dirty_bytes",
-            "gauge",
-            "Bytes in dirty bitmap regions.",
-            st.bitmap_dirty_bytes,
-        );
-        put(
-            "bitmap_mode",
-            "gauge",
-            "1 while in bitmap mode.",
-            u64::from(st.mode == Mode::Bitmap),
-        );
-        put(
-            "mode_changes_total",
-            "counter",
-            "Changes between journal and bitmap mode.",
-            st.mode_changes,
-        );
-        put(
-            "sync_bytes_total",
-            "counter",
-            "Disk bytes read and journaled by syncs.",
-            self.inner.stats.sync_bytes.load(Ordering::Relaxed),
-        );
-        put(
-            "sync_fence_waits_total",
-            "counter",
-            "Client writes that waited for a sync chunk's fence.",
-            self.inner.stats.fence_waits.load(Ordering::Relaxed),
-        );
-        put(
-            "full_resyncs_total",
-            "counter",
-            "Full resyncs of the disk.",
-            st.full_resyncs,
-        );
-        put(
-            "journal_backlog_bytes",
-            "gauge",
-            "Journal bytes not acknowledged by the collector.",
-            st.journal_backlog_bytes,
-        );
-        put(
-            "acked_seq",
-            "gauge",
-            "Highest seq acknowledged by the collector.",
-            st.acked_seq,
-        );
-        out
+    /// How the disk is served (front ends, comma-separated); `None` before
+    /// it is.
+    pub fn served_as(&self) -> Option<String> {
+        self.inner
+            .front_ends
+            .lock()
+            .ok()
+            .filter(|f| !f.is_empty())
+            .map(|f| f.join(", "))
     }
 
     /// Read `buf.len()` bytes at `offset` from the disk (reads are not
     /// journaled). Every front end reads through here.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         let len = buf.len() as u64;
         check_range(self.inner.size, offset, len)?;
         if let Err(e) = self.inner.disk.read_exact_at(buf, offset) {
             self.inner.stats.io_errors.fetch_add(1, Ordering::Relaxed);
             self.inner.log_error(&format!("read at {offset}+{len}: {e}"));
-            return Err(e);
+            return Err(Error::new(ErrorKind::Io, e));
         }
         self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.stats.read_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Write `data` at `offset`: journaled (or marked in the bitmap), then
+    /// written to the disk; with `fua`, durable before it returns.
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), Error> {
+        let len = data.len() as u64;
+        check_range(self.inner.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.change(RecordKind::Write, offset, len, data, false).await?;
+        self.inner.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        if fua {
+            self.sync_all().await?;
+        }
+        Ok(())
+    }
+
+    /// Make every write completed before this call durable, and mark the
+    /// point in the journal.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        // A Flush record marks a crash-consistent boundary in the stream:
+        // every write acknowledged before it is ordered before it.
+        self.inner
+            .journal_marker(RecordKind::Flush)
+            .map_err(|e| Error::new(ErrorKind::Tracking, e))?;
+        self.sync_all().await
+    }
+
+    /// Discard `[offset, offset+len)`; it reads as zeros afterwards, as it
+    /// will on the replica.
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
+        check_range(self.inner.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.change(RecordKind::Trim, offset, len, Vec::new(), false).await?;
+        self.inner.stats.trims.fetch_add(1, Ordering::Relaxed);
+        if fua {
+            self.sync_all().await?;
+        }
+        Ok(())
+    }
+
+    /// Zero `[offset, offset+len)`.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, how: Zeroing) -> Result<(), Error> {
+        check_range(self.inner.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if how.fast_only && !self.zeroes_fast() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            ));
+        }
+        self.change(RecordKind::Zero, offset, len, Vec::new(), how.keep_allocated)
+            .await?;
+        self.inner.stats.zeroes.fetch_add(1, Ordering::Relaxed);
+        if how.fua {
+            self.sync_all().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether zeroing is always fast (a block device may fall back to
+    /// writing zeros).
+    pub fn zeroes_fast(&self) -> bool {
+        self.inner.kind == BackingKind::File
+    }
+
+    /// Allocation of `[offset, offset+len)` as runs of (length, hole), at
+    /// most `max` runs; `None` when the disk cannot tell (a block device).
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Option<Vec<(u64, bool)>>> {
+        if self.inner.kind != BackingKind::File {
+            return Ok(None);
+        }
+        fileops::allocation(&self.inner.disk, offset, len, max).map(Some)
     }
 
     /// Record how the disk is served, for the status (replaces the list).
@@ -872,7 +797,7 @@ impl Shim {
     }
 
     /// Make everything completed so far durable (shared round).
-    pub async fn sync_all(&self) -> io::Result<()> {
+    pub async fn sync_all(&self) -> Result<(), Error> {
         let inner = self.inner.clone();
         self.inner
             .syncer
@@ -881,6 +806,7 @@ impl Shim {
                 async move { inner.sync_round().await }
             })
             .await
+            .map_err(|e| Error::new(ErrorKind::Io, e))
     }
 
     /// Track a change (journal or bitmap), then apply it to the disk in
@@ -892,7 +818,9 @@ impl Shim {
         len: u64,
         data: Vec<u8>,
         keep_allocated: bool,
-    ) -> io::Result<()> {
+    ) -> Result<(), Error> {
+        let tracking = |e| Error::new(ErrorKind::Tracking, e);
+        let task_failed = |e: tokio::task::JoinError| Error::new(ErrorKind::Io, eio(format!("write task failed: {e}")));
         let mut data = data;
         // Hashed once, also when a fenced write is retried.
         let mut hash = None;
@@ -907,10 +835,12 @@ impl Shim {
                     inner.track_and_apply(kind, offset, len, data, hash, keep_allocated)
                 })
                 .await
-                .map_err(|e| eio(format!("write task failed: {e}")))??
+                .map_err(task_failed)?
+                .map_err(tracking)?
             } else {
                 self.inner
-                    .track_and_apply(kind, offset, len, data, hash, keep_allocated)?
+                    .track_and_apply(kind, offset, len, data, hash, keep_allocated)
+                    .map_err(tracking)?
             };
             match step {
                 Step::Fenced(d, h) => {
@@ -937,7 +867,7 @@ impl Shim {
                     r
                 })
                 .await
-                .map_err(|e| eio(format!("write task failed: {e}")))?
+                .map_err(task_failed)?
             }
         };
         self.inner.shippable.notify_one();
@@ -948,7 +878,7 @@ impl Shim {
                 self.inner.disk_path.display()
             ));
         }
-        result
+        result.map_err(|e| Error::new(ErrorKind::Io, e))
     }
 }
 
@@ -1024,7 +954,7 @@ impl Inner {
                     self.stats.journal_records.fetch_add(1, Ordering::Relaxed);
                     return Ok(Some(self.ranges.register(offset, len, Some(seq))));
                 }
-                Err(e) if e.kind == ErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string())?,
+                Err(e) if e.kind == FormatErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string())?,
                 Err(e) => {
                     self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
                     self.log_error(&format!("journal append failed, request refused: {e}"));
@@ -1144,7 +1074,7 @@ impl Inner {
                 self.shippable.notify_one();
                 Ok(())
             }
-            Err(e) if e.kind == ErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string()),
+            Err(e) if e.kind == FormatErrorKind::Full => self.enter_bitmap_mode(&mut core, &e.to_string()),
             Err(e) => {
                 self.stats.tracking_errors.fetch_add(1, Ordering::Relaxed);
                 self.log_error(&format!("journal append failed, request refused: {e}"));
@@ -1209,107 +1139,13 @@ impl Inner {
     }
 }
 
-fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
+/// `[offset, offset+len)` lies inside a disk of `size` bytes.
+fn check_range(size: u64, offset: u64, len: u64) -> Result<(), Error> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
-    }
-}
-
-impl Backend for Shim {
-    fn info(&self) -> ExportInfo {
-        let size = self.inner.size;
-        ExportInfo {
-            description: format!("tidemark protected disk {}", self.inner.disk_id),
-            // A block device may fall back to writing zeros: not fast.
-            can_fast_zero: self.inner.kind == BackingKind::File,
-            // A FLUSH syncs the whole journal and disk, so it covers every
-            // completed write on every connection.
-            multi_conn: true,
-            min_block: if size.is_multiple_of(512) { 512 } else { 1 },
-            ..ExportInfo::new(self.inner.disk_id.clone(), size)
-        }
-    }
-
-    async fn read(&self, offset: u64, len: u32, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
-        buf.clear();
-        buf.resize(len as usize, 0);
-        self.read_at(&mut buf, offset)?;
-        Ok(buf)
-    }
-
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
-        let len = data.len() as u64;
-        check_range(self.inner.size, offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.change(RecordKind::Write, offset, len, data, false).await?;
-        self.inner.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
-        if fua {
-            self.sync_all().await?;
-        }
-        Ok(())
-    }
-
-    async fn flush(&self) -> io::Result<()> {
-        self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        // A Flush record marks a crash-consistent boundary in the stream:
-        // every write acknowledged before it is ordered before it.
-        self.inner.journal_marker(RecordKind::Flush)?;
-        self.sync_all().await
-    }
-
-    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        check_range(self.inner.size, offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.change(RecordKind::Trim, offset, len, Vec::new(), false).await?;
-        self.inner.stats.trims.fetch_add(1, Ordering::Relaxed);
-        if fua {
-            self.sync_all().await?;
-        }
-        Ok(())
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        check_range(self.inner.size, offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        if flags.fast_zero && self.inner.kind != BackingKind::File {
-            // A block device may fall back to writing zeros: not fast.
-            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-        }
-        self.change(RecordKind::Zero, offset, len, Vec::new(), flags.no_hole)
-            .await?;
-        self.inner.stats.zeroes.fetch_add(1, Ordering::Relaxed);
-        if flags.fua {
-            self.sync_all().await?;
-        }
-        Ok(())
-    }
-
-    async fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
-        let end = offset.saturating_add(u64::from(len)).min(self.inner.size);
-        if self.inner.kind != BackingKind::File || offset >= end {
-            return Ok(vec![Extent {
-                length: len,
-                hole: false,
-                zero: false,
-            }]);
-        }
-        let runs = fileops::allocation(&self.inner.disk, offset, end - offset, 1024)?;
-        let out = runs
-            .into_iter()
-            .map(|(l, hole)| Extent {
-                length: u32::try_from(l).unwrap_or(u32::MAX),
-                hole,
-                zero: hole,
-            })
-            .collect();
-        Ok(out)
+        _ => Err(Error::new(
+            ErrorKind::OutOfRange,
+            io::Error::from_raw_os_error(libc::EINVAL),
+        )),
     }
 }

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::shim::Shim;
-use crate::sync::{begin_full_from, begin_whole, resync_lost, SyncKind};
+use crate::sync::{begin_full_from, begin_whole, resync_lost};
+use crate::sync_state::SyncKind;
 
 /// Where to ship and how to introduce ourselves.
 #[derive(Clone, Debug)]

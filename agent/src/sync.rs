@@ -2,13 +2,8 @@
 //!
 //! It owns *which* regions still have to be sent and *when*; the shim
 //! ([`Shim::sync_chunk`]) owns how one chunk is read and journaled in exact
-//! seq order against client writes (fence + range ticket).
-//!
-//! ```text
-//!  STATE/sync.json   {"format":1,"kind":"initial"|"resync"|"full"|null,"start_seq":…,
-//!                     "total_bytes":…,"marked":…,"full_resyncs":…,"last_full_start":…}
-//!  STATE/dirty.bitmap  the regions still to sync (tidemark_formats::bitmap)
-//! ```
+//! seq order against client writes (fence + range ticket), and
+//! [`crate::sync_state`] the recorded state (`STATE/sync.json`).
 //!
 //! A sync is recorded in `sync.json` (crash-safe write) before it starts;
 //! a whole-disk sync (initial, full) then marks every region in the dirty
@@ -30,18 +25,15 @@
 //! journal is above half its cap (and while in bitmap mode). It never
 //! blocks client I/O beyond one chunk's read.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
-use tidemark_util::crashsafe;
 use tidemark_util::human::format_size;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::shim::{ChunkOutcome, Shim};
+use crate::shim::{ChunkOutcome, Mode, Shim};
+use crate::sync_state::{SyncFile, SyncKind};
 
 /// Largest chunk read at once (and largest `Sync` record).
 pub const CHUNK: u64 = 1 << 20;
@@ -49,192 +41,6 @@ pub const CHUNK: u64 = 1 << 20;
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// How often progress is logged.
 const LOG_EVERY: Duration = Duration::from_secs(5);
-
-/// What kind of sync is running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncKind {
-    /// The disk's first sync (new state directory, or the collector holds
-    /// no history for it).
-    Initial,
-    /// Only the dirty regions (bitmap mode, a target's resync request).
-    Resync,
-    /// The whole disk again (machine crash, a target's request,
-    /// `--force-resync`, a journal that lost what the collector needs).
-    Full,
-}
-
-impl SyncKind {
-    /// Whether every region is synced.
-    pub fn whole_disk(self) -> bool {
-        matches!(self, Self::Initial | Self::Full)
-    }
-}
-
-/// `STATE/sync.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SyncFile {
-    pub format: u32,
-    /// The running sync, if any.
-    pub kind: Option<SyncKind>,
-    /// Its first seq, that of its `SyncBegin`: every record it appends has
-    /// a seq at least this. 0: recorded, `SyncBegin` not journaled yet (it
-    /// will be, at the journal's next seq, before any of its records).
-    pub start_seq: u64,
-    /// Bytes it has to send, as known when it started (grows if regions
-    /// are added meanwhile).
-    pub total_bytes: u64,
-    /// For a whole-disk sync: every region has been marked (durably).
-    pub marked: bool,
-    /// Full resyncs since the disk was first protected (not the initial sync).
-    pub full_resyncs: u64,
-    /// Start seq of the last completed whole-disk sync (0: none).
-    pub last_full_start: u64,
-}
-
-impl SyncFile {
-    /// No sync running, none ever done.
-    pub fn idle() -> Self {
-        Self {
-            format: 1,
-            kind: None,
-            start_seq: 0,
-            total_bytes: 0,
-            marked: false,
-            full_resyncs: 0,
-            last_full_start: 0,
-        }
-    }
-
-    /// The initial sync of a newly protected disk, starting at `start_seq`
-    /// (its `SyncBegin`; 0 if not journaled yet).
-    pub fn initial(start_seq: u64, disk_size: u64) -> Self {
-        Self {
-            kind: Some(SyncKind::Initial),
-            start_seq,
-            total_bytes: disk_size,
-            ..Self::idle()
-        }
-    }
-}
-
-/// `STATE/sync.json`.
-pub fn state_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("sync.json")
-}
-
-/// Read the sync state, `None` if there is none yet.
-pub fn load(state_dir: &Path) -> Result<Option<SyncFile>> {
-    let p = state_path(state_dir);
-    let s = match std::fs::read_to_string(&p) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("read {}", p.display())),
-    };
-    let f: SyncFile = serde_json::from_str(&s).with_context(|| format!("{} is not a sync state", p.display()))?;
-    if f.format != 1 {
-        anyhow::bail!("{}: unsupported format {}", p.display(), f.format);
-    }
-    Ok(Some(f))
-}
-
-/// Write the sync state (crash-safe).
-pub fn store(path: &Path, f: &SyncFile) -> Result<()> {
-    let s = serde_json::to_string(f)? + "\n";
-    crashsafe::write_atomic(path, s.as_bytes()).with_context(|| format!("write {}", path.display()))
-}
-
-/// Sync state shared by the shim, the driver and the shipper.
-#[derive(Debug)]
-pub struct SyncShared {
-    path: PathBuf,
-    file: Mutex<SyncFile>,
-    wake_flag: Mutex<bool>,
-    wake_cv: Condvar,
-    /// Bytes/s over the last progress window.
-    rate: Mutex<u64>,
-    /// Held by each driver step and while a sync is started.
-    steps: Mutex<()>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl SyncShared {
-    pub fn new(path: PathBuf, f: SyncFile) -> Self {
-        Self {
-            path,
-            file: Mutex::new(f),
-            wake_flag: Mutex::new(false),
-            wake_cv: Condvar::new(),
-            rate: Mutex::new(0),
-            steps: Mutex::new(()),
-        }
-    }
-
-    /// The step lock: no driver step runs while it is held.
-    fn hold(&self) -> MutexGuard<'_, ()> {
-        lock(&self.steps)
-    }
-
-    /// A copy of the state.
-    pub fn snapshot(&self) -> SyncFile {
-        lock(&self.file).clone()
-    }
-
-    /// Change the state and write it durably (the in-memory copy changes
-    /// only if the write succeeded).
-    fn update(&self, change: impl FnOnce(&mut SyncFile)) -> Result<SyncFile> {
-        let mut g = lock(&self.file);
-        let mut next = g.clone();
-        change(&mut next);
-        store(&self.path, &next)?;
-        *g = next.clone();
-        Ok(next)
-    }
-
-    /// Wake the driver (new dirty regions, a request, bitmap mode left).
-    pub fn wake(&self) {
-        *lock(&self.wake_flag) = true;
-        self.wake_cv.notify_all();
-    }
-
-    fn wait(&self, d: Duration) {
-        let g = lock(&self.wake_flag);
-        let (mut g, _) = self
-            .wake_cv
-            .wait_timeout_while(g, d, |woken| !*woken)
-            .unwrap_or_else(|p| p.into_inner());
-        *g = false;
-    }
-
-    /// Whether a whole-disk sync is under way, or completed, that the
-    /// collector will receive in full because it started at or after
-    /// `ship_from`, the first seq about to be shipped.
-    pub fn whole_sync_covers(&self, ship_from: u64) -> bool {
-        let f = self.snapshot();
-        // Not begun yet (start 0): its SyncBegin will get the journal's
-        // next seq, which is at least the first seq shipped.
-        let running = f.kind.is_some_and(SyncKind::whole_disk) && (f.start_seq == 0 || f.start_seq >= ship_from);
-        let done = f.last_full_start > 0 && f.last_full_start >= ship_from;
-        running || done
-    }
-
-    /// Whether a whole-disk sync is recorded (running, or about to begin),
-    /// or one that began at or after seq `since` has completed: a request
-    /// for a full resync issued before it began is answered by it.
-    pub fn whole_sync_since(&self, since: u64) -> bool {
-        let f = self.snapshot();
-        f.kind.is_some_and(SyncKind::whole_disk) || (f.last_full_start > 0 && f.last_full_start >= since)
-    }
-
-    /// Bytes/s of the running sync, last window.
-    pub fn rate_bps(&self) -> u64 {
-        *lock(&self.rate)
-    }
-}
 
 /// What one step of the driver did.
 #[derive(Debug, PartialEq, Eq)]
@@ -419,7 +225,7 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
         let shim = self.shim.clone();
         let _steps = shim.inner().sync.hold();
         self.shim.maybe_exit_bitmap_mode();
-        if self.shim.mode() == crate::shim::Mode::Bitmap {
+        if self.shim.mode() == Mode::Bitmap {
             return Ok(self.pause("bitmap mode"));
         }
         let f = self.shim.inner().sync.snapshot();
@@ -519,7 +325,7 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
             return;
         }
         let rate = u64::try_from(u128::from(self.window_bytes) * 1000 / el.as_millis().max(1)).unwrap_or(u64::MAX);
-        *lock(&self.shim.inner().sync.rate) = rate;
+        self.shim.inner().sync.set_rate(rate);
         self.window_bytes = 0;
         self.last_log = Instant::now();
         let (done, total) = self.shim.sync_done_total();
@@ -560,7 +366,7 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
                 f.total_bytes = 0;
             }
         })?;
-        *lock(&self.shim.inner().sync.rate) = 0;
+        self.shim.inner().sync.set_rate(0);
         info!(
             disk = %self.disk(),
             kind = ?kind,

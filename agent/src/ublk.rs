@@ -36,11 +36,10 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::{sys, BufDesc, UblkError, UblkFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde::{Deserialize, Serialize};
-use tidemark_nbd::{Backend, ZeroFlags};
 use tracing::{error, info, warn};
 
 use crate::config::UblkOptions;
-use crate::shim::Shim;
+use crate::shim::{Shim, Zeroing};
 use crate::state::current_boot_id;
 
 /// The ublk driver's control device.
@@ -582,14 +581,14 @@ fn queue_failed(qid: u16, what: &str) -> ! {
     std::process::abort()
 }
 
-/// A request as the shim sees it.
+/// A decoded request, in the shim's terms.
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
     Read { offset: u64, len: usize },
     Write { offset: u64, len: usize, fua: bool },
     Flush,
     Discard { offset: u64, len: u64, fua: bool },
-    Zeroes { offset: u64, len: u64, flags: ZeroFlags },
+    Zeroes { offset: u64, len: u64, how: Zeroing },
 }
 
 /// Decode a request descriptor, or the negative errno to answer with.
@@ -617,10 +616,10 @@ fn decode(op_flags: u32, start_sector: u64, nr_sectors: u32, buf_len: usize) -> 
         sys::UBLK_IO_OP_WRITE_ZEROES => Ok(Request::Zeroes {
             offset,
             len,
-            flags: ZeroFlags {
+            how: Zeroing {
                 fua,
-                no_hole: op_flags & sys::UBLK_IO_F_NOUNMAP != 0,
-                fast_zero: false,
+                keep_allocated: op_flags & sys::UBLK_IO_F_NOUNMAP != 0,
+                fast_only: false,
             },
         }),
         _ => Err(-libc::EOPNOTSUPP),
@@ -636,13 +635,13 @@ async fn serve(shim: &Shim, iod: sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
     };
     let moved = |len: usize| i32::try_from(len).unwrap_or(i32::MAX);
     let r = match req {
-        Request::Read { offset, len } => shim.read_at(&mut buf[..len], offset).map(|()| moved(len)),
+        Request::Read { offset, len } => shim.read(offset, &mut buf[..len]).map(|()| moved(len)),
         Request::Write { offset, len, fua } => shim.write(offset, buf[..len].to_vec(), fua).await.map(|()| moved(len)),
         Request::Flush => shim.flush().await.map(|()| 0),
         Request::Discard { offset, len, fua } => shim.trim(offset, len, fua).await.map(|()| 0),
-        Request::Zeroes { offset, len, flags } => shim.write_zeroes(offset, len, flags).await.map(|()| 0),
+        Request::Zeroes { offset, len, how } => shim.write_zeroes(offset, len, how).await.map(|()| 0),
     };
-    r.unwrap_or_else(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+    r.unwrap_or_else(|e| -e.errno())
 }
 
 /// Wakes a queue thread that may be asleep in io_uring: a request's future
@@ -770,10 +769,10 @@ mod tests {
             Ok(Request::Zeroes {
                 offset: 512,
                 len: 512 << 20,
-                flags: ZeroFlags {
+                how: Zeroing {
                     fua: false,
-                    no_hole: true,
-                    fast_zero: false
+                    keep_allocated: true,
+                    fast_only: false
                 }
             })
         );

@@ -9,10 +9,10 @@ use std::os::unix::fs::FileExt;
 use proptest::prelude::*;
 use tidemark_agent::config::{ListenAddr, ProtectConfig};
 use tidemark_agent::run::{open, Opened};
+use tidemark_agent::shim::Zeroing;
 use tidemark_agent::state::LastStop;
 use tidemark_formats::apply::{apply_record, whole};
 use tidemark_formats::journal::JournalReader;
-use tidemark_nbd::{Backend, ZeroFlags};
 use tidemark_util::fileops::BackingKind;
 use tidemark_wire::record::RecordKind;
 
@@ -109,7 +109,7 @@ proptest! {
                     model[span(off, len)].copy_from_slice(&data);
                 }
                 Op::Zero { off, len, no_hole } => {
-                    rt.block_on(shim.write_zeroes(off, len, ZeroFlags { no_hole, ..Default::default() })).unwrap();
+                    rt.block_on(shim.write_zeroes(off, len, Zeroing { keep_allocated: no_hole, ..Default::default() })).unwrap();
                     model[span(off, len)].fill(0);
                 }
                 Op::Trim { off, len } => {

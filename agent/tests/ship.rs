@@ -13,9 +13,9 @@ use tidemark_agent::config::{ListenAddr, ProtectConfig, ShipConfig};
 use tidemark_agent::run::open;
 use tidemark_agent::shim::Shim;
 use tidemark_agent::ship::{read_frame, write_frame};
+use tidemark_agent::status::Status;
 use tidemark_agent::sync;
 use tidemark_formats::apply::{apply_record, whole};
-use tidemark_nbd::Backend;
 use tidemark_util::fileops::BackingKind;
 use tidemark_wire::frame::{AgentMode, Frame, Request, Role, WELCOME_NEED_FULL_SYNC};
 use tidemark_wire::record::{Record, RecordKind, FLAG_FULL};
@@ -156,7 +156,7 @@ fn ships_resumes_recycles_and_reports() {
             held.add(b);
             let a = held.contiguous(1);
             p.send(Frame::Ack { seq: a }).await;
-            let st = shim.status();
+            let st = Status::of(&shim);
             if st.sync.is_none() && a >= st.last_seq {
                 break a;
             }
@@ -170,7 +170,11 @@ fn ships_resumes_recycles_and_reports() {
         let done = held.0.values().find(|r| r.header.kind == RecordKind::SyncDone).unwrap();
         assert_eq!((done.header.offset, done.header.flags), (1, FLAG_FULL));
         assert!(held.0.values().any(|r| r.header.kind == RecordKind::SyncDone));
-        assert_eq!(shim.status().full_resyncs, 0, "covered by the initial sync, no new one");
+        assert_eq!(
+            Status::of(&shim).full_resyncs,
+            0,
+            "covered by the initial sync, no new one"
+        );
 
         // Acks let the journal recycle.
         let t = tokio::time::Instant::now();
@@ -186,7 +190,7 @@ fn ships_resumes_recycles_and_reports() {
         assert!(
             shim.core().journal.first_seq() > 1,
             "no segment recycled after acks: {:?}",
-            shim.status()
+            Status::of(&shim)
         );
 
         // 2. StatusNow → a Progress at once.
@@ -197,7 +201,7 @@ fn ships_resumes_recycles_and_reports() {
             }
         };
         assert_eq!(prog.mode, AgentMode::Streaming);
-        assert_eq!(prog.source_seq, shim.status().last_seq);
+        assert_eq!(prog.source_seq, Status::of(&shim).last_seq);
         assert!(prog.written_bytes >= 3 << 20);
 
         // 3. Records sent but not acked, then the connection drops: the
@@ -223,7 +227,7 @@ fn ships_resumes_recycles_and_reports() {
         loop {
             let a = held.contiguous(1);
             p.send(Frame::Ack { seq: a }).await;
-            if a >= shim.status().last_seq {
+            if a >= Status::of(&shim).last_seq {
                 acked = a;
                 break;
             }
@@ -252,7 +256,7 @@ fn ships_resumes_recycles_and_reports() {
         //    from an old copy): the next seq skips past its acked seq and
         //    the whole disk is resynced.
         drop(p);
-        let ahead = shim.status().next_seq + 500;
+        let ahead = Status::of(&shim).next_seq + 500;
         let mut p = Peer::accept(&l, &shim).await;
         p.send(Frame::Welcome {
             acked_seq: ahead,
@@ -266,7 +270,7 @@ fn ships_resumes_recycles_and_reports() {
             (RecordKind::SyncBegin, FLAG_FULL),
             "the full resync begins right after the skipped seqs"
         );
-        let st = shim.status();
+        let st = Status::of(&shim);
         assert_eq!(st.full_resyncs, 1);
         let t = tokio::time::Instant::now();
         while shim.inner().sync.snapshot().start_seq == 0 {
@@ -333,7 +337,7 @@ fn refusal_is_retried() {
         drop(p);
         // The shim still serves writes meanwhile.
         shim.write(0, vec![5; 4096], false).await.unwrap();
-        assert!(!shim.status().collector_connected);
+        assert!(!Status::of(&shim).collector_connected);
         stop.cancel();
         shipper.await.unwrap();
     });
@@ -348,7 +352,7 @@ async fn drain_until_synced(p: &mut Peer, shim: &Shim, held: &mut Held, from: u6
         assert!(
             t.elapsed() < TIMEOUT * 3,
             "the agent never caught up: {:?}",
-            shim.status()
+            Status::of(shim)
         );
         let f = tokio::time::timeout(Duration::from_millis(200), read_frame(&mut p.s)).await;
         if let Ok(f) = f {
@@ -361,7 +365,7 @@ async fn drain_until_synced(p: &mut Peer, shim: &Shim, held: &mut Held, from: u6
                 .await;
             }
         }
-        let st = shim.status();
+        let st = Status::of(shim);
         let a = held.contiguous(from);
         if st.sync.is_none() && st.bitmap_dirty_regions == 0 && a >= st.last_seq {
             return a;
@@ -571,7 +575,7 @@ fn damaged_record_is_stepped_over(header: bool) {
             stop.clone(),
         ));
         // Before the collector lets the agent ship: records, one damaged.
-        let first = shim.status().next_seq;
+        let first = Status::of(&shim).next_seq;
         for i in 0..6u8 {
             shim.write(u64::from(i) * 65536, vec![i + 1; 16384], false)
                 .await
@@ -602,7 +606,7 @@ fn damaged_record_is_stepped_over(header: bool) {
             .find(|r| r.header.kind == RecordKind::SyncDone && r.header.offset > bad)
             .expect("no sync that began after the damaged record completed");
         assert_eq!(held.0[&done.header.offset].header.kind, RecordKind::SyncBegin);
-        assert_eq!(shim.status().full_resyncs, u64::from(header));
+        assert_eq!(Status::of(&shim).full_resyncs, u64::from(header));
         assert!(last >= done.header.seq);
         shim.flush().await.unwrap();
         let img = d.path().join("replica.img");

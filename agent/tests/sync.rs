@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use tidemark_agent::config::{ListenAddr, ProtectConfig};
 use tidemark_agent::run::open;
-use tidemark_agent::shim::{ChunkOutcome, Mode, Shim};
-use tidemark_agent::sync::{self, SyncKind};
+use tidemark_agent::shim::{ChunkOutcome, Mode, Shim, Zeroing};
+use tidemark_agent::status::Status;
+use tidemark_agent::sync;
+use tidemark_agent::sync_state::{self, SyncKind};
 use tidemark_formats::apply::{apply_record, whole};
 use tidemark_formats::journal::{Journal, JournalReader};
-use tidemark_nbd::{Backend, ZeroFlags};
 use tidemark_util::fileops::BackingKind;
 use tidemark_wire::frame::AgentMode;
 use tidemark_wire::record::{Record, RecordKind, FLAG_FULL, FLAG_SYNC};
@@ -139,7 +140,7 @@ async fn random_io(shim: Shim, size: u64, seed: u64, ops: usize, until: Arc<Atom
         let len = ((1 + rng.below(256)) * 512).min(size - off);
         match rng.below(10) {
             0 => shim.trim(off, len, false).await.unwrap(),
-            1 => shim.write_zeroes(off, len, ZeroFlags::default()).await.unwrap(),
+            1 => shim.write_zeroes(off, len, Zeroing::default()).await.unwrap(),
             2 => shim.flush().await.unwrap(),
             _ => {
                 let b = u8::try_from(i % 251).unwrap() | 1;
@@ -250,7 +251,7 @@ fn initial_sync_under_concurrent_writes_replays_to_the_disk() {
             std::fs::read(&replay).unwrap() == disk,
             "seed {seed}: the journal replayed onto a blank disk differs from the disk"
         );
-        let st = shim.status();
+        let st = Status::of(&shim);
         assert!(st.sync.is_none());
         assert_eq!(st.full_resyncs, 0, "the initial sync is not a full resync");
     }
@@ -388,7 +389,7 @@ fn bitmap_mode_exit_resyncs_dirty_regions() {
         let off = rng.below(SIZE / 4096 - 32) * 4096;
         rt.block_on(shim.write(off, vec![0xee; 96 << 10], false)).unwrap();
     }
-    let st = shim.status();
+    let st = Status::of(&shim);
     assert_eq!(st.mode, Mode::Bitmap);
     assert!(st.bitmap_dirty_regions > 0);
     assert_eq!(st.replication_mode, "bitmap");
@@ -403,7 +404,7 @@ fn bitmap_mode_exit_resyncs_dirty_regions() {
     stop.cancel();
     driver.join().unwrap();
     ship(false);
-    let st = shim.status();
+    let st = Status::of(&shim);
     assert_eq!(st.mode, Mode::Journal);
     assert_eq!(st.mode_changes, 2, "entering and leaving bitmap mode are both counted");
     assert_eq!(st.bitmap_dirty_regions, 0);
@@ -463,7 +464,7 @@ fn machine_crash_means_a_counted_full_resync() {
     stop.cancel();
     driver.join().unwrap();
     assert!(!c.state.join("resync-required").exists());
-    let f = sync::load(&c.state).unwrap().unwrap();
+    let f = sync_state::load(&c.state).unwrap().unwrap();
     assert_eq!((f.full_resyncs, f.kind, f.last_full_start), (1, None, next));
     let recs = all_records(&c.state, 1);
     let last = recs.last().unwrap();
@@ -502,7 +503,7 @@ fn dirty_regions_report_resync_before_the_driver_starts() {
     let p = shim.progress();
     assert_eq!(p.mode, AgentMode::Resync, "dirty regions waiting, but not reported");
     assert!(p.sync_total > 0 && p.sync_done == 0);
-    assert_eq!(shim.status().replication_mode, "resync");
+    assert_eq!(Status::of(&shim).replication_mode, "resync");
     let next = shim.core().journal.next_seq();
     let stop = CancellationToken::new();
     let driver = run_driver(&shim, &rt, &stop);
