@@ -625,25 +625,11 @@ impl Conn<'_> {
             other => {
                 return Err(SessionError::Lost(format!(
                     "unexpected frame from the collector: {}",
-                    frame_name(&other)
+                    other.name()
                 )))
             }
         }
         Ok(())
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "Hello",
-        Frame::Welcome { .. } => "Welcome",
-        Frame::Batch(_) => "Batch",
-        Frame::Ack { .. } => "Ack",
-        Frame::Error { .. } => "Error",
-        Frame::Progress(_) => "Progress",
-        Frame::Request(_) => "Request",
-        Frame::Packed(_) => "Packed",
-        Frame::TargetState(_) => "TargetState",
     }
 }
 

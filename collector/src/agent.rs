@@ -82,11 +82,6 @@ async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, peer: SocketAddr, disk
     let _ = wr.shutdown().await;
 }
 
-fn token_matches(a: &[u8], b: &[u8]) -> bool {
-    // No early exit on the first differing byte.
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -101,10 +96,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         }
         Ok(Ok(Some((Frame::Hello(h), _)))) => h,
         Ok(Ok(Some((other, _)))) => {
-            let r = refusal(
-                ErrorCode::Malformed,
-                format!("expected a hello, got {}", frame_name(&other)),
-            );
+            let r = refusal(ErrorCode::Malformed, format!("expected a hello, got {}", other.name()));
             return refuse(&shared, &mut wr, peer, None, r).await;
         }
         Ok(Ok(None)) => {
@@ -159,20 +151,6 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "hello",
-        Frame::Welcome { .. } => "welcome",
-        Frame::Batch(_) => "batch",
-        Frame::Ack { .. } => "ack",
-        Frame::Error { .. } => "error",
-        Frame::Progress(_) => "progress",
-        Frame::Request(_) => "request",
-        Frame::Packed(_) => "packed",
-        Frame::TargetState(_) => "target-state",
-    }
-}
-
 /// Check a Hello and attach the connection to its disk; returns the disk
 /// and the Welcome's (acked_seq, flags).
 async fn admit(
@@ -190,7 +168,7 @@ async fn admit(
             ),
         ));
     }
-    if !token_matches(&hello.token, &shared.cfg.token) {
+    if !tidemark_util::bytes::ct_eq(&hello.token, &shared.cfg.token) {
         return Err(refusal(ErrorCode::BadToken, "the token does not match the collector's"));
     }
     if hello.role != Role::Agent {
@@ -413,7 +391,7 @@ async fn session(
             other => {
                 return Err(SessionEnd::Refused(refusal(
                     ErrorCode::Malformed,
-                    format!("unexpected {} frame from an agent", frame_name(&other)),
+                    format!("unexpected {} frame from an agent", other.name()),
                 )))
             }
         }

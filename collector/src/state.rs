@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::{json, Value};
+use tidemark_util::now_ns;
 use tidemark_wire::frame::{AgentMode, Frame, Progress, ReplicaState, Request, TargetState};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -188,13 +189,6 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     /// Nonces for `Request::StatusNow` (never 0: that marks a periodic report).
     next_nonce: AtomicU64,
-}
-
-pub(crate) fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// KiB permits for `bytes` of the memory budget (at least 1, at most all).

@@ -32,6 +32,7 @@ use anyhow::{anyhow, bail, Context};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use tidemark_formats::replica::ReplicaImage;
+use tidemark_util::now_ns;
 
 use crate::catalog::{self, UndoRow};
 use crate::undo::{self, blocks_of, BLOCK, UNDO_DIR};
@@ -217,12 +218,6 @@ pub fn tag_name_problem(name: &str) -> Option<String> {
             "tag name \"{name}\" reads as a point spec to --at ({AT_FORMS}); choose another name"
         )),
     }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Whether `s` starts like a date or a clock time (so that a typo in one

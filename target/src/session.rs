@@ -381,25 +381,6 @@ async fn send(w: &mut OwnedWriteHalf, f: &Frame) -> Result<(), End> {
     }
 }
 
-/// Compare tokens without an early exit on the first differing byte.
-fn token_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "Hello",
-        Frame::Welcome { .. } => "Welcome",
-        Frame::Batch(_) => "Batch",
-        Frame::Ack { .. } => "Ack",
-        Frame::Error { .. } => "Error",
-        Frame::Progress(_) => "Progress",
-        Frame::Request(_) => "Request",
-        Frame::Packed(_) => "Packed",
-        Frame::TargetState(_) => "TargetState",
-    }
-}
-
 /// The parts of a state a change of which is worth a `TargetState` at once
 /// (applied_seq travels in every ack anyway).
 fn state_key(s: &TargetState) -> (ReplicaState, u64, u64) {
@@ -560,7 +541,7 @@ async fn read_hello<R: AsyncRead + Unpin>(
         Ok(Ok(Some(Frame::Hello(h)))) => Ok(Some(h)),
         Ok(Ok(Some(f))) => Err(refuse(
             ErrorCode::Malformed,
-            format!("expected Hello, got a {} frame", frame_name(&f)),
+            format!("expected Hello, got a {} frame", f.name()),
         )),
         Ok(Err(e)) => Err(e.into()),
     }
@@ -587,7 +568,7 @@ async fn session<R: AsyncRead + Unpin>(
     }
     let id = hello.disk_id.clone();
     tracing::Span::current().record("disk", id.as_str());
-    if !token_eq(&hello.token, &cfg.token) {
+    if !tidemark_util::bytes::ct_eq(&hello.token, &cfg.token) {
         return Err(refuse(ErrorCode::BadToken, format!("bad token for disk {id}")));
     }
     if hello.role != Role::Collector {
@@ -734,7 +715,7 @@ async fn session<R: AsyncRead + Unpin>(
             Some(f) => {
                 return Err(refuse(
                     ErrorCode::Malformed,
-                    format!("disk {id}: unexpected {} frame from a collector", frame_name(&f)),
+                    format!("disk {id}: unexpected {} frame from a collector", f.name()),
                 ))
             }
         };
@@ -838,14 +819,6 @@ async fn session<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_compare_by_content_and_length() {
-        assert!(token_eq(b"abc", b"abc"));
-        assert!(!token_eq(b"abc", b"abd"));
-        assert!(!token_eq(b"abc", b"abcd"));
-        assert!(token_eq(b"", b""));
-    }
 
     #[tokio::test]
     async fn reader_survives_cancellation_mid_frame() {

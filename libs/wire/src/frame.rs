@@ -369,6 +369,22 @@ fn valid_disk_id(id: &str) -> bool {
 }
 
 impl Frame {
+    /// The frame type's name as `docs/formats.md` spells it, for messages
+    /// and logs (`expected Hello, got a Batch frame`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Batch(_) => "Batch",
+            Frame::Ack { .. } => "Ack",
+            Frame::Error { .. } => "Error",
+            Frame::Progress(_) => "Progress",
+            Frame::Request(_) => "Request",
+            Frame::Packed(_) => "Packed",
+            Frame::TargetState(_) => "TargetState",
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Frame::Hello(_) => 1,
@@ -786,6 +802,13 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert_eq!(g, &w.replace(' ', ""));
         }
+    }
+
+    #[test]
+    fn names_are_the_documented_ones() {
+        assert_eq!(Frame::Ack { seq: 1 }.name(), "Ack");
+        assert_eq!(Frame::Request(Request::FullResync).name(), "Request");
+        assert_eq!(Frame::Batch(vec![]).name(), "Batch");
     }
 
     /// Found by the frame_decode fuzzer: a status-now request carrying an

@@ -377,11 +377,8 @@ impl Source {
 }
 
 /// Now, in ns since the Unix epoch (record source times).
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
+#[allow(unused_imports)]
+pub use tidemark_util::now_ns;
 
 /// Deterministic, non-repeating 4 KiB-block content.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
