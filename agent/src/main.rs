@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use tidemark_agent::config::{ProtectConfig, ShipConfig, UblkOptions};
+use tidemark_agent::config::{DiskId, ProtectConfig, ShipConfig, UblkOptions};
 use tidemark_util::human::parse_size;
 
 #[derive(Parser)]
@@ -171,6 +171,7 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
             .map(str::to_string)
             .context("cannot derive a disk id from the disk path; give --disk-id")?,
     };
+    let disk_id = DiskId::parse(&disk_id)?;
     let size = |flag: &str, v: Option<String>| -> Result<Option<u64>> {
         v.map(|s| parse_size(&s).with_context(|| format!("--{flag}")))
             .transpose()

@@ -14,7 +14,7 @@ use tidemark_wire::record::{RecordKind, FLAG_FULL};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{default_journal_cap, segment_size_for, validate_disk_id, ListenAddr, ProtectConfig};
+use crate::config::{default_journal_cap, segment_size_for, ListenAddr, ProtectConfig};
 use crate::shim::{Shim, ShimParts};
 use crate::state::{DiskMeta, LastStop, StateDir};
 
@@ -110,7 +110,6 @@ impl Opened {
 /// the state directory (another daemon's, foreign files, in use), its disk
 /// identity, a missing disk without `--create-size`.
 pub fn precheck(cfg: &ProtectConfig) -> Result<()> {
-    validate_disk_id(&cfg.disk_id).map_err(anyhow::Error::msg)?;
     crate::state::probe(&cfg.state)?;
     if let Some(m) = crate::state::read_meta(&cfg.state)? {
         check_meta(&m, cfg)?;
@@ -189,7 +188,7 @@ fn open_claimed(
         None => {
             let m = DiskMeta {
                 format: 1,
-                disk_id: cfg.disk_id.clone(),
+                disk_id: cfg.disk_id.to_string(),
                 disk_uuid: uuid::Uuid::new_v4().to_string(),
                 disk_size: size,
                 disk_path: cfg.disk.display().to_string(),
@@ -269,7 +268,7 @@ fn open_claimed(
         LastStop::Clean | LastStop::FirstRun => {}
     }
     let shim = Shim::new(ShimParts {
-        disk_id: meta.disk_id.clone(),
+        disk_id: cfg.disk_id.clone(),
         disk_uuid: meta.disk_uuid.clone(),
         disk_path: cfg.disk.clone(),
         disk,

@@ -38,6 +38,7 @@ use tidemark_nbd::{Backend, ExportInfo, Extent, ZeroFlags};
 use tidemark_util::fileops::{self, BackingKind};
 use tidemark_wire::frame::{AgentMode, Progress};
 use tidemark_wire::record::{RecordKind, FLAG_FULL, FLAG_SYNC};
+use tidemark_wire::DiskId;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -109,7 +110,7 @@ impl Core {
 /// Shared state of one protected disk.
 #[derive(Debug)]
 pub struct Inner {
-    pub disk_id: String,
+    pub disk_id: DiskId,
     pub disk_uuid: String,
     pub disk_path: PathBuf,
     pub disk: Arc<File>,
@@ -145,7 +146,7 @@ pub struct Shim {
 
 /// Everything needed to build a [`Shim`].
 pub struct ShimParts {
-    pub disk_id: String,
+    pub disk_id: DiskId,
     pub disk_uuid: String,
     pub disk_path: PathBuf,
     pub disk: File,
@@ -676,7 +677,7 @@ impl Shim {
                 (b.count(), b.dirty_bytes(), b.granularity())
             });
         Status {
-            disk_id: self.inner.disk_id.clone(),
+            disk_id: self.inner.disk_id.to_string(),
             disk_uuid: self.inner.disk_uuid.clone(),
             disk_path: self.inner.disk_path.display().to_string(),
             disk_size_bytes: self.inner.size,
@@ -1227,7 +1228,7 @@ impl Backend for Shim {
             // completed write on every connection.
             multi_conn: true,
             min_block: if size.is_multiple_of(512) { 512 } else { 1 },
-            ..ExportInfo::new(self.inner.disk_id.clone(), size)
+            ..ExportInfo::new(self.inner.disk_id.to_string(), size)
         }
     }
 

@@ -31,7 +31,7 @@ fn cfg(dir: &Path, addr: String) -> ProtectConfig {
         state: dir.join("state"),
         listen: Some(ListenAddr::Unix(dir.join("unused.sock"))),
         ublk: None,
-        disk_id: "ship-me".into(),
+        disk_id: "ship-me".parse().unwrap(),
         create_size: Some(SIZE),
         // 1 MiB segments: the writes below fill several.
         journal_cap: Some(8 << 20),

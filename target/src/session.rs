@@ -640,7 +640,7 @@ async fn session<R: AsyncRead + Unpin>(
     let mut probe_waiters: Vec<(u64, tokio::sync::oneshot::Sender<Held>)> = Vec::new();
     let mut nonce: u64 = 0;
     shared.activity.lock().unwrap_or_else(|e| e.into_inner()).insert(
-        id.clone(),
+        id.to_string(),
         Activity {
             last_batch: Instant::now(),
             applying: false,

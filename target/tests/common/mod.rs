@@ -97,7 +97,7 @@ pub fn hello(disk: &str, uuid: [u8; 16], flags: u32) -> Hello {
         flags,
         disk_uuid: uuid,
         disk_size: 0,
-        disk_id: disk.into(),
+        disk_id: disk.parse().unwrap(),
         token: TOKEN.to_vec(),
     }
 }
