@@ -220,16 +220,9 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
 }
 
 fn main() -> ExitCode {
-    tidemark_util::init_logging();
-    // A panic anywhere (a failpoint set to `panic`, or a bug) ends the
-    // process at once, like a crash: nothing half-done is tidied up.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        std::process::abort();
-    }));
-    // Failpoints from the FAILPOINTS environment variable (tests only).
-    let scenario = fail::FailScenario::setup();
+    // Logging; a panic anywhere (a failpoint set to `panic`, or a bug) ends
+    // the process at once, like a crash; failpoints (tests only).
+    let service = tidemark_util::service::start();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Protect(a) => build(a).and_then(|cfg| {
@@ -245,7 +238,7 @@ fn main() -> ExitCode {
             rt.block_on(tidemark_agent::run::protect(cfg))
         }),
     };
-    scenario.teardown();
+    drop(service);
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -378,19 +378,8 @@ pub async fn protect(cfg: ProtectConfig) -> Result<()> {
     // Signals are caught from here on: one during a slow ublk start is
     // honoured once the device is up (a clean stop follows at once).
     let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
-            stop.cancel();
-        });
+    if let Err(e) = tidemark_util::service::cancel_on_signals(&stop) {
+        warn!("SIGINT/SIGTERM not caught: {e}");
     }
     if cfg.ublk.is_none() {
         crate::ublk::warn_if_left_behind(&cfg.state);

@@ -1,6 +1,6 @@
 //! Small helpers every Tidemark program needs: crash-safe metadata writes,
 //! sparse-file operations, header fields, human-readable sizes and
-//! durations, logging setup, the clock.
+//! durations, logging setup and the start of a daemon, the clock.
 //!
 //! Nothing here knows about records, journals or protocols.
 
@@ -9,6 +9,7 @@ pub mod crashsafe;
 pub mod fileops;
 pub mod human;
 pub mod owned;
+pub mod service;
 
 /// Initialise `tracing` to stderr, honouring `RUST_LOG` (default `info`).
 pub fn init_logging() {
