@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 pub use crate::ship::ShipConfig;
 pub use tidemark_nbd::ListenAddr;
+pub use tidemark_wire::DiskId;
 
 /// The ublk front end's settings (`--ublk`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,7 +37,8 @@ pub struct ProtectConfig {
     pub listen: Option<ListenAddr>,
     /// Serve the disk as a ublk block device (`/dev/ublkbN`).
     pub ublk: Option<UblkOptions>,
-    pub disk_id: String,
+    /// Checked where it came in (the command line, a config file).
+    pub disk_id: DiskId,
     /// Create a sparse file of this size if `disk` does not exist.
     pub create_size: Option<u64>,
     /// Journal cap; `None` means 10 % of the disk, at least 1 GiB.
@@ -49,25 +51,6 @@ pub struct ProtectConfig {
     pub ship: Option<ShipConfig>,
 }
 
-/// Check a disk id: 1–64 of `[A-Za-z0-9._-]`.
-pub fn validate_disk_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 64 {
-        return Err(format!("disk id {id:?} must be 1 to 64 characters long"));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "disk id {id:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"
-        ));
-    }
-    if id == "." || id == ".." {
-        return Err(format!("disk id {id:?} is not allowed"));
-    }
-    Ok(())
-}
-
 /// The default journal cap for a disk of `size` bytes.
 pub fn default_journal_cap(size: u64) -> u64 {
     (size / 10).max(1 << 30)
@@ -77,18 +60,4 @@ pub fn default_journal_cap(size: u64) -> u64 {
 /// cap still spans several segments.
 pub fn segment_size_for(cap: u64) -> u64 {
     (cap / 8).clamp(1 << 20, 64 << 20)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn disk_ids() {
-        assert!(validate_disk_id("db-01.vol_a").is_ok());
-        assert!(validate_disk_id("").is_err());
-        assert!(validate_disk_id(&"a".repeat(65)).is_err());
-        assert!(validate_disk_id("a/b").unwrap_err().contains("'/'"));
-        assert!(validate_disk_id("..").is_err());
-    }
 }

@@ -235,7 +235,7 @@ mod tests {
             state: d.join("st"),
             listen: Some(ListenAddr::Unix(d.join("s"))),
             ublk: None,
-            disk_id: id.into(),
+            disk_id: id.parse().unwrap(),
             create_size: Some(1 << 20),
             journal_cap: None,
             bench_consume: false,

@@ -25,9 +25,4 @@ pub mod syncer;
 pub mod ublk;
 
 /// Nanoseconds since the Unix epoch, for record timestamps.
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub use tidemark_util::now_ns;

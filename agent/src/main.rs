@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use tidemark_agent::config::{ProtectConfig, ShipConfig, UblkOptions};
+use tidemark_agent::config::{DiskId, ProtectConfig, ShipConfig, UblkOptions};
 use tidemark_util::human::parse_size;
 
 #[derive(Parser)]
@@ -171,6 +171,7 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
             .map(str::to_string)
             .context("cannot derive a disk id from the disk path; give --disk-id")?,
     };
+    let disk_id = DiskId::parse(&disk_id)?;
     let size = |flag: &str, v: Option<String>| -> Result<Option<u64>> {
         v.map(|s| parse_size(&s).with_context(|| format!("--{flag}")))
             .transpose()
@@ -219,16 +220,9 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
 }
 
 fn main() -> ExitCode {
-    tidemark_util::init_logging();
-    // A panic anywhere (a failpoint set to `panic`, or a bug) ends the
-    // process at once, like a crash: nothing half-done is tidied up.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        std::process::abort();
-    }));
-    // Failpoints from the FAILPOINTS environment variable (tests only).
-    let scenario = fail::FailScenario::setup();
+    // Logging; a panic anywhere (a failpoint set to `panic`, or a bug) ends
+    // the process at once, like a crash; failpoints (tests only).
+    let service = tidemark_util::service::start();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Protect(a) => build(a).and_then(|cfg| {
@@ -244,7 +238,7 @@ fn main() -> ExitCode {
             rt.block_on(tidemark_agent::run::protect(cfg))
         }),
     };
-    scenario.teardown();
+    drop(service);
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -27,7 +27,7 @@ impl Export {
 impl Backend for Export {
     fn info(&self) -> ExportInfo {
         let size = self.shim.size();
-        let name = self.shim.inner().disk_id.clone();
+        let name = self.shim.inner().disk_id.to_string();
         ExportInfo {
             description: format!("tidemark protected disk {name}"),
             can_fast_zero: self.shim.zeroes_fast(),

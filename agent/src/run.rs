@@ -16,7 +16,7 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{default_journal_cap, segment_size_for, validate_disk_id, ListenAddr, ProtectConfig};
+use crate::config::{default_journal_cap, segment_size_for, ListenAddr, ProtectConfig};
 use crate::shim::{Shim, ShimParts};
 use crate::state::{DiskMeta, LastStop, StateDir};
 
@@ -112,7 +112,6 @@ impl Opened {
 /// the state directory (another daemon's, foreign files, in use), its disk
 /// identity, a missing disk without `--create-size`.
 pub fn precheck(cfg: &ProtectConfig) -> Result<()> {
-    validate_disk_id(&cfg.disk_id).map_err(anyhow::Error::msg)?;
     crate::state::probe(&cfg.state)?;
     if let Some(m) = crate::state::read_meta(&cfg.state)? {
         check_meta(&m, cfg)?;
@@ -191,7 +190,7 @@ fn open_claimed(
         None => {
             let m = DiskMeta {
                 format: 1,
-                disk_id: cfg.disk_id.clone(),
+                disk_id: cfg.disk_id.to_string(),
                 disk_uuid: uuid::Uuid::new_v4().to_string(),
                 disk_size: size,
                 disk_path: cfg.disk.display().to_string(),
@@ -271,7 +270,7 @@ fn open_claimed(
         LastStop::Clean | LastStop::FirstRun => {}
     }
     let shim = Shim::new(ShimParts {
-        disk_id: meta.disk_id.clone(),
+        disk_id: cfg.disk_id.clone(),
         disk_uuid: meta.disk_uuid.clone(),
         disk_path: cfg.disk.clone(),
         disk,
@@ -431,18 +430,9 @@ fn open_and_bind_control(cfg: &ProtectConfig, nbd_socket: Option<PathBuf>) -> Re
 
 /// Cancel `stop` at the first SIGTERM or SIGINT.
 fn stop_on_signal(stop: &CancellationToken) {
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: stopping"),
-            _ = int.recv() => info!("SIGINT: stopping"),
-        }
-        stop.cancel();
-    });
+    if let Err(e) = tidemark_util::service::cancel_on_signals(stop) {
+        warn!("SIGINT/SIGTERM not caught: {e}");
+    }
 }
 
 /// Everything that runs while the disk is served.

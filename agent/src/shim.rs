@@ -37,6 +37,7 @@ use tidemark_formats::ErrorKind as FormatErrorKind;
 use tidemark_util::fileops::{self, BackingKind};
 use tidemark_wire::frame::{AgentMode, Progress};
 use tidemark_wire::record::{RecordKind, FLAG_FULL, FLAG_SYNC};
+use tidemark_wire::DiskId;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -108,7 +109,7 @@ impl Core {
 /// Shared state of one protected disk.
 #[derive(Debug)]
 pub struct Inner {
-    pub disk_id: String,
+    pub disk_id: DiskId,
     pub disk_uuid: String,
     pub disk_path: PathBuf,
     pub disk: Arc<File>,
@@ -146,7 +147,7 @@ pub struct Shim {
 
 /// Everything needed to build a [`Shim`].
 pub struct ShimParts {
-    pub disk_id: String,
+    pub disk_id: DiskId,
     pub disk_uuid: String,
     pub disk_path: PathBuf,
     pub disk: File,

@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tidemark_formats::journal::{Journal, JournalReader, RecordIter, Skipped};
+use tidemark_net::{FrameReader, ReadError};
 use tidemark_wire::frame::{
-    ErrorCode, Frame, FrameHeader, Hello, Request, Role, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC, PROTOCOL_VERSION,
-    WELCOME_NEED_FULL_SYNC,
+    ErrorCode, Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, MAX_BODY, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::record::{RecordHeader, RecordKind, FLAG_FULL};
 use tidemark_wire::Record;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -97,27 +98,6 @@ enum End {
     },
 }
 
-/// Read one frame: the header is bounded before the body is allocated.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame> {
-    let mut h = [0u8; FRAME_HEADER_LEN];
-    r.read_exact(&mut h).await.context("read frame header")?;
-    let fh = FrameHeader::parse(&h).map_err(|e| anyhow!("bad frame header: {e}"))?;
-    let mut buf = vec![0u8; fh.frame_len()];
-    buf[..FRAME_HEADER_LEN].copy_from_slice(&h);
-    r.read_exact(&mut buf[FRAME_HEADER_LEN..])
-        .await
-        .context("read frame body")?;
-    let (f, _) = Frame::decode(&buf).map_err(|e| anyhow!("bad frame: {e}"))?;
-    Ok(f)
-}
-
-/// Write one frame.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<()> {
-    let b = f.encode().map_err(|e| anyhow!("encode frame: {e}"))?;
-    w.write_all(&b).await.context("send frame")?;
-    Ok(())
-}
-
 /// Write `b` to the collector unless `stop` comes first; a write that makes
 /// no progress for [`WRITE_TIMEOUT`] loses the connection.
 async fn send_bytes<W: AsyncWrite + Unpin>(
@@ -146,31 +126,6 @@ async fn send_frame<W: AsyncWrite + Unpin>(
 ) -> std::result::Result<(), SessionError> {
     let b = f.encode().map_err(|e| anyhow!("encode frame: {e}"))?;
     send_bytes(w, &b, stop).await
-}
-
-/// `TCP_USER_TIMEOUT`: unacknowledged data for longer than `d` ends the
-/// connection, so a collector that vanished (no FIN, no RST) is noticed.
-#[allow(unsafe_code)]
-fn set_user_timeout(s: &TcpStream, d: Duration) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let ms = libc::c_uint::try_from(d.as_millis()).unwrap_or(libc::c_uint::MAX);
-    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_uint>()).unwrap_or(4);
-    // SAFETY: the fd is a live socket owned by `s`; the option value is a
-    // c_uint that outlives the call, and `len` is its size.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            std::ptr::from_ref(&ms).cast::<libc::c_void>(),
-            len,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Ship until `stop` is cancelled.
@@ -452,10 +407,14 @@ async fn session(
         },
     };
     let _ = stream.set_nodelay(true);
-    if let Err(e) = set_user_timeout(&stream, WRITE_TIMEOUT) {
+    // A collector that vanished (no FIN, no RST) is noticed.
+    if let Err(e) = tidemark_net::set_user_timeout(&stream, WRITE_TIMEOUT) {
         debug!("TCP_USER_TIMEOUT not set: {e}");
     }
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    // Bounded by the protocol's maximum, the agent's limit so far (the
+    // collector sends only small frames: Welcome, Ack, Request, Error).
+    let mut rd = FrameReader::new(rd, MAX_BODY);
     let uuid = match uuid::Uuid::parse_str(&shim.inner().disk_uuid) {
         Ok(u) => *u.as_bytes(),
         Err(e) => return lost(false, format!("disk uuid: {e}")),
@@ -477,17 +436,18 @@ async fn session(
     }
     let welcome = tokio::select! {
         _ = stop.cancelled() => return End::Stopped,
-        r = tokio::time::timeout(WELCOME_TIMEOUT, read_frame(&mut rd)) => r,
+        r = tokio::time::timeout(WELCOME_TIMEOUT, rd.next()) => r,
     };
     let (acked, flags) = match welcome {
-        Ok(Ok(Frame::Welcome { acked_seq, flags })) => (acked_seq, flags),
-        Ok(Ok(Frame::Error {
+        Ok(Ok(Some(Frame::Welcome { acked_seq, flags }))) => (acked_seq, flags),
+        Ok(Ok(Some(Frame::Error {
             code: ErrorCode::Busy,
             reason,
-        })) => return lost(false, format!("collector busy: {reason}")),
-        Ok(Ok(Frame::Error { code, reason })) => return End::Refused { code, reason },
-        Ok(Ok(other)) => return lost(false, format!("expected Welcome, got {other:?}")),
-        Ok(Err(e)) => return lost(false, format!("{e:#}")),
+        }))) => return lost(false, format!("collector busy: {reason}")),
+        Ok(Ok(Some(Frame::Error { code, reason }))) => return End::Refused { code, reason },
+        Ok(Ok(Some(other))) => return lost(false, format!("expected Welcome, got {other:?}")),
+        Ok(Ok(None)) => return lost(false, "the collector closed the connection before its Welcome".into()),
+        Ok(Err(e)) => return lost(false, format!("read from the collector: {e}")),
         Err(_) => return lost(false, "no Welcome within 10 s".into()),
     };
     let force_now = std::mem::take(force);
@@ -626,25 +586,11 @@ impl Conn<'_> {
             other => {
                 return Err(SessionError::Lost(format!(
                     "unexpected frame from the collector: {}",
-                    frame_name(&other)
+                    other.name()
                 )))
             }
         }
         Ok(())
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "Hello",
-        Frame::Welcome { .. } => "Welcome",
-        Frame::Batch(_) => "Batch",
-        Frame::Ack { .. } => "Ack",
-        Frame::Error { .. } => "Error",
-        Frame::Progress(_) => "Progress",
-        Frame::Request(_) => "Request",
-        Frame::Packed(_) => "Packed",
-        Frame::TargetState(_) => "TargetState",
     }
 }
 
@@ -653,7 +599,7 @@ fn frame_name(f: &Frame) -> &'static str {
 async fn stream_records(
     shim: &Shim,
     stop: &CancellationToken,
-    rd: tokio::net::tcp::OwnedReadHalf,
+    rd: FrameReader<OwnedReadHalf>,
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     acked: u64,
     ship_from: u64,
@@ -662,13 +608,14 @@ async fn stream_records(
 ) -> std::result::Result<(), SessionError> {
     use std::sync::atomic::Ordering::Relaxed;
     let link = &shim.inner().link;
-    // Frames from the collector, read by a task of their own so that a
-    // frame is never cut in half by a select.
-    let (tx, mut rx) = mpsc::channel::<Result<Frame>>(16);
+    // Frames from the collector, read by a task of their own so that those
+    // that arrived while a batch was being sent are taken at once
+    // (`try_recv`) before the next batch.
+    let (tx, mut rx) = mpsc::channel::<std::result::Result<Frame, ReadError>>(16);
     let reader = tokio::spawn(async move {
         let mut rd = rd;
-        loop {
-            let f = read_frame(&mut rd).await;
+        // The end of the stream closes the channel.
+        while let Some(f) = rd.next().await.transpose() {
             let end = f.is_err();
             if tx.send(f).await.is_err() || end {
                 break;
@@ -682,10 +629,10 @@ async fn stream_records(
         }
     }
     let _reader = AbortOnDrop(reader);
-    let recv = |f: Option<Result<Frame>>| -> std::result::Result<Frame, SessionError> {
+    let recv = |f: Option<std::result::Result<Frame, ReadError>>| -> std::result::Result<Frame, SessionError> {
         match f {
             Some(Ok(f)) => Ok(f),
-            Some(Err(e)) => Err(SessionError::Lost(format!("{e:#}"))),
+            Some(Err(e)) => Err(SessionError::Lost(format!("read from the collector: {e}"))),
             None => Err(SessionError::Lost("collector closed the connection".into())),
         }
     };

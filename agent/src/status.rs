@@ -93,7 +93,7 @@ impl Status {
                 (b.count(), b.dirty_bytes(), b.granularity())
             });
         Status {
-            disk_id: inner.disk_id.clone(),
+            disk_id: inner.disk_id.to_string(),
             disk_uuid: inner.disk_uuid.clone(),
             disk_path: inner.disk_path.display().to_string(),
             disk_size_bytes: inner.size,

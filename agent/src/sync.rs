@@ -208,7 +208,7 @@ fn record_whole(shim: &Shim, kind: SyncKind) -> Result<SyncFile> {
 
 impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
     fn disk(&self) -> String {
-        self.shim.inner().disk_id.clone()
+        self.shim.inner().disk_id.to_string()
     }
 
     /// A machine crash may have let writes reach the disk without reaching

@@ -79,7 +79,7 @@ fn cfg(dir: &std::path::Path) -> ProtectConfig {
         state: dir.join("state"),
         listen: Some(ListenAddr::Unix(dir.join("unused.sock"))),
         ublk: None,
-        disk_id: "model".into(),
+        disk_id: "model".parse().unwrap(),
         create_size: Some(SIZE),
         journal_cap: Some(256 << 20),
         bench_consume: false,

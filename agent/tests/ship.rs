@@ -12,10 +12,10 @@ use std::time::Duration;
 use tidemark_agent::config::{ListenAddr, ProtectConfig, ShipConfig};
 use tidemark_agent::run::open;
 use tidemark_agent::shim::Shim;
-use tidemark_agent::ship::{read_frame, write_frame};
 use tidemark_agent::status::Status;
 use tidemark_agent::sync;
 use tidemark_formats::apply::{apply_record, whole};
+use tidemark_net::write_frame;
 use tidemark_util::fileops::BackingKind;
 use tidemark_wire::frame::{AgentMode, Frame, Request, Role, WELCOME_NEED_FULL_SYNC};
 use tidemark_wire::record::{Record, RecordKind, FLAG_FULL};
@@ -23,6 +23,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 const SIZE: u64 = 8 << 20;
+
+/// One frame from the agent; here the end of the stream is an error too.
+async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
+    match tidemark_net::read_frame(s, tidemark_wire::frame::MAX_BODY).await {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn cfg(dir: &Path, addr: String) -> ProtectConfig {
@@ -31,7 +41,7 @@ fn cfg(dir: &Path, addr: String) -> ProtectConfig {
         state: dir.join("state"),
         listen: Some(ListenAddr::Unix(dir.join("unused.sock"))),
         ublk: None,
-        disk_id: "ship-me".into(),
+        disk_id: "ship-me".parse().unwrap(),
         create_size: Some(SIZE),
         // 1 MiB segments: the writes below fill several.
         journal_cap: Some(8 << 20),

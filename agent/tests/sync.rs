@@ -28,7 +28,7 @@ fn cfg(dir: &Path, size: u64, cap: u64) -> ProtectConfig {
         state: dir.join("state"),
         listen: Some(ListenAddr::Unix(dir.join("unused.sock"))),
         ublk: None,
-        disk_id: "sync".into(),
+        disk_id: "sync".parse().unwrap(),
         create_size: Some(size),
         journal_cap: Some(cap),
         bench_consume: false,

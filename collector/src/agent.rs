@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tidemark_net::{write_frame, FrameReader, ReadError};
 use tidemark_wire::frame::{
     ErrorCode, Frame, Hello, Role, HELLO_FORCE_RESYNC, MAX_BODY, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tracing::{debug, error, info, warn};
 
 use crate::catalog::DiskRow;
-use crate::net::{self, error_frame};
+use crate::net::error_frame;
 use crate::state::{kib_permits, note_progress, synced_range, AgentLink, Disk, Out, Shared};
 use crate::{failpoint, forward, spool};
 
@@ -74,37 +75,26 @@ fn refusal(code: ErrorCode, reason: impl Into<String>) -> Refusal {
 async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, peer: SocketAddr, disk: Option<&str>, r: Refusal) {
     shared.counters.refused.fetch_add(1, Ordering::Relaxed);
     warn!(%peer, disk = disk.unwrap_or("-"), code = %r.code, "refused an agent connection: {}", r.reason);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        net::write_frame(wr, &error_frame(r.code, r.reason)),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), write_frame(wr, &error_frame(r.code, r.reason))).await;
     let _ = wr.shutdown().await;
-}
-
-fn token_matches(a: &[u8], b: &[u8]) -> bool {
-    // No early exit on the first differing byte.
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd, HELLO_MAX_BODY);
     let first = tokio::select! {
         _ = shared.stop.cancelled() => return,
-        r = tokio::time::timeout(HELLO_TIMEOUT, net::read_frame(&mut rd, HELLO_MAX_BODY)) => r,
+        r = tokio::time::timeout(HELLO_TIMEOUT, reader.next()) => r,
     };
     let hello = match first {
         Err(_) => {
             let r = refusal(ErrorCode::Malformed, "no hello within 10 s");
             return refuse(&shared, &mut wr, peer, None, r).await;
         }
-        Ok(Ok(Some((Frame::Hello(h), _)))) => h,
-        Ok(Ok(Some((other, _)))) => {
-            let r = refusal(
-                ErrorCode::Malformed,
-                format!("expected a hello, got {}", frame_name(&other)),
-            );
+        Ok(Ok(Some(Frame::Hello(h)))) => h,
+        Ok(Ok(Some(other))) => {
+            let r = refusal(ErrorCode::Malformed, format!("expected a hello, got {}", other.name()));
             return refuse(&shared, &mut wr, peer, None, r).await;
         }
         Ok(Ok(None)) => {
@@ -131,7 +121,8 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     shared.agents_connected.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(write_loop(wr, rx));
     info!(disk = %disk.id, %peer, acked_seq = welcome.0, need_full_sync = welcome.1 & WELCOME_NEED_FULL_SYNC != 0, "agent connected");
-    let end = session(&shared, &disk, &tx, &mut rd, welcome).await;
+    reader.set_max_body(MAX_BODY);
+    let end = session(&shared, &disk, &tx, &mut reader, welcome).await;
     match &end {
         Ok(()) => info!(disk = %disk.id, %peer, "agent disconnected"),
         Err(SessionEnd::Refused(r)) => {
@@ -159,20 +150,6 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "hello",
-        Frame::Welcome { .. } => "welcome",
-        Frame::Batch(_) => "batch",
-        Frame::Ack { .. } => "ack",
-        Frame::Error { .. } => "error",
-        Frame::Progress(_) => "progress",
-        Frame::Request(_) => "request",
-        Frame::Packed(_) => "packed",
-        Frame::TargetState(_) => "target-state",
-    }
-}
-
 /// Check a Hello and attach the connection to its disk; returns the disk
 /// and the Welcome's (acked_seq, flags).
 async fn admit(
@@ -190,7 +167,7 @@ async fn admit(
             ),
         ));
     }
-    if !token_matches(&hello.token, &shared.cfg.token) {
+    if !tidemark_util::bytes::ct_eq(&hello.token, &shared.cfg.token) {
         return Err(refusal(ErrorCode::BadToken, "the token does not match the collector's"));
     }
     if hello.role != Role::Agent {
@@ -341,7 +318,7 @@ async fn session(
     shared: &Arc<Shared>,
     disk: &Arc<Disk>,
     tx: &mpsc::Sender<Out>,
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     (acked, flags): (u64, u32),
 ) -> Result<(), SessionEnd> {
     send_and_wait(
@@ -370,9 +347,9 @@ async fn session(
         }
         let header = tokio::select! {
             _ = shared.stop.cancelled() => return Err(SessionEnd::Gone("collector stopping".into())),
-            r = tokio::time::timeout(IDLE_TIMEOUT, net::read_header(rd, MAX_BODY)) => r,
+            r = tokio::time::timeout(IDLE_TIMEOUT, reader.header()) => r,
         };
-        let (h, hb) = match header {
+        let h = match header {
             Err(_) => {
                 return Err(SessionEnd::Gone(format!(
                     "nothing received for {} s",
@@ -386,11 +363,13 @@ async fn session(
         // The body is bounded by the header (MAX_BODY) before it is read.
         // The shared budget is taken only once it has arrived: an agent
         // trickling a body must not hold memory other connections need.
-        let (frame, buf) = match tokio::time::timeout(BODY_TIMEOUT, net::read_body(rd, h, hb)).await {
+        let frame = match tokio::time::timeout(BODY_TIMEOUT, reader.next()).await {
             Err(_) => return Err(SessionEnd::Gone("frame body not received in time".into())),
-            Ok(Ok(x)) => x,
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => return Err(read_failure(e)),
         };
+        let buf = reader.take_frame_bytes();
         // Decoded, the body is held about twice (bytes and records).
         let permits = kib_permits(2 * u64::from(h.body_len) + 16);
         let _mem = shared
@@ -413,14 +392,14 @@ async fn session(
             other => {
                 return Err(SessionEnd::Refused(refusal(
                     ErrorCode::Malformed,
-                    format!("unexpected {} frame from an agent", frame_name(&other)),
+                    format!("unexpected {} frame from an agent", other.name()),
                 )))
             }
         }
     }
 }
 
-fn read_failure(e: net::ReadError) -> SessionEnd {
+fn read_failure(e: ReadError) -> SessionEnd {
     match e.code() {
         Some(code) => SessionEnd::Refused(refusal(code, format!("bad frame: {e}"))),
         None => SessionEnd::Gone(e.to_string()),
@@ -533,7 +512,7 @@ async fn spool_batch(
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
     while let Some(out) = rx.recv().await {
         let last = matches!(out.frame, Frame::Error { .. });
-        if let Err(e) = net::write_frame(&mut wr, &out.frame).await {
+        if let Err(e) = write_frame(&mut wr, &out.frame).await {
             debug!("writing to an agent: {e}");
             break;
         }

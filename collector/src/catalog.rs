@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection};
+use tidemark_wire::DiskId;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,7 +40,7 @@ INSERT OR IGNORE INTO meta(key, value) VALUES('schema', '1');
 /// One row of `disks`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct DiskRow {
-    pub disk_id: String,
+    pub disk_id: DiskId,
     pub disk_uuid: [u8; 16],
     /// Highest seq the target acknowledged when the spool was last trimmed.
     pub trimmed_seq: u64,
@@ -122,6 +123,7 @@ impl Catalog {
         let mut out = Vec::new();
         for row in rows {
             let (disk_id, uuid, trimmed, pending, since, force, size) = row?;
+            let disk_id = DiskId::parse(&disk_id).context("catalog")?;
             let disk_uuid =
                 parse_uuid(&uuid).with_context(|| format!("catalog: disk {disk_id} has a bad uuid {uuid:?}"))?;
             out.push(DiskRow {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tidemark_formats::spool as fmt;
+use tidemark_net::{write_frame, FrameReader};
 use tidemark_wire::frame::{
     Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
@@ -24,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::net;
 use crate::state::{kib_permits, Disk, Shared};
 use crate::{failpoint, spool};
 
@@ -170,7 +170,8 @@ async fn session(
         .map_err(|_| anyhow!("connecting to {} timed out", shared.cfg.target))?
         .with_context(|| format!("connect to {}", shared.cfg.target))?;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = FrameReader::new(rd, TARGET_MAX_BODY);
     let (uuid, force, disk_size) = {
         let st = disk.lock();
         (st.uuid, st.force_target, st.disk_size)
@@ -184,15 +185,15 @@ async fn session(
         disk_id: disk.id.clone(),
         token: shared.cfg.token.clone(),
     });
-    net::write_frame(&mut wr, &hello).await.context("send hello")?;
-    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, net::read_frame(&mut rd, TARGET_MAX_BODY))
+    write_frame(&mut wr, &hello).await.context("send hello")?;
+    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, rd.next())
         .await
         .map_err(|_| anyhow!("no welcome from the target within 10 s"))?
         .context("read welcome")?;
     let (applied, flags) = match welcome {
-        Some((Frame::Welcome { acked_seq, flags }, _)) => (acked_seq, flags),
-        Some((Frame::Error { code, reason }, _)) => bail!("the target refused: {code}: {reason}"),
-        Some((other, _)) => bail!("expected a welcome from the target, got {other:?}"),
+        Some(Frame::Welcome { acked_seq, flags }) => (acked_seq, flags),
+        Some(Frame::Error { code, reason }) => bail!("the target refused: {code}: {reason}"),
+        Some(other) => bail!("expected a welcome from the target, got {other:?}"),
         None => bail!("the target closed the connection before its welcome"),
     };
     *welcomed = true;
@@ -257,17 +258,17 @@ async fn read_loop(
     disk: &Arc<Disk>,
     generation: u64,
     inflight: &InFlight,
-    rd: &mut OwnedReadHalf,
+    rd: &mut FrameReader<OwnedReadHalf>,
     answers: &tokio::sync::mpsc::UnboundedSender<Frame>,
 ) -> Result<()> {
     loop {
-        let f = tokio::time::timeout(TARGET_IDLE, net::read_frame(rd, TARGET_MAX_BODY))
+        let f = tokio::time::timeout(TARGET_IDLE, rd.next())
             .await
             .map_err(|_| anyhow!("nothing from the target for {} s", TARGET_IDLE.as_secs()))?
             .context("read from the target")?;
         match f {
             None => bail!("the target closed the connection"),
-            Some((Frame::Ack { seq }, _)) => {
+            Some(Frame::Ack { seq }) => {
                 let sent = inflight.sent_upto();
                 if seq > sent {
                     error!(
@@ -288,13 +289,13 @@ async fn read_loop(
                 inflight.acked(seq);
                 spool::trim(shared, disk, generation, seq).await;
             }
-            Some((Frame::TargetState(ts), _)) => {
+            Some(Frame::TargetState(ts)) => {
                 let mut st = disk.lock();
                 if st.generation == generation {
                     st.target_state = Some(ts);
                 }
             }
-            Some((Frame::Request(req), _)) => match req {
+            Some(Frame::Request(req)) => match req {
                 Request::StatusNow { nonce } => {
                     // A drain before a failover: say what is held here and
                     // at the agent, without holding up acks meanwhile.
@@ -307,8 +308,8 @@ async fn read_loop(
                 }
                 _ => shared.relay_to_agent(disk, req),
             },
-            Some((Frame::Error { code, reason }, _)) => bail!("the target reported {code}: {reason}"),
-            Some((other, _)) => bail!("unexpected frame from the target: {other:?}"),
+            Some(Frame::Error { code, reason }) => bail!("the target reported {code}: {reason}"),
+            Some(other) => bail!("unexpected frame from the target: {other:?}"),
         }
     }
 }
@@ -333,7 +334,7 @@ async fn send_loop(
     let uuid = disk.lock().uuid;
     loop {
         while let Ok(f) = to_send.try_recv() {
-            net::write_frame(wr, &f).await.context("send to the target")?;
+            write_frame(wr, &f).await.context("send to the target")?;
         }
         let spooled = disk.spooled.notified();
         tokio::pin!(spooled);
@@ -367,7 +368,7 @@ async fn send_loop(
             tokio::select! {
                 _ = &mut spooled => continue,
                 Some(f) = to_send.recv() => {
-                    net::write_frame(wr, &f).await.context("send to the target")?;
+                    write_frame(wr, &f).await.context("send to the target")?;
                     continue;
                 }
                 _ = ended.cancelled() => return Ok(()),
@@ -385,7 +386,7 @@ async fn send_loop(
             }
             tokio::select! {
                 _ = &mut changed => {}
-                Some(f) = to_send.recv() => net::write_frame(wr, &f).await.context("send to the target")?,
+                Some(f) = to_send.recv() => write_frame(wr, &f).await.context("send to the target")?,
                 _ = ended.cancelled() => return Ok(()),
                 _ = rebound.cancelled() => return Ok(()),
                 _ = shared.stop.cancelled() => return Ok(()),

@@ -9,7 +9,6 @@ use serde::Deserialize;
 use tidemark_collector::config::{read_token, Config, DEFAULT_SPOOL_CAP};
 use tidemark_util::human::parse_size;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -93,32 +92,13 @@ fn build(cli: Cli) -> Result<Config> {
 
 async fn run(cfg: Config) -> Result<()> {
     let stop = CancellationToken::new();
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
-            stop.cancel();
-        });
-    }
+    tidemark_util::service::cancel_on_signals(&stop).context("install SIGINT/SIGTERM handlers")?;
     tidemark_collector::run(cfg, stop).await
 }
 
 fn main() -> ExitCode {
-    tidemark_util::init_logging();
-    // A panic anywhere (a failpoint's `panic` action included) kills the
-    // process at once, as a crash would: no unwinding into half-done state.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        std::process::abort();
-    }));
-    let _failpoints = fail::FailScenario::setup();
+    // Logging; a panic (a failpoint's `panic` included) aborts; failpoints.
+    let _service = tidemark_util::service::start();
     let cli = Cli::parse();
     let r = build(cli).and_then(|cfg| {
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -9,11 +9,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::{json, Value};
+use tidemark_util::now_ns;
 use tidemark_wire::frame::{AgentMode, Frame, Progress, ReplicaState, Request, TargetState};
+use tidemark_wire::DiskId;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -140,7 +142,7 @@ impl OwedResync {
 /// One disk the collector serves.
 #[derive(Debug)]
 pub(crate) struct Disk {
-    pub id: String,
+    pub id: DiskId,
     pub dir: PathBuf,
     pub st: Mutex<DiskState>,
     /// A batch was spooled, or the binding changed: the forwarder looks again.
@@ -173,7 +175,7 @@ pub(crate) struct Counters {
 pub(crate) struct Shared {
     pub cfg: Config,
     pub catalog: Catalog,
-    disks: Mutex<BTreeMap<String, Arc<Disk>>>,
+    disks: Mutex<BTreeMap<DiskId, Arc<Disk>>>,
     pub spool_bytes: AtomicU64,
     /// Notified whenever the spool shrinks.
     pub space: Notify,
@@ -188,13 +190,6 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     /// Nonces for `Request::StatusNow` (never 0: that marks a periodic report).
     next_nonce: AtomicU64,
-}
-
-pub(crate) fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// KiB permits for `bytes` of the memory budget (at least 1, at most all).
@@ -248,7 +243,7 @@ impl Shared {
         }
     }
 
-    fn disks(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Disk>>> {
+    fn disks(&self) -> MutexGuard<'_, BTreeMap<DiskId, Arc<Disk>>> {
         self.disks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -493,7 +488,7 @@ impl Shared {
         let payload = disk.payload_bytes.load(Ordering::Relaxed);
         DiskStatus {
             json: json!({
-                "disk_id": disk.id,
+                "disk_id": disk.id.as_str(),
                 "disk_uuid": uuid_text(&st.uuid),
                 "mode": mode,
                 "agent_mode": last_mode.map(AgentMode::name),

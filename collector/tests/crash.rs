@@ -67,7 +67,7 @@ fn hello() -> Frame {
         flags: 0,
         disk_uuid: [2; 16],
         disk_size: 1 << 20,
-        disk_id: "vm1".into(),
+        disk_id: "vm1".parse().unwrap(),
         token: b"tok".to_vec(),
     })
 }

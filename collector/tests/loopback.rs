@@ -97,7 +97,7 @@ fn hello(id: &str, uuid: [u8; 16]) -> Hello {
         flags: 0,
         disk_uuid: uuid,
         disk_size: 0,
-        disk_id: id.into(),
+        disk_id: id.parse().unwrap(),
         token: TOKEN.to_vec(),
     }
 }

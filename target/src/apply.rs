@@ -49,11 +49,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tidemark_util::crashsafe::fsync_dir;
+use tidemark_util::now_ns;
 use tidemark_wire::frame::TargetState;
 use tidemark_wire::record::{Record, RecordHeader, RecordKind};
 use tracing::{info, warn};
 
-use crate::catalog::{now_ns, now_unix, replica_state, Catalog, DiskRow, Halt, SegmentRow, SyncState, UndoRow};
+use crate::catalog::{now_unix, replica_state, Catalog, DiskRow, Halt, SegmentRow, SyncState, UndoRow};
 use crate::error::{Error, IoContext, Result};
 use crate::plan::{plan, Plan, PlanInput};
 use crate::recovery::Point;

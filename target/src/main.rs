@@ -10,7 +10,6 @@ use tidemark_target::retention::OnFull;
 use tidemark_target::Config;
 use tidemark_util::human::{parse_duration, parse_size};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -124,36 +123,16 @@ fn build(cli: Cli) -> Result<Config> {
 
 async fn serve(cfg: Config) -> Result<()> {
     let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
-            stop.cancel();
-        });
-    }
+    tidemark_util::service::cancel_on_signals(&stop).context("install SIGINT/SIGTERM handlers")?;
     let target = tidemark_target::Target::bind(cfg).await.context("cannot start")?;
     target.serve(stop).await.context("serve")?;
     Ok(())
 }
 
 fn main() -> ExitCode {
-    // A failpoint's `panic` action (FAILPOINTS=target-after-fsync=panic)
-    // must end the process at once, like kill -9: no unwinding, no
-    // destructors, no other task carrying on.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        std::process::abort();
-    }));
-    tidemark_util::init_logging();
-    let _failpoints = fail::FailScenario::setup();
+    // Logging; a failpoint's `panic` action (FAILPOINTS=target-after-fsync=panic)
+    // ends the process at once, like kill -9; failpoints.
+    let _service = tidemark_util::service::start();
     let r = build(Cli::parse()).and_then(|cfg| {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

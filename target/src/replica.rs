@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 pub use tidemark_formats::replica::{ReplicaFormat, ReplicaImage};
 use tidemark_formats::replica::{FLAT_EXTENT_FILE, RAW_FILE, VMDK_FILE};
 use tidemark_util::crashsafe::fsync_dir;
-use tidemark_util::fileops::{self, BackingKind};
+use tidemark_util::fileops::{self, read_zero_fill, BackingKind};
 use tidemark_wire::record::{RecordHeader, RecordKind};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -95,26 +95,6 @@ pub(crate) fn move_aside(dir: &Path, old_uuid: &str) -> Result<Option<PathBuf>> 
         fsync_dir(dir).io_ctx(|| format!("sync {}", dir.display()))?;
     }
     Ok(moved)
-}
-
-/// `pread` that fills with zeros whatever lies past the end of the file.
-pub(crate) fn read_zero_fill(f: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    while !buf.is_empty() {
-        match f.read_at(buf, offset) {
-            Ok(0) => {
-                buf.fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn fmt_err(e: impl std::fmt::Display) -> tidemark_formats::Error {

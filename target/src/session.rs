@@ -8,23 +8,21 @@
 //! error ends the connection instead of panicking.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tidemark_net::{kib_permits, write_frame, FrameReader, ReadError, WriteError};
 use tidemark_wire::frame::{
-    ErrorCode, Frame, FrameHeader, ReplicaState, Request, Role, TargetState, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC,
-    PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+    ErrorCode, Frame, ReplicaState, Request, Role, TargetState, HELLO_FORCE_RESYNC, MAX_BODY, PACKED_GAP,
+    PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{PackedBatch, Unpacker};
-use tidemark_wire::{WireError, WireErrorKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -36,9 +34,6 @@ use crate::retention::Pins;
 use crate::window::WindowFile;
 use crate::Config;
 
-/// A frame buffer larger than this is released after use, so that idle
-/// connections do not each keep a 40 MiB buffer.
-const KEEP_BUFFER: usize = 4 << 20;
 /// How long a refused peer gets to read our Error frame before the close.
 const LINGER: Duration = Duration::from_secs(1);
 /// Longest wait for one frame write.
@@ -47,7 +42,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// collector that vanished does not keep its disk busy for the kernel's
 /// default of about 15 minutes (TargetState is sent every 2 s, so there is
 /// always data in flight).
-const USER_TIMEOUT_MS: u32 = 30_000;
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bytes of frames held at once across all connections: the read buffer
 /// and the decoded frame, twice a body of at most `MAX_BODY` (40 MiB).
@@ -70,19 +65,10 @@ pub(crate) struct Memory {
 impl Default for Memory {
     fn default() -> Self {
         Self {
-            frames: Arc::new(Semaphore::new(kib(FRAME_BUDGET) as usize)),
-            decoded: Arc::new(Semaphore::new(kib(DECODED_BUDGET) as usize)),
+            frames: Arc::new(Semaphore::new(kib_permits(FRAME_BUDGET, FRAME_BUDGET) as usize)),
+            decoded: Arc::new(Semaphore::new(kib_permits(DECODED_BUDGET, DECODED_BUDGET) as usize)),
         }
     }
-}
-
-fn kib(bytes: u64) -> u32 {
-    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
-}
-
-/// KiB permits for `bytes` of a budget of `total` bytes (at least 1, at most all).
-pub(crate) fn permits(bytes: u64, total: u64) -> u32 {
-    kib(bytes).clamp(1, kib(total))
 }
 
 /// What a disk's live connection is doing (for drain and failover).
@@ -249,154 +235,27 @@ impl From<Error> for End {
     }
 }
 
-/// What went wrong reading a frame.
-#[derive(Debug)]
-enum ReadError {
-    Io(io::Error),
-    Wire(WireError),
-    /// The peer closed the connection inside a frame, after this many bytes.
-    Truncated(usize),
-}
-
 impl From<ReadError> for End {
     fn from(e: ReadError) -> Self {
+        let code = e.code().unwrap_or(ErrorCode::Malformed);
         match e {
             ReadError::Io(e) => End::Close(format!("read failed: {e}")),
-            ReadError::Wire(e) if e.kind == WireErrorKind::UnsupportedVersion => {
-                refuse(ErrorCode::UnsupportedVersion, e.msg)
-            }
-            ReadError::Wire(e) => refuse(ErrorCode::Malformed, e.msg),
-            ReadError::Truncated(n) => refuse(
-                ErrorCode::Malformed,
-                format!("the connection closed inside a frame ({n} bytes of it received)"),
-            ),
-        }
-    }
-}
-
-/// Reads frames; cancel-safe (a partly read frame stays in the buffer), so
-/// it can sit in a `select!` beside timers.
-pub(crate) struct FrameReader<R> {
-    inner: R,
-    buf: Vec<u8>,
-    filled: usize,
-    /// Where frame bodies take their memory from (none in unit tests).
-    budget: Option<Arc<Semaphore>>,
-    /// Held for the frame being read, then for the last frame returned.
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            buf: Vec::new(),
-            filled: 0,
-            budget: None,
-            permit: None,
-        }
-    }
-
-    /// A reader whose frame bodies are counted against `budget`.
-    pub fn with_budget(inner: R, budget: Arc<Semaphore>) -> Self {
-        Self {
-            budget: Some(budget),
-            ..Self::new(inner)
-        }
-    }
-
-    /// The memory permit of the frame [`Self::next`] returned last; hold
-    /// it while the frame (or what is decoded from it) is in memory.
-    pub fn take_permit(&mut self) -> Option<OwnedSemaphorePermit> {
-        self.permit.take()
-    }
-
-    /// The next frame, or `None` at a clean end of stream.
-    async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
-        loop {
-            let need = if self.filled < FRAME_HEADER_LEN {
-                FRAME_HEADER_LEN
-            } else {
-                // Bounds body_len before the body is allocated.
-                FrameHeader::parse(&self.buf[..FRAME_HEADER_LEN])
-                    .map_err(ReadError::Wire)?
-                    .frame_len()
-            };
-            if self.filled >= FRAME_HEADER_LEN && self.filled >= need {
-                // The permit goes with the frame (or is dropped with the error).
-                self.filled = 0;
-                let r = Frame::decode(&self.buf[..need]);
-                if self.buf.len() > KEEP_BUFFER {
-                    self.buf = Vec::new();
-                }
-                return r.map(|(f, _)| Some(f)).map_err(ReadError::Wire);
-            }
-            if need > FRAME_HEADER_LEN {
-                if let Some(b) = &self.budget {
-                    // The read buffer and the decoded frame: twice the body.
-                    let want = permits(2 * need as u64, FRAME_BUDGET);
-                    if self.permit.as_ref().map_or(0, |p| p.num_permits()) < want as usize {
-                        // Cancel-safe: a permit acquired is kept in self.
-                        self.permit = None;
-                        let p = b
-                            .clone()
-                            .acquire_many_owned(want)
-                            .await
-                            .map_err(|_| ReadError::Io(io::Error::other("the memory budget is closed")))?;
-                        self.permit = Some(p);
-                    }
-                }
-            }
-            if self.buf.len() < need {
-                self.buf.resize(need, 0);
-            }
-            let n = self
-                .inner
-                .read(&mut self.buf[self.filled..need])
-                .await
-                .map_err(ReadError::Io)?;
-            if n == 0 {
-                return if self.filled == 0 {
-                    Ok(None)
-                } else {
-                    Err(ReadError::Truncated(self.filled))
-                };
-            }
-            self.filled += n;
+            ReadError::Wire(w) => refuse(code, w.msg),
+            // Cut short inside a frame: told so, in case it still listens.
+            e => refuse(code, e.to_string()),
         }
     }
 }
 
 async fn send(w: &mut OwnedWriteHalf, f: &Frame) -> Result<(), End> {
-    let bytes = f
-        .encode()
-        .map_err(|e| refuse(ErrorCode::Internal, format!("cannot encode a reply: {}", e.msg)))?;
-    match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&bytes)).await {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(w, f)).await {
         Ok(Ok(())) => Ok(()),
+        Ok(Err(WriteError::Encode(e))) => Err(refuse(ErrorCode::Internal, format!("cannot encode a reply: {}", e.msg))),
         Ok(Err(e)) => Err(End::Close(format!("write failed: {e}"))),
         Err(_) => Err(End::Close(format!(
             "the collector read nothing for {} s",
             WRITE_TIMEOUT.as_secs()
         ))),
-    }
-}
-
-/// Compare tokens without an early exit on the first differing byte.
-fn token_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "Hello",
-        Frame::Welcome { .. } => "Welcome",
-        Frame::Batch(_) => "Batch",
-        Frame::Ack { .. } => "Ack",
-        Frame::Error { .. } => "Error",
-        Frame::Progress(_) => "Progress",
-        Frame::Request(_) => "Request",
-        Frame::Packed(_) => "Packed",
-        Frame::TargetState(_) => "TargetState",
     }
 }
 
@@ -411,15 +270,11 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
     let span = tracing::info_span!("conn", %peer, disk = tracing::field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
-        if let Err(e) = nix::sys::socket::setsockopt(
-            &stream.as_fd(),
-            nix::sys::socket::sockopt::TcpUserTimeout,
-            &USER_TIMEOUT_MS,
-        ) {
+        if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
             debug!("TCP_USER_TIMEOUT not set: {e}");
         }
         let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::with_budget(rd, shared.memory.frames.clone());
+        let mut reader = FrameReader::new(rd, MAX_BODY).with_budget(shared.memory.frames.clone(), FRAME_BUDGET);
         match session(&mut reader, &mut wr, &shared, &stop).await {
             Ok(Some(why)) => info!("connection closed: {why}"),
             // A port probe (readiness checks): not worth a line.
@@ -439,7 +294,7 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
                 // connection before our Error frame is read.
                 let mut sink = vec![0u8; 64 << 10];
                 let _ = tokio::time::timeout(LINGER, async {
-                    while matches!(reader.inner.read(&mut sink).await, Ok(n) if n > 0) {}
+                    while matches!(reader.get_mut().read(&mut sink).await, Ok(n) if n > 0) {}
                 })
                 .await;
             }
@@ -560,7 +415,7 @@ async fn read_hello<R: AsyncRead + Unpin>(
         Ok(Ok(Some(Frame::Hello(h)))) => Ok(Some(h)),
         Ok(Ok(Some(f))) => Err(refuse(
             ErrorCode::Malformed,
-            format!("expected Hello, got a {} frame", frame_name(&f)),
+            format!("expected Hello, got a {} frame", f.name()),
         )),
         Ok(Err(e)) => Err(e.into()),
     }
@@ -587,7 +442,7 @@ async fn session<R: AsyncRead + Unpin>(
     }
     let id = hello.disk_id.clone();
     tracing::Span::current().record("disk", id.as_str());
-    if !token_eq(&hello.token, &cfg.token) {
+    if !tidemark_util::bytes::ct_eq(&hello.token, &cfg.token) {
         return Err(refuse(ErrorCode::BadToken, format!("bad token for disk {id}")));
     }
     if hello.role != Role::Collector {
@@ -659,7 +514,7 @@ async fn session<R: AsyncRead + Unpin>(
     let mut probe_waiters: Vec<(u64, tokio::sync::oneshot::Sender<Held>)> = Vec::new();
     let mut nonce: u64 = 0;
     shared.activity.lock().unwrap_or_else(|e| e.into_inner()).insert(
-        id.clone(),
+        id.to_string(),
         Activity {
             last_batch: Instant::now(),
             applying: false,
@@ -734,7 +589,7 @@ async fn session<R: AsyncRead + Unpin>(
             Some(f) => {
                 return Err(refuse(
                     ErrorCode::Malformed,
-                    format!("disk {id}: unexpected {} frame from a collector", frame_name(&f)),
+                    format!("disk {id}: unexpected {} frame from a collector", f.name()),
                 ))
             }
         };
@@ -755,7 +610,7 @@ async fn session<R: AsyncRead + Unpin>(
             .memory
             .decoded
             .clone()
-            .acquire_many_owned(permits(2 * u64::from(p.raw_len), DECODED_BUDGET))
+            .acquire_many_owned(kib_permits(2 * u64::from(p.raw_len), DECODED_BUDGET))
             .await
             .map_err(|_| End::Close("the memory budget is closed".into()))?;
         // Apply on a blocking thread; keep reporting state meanwhile. The
@@ -832,68 +687,5 @@ async fn session<R: AsyncRead + Unpin>(
             send(wr, &Frame::TargetState(o.state)).await?;
         }
         last = o.state;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_compare_by_content_and_length() {
-        assert!(token_eq(b"abc", b"abc"));
-        assert!(!token_eq(b"abc", b"abd"));
-        assert!(!token_eq(b"abc", b"abcd"));
-        assert!(token_eq(b"", b""));
-    }
-
-    #[tokio::test]
-    async fn reader_survives_cancellation_mid_frame() {
-        let bytes = Frame::Ack { seq: 42 }.encode().unwrap();
-        let (mut a, b) = tokio::io::duplex(64);
-        let mut r = FrameReader::new(b);
-        a.write_all(&bytes[..10]).await.unwrap();
-        // A read that is cancelled after part of the frame arrived keeps it.
-        let t = tokio::time::timeout(Duration::from_millis(50), r.next()).await;
-        assert!(t.is_err());
-        a.write_all(&bytes[10..]).await.unwrap();
-        assert_eq!(r.next().await.unwrap(), Some(Frame::Ack { seq: 42 }));
-        a.write_all(&bytes[..20]).await.unwrap();
-        drop(a);
-        assert!(matches!(r.next().await, Err(ReadError::Truncated(20))));
-    }
-
-    #[tokio::test]
-    async fn reader_waits_for_the_memory_budget_before_reading_a_body() {
-        let f = Frame::Error {
-            code: ErrorCode::Internal,
-            reason: "x".repeat(900),
-        };
-        let bytes = f.encode().unwrap();
-        let budget = Arc::new(Semaphore::new(kib(FRAME_BUDGET) as usize));
-        let all = budget.clone().acquire_many_owned(kib(FRAME_BUDGET)).await.unwrap();
-        let mut r = FrameReader::with_budget(&bytes[..], budget.clone());
-        let t = tokio::time::timeout(Duration::from_millis(50), r.next()).await;
-        assert!(t.is_err(), "no memory: the body is not read");
-        drop(all);
-        assert_eq!(r.next().await.unwrap(), Some(f));
-        let p = r.take_permit().expect("the frame's permit");
-        assert_eq!(budget.available_permits(), kib(FRAME_BUDGET) as usize - p.num_permits());
-        drop(p);
-        assert_eq!(budget.available_permits(), kib(FRAME_BUDGET) as usize);
-        assert_eq!(permits(u64::MAX, FRAME_BUDGET), kib(FRAME_BUDGET));
-        assert_eq!(permits(0, FRAME_BUDGET), 1);
-    }
-
-    #[tokio::test]
-    async fn reader_bounds_the_body_before_allocating() {
-        let mut bytes = Frame::Ack { seq: 1 }.encode().unwrap();
-        bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        let mut r = FrameReader::new(&bytes[..]);
-        match r.next().await {
-            Err(ReadError::Wire(e)) => assert_eq!(e.kind, WireErrorKind::OutOfBounds),
-            other => panic!("{other:?}"),
-        }
-        assert!(r.buf.len() <= FRAME_HEADER_LEN);
     }
 }

@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
+use tidemark_util::now_ns;
 use tidemark_wire::frame::ReplicaState;
 
 use tidemark_formats::replica::ReplicaFormat;
@@ -459,12 +460,6 @@ fn to_u64(v: i64, what: &str) -> Result<u64> {
 /// the catalog (see `apply`), so this only fails on a bug.
 pub fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::new(ErrorKind::Catalog, format!("{what} {v} does not fit the catalog")))
-}
-
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// A disk's recovery points, by seq.

@@ -22,13 +22,7 @@ use tokio_util::sync::CancellationToken;
 const USAGE: &str = "usage: nbd-file-server [--read-only] [--name NAME] [--single-thread] FILE unix:SOCK|tcp:HOST:PORT";
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tidemark_util::init_logging();
 
     let mut read_only = false;
     let mut single_thread = false;
@@ -67,18 +61,11 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let listener = bind(&addr).await?;
         let shutdown = CancellationToken::new();
-        let stopper = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            tracing::info!("shutting down");
-            stopper.cancel();
-        });
+        tidemark_util::service::cancel_on_signals(&shutdown).context("catching SIGINT/SIGTERM")?;
         tracing::info!(export = %backend_name(&backend), size = backend_size(&backend), "serving {file} on {addr}");
-        serve(listener, Arc::clone(&backend), shutdown).await.context("serving")?;
+        serve(listener, Arc::clone(&backend), shutdown)
+            .await
+            .context("serving")?;
         if let tidemark_nbd::ListenAddr::Unix(p) = &addr {
             let _ = std::fs::remove_file(p);
         }

@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tidemark_catalog::point::{format_time, Point, PointKind};
+use tidemark_util::now_ns;
 
 /// Which point a user asks for (`--at`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,12 +117,6 @@ pub fn tag_name_problem(name: &str) -> Option<String> {
             "tag name \"{name}\" reads as a point spec to --at ({AT_FORMS}); choose another name"
         )),
     }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Whether `s` starts like a date or a clock time (so that a typo in one

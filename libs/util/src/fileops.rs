@@ -94,6 +94,26 @@ pub fn write_zeros(f: &File, mut offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// `pread` of a whole buffer that fills with zeros whatever lies past the
+/// end of the file (replicas and images grow sparsely).
+pub fn read_zero_fill(f: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match f.read_at(buf, offset) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Make a range read zeros on whatever the backing store is: punch a hole in
 /// a file, zero-out on a block device.
 pub fn discard_zeroing(f: &File, kind: BackingKind, offset: u64, len: u64) -> io::Result<()> {
@@ -207,5 +227,17 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0));
         assert_eq!(backing_kind(&f).unwrap(), BackingKind::File);
         assert_eq!(backing_size(&f).unwrap(), 1 << 20);
+    }
+
+    #[test]
+    fn reads_past_the_end_are_zeros() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 100]).unwrap();
+        let mut buf = [1u8; 64];
+        read_zero_fill(&f, &mut buf, 80).unwrap();
+        assert!(buf[..20].iter().all(|&b| b == 7));
+        assert!(buf[20..].iter().all(|&b| b == 0));
+        read_zero_fill(&f, &mut buf, 1000).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
     }
 }

@@ -38,6 +38,7 @@
 //! header and the body; each record in a batch also carries its own blake3,
 //! checked end to end at the target.
 
+use crate::disk_id::DiskId;
 use crate::pack::{PackedBatch, MAX_RAW};
 use crate::record::{Record, MAX_PAYLOAD};
 use crate::{WireError, WireErrorKind};
@@ -127,7 +128,7 @@ pub struct Hello {
     pub disk_uuid: [u8; 16],
     /// The protected disk's size in bytes (0: not known to the sender).
     pub disk_size: u64,
-    pub disk_id: String,
+    pub disk_id: DiskId,
     pub token: Vec<u8>,
 }
 
@@ -358,17 +359,23 @@ impl<'a> Body<'a> {
     }
 }
 
-/// Disk ids: 1–64 of `[A-Za-z0-9._-]`.
-fn valid_disk_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && id != "."
-        && id != ".."
-}
-
 impl Frame {
+    /// The frame type's name as `docs/formats.md` spells it, for messages
+    /// and logs (`expected Hello, got a Batch frame`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Batch(_) => "Batch",
+            Frame::Ack { .. } => "Ack",
+            Frame::Error { .. } => "Error",
+            Frame::Progress(_) => "Progress",
+            Frame::Request(_) => "Request",
+            Frame::Packed(_) => "Packed",
+            Frame::TargetState(_) => "TargetState",
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Frame::Hello(_) => 1,
@@ -383,19 +390,13 @@ impl Frame {
         }
     }
 
-    /// Encode into one buffer. Fails if a field is out of bounds (a disk id
-    /// or token too long, a batch larger than a frame may be, seqs that are
-    /// not consecutive).
+    /// Encode into one buffer. Fails if a field is out of bounds (a token
+    /// too long, a batch larger than a frame may be, seqs that are not
+    /// consecutive).
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         let mut body = Vec::new();
         match self {
             Frame::Hello(h) => {
-                if !valid_disk_id(&h.disk_id) {
-                    return Err(err(
-                        WireErrorKind::OutOfBounds,
-                        format!("disk id {:?} is not 1-64 of [A-Za-z0-9._-]", h.disk_id),
-                    ));
-                }
                 if h.token.len() > MAX_TOKEN {
                     return Err(err(WireErrorKind::OutOfBounds, "token longer than 4096 bytes"));
                 }
@@ -542,9 +543,8 @@ impl Frame {
                 let n = c.u8("hello")? as usize;
                 let disk_id = std::str::from_utf8(c.take(n, "hello disk id")?)
                     .ok()
-                    .filter(|s| valid_disk_id(s))
-                    .ok_or_else(|| err(WireErrorKind::Corrupt, "hello disk id is not 1-64 of [A-Za-z0-9._-]"))?
-                    .to_string();
+                    .and_then(|s| DiskId::parse(s).ok())
+                    .ok_or_else(|| err(WireErrorKind::Corrupt, "hello disk id is not 1-64 of [A-Za-z0-9._-]"))?;
                 let t = c.u16("hello")? as usize;
                 if t > MAX_TOKEN {
                     return Err(err(WireErrorKind::OutOfBounds, "hello token longer than 4096 bytes"));
@@ -721,7 +721,7 @@ mod tests {
             flags: HELLO_FORCE_RESYNC,
             disk_uuid: [0x11; 16],
             disk_size: 1 << 30,
-            disk_id: "db".into(),
+            disk_id: "db".parse().unwrap(),
             token: b"s3".to_vec(),
         });
         let frames = [
@@ -788,6 +788,13 @@ mod tests {
         }
     }
 
+    #[test]
+    fn names_are_the_documented_ones() {
+        assert_eq!(Frame::Ack { seq: 1 }.name(), "Ack");
+        assert_eq!(Frame::Request(Request::FullResync).name(), "Request");
+        assert_eq!(Frame::Batch(vec![]).name(), "Batch");
+    }
+
     /// Found by the frame_decode fuzzer: a status-now request carrying an
     /// offset decoded, then re-encoded without it.
     #[test]
@@ -822,16 +829,23 @@ mod tests {
         let gap = Frame::Batch(vec![rec(5, b"a"), rec(7, b"b")]);
         assert!(gap.encode().is_err());
         assert!(Frame::Batch(vec![]).encode().is_err());
-        let bad_id = Frame::Hello(Hello {
+        // A Hello cannot carry a bad disk id (`DiskId`); one on the wire is refused.
+        assert!(DiskId::parse("a/b").is_err());
+        let mut bad_id = Frame::Hello(Hello {
             protocol: 1,
             role: Role::Agent,
             flags: 0,
             disk_uuid: [0; 16],
             disk_size: 0,
-            disk_id: "a/b".into(),
+            disk_id: "a-b".parse().unwrap(),
             token: vec![],
-        });
-        assert!(bad_id.encode().is_err());
+        })
+        .encode()
+        .unwrap();
+        bad_id[FRAME_HEADER_LEN + 33] = b'/'; // "a-b" at body offset 32
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bad_id[0..12]), &bad_id[16..]);
+        bad_id[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(Frame::decode(&bad_id).unwrap_err().msg.contains("disk id"));
     }
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
@@ -849,7 +863,7 @@ mod tests {
                     flags: u32::from(agent),
                     disk_uuid: uuid,
                     disk_size: u64::from(agent) << 20,
-                    disk_id: id,
+                    disk_id: DiskId::parse(&id).unwrap(),
                     token,
                 })),
             (any::<u64>(), 0u32..2).prop_map(|(s, flags)| Frame::Welcome { acked_seq: s, flags }),

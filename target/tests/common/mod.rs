@@ -97,7 +97,7 @@ pub fn hello(disk: &str, uuid: [u8; 16], flags: u32) -> Hello {
         flags,
         disk_uuid: uuid,
         disk_size: 0,
-        disk_id: disk.into(),
+        disk_id: disk.parse().unwrap(),
         token: TOKEN.to_vec(),
     }
 }
@@ -377,11 +377,8 @@ impl Source {
 }
 
 /// Now, in ns since the Unix epoch (record source times).
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
+#[allow(unused_imports)]
+pub use tidemark_util::now_ns;
 
 /// Deterministic, non-repeating 4 KiB-block content.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

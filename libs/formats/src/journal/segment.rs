@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use tidemark_util::bytes::{u32_at, u64_at};
 use tidemark_wire::record::{RecordHeader, HEADER_LEN};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -50,16 +51,10 @@ impl SegmentHeader {
         if b[0..8] != MAGIC {
             return Err(Error::corrupt(path, "not a journal segment (bad magic)"));
         }
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
-        if u32_at(56) != crc32c::crc32c(&b[0..56]) {
+        if u32_at(b, 56) != crc32c::crc32c(&b[0..56]) {
             return Err(Error::corrupt(path, "segment header checksum mismatch"));
         }
-        let version = u32_at(8);
+        let version = u32_at(b, 8);
         if version != VERSION {
             return Err(Error::new(
                 ErrorKind::UnsupportedVersion,
@@ -69,10 +64,10 @@ impl SegmentHeader {
                 ),
             ));
         }
-        if u64::from(u32_at(12)) != SEGMENT_HEADER_LEN {
-            return Err(Error::corrupt(path, format!("segment header length {}", u32_at(12))));
+        if u64::from(u32_at(b, 12)) != SEGMENT_HEADER_LEN {
+            return Err(Error::corrupt(path, format!("segment header length {}", u32_at(b, 12))));
         }
-        let first_seq = u64_at(24);
+        let first_seq = u64_at(b, 24);
         // Seqs start at 1; anything near the top of the range could only
         // come from corruption and would overflow.
         if first_seq == 0 || first_seq > MAX_SEQ {
@@ -81,17 +76,17 @@ impl SegmentHeader {
                 format!("segment first seq {first_seq} is out of range"),
             ));
         }
-        let index = u64_at(16);
+        let index = u64_at(b, 16);
         if index > MAX_SEQ {
             return Err(Error::corrupt(path, format!("segment index {index} is out of range")));
         }
         let mut disk_uuid = [0u8; 16];
         disk_uuid.copy_from_slice(&b[32..48]);
         Ok(Self {
-            index: u64_at(16),
-            first_seq: u64_at(24),
+            index: u64_at(b, 16),
+            first_seq: u64_at(b, 24),
             disk_uuid,
-            created_ns: u64_at(48),
+            created_ns: u64_at(b, 48),
         })
     }
 

@@ -13,9 +13,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use tidemark_util::{crashsafe, fileops};
+use tidemark_util::{crashsafe, fileops, now_ns};
 use tidemark_wire::record::{RecordHeader, RecordKind, HEADER_LEN};
 
 use super::segment::{scan, SegmentHeader, SEGMENT_HEADER_LEN};
@@ -104,13 +103,6 @@ pub struct Journal {
     unsynced: Vec<Arc<File>>,
     cur_dirty: bool,
     dir_dirty: bool,
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 const CONSUMED_FILE: &str = "consumed";

@@ -396,25 +396,6 @@ pub(crate) fn read_only(path: &Path) -> Error {
     )
 }
 
-/// `pread` that fills with zeros whatever lies past the end of the file.
-pub(crate) fn read_zero_fill(f: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match f.read_at(buf, offset) {
-            Ok(0) => {
-                buf.fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Allocation of a byte range of a plain file (raw replica, flat extent) as
 /// `(offset, len, data?)` in image coordinates (`base` = where the image
 /// starts in the file).

@@ -13,9 +13,10 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
+use tidemark_util::fileops::read_zero_fill;
 use tidemark_util::{crashsafe, fileops};
 
-use super::{check_range, file_allocation, read_only, read_zero_fill, ReplicaFormat, ReplicaImage};
+use super::{check_range, file_allocation, read_only, ReplicaFormat, ReplicaImage};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
 /// A byte range of one plain file holding a disk image.

@@ -39,6 +39,7 @@ use std::io::{Read, Write};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+use tidemark_util::bytes::{u32_at, u64_at};
 use tidemark_util::crashsafe;
 use tidemark_wire::record::{Record, RecordHeader, HEADER_LEN as RECORD_HEADER_LEN, MAGIC as RECORD_MAGIC};
 
@@ -74,16 +75,6 @@ pub struct SpoolHeader {
     pub payload_bytes: u64,
     /// crc32c of the body.
     pub body_crc: u32,
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
-fn u64_at(b: &[u8], i: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[i..i + 8]);
-    u64::from_le_bytes(a)
 }
 
 impl SpoolHeader {

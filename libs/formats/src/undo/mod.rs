@@ -43,6 +43,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use tidemark_util::bytes::{u32_at, u64_at};
 use tidemark_util::crashsafe::fsync_dir;
 use tidemark_util::fileops;
 
@@ -107,18 +108,6 @@ pub fn encode_segment_header(uuid: &[u8; 16], segment: u64, created_ns: u64) -> 
 pub fn sum32(b: &[u8]) -> u32 {
     let h = blake3::hash(b);
     u32_at(h.as_bytes(), 0)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Check a segment header; returns (uuid, segment number).

@@ -50,14 +50,15 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use tidemark_util::fileops::{self, BackingKind};
+use tidemark_util::bytes::{u32_at, u64_at};
+use tidemark_util::fileops::{self, read_zero_fill, BackingKind};
 
 use super::descriptor::{Descriptor, ExtentKind};
 use super::{capacity_sectors, file_name, new_cid, unsupported_create_type, SECTOR, SPARSE_MAGIC};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::replica::{
-    check_range, commit_part, is_zero, part_path, push_extent, read_only, read_zero_fill, round_up_sector,
-    ExportReader, ReplicaFormat, ReplicaImage,
+    check_range, commit_part, is_zero, part_path, push_extent, read_only, round_up_sector, ExportReader, ReplicaFormat,
+    ReplicaImage,
 };
 
 /// Bytes in the header.
@@ -128,16 +129,6 @@ pub struct Geometry {
 /// A length or offset within a buffer already allocated (so it fits).
 fn us(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
-fn u64_at(b: &[u8], i: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[i..i + 8]);
-    u64::from_le_bytes(a)
 }
 
 fn oob(path: &Path, msg: impl std::fmt::Display) -> Error {
