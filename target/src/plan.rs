@@ -186,11 +186,16 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
     let mut points: Vec<(usize, Point)> = Vec::new();
     let mut thin = Thinning::new(&input.crash_tail, policy.point_interval, input.pinned.clone());
     // Records up to this seq were captured by an attempt that crashed
-    // before its commit, against the points that attempt chose (which
-    // may differ if the batch is cut differently now): a flush among
-    // them is not made a point again, or a view there could miss a
-    // capture. Tags are points whatever the batch boundaries.
+    // before its commit, against the points that attempt chose. With
+    // thinning (a point interval), those may differ if the batch is cut
+    // differently now (the newest flush of a shorter batch survives where
+    // the crashed attempt thinned it), so a flush among them is not made a
+    // point again, or a view there could miss a capture. Without thinning
+    // every consistent flush was a point in that attempt too, whatever
+    // its cut, so they are made points again. Tags are points whatever
+    // the batch boundaries.
     let recaptured = input.row.undo_captured_seq;
+    let remake = policy.point_interval.is_zero();
     let mut thinned: Vec<u64> = Vec::new();
     for (i, r) in fresh.iter().enumerate() {
         let h = &r.header;
@@ -270,7 +275,7 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
                 // The newest flush is always a point; the one it
                 // replaces as newest goes if it is closer than the
                 // interval to the point before it.
-                if consistent && h.seq > recaptured {
+                if consistent && (h.seq > recaptured || remake) {
                     if let Some(drop) = thin.add(h.seq, h.time_ns) {
                         match points.iter().position(|(_, p)| p.seq == drop) {
                             Some(k) => {
