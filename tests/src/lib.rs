@@ -300,7 +300,25 @@ pub fn assert_replay_matches(state: &Path, pre: &Path, disk: &Path) {
 }
 
 /// A free loopback TCP port (bound, then released for a service to take).
+///
+/// Chosen below the kernel's ephemeral range (32768-60999 by default), so
+/// that no outgoing connection of a concurrent test can take it between
+/// this check and the service's bind (`bind(":0")` would hand out exactly
+/// such a port), and spread by process id so that concurrent test
+/// processes try different ports first.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(BASE + (seed + n.wrapping_mul(7)) % SPAN).expect("a port below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
