@@ -257,7 +257,13 @@ impl DiskApplier {
         };
         let mut existing_tags = HashSet::new();
         if self.row.policy.enabled() {
-            for r in records.iter().filter(|r| r.header.kind == RecordKind::Tag) {
+            let applied = self.row.applied_seq;
+            // Resent records (at or below the applied seq) are dropped by
+            // the plan: their tags need no lookup.
+            for r in records
+                .iter()
+                .filter(|r| r.header.kind == RecordKind::Tag && r.header.seq > applied)
+            {
                 let name = String::from_utf8_lossy(&r.payload).into_owned();
                 if self.catalog.tag_exists(&id, &name)? {
                     existing_tags.insert(name);
