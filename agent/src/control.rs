@@ -260,6 +260,8 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("tidemark_agent_writes_total{disk=\"ctl\"} 0"));
+        let text = v["metrics"].as_str().unwrap();
+        assert_eq!(crate::metrics::REGISTRY.missing(text), Vec::<String>::new(), "{text}");
         let v = ask(&o.shim, r#"{"cmd":"launch"}"#).await;
         assert!(v["error"].as_str().unwrap().contains("unknown command"));
         let v = ask(&o.shim, "not json").await;

@@ -1,7 +1,6 @@
 //! The HTTP status API and Prometheus metrics (`docs/pipeline.md`, "Status
 //! API"). Read-only except `refresh`, which asks an agent for a Progress.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use tidemark_util::metrics::{Metric, Registry};
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -100,170 +100,112 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     Json(v).into_response()
 }
 
-fn esc(label: &str) -> String {
-    label.replace('\\', "\\\\").replace('"', "\\\"")
-}
+const SPOOL_BYTES: Metric = Metric::gauge("spool_bytes", "Bytes in the spool.");
+const SPOOL_CAP: Metric = Metric::gauge("spool_cap_bytes", "Spool size at which agents are no longer read.");
+const SPOOL_FULL: Metric = Metric::gauge("spool_full", "1 while the spool is at its cap.");
+const SPOOL_FULL_EPISODES: Metric = Metric::counter("spool_full_episodes_total", "Times the spool reached its cap.");
+const AGENTS_CONNECTED: Metric = Metric::gauge("agents_connected", "Agent connections.");
+const UPTIME: Metric = Metric::gauge("uptime_seconds", "Seconds since the collector started.");
+const REFUSED: Metric = Metric::counter(
+    "connections_refused_total",
+    "Agent connections refused or closed for bad input.",
+);
+const BATCHES_SPOOLED: Metric = Metric::counter("batches_spooled_total", "Batches made durable in the spool.");
+const RECORDS_SPOOLED: Metric = Metric::counter("records_spooled_total", "Records made durable in the spool.");
+const SPOOLED_BYTES: Metric = Metric::counter("spooled_bytes_total", "Bytes written to spool files.");
+const DUPLICATES: Metric = Metric::counter(
+    "duplicate_records_total",
+    "Records received again and dropped (already held).",
+);
+const BATCHES_FORWARDED: Metric = Metric::counter("batches_forwarded_total", "Packed batches sent to the target.");
+const DISK_ACKED_SEQ: Metric = Metric::gauge("disk_acked_seq", "Highest seq durable at the collector.");
+const DISK_APPLIED_SEQ: Metric = Metric::gauge("disk_applied_seq", "Highest seq the target acknowledged.");
+const DISK_LAG_SECONDS: Metric = Metric::gauge("disk_lag_seconds", "Age of the oldest record not yet applied.");
+const DISK_LAG_BYTES: Metric = Metric::gauge(
+    "disk_lag_bytes",
+    "Payload bytes journaled or spooled but not yet applied.",
+);
+const DISK_SPOOL_BYTES: Metric = Metric::gauge("disk_spool_bytes", "Bytes of this disk in the spool.");
+const DISK_WIRE_BYTES: Metric = Metric::counter("disk_wire_bytes_total", "Bytes sent to the target.");
+const DISK_PAYLOAD_BYTES: Metric = Metric::counter("disk_payload_bytes_total", "Payload bytes sent to the target.");
+const DISK_DEDUP_HITS: Metric = Metric::counter("disk_dedup_hits_total", "4 KiB blocks sent as window references.");
+const DISK_ZERO_BLOCKS: Metric = Metric::counter("disk_zero_blocks_total", "4 KiB blocks sent as zero items.");
+const DISK_CORRUPT: Metric = Metric::counter("disk_corrupt_records_total", "Records found damaged in the spool.");
+const DISK_AGENT_CONNECTED: Metric =
+    Metric::gauge("disk_agent_connected", "1 while the disk's agent is connected.");
+const DISK_TARGET_CONNECTED: Metric =
+    Metric::gauge("disk_target_connected", "1 while the disk's target session is up.");
+const DISK_PENDING_FULL_SYNC: Metric =
+    Metric::gauge("disk_pending_full_sync", "1 while a full sync is owed by the agent.");
+
+/// Every metric the collector exports.
+pub(crate) const REGISTRY: Registry = Registry::new(
+    "tidemark_collector",
+    &[
+        SPOOL_BYTES,
+        SPOOL_CAP,
+        SPOOL_FULL,
+        SPOOL_FULL_EPISODES,
+        AGENTS_CONNECTED,
+        UPTIME,
+        REFUSED,
+        BATCHES_SPOOLED,
+        RECORDS_SPOOLED,
+        SPOOLED_BYTES,
+        DUPLICATES,
+        BATCHES_FORWARDED,
+        DISK_ACKED_SEQ,
+        DISK_APPLIED_SEQ,
+        DISK_LAG_SECONDS,
+        DISK_LAG_BYTES,
+        DISK_SPOOL_BYTES,
+        DISK_WIRE_BYTES,
+        DISK_PAYLOAD_BYTES,
+        DISK_DEDUP_HITS,
+        DISK_ZERO_BLOCKS,
+        DISK_CORRUPT,
+        DISK_AGENT_CONNECTED,
+        DISK_TARGET_CONNECTED,
+        DISK_PENDING_FULL_SYNC,
+    ],
+);
 
 /// Prometheus text format.
 pub(crate) fn metrics_text(s: &Shared) -> String {
-    let mut o = String::new();
     let c = &s.counters;
-    let mut one = |name: &str, kind: &str, help: &str, v: f64| {
-        let _ = writeln!(o, "# HELP tidemark_collector_{name} {help}");
-        let _ = writeln!(o, "# TYPE tidemark_collector_{name} {kind}");
-        let _ = writeln!(o, "tidemark_collector_{name} {v}");
-    };
-    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    one(
-        "spool_bytes",
-        "gauge",
-        "Bytes in the spool.",
-        s.spool_bytes.load(Ordering::Relaxed) as f64,
-    );
-    one(
-        "spool_cap_bytes",
-        "gauge",
-        "Spool size at which agents are no longer read.",
-        s.cfg.spool_cap as f64,
-    );
-    one(
-        "spool_full",
-        "gauge",
-        "1 while the spool is at its cap.",
-        f64::from(u8::from(s.is_spool_full())),
-    );
-    one(
-        "spool_full_episodes_total",
-        "counter",
-        "Times the spool reached its cap.",
-        ld(&c.spool_full_episodes),
-    );
-    one(
-        "agents_connected",
-        "gauge",
-        "Agent connections.",
-        ld(&s.agents_connected),
-    );
-    one(
-        "uptime_seconds",
-        "gauge",
-        "Seconds since the collector started.",
-        s.started.elapsed().as_secs_f64(),
-    );
-    one(
-        "connections_refused_total",
-        "counter",
-        "Agent connections refused or closed for bad input.",
-        ld(&c.refused),
-    );
-    one(
-        "batches_spooled_total",
-        "counter",
-        "Batches made durable in the spool.",
-        ld(&c.batches_spooled),
-    );
-    one(
-        "records_spooled_total",
-        "counter",
-        "Records made durable in the spool.",
-        ld(&c.records_spooled),
-    );
-    one(
-        "spooled_bytes_total",
-        "counter",
-        "Bytes written to spool files.",
-        ld(&c.bytes_spooled),
-    );
-    one(
-        "duplicate_records_total",
-        "counter",
-        "Records received again and dropped (already held).",
-        ld(&c.duplicates_dropped),
-    );
-    one(
-        "batches_forwarded_total",
-        "counter",
-        "Packed batches sent to the target.",
-        ld(&c.batches_forwarded),
-    );
-
-    let disks = s.all_disks();
-    let per_disk: [(&str, &str, &str); 13] = [
-        ("disk_acked_seq", "gauge", "Highest seq durable at the collector."),
-        ("disk_applied_seq", "gauge", "Highest seq the target acknowledged."),
-        ("disk_lag_seconds", "gauge", "Age of the oldest record not yet applied."),
-        (
-            "disk_lag_bytes",
-            "gauge",
-            "Payload bytes journaled or spooled but not yet applied.",
-        ),
-        ("disk_spool_bytes", "gauge", "Bytes of this disk in the spool."),
-        ("disk_wire_bytes_total", "counter", "Bytes sent to the target."),
-        (
-            "disk_payload_bytes_total",
-            "counter",
-            "Payload bytes sent to the target.",
-        ),
-        (
-            "disk_dedup_hits_total",
-            "counter",
-            "4 KiB blocks sent as window references.",
-        ),
-        ("disk_zero_blocks_total", "counter", "4 KiB blocks sent as zero items."),
-        (
-            "disk_corrupt_records_total",
-            "counter",
-            "Records found damaged in the spool.",
-        ),
-        (
-            "disk_agent_connected",
-            "gauge",
-            "1 while the disk's agent is connected.",
-        ),
-        (
-            "disk_target_connected",
-            "gauge",
-            "1 while the disk's target session is up.",
-        ),
-        (
-            "disk_pending_full_sync",
-            "gauge",
-            "1 while a full sync is owed by the agent.",
-        ),
-    ];
-    let rows: Vec<(String, [f64; 13])> = disks
-        .iter()
-        .map(|d| {
-            let status = s.disk_status(d);
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    REGISTRY.render(|m| {
+        m.put(&SPOOL_BYTES, s.spool_bytes.load(Ordering::Relaxed));
+        m.put(&SPOOL_CAP, s.cfg.spool_cap);
+        m.put(&SPOOL_FULL, s.is_spool_full());
+        m.put(&SPOOL_FULL_EPISODES, ld(&c.spool_full_episodes));
+        m.put(&AGENTS_CONNECTED, ld(&s.agents_connected));
+        m.put(&UPTIME, s.started.elapsed().as_secs_f64());
+        m.put(&REFUSED, ld(&c.refused));
+        m.put(&BATCHES_SPOOLED, ld(&c.batches_spooled));
+        m.put(&RECORDS_SPOOLED, ld(&c.records_spooled));
+        m.put(&SPOOLED_BYTES, ld(&c.bytes_spooled));
+        m.put(&DUPLICATES, ld(&c.duplicates_dropped));
+        m.put(&BATCHES_FORWARDED, ld(&c.batches_forwarded));
+        for d in s.all_disks() {
+            let status = s.disk_status(&d);
             let st = d.lock();
-            (
-                esc(&d.id),
-                [
-                    st.acked_seq as f64,
-                    st.applied_seq as f64,
-                    status.lag_seconds,
-                    status.lag_bytes as f64,
-                    st.spool_bytes as f64,
-                    ld(&d.wire_bytes),
-                    ld(&d.payload_bytes),
-                    ld(&d.dedup_hits),
-                    ld(&d.zero_blocks),
-                    ld(&d.corrupt_records),
-                    f64::from(u8::from(st.agent.is_some())),
-                    f64::from(u8::from(st.target_connected)),
-                    f64::from(u8::from(st.pending_full_sync)),
-                ],
-            )
-        })
-        .collect();
-    for (i, (name, kind, help)) in per_disk.iter().enumerate() {
-        let _ = writeln!(o, "# HELP tidemark_collector_{name} {help}");
-        let _ = writeln!(o, "# TYPE tidemark_collector_{name} {kind}");
-        for (id, vals) in &rows {
-            let _ = writeln!(o, "tidemark_collector_{name}{{disk=\"{id}\"}} {}", vals[i]);
+            let id = d.id.as_str();
+            m.put_disk(&DISK_ACKED_SEQ, id, st.acked_seq);
+            m.put_disk(&DISK_APPLIED_SEQ, id, st.applied_seq);
+            m.put_disk(&DISK_LAG_SECONDS, id, status.lag_seconds);
+            m.put_disk(&DISK_LAG_BYTES, id, status.lag_bytes);
+            m.put_disk(&DISK_SPOOL_BYTES, id, st.spool_bytes);
+            m.put_disk(&DISK_WIRE_BYTES, id, ld(&d.wire_bytes));
+            m.put_disk(&DISK_PAYLOAD_BYTES, id, ld(&d.payload_bytes));
+            m.put_disk(&DISK_DEDUP_HITS, id, ld(&d.dedup_hits));
+            m.put_disk(&DISK_ZERO_BLOCKS, id, ld(&d.zero_blocks));
+            m.put_disk(&DISK_CORRUPT, id, ld(&d.corrupt_records));
+            m.put_disk(&DISK_AGENT_CONNECTED, id, st.agent.is_some());
+            m.put_disk(&DISK_TARGET_CONNECTED, id, st.target_connected);
+            m.put_disk(&DISK_PENDING_FULL_SYNC, id, st.pending_full_sync);
         }
-    }
-    o
+    })
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {

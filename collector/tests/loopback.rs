@@ -359,6 +359,9 @@ async fn spools_acks_forwards_packed_and_trims() {
         "{body}"
     );
     assert!(body.contains("tidemark_collector_batches_spooled_total 3"), "{body}");
+    // Every declared metric is exported (a disk is present).
+    assert_eq!(tidemark_util::metrics::unsampled(&body), Vec::<String>::new(), "{body}");
+    assert!(body.matches("# TYPE ").count() >= 25, "{body}");
     // Refresh: the agent is asked for a Progress with a fresh nonce; only
     // the one echoing it answers the call.
     let api = c.api_addr;

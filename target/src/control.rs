@@ -9,6 +9,7 @@
 //!  {"op":"failover","disk":D,"point":{…},"output":F} → {"ok":true}  applying to D has stopped
 //!  {"op":"drain","disk":D,"timeout_ms":N}          → {"ok":true,"applied_seq":N,"held_seq":N,"agent_answered":B}
 //!  {"op":"status"}                                 → {"ok":true,"disks":[DiskState…]}
+//!  {"op":"metrics"}                                → {"ok":true,"metrics":"<Prometheus text>"}
 //!  anything else, or a failure                     → {"ok":false,"error":"…"}
 //! ```
 //!
@@ -73,6 +74,7 @@ enum Req {
         timeout_ms: u64,
     },
     Status,
+    Metrics,
 }
 
 /// Bind the control socket at `path` (`DIR/control.sock`, made free by
@@ -302,6 +304,11 @@ async fn handle(
         Req::Status => {
             let disks = blocking(move || Ok(crate::catalog::disk_states(&dir)?)).await?;
             Ok(json!({"ok": true, "disks": disks}))
+        }
+        Req::Metrics => {
+            let sh = shared.clone();
+            let text = blocking(move || Ok(crate::metrics::scrape(&sh)?)).await?;
+            Ok(json!({"ok": true, "metrics": text}))
         }
     }
 }

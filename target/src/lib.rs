@@ -50,6 +50,7 @@ mod apply;
 mod plan;
 pub use tidemark_catalog as catalog;
 mod control;
+mod metrics;
 pub use tidemark_catalog::error;
 pub use tidemark_catalog::ranges;
 pub use tidemark_recovery as recovery;
@@ -115,6 +116,9 @@ pub struct Config {
     pub format: replica::ReplicaFormat,
     /// Size at which an undo segment is closed (the unit of expiry).
     pub segment_bytes: u64,
+    /// Where to serve `GET /metrics` (HOST:PORT); None: only the control
+    /// socket's `metrics` op.
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -130,6 +134,7 @@ impl Config {
             retention: retention::DiskPolicy::default(),
             format: replica::ReplicaFormat::Raw,
             segment_bytes: retention::DEFAULT_SEGMENT_BYTES,
+            metrics_listen: None,
         }
     }
 }
@@ -140,6 +145,7 @@ impl Config {
 pub struct Target {
     listener: TcpListener,
     control: tokio::net::UnixListener,
+    metrics: Option<TcpListener>,
     shared: Arc<session::Shared>,
     /// Marked and locked for as long as the target runs.
     _dir: OwnedDir,
@@ -161,6 +167,12 @@ impl Target {
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| Error::new(ErrorKind::Io, format!("cannot listen on {}: {e}", cfg.listen)))?;
+        let metrics = match &cfg.metrics_listen {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
+                Error::new(ErrorKind::Io, format!("cannot serve metrics on {a}: {e}"))
+            })?),
+            None => None,
+        };
         let claimed = owned::claim(&dir, &DIR_SPEC).map_err(dir_error)?;
         if claimed.adopted() {
             info!(data = %dir.display(), "adopted a data directory of an earlier version (marker written)");
@@ -183,6 +195,7 @@ impl Target {
         Ok(Self {
             listener,
             control,
+            metrics,
             shared: Arc::new(session::Shared::new(cfg)),
             _dir: claimed,
         })
@@ -193,6 +206,11 @@ impl Target {
         self.listener.local_addr().io_ctx(|| "listener address".into())
     }
 
+    /// The address of the metrics endpoint, if it has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serve connections until `stop` is cancelled; then stop accepting,
     /// let each connection finish the batch it is applying, and return.
     pub async fn serve(self, stop: CancellationToken) -> Result<()> {
@@ -200,6 +218,10 @@ impl Target {
         info!(listen = %addr, data = %self.shared.cfg.data_dir.display(), "serving");
         let mut conns = JoinSet::new();
         let control = tokio::spawn(control::serve(self.control, self.shared.clone(), stop.clone()));
+        let metrics = self.metrics.map(|l| {
+            info!(metrics = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving metrics");
+            tokio::spawn(metrics::serve_http(l, self.shared.clone(), stop.clone()))
+        });
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -220,6 +242,9 @@ impl Target {
         drop(self.listener);
         while conns.join_next().await.is_some() {}
         let _ = control.await;
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         info!("stopped");
         Ok(())
     }

@@ -56,6 +56,10 @@ struct Cli {
     /// disk's rounded up to 512 bytes.
     #[arg(long, value_name = "raw|vmdk-flat|vmdk-sparse")]
     format: Option<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: only
+    /// through the control socket's `metrics` op).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -70,6 +74,7 @@ struct FileConfig {
     on_full: Option<String>,
     point_interval: Option<String>,
     format: Option<String>,
+    metrics: Option<String>,
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>> {
@@ -118,6 +123,7 @@ fn build(cli: Cli) -> Result<Config> {
     if let Some(f) = cli.format.or(file.format) {
         cfg.format = f.parse().map_err(|e| anyhow::anyhow!("--format: {e}"))?;
     }
+    cfg.metrics_listen = cli.metrics.or(file.metrics);
     Ok(cfg)
 }
 

@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     /// reads to its commit) and while a view records the applied state as
     /// a point, so that the next batch captures what it overwrites.
     apply_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Per disk: batches, records and apply time since start (metrics).
+    pub stats: crate::metrics::Stats,
+    pub started: Instant,
 }
 
 impl Shared {
@@ -129,6 +132,8 @@ impl Shared {
             activity: Default::default(),
             failed_over: Default::default(),
             apply_locks: Default::default(),
+            stats: Default::default(),
+            started: Instant::now(),
         }
     }
 
@@ -619,6 +624,7 @@ async fn session<R: AsyncRead + Unpin>(
         let span = tracing::Span::current();
         let lock = shared.apply_lock(&id);
         let (sh, id2) = (shared.clone(), id.clone());
+        let stats = shared.stats.disk(&id);
         let mut job = tokio::task::spawn_blocking(move || {
             let _applying = lock.lock().unwrap_or_else(|e| e.into_inner());
             // A failover may have stopped the disk since the check above
@@ -630,7 +636,9 @@ async fn session<R: AsyncRead + Unpin>(
                 );
                 return (work, Err(e));
             }
+            let started = Instant::now();
             let r = span.in_scope(|| work.process(&p));
+            stats.applied(p.count, started.elapsed(), r.is_ok());
             (work, r)
         });
         let (w, r) = loop {

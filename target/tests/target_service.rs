@@ -27,7 +27,7 @@ fn initial_sync(src: &mut Source) -> Vec<tidemark_wire::record::Record> {
 #[tokio::test]
 async fn packed_batches_are_applied_acked_and_resends_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let t = Running::start(dir.path()).await;
+    let t = Running::start_with(dir.path(), |c| c.metrics_listen = Some("127.0.0.1:0".into())).await;
     let (mut c, acked, flags) = Conn::open(t.addr, hello("vm1", uuid(1), 0)).await;
     assert_eq!(acked, 0);
     assert_eq!(flags, WELCOME_NEED_FULL_SYNC);
@@ -70,6 +70,18 @@ async fn packed_batches_are_applied_acked_and_resends_dropped() {
     assert_eq!(states[0].applied_seq, tag.header.seq);
     assert_eq!(states[0].state, "consistent");
     assert_eq!(states[0].first_seq, Some(1));
+
+    // The metrics endpoint exports every declared metric, with this disk's numbers.
+    let (code, body) = scrape(t.metrics.unwrap()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(tidemark_util::metrics::unsampled(&body), Vec::<String>::new(), "{body}");
+    assert!(body.matches("# TYPE ").count() >= 16, "{body}");
+    let applied = format!("tidemark_target_disk_applied_seq{{disk=\"vm1\"}} {}\n", tag.header.seq);
+    assert!(body.contains(&applied), "{body}");
+    assert!(body.contains("tidemark_target_disk_connected{disk=\"vm1\"} 1\n"), "{body}");
+    assert!(body.contains("tidemark_target_disk_consistent{disk=\"vm1\"} 1\n"), "{body}");
+    // Four batches applied (sync, writes, tag, the resend's empty apply).
+    assert!(!body.contains("tidemark_target_disk_batches_applied_total{disk=\"vm1\"} 0\n"), "{body}");
 
     // A reconnect resumes from the applied seq, with an empty window.
     drop(c);

@@ -223,6 +223,8 @@ pub struct DiskState {
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// Recovery points offered (`latest` included when it is one).
+    pub point_count: u64,
     /// The oldest and newest recovery points (None: no point).
     pub oldest_point: Option<Point>,
     pub newest_point: Option<Point>,
@@ -376,6 +378,7 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
             halts,
             created_at,
             updated_at,
+            point_count: points.len() as u64,
             oldest_point: points.first().cloned(),
             newest_point: points.last().cloned(),
             last_app_point_age_s: last_app.map(|p| now.saturating_sub(p.time_ns) / 1_000_000_000),

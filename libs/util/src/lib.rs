@@ -1,6 +1,7 @@
 //! Small helpers every Tidemark program needs: crash-safe metadata writes,
 //! sparse-file operations, header fields, human-readable sizes and
-//! durations, logging setup and the start of a daemon, the clock.
+//! durations, logging setup and the start of a daemon, the clock, the
+//! metrics renderer.
 //!
 //! Nothing here knows about records, journals or protocols.
 
@@ -8,6 +9,7 @@ pub mod bytes;
 pub mod crashsafe;
 pub mod fileops;
 pub mod human;
+pub mod metrics;
 pub mod owned;
 pub mod service;
 

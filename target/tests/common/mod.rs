@@ -24,6 +24,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A target serving `dir` on an ephemeral loopback port.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The metrics endpoint (None unless the test asked for one).
+    pub metrics: Option<SocketAddr>,
     pub stop: CancellationToken,
     pub task: JoinHandle<tidemark_target::Result<()>>,
 }
@@ -41,9 +43,15 @@ impl Running {
         f(&mut cfg);
         let t = Target::bind(cfg).await.expect("bind the target");
         let addr = t.local_addr().unwrap();
+        let metrics = t.metrics_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn(t.serve(stop.clone()));
-        Self { addr, stop, task }
+        Self {
+            addr,
+            metrics,
+            stop,
+            task,
+        }
     }
 
     /// Stop as SIGTERM would, and wait until the data directory is free.
@@ -55,6 +63,20 @@ impl Running {
             .unwrap()
             .unwrap();
     }
+}
+
+/// `GET /metrics` from the target's metrics endpoint: (status, body).
+pub async fn scrape(addr: SocketAddr) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    (code, body)
 }
 
 pub fn replica_path(dir: &Path, disk: &str) -> PathBuf {

@@ -1,0 +1,229 @@
+//! The target's metrics (`tidemark_target_<what>_<unit>{disk="…"}`), declared
+//! once in [`REGISTRY`] and rendered by the shared renderer, for the control
+//! socket's `metrics` op and the optional `--metrics HOST:PORT` HTTP
+//! endpoint (`GET /metrics`).
+//!
+//! Levels come from the catalog (applied seq, points, undo bytes, halts,
+//! failovers), read at scrape time; rates come from counters the sessions
+//! keep per disk since the target started ([`DiskStats`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tidemark_util::metrics::{Metric, Registry};
+
+use crate::catalog::DiskState;
+
+const UPTIME: Metric = Metric::gauge("uptime_seconds", "Seconds since the target started.");
+const CONNECTED_DISKS: Metric = Metric::gauge("connected_disks", "Disks with a live collector connection.");
+const APPLIED_SEQ: Metric = Metric::gauge("disk_applied_seq", "Every seq up to this is durable in the replica.");
+const POINTS: Metric = Metric::gauge("disk_points", "Recovery points offered (latest included).");
+const UNDO_BYTES: Metric = Metric::gauge("disk_undo_bytes", "Bytes of undo segments kept for recovery points.");
+const HALTS: Metric = Metric::gauge("disk_halts", "Halts recorded (gaps in the stream), covered or not.");
+const HALTS_PENDING: Metric = Metric::gauge("disk_halts_pending", "Halts still waiting for their resync.");
+const CONSISTENT: Metric = Metric::gauge("disk_consistent", "1 while the replica is crash-consistent.");
+const FAILED_OVER: Metric = Metric::gauge("disk_failed_over", "1 once the disk was failed over.");
+const CONNECTED: Metric = Metric::gauge("disk_connected", "1 while the disk's collector connection is up.");
+const BATCHES: Metric = Metric::counter("disk_batches_applied_total", "Packed batches applied (since start).");
+const RECORDS: Metric = Metric::counter("disk_records_applied_total", "Records in the batches applied (since start).");
+const APPLY_SECONDS: Metric = Metric::counter(
+    "disk_apply_seconds_total",
+    "Time spent applying batches; divided by batches, the mean apply latency.",
+);
+const APPLY_LAST: Metric = Metric::gauge("disk_apply_last_seconds", "How long the last batch took to apply.");
+const APPLY_MAX: Metric = Metric::gauge("disk_apply_max_seconds", "The longest batch apply since start.");
+const APPLY_ERRORS: Metric = Metric::counter("disk_apply_errors_total", "Batches whose apply failed (since start).");
+
+/// Every metric the target exports.
+pub const REGISTRY: Registry = Registry::new(
+    "tidemark_target",
+    &[
+        UPTIME,
+        CONNECTED_DISKS,
+        APPLIED_SEQ,
+        POINTS,
+        UNDO_BYTES,
+        HALTS,
+        HALTS_PENDING,
+        CONSISTENT,
+        FAILED_OVER,
+        CONNECTED,
+        BATCHES,
+        RECORDS,
+        APPLY_SECONDS,
+        APPLY_LAST,
+        APPLY_MAX,
+        APPLY_ERRORS,
+    ],
+);
+
+/// What the sessions count for one disk.
+#[derive(Debug, Default)]
+pub(crate) struct DiskStats {
+    batches: AtomicU64,
+    records: AtomicU64,
+    apply_ns: AtomicU64,
+    last_ns: AtomicU64,
+    max_ns: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl DiskStats {
+    /// One batch of `records` applied in `took` (or failed).
+    pub fn applied(&self, records: u32, took: Duration, ok: bool) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        if ok {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            self.records.fetch_add(u64::from(records), Ordering::Relaxed);
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.apply_ns.fetch_add(ns, Ordering::Relaxed);
+        self.last_ns.store(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+}
+
+/// Per disk id, created on first use.
+#[derive(Debug, Default)]
+pub(crate) struct Stats(Mutex<HashMap<String, Arc<DiskStats>>>);
+
+impl Stats {
+    pub fn disk(&self, id: &str) -> Arc<DiskStats> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<DiskStats>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+}
+
+/// What a scrape needs besides the catalog's disk states.
+pub(crate) struct Live<'a> {
+    pub uptime: Duration,
+    pub connected: &'a dyn Fn(&str) -> bool,
+    pub failed_over: &'a dyn Fn(&str) -> bool,
+    pub stats: &'a Stats,
+}
+
+/// One scrape, in Prometheus text format.
+pub(crate) fn render(disks: &[DiskState], live: &Live<'_>) -> String {
+    let secs = |ns: u64| ns as f64 / 1e9;
+    REGISTRY.render(|s| {
+        s.put(&UPTIME, live.uptime.as_secs_f64());
+        s.put(
+            &CONNECTED_DISKS,
+            disks.iter().filter(|d| (live.connected)(&d.disk_id)).count() as u64,
+        );
+        for d in disks {
+            let id = d.disk_id.as_str();
+            s.put_disk(&APPLIED_SEQ, id, d.applied_seq);
+            s.put_disk(&POINTS, id, d.point_count);
+            s.put_disk(&UNDO_BYTES, id, d.undo_bytes);
+            s.put_disk(&HALTS, id, d.halts.len() as u64);
+            s.put_disk(&HALTS_PENDING, id, d.halts.iter().filter(|h| !h.covered).count() as u64);
+            s.put_disk(&CONSISTENT, id, d.state == "consistent");
+            s.put_disk(&FAILED_OVER, id, !d.failovers.is_empty() || (live.failed_over)(id));
+            s.put_disk(&CONNECTED, id, (live.connected)(id));
+            let st = live.stats.get(id).unwrap_or_default();
+            let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            s.put_disk(&BATCHES, id, ld(&st.batches));
+            s.put_disk(&RECORDS, id, ld(&st.records));
+            s.put_disk(&APPLY_SECONDS, id, secs(ld(&st.apply_ns)));
+            s.put_disk(&APPLY_LAST, id, secs(ld(&st.last_ns)));
+            s.put_disk(&APPLY_MAX, id, secs(ld(&st.max_ns)));
+            s.put_disk(&APPLY_ERRORS, id, ld(&st.errors));
+        }
+    })
+}
+
+/// A scrape of the running target (reads the catalog: call it off the
+/// async threads).
+pub(crate) fn scrape(shared: &crate::session::Shared) -> crate::Result<String> {
+    let disks = crate::catalog::disk_states(&shared.cfg.data_dir)?;
+    let live = |id: &str| shared.live.lock().unwrap_or_else(|e| e.into_inner()).contains(id);
+    let failed = |id: &str| shared.is_failed_over(id);
+    Ok(render(
+        &disks,
+        &Live {
+            uptime: shared.started.elapsed(),
+            connected: &live,
+            failed_over: &failed,
+            stats: &shared.stats,
+        },
+    ))
+}
+
+/// Serve `GET /metrics` on `listener` until `stop`.
+pub(crate) async fn serve_http(
+    listener: tokio::net::TcpListener,
+    shared: Arc<crate::session::Shared>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let shared = shared.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || scrape(&shared)).await {
+                    Ok(Ok(text)) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+                    Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")).into_response(),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")).into_response(),
+                }
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::warn!("metrics endpoint failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_declared_metric_is_exported_for_a_disk() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut cat = crate::catalog::Catalog::open(d.path()).unwrap();
+            cat.bind(
+                "m1",
+                &[7; 16],
+                false,
+                &crate::retention::DiskPolicy::default(),
+                crate::replica::ReplicaFormat::Raw,
+            )
+            .unwrap();
+        }
+        let disks = crate::catalog::disk_states(d.path()).unwrap();
+        assert_eq!(disks.len(), 1);
+        let stats = Stats::default();
+        stats.disk("m1").applied(3, Duration::from_millis(20), true);
+        let text = render(
+            &disks,
+            &Live {
+                uptime: Duration::from_secs(1),
+                connected: &|_| true,
+                failed_over: &|_| false,
+                stats: &stats,
+            },
+        );
+        assert_eq!(REGISTRY.missing(&text), Vec::<String>::new(), "{text}");
+        assert!(text.contains("tidemark_target_disk_records_applied_total{disk=\"m1\"} 3\n"), "{text}");
+        assert!(text.contains("tidemark_target_disk_apply_last_seconds{disk=\"m1\"} 0.02\n"), "{text}");
+        assert!(text.contains("tidemark_target_connected_disks 1\n"), "{text}");
+    }
+}
