@@ -491,7 +491,13 @@ async fn start(cfg: &ProtectConfig, starting: Starting, stop: &CancellationToken
     let shipper = cfg
         .ship
         .clone()
-        .map(|sc| tokio::spawn(crate::ship::run(shim.clone(), sc, stop.clone())));
+        .map(|sc| {
+            let span = tracing::info_span!("ship", disk = %shim.inner().disk_id);
+            tokio::spawn(tracing::Instrument::instrument(
+                crate::ship::run(shim.clone(), sc, stop.clone()),
+                span,
+            ))
+        });
     Ok(Running {
         shim,
         state,

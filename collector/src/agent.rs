@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::catalog::DiskRow;
 use crate::net::error_frame;
@@ -47,7 +47,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let s = shared.clone();
-                    shared.tracker.spawn(async move { serve(s, stream, peer).await });
+                    // The disk is recorded once the Hello names it.
+                    let span = tracing::info_span!("agent", %peer, disk = tracing::field::Empty);
+                    shared.tracker.spawn(async move { serve(s, stream, peer).await }.instrument(span));
                 }
                 Err(e) => {
                     warn!("accepting an agent connection: {e}");
@@ -112,6 +114,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             }
         },
     };
+    tracing::Span::current().record("disk", tracing::field::display(&hello.disk_id));
     let conn = shared.next_conn_id();
     let (tx, rx) = mpsc::channel::<Out>(64);
     let (disk, welcome) = match admit(&shared, &hello, conn, tx.clone()).await {

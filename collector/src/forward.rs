@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::state::{kib_permits, Disk, Shared};
 use crate::{failpoint, spool};
@@ -52,7 +52,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Start the forwarder of `disk`; it runs until the collector stops.
 pub(crate) fn spawn(shared: &Arc<Shared>, disk: &Arc<Disk>) {
     let (s, d) = (shared.clone(), disk.clone());
-    shared.tracker.spawn(async move { run(s, d).await });
+    // Its own root: it outlives the agent connection that may start it.
+    let span = tracing::info_span!(parent: None, "forward", disk = %disk.id);
+    shared.tracker.spawn(async move { run(s, d).await }.instrument(span));
 }
 
 async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
@@ -228,11 +230,14 @@ async fn session(
     // Aborted if this session is dropped (collector stopping, disk rebound).
     let mut reader = {
         let (s, d, inf, end) = (shared.clone(), disk.clone(), inflight.clone(), ended.clone());
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            let r = read_loop(&s, &d, generation, &inf, &mut rd, &answers).await;
-            end.cancel();
-            r
-        }))
+        AbortOnDropHandle::new(tokio::spawn(
+            async move {
+                let r = read_loop(&s, &d, generation, &inf, &mut rd, &answers).await;
+                end.cancel();
+                r
+            }
+            .in_current_span(),
+        ))
     };
     let sent = send_loop(
         shared,
@@ -301,10 +306,13 @@ async fn read_loop(
                     // at the agent, without holding up acks meanwhile.
                     debug!(disk = %disk.id, nonce, "the target asks what is held for the disk");
                     let (s, d, out) = (shared.clone(), disk.clone(), answers.clone());
-                    tokio::spawn(async move {
-                        let p = crate::state::held_for_target(&s, &d, nonce, ASK_AGENT_WAIT).await;
-                        let _ = out.send(Frame::Progress(p));
-                    });
+                    tokio::spawn(
+                        async move {
+                            let p = crate::state::held_for_target(&s, &d, nonce, ASK_AGENT_WAIT).await;
+                            let _ = out.send(Frame::Progress(p));
+                        }
+                        .in_current_span(),
+                    );
                 }
                 _ => shared.relay_to_agent(disk, req),
             },

@@ -272,7 +272,7 @@ fn state_key(s: &TargetState) -> (ReplicaState, u64, u64) {
 
 /// Serve one connection until it ends; log how it ended, once.
 pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
-    let span = tracing::info_span!("conn", %peer, disk = tracing::field::Empty);
+    let span = tracing::info_span!("session", %peer, disk = tracing::field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
         if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
@@ -446,7 +446,7 @@ async fn session<R: AsyncRead + Unpin>(
         ));
     }
     let id = hello.disk_id.clone();
-    tracing::Span::current().record("disk", id.as_str());
+    tracing::Span::current().record("disk", tracing::field::display(&id));
     if !tidemark_util::bytes::ct_eq(&hello.token, &cfg.token) {
         return Err(refuse(ErrorCode::BadToken, format!("bad token for disk {id}")));
     }
@@ -637,7 +637,8 @@ async fn session<R: AsyncRead + Unpin>(
                 return (work, Err(e));
             }
             let started = Instant::now();
-            let r = span.in_scope(|| work.process(&p));
+            let apply = tracing::info_span!(parent: &span, "apply", first_seq = p.first_seq, count = p.count);
+            let r = apply.in_scope(|| work.process(&p));
             stats.applied(p.count, started.elapsed(), r.is_ok());
             (work, r)
         });

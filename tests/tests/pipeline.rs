@@ -114,6 +114,14 @@ fn converges_with_ext4_fio_and_file_writes() {
         Duration::from_secs(30),
     );
     assert!(String::from_utf8_lossy(&table.stdout).contains("d1"));
+    // Every service's log lines for the disk carry its id in a span.
+    let alog = a.log_text();
+    assert!(alog.contains("ship{disk=d1}"), "agent log:\n{alog}");
+    let clog = site.collector.log_text();
+    assert!(clog.contains("forward{disk=d1}"), "collector log:\n{clog}");
+    assert!(clog.contains(" disk=d1}: agent connected"), "collector log:\n{clog}");
+    let tlog = site.target.log_text();
+    assert!(tlog.contains(" disk=d1}: disk is now consistent"), "target log:\n{tlog}");
     a.stop();
 }
 
