@@ -130,7 +130,6 @@ async fn send_frame<W: AsyncWrite + Unpin>(
 
 /// Ship until `stop` is cancelled.
 pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
-    let disk = shim.inner().disk_id.clone();
     *shim.inner().link.collector.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg.addr.clone());
     let mut force = cfg.force_resync;
     let mut backoff = BACKOFF_MIN;
@@ -152,13 +151,13 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
                         .link
                         .reconnects
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(disk = %disk, collector = %cfg.addr, "collector connection lost: {why}; reconnecting");
+                    warn!(collector = %cfg.addr, "collector connection lost: {why}; reconnecting");
                     logged = "lost".into();
                 } else if logged != "unreachable" {
-                    warn!(disk = %disk, collector = %cfg.addr, "collector unreachable: {why}; retrying");
+                    warn!(collector = %cfg.addr, "collector unreachable: {why}; retrying");
                     logged = "unreachable".into();
                 } else {
-                    debug!(disk = %disk, "collector still unreachable: {why}");
+                    debug!("collector still unreachable: {why}");
                 }
                 let w = backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -173,7 +172,6 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
                         ""
                     };
                     error!(
-                        disk = %disk,
                         collector = %cfg.addr,
                         "collector refused this agent ({code}): {reason}{hint}; retrying every {}s",
                         REFUSED_RETRY.as_secs()
@@ -185,10 +183,10 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
             End::Journal { why } => {
                 let key = format!("journal {why}");
                 if logged != key {
-                    error!(disk = %disk, "cannot read the journal for shipping: {why}; retrying");
+                    error!("cannot read the journal for shipping: {why}; retrying");
                     logged = key;
                 } else {
-                    debug!(disk = %disk, "journal still unreadable: {why}");
+                    debug!("journal still unreadable: {why}");
                 }
                 let w = backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -204,14 +202,12 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
 
 /// What the shipper asks the journal for after Welcome: where to ship from.
 fn on_welcome(shim: &Shim, acked: u64, flags: u32, force: bool) -> Result<u64> {
-    let disk = &shim.inner().disk_id;
     let next = shim.core().journal.next_seq();
     if acked >= next {
         // The collector holds seqs this journal never wrote (a state
         // directory restored from an older copy): never reuse a seq, and
         // the replica may hold writes the disk does not: resync it all.
         warn!(
-            disk = %disk,
             "the collector holds seqs up to {acked} but this journal ends before {next}: \
              skipping to seq {} and resyncing the whole disk",
             acked + 1
@@ -225,7 +221,6 @@ fn on_welcome(shim: &Shim, acked: u64, flags: u32, force: bool) -> Result<u64> {
     let lost = ship_from < first;
     if lost {
         warn!(
-            disk = %disk,
             "the collector holds seqs up to {acked} but the journal starts at {first}: \
              shipping from {first} with a whole-disk sync"
         );
@@ -233,14 +228,14 @@ fn on_welcome(shim: &Shim, acked: u64, flags: u32, force: bool) -> Result<u64> {
     }
     let sync = &shim.inner().sync;
     if force {
-        info!(disk = %disk, "--force-resync: the collector rebound this disk id; resyncing the whole disk");
+        info!("--force-resync: the collector rebound this disk id; resyncing the whole disk");
         begin_whole(shim, SyncKind::Full)?;
     } else if flags & WELCOME_NEED_FULL_SYNC != 0 || lost {
         if sync.whole_sync_covers(ship_from) {
-            info!(disk = %disk, "the collector needs a whole-disk sync: the one in the journal from seq {ship_from} covers it");
+            info!("the collector needs a whole-disk sync: the one in the journal from seq {ship_from} covers it");
         } else {
             let kind = if lost { SyncKind::Full } else { SyncKind::Initial };
-            info!(disk = %disk, kind = ?kind, "the collector needs a whole-disk sync");
+            info!(kind = ?kind, "the collector needs a whole-disk sync");
             begin_whole(shim, kind)?;
         }
     }
@@ -338,13 +333,11 @@ fn placeholders(sk: &Skipped, full: bool) -> Vec<Record> {
 /// resynced (durably), and return the placeholders to ship in its place.
 /// `None`: no later record found yet; try again later.
 fn recover_unreadable(shim: &Shim, iter: &mut RecordIter, damaged: &mut Damaged) -> Result<Option<Vec<Record>>> {
-    let disk = &shim.inner().disk_id;
     let seq = iter.next_seq();
     let Some(sk) = iter.skip_unreadable().context("step over a damaged journal record")? else {
         if damaged.logged != Some(seq) {
             damaged.logged = Some(seq);
             error!(
-                disk = %disk,
                 seq,
                 "journal record {seq} cannot be read and no later record was found; shipping is stuck, retrying"
             );
@@ -373,7 +366,6 @@ fn recover_unreadable(shim: &Shim, iter: &mut RecordIter, damaged: &mut Damaged)
             _ => "unknown records; resyncing the whole disk".to_string(),
         };
         error!(
-            disk = %disk,
             seq = sk.from,
             segment = %sk.segment.display(),
             offset = sk.pos,
@@ -525,7 +517,6 @@ impl Conn<'_> {
     ) -> std::result::Result<(), SessionError> {
         use std::sync::atomic::Ordering::Relaxed;
         let shim = self.shim;
-        let disk = &shim.inner().disk_id;
         match f {
             Frame::Ack { seq } => {
                 if seq > self.sent_upto {
@@ -558,9 +549,9 @@ impl Conn<'_> {
                 send_frame(wr, &Frame::Progress(p), self.stop).await?;
             }
             Frame::Request(Request::Resync { seq, offset, length }) => {
-                info!(disk = %disk, seq, offset, length, "the target asked to resync a range");
+                info!(seq, offset, length, "the target asked to resync a range");
                 if let Err(e) = shim.mark_for_resync(offset, length) {
-                    warn!(disk = %disk, "resync request for {offset}+{length} (seq {seq}) ignored: {e}");
+                    warn!("resync request for {offset}+{length} (seq {seq}) ignored: {e}");
                 }
             }
             Frame::Request(Request::FullResync) => {
@@ -569,9 +560,9 @@ impl Conn<'_> {
                 // (or about to begin), or one begun since this connection's
                 // Welcome, answers it.
                 if shim.inner().sync.whole_sync_since(self.welcome_next) {
-                    info!(disk = %disk, "the target asked for a full resync: the whole-disk sync under way (or just done) answers it");
+                    info!("the target asked for a full resync: the whole-disk sync under way (or just done) answers it");
                 } else {
-                    info!(disk = %disk, "the target asked for a full resync");
+                    info!("the target asked for a full resync");
                     let s = shim.clone();
                     tokio::task::spawn_blocking(move || begin_whole(&s, SyncKind::Full))
                         .await

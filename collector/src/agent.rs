@@ -3,7 +3,6 @@
 //! Error frame with a reason, one log line, and the connection closed; the
 //! other connections never notice.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +48,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     let s = shared.clone();
                     // The disk is recorded once the Hello names it.
                     let span = tracing::info_span!("agent", %peer, disk = tracing::field::Empty);
-                    shared.tracker.spawn(async move { serve(s, stream, peer).await }.instrument(span));
+                    shared.tracker.spawn(async move { serve(s, stream).await }.instrument(span));
                 }
                 Err(e) => {
                     warn!("accepting an agent connection: {e}");
@@ -74,14 +73,14 @@ fn refusal(code: ErrorCode, reason: impl Into<String>) -> Refusal {
 }
 
 /// Tell the peer why, log one line, close.
-async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, peer: SocketAddr, disk: Option<&str>, r: Refusal) {
+async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, disk: Option<&str>, r: Refusal) {
     shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-    warn!(%peer, disk = disk.unwrap_or("-"), code = %r.code, "refused an agent connection: {}", r.reason);
+    warn!(disk = disk.unwrap_or("-"), code = %r.code, "refused an agent connection: {}", r.reason);
     let _ = tokio::time::timeout(Duration::from_secs(2), write_frame(wr, &error_frame(r.code, r.reason))).await;
     let _ = wr.shutdown().await;
 }
 
-async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, HELLO_MAX_BODY);
@@ -92,24 +91,24 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let hello = match first {
         Err(_) => {
             let r = refusal(ErrorCode::Malformed, "no hello within 10 s");
-            return refuse(&shared, &mut wr, peer, None, r).await;
+            return refuse(&shared, &mut wr, None, r).await;
         }
         Ok(Ok(Some(Frame::Hello(h)))) => h,
         Ok(Ok(Some(other))) => {
             let r = refusal(ErrorCode::Malformed, format!("expected a hello, got {}", other.name()));
-            return refuse(&shared, &mut wr, peer, None, r).await;
+            return refuse(&shared, &mut wr, None, r).await;
         }
         Ok(Ok(None)) => {
-            debug!(%peer, "connection closed before a hello");
+            debug!("connection closed before a hello");
             return;
         }
         Ok(Err(e)) => match e.code() {
             Some(code) => {
                 let r = refusal(code, format!("bad hello: {e}"));
-                return refuse(&shared, &mut wr, peer, None, r).await;
+                return refuse(&shared, &mut wr, None, r).await;
             }
             None => {
-                debug!(%peer, "connection failed before a hello: {e}");
+                debug!("connection failed before a hello: {e}");
                 return;
             }
         },
@@ -119,18 +118,18 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let (tx, rx) = mpsc::channel::<Out>(64);
     let (disk, welcome) = match admit(&shared, &hello, conn, tx.clone()).await {
         Ok(x) => x,
-        Err(r) => return refuse(&shared, &mut wr, peer, Some(&hello.disk_id), r).await,
+        Err(r) => return refuse(&shared, &mut wr, Some(&hello.disk_id), r).await,
     };
     shared.agents_connected.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(write_loop(wr, rx));
-    info!(disk = %disk.id, %peer, acked_seq = welcome.0, need_full_sync = welcome.1 & WELCOME_NEED_FULL_SYNC != 0, "agent connected");
+    info!(acked_seq = welcome.0, need_full_sync = welcome.1 & WELCOME_NEED_FULL_SYNC != 0, "agent connected");
     reader.set_max_body(MAX_BODY);
     let end = session(&shared, &disk, &tx, &mut reader, welcome).await;
     match &end {
-        Ok(()) => info!(disk = %disk.id, %peer, "agent disconnected"),
+        Ok(()) => info!("agent disconnected"),
         Err(SessionEnd::Refused(r)) => {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(disk = %disk.id, %peer, code = %r.code, "closing the agent connection: {}", r.reason);
+            warn!(code = %r.code, "closing the agent connection: {}", r.reason);
             let _ = tx
                 .send(Out {
                     frame: error_frame(r.code, r.reason.clone()),
@@ -138,7 +137,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 })
                 .await;
         }
-        Err(SessionEnd::Gone(why)) => info!(disk = %disk.id, %peer, "agent connection ended: {why}"),
+        Err(SessionEnd::Gone(why)) => info!("agent connection ended: {why}"),
     }
     {
         let mut st = disk.lock();
@@ -184,7 +183,7 @@ async fn admit(
         return Err(refusal(ErrorCode::Malformed, format!("disk id {id:?} is reserved")));
     }
     let internal = |e: anyhow::Error| {
-        error!(disk = %id, "binding the disk: {e:#}");
+        error!("binding the disk: {e:#}");
         refusal(
             ErrorCode::Internal,
             format!("collector could not bind disk {id}: {e:#}"),
@@ -217,7 +216,7 @@ async fn admit(
             let disk = Arc::new(shared.new_disk(&row));
             shared.insert_disk(disk.clone());
             forward::spawn(shared, &disk);
-            info!(disk = %id, uuid = %crate::catalog::uuid_text(&hello.disk_uuid), "bound a new disk");
+            info!(uuid = %crate::catalog::uuid_text(&hello.disk_uuid), "bound a new disk");
             disk
         }
         Some(disk) => {
@@ -281,7 +280,6 @@ async fn admit(
             return Err(internal(e));
         }
         warn!(
-            disk = %id,
             uuid = %crate::catalog::uuid_text(&hello.disk_uuid),
             "disk id rebound to a new uuid (forced): old spool dropped, the target starts afresh"
         );
@@ -342,7 +340,7 @@ async fn session(
             length: r.length,
         };
         send_and_wait(tx, Frame::Request(req)).await?;
-        info!(disk = %disk.id, seq = r.seq, offset = r.offset, length = r.length, "sent an owed resync request");
+        info!(seq = r.seq, offset = r.offset, length = r.length, "sent an owed resync request");
     }
     loop {
         if shared.is_spool_full() {
@@ -444,7 +442,7 @@ async fn spool_batch(
         )));
     }
     if first_kept > held + 1 {
-        info!(disk = %disk.id, first_seq = first_kept, "stream starts after a gap (the collector held nothing for this disk)");
+        info!(first_seq = first_kept, "stream starts after a gap (the collector held nothing for this disk)");
     }
     if skip > 0 {
         shared
@@ -468,7 +466,7 @@ async fn spool_batch(
     let (_h, entry) = match written {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            error!(disk = %disk.id, first_seq = first_kept, last_seq = last, "cannot spool a batch: {e:#}");
+            error!(first_seq = first_kept, last_seq = last, "cannot spool a batch: {e:#}");
             return Err(SessionEnd::Refused(refusal(
                 ErrorCode::Internal,
                 format!("collector could not spool seqs {first_kept}..={last}: {e:#}"),
@@ -498,9 +496,9 @@ async fn spool_batch(
     };
     shared.spool_grew(len);
     if clear_full {
-        info!(disk = %disk.id, "the agent's full sync has started");
+        info!("the agent's full sync has started");
         if let Err(e) = shared.catalog.set_pending_full_sync(&disk.id, false, since) {
-            warn!(disk = %disk.id, "cannot clear the owed full sync in the catalog: {e:#}");
+            warn!("cannot clear the owed full sync in the catalog: {e:#}");
         }
     }
     shared.cover_resyncs(disk, &synced);

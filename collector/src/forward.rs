@@ -92,12 +92,12 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
         }
         match r {
             Ok(()) => {}
-            Err(e) if welcomed => warn!(disk = %disk.id, "target session ended: {e:#}; reconnecting"),
+            Err(e) if welcomed => warn!("target session ended: {e:#}; reconnecting"),
             Err(e) if !unreachable_logged => {
                 unreachable_logged = true;
-                warn!(disk = %disk.id, target = %shared.cfg.target, "cannot reach the target: {e:#}; spooling and retrying");
+                warn!(target = %shared.cfg.target, "cannot reach the target: {e:#}; spooling and retrying");
             }
-            Err(e) => debug!(disk = %disk.id, "target still unreachable: {e:#}"),
+            Err(e) => debug!("target still unreachable: {e:#}"),
         }
         tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -212,11 +212,10 @@ async fn session(
     }
     if force {
         if let Err(e) = shared.catalog.clear_force(&disk.id) {
-            warn!(disk = %disk.id, "cannot clear the forced-rebind mark: {e:#}");
+            warn!("cannot clear the forced-rebind mark: {e:#}");
         }
     }
     info!(
-        disk = %disk.id,
         applied_seq = applied,
         holds_replica = flags & WELCOME_NEED_FULL_SYNC == 0,
         "connected to the target"
@@ -277,7 +276,6 @@ async fn read_loop(
                 let sent = inflight.sent_upto();
                 if seq > sent {
                     error!(
-                        disk = %disk.id,
                         ack = seq,
                         sent_upto = sent,
                         "the target acknowledged a seq beyond the highest sent; not trimming, reconnecting"
@@ -304,7 +302,7 @@ async fn read_loop(
                 Request::StatusNow { nonce } => {
                     // A drain before a failover: say what is held here and
                     // at the agent, without holding up acks meanwhile.
-                    debug!(disk = %disk.id, nonce, "the target asks what is held for the disk");
+                    debug!(nonce, "the target asks what is held for the disk");
                     let (s, d, out) = (shared.clone(), disk.clone(), answers.clone());
                     tokio::spawn(
                         async move {
@@ -422,7 +420,6 @@ async fn send_loop(
                     continue; // trimmed meanwhile: the target has it
                 }
                 error!(
-                    disk = %disk.id,
                     first_seq = first,
                     last_seq = entry.last,
                     "spool file unreadable ({e}); these seqs are lost here: asking the agent for a full resync"
@@ -458,7 +455,7 @@ async fn send_loop(
             let run_last = run_first + (run.len() as u64 - 1);
             let flags = if run_first > expect { PACKED_GAP } else { 0 };
             if flags != 0 {
-                info!(disk = %disk.id, expected = expect, first_seq = run_first, "forwarding after a gap (PACKED_GAP)");
+                info!(expected = expect, first_seq = run_first, "forwarding after a gap (PACKED_GAP)");
             }
             let (packed, stats) = packer
                 .pack(run, flags)
@@ -503,7 +500,6 @@ fn report_damage(shared: &Shared, disk: &Disk, path: &std::path::Path, b: &fmt::
     disk.corrupt_records.fetch_add(n, Ordering::Relaxed);
     if !b.corrupt_payload.is_empty() {
         error!(
-            disk = %disk.id,
             seqs = ?b.corrupt_payload,
             file = %path.display(),
             "spool checksum mismatch: these records fail their payload hash; forwarded unchanged (the target halts them and asks for a resync)"
@@ -511,7 +507,6 @@ fn report_damage(shared: &Shared, disk: &Disk, path: &std::path::Path, b: &fmt::
     }
     if !b.lost.is_empty() {
         error!(
-            disk = %disk.id,
             seqs = ?b.lost,
             file = %path.display(),
             "spool checksum mismatch: these records' headers are unreadable; asking the agent for a full resync, forwarding the rest with PACKED_GAP"
@@ -519,6 +514,6 @@ fn report_damage(shared: &Shared, disk: &Disk, path: &std::path::Path, b: &fmt::
         shared.relay_to_agent(disk, Request::FullResync);
     }
     if b.corrupt_payload.is_empty() && b.lost.is_empty() {
-        warn!(disk = %disk.id, file = %path.display(), "spool checksum mismatch, but every record checks out; forwarding");
+        warn!(file = %path.display(), "spool checksum mismatch, but every record checks out; forwarding");
     }
 }
