@@ -115,23 +115,23 @@ impl UndoState {
     fn open(disk_dir: &Path, uuid: &[u8; 16], segments: Vec<SegmentRow>, opts: UndoOptions) -> Result<Self> {
         let dir = disk_dir.join(UNDO_DIR);
         if !dir.is_dir() {
-            std::fs::create_dir_all(&dir).io_ctx(|| format!("create {}", dir.display()))?;
-            fsync_dir(disk_dir).io_ctx(|| format!("sync {}", disk_dir.display()))?;
+            std::fs::create_dir_all(&dir).io_at("create", &dir)?;
+            fsync_dir(disk_dir).io_at("sync", disk_dir)?;
         }
         let known: HashSet<u64> = segments.iter().map(|s| s.segment).collect();
         let mut removed = false;
-        for e in std::fs::read_dir(&dir).io_ctx(|| format!("list {}", dir.display()))? {
-            let e = e.io_ctx(|| format!("list {}", dir.display()))?;
+        for e in std::fs::read_dir(&dir).io_at("list", &dir)? {
+            let e = e.io_at("list", &dir)?;
             let name = e.file_name();
             if let Some(n) = name.to_str().and_then(undo::parse_segment_name) {
                 if !known.contains(&n) {
-                    std::fs::remove_file(e.path()).io_ctx(|| format!("remove {}", e.path().display()))?;
+                    std::fs::remove_file(e.path()).io_at("remove", &e.path())?;
                     removed = true;
                 }
             }
         }
         if removed {
-            fsync_dir(&dir).io_ctx(|| format!("sync {}", dir.display()))?;
+            fsync_dir(&dir).io_at("sync", &dir)?;
         }
         let writer = match segments.last() {
             Some(s) if s.bytes < opts.segment_bytes => {
@@ -568,7 +568,7 @@ impl DiskApplier {
             }
         }
         if !numbers.is_empty() {
-            fsync_dir(&self.undo.dir).io_ctx(|| format!("sync {}", self.undo.dir.display()))?;
+            fsync_dir(&self.undo.dir).io_at("sync", &self.undo.dir)?;
         }
         info!(
             disk = %id,

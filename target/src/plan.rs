@@ -12,7 +12,7 @@ use tidemark_wire::record::{Record, RecordHeader, RecordKind, FLAG_FULL, FLAG_SY
 use tracing::{error, info, warn};
 
 use crate::catalog::{DiskRow, Halt, SyncState};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Located, Result};
 use crate::ranges::RangeSet;
 use crate::recovery::{Point, PointKind};
 use crate::retention::OnFull;
@@ -118,7 +118,7 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
             )));
         }
         if h.seq == 0 || h.seq > MAX_POSITION {
-            return Err(Error::malformed(format!("disk {id}: seq {} is out of range", h.seq)));
+            return Err(Error::malformed("out of range").disk(id).seq(h.seq));
         }
         if h.offset.saturating_add(h.length) > MAX_POSITION {
             return Err(Error::malformed(format!(
@@ -129,7 +129,7 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
         if h.seq > applied {
             // A VMDK replica has a fixed size: refuse before anything
             // of the batch is captured or written.
-            (input.fits)(h).map_err(|e| Error::new(e.kind, format!("disk {id}: {}", e.context)))?;
+            (input.fits)(h).map_err(|e| e.disk(id))?;
         }
     }
     let fresh: Vec<Record> = records.into_iter().filter(|r| r.header.seq > applied).collect();
@@ -152,8 +152,9 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
             );
             return Err(Error::new(
                 ErrorKind::RetentionFull,
-                format!("disk {id}: undo retention is full ({max} bytes) and its policy is to stop"),
-            ));
+                format!("undo retention is full ({max} bytes) and its policy is to stop"),
+            )
+            .disk(id));
         }
     }
 

@@ -37,7 +37,7 @@ use tidemark_util::crashsafe::fsync_dir;
 use tidemark_util::fileops::{self, read_zero_fill, BackingKind};
 use tidemark_wire::record::{RecordHeader, RecordKind};
 
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Located, Result};
 
 /// File name of a raw replica inside a disk's folder.
 pub const REPLICA_FILE: &str = RAW_FILE;
@@ -50,8 +50,8 @@ pub use tidemark_catalog::layout::disk_dir;
 pub(crate) fn ensure_disk_dir(data_dir: &Path, disk_id: &str) -> Result<PathBuf> {
     let dir = disk_dir(data_dir, disk_id);
     if !dir.is_dir() {
-        std::fs::create_dir_all(&dir).io_ctx(|| format!("create {}", dir.display()))?;
-        fsync_dir(data_dir).io_ctx(|| format!("sync {}", data_dir.display()))?;
+        std::fs::create_dir_all(&dir).io_at("create", &dir)?;
+        fsync_dir(data_dir).io_at("sync", data_dir)?;
     }
     Ok(dir)
 }
@@ -82,17 +82,17 @@ pub(crate) fn move_aside(dir: &Path, old_uuid: &str) -> Result<Option<PathBuf>> 
     if !vmdk.is_empty() {
         let to = dir.join(format!("replica.old-{old_uuid}"));
         if !to.is_dir() {
-            std::fs::create_dir(&to).io_ctx(|| format!("create {}", to.display()))?;
+            std::fs::create_dir(&to).io_at("create", &to)?;
         }
         for n in vmdk {
             let (a, b) = (dir.join(n), to.join(n));
             std::fs::rename(&a, &b).io_ctx(|| format!("move {} aside to {}", a.display(), b.display()))?;
         }
-        fsync_dir(&to).io_ctx(|| format!("sync {}", to.display()))?;
+        fsync_dir(&to).io_at("sync", &to)?;
         moved = Some(to);
     }
     if moved.is_some() {
-        fsync_dir(dir).io_ctx(|| format!("sync {}", dir.display()))?;
+        fsync_dir(dir).io_at("sync", dir)?;
     }
     Ok(moved)
 }
@@ -121,11 +121,11 @@ impl GrowableRaw {
             .create(true)
             .truncate(false)
             .open(&path)
-            .io_ctx(|| format!("open {}", path.display()))?;
+            .io_at("open", &path)?;
         if !existed {
-            fsync_dir(dir).io_ctx(|| format!("sync {}", dir.display()))?;
+            fsync_dir(dir).io_at("sync", dir)?;
         }
-        let size = file.metadata().io_ctx(|| format!("stat {}", path.display()))?.len();
+        let size = file.metadata().io_at("stat", &path)?.len();
         Ok(Self { file, path, size })
     }
 
@@ -248,7 +248,7 @@ impl Replica {
                 // last, and nothing is applied before it exists).
                 let stray = dir.join(FLAT_EXTENT_FILE);
                 if stray.exists() {
-                    std::fs::remove_file(&stray).io_ctx(|| format!("remove {}", stray.display()))?;
+                    std::fs::remove_file(&stray).io_at("remove", &stray)?;
                 }
                 let size = vmdk_size(disk_size);
                 let image = tidemark_formats::replica::create(dir, format, size)?;
@@ -327,9 +327,15 @@ impl Replica {
         self.check_fits(h)?;
         if let Image::Raw(r) = &mut self.image {
             r.grow(h.offset.saturating_add(h.length))
-                .map_err(|e| Error::new(e.kind, format!("seq {}: {}", h.seq, e.context)))?;
+                .map_err(|e| e.seq(h.seq))?;
         }
-        let ctx = |e: tidemark_formats::Error| Error::new(ErrorKind::Io, format!("apply seq {}: {e}", h.seq));
+        // Whatever the replica's format says, applying failed on I/O; the
+        // cause and where stay attached.
+        let ctx = |e: tidemark_formats::Error| {
+            let mut e = Error::from(e).seq(h.seq);
+            e.kind = ErrorKind::Io;
+            e
+        };
         match h.kind {
             RecordKind::Write | RecordKind::Sync => {
                 let n = usize::try_from(h.length).unwrap_or(usize::MAX);
@@ -352,7 +358,7 @@ impl Replica {
             Image::Raw(r) => {
                 if size > r.size {
                     r.grow(size)?;
-                    fileops::fdatasync(&r.file).io_ctx(|| format!("fdatasync {}", r.path.display()))?;
+                    fileops::fdatasync(&r.file).io_at("fdatasync", &r.path)?;
                 }
                 Ok(())
             }

@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::apply::{DiskApplier, Outcome, UndoOptions};
 use crate::catalog::{Bind, Catalog};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Located, Result};
 use crate::replica::{self, Replica, WINDOW_FILE};
 use crate::retention::Pins;
 use crate::window::WindowFile;
@@ -361,7 +361,7 @@ impl Work {
             // The old disk's undo data describes the old replica only.
             let undo = dir.join(crate::undo::UNDO_DIR);
             if undo.exists() {
-                std::fs::remove_dir_all(&undo).io_ctx(|| format!("remove {}", undo.display()))?;
+                std::fs::remove_dir_all(&undo).io_at("remove", &undo)?;
             }
             catalog.clear_replaced(disk_id)?;
         }
@@ -373,7 +373,7 @@ impl Work {
         let replica = Replica::open(&dir, row.format, disk_size)?;
         let window_path: PathBuf = dir.join(WINDOW_FILE);
         let window =
-            WindowFile::create(&window_path, window_blocks).io_ctx(|| format!("create {}", window_path.display()))?;
+            WindowFile::create(&window_path, window_blocks).io_at("create", &window_path)?;
         let opts = UndoOptions {
             segment_bytes: cfg.segment_bytes,
             pins,
@@ -390,15 +390,16 @@ impl Work {
             Ok(r) => r,
             Err(e) => {
                 return Err(match self.unpacker.store_mut().take_error() {
-                    Some(io) => Error::with_source(ErrorKind::Io, format!("disk {}: dedup window", self.disk_id), io),
-                    None => Error::malformed(format!(
-                        "disk {}: packed batch from seq {}: {}",
-                        self.disk_id, p.first_seq, e.msg
-                    )),
+                    Some(io) => Error::with_source(ErrorKind::Io, "dedup window", io).disk(&self.disk_id),
+                    None => Error::malformed(format!("packed batch: {}", e.msg))
+                        .disk(&self.disk_id)
+                        .seq(p.first_seq),
                 })
             }
         };
-        self.applier.apply(records, p.flags & PACKED_GAP != 0)
+        self.applier
+            .apply(records, p.flags & PACKED_GAP != 0)
+            .map_err(|e| e.disk(&self.disk_id))
     }
 }
 

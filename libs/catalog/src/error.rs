@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+pub use tidemark_util::located::{Located, Where};
+
 /// The broad class of an [`Error`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -32,6 +34,8 @@ pub enum ErrorKind {
     Corrupt,
     /// A file written by a format version this build does not read.
     UnsupportedVersion,
+    /// A file belongs to something else (another disk, another geometry).
+    Mismatch,
     /// What was asked for does not exist (a disk, a recovery point).
     NotFound,
     /// The disk was failed over: the target no longer applies to it.
@@ -46,8 +50,11 @@ pub enum ErrorKind {
 pub struct Error {
     /// Broad class, for callers that react differently.
     pub kind: ErrorKind,
-    /// What was wrong, naming the file, disk or seq where known.
+    /// What was wrong (disk, seq, path, offset and operation are in `at`).
     pub context: String,
+    /// Where: disk, seq, operation, path, offset.
+    /// Boxed: errors travel in `Result`s on hot paths, and most have no context.
+    pub at: Box<Where>,
     /// The underlying error, if any.
     pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -61,6 +68,7 @@ impl Error {
         Self {
             kind,
             context: context.into(),
+            at: Box::default(),
             source: None,
         }
     }
@@ -74,6 +82,7 @@ impl Error {
         Self {
             kind,
             context: context.into(),
+            at: Box::default(),
             source: Some(Box::new(source)),
         }
     }
@@ -91,10 +100,8 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(s) => write!(f, "{}: {s}", self.context),
-            None => f.write_str(&self.context),
-        }
+        self.at
+            .render(f, &self.context, self.source.as_ref().map(|s| s as &dyn fmt::Display))
     }
 }
 
@@ -104,14 +111,27 @@ impl std::error::Error for Error {
     }
 }
 
+impl Located for Error {
+    fn at_mut(&mut self) -> &mut Where {
+        &mut self.at
+    }
+}
+
 /// Attach context to I/O results.
 pub trait IoContext<T> {
+    /// Context in words (a message).
     fn io_ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+    /// Context as typed fields: the operation and the path.
+    fn io_at(self, op: &str, path: &std::path::Path) -> Result<T>;
 }
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn io_ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::with_source(ErrorKind::Io, what(), e))
+    }
+
+    fn io_at(self, op: &str, path: &std::path::Path) -> Result<T> {
+        self.map_err(|e| Error::with_source(ErrorKind::Io, "", e).op(op).path(path))
     }
 }
 
@@ -128,12 +148,14 @@ impl From<tidemark_formats::Error> for Error {
             F::OutOfBounds => ErrorKind::Malformed,
             F::Corrupt => ErrorKind::Corrupt,
             F::UnsupportedVersion => ErrorKind::UnsupportedVersion,
+            F::Mismatch => ErrorKind::Mismatch,
             _ => ErrorKind::Io,
         };
         // Keep the I/O cause as the source, so callers can still see it.
         Self {
             kind,
             context: e.context,
+            at: e.at,
             source: e.source.map(|s| Box::new(s) as _),
         }
     }

@@ -45,7 +45,7 @@ use tidemark_wire::frame::ReplicaState;
 use tidemark_formats::replica::ReplicaFormat;
 use tidemark_formats::undo::BlockSet;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Located, Result};
 use crate::point::{Point, PointKind};
 use crate::policy::{DiskPolicy, OnFull};
 use crate::ranges::RangeSet;
@@ -358,7 +358,7 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
             |r| r.get(0),
         )?;
         let sync_state =
-            SyncState::parse(&sync).ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?;
+            SyncState::parse(&sync).ok_or_else(|| corrupt(format!("unknown sync_state {sync:?}")).disk(&disk_id))?;
         let halts = read_halts(&conn, &disk_id, false)?;
         let pending_bytes = halts.iter().filter(|h| !h.covered).map(|h| h.pending.bytes()).sum();
         let halted_seq = halted.map(|v| to_u64(v, "halted_seq")).transpose()?;
@@ -482,7 +482,7 @@ pub fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
         out.push(Point {
             seq: to_u64(seq, "point seq")?,
             time_ns: to_u64(time, "point time")?,
-            kind: PointKind::parse(&kind).ok_or_else(|| corrupt(format!("disk {disk_id}: point kind {kind:?}")))?,
+            kind: PointKind::parse(&kind).ok_or_else(|| corrupt(format!("point kind {kind:?}")).disk(disk_id))?,
             tag,
             latest: false,
         });
@@ -800,11 +800,11 @@ impl Catalog {
         };
         Ok(Some(DiskRow {
             disk_id: disk_id.to_string(),
-            disk_uuid: parse_uuid(&uuid).ok_or_else(|| corrupt(format!("disk {disk_id}: bad uuid {uuid:?}")))?,
+            disk_uuid: parse_uuid(&uuid).ok_or_else(|| corrupt(format!("bad uuid {uuid:?}")).disk(disk_id))?,
             applied_seq: to_u64(applied, "applied_seq")?,
             applied_time_ns: to_u64(applied_time, "applied_time_ns")?,
             sync_state: SyncState::parse(&sync)
-                .ok_or_else(|| corrupt(format!("disk {disk_id}: unknown sync_state {sync:?}")))?,
+                .ok_or_else(|| corrupt(format!("unknown sync_state {sync:?}")).disk(disk_id))?,
             first_seq: first.map(|v| to_u64(v, "first_seq")).transpose()?,
             full_sync_seen: seen != 0,
             sync_from: sync_from.map(|v| to_u64(v, "sync_from")).transpose()?,
@@ -814,12 +814,12 @@ impl Catalog {
                 max_bytes: max.map(|v| to_u64(v, "retention_max_bytes")).transpose()?,
                 on_full: on_full
                     .parse::<OnFull>()
-                    .map_err(|_| corrupt(format!("disk {disk_id}: unknown on_full {on_full:?}")))?,
+                    .map_err(|_| corrupt(format!("unknown on_full {on_full:?}")).disk(disk_id))?,
                 point_interval: Duration::from_millis(to_u64(interval, "point_interval_ms")?),
             },
             format: format
                 .parse::<ReplicaFormat>()
-                .map_err(|_| corrupt(format!("disk {disk_id}: unknown replica format {format:?}")))?,
+                .map_err(|_| corrupt(format!("unknown replica format {format:?}")).disk(disk_id))?,
             failed_over: fo != 0,
             replaced_uuid: replaced,
         }))
@@ -943,10 +943,10 @@ impl Catalog {
         )?;
         if n != 1 {
             return Err(corrupt(format!(
-                "disk {}: no row bound to {} to commit to (or it was failed over)",
-                row.disk_id,
+                "no row bound to {} to commit to (or it was failed over)",
                 format_uuid(&row.disk_uuid)
-            )));
+            ))
+            .disk(&row.disk_id));
         }
         for h in halts {
             Self::put_halt(&tx, &row.disk_id, h)?;
@@ -1044,7 +1044,7 @@ impl Catalog {
             params![row.disk_id, to_i64(seq, "seq")?, format_uuid(&row.disk_uuid)],
         )?;
         if n != 1 {
-            return Err(corrupt(format!("disk {}: no row to mark undo in", row.disk_id)));
+            return Err(corrupt("no row to mark undo in".into()).disk(&row.disk_id));
         }
         Ok(())
     }
@@ -1148,7 +1148,7 @@ impl Catalog {
             params![row.disk_id, to_i64(captured_seq, "seq")?, format_uuid(&row.disk_uuid)],
         )?;
         if n != 1 {
-            return Err(corrupt(format!("disk {}: no row to mark undo in", row.disk_id)));
+            return Err(corrupt("no row to mark undo in".into()).disk(&row.disk_id));
         }
         tx.commit()?;
         Ok(())

@@ -4,6 +4,8 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
+pub use tidemark_util::located::{Located, Where};
+
 /// The broad class of an [`Error`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -28,8 +30,11 @@ pub enum ErrorKind {
 pub struct Error {
     /// Broad class, for callers that react differently.
     pub kind: ErrorKind,
-    /// What was wrong, naming the file and, where known, offset and seq.
+    /// What was wrong (the file, offset and seq are in `at`).
     pub context: String,
+    /// Where: path, offset, seq, operation.
+    /// Boxed: errors travel in `Result`s on hot paths, and most have no context.
+    pub at: Box<Where>,
     /// The underlying I/O error, if any.
     pub source: Option<io::Error>,
 }
@@ -40,6 +45,7 @@ impl Error {
         Self {
             kind,
             context: context.into(),
+            at: Box::default(),
             source: None,
         }
     }
@@ -48,14 +54,19 @@ impl Error {
     pub fn io(what: &str, path: &Path, e: io::Error) -> Self {
         Self {
             kind: ErrorKind::Io,
-            context: format!("{what} {}", path.display()),
+            context: String::new(),
+            at: Box::new(Where {
+                op: Some(what.to_string()),
+                path: Some(path.to_path_buf()),
+                ..Where::default()
+            }),
             source: Some(e),
         }
     }
 
     /// Corrupt content in `path`.
     pub fn corrupt(path: &Path, msg: impl fmt::Display) -> Self {
-        Self::new(ErrorKind::Corrupt, format!("{}: {msg}", path.display()))
+        Self::new(ErrorKind::Corrupt, msg.to_string()).path(path)
     }
 
     /// The raw OS error code, for mapping to protocol errors.
@@ -66,10 +77,8 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(s) => write!(f, "{}: {s}", self.context),
-            None => f.write_str(&self.context),
-        }
+        self.at
+            .render(f, &self.context, self.source.as_ref().map(|s| s as &dyn fmt::Display))
     }
 }
 
@@ -81,10 +90,14 @@ impl std::error::Error for Error {
 
 impl From<Error> for io::Error {
     fn from(e: Error) -> Self {
-        match e.source {
-            Some(s) => io::Error::new(s.kind(), format!("{}: {s}", e.context)),
-            None => io::Error::other(e.context),
-        }
+        let kind = e.source.as_ref().map_or(io::ErrorKind::Other, io::Error::kind);
+        io::Error::new(kind, e.to_string())
+    }
+}
+
+impl Located for Error {
+    fn at_mut(&mut self) -> &mut Where {
+        &mut self.at
     }
 }
 

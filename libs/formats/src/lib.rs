@@ -19,4 +19,4 @@ pub mod replica;
 pub mod spool;
 pub mod undo;
 
-pub use error::{Error, ErrorKind};
+pub use error::{Error, ErrorKind, Located, Where};

@@ -9,6 +9,7 @@ pub mod bytes;
 pub mod crashsafe;
 pub mod fileops;
 pub mod human;
+pub mod located;
 pub mod metrics;
 pub mod owned;
 pub mod service;

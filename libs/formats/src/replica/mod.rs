@@ -43,7 +43,7 @@ use std::str::FromStr;
 
 use tidemark_util::{crashsafe, fileops};
 
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result, Where};
 
 /// File name of a raw replica inside a disk's folder.
 pub const RAW_FILE: &str = "replica.raw";
@@ -302,7 +302,12 @@ impl ExportReader<'_> {
         let at = self.done;
         (self.read)(at, buf).map_err(|e| Error {
             kind: ErrorKind::Io,
-            context: format!("export: read the source at offset {at}"),
+            context: String::new(),
+            at: Box::new(Where {
+                op: Some("export: read the source".into()),
+                offset: Some(at),
+                ..Where::default()
+            }),
             source: Some(e),
         })?;
         self.done += n as u64;
