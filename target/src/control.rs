@@ -168,14 +168,14 @@ async fn handle(
     let dir = shared.cfg.data_dir.clone();
     match req {
         Req::Points { disk } => {
-            let pts = blocking(move || recovery::points_direct(&dir, &disk)).await?;
+            let pts = blocking(move || Ok(recovery::points_direct(&dir, &disk)?)).await?;
             Ok(json!({"ok": true, "points": pts}))
         }
         Req::Pin { disk, at, stop } => {
             if stop {
                 // Check the disk exists before stopping anything.
                 let (d, dir2) = (disk.clone(), dir.clone());
-                blocking(move || recovery::points_direct(&dir2, &d).map(drop)).await?;
+                blocking(move || Ok(recovery::points_direct(&dir2, &d).map(drop)?)).await?;
                 if !stopped.contains(&disk) {
                     shared.stop_applying(&disk);
                     stopped.push(disk.clone());

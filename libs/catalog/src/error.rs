@@ -36,6 +36,12 @@ pub enum ErrorKind {
     UnsupportedVersion,
     /// A file belongs to something else (another disk, another geometry).
     Mismatch,
+    /// What the caller asked for cannot be understood (an `--at` that is
+    /// no point specification).
+    Invalid,
+    /// The running target refused or failed a request made through its
+    /// control socket (its reason is the message).
+    Refused,
     /// What was asked for does not exist (a disk, a recovery point).
     NotFound,
     /// The disk was failed over: the target no longer applies to it.

@@ -1,10 +1,15 @@
 //! `--at`: which recovery point a user asks for, in the operator's words,
 //! and the tag names that `--at` can always reach.
 
-use anyhow::{anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tidemark_catalog::point::{format_time, Point, PointKind};
 use tidemark_util::now_ns;
+
+use crate::error::{Error, ErrorKind, Result};
+
+fn invalid(msg: String) -> Error {
+    Error::new(ErrorKind::Invalid, msg)
+}
 
 /// Which point a user asks for (`--at`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,15 +40,15 @@ impl AtSpec {
     /// allowed), a local time (`2026-11-28 10:00[:00]`, `2026-11-28T10:00`,
     /// `10:00[:00]` today), a relative time (`10m ago`, `1h30m ago`), or a
     /// bare tag name (anything else that [`tag_name_problem`] accepts).
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
+    pub fn parse(s: &str) -> Result<Self> {
         Self::parse_at(s, now_ns())
     }
 
     /// [`AtSpec::parse`] with "now" given (relative times count back from it).
-    pub fn parse_at(s: &str, now_ns: u64) -> anyhow::Result<Self> {
+    pub fn parse_at(s: &str, now_ns: u64) -> Result<Self> {
         let s = s.trim();
         if s.is_empty() {
-            bail!("--at is empty: give one of {AT_FORMS}");
+            return Err(invalid(format!("--at is empty: give one of {AT_FORMS}")));
         }
         match s {
             "latest" => return Ok(Self::Latest),
@@ -56,20 +61,20 @@ impl AtSpec {
                 .trim()
                 .parse()
                 .map(Self::Seq)
-                .map_err(|_| anyhow!("--at {s}: \"{n}\" is not a seq number (seq:N wants a whole number)"));
+                .map_err(|_| invalid(format!("--at {s}: \"{n}\" is not a seq number (seq:N wants a whole number)")));
         }
         if let Some(name) = s.strip_prefix("tag:") {
             if name.is_empty() {
-                bail!("--at {s}: tag:NAME wants a name");
+                return Err(invalid(format!("--at {s}: tag:NAME wants a name")));
             }
             return Ok(Self::Tag(name.to_string()));
         }
         if let Some(ago) = s.strip_suffix(" ago").or_else(|| s.strip_suffix("ago")) {
             let d = tidemark_util::human::parse_duration(ago.trim()).map_err(|_| {
-                anyhow!(
+                invalid(format!(
                     "--at {s}: \"{}\" is not a duration (e.g. 10m ago, 1h30m ago)",
                     ago.trim()
-                )
+                ))
             })?;
             let back = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
             return Ok(Self::Time(now_ns.saturating_sub(back)));
@@ -81,10 +86,10 @@ impl AtSpec {
             return Ok(Self::Time(t));
         }
         if looks_like_time(s) {
-            bail!(
+            return Err(invalid(format!(
                 "--at {s} looks like a time but is not one this tool reads (2026-11-28T10:00:00Z, 2026-11-28 10:00, 10:00); \
                  use tag:{s} for a tag of that name"
-            );
+            )));
         }
         Ok(Self::Tag(s.to_string()))
     }

@@ -24,6 +24,9 @@
 //! record), [`overlay`] (a writable copy-on-write layer over a view).
 
 pub mod access;
+/// The error type: the recovery state's (`tidemark_catalog::error`).
+pub use tidemark_catalog::error;
+pub use tidemark_catalog::error::{Error, ErrorKind, Result};
 pub mod at;
 pub mod overlay;
 pub mod view;

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use anyhow::{Context, Result};
+use crate::error::{IoContext, Result};
 
 use crate::view::View;
 
@@ -42,9 +42,8 @@ pub struct FileImage {
 
 impl FileImage {
     pub fn open(path: &Path) -> Result<FileImage> {
-        let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        let size =
-            tidemark_util::fileops::backing_size(&file).with_context(|| format!("size of {}", path.display()))?;
+        let file = File::open(path).io_at("open", path)?;
+        let size = tidemark_util::fileops::backing_size(&file).io_at("size of", path)?;
         Ok(FileImage { file, size })
     }
 }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
 use rusqlite::Connection;
 use tidemark_catalog::{self as catalog, Point, UndoRow};
 use tidemark_formats::replica::ReplicaImage;
@@ -16,6 +15,7 @@ use tidemark_formats::undo::{self, blocks_of, BLOCK, UNDO_DIR};
 
 use crate::access::{access, points_direct, Access, Control};
 use crate::at::{describe, select, AtSpec};
+use crate::error::{Error, ErrorKind, Located, Result};
 
 /// What keeps a view's data in place.
 #[allow(clippy::large_enum_variant)]
@@ -55,24 +55,24 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 
 impl View {
     /// Open (and pin) a view of `disk_id` at the point `at` names.
-    pub fn open(data_dir: &Path, disk_id: &str, at: &AtSpec) -> anyhow::Result<View> {
+    pub fn open(data_dir: &Path, disk_id: &str, at: &AtSpec) -> Result<View> {
         Self::open_with(data_dir, disk_id, at, false)
     }
 
     /// Open a view for a failover: a running target first stops applying
     /// to the disk (so `latest` is its final state), and starts again if
     /// this view is closed before [`View::record_failover`].
-    pub fn open_for_failover(data_dir: &Path, disk_id: &str, at: &AtSpec) -> anyhow::Result<View> {
+    pub fn open_for_failover(data_dir: &Path, disk_id: &str, at: &AtSpec) -> Result<View> {
         Self::open_with(data_dir, disk_id, at, true)
     }
 
-    fn open_with(data_dir: &Path, disk_id: &str, at: &AtSpec, stop: bool) -> anyhow::Result<View> {
+    fn open_with(data_dir: &Path, disk_id: &str, at: &AtSpec, stop: bool) -> Result<View> {
         let (point, hold) = match access(data_dir)? {
             Access::Direct(lock) => {
                 let pts = points_direct(data_dir, disk_id)?;
                 let p = select(&pts, at)
                     .cloned()
-                    .ok_or_else(|| anyhow!("disk {disk_id}: {}", describe(at)))?;
+                    .ok_or_else(|| Error::new(ErrorKind::NotFound, describe(at)).disk(disk_id))?;
                 (p, Hold::Locked(lock))
             }
             Access::Daemon(mut c) => {
@@ -80,13 +80,14 @@ impl View {
                     serde_json::json!({"op": "pin", "disk": disk_id, "at": at, "stop": stop}),
                     Duration::from_secs(90),
                 )?;
-                let p: Point = serde_json::from_value(v["point"].clone()).context("point in the target's reply")?;
+                let p: Point = serde_json::from_value(v["point"].clone())
+                    .map_err(|e| Error::with_source(ErrorKind::Malformed, "point in the target's reply", e))?;
                 (p, Hold::Pinned(c))
             }
         };
         let disk_dir = tidemark_catalog::layout::disk_dir(data_dir, disk_id);
         let replica = tidemark_formats::replica::open_read_only(&disk_dir)
-            .with_context(|| format!("open the replica of disk {disk_id}"))?;
+            .map_err(|e| Error::from(e).op("open the replica").disk(disk_id))?;
         let conn = catalog::open_read_only(data_dir)?;
         Ok(View {
             size: replica.size(),
@@ -103,7 +104,7 @@ impl View {
 
     /// Record the failover of this view's disk at its point to `output`:
     /// the target stops applying to the disk for good.
-    pub fn record_failover(&self, output: &Path) -> anyhow::Result<()> {
+    pub fn record_failover(&self, output: &Path) -> Result<()> {
         let out = output.display().to_string();
         let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *hold {

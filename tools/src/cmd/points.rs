@@ -70,7 +70,7 @@ pub fn open_source(
 
 /// The disk's recovery points, oldest first.
 pub fn list(data: &Path, disk: &str) -> Result<Vec<PointInfo>> {
-    r::points(data, disk)
+    Ok(r::points(data, disk)?)
 }
 
 pub fn points(a: PointsArgs) -> Result<()> {
