@@ -22,8 +22,10 @@ const BITMAP_WRITES: Metric = Metric::counter(
     "Changes tracked in the dirty bitmap instead of the journal.",
 );
 const IO_ERRORS: Metric = Metric::counter("io_errors_total", "Backing disk or sync errors returned to clients.");
-const TRACKING_ERRORS: Metric =
-    Metric::counter("tracking_errors_total", "Journal or bitmap errors that failed a request.");
+const TRACKING_ERRORS: Metric = Metric::counter(
+    "tracking_errors_total",
+    "Journal or bitmap errors that failed a request.",
+);
 const LAST_SEQ: Metric = Metric::gauge("last_seq", "Highest journaled seq.");
 const JOURNAL_BYTES: Metric = Metric::gauge("journal_bytes", "Bytes of unconsumed journal.");
 const JOURNAL_CAP: Metric = Metric::gauge("journal_cap_bytes", "Journal size cap.");

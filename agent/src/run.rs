@@ -488,16 +488,13 @@ async fn start(cfg: &ProtectConfig, starting: Starting, stop: &CancellationToken
     let drain = cfg
         .bench_consume
         .then(|| crate::drain::spawn(shim.clone(), stop.clone()));
-    let shipper = cfg
-        .ship
-        .clone()
-        .map(|sc| {
-            let span = tracing::info_span!("ship", disk = %shim.inner().disk_id);
-            tokio::spawn(tracing::Instrument::instrument(
-                crate::ship::run(shim.clone(), sc, stop.clone()),
-                span,
-            ))
-        });
+    let shipper = cfg.ship.clone().map(|sc| {
+        let span = tracing::info_span!("ship", disk = %shim.inner().disk_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            crate::ship::run(shim.clone(), sc, stop.clone()),
+            span,
+        ))
+    });
     Ok(Running {
         shim,
         state,

@@ -560,7 +560,9 @@ impl Conn<'_> {
                 // (or about to begin), or one begun since this connection's
                 // Welcome, answers it.
                 if shim.inner().sync.whole_sync_since(self.welcome_next) {
-                    info!("the target asked for a full resync: the whole-disk sync under way (or just done) answers it");
+                    info!(
+                        "the target asked for a full resync: the whole-disk sync under way (or just done) answers it"
+                    );
                 } else {
                     info!("the target asked for a full resync");
                     let s = shim.clone();

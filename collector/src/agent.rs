@@ -122,7 +122,11 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     };
     shared.agents_connected.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(write_loop(wr, rx));
-    info!(acked_seq = welcome.0, need_full_sync = welcome.1 & WELCOME_NEED_FULL_SYNC != 0, "agent connected");
+    info!(
+        acked_seq = welcome.0,
+        need_full_sync = welcome.1 & WELCOME_NEED_FULL_SYNC != 0,
+        "agent connected"
+    );
     reader.set_max_body(MAX_BODY);
     let end = session(&shared, &disk, &tx, &mut reader, welcome).await;
     match &end {
@@ -340,7 +344,12 @@ async fn session(
             length: r.length,
         };
         send_and_wait(tx, Frame::Request(req)).await?;
-        info!(seq = r.seq, offset = r.offset, length = r.length, "sent an owed resync request");
+        info!(
+            seq = r.seq,
+            offset = r.offset,
+            length = r.length,
+            "sent an owed resync request"
+        );
     }
     loop {
         if shared.is_spool_full() {
@@ -442,7 +451,10 @@ async fn spool_batch(
         )));
     }
     if first_kept > held + 1 {
-        info!(first_seq = first_kept, "stream starts after a gap (the collector held nothing for this disk)");
+        info!(
+            first_seq = first_kept,
+            "stream starts after a gap (the collector held nothing for this disk)"
+        );
     }
     if skip > 0 {
         shared

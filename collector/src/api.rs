@@ -131,8 +131,7 @@ const DISK_PAYLOAD_BYTES: Metric = Metric::counter("disk_payload_bytes_total", "
 const DISK_DEDUP_HITS: Metric = Metric::counter("disk_dedup_hits_total", "4 KiB blocks sent as window references.");
 const DISK_ZERO_BLOCKS: Metric = Metric::counter("disk_zero_blocks_total", "4 KiB blocks sent as zero items.");
 const DISK_CORRUPT: Metric = Metric::counter("disk_corrupt_records_total", "Records found damaged in the spool.");
-const DISK_AGENT_CONNECTED: Metric =
-    Metric::gauge("disk_agent_connected", "1 while the disk's agent is connected.");
+const DISK_AGENT_CONNECTED: Metric = Metric::gauge("disk_agent_connected", "1 while the disk's agent is connected.");
 const DISK_TARGET_CONNECTED: Metric =
     Metric::gauge("disk_target_connected", "1 while the disk's target session is up.");
 const DISK_PENDING_FULL_SYNC: Metric =

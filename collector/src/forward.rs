@@ -455,7 +455,11 @@ async fn send_loop(
             let run_last = run_first + (run.len() as u64 - 1);
             let flags = if run_first > expect { PACKED_GAP } else { 0 };
             if flags != 0 {
-                info!(expected = expect, first_seq = run_first, "forwarding after a gap (PACKED_GAP)");
+                info!(
+                    expected = expect,
+                    first_seq = run_first,
+                    "forwarding after a gap (PACKED_GAP)"
+                );
             }
             let (packed, stats) = packer
                 .pack(run, flags)

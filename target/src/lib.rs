@@ -168,9 +168,11 @@ impl Target {
             .await
             .map_err(|e| Error::new(ErrorKind::Io, format!("cannot listen on {}: {e}", cfg.listen)))?;
         let metrics = match &cfg.metrics_listen {
-            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
-                Error::new(ErrorKind::Io, format!("cannot serve metrics on {a}: {e}"))
-            })?),
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Io, format!("cannot serve metrics on {a}: {e}")))?,
+            ),
             None => None,
         };
         let claimed = owned::claim(&dir, &DIR_SPEC).map_err(dir_error)?;

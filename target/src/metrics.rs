@@ -27,7 +27,10 @@ const CONSISTENT: Metric = Metric::gauge("disk_consistent", "1 while the replica
 const FAILED_OVER: Metric = Metric::gauge("disk_failed_over", "1 once the disk was failed over.");
 const CONNECTED: Metric = Metric::gauge("disk_connected", "1 while the disk's collector connection is up.");
 const BATCHES: Metric = Metric::counter("disk_batches_applied_total", "Packed batches applied (since start).");
-const RECORDS: Metric = Metric::counter("disk_records_applied_total", "Records in the batches applied (since start).");
+const RECORDS: Metric = Metric::counter(
+    "disk_records_applied_total",
+    "Records in the batches applied (since start).",
+);
 const APPLY_SECONDS: Metric = Metric::counter(
     "disk_apply_seconds_total",
     "Time spent applying batches; divided by batches, the mean apply latency.",
@@ -222,8 +225,14 @@ mod tests {
             },
         );
         assert_eq!(REGISTRY.missing(&text), Vec::<String>::new(), "{text}");
-        assert!(text.contains("tidemark_target_disk_records_applied_total{disk=\"m1\"} 3\n"), "{text}");
-        assert!(text.contains("tidemark_target_disk_apply_last_seconds{disk=\"m1\"} 0.02\n"), "{text}");
+        assert!(
+            text.contains("tidemark_target_disk_records_applied_total{disk=\"m1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidemark_target_disk_apply_last_seconds{disk=\"m1\"} 0.02\n"),
+            "{text}"
+        );
         assert!(text.contains("tidemark_target_connected_disks 1\n"), "{text}");
     }
 }

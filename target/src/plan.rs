@@ -407,11 +407,16 @@ fn cover(disk: &str, halt: &mut Halt, seq: u64, offset: u64, length: u64, now: i
 }
 
 /// `plan` against a small reference model: a 64 KiB disk in 512-byte
-/// units, records of whole units. The model keeps, per record, whether the
-/// disk is consistent (not awaiting a full sync, not inside a sync, no open
-/// halt), the open halts and their pending units, and which tag names are
-/// taken; the plan must agree on what is written, what halts, what stays
-/// pending, and which records may be points.
+/// units, records of whole units, a batch from any starting state (applied
+/// seq, awaiting a full sync or consistent, a sync under way, open halts;
+/// resent records, gaps with and without `PACKED_GAP`). The model keeps, per
+/// record, whether the disk is consistent (not awaiting a full sync, not
+/// inside a sync, no open halt), the open halts and their pending units,
+/// and which tag names are taken; the plan must agree on what is refused,
+/// written, halted and still pending, the new sync state, whether a full
+/// resync is asked for, and which records may be points. Undo is checked
+/// end to end against a model of the disk's bytes in `apply`'s
+/// `undo_model` (a view at every point reads what the disk held then).
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
@@ -508,9 +513,101 @@ mod tests {
         }
     }
 
-    /// What the model expects of one batch on a fresh, consistent disk.
+    /// The disk's state before the batch, and where the batch starts.
+    #[derive(Clone, Debug)]
+    struct Init {
+        applied: u64,
+        /// Awaiting a full sync (else consistent).
+        awaiting: bool,
+        /// The first seq held (None only on a fresh disk).
+        first_seq: Option<u64>,
+        /// A sync that began at this seq has not ended.
+        sync_from: Option<u64>,
+        /// Open halts (at seqs 1, 2, …): their pending units.
+        halts: Vec<(u64, u64)>,
+        /// Where the batch starts against `applied + 1`: below it the
+        /// records are resent ones, above it records were lost.
+        shift: i64,
+        gap_flag: bool,
+    }
+
+    fn fresh_disk() -> Init {
+        Init {
+            applied: 0,
+            awaiting: false,
+            first_seq: None,
+            sync_from: None,
+            halts: Vec::new(),
+            shift: 0,
+            gap_flag: false,
+        }
+    }
+
+    fn init() -> impl Strategy<Value = Init> {
+        (0u64..6).prop_flat_map(|applied| {
+            let nh = usize::try_from(applied.min(2)).unwrap_or(0);
+            let range = (0..UNITS).prop_flat_map(|at| (Just(at), 1..=(UNITS - at).min(8)));
+            (
+                Just(applied),
+                any::<bool>(),
+                any::<bool>(),
+                prop::option::of(1..=applied.max(1)),
+                prop::collection::vec(range, 0..=nh),
+                -2i64..=2,
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(applied, awaiting, late_first, sync_from, halts, shift, gap_flag)| Init {
+                        applied,
+                        awaiting,
+                        first_seq: (applied > 0).then_some(if late_first { applied } else { 1 }),
+                        sync_from: sync_from.filter(|_| applied > 0),
+                        halts,
+                        shift: shift.max(-i64::try_from(applied).unwrap_or(0)),
+                        gap_flag,
+                    },
+                )
+        })
+    }
+
+    fn start_row(init: &Init) -> (DiskRow, Vec<Halt>) {
+        let mut r = row();
+        r.applied_seq = init.applied;
+        r.sync_state = if init.awaiting {
+            SyncState::AwaitingFullSync
+        } else {
+            SyncState::Consistent
+        };
+        r.full_sync_seen = !init.awaiting;
+        r.first_seq = init.first_seq;
+        r.sync_from = init.sync_from;
+        let halts = init
+            .halts
+            .iter()
+            .enumerate()
+            .map(|(i, &(at, n))| Halt {
+                seq: i as u64 + 1,
+                kind: "write".into(),
+                offset: at * UNIT,
+                length: n * UNIT,
+                pending: RangeSet::single(at * UNIT, n * UNIT),
+                covered: false,
+                covered_seq: None,
+                reason: "model".into(),
+                detected_at: 0,
+                covered_at: None,
+            })
+            .collect();
+        (r, halts)
+    }
+
+    /// What the model expects of one batch.
     #[derive(Debug, Default)]
     struct Expect {
+        /// The batch is refused (a gap without PACKED_GAP).
+        refused: bool,
+        /// Nothing above the applied seq.
+        nothing: bool,
         written: Vec<u64>,
         halted: Vec<u64>,
         /// Open halts after the batch: seq → pending units.
@@ -519,16 +616,54 @@ mod tests {
         flush_ok: Vec<u64>,
         tags: Vec<(u64, String, PointKind)>,
         sync_from: Option<u64>,
+        awaiting: bool,
+        first_seq: Option<u64>,
+        request_full_resync: bool,
     }
 
-    fn model(ops: &[Op], taken: &HashSet<String>) -> (Vec<Record>, Expect) {
-        let mut e = Expect::default();
+    fn model(ops: &[Op], taken: &HashSet<String>, init: &Init) -> (Vec<Record>, Expect) {
+        let mut e = Expect {
+            sync_from: init.sync_from,
+            awaiting: init.awaiting,
+            first_seq: init.first_seq,
+            ..Expect::default()
+        };
+        for (i, &(at, n)) in init.halts.iter().enumerate() {
+            e.open.insert(i as u64 + 1, (at..at + n).collect());
+        }
+        let start = (i64::try_from(init.applied).unwrap_or(0) + 1 + init.shift).max(1) as u64;
         let mut records = Vec::new();
-        let mut names: HashSet<String> = HashSet::new();
         let mut last_begin = 0;
         for (i, op) in ops.iter().enumerate() {
-            let seq = i as u64 + 1;
-            let r = record(op, seq, last_begin);
+            let seq = start + i as u64;
+            records.push(record(op, seq, last_begin));
+            if matches!(op, Op::SyncBegin) {
+                last_begin = seq;
+            }
+        }
+        let first_fresh = start.max(init.applied + 1);
+        if start + ops.len() as u64 <= first_fresh {
+            e.nothing = true;
+            return (records, e);
+        }
+        if first_fresh > init.applied + 1 {
+            if !init.gap_flag && init.applied != 0 {
+                e.refused = true;
+                return (records, e);
+            }
+            e.first_seq = Some(first_fresh);
+            e.awaiting = true;
+            e.request_full_resync = true;
+        } else if e.first_seq.is_none() {
+            e.first_seq = Some(first_fresh);
+        }
+        let mut names: HashSet<String> = HashSet::new();
+        for (i, op) in ops.iter().enumerate() {
+            let seq = start + i as u64;
+            if seq < first_fresh {
+                continue;
+            }
+            let r = &records[i];
             match *op {
                 Op::Write { at, n, bad: true } => {
                     e.halted.push(seq);
@@ -545,18 +680,26 @@ mod tests {
                 }
                 Op::SyncBegin => {
                     e.written.push(seq);
-                    last_begin = seq;
                     e.sync_from = Some(e.sync_from.map_or(seq, |f| f.max(seq)));
                 }
-                Op::SyncDone { .. } => {
+                Op::SyncDone { full } => {
                     e.written.push(seq);
-                    if e.sync_from.is_some_and(|f| last_begin >= f) {
+                    let began = r.header.offset;
+                    if e.sync_from.is_some_and(|f| began >= f) {
                         e.sync_from = None;
+                    }
+                    if full && e.awaiting {
+                        let held_from = e.first_seq.unwrap_or(1);
+                        if began >= held_from || held_from == 1 {
+                            e.awaiting = false;
+                        } else {
+                            e.request_full_resync = true;
+                        }
                     }
                 }
                 _ => e.written.push(seq),
             }
-            let consistent = e.sync_from.is_none() && e.open.is_empty();
+            let consistent = !e.awaiting && e.sync_from.is_none() && e.open.is_empty();
             match *op {
                 Op::Flush if consistent => e.flush_ok.push(seq),
                 Op::Tag { name, app } if consistent => {
@@ -567,55 +710,106 @@ mod tests {
                 }
                 _ => {}
             }
-            records.push(r);
         }
         (records, e)
     }
 
+    /// Plan the batch `ops` from the state `init` and check it against the model.
+    fn check(ops: &[Op], taken: &HashSet<String>, init: &Init) -> std::result::Result<(), TestCaseError> {
+        let (records, e) = model(ops, taken, init);
+        let (row, halts) = start_row(init);
+        let fits = |_: &RecordHeader| Ok(());
+        let input = PlanInput {
+            row: &row,
+            halts: &halts,
+            gap_flag: init.gap_flag,
+            undo_bytes: 0,
+            crash_tail: Vec::new(),
+            pinned: Vec::new(),
+            existing_tags: taken.clone(),
+            fits: &fits,
+            now: 1,
+        };
+        let p = match plan(&input, records) {
+            Err(err) => {
+                prop_assert!(e.refused, "refused unexpectedly: {}", err);
+                prop_assert_eq!(err.kind, ErrorKind::Malformed);
+                return Ok(());
+            }
+            Ok(None) => {
+                prop_assert!(e.nothing, "nothing planned, the model expected a batch");
+                return Ok(());
+            }
+            Ok(Some(p)) => p,
+        };
+        prop_assert!(!e.refused && !e.nothing, "planned, the model expected no plan: {:?}", e);
+        let seq_of = |i: &usize| p.fresh[*i].header.seq;
+        prop_assert_eq!(p.ops.iter().map(seq_of).collect::<Vec<_>>(), e.written);
+        prop_assert_eq!(p.new_halts.iter().map(|h| h.seq).collect::<Vec<_>>(), e.halted);
+        let open: BTreeMap<u64, u64> = p.open_halts().iter().map(|h| (h.seq, h.pending.bytes())).collect();
+        let want: BTreeMap<u64, u64> = e.open.iter().map(|(s, u)| (*s, u.len() as u64 * UNIT)).collect();
+        prop_assert_eq!(open, want);
+        // Every halt whose pending set changed is committed, and only those.
+        for (h, c) in p.halts.iter().zip(&p.changed) {
+            let before = halts.iter().find(|x| x.seq == h.seq).map(|x| x.pending.bytes());
+            prop_assert_eq!(*c, before != Some(h.pending.bytes()), "halt {}", h.seq);
+        }
+        prop_assert_eq!(p.row.sync_from, e.sync_from);
+        prop_assert_eq!(p.row.sync_state == SyncState::AwaitingFullSync, e.awaiting);
+        prop_assert_eq!(p.row.first_seq, e.first_seq);
+        prop_assert_eq!(p.request_full_resync, e.request_full_resync);
+        // Crash points: only consistent flushes, and the newest of them
+        // always (thinning drops older ones inside the interval).
+        let crash: Vec<u64> = p
+            .points
+            .iter()
+            .filter(|(_, q)| q.kind == PointKind::Crash)
+            .map(|(_, q)| q.seq)
+            .collect();
+        prop_assert!(
+            crash.iter().all(|s| e.flush_ok.contains(s)),
+            "{:?} not in {:?}",
+            crash,
+            e.flush_ok
+        );
+        prop_assert_eq!(crash.last(), e.flush_ok.last());
+        prop_assert!(p.thinned.is_empty(), "nothing committed to thin");
+        let tags: Vec<(u64, String, PointKind)> = p
+            .points
+            .iter()
+            .filter(|(_, q)| q.kind != PointKind::Crash)
+            .map(|(_, q)| (q.seq, q.tag.clone().unwrap_or_default(), q.kind))
+            .collect();
+        prop_assert_eq!(tags, e.tags);
+        // Every point names the record that made it.
+        for (i, q) in &p.points {
+            prop_assert_eq!(p.fresh[*i].header.seq, q.seq);
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+        /// A first batch on a fresh disk.
         #[test]
         fn plan_agrees_with_the_model(ops in prop::collection::vec(op(), 1..40), taken in prop::collection::hash_set("t[0-2]", 0..2)) {
-            let (records, e) = model(&ops, &taken);
-            let row = row();
-            let fits = |_: &RecordHeader| Ok(());
-            let input = PlanInput {
-                row: &row,
-                halts: &[],
-                gap_flag: false,
-                undo_bytes: 0,
-                crash_tail: Vec::new(),
-                pinned: Vec::new(),
-                existing_tags: taken.clone(),
-                fits: &fits,
-                now: 1,
-            };
-            let p = plan(&input, records).unwrap().expect("a batch above the applied seq");
-            let seq_of = |i: &usize| p.fresh[*i].header.seq;
-            prop_assert_eq!(p.last, ops.len() as u64);
-            prop_assert_eq!(p.ops.iter().map(seq_of).collect::<Vec<_>>(), e.written);
-            prop_assert_eq!(p.new_halts.iter().map(|h| h.seq).collect::<Vec<_>>(), e.halted);
-            let open: BTreeMap<u64, u64> = p.open_halts().iter().map(|h| (h.seq, h.pending.bytes())).collect();
-            let want: BTreeMap<u64, u64> = e.open.iter().map(|(s, u)| (*s, u.len() as u64 * UNIT)).collect();
-            prop_assert_eq!(open, want);
-            prop_assert_eq!(p.row.sync_from, e.sync_from);
-            // Crash points: only consistent flushes, and the newest of them
-            // always (thinning drops older ones inside the interval).
-            let crash: Vec<u64> = p.points.iter().filter(|(_, q)| q.kind == PointKind::Crash).map(|(_, q)| q.seq).collect();
-            prop_assert!(crash.iter().all(|s| e.flush_ok.contains(s)), "{:?} not in {:?}", crash, e.flush_ok);
-            prop_assert_eq!(crash.last(), e.flush_ok.last());
-            prop_assert!(p.thinned.is_empty(), "nothing committed to thin");
-            let tags: Vec<(u64, String, PointKind)> = p
-                .points
-                .iter()
-                .filter(|(_, q)| q.kind != PointKind::Crash)
-                .map(|(_, q)| (q.seq, q.tag.clone().unwrap_or_default(), q.kind))
-                .collect();
-            prop_assert_eq!(tags, e.tags);
-            // Every point names the record that made it.
-            for (i, q) in &p.points {
-                prop_assert_eq!(p.fresh[*i].header.seq, q.seq);
-            }
+            let mut init = fresh_disk();
+            init.awaiting = false;
+            init.first_seq = Some(1);
+            check(&ops, &taken, &init)?;
+        }
+
+        /// Any batch from any state: resent records, gaps with and without
+        /// PACKED_GAP, a disk awaiting a full sync (and one that lost records
+        /// after its full sync began), a sync under way, halts from earlier
+        /// batches that this one's syncs cover.
+        #[test]
+        fn plan_agrees_with_the_model_from_any_state(
+            init in init(),
+            ops in prop::collection::vec(op(), 1..30),
+            taken in prop::collection::hash_set("t[0-2]", 0..2),
+        ) {
+            check(&ops, &taken, &init)?;
         }
     }
 }

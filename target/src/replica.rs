@@ -326,8 +326,7 @@ impl Replica {
         }
         self.check_fits(h)?;
         if let Image::Raw(r) = &mut self.image {
-            r.grow(h.offset.saturating_add(h.length))
-                .map_err(|e| e.seq(h.seq))?;
+            r.grow(h.offset.saturating_add(h.length)).map_err(|e| e.seq(h.seq))?;
         }
         // Whatever the replica's format says, applying failed on I/O; the
         // cause and where stay attached.

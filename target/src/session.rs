@@ -372,8 +372,7 @@ impl Work {
         }
         let replica = Replica::open(&dir, row.format, disk_size)?;
         let window_path: PathBuf = dir.join(WINDOW_FILE);
-        let window =
-            WindowFile::create(&window_path, window_blocks).io_at("create", &window_path)?;
+        let window = WindowFile::create(&window_path, window_blocks).io_at("create", &window_path)?;
         let opts = UndoOptions {
             segment_bytes: cfg.segment_bytes,
             pins,

@@ -78,10 +78,19 @@ async fn packed_batches_are_applied_acked_and_resends_dropped() {
     assert!(body.matches("# TYPE ").count() >= 16, "{body}");
     let applied = format!("tidemark_target_disk_applied_seq{{disk=\"vm1\"}} {}\n", tag.header.seq);
     assert!(body.contains(&applied), "{body}");
-    assert!(body.contains("tidemark_target_disk_connected{disk=\"vm1\"} 1\n"), "{body}");
-    assert!(body.contains("tidemark_target_disk_consistent{disk=\"vm1\"} 1\n"), "{body}");
+    assert!(
+        body.contains("tidemark_target_disk_connected{disk=\"vm1\"} 1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("tidemark_target_disk_consistent{disk=\"vm1\"} 1\n"),
+        "{body}"
+    );
     // Four batches applied (sync, writes, tag, the resend's empty apply).
-    assert!(!body.contains("tidemark_target_disk_batches_applied_total{disk=\"vm1\"} 0\n"), "{body}");
+    assert!(
+        !body.contains("tidemark_target_disk_batches_applied_total{disk=\"vm1\"} 0\n"),
+        "{body}"
+    );
 
     // A reconnect resumes from the applied seq, with an empty window.
     drop(c);

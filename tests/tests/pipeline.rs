@@ -121,7 +121,10 @@ fn converges_with_ext4_fio_and_file_writes() {
     assert!(clog.contains("forward{disk=d1}"), "collector log:\n{clog}");
     assert!(clog.contains(" disk=d1}: agent connected"), "collector log:\n{clog}");
     let tlog = site.target.log_text();
-    assert!(tlog.contains(" disk=d1}: disk is now consistent"), "target log:\n{tlog}");
+    assert!(
+        tlog.contains(" disk=d1}: disk is now consistent"),
+        "target log:\n{tlog}"
+    );
     a.stop();
 }
 

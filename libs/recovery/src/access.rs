@@ -20,7 +20,10 @@ fn bad_reply(what: &str) -> Error {
 }
 
 fn no_disk(data_dir: &Path, disk_id: &str) -> Error {
-    Error::new(ErrorKind::NotFound, format!("no disk {disk_id} in {}", data_dir.display()))
+    Error::new(
+        ErrorKind::NotFound,
+        format!("no disk {disk_id} in {}", data_dir.display()),
+    )
 }
 
 /// How this process reaches a data directory.

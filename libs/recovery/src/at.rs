@@ -57,11 +57,11 @@ impl AtSpec {
             _ => {}
         }
         if let Some(n) = s.strip_prefix("seq:") {
-            return n
-                .trim()
-                .parse()
-                .map(Self::Seq)
-                .map_err(|_| invalid(format!("--at {s}: \"{n}\" is not a seq number (seq:N wants a whole number)")));
+            return n.trim().parse().map(Self::Seq).map_err(|_| {
+                invalid(format!(
+                    "--at {s}: \"{n}\" is not a seq number (seq:N wants a whole number)"
+                ))
+            });
         }
         if let Some(name) = s.strip_prefix("tag:") {
             if name.is_empty() {

@@ -26,12 +26,7 @@ pub struct Where {
 impl Where {
     /// Render `self`, then `message` and `source` (either may be empty),
     /// as the error's Display.
-    pub fn render(
-        &self,
-        f: &mut fmt::Formatter<'_>,
-        message: &str,
-        source: Option<&dyn fmt::Display>,
-    ) -> fmt::Result {
+    pub fn render(&self, f: &mut fmt::Formatter<'_>, message: &str, source: Option<&dyn fmt::Display>) -> fmt::Result {
         let mut sep = "";
         if let Some(d) = &self.disk {
             write!(f, "disk {d}")?;
@@ -116,7 +111,8 @@ mod tests {
     struct E(Where, &'static str, Option<&'static str>);
     impl fmt::Display for E {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            self.0.render(f, self.1, self.2.as_ref().map(|s| s as &dyn fmt::Display))
+            self.0
+                .render(f, self.1, self.2.as_ref().map(|s| s as &dyn fmt::Display))
         }
     }
     impl Located for E {
@@ -148,8 +144,14 @@ mod tests {
             e("bad magic", None).path(Path::new("/u/1.undo")).to_string(),
             "/u/1.undo: bad magic"
         );
-        assert_eq!(e("torn", None).seq(7).offset(12).to_string(), "seq 7: at offset 12: torn");
+        assert_eq!(
+            e("torn", None).seq(7).offset(12).to_string(),
+            "seq 7: at offset 12: torn"
+        );
         // The first disk and seq set win (the innermost knows best).
-        assert_eq!(e("x", None).seq(1).seq(2).disk("a").disk("b").to_string(), "disk a, seq 1: x");
+        assert_eq!(
+            e("x", None).seq(1).seq(2).disk("a").disk("b").to_string(),
+            "disk a, seq 1: x"
+        );
     }
 }
