@@ -1350,6 +1350,10 @@ mod tests {
 
         const DISK: u64 = 64 << 10;
 
+        fn ux(v: u64) -> usize {
+            usize::try_from(v).expect("a test size")
+        }
+
         #[derive(Clone, Debug)]
         enum Op {
             Write { at: u64, len: u64, byte: u8 },
@@ -1398,23 +1402,23 @@ mod tests {
                     false,
                 )
                 .unwrap();
-                let mut disk = vec![0u8; DISK as usize];
+                let mut disk = vec![0u8; ux(DISK)];
                 let mut at_seq: Vec<(u64, Vec<u8>)> = Vec::new();
                 let mut records = Vec::new();
                 for (i, op) in ops.iter().enumerate() {
                     let seq = i as u64 + 3;
                     let r = match *op {
                         Op::Write { at, len, byte } => {
-                            disk[at as usize..(at + len) as usize].fill(byte);
-                            write(seq, at, byte, len as usize)
+                            disk[ux(at)..ux(at + len)].fill(byte);
+                            write(seq, at, byte, ux(len))
                         }
                         Op::Zero { at, len } => {
-                            disk[at as usize..(at + len) as usize].fill(0);
+                            disk[ux(at)..ux(at + len)].fill(0);
                             bare(RecordKind::Zero, seq, at, len, 0)
                         }
                         Op::Trim { at, len } => {
                             // A trimmed range reads as zeros on the replica.
-                            disk[at as usize..(at + len) as usize].fill(0);
+                            disk[ux(at)..ux(at + len)].fill(0);
                             bare(RecordKind::Trim, seq, at, len, 0)
                         }
                         Op::Flush => {
@@ -1438,7 +1442,7 @@ mod tests {
                 let points = crate::recovery::points_direct(f.dir.path(), "d").unwrap();
                 let crash: Vec<u64> = points.iter().filter(|p| p.kind == PointKind::Crash && !p.latest).map(|p| p.seq).collect();
                 prop_assert_eq!(crash, at_seq.iter().map(|(s, _)| *s).collect::<Vec<_>>());
-                let mut got = vec![0u8; DISK as usize];
+                let mut got = vec![0u8; ux(DISK)];
                 for (seq, want) in &at_seq {
                     let v = crate::recovery::View::open(f.dir.path(), "d", &crate::recovery::AtSpec::Seq(*seq)).unwrap();
                     prop_assert_eq!(v.point().seq, *seq);

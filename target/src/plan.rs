@@ -631,7 +631,7 @@ mod tests {
         for (i, &(at, n)) in init.halts.iter().enumerate() {
             e.open.insert(i as u64 + 1, (at..at + n).collect());
         }
-        let start = (i64::try_from(init.applied).unwrap_or(0) + 1 + init.shift).max(1) as u64;
+        let start = (init.applied + 1).saturating_add_signed(init.shift).max(1);
         let mut records = Vec::new();
         let mut last_begin = 0;
         for (i, op) in ops.iter().enumerate() {
