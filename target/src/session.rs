@@ -426,12 +426,13 @@ async fn read_hello<R: AsyncRead + Unpin>(
     }
 }
 
-async fn session<R: AsyncRead + Unpin>(
+/// Read and check the Hello, claim the disk for this connection and open
+/// its applier. `Ok(None)`: the peer went away before saying Hello.
+async fn admit<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    wr: &mut OwnedWriteHalf,
     shared: &Arc<Shared>,
     stop: &CancellationToken,
-) -> Result<Option<String>, End> {
+) -> Result<Option<(Box<Work>, LiveGuard)>, End> {
     let cfg = &shared.cfg;
     let Some(hello) = read_hello(reader, cfg.hello_timeout, stop).await? else {
         return Ok(None);
@@ -456,7 +457,7 @@ async fn session<R: AsyncRead + Unpin>(
             format!("disk {id}: an agent said Hello; only a collector connects to a target"),
         ));
     }
-    let Some(_live) = LiveGuard::claim(shared, &id) else {
+    let Some(live) = LiveGuard::claim(shared, &id) else {
         return Err(refuse(
             ErrorCode::Busy,
             format!("disk {id} already has a live connection"),
@@ -478,7 +479,7 @@ async fn session<R: AsyncRead + Unpin>(
         tokio::task::spawn_blocking(move || span.in_scope(|| Work::open(&cfg2, pins, &id2, &uuid, force, size)))
             .await
             .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
-    let mut work = match opened {
+    let work = match opened {
         Opened::Ready(w) => w,
         Opened::FailedOver => {
             return Err(refuse(
@@ -503,7 +504,56 @@ async fn session<R: AsyncRead + Unpin>(
             format!("disk {id} was failed over: this target no longer applies to it"),
         ));
     }
+    Ok(Some((work, live)))
+}
+
+/// What the Welcome and the first frames say, read from the applier
+/// before any await (it is not `Sync`).
+struct Greeting {
+    applied: u64,
+    last: TargetState,
+    owed: Vec<Request>,
+}
+
+fn greeting(work: &Work) -> Greeting {
     let applied = work.applier.applied_seq();
+    let last = work.applier.state();
+    // Requests are not durable upstream until acted on: repeat them on
+    // every new connection while they are owed.
+    let mut owed: Vec<Request> = work
+        .applier
+        .open_halts()
+        .iter()
+        .filter_map(|h| {
+            h.pending.bounds().map(|(offset, length)| Request::Resync {
+                seq: h.seq,
+                offset,
+                length,
+            })
+        })
+        .collect();
+    if work.applier.full_resync_owed() {
+        owed.push(Request::FullResync);
+    }
+    Greeting { applied, last, owed }
+}
+
+/// Welcome the collector, register the connection's activity (for drain
+/// and failover) and repeat every request still owed. Returns the state
+/// reported and the drains' probe channel.
+async fn greet(
+    wr: &mut OwnedWriteHalf,
+    shared: &Arc<Shared>,
+    id: &str,
+    g: Greeting,
+) -> Result<
+    (
+        TargetState,
+        tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<Held>>,
+    ),
+    End,
+> {
+    let Greeting { applied, last, owed } = g;
     let flags = if applied == 0 { WELCOME_NEED_FULL_SYNC } else { 0 };
     send(
         wr,
@@ -513,11 +563,8 @@ async fn session<R: AsyncRead + Unpin>(
         },
     )
     .await?;
-    let mut last = work.applier.state();
     info!(applied_seq = applied, state = last.state.name(), "collector connected");
-    let (probe, mut probes) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Held>>();
-    let mut probe_waiters: Vec<(u64, tokio::sync::oneshot::Sender<Held>)> = Vec::new();
-    let mut nonce: u64 = 0;
+    let (probe, probes) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Held>>();
     shared.activity.lock().unwrap_or_else(|e| e.into_inner()).insert(
         id.to_string(),
         Activity {
@@ -527,27 +574,27 @@ async fn session<R: AsyncRead + Unpin>(
             probe,
         },
     );
-    // Requests are not durable upstream until acted on: repeat them on
-    // every new connection while they are owed.
-    for h in work.applier.open_halts() {
-        if let Some((offset, length)) = h.pending.bounds() {
-            send(
-                wr,
-                &Frame::Request(Request::Resync {
-                    seq: h.seq,
-                    offset,
-                    length,
-                }),
-            )
-            .await?;
-        }
-    }
-    if work.applier.full_resync_owed() {
-        send(wr, &Frame::Request(Request::FullResync)).await?;
+    for r in owed {
+        send(wr, &Frame::Request(r)).await?;
     }
     send(wr, &Frame::TargetState(last)).await?;
+    Ok((last, probes))
+}
 
-    let mut tick = tokio::time::interval(cfg.state_interval);
+async fn session<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    wr: &mut OwnedWriteHalf,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Result<Option<String>, End> {
+    let Some((mut work, _live)) = admit(reader, shared, stop).await? else {
+        return Ok(None);
+    };
+    let id = work.disk_id.clone();
+    let (mut last, mut probes) = greet(wr, shared, &id, greeting(&work)).await?;
+    let mut probe_waiters: Vec<(u64, tokio::sync::oneshot::Sender<Held>)> = Vec::new();
+    let mut nonce: u64 = 0;
+    let mut tick = tokio::time::interval(shared.cfg.state_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
     loop {
@@ -604,97 +651,121 @@ async fn session<R: AsyncRead + Unpin>(
                 format!("disk {id} was failed over: this target no longer applies to it"),
             ));
         }
-        shared.with_activity(&id, |a| {
-            if let Some(a) = a {
-                a.last_batch = Instant::now();
-                a.applying = true;
-            }
-        });
-        // The decompressed stream and the records unpacked from it.
-        let decoded_permit = shared
-            .memory
-            .decoded
-            .clone()
-            .acquire_many_owned(kib_permits(2 * u64::from(p.raw_len), DECODED_BUDGET))
-            .await
-            .map_err(|_| End::Close("the memory budget is closed".into()))?;
-        // Apply on a blocking thread; keep reporting state meanwhile. The
-        // job always runs to its end before this connection ends, so the
-        // disk is never applied by two threads.
-        let span = tracing::Span::current();
-        let lock = shared.apply_lock(&id);
-        let (sh, id2) = (shared.clone(), id.clone());
-        let stats = shared.stats.disk(&id);
-        let mut job = tokio::task::spawn_blocking(move || {
-            let _applying = lock.lock().unwrap_or_else(|e| e.into_inner());
-            // A failover may have stopped the disk since the check above
-            // (it then waits for this lock before it picks its point).
-            if sh.is_failed_over(&id2) {
-                let e = Error::new(
-                    ErrorKind::FailedOver,
-                    format!("disk {id2} was failed over: the target no longer applies to it"),
-                );
-                return (work, Err(e));
-            }
-            let started = Instant::now();
-            let apply = tracing::info_span!(parent: &span, "apply", first_seq = p.first_seq, count = p.count);
-            let r = apply.in_scope(|| work.process(&p));
-            stats.applied(p.count, started.elapsed(), r.is_ok());
-            (work, r)
-        });
-        let (w, r) = loop {
-            tokio::select! {
-                j = &mut job => break j.map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: apply failed: {e}")))?,
-                _ = tick.tick() => {
-                    let _ = send(wr, &Frame::TargetState(last)).await;
-                }
-            }
-        };
+        let (w, r) = apply_batch(shared, &id, work, p, wr, &mut tick, last).await?;
         work = w;
-        drop((frame_permit, decoded_permit));
-        let applied_now = work.applier.applied_seq();
-        shared.with_activity(&id, |a| {
-            if let Some(a) = a {
-                a.applying = false;
-                a.applied_seq = applied_now;
-                a.last_batch = Instant::now();
-            }
-        });
+        drop(frame_permit);
         let o = r?;
-        fail::fail_point!("target-before-ack", |_| Err(End::Close(
-            "failpoint target-before-ack".into()
-        )));
-        send(wr, &Frame::Ack { seq: o.ack }).await?;
-        fail::fail_point!("target-after-ack", |_| Err(End::Close(
-            "failpoint target-after-ack".into()
-        )));
-        for h in &o.new_halts {
-            if let Some((offset, length)) = h.pending.bounds() {
-                send(
-                    wr,
-                    &Frame::Request(Request::Resync {
-                        seq: h.seq,
-                        offset,
-                        length,
-                    }),
-                )
-                .await?;
-            }
-        }
-        if o.request_full_resync {
-            info!(seq = o.ack, "asking for a full resync");
-            send(wr, &Frame::Request(Request::FullResync)).await?;
-        }
-        if state_key(&o.state) != state_key(&last) {
-            info!(
-                applied_seq = o.state.applied_seq,
-                halted_seq = o.state.halted_seq,
-                pending_bytes = o.state.pending_bytes,
-                "disk is now {}",
-                o.state.state.name()
-            );
-            send(wr, &Frame::TargetState(o.state)).await?;
-        }
+        report(wr, &o, &last).await?;
         last = o.state;
     }
+}
+
+/// Apply one packed batch on a blocking thread, reporting state while it
+/// runs. The job always runs to its end before this returns, so the disk
+/// is never applied by two threads.
+async fn apply_batch(
+    shared: &Arc<Shared>,
+    id: &str,
+    mut work: Box<Work>,
+    p: PackedBatch,
+    wr: &mut OwnedWriteHalf,
+    tick: &mut tokio::time::Interval,
+    last: TargetState,
+) -> Result<(Box<Work>, Result<Outcome>), End> {
+    shared.with_activity(id, |a| {
+        if let Some(a) = a {
+            a.last_batch = Instant::now();
+            a.applying = true;
+        }
+    });
+    // The decompressed stream and the records unpacked from it.
+    let decoded_permit = shared
+        .memory
+        .decoded
+        .clone()
+        .acquire_many_owned(kib_permits(2 * u64::from(p.raw_len), DECODED_BUDGET))
+        .await
+        .map_err(|_| End::Close("the memory budget is closed".into()))?;
+    // Apply on a blocking thread; keep reporting state meanwhile. The
+    // job always runs to its end before this connection ends, so the
+    // disk is never applied by two threads.
+    let span = tracing::Span::current();
+    let lock = shared.apply_lock(id);
+    let (sh, id2) = (shared.clone(), id.to_string());
+    let stats = shared.stats.disk(id);
+    let mut job = tokio::task::spawn_blocking(move || {
+        let _applying = lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A failover may have stopped the disk since the check above
+        // (it then waits for this lock before it picks its point).
+        if sh.is_failed_over(&id2) {
+            let e = Error::new(
+                ErrorKind::FailedOver,
+                format!("disk {id2} was failed over: the target no longer applies to it"),
+            );
+            return (work, Err(e));
+        }
+        let started = Instant::now();
+        let apply = tracing::info_span!(parent: &span, "apply", first_seq = p.first_seq, count = p.count);
+        let r = apply.in_scope(|| work.process(&p));
+        stats.applied(p.count, started.elapsed(), r.is_ok());
+        (work, r)
+    });
+    let (w, r) = loop {
+        tokio::select! {
+            j = &mut job => break j.map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: apply failed: {e}")))?,
+            _ = tick.tick() => {
+                let _ = send(wr, &Frame::TargetState(last)).await;
+            }
+        }
+    };
+    drop(decoded_permit);
+    let applied_now = w.applier.applied_seq();
+    shared.with_activity(id, |a| {
+        if let Some(a) = a {
+            a.applying = false;
+            a.applied_seq = applied_now;
+            a.last_batch = Instant::now();
+        }
+    });
+    Ok((w, r))
+}
+
+/// Acknowledge an applied batch, ask for what it showed to be missing, and
+/// report the disk's state if it changed.
+async fn report(wr: &mut OwnedWriteHalf, o: &Outcome, last: &TargetState) -> Result<(), End> {
+    fail::fail_point!("target-before-ack", |_| Err(End::Close(
+        "failpoint target-before-ack".into()
+    )));
+    send(wr, &Frame::Ack { seq: o.ack }).await?;
+    fail::fail_point!("target-after-ack", |_| Err(End::Close(
+        "failpoint target-after-ack".into()
+    )));
+    for h in &o.new_halts {
+        if let Some((offset, length)) = h.pending.bounds() {
+            send(
+                wr,
+                &Frame::Request(Request::Resync {
+                    seq: h.seq,
+                    offset,
+                    length,
+                }),
+            )
+            .await?;
+        }
+    }
+    if o.request_full_resync {
+        info!(seq = o.ack, "asking for a full resync");
+        send(wr, &Frame::Request(Request::FullResync)).await?;
+    }
+    if state_key(&o.state) != state_key(last) {
+        info!(
+            applied_seq = o.state.applied_seq,
+            halted_seq = o.state.halted_seq,
+            pending_bytes = o.state.pending_bytes,
+            "disk is now {}",
+            o.state.state.name()
+        );
+        send(wr, &Frame::TargetState(o.state)).await?;
+    }
+    Ok(())
 }
