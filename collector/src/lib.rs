@@ -112,10 +112,14 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
     let opened = {
         let cfg = cfg.clone();
         let stop = stop.clone();
-        tokio::task::spawn_blocking(move || state::Shared::open(cfg, stop))
-            .await
-            .context("open the spool")
-            .and_then(|r| r)
+        tokio::task::spawn_blocking(move || {
+            let shared = state::Shared::open(cfg, stop)?;
+            spool::load_all(&shared)?;
+            anyhow::Ok(shared)
+        })
+        .await
+        .context("open the spool")
+        .and_then(|r| r)
     };
     let shared = match opened {
         Ok(s) => s,

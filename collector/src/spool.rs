@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::catalog::DiskRow;
 use crate::failpoint;
-use crate::state::{Disk, Shared, SpoolEntry};
+use crate::state::{Disk, OwedResync, Shared, SpoolEntry};
 
 /// Create a disk's spool folder durably if it is missing.
 pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
@@ -23,6 +23,18 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create spool folder {}", dir.display()))?;
     if let Some(parent) = dir.parent() {
         crashsafe::fsync_dir(parent).with_context(|| format!("fsync {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// Index every disk of the catalog (blocking: it reads every spool file
+/// header), with the resyncs it still owes the target.
+pub(crate) fn load_all(shared: &Shared) -> Result<()> {
+    for row in shared.catalog.disks()? {
+        let disk = load_disk(shared, &row)?;
+        let owed = shared.catalog.resyncs(&row.disk_id)?;
+        disk.lock().owed_resyncs = owed.into_iter().map(OwedResync::new).collect();
+        shared.insert_disk(disk);
     }
     Ok(())
 }

@@ -198,8 +198,8 @@ pub(crate) fn kib_permits(bytes: u64) -> u32 {
 }
 
 impl Shared {
-    /// Open the catalog in the (claimed) spool directory and index every
-    /// disk's spool (blocking: it reads every spool file header).
+    /// Open the catalog in the (claimed) spool directory (blocking). The
+    /// disks' spools are indexed by `spool::load_all`.
     pub(crate) fn open(cfg: Config, stop: CancellationToken) -> Result<Arc<Self>> {
         let catalog = Catalog::open(&cfg.spool.join("catalog.db"))?;
         let shared = Arc::new(Self {
@@ -220,12 +220,6 @@ impl Shared {
             next_nonce: AtomicU64::new((now_ns() & 0xffff_ffff_ffff) << 8 | 1),
             cfg,
         });
-        for row in shared.catalog.disks()? {
-            let disk = crate::spool::load_disk(&shared, &row)?;
-            let owed = shared.catalog.resyncs(&row.disk_id)?;
-            disk.lock().owed_resyncs = owed.into_iter().map(OwedResync::new).collect();
-            shared.insert_disk(disk);
-        }
         Ok(shared)
     }
 
