@@ -307,7 +307,7 @@ async fn handle(
         }
         Req::Metrics => {
             let sh = shared.clone();
-            let text = blocking(move || Ok(crate::metrics::scrape(&sh)?)).await?;
+            let text = blocking(move || Ok(crate::http::scrape(&sh)?)).await?;
             Ok(json!({"ok": true, "metrics": text}))
         }
     }

@@ -50,6 +50,7 @@ mod apply;
 mod plan;
 pub use tidemark_catalog as catalog;
 mod control;
+mod http;
 mod metrics;
 pub use tidemark_catalog::error;
 pub use tidemark_catalog::ranges;
@@ -222,7 +223,7 @@ impl Target {
         let control = tokio::spawn(control::serve(self.control, self.shared.clone(), stop.clone()));
         let metrics = self.metrics.map(|l| {
             info!(metrics = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving metrics");
-            tokio::spawn(metrics::serve_http(l, self.shared.clone(), stop.clone()))
+            tokio::spawn(http::serve_http(l, self.shared.clone(), stop.clone()))
         });
         loop {
             tokio::select! {

@@ -1,7 +1,7 @@
 //! The target's metrics (`tidemark_target_<what>_<unit>{disk="…"}`), declared
 //! once in [`REGISTRY`] and rendered by the shared renderer, for the control
 //! socket's `metrics` op and the optional `--metrics HOST:PORT` HTTP
-//! endpoint (`GET /metrics`).
+//! endpoint (`GET /metrics`, `http.rs`).
 //!
 //! Levels come from the catalog (applied seq, points, undo bytes, halts,
 //! failovers), read at scrape time; rates come from counters the sessions
@@ -145,52 +145,6 @@ pub(crate) fn render(disks: &[DiskState], live: &Live<'_>) -> String {
             s.put_disk(&APPLY_ERRORS, id, ld(&st.errors));
         }
     })
-}
-
-/// A scrape of the running target (reads the catalog: call it off the
-/// async threads).
-pub(crate) fn scrape(shared: &crate::session::Shared) -> crate::Result<String> {
-    let disks = crate::catalog::disk_states(&shared.cfg.data_dir)?;
-    let live = |id: &str| shared.live.lock().unwrap_or_else(|e| e.into_inner()).contains(id);
-    let failed = |id: &str| shared.is_failed_over(id);
-    Ok(render(
-        &disks,
-        &Live {
-            uptime: shared.started.elapsed(),
-            connected: &live,
-            failed_over: &failed,
-            stats: &shared.stats,
-        },
-    ))
-}
-
-/// Serve `GET /metrics` on `listener` until `stop`.
-pub(crate) async fn serve_http(
-    listener: tokio::net::TcpListener,
-    shared: Arc<crate::session::Shared>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    use axum::http::{header, StatusCode};
-    use axum::response::IntoResponse;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let shared = shared.clone();
-            async move {
-                match tokio::task::spawn_blocking(move || scrape(&shared)).await {
-                    Ok(Ok(text)) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-                    Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")).into_response(),
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")).into_response(),
-                }
-            }
-        }),
-    );
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::warn!("metrics endpoint failed: {e}");
-    }
 }
 
 #[cfg(test)]
