@@ -5,72 +5,36 @@
 
 use std::sync::atomic::Ordering;
 
-use tidemark_util::metrics::{Metric, Registry};
+use tidemark_util::metrics::Metric;
 
 use crate::shim::{Mode, Shim};
 use crate::status::Status;
 
-const WRITES: Metric = Metric::counter("writes_total", "Write requests completed.");
-const WRITTEN_BYTES: Metric = Metric::counter("written_bytes_total", "Bytes written by clients.");
-const READS: Metric = Metric::counter("reads_total", "Read requests completed.");
-const READ_BYTES: Metric = Metric::counter("read_bytes_total", "Bytes read by clients.");
-const FLUSHES: Metric = Metric::counter("flushes_total", "FLUSH requests.");
-const TRIMS: Metric = Metric::counter("trims_total", "TRIM requests completed.");
-const ZEROES: Metric = Metric::counter("zeroes_total", "WRITE_ZEROES requests completed.");
-const BITMAP_WRITES: Metric = Metric::counter(
-    "bitmap_writes_total",
-    "Changes tracked in the dirty bitmap instead of the journal.",
-);
-const IO_ERRORS: Metric = Metric::counter("io_errors_total", "Backing disk or sync errors returned to clients.");
-const TRACKING_ERRORS: Metric = Metric::counter(
-    "tracking_errors_total",
-    "Journal or bitmap errors that failed a request.",
-);
-const LAST_SEQ: Metric = Metric::gauge("last_seq", "Highest journaled seq.");
-const JOURNAL_BYTES: Metric = Metric::gauge("journal_bytes", "Bytes of unconsumed journal.");
-const JOURNAL_CAP: Metric = Metric::gauge("journal_cap_bytes", "Journal size cap.");
-const BITMAP_DIRTY: Metric = Metric::gauge("bitmap_dirty_bytes", "Bytes in dirty bitmap regions.");
-const BITMAP_MODE: Metric = Metric::gauge("bitmap_mode", "1 while in bitmap mode.");
-const MODE_CHANGES: Metric = Metric::counter("mode_changes_total", "Changes between journal and bitmap mode.");
-const SYNC_BYTES: Metric = Metric::counter("sync_bytes_total", "Disk bytes read and journaled by syncs.");
-const FENCE_WAITS: Metric = Metric::counter(
-    "sync_fence_waits_total",
-    "Client writes that waited for a sync chunk's fence.",
-);
-const FULL_RESYNCS: Metric = Metric::counter("full_resyncs_total", "Full resyncs of the disk.");
-const BACKLOG: Metric = Metric::gauge(
-    "journal_backlog_bytes",
-    "Journal bytes not acknowledged by the collector.",
-);
-const ACKED_SEQ: Metric = Metric::gauge("acked_seq", "Highest seq acknowledged by the collector.");
-
-/// Every metric the agent exports.
-pub const REGISTRY: Registry = Registry::new(
-    "tidemark_agent",
-    &[
-        WRITES,
-        WRITTEN_BYTES,
-        READS,
-        READ_BYTES,
-        FLUSHES,
-        TRIMS,
-        ZEROES,
-        BITMAP_WRITES,
-        IO_ERRORS,
-        TRACKING_ERRORS,
-        LAST_SEQ,
-        JOURNAL_BYTES,
-        JOURNAL_CAP,
-        BITMAP_DIRTY,
-        BITMAP_MODE,
-        MODE_CHANGES,
-        SYNC_BYTES,
-        FENCE_WAITS,
-        FULL_RESYNCS,
-        BACKLOG,
-        ACKED_SEQ,
-    ],
-);
+tidemark_util::declare_metrics! {
+    pub REGISTRY = "tidemark_agent" {
+        WRITES: counter("writes_total", "Write requests completed.");
+        WRITTEN_BYTES: counter("written_bytes_total", "Bytes written by clients.");
+        READS: counter("reads_total", "Read requests completed.");
+        READ_BYTES: counter("read_bytes_total", "Bytes read by clients.");
+        FLUSHES: counter("flushes_total", "FLUSH requests.");
+        TRIMS: counter("trims_total", "TRIM requests completed.");
+        ZEROES: counter("zeroes_total", "WRITE_ZEROES requests completed.");
+        BITMAP_WRITES: counter("bitmap_writes_total", "Changes tracked in the dirty bitmap instead of the journal.");
+        IO_ERRORS: counter("io_errors_total", "Backing disk or sync errors returned to clients.");
+        TRACKING_ERRORS: counter("tracking_errors_total", "Journal or bitmap errors that failed a request.");
+        LAST_SEQ: gauge("last_seq", "Highest journaled seq.");
+        JOURNAL_BYTES: gauge("journal_bytes", "Bytes of unconsumed journal.");
+        JOURNAL_CAP: gauge("journal_cap_bytes", "Journal size cap.");
+        BITMAP_DIRTY: gauge("bitmap_dirty_bytes", "Bytes in dirty bitmap regions.");
+        BITMAP_MODE: gauge("bitmap_mode", "1 while in bitmap mode.");
+        MODE_CHANGES: counter("mode_changes_total", "Changes between journal and bitmap mode.");
+        SYNC_BYTES: counter("sync_bytes_total", "Disk bytes read and journaled by syncs.");
+        FENCE_WAITS: counter("sync_fence_waits_total", "Client writes that waited for a sync chunk's fence.");
+        FULL_RESYNCS: counter("full_resyncs_total", "Full resyncs of the disk.");
+        BACKLOG: gauge("journal_backlog_bytes", "Journal bytes not acknowledged by the collector.");
+        ACKED_SEQ: gauge("acked_seq", "Highest seq acknowledged by the collector.");
+    }
+}
 
 /// Every metric of `shim`'s disk, in Prometheus text format.
 pub fn render(shim: &Shim) -> String {

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tidemark_util::metrics::{Metric, Registry};
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -100,74 +99,35 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     Json(v).into_response()
 }
 
-const SPOOL_BYTES: Metric = Metric::gauge("spool_bytes", "Bytes in the spool.");
-const SPOOL_CAP: Metric = Metric::gauge("spool_cap_bytes", "Spool size at which agents are no longer read.");
-const SPOOL_FULL: Metric = Metric::gauge("spool_full", "1 while the spool is at its cap.");
-const SPOOL_FULL_EPISODES: Metric = Metric::counter("spool_full_episodes_total", "Times the spool reached its cap.");
-const AGENTS_CONNECTED: Metric = Metric::gauge("agents_connected", "Agent connections.");
-const UPTIME: Metric = Metric::gauge("uptime_seconds", "Seconds since the collector started.");
-const REFUSED: Metric = Metric::counter(
-    "connections_refused_total",
-    "Agent connections refused or closed for bad input.",
-);
-const BATCHES_SPOOLED: Metric = Metric::counter("batches_spooled_total", "Batches made durable in the spool.");
-const RECORDS_SPOOLED: Metric = Metric::counter("records_spooled_total", "Records made durable in the spool.");
-const SPOOLED_BYTES: Metric = Metric::counter("spooled_bytes_total", "Bytes written to spool files.");
-const DUPLICATES: Metric = Metric::counter(
-    "duplicate_records_total",
-    "Records received again and dropped (already held).",
-);
-const BATCHES_FORWARDED: Metric = Metric::counter("batches_forwarded_total", "Packed batches sent to the target.");
-const DISK_ACKED_SEQ: Metric = Metric::gauge("disk_acked_seq", "Highest seq durable at the collector.");
-const DISK_APPLIED_SEQ: Metric = Metric::gauge("disk_applied_seq", "Highest seq the target acknowledged.");
-const DISK_LAG_SECONDS: Metric = Metric::gauge("disk_lag_seconds", "Age of the oldest record not yet applied.");
-const DISK_LAG_BYTES: Metric = Metric::gauge(
-    "disk_lag_bytes",
-    "Payload bytes journaled or spooled but not yet applied.",
-);
-const DISK_SPOOL_BYTES: Metric = Metric::gauge("disk_spool_bytes", "Bytes of this disk in the spool.");
-const DISK_WIRE_BYTES: Metric = Metric::counter("disk_wire_bytes_total", "Bytes sent to the target.");
-const DISK_PAYLOAD_BYTES: Metric = Metric::counter("disk_payload_bytes_total", "Payload bytes sent to the target.");
-const DISK_DEDUP_HITS: Metric = Metric::counter("disk_dedup_hits_total", "4 KiB blocks sent as window references.");
-const DISK_ZERO_BLOCKS: Metric = Metric::counter("disk_zero_blocks_total", "4 KiB blocks sent as zero items.");
-const DISK_CORRUPT: Metric = Metric::counter("disk_corrupt_records_total", "Records found damaged in the spool.");
-const DISK_AGENT_CONNECTED: Metric = Metric::gauge("disk_agent_connected", "1 while the disk's agent is connected.");
-const DISK_TARGET_CONNECTED: Metric =
-    Metric::gauge("disk_target_connected", "1 while the disk's target session is up.");
-const DISK_PENDING_FULL_SYNC: Metric =
-    Metric::gauge("disk_pending_full_sync", "1 while a full sync is owed by the agent.");
-
-/// Every metric the collector exports.
-pub(crate) const REGISTRY: Registry = Registry::new(
-    "tidemark_collector",
-    &[
-        SPOOL_BYTES,
-        SPOOL_CAP,
-        SPOOL_FULL,
-        SPOOL_FULL_EPISODES,
-        AGENTS_CONNECTED,
-        UPTIME,
-        REFUSED,
-        BATCHES_SPOOLED,
-        RECORDS_SPOOLED,
-        SPOOLED_BYTES,
-        DUPLICATES,
-        BATCHES_FORWARDED,
-        DISK_ACKED_SEQ,
-        DISK_APPLIED_SEQ,
-        DISK_LAG_SECONDS,
-        DISK_LAG_BYTES,
-        DISK_SPOOL_BYTES,
-        DISK_WIRE_BYTES,
-        DISK_PAYLOAD_BYTES,
-        DISK_DEDUP_HITS,
-        DISK_ZERO_BLOCKS,
-        DISK_CORRUPT,
-        DISK_AGENT_CONNECTED,
-        DISK_TARGET_CONNECTED,
-        DISK_PENDING_FULL_SYNC,
-    ],
-);
+tidemark_util::declare_metrics! {
+    pub(crate) REGISTRY = "tidemark_collector" {
+        SPOOL_BYTES: gauge("spool_bytes", "Bytes in the spool.");
+        SPOOL_CAP: gauge("spool_cap_bytes", "Spool size at which agents are no longer read.");
+        SPOOL_FULL: gauge("spool_full", "1 while the spool is at its cap.");
+        SPOOL_FULL_EPISODES: counter("spool_full_episodes_total", "Times the spool reached its cap.");
+        AGENTS_CONNECTED: gauge("agents_connected", "Agent connections.");
+        UPTIME: gauge("uptime_seconds", "Seconds since the collector started.");
+        REFUSED: counter("connections_refused_total", "Agent connections refused or closed for bad input.");
+        BATCHES_SPOOLED: counter("batches_spooled_total", "Batches made durable in the spool.");
+        RECORDS_SPOOLED: counter("records_spooled_total", "Records made durable in the spool.");
+        SPOOLED_BYTES: counter("spooled_bytes_total", "Bytes written to spool files.");
+        DUPLICATES: counter("duplicate_records_total", "Records received again and dropped (already held).");
+        BATCHES_FORWARDED: counter("batches_forwarded_total", "Packed batches sent to the target.");
+        DISK_ACKED_SEQ: gauge("disk_acked_seq", "Highest seq durable at the collector.");
+        DISK_APPLIED_SEQ: gauge("disk_applied_seq", "Highest seq the target acknowledged.");
+        DISK_LAG_SECONDS: gauge("disk_lag_seconds", "Age of the oldest record not yet applied.");
+        DISK_LAG_BYTES: gauge("disk_lag_bytes", "Payload bytes journaled or spooled but not yet applied.");
+        DISK_SPOOL_BYTES: gauge("disk_spool_bytes", "Bytes of this disk in the spool.");
+        DISK_WIRE_BYTES: counter("disk_wire_bytes_total", "Bytes sent to the target.");
+        DISK_PAYLOAD_BYTES: counter("disk_payload_bytes_total", "Payload bytes sent to the target.");
+        DISK_DEDUP_HITS: counter("disk_dedup_hits_total", "4 KiB blocks sent as window references.");
+        DISK_ZERO_BLOCKS: counter("disk_zero_blocks_total", "4 KiB blocks sent as zero items.");
+        DISK_CORRUPT: counter("disk_corrupt_records_total", "Records found damaged in the spool.");
+        DISK_AGENT_CONNECTED: gauge("disk_agent_connected", "1 while the disk's agent is connected.");
+        DISK_TARGET_CONNECTED: gauge("disk_target_connected", "1 while the disk's target session is up.");
+        DISK_PENDING_FULL_SYNC: gauge("disk_pending_full_sync", "1 while a full sync is owed by the agent.");
+    }
+}
 
 /// Prometheus text format.
 pub(crate) fn metrics_text(s: &Shared) -> String {

@@ -51,4 +51,3 @@ pub(crate) async fn serve_http(
         tracing::warn!("metrics endpoint failed: {e}");
     }
 }
-

@@ -12,55 +12,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tidemark_util::metrics::{Metric, Registry};
-
 use crate::catalog::DiskState;
 
-const UPTIME: Metric = Metric::gauge("uptime_seconds", "Seconds since the target started.");
-const CONNECTED_DISKS: Metric = Metric::gauge("connected_disks", "Disks with a live collector connection.");
-const APPLIED_SEQ: Metric = Metric::gauge("disk_applied_seq", "Every seq up to this is durable in the replica.");
-const POINTS: Metric = Metric::gauge("disk_points", "Recovery points offered (latest included).");
-const UNDO_BYTES: Metric = Metric::gauge("disk_undo_bytes", "Bytes of undo segments kept for recovery points.");
-const HALTS: Metric = Metric::gauge("disk_halts", "Halts recorded (gaps in the stream), covered or not.");
-const HALTS_PENDING: Metric = Metric::gauge("disk_halts_pending", "Halts still waiting for their resync.");
-const CONSISTENT: Metric = Metric::gauge("disk_consistent", "1 while the replica is crash-consistent.");
-const FAILED_OVER: Metric = Metric::gauge("disk_failed_over", "1 once the disk was failed over.");
-const CONNECTED: Metric = Metric::gauge("disk_connected", "1 while the disk's collector connection is up.");
-const BATCHES: Metric = Metric::counter("disk_batches_applied_total", "Packed batches applied (since start).");
-const RECORDS: Metric = Metric::counter(
-    "disk_records_applied_total",
-    "Records in the batches applied (since start).",
-);
-const APPLY_SECONDS: Metric = Metric::counter(
-    "disk_apply_seconds_total",
-    "Time spent applying batches; divided by batches, the mean apply latency.",
-);
-const APPLY_LAST: Metric = Metric::gauge("disk_apply_last_seconds", "How long the last batch took to apply.");
-const APPLY_MAX: Metric = Metric::gauge("disk_apply_max_seconds", "The longest batch apply since start.");
-const APPLY_ERRORS: Metric = Metric::counter("disk_apply_errors_total", "Batches whose apply failed (since start).");
-
-/// Every metric the target exports.
-pub const REGISTRY: Registry = Registry::new(
-    "tidemark_target",
-    &[
-        UPTIME,
-        CONNECTED_DISKS,
-        APPLIED_SEQ,
-        POINTS,
-        UNDO_BYTES,
-        HALTS,
-        HALTS_PENDING,
-        CONSISTENT,
-        FAILED_OVER,
-        CONNECTED,
-        BATCHES,
-        RECORDS,
-        APPLY_SECONDS,
-        APPLY_LAST,
-        APPLY_MAX,
-        APPLY_ERRORS,
-    ],
-);
+tidemark_util::declare_metrics! {
+    pub REGISTRY = "tidemark_target" {
+        UPTIME: gauge("uptime_seconds", "Seconds since the target started.");
+        CONNECTED_DISKS: gauge("connected_disks", "Disks with a live collector connection.");
+        APPLIED_SEQ: gauge("disk_applied_seq", "Every seq up to this is durable in the replica.");
+        POINTS: gauge("disk_points", "Recovery points offered (latest included).");
+        UNDO_BYTES: gauge("disk_undo_bytes", "Bytes of undo segments kept for recovery points.");
+        HALTS: gauge("disk_halts", "Halts recorded (gaps in the stream), covered or not.");
+        HALTS_PENDING: gauge("disk_halts_pending", "Halts still waiting for their resync.");
+        CONSISTENT: gauge("disk_consistent", "1 while the replica is crash-consistent.");
+        FAILED_OVER: gauge("disk_failed_over", "1 once the disk was failed over.");
+        CONNECTED: gauge("disk_connected", "1 while the disk's collector connection is up.");
+        BATCHES: counter("disk_batches_applied_total", "Packed batches applied (since start).");
+        RECORDS: counter("disk_records_applied_total", "Records in the batches applied (since start).");
+        APPLY_SECONDS: counter("disk_apply_seconds_total", "Time spent applying batches; divided by batches, the mean apply latency.");
+        APPLY_LAST: gauge("disk_apply_last_seconds", "How long the last batch took to apply.");
+        APPLY_MAX: gauge("disk_apply_max_seconds", "The longest batch apply since start.");
+        APPLY_ERRORS: counter("disk_apply_errors_total", "Batches whose apply failed (since start).");
+    }
+}
 
 /// What the sessions count for one disk.
 #[derive(Debug, Default)]

@@ -27,6 +27,28 @@
 
 use std::fmt::Write as _;
 
+/// Declare a service's metrics once: a `const` per metric and the
+/// [`Registry`] that lists them, in that order.
+///
+/// ```
+/// tidemark_util::declare_metrics! {
+///     pub REGISTRY = "tidemark_demo" {
+///         WRITES: counter("writes_total", "Write requests.");
+///         LAG: gauge("lag_seconds", "Replication lag.");
+///     }
+/// }
+/// assert_eq!(REGISTRY.metrics().len(), 2);
+/// assert_eq!(WRITES.name, "writes_total");
+/// ```
+#[macro_export]
+macro_rules! declare_metrics {
+    ($vis:vis $registry:ident = $prefix:literal { $($name:ident: $kind:ident($metric:literal, $help:literal);)* }) => {
+        $(const $name: $crate::metrics::Metric = $crate::metrics::Metric::$kind($metric, $help);)*
+        /// Every metric this service exports.
+        $vis const $registry: $crate::metrics::Registry = $crate::metrics::Registry::new($prefix, &[$($name),*]);
+    };
+}
+
 /// A counter only goes up (until a restart); a gauge is a level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
