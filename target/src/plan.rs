@@ -102,36 +102,9 @@ impl Plan {
 pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option<Plan>> {
     let id = input.row.disk_id.as_str();
     let applied = input.row.applied_seq;
-    let gap_flag = input.gap_flag;
-    let Some(first) = records.first().map(|r| r.header.seq) else {
-        return Ok(None);
-    };
     // Check everything before touching anything: bad input is never
     // partly applied.
-    for (i, r) in records.iter().enumerate() {
-        let h = &r.header;
-        if Some(h.seq) != first.checked_add(i as u64) {
-            return Err(Error::malformed(format!(
-                "disk {id}: batch record {i} has seq {}, expected {}",
-                h.seq,
-                first.saturating_add(i as u64)
-            )));
-        }
-        if h.seq == 0 || h.seq > MAX_POSITION {
-            return Err(Error::malformed("out of range").disk(id).seq(h.seq));
-        }
-        if h.offset.saturating_add(h.length) > MAX_POSITION {
-            return Err(Error::malformed(format!(
-                "disk {id}: seq {}: range {}+{} ends beyond the largest replica ({MAX_POSITION} bytes)",
-                h.seq, h.offset, h.length
-            )));
-        }
-        if h.seq > applied {
-            // A VMDK replica has a fixed size: refuse before anything
-            // of the batch is captured or written.
-            (input.fits)(h).map_err(|e| e.disk(id))?;
-        }
-    }
+    check_batch(input, &records)?;
     let fresh: Vec<Record> = records.into_iter().filter(|r| r.header.seq > applied).collect();
     let (Some(start), Some(last)) = (fresh.first().map(|r| r.header.seq), fresh.last().map(|r| r.header.seq)) else {
         return Ok(None);
@@ -142,41 +115,10 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
             format!("disk {id} was failed over: the target no longer applies to it"),
         ));
     }
-    let policy = &input.row.policy;
-    if policy.enabled() && policy.on_full == OnFull::Stop {
-        if let Some(max) = policy.max_bytes.filter(|m| input.undo_bytes >= *m) {
-            error!(
-                disk = %id,
-                undo_bytes = input.undo_bytes,
-                "undo retention is full ({max} bytes, --on-full stop): not applying; raise --retention-max or shorten the window"
-            );
-            return Err(Error::new(
-                ErrorKind::RetentionFull,
-                format!("undo retention is full ({max} bytes) and its policy is to stop"),
-            )
-            .disk(id));
-        }
-    }
+    check_retention(input)?;
 
     let mut row = input.row.clone();
-    let mut request_full_resync = false;
-    if start > applied + 1 {
-        if !gap_flag && applied != 0 {
-            return Err(Error::malformed(format!(
-                "disk {id}: gap: expected seq {}, the batch starts at {start} without PACKED_GAP",
-                applied + 1
-            )));
-        }
-        if applied != 0 {
-            warn!(disk = %id, seq = start, "records {}..{start} were lost upstream; the disk awaits a full sync", applied + 1);
-        }
-        row.first_seq = Some(start);
-        row.sync_state = SyncState::AwaitingFullSync;
-        row.full_sync_seen = false;
-        request_full_resync = true;
-    } else if row.first_seq.is_none() {
-        row.first_seq = Some(start);
-    }
+    let mut request_full_resync = start_at(input, start, &mut row)?;
 
     // Pass 1: checks, state, halts and points; what to write.
     let now = input.now;
@@ -184,20 +126,7 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
     let mut changed = vec![false; halts.len()];
     let mut new_halts: Vec<Halt> = Vec::new();
     let mut ops: Vec<usize> = Vec::with_capacity(fresh.len());
-    let mut points: Vec<(usize, Point)> = Vec::new();
-    let mut thin = Thinning::new(&input.crash_tail, policy.point_interval, input.pinned.clone());
-    // Records up to this seq were captured by an attempt that crashed
-    // before its commit, against the points that attempt chose. With
-    // thinning (a point interval), those may differ if the batch is cut
-    // differently now (the newest flush of a shorter batch survives where
-    // the crashed attempt thinned it), so a flush among them is not made a
-    // point again, or a view there could miss a capture. Without thinning
-    // every consistent flush was a point in that attempt too, whatever
-    // its cut, so they are made points again. Tags are points whatever
-    // the batch boundaries.
-    let recaptured = input.row.undo_captured_seq;
-    let remake = policy.point_interval.is_zero();
-    let mut thinned: Vec<u64> = Vec::new();
+    let mut points = Points::new(input);
     for (i, r) in fresh.iter().enumerate() {
         let h = &r.header;
         if let Err(e) = h.verify_payload(&r.payload) {
@@ -206,25 +135,7 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
                 "record failed its end-to-end check ({}): not applied; the disk is halted until a resync covers its range",
                 e.msg
             );
-            let mut halt = Halt {
-                seq: h.seq,
-                kind: h.kind.name().to_string(),
-                offset: h.offset,
-                length: h.length,
-                pending: RangeSet::single(h.offset, h.length),
-                covered: false,
-                covered_seq: None,
-                reason: e.msg,
-                detected_at: now,
-                covered_at: None,
-            };
-            if halt.pending.is_empty() {
-                // No disk range: nothing to resync; kept for the record.
-                halt.covered = true;
-                halt.covered_seq = Some(h.seq);
-                halt.covered_at = Some(now);
-            }
-            new_halts.push(halt);
+            new_halts.push(halt_for(h, e.msg, now));
             continue;
         }
         ops.push(i);
@@ -242,85 +153,14 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
                 cover(id, halt, h.seq, h.offset, h.length, now);
             }
         }
-        if h.kind == RecordKind::SyncBegin {
-            // Syncs may overlap (a resync starts before a full one ends):
-            // the replica is consistent again only once the latest
-            // one that began has ended.
-            let from = row.sync_from.map_or(h.seq, |f| f.max(h.seq));
-            row.sync_from = Some(from);
+        if sync_marks(id, h, &mut row) {
+            request_full_resync = true;
         }
-        if h.kind == RecordKind::SyncDone && row.sync_from.is_some_and(|f| h.offset >= f) {
-            info!(disk = %id, seq = h.seq, "sync from seq {} complete", h.offset);
-            row.sync_from = None;
-        }
-        if h.kind == RecordKind::SyncDone && h.flags & FLAG_FULL != 0 && row.sync_state == SyncState::AwaitingFullSync {
-            let held_from = row.first_seq.unwrap_or(1);
-            if h.offset >= held_from || held_from == 1 {
-                info!(disk = %id, seq = h.seq, "full sync (from seq {}) complete: the replica is consistent", h.offset);
-                row.sync_state = SyncState::Consistent;
-            } else {
-                info!(
-                    disk = %id, seq = h.seq,
-                    "a full sync from seq {} completed, but records before seq {held_from} were lost after it started; asking for another",
-                    h.offset
-                );
-                row.full_sync_seen = false;
-                request_full_resync = true;
-            }
-        }
-        if policy.enabled() && matches!(h.kind, RecordKind::Flush | RecordKind::Tag) {
+        if input.row.policy.enabled() && matches!(h.kind, RecordKind::Flush | RecordKind::Tag) {
             let consistent = row.sync_state == SyncState::Consistent
                 && row.sync_from.is_none()
                 && !halts.iter().chain(new_halts.iter()).any(|x| !x.covered);
-            if h.kind == RecordKind::Flush {
-                // The newest flush is always a point; the one it
-                // replaces as newest goes if it is closer than the
-                // interval to the point before it.
-                if consistent && (h.seq > recaptured || remake) {
-                    if let Some(drop) = thin.add(h.seq, h.time_ns) {
-                        match points.iter().position(|(_, p)| p.seq == drop) {
-                            Some(k) => {
-                                points.remove(k);
-                            }
-                            None => thinned.push(drop),
-                        }
-                    }
-                    points.push((
-                        i,
-                        Point {
-                            seq: h.seq,
-                            time_ns: h.time_ns,
-                            kind: PointKind::Crash,
-                            tag: None,
-                            latest: false,
-                        },
-                    ));
-                }
-            } else {
-                let name = String::from_utf8_lossy(&r.payload).into_owned();
-                let taken = points.iter().any(|(_, p)| p.tag.as_deref() == Some(name.as_str()))
-                    || input.existing_tags.contains(&name);
-                if !consistent {
-                    info!(disk = %id, seq = h.seq, tag = %name, "tag while the disk is not consistent (syncing or halted): not a recovery point");
-                } else if taken {
-                    warn!(disk = %id, seq = h.seq, tag = %name, "a point with this tag name exists already: this tag is not a recovery point");
-                } else {
-                    points.push((
-                        i,
-                        Point {
-                            seq: h.seq,
-                            time_ns: h.time_ns,
-                            kind: if h.app_consistent() {
-                                PointKind::App
-                            } else {
-                                PointKind::Tag
-                            },
-                            tag: Some(name),
-                            latest: false,
-                        },
-                    ));
-                }
-            }
+            points.consider(i, r, consistent);
         }
     }
 
@@ -328,14 +168,238 @@ pub(crate) fn plan(input: &PlanInput<'_>, records: Vec<Record>) -> Result<Option
         last,
         row,
         ops,
-        points,
-        thinned,
+        points: points.new,
+        thinned: points.thinned,
         halts,
         changed,
         new_halts,
         request_full_resync,
         fresh,
     }))
+}
+
+/// Every record's seq follows the one before it and is in range, and so is
+/// its disk range; a new record must fit the replica.
+fn check_batch(input: &PlanInput<'_>, records: &[Record]) -> Result<()> {
+    let id = input.row.disk_id.as_str();
+    let Some(first) = records.first().map(|r| r.header.seq) else {
+        return Ok(());
+    };
+    for (i, r) in records.iter().enumerate() {
+        let h = &r.header;
+        if Some(h.seq) != first.checked_add(i as u64) {
+            return Err(Error::malformed(format!(
+                "batch record {i} has seq {}, expected {}",
+                h.seq,
+                first.saturating_add(i as u64)
+            ))
+            .disk(id));
+        }
+        if h.seq == 0 || h.seq > MAX_POSITION {
+            return Err(Error::malformed("out of range").disk(id).seq(h.seq));
+        }
+        if h.offset.saturating_add(h.length) > MAX_POSITION {
+            return Err(Error::malformed(format!(
+                "range {}+{} ends beyond the largest replica ({MAX_POSITION} bytes)",
+                h.offset, h.length
+            ))
+            .disk(id)
+            .seq(h.seq));
+        }
+        if h.seq > input.row.applied_seq {
+            // A VMDK replica has a fixed size: refuse before anything
+            // of the batch is captured or written.
+            (input.fits)(h).map_err(|e| e.disk(id))?;
+        }
+    }
+    Ok(())
+}
+
+/// `--on-full stop` with the undo cap reached: applying waits.
+fn check_retention(input: &PlanInput<'_>) -> Result<()> {
+    let id = input.row.disk_id.as_str();
+    let policy = &input.row.policy;
+    if policy.enabled() && policy.on_full == OnFull::Stop {
+        if let Some(max) = policy.max_bytes.filter(|m| input.undo_bytes >= *m) {
+            error!(
+                disk = %id,
+                undo_bytes = input.undo_bytes,
+                "undo retention is full ({max} bytes, --on-full stop): not applying; raise --retention-max or shorten the window"
+            );
+            return Err(Error::new(
+                ErrorKind::RetentionFull,
+                format!("undo retention is full ({max} bytes) and its policy is to stop"),
+            )
+            .disk(id));
+        }
+    }
+    Ok(())
+}
+
+/// Where the fresh records start: after a gap (records lost upstream) the
+/// disk awaits a full sync; returns whether to ask for one. A gap without
+/// `PACKED_GAP` on a disk that has records is refused.
+fn start_at(input: &PlanInput<'_>, start: u64, row: &mut DiskRow) -> Result<bool> {
+    let id = input.row.disk_id.as_str();
+    let applied = input.row.applied_seq;
+    if start > applied + 1 {
+        if !input.gap_flag && applied != 0 {
+            return Err(Error::malformed(format!(
+                "gap: expected seq {}, the batch starts at {start} without PACKED_GAP",
+                applied + 1
+            ))
+            .disk(id));
+        }
+        if applied != 0 {
+            warn!(disk = %id, seq = start, "records {}..{start} were lost upstream; the disk awaits a full sync", applied + 1);
+        }
+        row.first_seq = Some(start);
+        row.sync_state = SyncState::AwaitingFullSync;
+        row.full_sync_seen = false;
+        return Ok(true);
+    }
+    if row.first_seq.is_none() {
+        row.first_seq = Some(start);
+    }
+    Ok(false)
+}
+
+/// The halt of a record that failed its check: its range waits for a
+/// resync (one without a range is over at once, kept for the record).
+fn halt_for(h: &RecordHeader, reason: String, now: i64) -> Halt {
+    let mut halt = Halt {
+        seq: h.seq,
+        kind: h.kind.name().to_string(),
+        offset: h.offset,
+        length: h.length,
+        pending: RangeSet::single(h.offset, h.length),
+        covered: false,
+        covered_seq: None,
+        reason,
+        detected_at: now,
+        covered_at: None,
+    };
+    if halt.pending.is_empty() {
+        halt.covered = true;
+        halt.covered_seq = Some(h.seq);
+        halt.covered_at = Some(now);
+    }
+    halt
+}
+
+/// What a SyncBegin or SyncDone does to the sync state; returns whether a
+/// full resync must be asked for (a full sync that began before records
+/// were lost cannot make the disk consistent).
+fn sync_marks(id: &str, h: &RecordHeader, row: &mut DiskRow) -> bool {
+    if h.kind == RecordKind::SyncBegin {
+        // Syncs may overlap (a resync starts before a full one ends):
+        // the replica is consistent again only once the latest
+        // one that began has ended.
+        let from = row.sync_from.map_or(h.seq, |f| f.max(h.seq));
+        row.sync_from = Some(from);
+    }
+    if h.kind == RecordKind::SyncDone && row.sync_from.is_some_and(|f| h.offset >= f) {
+        info!(disk = %id, seq = h.seq, "sync from seq {} complete", h.offset);
+        row.sync_from = None;
+    }
+    if h.kind == RecordKind::SyncDone && h.flags & FLAG_FULL != 0 && row.sync_state == SyncState::AwaitingFullSync {
+        let held_from = row.first_seq.unwrap_or(1);
+        if h.offset >= held_from || held_from == 1 {
+            info!(disk = %id, seq = h.seq, "full sync (from seq {}) complete: the replica is consistent", h.offset);
+            row.sync_state = SyncState::Consistent;
+        } else {
+            info!(
+                disk = %id, seq = h.seq,
+                "a full sync from seq {} completed, but records before seq {held_from} were lost after it started; asking for another",
+                h.offset
+            );
+            row.full_sync_seen = false;
+            return true;
+        }
+    }
+    false
+}
+
+/// The points a batch makes: crash points at flushes (thinned), tagged
+/// points at tags with a free name, only while the disk is consistent.
+struct Points<'a> {
+    input: &'a PlanInput<'a>,
+    thin: Thinning,
+    /// Records up to this seq were captured by an attempt that crashed
+    /// before its commit, against the points that attempt chose. With
+    /// thinning (a point interval), those may differ if the batch is cut
+    /// differently now (the newest flush of a shorter batch survives where
+    /// the crashed attempt thinned it), so a flush among them is not made a
+    /// point again, or a view there could miss a capture. Without thinning
+    /// every consistent flush was a point in that attempt too, whatever
+    /// its cut, so they are made points again (`remake`). Tags are points
+    /// whatever the batch boundaries.
+    recaptured: u64,
+    remake: bool,
+    new: Vec<(usize, Point)>,
+    thinned: Vec<u64>,
+}
+
+impl<'a> Points<'a> {
+    fn new(input: &'a PlanInput<'a>) -> Self {
+        let policy = &input.row.policy;
+        Self {
+            input,
+            thin: Thinning::new(&input.crash_tail, policy.point_interval, input.pinned.clone()),
+            recaptured: input.row.undo_captured_seq,
+            remake: policy.point_interval.is_zero(),
+            new: Vec::new(),
+            thinned: Vec::new(),
+        }
+    }
+
+    /// The flush or tag `r` (the batch's `i`th fresh record).
+    fn consider(&mut self, i: usize, r: &Record, consistent: bool) {
+        let id = self.input.row.disk_id.as_str();
+        let h = &r.header;
+        if h.kind == RecordKind::Flush {
+            // The newest flush is always a point; the one it replaces as
+            // newest goes if it is closer than the interval to the point
+            // before it.
+            if consistent && (h.seq > self.recaptured || self.remake) {
+                if let Some(drop) = self.thin.add(h.seq, h.time_ns) {
+                    match self.new.iter().position(|(_, p)| p.seq == drop) {
+                        Some(k) => {
+                            self.new.remove(k);
+                        }
+                        None => self.thinned.push(drop),
+                    }
+                }
+                self.new.push((i, point(h, PointKind::Crash, None)));
+            }
+            return;
+        }
+        let name = String::from_utf8_lossy(&r.payload).into_owned();
+        let taken = self.new.iter().any(|(_, p)| p.tag.as_deref() == Some(name.as_str()))
+            || self.input.existing_tags.contains(&name);
+        if !consistent {
+            info!(disk = %id, seq = h.seq, tag = %name, "tag while the disk is not consistent (syncing or halted): not a recovery point");
+        } else if taken {
+            warn!(disk = %id, seq = h.seq, tag = %name, "a point with this tag name exists already: this tag is not a recovery point");
+        } else {
+            let kind = if h.app_consistent() {
+                PointKind::App
+            } else {
+                PointKind::Tag
+            };
+            self.new.push((i, point(h, kind, Some(name))));
+        }
+    }
+}
+
+fn point(h: &RecordHeader, kind: PointKind, tag: Option<String>) -> Point {
+    Point {
+        seq: h.seq,
+        time_ns: h.time_ns,
+        kind,
+        tag,
+        latest: false,
+    }
 }
 
 /// Where crash points go: every flush of a consistent disk becomes the
