@@ -15,7 +15,7 @@ use tidemark_net::{write_frame, FrameReader};
 use tidemark_wire::frame::{
     Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
-use tidemark_wire::pack::Packer;
+use tidemark_wire::pack::{PackStats, Packer};
 use tidemark_wire::Record;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedReadHalf;
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::state::{kib_permits, Disk, Shared};
+use crate::state::{kib_permits, Disk, Shared, SpoolEntry};
 use crate::{failpoint, spool};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -338,6 +338,14 @@ async fn send_loop(
     let mut next = applied + 1;
     let mut expect = applied + 1;
     let uuid = disk.lock().uuid;
+    // Any of these ends the loop (quietly: the session says why).
+    let over = || async {
+        tokio::select! {
+            _ = ended.cancelled() => {}
+            _ = rebound.cancelled() => {}
+            _ = shared.stop.cancelled() => {}
+        }
+    };
     loop {
         while let Ok(f) = to_send.try_recv() {
             write_frame(wr, &f).await.context("send to the target")?;
@@ -345,41 +353,17 @@ async fn send_loop(
         let spooled = disk.spooled.notified();
         tokio::pin!(spooled);
         spooled.as_mut().enable();
-        // The first spool file past what was sent, and the files right
-        // after it while they add up to less than MERGE_BYTES: one packed
-        // batch (one fsync round at the target) for a run of small files.
-        let (found, more) = {
-            let st = disk.lock();
-            if st.generation != generation {
-                return Ok(());
-            }
-            next = next.max(st.applied_seq + 1);
-            let mut it = st.files.iter().skip_while(|(_, e)| e.last < next);
-            let found = it.next().map(|(first, e)| (*first, e.clone()));
-            let mut more = Vec::new();
-            if let Some((_, e)) = &found {
-                let (mut total, mut last) = (e.len, e.last);
-                for (f, e) in it {
-                    if *f != last + 1 || total + e.len > MERGE_BYTES || more.len() >= MERGE_FILES {
-                        break;
-                    }
-                    total += e.len;
-                    last = e.last;
-                    more.push((*f, e.clone()));
-                }
-            }
-            (found, more)
+        let Some(found) = next_files(disk, generation, &mut next) else {
+            return Ok(()); // rebound
         };
-        let Some((first, entry)) = found else {
+        let Some((first, entry, more)) = found else {
             tokio::select! {
                 _ = &mut spooled => continue,
                 Some(f) = to_send.recv() => {
                     write_frame(wr, &f).await.context("send to the target")?;
                     continue;
                 }
-                _ = ended.cancelled() => return Ok(()),
-                _ = rebound.cancelled() => return Ok(()),
-                _ = shared.stop.cancelled() => return Ok(()),
+                _ = over() => return Ok(()),
             }
         };
         // Bound what is in flight.
@@ -393,9 +377,7 @@ async fn send_loop(
             tokio::select! {
                 _ = &mut changed => {}
                 Some(f) = to_send.recv() => write_frame(wr, &f).await.context("send to the target")?,
-                _ = ended.cancelled() => return Ok(()),
-                _ = rebound.cancelled() => return Ok(()),
-                _ = shared.stop.cancelled() => return Ok(()),
+                _ = over() => return Ok(()),
             }
         }
         // The file, its records and the packed copy are held at once while
@@ -407,67 +389,11 @@ async fn send_loop(
             .acquire_many(kib_permits(3 * merged_len))
             .await
             .context("memory budget closed")?;
-        let path = entry.path.clone();
-        let read = tokio::task::spawn_blocking(move || fmt::read_batch(&path, &uuid))
-            .await
-            .context("spool reader")?;
-        let batch = match read {
-            Ok(b) => b,
-            Err(e) => {
-                drop(mem);
-                let gone = !disk.lock().files.contains_key(&first);
-                if gone {
-                    continue; // trimmed meanwhile: the target has it
-                }
-                error!(
-                    first_seq = first,
-                    last_seq = entry.last,
-                    "spool file unreadable ({e}); these seqs are lost here: asking the agent for a full resync"
-                );
-                disk.corrupt_records
-                    .fetch_add(entry.last - first + 1, Ordering::Relaxed);
-                shared.relay_to_agent(disk, Request::FullResync);
-                next = entry.last + 1;
-                continue;
-            }
+        let Some((records, merged_last)) = read_merged(shared, disk, uuid, first, &entry, more, &mut next).await?
+        else {
+            continue;
         };
-        if !batch.body_ok {
-            report_damage(shared, disk, &entry.path, &batch);
-        }
-        let mut records: Vec<Record> = batch.records.into_iter().filter(|r| r.header.seq >= next).collect();
-        // The files after it: one that cannot be read now ends the merge
-        // (the next round takes it first, with the error handling above).
-        let mut merged_last = entry.last;
-        for (_, e) in more {
-            let path = e.path.clone();
-            let Ok(Ok(b)) = tokio::task::spawn_blocking(move || fmt::read_batch(&path, &uuid)).await else {
-                break;
-            };
-            if !b.body_ok {
-                report_damage(shared, disk, &e.path, &b);
-            }
-            records.extend(b.records);
-            merged_last = e.last;
-        }
-        let mut frames = Vec::new();
-        for run in runs(&records) {
-            let run_first = run[0].header.seq;
-            let run_last = run_first + (run.len() as u64 - 1);
-            let flags = if run_first > expect { PACKED_GAP } else { 0 };
-            if flags != 0 {
-                info!(
-                    expected = expect,
-                    first_seq = run_first,
-                    "forwarding after a gap (PACKED_GAP)"
-                );
-            }
-            let (packed, stats) = packer
-                .pack(run, flags)
-                .with_context(|| format!("pack seqs {run_first}..={run_last}"))?;
-            let bytes = Frame::Packed(packed).encode().context("encode a packed frame")?;
-            frames.push((run_last, bytes, stats));
-            expect = run_last + 1;
-        }
+        let frames = pack_runs(&mut packer, &records, &mut expect)?;
         drop(records);
         drop(mem);
         for (run_last, bytes, stats) in frames {
@@ -491,6 +417,122 @@ async fn send_loop(
         }
         next = next.max(merged_last + 1);
     }
+}
+
+/// The first spool file to send (its first seq and entry) and the ones
+/// merged after it.
+type NextFiles = (u64, SpoolEntry, Vec<(u64, SpoolEntry)>);
+
+/// The spool files to send next: the first one past what was sent, and the
+/// files right after it while they add up to less than MERGE_BYTES (one
+/// packed batch, one fsync round at the target, for a run of small files).
+/// `None`: the disk was rebound (another generation).
+fn next_files(disk: &Disk, generation: u64, next: &mut u64) -> Option<Option<NextFiles>> {
+    let st = disk.lock();
+    if st.generation != generation {
+        return None;
+    }
+    *next = (*next).max(st.applied_seq + 1);
+    let mut it = st.files.iter().skip_while(|(_, e)| e.last < *next);
+    let Some((first, entry)) = it.next() else {
+        return Some(None);
+    };
+    let mut more = Vec::new();
+    let (mut total, mut last) = (entry.len, entry.last);
+    for (f, e) in it {
+        if *f != last + 1 || total + e.len > MERGE_BYTES || more.len() >= MERGE_FILES {
+            break;
+        }
+        total += e.len;
+        last = e.last;
+        more.push((*f, e.clone()));
+    }
+    Some(Some((*first, entry.clone(), more)))
+}
+
+/// Read the first spool file and the ones merged after it: the records
+/// from `next` on and the last seq they reach. `None`: nothing to send
+/// this round (the file was trimmed meanwhile, or it is unreadable: its
+/// seqs are lost here, the agent is asked for a full resync and `next`
+/// moves past them).
+async fn read_merged(
+    shared: &Arc<Shared>,
+    disk: &Arc<Disk>,
+    uuid: [u8; 16],
+    first: u64,
+    entry: &SpoolEntry,
+    more: Vec<(u64, SpoolEntry)>,
+    next: &mut u64,
+) -> Result<Option<(Vec<Record>, u64)>> {
+    let path = entry.path.clone();
+    let read = tokio::task::spawn_blocking(move || fmt::read_batch(&path, &uuid))
+        .await
+        .context("spool reader")?;
+    let batch = match read {
+        Ok(b) => b,
+        Err(e) => {
+            let gone = !disk.lock().files.contains_key(&first);
+            if gone {
+                return Ok(None); // trimmed meanwhile: the target has it
+            }
+            error!(
+                first_seq = first,
+                last_seq = entry.last,
+                "spool file unreadable ({e}); these seqs are lost here: asking the agent for a full resync"
+            );
+            disk.corrupt_records
+                .fetch_add(entry.last - first + 1, Ordering::Relaxed);
+            shared.relay_to_agent(disk, Request::FullResync);
+            *next = entry.last + 1;
+            return Ok(None);
+        }
+    };
+    if !batch.body_ok {
+        report_damage(shared, disk, &entry.path, &batch);
+    }
+    let from = *next;
+    let mut records: Vec<Record> = batch.records.into_iter().filter(|r| r.header.seq >= from).collect();
+    // The files after it: one that cannot be read now ends the merge
+    // (the next round takes it first, with the error handling above).
+    let mut merged_last = entry.last;
+    for (_, e) in more {
+        let path = e.path.clone();
+        let Ok(Ok(b)) = tokio::task::spawn_blocking(move || fmt::read_batch(&path, &uuid)).await else {
+            break;
+        };
+        if !b.body_ok {
+            report_damage(shared, disk, &e.path, &b);
+        }
+        records.extend(b.records);
+        merged_last = e.last;
+    }
+    Ok(Some((records, merged_last)))
+}
+
+/// Pack each run of consecutive seqs as one frame (a run that starts past
+/// `expect` carries PACKED_GAP): (its last seq, the encoded frame, what
+/// packing saved).
+fn pack_runs(packer: &mut Packer, records: &[Record], expect: &mut u64) -> Result<Vec<(u64, Vec<u8>, PackStats)>> {
+    let mut frames = Vec::new();
+    for run in runs(records) {
+        let run_first = run[0].header.seq;
+        let run_last = run_first + (run.len() as u64 - 1);
+        let flags = if run_first > *expect { PACKED_GAP } else { 0 };
+        if flags != 0 {
+            info!(
+                expected = *expect,
+                first_seq = run_first,
+                "forwarding after a gap (PACKED_GAP)"
+            );
+        }
+        let (packed, stats) = packer
+            .pack(run, flags)
+            .with_context(|| format!("pack seqs {run_first}..={run_last}"))?;
+        let bytes = Frame::Packed(packed).encode().context("encode a packed frame")?;
+        frames.push((run_last, bytes, stats));
+        *expect = run_last + 1;
+    }
+    Ok(frames)
 }
 
 /// Split records (ascending seqs) into runs of consecutive seqs.
