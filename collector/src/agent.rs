@@ -8,10 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tidemark_net::{write_frame, FrameReader, ReadError};
-use tidemark_wire::frame::{
-    ErrorCode, Frame, Hello, Role, HELLO_FORCE_RESYNC, MAX_BODY, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
-};
+use tidemark_net::{write_frame, FrameReader, ReadError, Refusal};
+use tidemark_wire::frame::{ErrorCode, Frame, Hello, Role, HELLO_FORCE_RESYNC, MAX_BODY, WELCOME_NEED_FULL_SYNC};
 use tidemark_wire::record::FLAG_FULL;
 use tidemark_wire::Record;
 use tokio::io::AsyncWriteExt;
@@ -59,17 +57,17 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Why a Hello was refused.
-struct Refusal {
-    code: ErrorCode,
-    reason: String,
+fn refusal(code: ErrorCode, reason: impl Into<String>) -> Refusal {
+    Refusal::new(code, reason)
 }
 
-fn refusal(code: ErrorCode, reason: impl Into<String>) -> Refusal {
-    Refusal {
-        code,
-        reason: reason.into(),
-    }
+/// The collector failed to bind a disk (its catalog or spool folder).
+fn bind_failed(id: &str, e: &anyhow::Error) -> Refusal {
+    error!("binding the disk: {e:#}");
+    refusal(
+        ErrorCode::Internal,
+        format!("collector could not bind disk {id}: {e:#}"),
+    )
 }
 
 /// Tell the peer why, log one line, close.
@@ -164,37 +162,70 @@ async fn admit(
     conn: u64,
     tx: mpsc::Sender<Out>,
 ) -> Result<(Arc<Disk>, (u64, u32)), Refusal> {
-    if hello.protocol != PROTOCOL_VERSION {
-        return Err(refusal(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {} is not supported (this collector speaks {PROTOCOL_VERSION})",
-                hello.protocol
-            ),
-        ));
-    }
-    if !tidemark_util::bytes::ct_eq(&hello.token, &shared.cfg.token) {
-        return Err(refusal(ErrorCode::BadToken, "the token does not match the collector's"));
-    }
-    if hello.role != Role::Agent {
-        return Err(refusal(
-            ErrorCode::Malformed,
-            format!("expected an agent hello, got role {:?}", hello.role),
-        ));
-    }
+    tidemark_net::check_hello(hello, "collector", Role::Agent, &shared.cfg.token)?;
     let id = &hello.disk_id;
     if id.starts_with("catalog.db") {
         return Err(refusal(ErrorCode::Malformed, format!("disk id {id:?} is reserved")));
     }
-    let internal = |e: anyhow::Error| {
-        error!("binding the disk: {e:#}");
-        refusal(
-            ErrorCode::Internal,
-            format!("collector could not bind disk {id}: {e:#}"),
-        )
-    };
+    let internal = |e: anyhow::Error| bind_failed(id, &e);
     let bind = BINDING.lock().await;
-    let mut old_spool = None;
+    let (disk, old_spool) = bind_disk(shared, hello).await?;
+    let (new_size, flags, acked) = {
+        let mut st = disk.lock();
+        if st.agent.is_some() {
+            return Err(refusal(
+                ErrorCode::Busy,
+                format!("disk {id} already has a live agent connection"),
+            ));
+        }
+        st.agent = Some(AgentLink { conn, tx });
+        let new_size = (hello.disk_size != 0 && hello.disk_size != st.disk_size).then_some(hello.disk_size);
+        if let Some(size) = new_size {
+            st.disk_size = size;
+        }
+        let flags = if st.pending_full_sync {
+            WELCOME_NEED_FULL_SYNC
+        } else {
+            0
+        };
+        let acked = st.acked_seq;
+        (new_size, flags, acked)
+    };
+    // The agent link is set: no other connection can take the disk. Deleting
+    // the old spool can take a while; other hellos need not wait for it, but
+    // this agent must (its first files may have the old files' names).
+    drop(bind);
+    if let Some(old) = old_spool {
+        if let Err(e) = spool::drop_old_spool(shared, &disk, old).await {
+            let mut st = disk.lock();
+            if st.agent.as_ref().is_some_and(|a| a.conn == conn) {
+                st.agent = None;
+            }
+            return Err(internal(e));
+        }
+        warn!(
+            uuid = %crate::catalog::uuid_text(&hello.disk_uuid),
+            "disk id rebound to a new uuid (forced): old spool dropped, the target starts afresh"
+        );
+    }
+    if let Some(size) = new_size {
+        let s = shared.clone();
+        let id = id.clone();
+        let r = tokio::task::spawn_blocking(move || s.catalog.set_disk_size(&id, size)).await;
+        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
+            warn!(disk = %hello.disk_id, "recording the disk size: {e:#}");
+        }
+    }
+    Ok((disk, (acked, flags)))
+}
+
+/// The disk `hello` names: bound now if it is new (catalog row, spool
+/// folder, forwarder), or the bound one; a forced rebind to a new UUID
+/// also returns the old spool, to be dropped once the agent link is set.
+/// Called with BINDING held.
+async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Option<spool::OldSpool>), Refusal> {
+    let id = &hello.disk_id;
+    let internal = |e: anyhow::Error| bind_failed(id, &e);
     let disk = match shared.disk(id) {
         None => {
             let row = DiskRow {
@@ -245,58 +276,13 @@ async fn admit(
                         format!("disk {id} has a live agent connection; cannot rebind it now"),
                     ));
                 }
-                old_spool = Some(spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?);
+                let old = spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?;
+                return Ok((disk, Some(old)));
             }
             disk
         }
     };
-    let (new_size, flags, acked) = {
-        let mut st = disk.lock();
-        if st.agent.is_some() {
-            return Err(refusal(
-                ErrorCode::Busy,
-                format!("disk {id} already has a live agent connection"),
-            ));
-        }
-        st.agent = Some(AgentLink { conn, tx });
-        let new_size = (hello.disk_size != 0 && hello.disk_size != st.disk_size).then_some(hello.disk_size);
-        if let Some(size) = new_size {
-            st.disk_size = size;
-        }
-        let flags = if st.pending_full_sync {
-            WELCOME_NEED_FULL_SYNC
-        } else {
-            0
-        };
-        let acked = st.acked_seq;
-        (new_size, flags, acked)
-    };
-    // The agent link is set: no other connection can take the disk. Deleting
-    // the old spool can take a while; other hellos need not wait for it, but
-    // this agent must (its first files may have the old files' names).
-    drop(bind);
-    if let Some(old) = old_spool {
-        if let Err(e) = spool::drop_old_spool(shared, &disk, old).await {
-            let mut st = disk.lock();
-            if st.agent.as_ref().is_some_and(|a| a.conn == conn) {
-                st.agent = None;
-            }
-            return Err(internal(e));
-        }
-        warn!(
-            uuid = %crate::catalog::uuid_text(&hello.disk_uuid),
-            "disk id rebound to a new uuid (forced): old spool dropped, the target starts afresh"
-        );
-    }
-    if let Some(size) = new_size {
-        let s = shared.clone();
-        let id = id.clone();
-        let r = tokio::task::spawn_blocking(move || s.catalog.set_disk_size(&id, size)).await;
-        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
-            warn!(disk = %hello.disk_id, "recording the disk size: {e:#}");
-        }
-    }
-    Ok((disk, (acked, flags)))
+    Ok((disk, None))
 }
 
 enum SessionEnd {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tidemark_net::{kib_permits, write_frame, FrameReader, ReadError, WriteError};
 use tidemark_wire::frame::{
     ErrorCode, Frame, ReplicaState, Request, Role, TargetState, HELLO_FORCE_RESYNC, MAX_BODY, PACKED_GAP,
-    PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+    WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{PackedBatch, Unpacker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -437,26 +437,9 @@ async fn admit<R: AsyncRead + Unpin>(
     let Some(hello) = read_hello(reader, cfg.hello_timeout, stop).await? else {
         return Ok(None);
     };
-    if hello.protocol != PROTOCOL_VERSION {
-        return Err(refuse(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {} (this target speaks {PROTOCOL_VERSION})",
-                hello.protocol
-            ),
-        ));
-    }
     let id = hello.disk_id.clone();
     tracing::Span::current().record("disk", tracing::field::display(&id));
-    if !tidemark_util::bytes::ct_eq(&hello.token, &cfg.token) {
-        return Err(refuse(ErrorCode::BadToken, format!("bad token for disk {id}")));
-    }
-    if hello.role != Role::Collector {
-        return Err(refuse(
-            ErrorCode::Malformed,
-            format!("disk {id}: an agent said Hello; only a collector connects to a target"),
-        ));
-    }
+    tidemark_net::check_hello(&hello, "target", Role::Collector, &cfg.token).map_err(|r| refuse(r.code, r.reason))?;
     let Some(live) = LiveGuard::claim(shared, &id) else {
         return Err(refuse(
             ErrorCode::Busy,

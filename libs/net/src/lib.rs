@@ -3,6 +3,8 @@
 //!
 //! - [`frames`]: one frame reader (bounded, cancel-safe, optionally
 //!   counted against a memory budget) and the frame writer.
+//! - [`hello`]: the checks every listener makes of a Hello (version,
+//!   token, role).
 //! - [`socket`]: the socket options every connection sets.
 //!
 //! `tidemark-wire` stays free of I/O and of any runtime (the journal, the
@@ -11,7 +13,9 @@
 //! what a refusal says stay with each service.
 
 pub mod frames;
+pub mod hello;
 pub mod socket;
 
 pub use frames::{kib_permits, read_frame, write_frame, FrameReader, ReadError, WriteError};
+pub use hello::{check_hello, Refusal};
 pub use socket::set_user_timeout;
