@@ -601,27 +601,7 @@ async fn stream_records(
 ) -> std::result::Result<(), SessionError> {
     use std::sync::atomic::Ordering::Relaxed;
     let link = &shim.inner().link;
-    // Frames from the collector, read by a task of their own so that those
-    // that arrived while a batch was being sent are taken at once
-    // (`try_recv`) before the next batch.
-    let (tx, mut rx) = mpsc::channel::<std::result::Result<Frame, ReadError>>(16);
-    let reader = tokio::spawn(async move {
-        let mut rd = rd;
-        // The end of the stream closes the channel.
-        while let Some(f) = rd.next().await.transpose() {
-            let end = f.is_err();
-            if tx.send(f).await.is_err() || end {
-                break;
-            }
-        }
-    });
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _reader = AbortOnDrop(reader);
+    let (mut rx, _reader) = spawn_reader(rd);
     let recv = |f: Option<std::result::Result<Frame, ReadError>>| -> std::result::Result<Frame, SessionError> {
         match f {
             Some(Ok(f)) => Ok(f),
@@ -629,14 +609,16 @@ async fn stream_records(
             None => Err(SessionError::Lost("collector closed the connection".into())),
         }
     };
-
     let dir = shim.core().journal.config().dir.clone();
-    let mut iter = JournalReader::open(&dir)
-        .map_err(|e| journal_err(format!("open the journal for shipping: {e}")))?
-        .records_from(ship_from);
-    let mut queue: VecDeque<Record> = VecDeque::new();
-    // Consecutive polls that found nothing readable under the watermark.
-    let mut stuck = 0u32;
+    let mut source = Source {
+        iter: Some(
+            JournalReader::open(&dir)
+                .map_err(|e| journal_err(format!("open the journal for shipping: {e}")))?
+                .records_from(ship_from),
+        ),
+        queue: VecDeque::new(),
+        stuck: 0,
+    };
     let mut c = Conn {
         shim,
         stop,
@@ -677,51 +659,14 @@ async fn stream_records(
         }
         let can_send = c.unacked_bytes < WINDOW_BYTES
             && c.inflight.len() < WINDOW_BATCHES
-            && (!queue.is_empty() || shim.applied_watermark() > c.sent_upto);
+            && (!source.queue.is_empty() || shim.applied_watermark() > c.sent_upto);
         if can_send {
-            let upto = shim.applied_watermark();
-            let (it, q, r) = tokio::task::spawn_blocking(move || {
-                let mut it = iter;
-                let mut q = queue;
-                let r = read_batch(&mut it, &mut q, upto);
-                (it, q, r)
-            })
-            .await
-            .map_err(|e| journal_err(format!("journal read task: {e}")))?;
-            iter = it;
-            queue = q;
-            let batch = r.map_err(|e| journal_err(format!("{e:#}")))?;
-            let Some(last) = batch.last().map(|r| r.header.seq) else {
-                // Nothing readable at a seq the watermark covers: its record
-                // is complete, so a few polls in a row mean it is damaged
-                // (the reader stops there as at the journal's end).
-                stuck = if iter.next_seq() <= upto { stuck + 1 } else { 0 };
-                let mut wait = Duration::from_millis(5);
-                if stuck >= UNREADABLE_POLLS {
-                    stuck = 0;
-                    let (s, mut it, mut dm) = (shim.clone(), iter, std::mem::take(damaged));
-                    let (it, dm, r) = tokio::task::spawn_blocking(move || {
-                        let r = recover_unreadable(&s, &mut it, &mut dm);
-                        (it, dm, r)
-                    })
-                    .await
-                    .map_err(|e| journal_err(format!("journal recovery task: {e}")))?;
-                    iter = it;
-                    *damaged = dm;
-                    match r.map_err(|e| journal_err(format!("{e:#}")))? {
-                        Some(ph) => queue.extend(ph),
-                        None => wait = UNREADABLE_RETRY,
-                    }
-                }
-                if queue.is_empty() {
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
+            let Some(batch) = source.next_batch(shim, damaged, stop).await? else {
                 continue;
             };
-            stuck = 0;
+            let Some(last) = batch.last().map(|r| r.header.seq) else {
+                continue;
+            };
             let bytes: u64 = batch.iter().map(|r| r.payload.len() as u64).sum();
             let enc = Frame::Batch(batch).encode().map_err(|e| anyhow!("encode batch: {e}"))?;
             send_bytes(wr, &enc, stop).await?;
@@ -741,5 +686,102 @@ async fn stream_records(
             _ = notified => {}
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+}
+
+/// Read frames from the collector in a task of their own, so that those
+/// that arrived while a batch was being sent are taken at once
+/// (`try_recv`) before the next batch. The end of the stream closes the
+/// channel; dropping the guard stops the task.
+fn spawn_reader(
+    rd: FrameReader<OwnedReadHalf>,
+) -> (
+    mpsc::Receiver<std::result::Result<Frame, ReadError>>,
+    tokio_util::task::AbortOnDropHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel::<std::result::Result<Frame, ReadError>>(16);
+    let reader = tokio::spawn(async move {
+        let mut rd = rd;
+        while let Some(f) = rd.next().await.transpose() {
+            let end = f.is_err();
+            if tx.send(f).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    (rx, tokio_util::task::AbortOnDropHandle::new(reader))
+}
+
+/// The journal as the shipper reads it: from the ship point on, with the
+/// records read ahead, and how many polls in a row found nothing readable
+/// under the watermark.
+struct Source {
+    /// Taken by the blocking read while it runs.
+    iter: Option<RecordIter>,
+    queue: VecDeque<Record>,
+    stuck: u32,
+}
+
+impl Source {
+    /// The next batch up to the applied watermark (off the async threads).
+    /// `None`: nothing to send now (after a short wait). A record that
+    /// stays unreadable for a few polls is damaged: it is stepped over
+    /// and its range resent from the disk (`recover_unreadable`).
+    async fn next_batch(
+        &mut self,
+        shim: &Shim,
+        damaged: &mut Damaged,
+        stop: &CancellationToken,
+    ) -> std::result::Result<Option<Vec<Record>>, SessionError> {
+        let upto = shim.applied_watermark();
+        let (mut it, mut q) = (self.take_iter()?, std::mem::take(&mut self.queue));
+        let (it, q, r) = tokio::task::spawn_blocking(move || {
+            let r = read_batch(&mut it, &mut q, upto);
+            (it, q, r)
+        })
+        .await
+        .map_err(|e| journal_err(format!("journal read task: {e}")))?;
+        let next_seq = it.next_seq();
+        self.iter = Some(it);
+        self.queue = q;
+        let batch = r.map_err(|e| journal_err(format!("{e:#}")))?;
+        if !batch.is_empty() {
+            self.stuck = 0;
+            return Ok(Some(batch));
+        }
+        // Nothing readable at a seq the watermark covers: its record is
+        // complete, so a few polls in a row mean it is damaged (the reader
+        // stops there as at the journal's end).
+        self.stuck = if next_seq <= upto { self.stuck + 1 } else { 0 };
+        let mut wait = Duration::from_millis(5);
+        if self.stuck >= UNREADABLE_POLLS {
+            self.stuck = 0;
+            let (s, mut it, mut dm) = (shim.clone(), self.take_iter()?, std::mem::take(damaged));
+            let (it, dm, r) = tokio::task::spawn_blocking(move || {
+                let r = recover_unreadable(&s, &mut it, &mut dm);
+                (it, dm, r)
+            })
+            .await
+            .map_err(|e| journal_err(format!("journal recovery task: {e}")))?;
+            self.iter = Some(it);
+            *damaged = dm;
+            match r.map_err(|e| journal_err(format!("{e:#}")))? {
+                Some(ph) => self.queue.extend(ph),
+                None => wait = UNREADABLE_RETRY,
+            }
+        }
+        if self.queue.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    fn take_iter(&mut self) -> std::result::Result<RecordIter, SessionError> {
+        self.iter
+            .take()
+            .ok_or_else(|| journal_err("the journal reader was lost by a failed read task"))
     }
 }
