@@ -26,6 +26,10 @@ use crate::{failpoint, forward, spool};
 /// Largest frame accepted before the Hello is checked.
 const HELLO_MAX_BODY: u32 = 16 << 10;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Acks the agent's kernel has not acknowledged for this long end the
+/// connection (TCP_USER_TIMEOUT), so a vanished agent host frees its disk
+/// for a reconnect well before the kernel's ~15 minutes.
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// An agent reports Progress every 500 ms; silence this long is a dead peer.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to receive the rest of a frame once its header arrived.
@@ -80,6 +84,9 @@ async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, disk: Option<&str>, r:
 
 async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
+        warn!("cannot set TCP_USER_TIMEOUT on an agent connection: {e}");
+    }
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, HELLO_MAX_BODY);
     let first = tokio::select! {

@@ -36,6 +36,10 @@ const TARGET_IDLE: Duration = Duration::from_secs(30);
 const TARGET_MAX_BODY: u32 = 64 << 10;
 /// A target that takes nothing of a batch for this long is wedged: reconnect.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Data the target's kernel has not acknowledged for this long ends the
+/// connection (TCP_USER_TIMEOUT), instead of the kernel's ~15 minutes: a
+/// target host that vanished is noticed and reconnected to.
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Spool files merged into one packed batch while they add up to less than
 /// this (and at most MERGE_FILES of them): each batch costs the target an
 /// fsync round, so a run of small files goes as one.
@@ -172,6 +176,9 @@ async fn session(
         .map_err(|_| anyhow!("connecting to {} timed out", shared.cfg.target))?
         .with_context(|| format!("connect to {}", shared.cfg.target))?;
     let _ = stream.set_nodelay(true);
+    if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
+        warn!("cannot set TCP_USER_TIMEOUT on the target connection: {e}");
+    }
     let (rd, mut wr) = stream.into_split();
     let mut rd = FrameReader::new(rd, TARGET_MAX_BODY);
     let (uuid, force, disk_size) = {
