@@ -741,8 +741,13 @@ pub fn wait(a: WaitArgs) -> Result<()> {
         };
         let where_ = match &last {
             Some(d) => format!(
-                "applied seq {} of {target}, mode {}{}, target {}, lag {}",
-                u(d, "applied_seq"),
+                "{}, mode {}{}, target {}, lag {}",
+                match u(d, "applied_seq") {
+                    // A sync's own records pass the seq we wait for; the
+                    // wait is for the sync to end.
+                    a if a >= target => format!("applied seq {a} (past {target}; waiting for the sync to end)"),
+                    a => format!("applied seq {a} of {target}"),
+                },
                 mode_text(d),
                 match (d["mode"].as_str(), d["agent_mode"].as_str()) {
                     (Some("disconnected"), Some(m)) => format!(" (agent last reported {m})"),
