@@ -60,7 +60,7 @@ pub struct FailoverArgs {
     data: Option<PathBuf>,
     /// The disk id.
     #[arg(required_unless_present = "image")]
-    disk: Option<String>,
+    disk: Option<tidemark_wire::DiskId>,
     /// Which point: latest, latest-flush, latest-app, seq:N, tag:NAME (or
     /// a bare tag name), a time (RFC 3339, or local: 2026-11-28 10:00), or
     /// a relative time (10m ago).

@@ -42,7 +42,7 @@ pub struct MountArgs {
     data: Option<PathBuf>,
     /// The disk id.
     #[arg(required_unless_present = "image")]
-    disk: Option<String>,
+    disk: Option<tidemark_wire::DiskId>,
     /// Which point: latest, latest-app, seq:N, an RFC 3339 time, a tag
     /// name, or tag:NAME.
     #[arg(long, value_name = "SPEC", required_unless_present = "image")]
@@ -474,7 +474,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         a.image.as_deref(),
     )?;
     say(&opened_line(point.as_ref(), a.image.as_deref()));
-    let name = a.disk.clone().unwrap_or_default();
+    let name = a.disk.as_deref().unwrap_or_default().to_string();
     let layer = Arc::new(Layered::new(image.clone(), a.writable).context("create the copy-on-write overlay")?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

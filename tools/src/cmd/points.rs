@@ -25,7 +25,7 @@ pub struct PointsArgs {
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// The disk id.
-    disk: String,
+    disk: tidemark_wire::DiskId,
     /// Print one JSON object: {"points":[{"seq","time","kind","tag","latest"}]}.
     #[arg(long)]
     json: bool,

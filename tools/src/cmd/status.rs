@@ -38,7 +38,7 @@ pub struct WaitArgs {
     #[arg(long)]
     api: String,
     /// The disk id to wait for.
-    disk: String,
+    disk: tidemark_wire::DiskId,
     /// Give up after this long (e.g. `90s`, `10m`).
     #[arg(long, default_value = "30m", value_parser = parse_timeout)]
     timeout: Duration,
