@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tidemark_target::{Config, Target};
-use tidemark_wire::frame::{
-    ErrorCode, Frame, FrameHeader, Hello, Request, Role, TargetState, FRAME_HEADER_LEN, PROTOCOL_VERSION,
-};
+use tidemark_wire::frame::{ErrorCode, Frame, Hello, Request, Role, TargetState, PROTOCOL_VERSION};
 use tidemark_wire::pack::{Packer, DEFAULT_WINDOW_BLOCKS};
 use tidemark_wire::record::{Record, RecordHeader, RecordKind, FLAG_FULL, FLAG_SYNC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,20 +99,12 @@ pub struct Conn {
 }
 
 pub async fn read_frame(s: &mut TcpStream) -> Option<Frame> {
-    let mut h = [0u8; FRAME_HEADER_LEN];
-    match tokio::time::timeout(WAIT, s.read_exact(&mut h)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(_)) => return None,
+    match tokio::time::timeout(WAIT, tidemark_net::read_frame(s, tidemark_wire::frame::MAX_BODY)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) if e.code().is_some() => panic!("a bad frame from the target: {e}"),
+        Ok(Err(_)) => None,
         Err(_) => panic!("no frame within {WAIT:?}"),
     }
-    let fh = FrameHeader::parse(&h).expect("a frame header from the target");
-    let mut buf = vec![0u8; fh.frame_len()];
-    buf[..FRAME_HEADER_LEN].copy_from_slice(&h);
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf[FRAME_HEADER_LEN..]))
-        .await
-        .unwrap()
-        .unwrap();
-    Some(Frame::decode(&buf).expect("a valid frame from the target").0)
 }
 
 pub fn hello(disk: &str, uuid: [u8; 16], flags: u32) -> Hello {
