@@ -10,10 +10,13 @@
 //! - [`spool`]: the collector's spool files.
 //! - [`undo`]: the target's undo segments (old contents of replica blocks,
 //!   for recovery points).
+//! - [`generation`]: generation histories (who is ahead after a failover;
+//!   not yet used by the services, see `docs/failback.md`).
 
 pub mod apply;
 pub mod bitmap;
 pub mod error;
+pub mod generation;
 pub mod journal;
 pub mod replica;
 pub mod spool;
