@@ -61,14 +61,10 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-fn refusal(code: ErrorCode, reason: impl Into<String>) -> Refusal {
-    Refusal::new(code, reason)
-}
-
 /// The collector failed to bind a disk (its catalog or spool folder).
 fn bind_failed(id: &str, e: &anyhow::Error) -> Refusal {
     error!("binding the disk: {e:#}");
-    refusal(
+    Refusal::new(
         ErrorCode::Internal,
         format!("collector could not bind disk {id}: {e:#}"),
     )
@@ -95,12 +91,12 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     };
     let hello = match first {
         Err(_) => {
-            let r = refusal(ErrorCode::Malformed, "no hello within 10 s");
+            let r = Refusal::new(ErrorCode::Malformed, "no hello within 10 s");
             return refuse(&shared, &mut wr, None, r).await;
         }
         Ok(Ok(Some(Frame::Hello(h)))) => h,
         Ok(Ok(Some(other))) => {
-            let r = refusal(ErrorCode::Malformed, format!("expected a hello, got {}", other.name()));
+            let r = Refusal::new(ErrorCode::Malformed, format!("expected a hello, got {}", other.name()));
             return refuse(&shared, &mut wr, None, r).await;
         }
         Ok(Ok(None)) => {
@@ -109,7 +105,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         }
         Ok(Err(e)) => match e.code() {
             Some(code) => {
-                let r = refusal(code, format!("bad hello: {e}"));
+                let r = Refusal::new(code, format!("bad hello: {e}"));
                 return refuse(&shared, &mut wr, None, r).await;
             }
             None => {
@@ -172,7 +168,10 @@ async fn admit(
     tidemark_net::check_hello(hello, "collector", Role::Agent, &shared.cfg.token)?;
     let id = &hello.disk_id;
     if id.starts_with("catalog.db") {
-        return Err(refusal(ErrorCode::Malformed, format!("disk id {id:?} is reserved")));
+        return Err(Refusal::new(
+            ErrorCode::Malformed,
+            format!("disk id {id:?} is reserved"),
+        ));
     }
     let internal = |e: anyhow::Error| bind_failed(id, &e);
     let bind = BINDING.lock().await;
@@ -180,7 +179,7 @@ async fn admit(
     let (new_size, flags, acked) = {
         let mut st = disk.lock();
         if st.agent.is_some() {
-            return Err(refusal(
+            return Err(Refusal::new(
                 ErrorCode::Busy,
                 format!("disk {id} already has a live agent connection"),
             ));
@@ -268,7 +267,7 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
             };
             if bound != hello.disk_uuid {
                 if hello.flags & HELLO_FORCE_RESYNC == 0 {
-                    return Err(refusal(
+                    return Err(Refusal::new(
                         ErrorCode::DiskMismatch,
                         format!(
                             "disk id {id} is bound to uuid {}, this hello names {} (the agent's --force-resync rebinds it)",
@@ -278,7 +277,7 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
                     ));
                 }
                 if busy {
-                    return Err(refusal(
+                    return Err(Refusal::new(
                         ErrorCode::Busy,
                         format!("disk {id} has a live agent connection; cannot rebind it now"),
                     ));
@@ -393,7 +392,7 @@ async fn session(
                 return Err(SessionEnd::Gone(format!("the agent reported {code}: {reason}")));
             }
             other => {
-                return Err(SessionEnd::Refused(refusal(
+                return Err(SessionEnd::Refused(Refusal::new(
                     ErrorCode::Malformed,
                     format!("unexpected {} frame from an agent", other.name()),
                 )))
@@ -404,7 +403,7 @@ async fn session(
 
 fn read_failure(e: ReadError) -> SessionEnd {
     match e.code() {
-        Some(code) => SessionEnd::Refused(refusal(code, format!("bad frame: {e}"))),
+        Some(code) => SessionEnd::Refused(Refusal::new(code, format!("bad frame: {e}"))),
         None => SessionEnd::Gone(e.to_string()),
     }
 }
@@ -418,7 +417,10 @@ async fn spool_batch(
     buf: Vec<u8>,
 ) -> Result<u64, SessionEnd> {
     let Some(first) = records.first().map(|r| r.header.seq) else {
-        return Err(SessionEnd::Refused(refusal(ErrorCode::Malformed, "an empty batch")));
+        return Err(SessionEnd::Refused(Refusal::new(
+            ErrorCode::Malformed,
+            "an empty batch",
+        )));
     };
     let n = records.len() as u64;
     let last = first + (n - 1);
@@ -434,7 +436,7 @@ async fn spool_batch(
     let first_kept = first.max(held + 1);
     if first_kept > held + 1 && held != 0 {
         let want = held + 1;
-        return Err(SessionEnd::Refused(refusal(
+        return Err(SessionEnd::Refused(Refusal::new(
             ErrorCode::Malformed,
             format!(
                 "batch starts at seq {first_kept}, expected seq {want}: the agent's journal no longer holds seq {want}, \
@@ -472,13 +474,13 @@ async fn spool_batch(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             error!(first_seq = first_kept, last_seq = last, "cannot spool a batch: {e:#}");
-            return Err(SessionEnd::Refused(refusal(
+            return Err(SessionEnd::Refused(Refusal::new(
                 ErrorCode::Internal,
                 format!("collector could not spool seqs {first_kept}..={last}: {e:#}"),
             )));
         }
         Err(e) => {
-            return Err(SessionEnd::Refused(refusal(
+            return Err(SessionEnd::Refused(Refusal::new(
                 ErrorCode::Internal,
                 format!("collector could not spool seqs {first_kept}..={last}: {e}"),
             )))

@@ -728,6 +728,16 @@ mod tests {
             self.open_format(policy, opts, ReplicaFormat::Raw, 0)
         }
 
+        /// Open with small undo segments (16 KiB), so that tests close and
+        /// rotate them.
+        fn open_small_segments(&self, policy: &DiskPolicy) -> DiskApplier {
+            let opts = UndoOptions {
+                segment_bytes: 16 << 10,
+                ..UndoOptions::default()
+            };
+            self.open_with(policy, opts)
+        }
+
         fn open_format(&self, policy: &DiskPolicy, opts: UndoOptions, format: ReplicaFormat, size: u64) -> DiskApplier {
             let mut cat = Catalog::open(self.dir.path()).unwrap();
             let row = match cat.bind("d", &[9; 16], false, policy, format).unwrap() {
@@ -1010,11 +1020,7 @@ mod tests {
                 on_full,
                 ..DiskPolicy::default()
             };
-            let opts = UndoOptions {
-                segment_bytes: 16 << 10,
-                ..UndoOptions::default()
-            };
-            let mut a = f.open_with(&policy, opts);
+            let mut a = f.open_small_segments(&policy);
             a.apply(
                 vec![
                     sync(1, 0, 1, 1 << 20, FLAG_FULL),
@@ -1388,11 +1394,7 @@ mod tests {
                     point_interval: std::time::Duration::ZERO,
                     ..DiskPolicy::default()
                 };
-                let opts = UndoOptions {
-                    segment_bytes: 16 << 10,
-                    ..UndoOptions::default()
-                };
-                let mut a = f.open_with(&policy, opts);
+                let mut a = f.open_small_segments(&policy);
                 // Seed: the whole disk synced (zeros), then consistent.
                 a.apply(
                     vec![

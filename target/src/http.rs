@@ -10,14 +10,14 @@ use crate::session::Shared;
 /// async threads).
 pub(crate) fn scrape(shared: &Shared) -> crate::Result<String> {
     let disks = crate::catalog::disk_states(&shared.cfg.data_dir)?;
-    let live = |id: &str| shared.live.lock().unwrap_or_else(|e| e.into_inner()).contains(id);
-    let failed = |id: &str| shared.is_failed_over(id);
+    let set =
+        |m: &std::sync::Mutex<std::collections::HashSet<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(metrics::render(
         &disks,
         &metrics::Live {
             uptime: shared.started.elapsed(),
-            connected: &live,
-            failed_over: &failed,
+            connected: set(&shared.live),
+            failed_over: set(&shared.failed_over),
             stats: &shared.stats,
         },
     ))
@@ -36,9 +36,12 @@ pub(crate) async fn serve_http(
         axum::routing::get(move || {
             let shared = shared.clone();
             async move {
-                match tokio::task::spawn_blocking(move || scrape(&shared)).await {
-                    Ok(Ok(text)) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-                    Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")).into_response(),
+                let scraped = tokio::task::spawn_blocking(move || scrape(&shared))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                match scraped {
+                    Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
                     Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")).into_response(),
                 }
             }

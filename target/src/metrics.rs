@@ -7,7 +7,7 @@
 //! failovers), read at scrape time; rates come from counters the sessions
 //! keep per disk since the target started ([`DiskStats`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,8 +84,10 @@ impl Stats {
 /// What a scrape needs besides the catalog's disk states.
 pub(crate) struct Live<'a> {
     pub uptime: Duration,
-    pub connected: &'a dyn Fn(&str) -> bool,
-    pub failed_over: &'a dyn Fn(&str) -> bool,
+    /// Disks with a live collector connection.
+    pub connected: HashSet<String>,
+    /// Disks being failed over while the target runs (not yet in the catalog).
+    pub failed_over: HashSet<String>,
     pub stats: &'a Stats,
 }
 
@@ -96,7 +98,7 @@ pub(crate) fn render(disks: &[DiskState], live: &Live<'_>) -> String {
         s.put(&UPTIME, live.uptime.as_secs_f64());
         s.put(
             &CONNECTED_DISKS,
-            disks.iter().filter(|d| (live.connected)(&d.disk_id)).count() as u64,
+            disks.iter().filter(|d| live.connected.contains(&d.disk_id)).count() as u64,
         );
         for d in disks {
             let id = d.disk_id.as_str();
@@ -106,8 +108,12 @@ pub(crate) fn render(disks: &[DiskState], live: &Live<'_>) -> String {
             s.put_disk(&HALTS, id, d.halts.len() as u64);
             s.put_disk(&HALTS_PENDING, id, d.halts.iter().filter(|h| !h.covered).count() as u64);
             s.put_disk(&CONSISTENT, id, d.state == "consistent");
-            s.put_disk(&FAILED_OVER, id, !d.failovers.is_empty() || (live.failed_over)(id));
-            s.put_disk(&CONNECTED, id, (live.connected)(id));
+            s.put_disk(
+                &FAILED_OVER,
+                id,
+                !d.failovers.is_empty() || live.failed_over.contains(id),
+            );
+            s.put_disk(&CONNECTED, id, live.connected.contains(id));
             let st = live.stats.get(id).unwrap_or_default();
             let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
             s.put_disk(&BATCHES, id, ld(&st.batches));
@@ -146,8 +152,8 @@ mod tests {
             &disks,
             &Live {
                 uptime: Duration::from_secs(1),
-                connected: &|_| true,
-                failed_over: &|_| false,
+                connected: HashSet::from(["m1".to_string()]),
+                failed_over: HashSet::new(),
                 stats: &stats,
             },
         );

@@ -172,12 +172,7 @@ impl Registry {
         self.metrics
             .iter()
             .map(|m| format!("{}_{}", self.prefix, m.name))
-            .filter(|name| {
-                !text.lines().any(|l| {
-                    l.strip_prefix(name.as_str())
-                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                })
-            })
+            .filter(|name| !has_sample(text, name))
             .collect()
     }
 }
@@ -190,14 +185,18 @@ pub fn unsampled(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split(' ').next())
-        .filter(|name| {
-            !text.lines().any(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-        })
+        .filter(|name| !has_sample(text, name))
         .map(str::to_string)
         .collect()
+}
+
+/// Whether `text` has a sample line of the metric `name` (not one of a
+/// metric whose name merely starts with it).
+fn has_sample(text: &str, name: &str) -> bool {
+    text.lines().any(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+    })
 }
 
 /// The samples of one scrape (see [`Registry::render`]).
