@@ -200,6 +200,7 @@ fn open_claimed(
             m
         }
     };
+    let history = state.generations()?;
     let first_run = !state.journal_dir().exists();
     let last_stop = state.begin_run(first_run)?;
     let cap = cfg.journal_cap.unwrap_or_else(|| default_journal_cap(size));
@@ -272,6 +273,7 @@ fn open_claimed(
     let shim = Shim::new(ShimParts {
         disk_id: cfg.disk_id.clone(),
         disk_uuid: meta.disk_uuid.clone(),
+        lineage: history.lineage(),
         disk_path: cfg.disk.clone(),
         disk,
         kind,

@@ -35,7 +35,7 @@ use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use tidemark_formats::journal::Journal;
 use tidemark_formats::ErrorKind as FormatErrorKind;
 use tidemark_util::fileops::{self, BackingKind};
-use tidemark_wire::frame::{AgentMode, Progress};
+use tidemark_wire::frame::{AgentMode, Lineage, Progress};
 use tidemark_wire::record::{RecordKind, FLAG_FULL, FLAG_SYNC};
 use tidemark_wire::DiskId;
 use tokio::sync::Notify;
@@ -86,6 +86,9 @@ pub struct LinkStatus {
     pub batches: AtomicU64,
     pub sent_bytes: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Why the collector refused this disk's generation (a failover ended
+    /// it): nothing is shipped; writes stay tracked (journal, then bitmap).
+    pub fenced: Mutex<Option<String>>,
 }
 
 /// What the journal lock protects.
@@ -111,6 +114,8 @@ impl Core {
 pub struct Inner {
     pub disk_id: DiskId,
     pub disk_uuid: String,
+    /// The data generation this disk holds (sent in every Hello).
+    pub lineage: Lineage,
     pub disk_path: PathBuf,
     pub disk: Arc<File>,
     pub kind: BackingKind,
@@ -149,6 +154,7 @@ pub struct Shim {
 pub struct ShimParts {
     pub disk_id: DiskId,
     pub disk_uuid: String,
+    pub lineage: Lineage,
     pub disk_path: PathBuf,
     pub disk: File,
     pub kind: BackingKind,
@@ -291,6 +297,7 @@ impl Shim {
             inner: Arc::new(Inner {
                 disk_id: p.disk_id,
                 disk_uuid: p.disk_uuid,
+                lineage: p.lineage,
                 disk_path: p.disk_path,
                 disk: Arc::new(p.disk),
                 kind: p.kind,

@@ -63,6 +63,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Retry period after the collector refused us (bad token, disk mismatch…).
 const REFUSED_RETRY: Duration = Duration::from_secs(10);
+/// A fenced generation stays fenced until an operator acts (the agent is
+/// restarted then): retry rarely, not to fill both logs.
+const FENCED_RETRY: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A consumed marker is written at least this often while acks advance,
@@ -165,20 +168,33 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
             }
             End::Refused { code, reason } => {
                 let key = format!("refused {code} {reason}");
+                let every = if code == ErrorCode::StaleGeneration {
+                    FENCED_RETRY
+                } else {
+                    REFUSED_RETRY
+                };
+                if code == ErrorCode::StaleGeneration {
+                    *shim.inner().link.fenced.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+                }
                 if logged != key {
-                    let hint = if code == ErrorCode::DiskMismatch {
-                        " (if this disk replaced the one the collector knows, restart the agent with --force-resync)"
-                    } else {
-                        ""
+                    let hint = match code {
+                        ErrorCode::DiskMismatch => {
+                            " (if this disk replaced the one the collector knows, restart the agent with --force-resync)"
+                        }
+                        ErrorCode::StaleGeneration => {
+                            " (this disk is fenced: nothing is shipped; its writes stay tracked, in the journal and \
+                             then the dirty bitmap)"
+                        }
+                        _ => "",
                     };
                     error!(
                         collector = %cfg.addr,
                         "collector refused this agent ({code}): {reason}{hint}; retrying every {}s",
-                        REFUSED_RETRY.as_secs()
+                        every.as_secs()
                     );
                     logged = key;
                 }
-                REFUSED_RETRY
+                every
             }
             End::Journal { why } => {
                 let key = format!("journal {why}");
@@ -419,6 +435,7 @@ async fn session(
         disk_size: shim.inner().size,
         disk_id: shim.inner().disk_id.clone(),
         token: cfg.token.clone(),
+        lineage: shim.inner().lineage,
     });
     match send_frame(&mut wr, &hello, stop).await {
         Ok(()) => {}
@@ -431,7 +448,7 @@ async fn session(
         r = tokio::time::timeout(WELCOME_TIMEOUT, rd.next()) => r,
     };
     let (acked, flags) = match welcome {
-        Ok(Ok(Some(Frame::Welcome { acked_seq, flags }))) => (acked_seq, flags),
+        Ok(Ok(Some(Frame::Welcome { acked_seq, flags, .. }))) => (acked_seq, flags),
         Ok(Ok(Some(Frame::Error {
             code: ErrorCode::Busy,
             reason,
@@ -444,6 +461,9 @@ async fn session(
     };
     let force_now = std::mem::take(force);
     let link = &shim.inner().link;
+    if link.fenced.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+        info!("the collector takes this disk's writes again: no longer fenced");
+    }
     link.connected.store(true, std::sync::atomic::Ordering::Relaxed);
     link.acked_seq.store(acked, std::sync::atomic::Ordering::Relaxed);
     let (ship_from, welcome_next) = {

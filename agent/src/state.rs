@@ -6,6 +6,7 @@
 //!    TIDEMARK-DIR    "kind agent-state" (tidemark_util::owned)
 //!    lock            flock'd by the running agent ("pid N")
 //!    disk.json       {"format":1,"disk_id":…,"disk_uuid":…,"disk_size":…,"disk_path":…}
+//!    generations     the data generations this disk holds (tidemark_formats::generation)
 //!    boot_id         kernel boot id the agent last ran under
 //!    clean-shutdown  present only after a clean exit: {"format":1,"next_seq":…}
 //!    resync-required present after a machine crash until a full resync is done
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use tidemark_formats::generation::{GenerationId, History};
 use tidemark_util::crashsafe;
 use tidemark_util::owned::{self, DirKind, DirSpec, OwnedDir};
 
@@ -28,6 +30,7 @@ pub const SPEC: DirSpec = DirSpec {
     kind: DirKind::AgentState,
     own_names: &[
         "disk.json",
+        "generations",
         "boot_id",
         "clean-shutdown",
         "resync-required",
@@ -192,6 +195,19 @@ impl StateDir {
     /// Whether a full resync is owed.
     pub fn resync_required(&self) -> bool {
         self.dir.join("resync-required").exists()
+    }
+
+    /// The disk's data generations; a state directory without them (new,
+    /// or made by an older agent) starts a root generation.
+    pub fn generations(&self) -> Result<History> {
+        let p = self.dir.join("generations");
+        if let Some(h) = History::load(&p)? {
+            return Ok(h);
+        }
+        let h = History::root(GenerationId(*uuid::Uuid::new_v4().as_bytes()), tidemark_util::now_ns())?;
+        h.store(&p)?;
+        tracing::info!(generation = %h.current().id, "started a data generation");
+        Ok(h)
     }
 
     pub fn journal_dir(&self) -> PathBuf {

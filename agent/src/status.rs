@@ -16,6 +16,8 @@ use crate::sync_state::SyncKind;
 pub struct Status {
     pub disk_id: String,
     pub disk_uuid: String,
+    /// The data generation the disk holds (32 hex digits).
+    pub generation: String,
     pub disk_path: String,
     pub disk_size_bytes: u64,
     pub mode: Mode,
@@ -52,6 +54,9 @@ pub struct Status {
     pub journal_backlog_bytes: u64,
     pub collector: Option<String>,
     pub collector_connected: bool,
+    /// Why the collector refuses this disk's generation (a failover ended
+    /// it); None while it is not fenced.
+    pub fenced: Option<String>,
     pub acked_seq: u64,
     pub uptime_s: u64,
     /// How the disk is served: `nbd ADDR`, `ublk /dev/ublkbN` (both,
@@ -95,6 +100,7 @@ impl Status {
         Status {
             disk_id: inner.disk_id.to_string(),
             disk_uuid: inner.disk_uuid.clone(),
+            generation: tidemark_formats::generation::GenerationId(inner.lineage.generation).hex(),
             disk_path: inner.disk_path.display().to_string(),
             disk_size_bytes: inner.size,
             mode: core.mode,
@@ -141,6 +147,7 @@ impl Status {
             journal_backlog_bytes: core.journal.bytes_after(acked.max(core.journal.consumed_seq())),
             collector: inner.link.collector.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             collector_connected: inner.link.connected.load(Ordering::Relaxed),
+            fenced: inner.link.fenced.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             acked_seq: acked,
             uptime_s: shim.uptime().as_secs(),
             served_as: shim.served_as(),

@@ -157,6 +157,7 @@ fn ships_resumes_recycles_and_reports() {
         p.send(Frame::Welcome {
             acked_seq: 0,
             flags: WELCOME_NEED_FULL_SYNC,
+            generation: [0; 16],
         })
         .await;
         write_mib(&shim, 3, 1).await;
@@ -225,6 +226,7 @@ fn ships_resumes_recycles_and_reports() {
         p.send(Frame::Welcome {
             acked_seq: acked,
             flags: 0,
+            generation: [0; 16],
         })
         .await;
         let b = p.batch().await;
@@ -271,6 +273,7 @@ fn ships_resumes_recycles_and_reports() {
         p.send(Frame::Welcome {
             acked_seq: ahead,
             flags: 0,
+            generation: [0; 16],
         })
         .await;
         let b = p.batch().await;
@@ -437,6 +440,7 @@ fn repeated_full_resync_requests_start_one_sync() {
         p.send(Frame::Welcome {
             acked_seq: 0,
             flags: WELCOME_NEED_FULL_SYNC,
+            generation: [0; 16],
         })
         .await;
         write_mib(&shim, 1, 3).await;
@@ -465,6 +469,7 @@ fn repeated_full_resync_requests_start_one_sync() {
         p.send(Frame::Welcome {
             acked_seq: acked,
             flags: 0,
+            generation: [0; 16],
         })
         .await;
         p.send(Frame::Request(Request::FullResync)).await;
@@ -510,7 +515,12 @@ fn stop_is_prompt_when_the_collector_stops_reading() {
             stop.clone(),
         ));
         let mut p = Peer::accept(&l, &shim).await;
-        p.send(Frame::Welcome { acked_seq: 0, flags: 0 }).await;
+        p.send(Frame::Welcome {
+            acked_seq: 0,
+            flags: 0,
+            generation: [0; 16],
+        })
+        .await;
         for i in 0..3 {
             write_mib(&shim, 6, i).await;
         }
@@ -598,6 +608,7 @@ fn damaged_record_is_stepped_over(header: bool) {
         p.send(Frame::Welcome {
             acked_seq: 0,
             flags: WELCOME_NEED_FULL_SYNC,
+            generation: [0; 16],
         })
         .await;
         let mut held = Held::default();

@@ -18,10 +18,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::catalog::DiskRow;
+use crate::catalog::{DiskRow, Fence};
 use crate::net::error_frame;
 use crate::state::{kib_permits, note_progress, synced_range, AgentLink, Disk, Out, Shared};
 use crate::{failpoint, forward, spool};
+use tidemark_formats::generation::GenerationId;
 
 /// Largest frame accepted before the Hello is checked.
 const HELLO_MAX_BODY: u32 = 16 << 10;
@@ -167,7 +168,7 @@ async fn admit(
 ) -> Result<(Arc<Disk>, (u64, u32)), Refusal> {
     tidemark_net::check_hello(hello, "collector", Role::Agent, &shared.cfg.token)?;
     let id = &hello.disk_id;
-    if id.starts_with("catalog.db") {
+    if id.starts_with("catalog.db") || id.as_str() == spool::KEPT_DIR {
         return Err(Refusal::new(
             ErrorCode::Malformed,
             format!("disk id {id:?} is reserved"),
@@ -242,12 +243,15 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
                 full_sync_since: 0,
                 force_target: false,
                 disk_size: hello.disk_size,
+                lineage: hello.lineage,
+                fence: None,
             };
             let s = shared.clone();
             let r = row.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 s.catalog.bind(&r.disk_id, &r.disk_uuid, false)?;
                 s.catalog.set_disk_size(&r.disk_id, r.disk_size)?;
+                s.catalog.set_lineage(&r.disk_id, &r.lineage)?;
                 spool::ensure_dir(&s.cfg.spool.join(&r.disk_id))
             })
             .await
@@ -263,6 +267,9 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
         Some(disk) => {
             let (bound, busy) = {
                 let st = disk.lock();
+                if let Some(f) = &st.fence {
+                    return Err(fenced(id, f));
+                }
                 (st.uuid, st.agent.is_some())
             };
             if bound != hello.disk_uuid {
@@ -283,12 +290,58 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
                     ));
                 }
                 let old = spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?;
+                adopt_lineage(shared, &disk, hello).await.map_err(internal)?;
                 return Ok((disk, Some(old)));
+            }
+            let held = disk.lock().lineage;
+            if held.is_known() && hello.lineage.is_known() && held.generation != hello.lineage.generation {
+                return Err(Refusal::new(
+                    ErrorCode::DiskMismatch,
+                    format!(
+                        "disk {id} holds data generation {} here; this agent holds generation {}, \
+                         which is not the same line of writes (a state directory copied from another \
+                         site, or restored from an old copy); the agent's --force-resync rebinds the disk",
+                        GenerationId(held.generation),
+                        GenerationId(hello.lineage.generation)
+                    ),
+                ));
+            }
+            if !held.is_known() && hello.lineage.is_known() {
+                adopt_lineage(shared, &disk, hello).await.map_err(internal)?;
             }
             disk
         }
     };
     Ok((disk, None))
+}
+
+/// Record the data generation `hello` names as the disk's.
+async fn adopt_lineage(shared: &Arc<Shared>, disk: &Arc<Disk>, hello: &Hello) -> anyhow::Result<()> {
+    let (s, id, l) = (shared.clone(), hello.disk_id.clone(), hello.lineage);
+    tokio::task::spawn_blocking(move || s.catalog.set_lineage(&id, &l))
+        .await
+        .context("record the generation")??;
+    disk.lock().lineage = hello.lineage;
+    Ok(())
+}
+
+/// The refusal of an agent whose generation a failover ended.
+pub(crate) fn fenced(id: &str, f: &Fence) -> Refusal {
+    let g = f
+        .generation
+        .map_or_else(|| "(not known)".to_string(), |g| g.to_string());
+    let kept = f
+        .spool
+        .as_deref()
+        .map_or_else(String::new, |p| format!("; what it spooled after that is kept in {p}"));
+    Refusal::new(
+        ErrorCode::StaleGeneration,
+        format!(
+            "disk {id}: generation {g} is fenced since {}: {}{kept}",
+            tidemark_util::human::format_unix_time(f.at),
+            f.reason
+        ),
+    )
 }
 
 enum SessionEnd {
@@ -318,11 +371,13 @@ async fn session(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     (acked, flags): (u64, u32),
 ) -> Result<(), SessionEnd> {
+    let generation = disk.lock().lineage.generation;
     send_and_wait(
         tx,
         Frame::Welcome {
             acked_seq: acked,
             flags,
+            generation,
         },
     )
     .await?;
@@ -424,9 +479,12 @@ async fn spool_batch(
     };
     let n = records.len() as u64;
     let last = first + (n - 1);
-    let (held, uuid, generation, since) = {
+    let (held, uuid, binding, since) = {
         let st = disk.lock();
-        (st.acked_seq, st.uuid, st.generation, st.full_sync_since)
+        if let Some(f) = &st.fence {
+            return Err(SessionEnd::Refused(fenced(&disk.id, f)));
+        }
+        (st.acked_seq, st.uuid, st.binding, st.full_sync_since)
     };
     if last <= held {
         shared.counters.duplicates_dropped.fetch_add(n, Ordering::Relaxed);
@@ -489,7 +547,7 @@ async fn spool_batch(
     let len = entry.len;
     let clear_full = {
         let mut st = disk.lock();
-        if st.generation != generation {
+        if st.binding != binding {
             return Err(SessionEnd::Gone("the disk was rebound".into()));
         }
         st.files.insert(first_kept, entry);

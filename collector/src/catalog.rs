@@ -5,19 +5,28 @@
 //!
 //! Ordering with the data: the trim mark is committed before spool files
 //! are deleted; a rebind is committed before the old spool is deleted (the
-//! next start deletes files of another UUID).
+//! next start deletes files of another UUID); a fence is committed before
+//! the fenced spool is moved aside (the next start moves it if a crash
+//! came in between).
+//!
+//! The schema is versioned by `meta.schema`; [`MIGRATIONS`] holds one
+//! script per version, applied in order in one transaction each. A catalog
+//! of a newer version than this build knows is refused, not changed.
 
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
+use tidemark_formats::generation::{GenerationId, History};
+use tidemark_wire::frame::Lineage;
 use tidemark_wire::DiskId;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS disks(
+/// Schema scripts; `meta.schema` = how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: bindings, trim marks and owed resyncs.
+    "CREATE TABLE IF NOT EXISTS disks(
     disk_id TEXT PRIMARY KEY,
     disk_uuid TEXT NOT NULL,
     bound_at INTEGER NOT NULL,
@@ -33,9 +42,31 @@ CREATE TABLE IF NOT EXISTS resync_requests(
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
     PRIMARY KEY(disk_id, seq, offset, length)
-);
-INSERT OR IGNORE INTO meta(key, value) VALUES('schema', '1');
-";
+);",
+    // 2: the data generation the disk's agent holds (a generations file,
+    // tidemark_formats::generation, of its current entry), and the fence a
+    // failover put on a generation (docs/failback.md, section 5).
+    "ALTER TABLE disks ADD COLUMN generations BLOB;
+    ALTER TABLE disks ADD COLUMN fenced_generation TEXT;
+    ALTER TABLE disks ADD COLUMN fenced_reason TEXT;
+    ALTER TABLE disks ADD COLUMN fenced_at INTEGER;
+    ALTER TABLE disks ADD COLUMN fenced_spool TEXT;",
+];
+
+/// A failover ended this generation of the disk: its agent is refused and
+/// its spool was moved aside (kept, not deleted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Fence {
+    /// None: the agent had not said which generation it held (an agent of
+    /// an older build); every generation but a fork of it is refused.
+    pub generation: Option<GenerationId>,
+    /// The target's words (which failover, what to run instead).
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// Where the spool went (None until it has been moved).
+    pub spool: Option<String>,
+}
 
 /// One row of `disks`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +83,9 @@ pub(crate) struct DiskRow {
     pub force_target: bool,
     /// The disk's size as its agent last said (0: not yet known).
     pub disk_size: u64,
+    /// The data generation its agent holds (default: not known yet).
+    pub lineage: Lineage,
+    pub fence: Option<Fence>,
 }
 
 /// A resync owed to an agent.
@@ -82,21 +116,55 @@ fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     uuid::Uuid::parse_str(s).ok().map(|u| *u.as_bytes())
 }
 
-fn now_s() -> i64 {
+pub(crate) fn now_s() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| to_i64(d.as_secs()))
         .unwrap_or(0)
 }
 
+fn schema_version(c: &Connection) -> Result<usize> {
+    let v: Option<String> = c
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+        .optional()?;
+    match v {
+        None => Ok(0),
+        Some(v) => v
+            .parse()
+            .with_context(|| format!("meta.schema is {v:?}, not a version number")),
+    }
+}
+
+/// Bring the schema to this build's version, one migration per transaction.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);")?;
+    let have = schema_version(conn)?;
+    if have > MIGRATIONS.len() {
+        anyhow::bail!(
+            "schema version {have} was written by a newer collector (this build knows {}); not changed",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, script) in MIGRATIONS.iter().enumerate().skip(have) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(script)
+            .with_context(|| format!("schema migration {}", i + 1))?;
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES('schema', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
+            params![(i + 1).to_string()],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 impl Catalog {
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path).with_context(|| format!("open catalog {}", path.display()))?;
+        let mut conn = Connection::open(path).with_context(|| format!("open catalog {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("create the schema of {}", path.display()))?;
+        migrate(&mut conn).with_context(|| format!("catalog {}", path.display()))?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -107,25 +175,56 @@ impl Catalog {
     pub(crate) fn disks(&self) -> Result<Vec<DiskRow>> {
         let c = self.conn();
         let mut st = c.prepare(
-            "SELECT disk_id, disk_uuid, trimmed_seq, pending_full_sync, full_sync_since, force_target, disk_size FROM disks ORDER BY disk_id",
+            "SELECT disk_id, disk_uuid, trimmed_seq, pending_full_sync, full_sync_since, force_target, disk_size,
+                    generations, fenced_generation, fenced_reason, fenced_at, fenced_spool
+             FROM disks ORDER BY disk_id",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
+                (
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                ),
+                r.get::<_, Option<Vec<u8>>>(7)?,
+                (
+                    r.get::<_, Option<String>>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                    r.get::<_, Option<i64>>(10)?,
+                    r.get::<_, Option<String>>(11)?,
+                ),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (disk_id, uuid, trimmed, pending, since, force, size) = row?;
+            let ((disk_id, uuid, trimmed, pending, since, force, size), gens, (fg, reason, at, spool)) = row?;
             let disk_id = DiskId::parse(&disk_id).context("catalog")?;
             let disk_uuid =
                 parse_uuid(&uuid).with_context(|| format!("catalog: disk {disk_id} has a bad uuid {uuid:?}"))?;
+            let lineage = match gens {
+                Some(b) => History::decode(&b, Path::new("catalog.db"))
+                    .with_context(|| format!("catalog: disk {disk_id}: generations"))?
+                    .lineage(),
+                None => Lineage::default(),
+            };
+            let fence = match at {
+                None => None,
+                Some(at) => Some(Fence {
+                    generation: fg
+                        .map(|g| {
+                            GenerationId::from_hex(&g)
+                                .with_context(|| format!("catalog: disk {disk_id} has a bad fenced generation {g:?}"))
+                        })
+                        .transpose()?,
+                    reason: reason.unwrap_or_default(),
+                    at,
+                    spool,
+                }),
+            };
             out.push(DiskRow {
                 disk_id,
                 disk_uuid,
@@ -134,9 +233,31 @@ impl Catalog {
                 full_sync_since: to_u64(since),
                 force_target: force != 0,
                 disk_size: to_u64(size),
+                lineage,
+                fence,
             });
         }
         Ok(out)
+    }
+
+    /// Record the data generation the disk's agent holds.
+    pub(crate) fn set_lineage(&self, disk_id: &str, l: &Lineage) -> Result<()> {
+        let blob = History::from_lineage(l, tidemark_util::now_ns()).map(|h| h.encode());
+        self.conn().execute(
+            "UPDATE disks SET generations = ?2 WHERE disk_id = ?1",
+            params![disk_id, blob],
+        )?;
+        Ok(())
+    }
+
+    /// Fence the disk's generation (`spool`: None until it is moved aside).
+    pub(crate) fn set_fence(&self, disk_id: &str, f: &Fence) -> Result<()> {
+        self.conn().execute(
+            "UPDATE disks SET fenced_generation = ?2, fenced_reason = ?3, fenced_at = ?4, fenced_spool = ?5
+             WHERE disk_id = ?1",
+            params![disk_id, f.generation.map(|g| g.hex()), f.reason, f.at, f.spool],
+        )?;
+        Ok(())
     }
 
     /// Bind (or rebind) `disk_id` to `uuid`: no history, a full sync owed,
@@ -217,6 +338,12 @@ impl Catalog {
         Ok(())
     }
 
+    /// The schema version (`meta.schema`).
+    #[cfg(test)]
+    fn schema(&self) -> Result<usize> {
+        schema_version(&self.conn())
+    }
+
     #[cfg(test)]
     pub(crate) fn disk(&self, disk_id: &str) -> Result<Option<DiskRow>> {
         Ok(self.disks()?.into_iter().find(|d| d.disk_id == disk_id))
@@ -262,5 +389,65 @@ mod tests {
         let r = c.disk("db").unwrap().unwrap();
         assert_eq!((r.disk_uuid, r.trimmed_seq, r.force_target), ([2; 16], 0, true));
         assert!(c.resyncs("db").unwrap().is_empty());
+    }
+
+    #[test]
+    fn generations_and_fences_persist() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("catalog.db");
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.schema().unwrap(), MIGRATIONS.len());
+        c.bind("db", &[1; 16], false).unwrap();
+        let r = c.disk("db").unwrap().unwrap();
+        assert!(!r.lineage.is_known() && r.fence.is_none());
+        let l = Lineage {
+            generation: [7; 16],
+            parent: [6; 16],
+            fork_seq: 40,
+        };
+        c.set_lineage("db", &l).unwrap();
+        let f = Fence {
+            generation: Some(GenerationId([7; 16])),
+            reason: "failed over at seq 40".into(),
+            at: 5,
+            spool: Some("/s/.kept/db.5".into()),
+        };
+        c.set_fence("db", &f).unwrap();
+        drop(c);
+        let c = Catalog::open(&path).unwrap();
+        let r = c.disk("db").unwrap().unwrap();
+        assert_eq!((r.lineage, r.fence), (l, Some(f)));
+    }
+
+    #[test]
+    fn schema_1_is_migrated_and_a_newer_one_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("catalog.db");
+        {
+            // A catalog as the build before migrations wrote it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES('schema', '1');",
+            )
+            .unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO disks(disk_id, disk_uuid, bound_at, trimmed_seq) VALUES('db', ?1, 0, 12)",
+                [uuid_text(&[3; 16])],
+            )
+            .unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.schema().unwrap(), MIGRATIONS.len());
+        let r = c.disk("db").unwrap().unwrap();
+        assert_eq!((r.trimmed_seq, r.lineage.is_known()), (12, false));
+        drop(c);
+        Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE meta SET value = '99' WHERE key = 'schema'", [])
+            .unwrap();
+        let e = format!("{:#}", Catalog::open(&path).err().unwrap());
+        assert!(e.contains("schema version 99 was written by a newer collector"), "{e}");
     }
 }

@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use tidemark_formats::generation::GenerationId;
 use tidemark_formats::spool as fmt;
 use tidemark_net::{write_frame, FrameReader};
 use tidemark_wire::frame::{
-    Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+    ErrorCode, Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{PackStats, Packer};
 use tidemark_wire::Record;
@@ -68,19 +69,31 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
         if shared.stop.is_cancelled() {
             return;
         }
-        let (generation, rebound) = {
+        let (binding, rebound, fenced) = {
             let st = disk.lock();
-            (st.generation, st.session.clone())
+            (st.binding, st.session.clone(), st.fence.is_some())
         };
+        if fenced {
+            // Nothing is forwarded for a fenced generation; a new binding
+            // or generation wakes this up.
+            let woken = disk.spooled.notified();
+            if disk.lock().fence.is_some() {
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = woken => {}
+                }
+            }
+            continue;
+        }
         let mut welcomed = false;
         let r = tokio::select! {
-            r = session(&shared, &disk, generation, &rebound, &mut welcomed) => r,
+            r = session(&shared, &disk, binding, &rebound, &mut welcomed) => r,
             _ = shared.stop.cancelled() => Ok(()),
             _ = rebound.cancelled() => Ok(()),
         };
         {
             let mut st = disk.lock();
-            if st.generation == generation {
+            if st.binding == binding {
                 st.target_connected = false;
             }
         }
@@ -93,6 +106,12 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
         if welcomed {
             backoff = BACKOFF_MIN;
             unreachable_logged = false;
+        }
+        if let Some(Fenced(reason)) = r.as_ref().err().and_then(|e| e.downcast_ref::<Fenced>()) {
+            if let Err(e) = spool::fence(&shared, &disk, reason.clone()).await {
+                error!("fencing the disk: {e:#}");
+            }
+            continue;
         }
         match r {
             Ok(()) => {}
@@ -110,6 +129,18 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
+
+/// The target refused the disk's generation: a failover ended it.
+#[derive(Debug)]
+struct Fenced(String);
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the target fenced this generation: {}", self.0)
+    }
+}
+
+impl std::error::Error for Fenced {}
 
 /// Packed batches sent and not yet acknowledged: (last seq, wire bytes),
 /// their total, and the highest seq sent on this session (at first, the
@@ -167,7 +198,7 @@ impl InFlight {
 async fn session(
     shared: &Arc<Shared>,
     disk: &Arc<Disk>,
-    generation: u64,
+    binding: u64,
     rebound: &CancellationToken,
     welcomed: &mut bool,
 ) -> Result<()> {
@@ -181,9 +212,9 @@ async fn session(
     }
     let (rd, mut wr) = stream.into_split();
     let mut rd = FrameReader::new(rd, TARGET_MAX_BODY);
-    let (uuid, force, disk_size) = {
+    let (uuid, force, disk_size, lineage) = {
         let st = disk.lock();
-        (st.uuid, st.force_target, st.disk_size)
+        (st.uuid, st.force_target, st.disk_size, st.lineage)
     };
     let hello = Frame::Hello(Hello {
         protocol: PROTOCOL_VERSION,
@@ -193,6 +224,7 @@ async fn session(
         disk_size,
         disk_id: disk.id.clone(),
         token: shared.cfg.token.clone(),
+        lineage,
     });
     write_frame(&mut wr, &hello).await.context("send hello")?;
     let welcome = tokio::time::timeout(WELCOME_TIMEOUT, rd.next())
@@ -200,7 +232,24 @@ async fn session(
         .map_err(|_| anyhow!("no welcome from the target within 10 s"))?
         .context("read welcome")?;
     let (applied, flags) = match welcome {
-        Some(Frame::Welcome { acked_seq, flags }) => (acked_seq, flags),
+        Some(Frame::Welcome {
+            acked_seq,
+            flags,
+            generation,
+        }) => {
+            if generation != [0; 16] && lineage.is_known() && generation != lineage.generation {
+                warn!(
+                    target_generation = %GenerationId(generation),
+                    ours = %GenerationId(lineage.generation),
+                    "the target holds another data generation of this disk"
+                );
+            }
+            (acked_seq, flags)
+        }
+        Some(Frame::Error {
+            code: ErrorCode::StaleGeneration,
+            reason,
+        }) => return Err(Fenced(reason).into()),
         Some(Frame::Error { code, reason }) => bail!("the target refused: {code}: {reason}"),
         Some(other) => bail!("expected a welcome from the target, got {other:?}"),
         None => bail!("the target closed the connection before its welcome"),
@@ -208,7 +257,7 @@ async fn session(
     *welcomed = true;
     {
         let mut st = disk.lock();
-        if st.generation != generation {
+        if st.binding != binding {
             return Ok(());
         }
         st.target_connected = true;
@@ -227,7 +276,7 @@ async fn session(
         holds_replica = flags & WELCOME_NEED_FULL_SYNC == 0,
         "connected to the target"
     );
-    spool::trim(shared, disk, generation, applied).await;
+    spool::trim(shared, disk, binding, applied).await;
 
     let inflight = Arc::new(InFlight::new(applied));
     let ended = CancellationToken::new();
@@ -238,7 +287,7 @@ async fn session(
         let (s, d, inf, end) = (shared.clone(), disk.clone(), inflight.clone(), ended.clone());
         AbortOnDropHandle::new(tokio::spawn(
             async move {
-                let r = read_loop(&s, &d, generation, &inf, &mut rd, &answers).await;
+                let r = read_loop(&s, &d, binding, &inf, &mut rd, &answers).await;
                 end.cancel();
                 r
             }
@@ -248,7 +297,7 @@ async fn session(
     let sent = send_loop(
         shared,
         disk,
-        generation,
+        binding,
         rebound,
         &ended,
         &inflight,
@@ -267,7 +316,7 @@ async fn session(
 async fn read_loop(
     shared: &Arc<Shared>,
     disk: &Arc<Disk>,
-    generation: u64,
+    binding: u64,
     inflight: &InFlight,
     rd: &mut FrameReader<OwnedReadHalf>,
     answers: &tokio::sync::mpsc::UnboundedSender<Frame>,
@@ -291,17 +340,17 @@ async fn read_loop(
                 }
                 {
                     let mut st = disk.lock();
-                    if st.generation != generation {
+                    if st.binding != binding {
                         return Ok(());
                     }
                     st.applied_seq = st.applied_seq.max(seq);
                 }
                 inflight.acked(seq);
-                spool::trim(shared, disk, generation, seq).await;
+                spool::trim(shared, disk, binding, seq).await;
             }
             Some(Frame::TargetState(ts)) => {
                 let mut st = disk.lock();
-                if st.generation == generation {
+                if st.binding == binding {
                     st.target_state = Some(ts);
                 }
             }
@@ -321,6 +370,10 @@ async fn read_loop(
                 }
                 _ => shared.relay_to_agent(disk, req),
             },
+            Some(Frame::Error {
+                code: ErrorCode::StaleGeneration,
+                reason,
+            }) => return Err(Fenced(reason).into()),
             Some(Frame::Error { code, reason }) => bail!("the target reported {code}: {reason}"),
             Some(other) => bail!("unexpected frame from the target: {other:?}"),
         }
@@ -331,7 +384,7 @@ async fn read_loop(
 async fn send_loop(
     shared: &Arc<Shared>,
     disk: &Arc<Disk>,
-    generation: u64,
+    binding: u64,
     rebound: &CancellationToken,
     ended: &CancellationToken,
     inflight: &InFlight,
@@ -360,7 +413,7 @@ async fn send_loop(
         let spooled = disk.spooled.notified();
         tokio::pin!(spooled);
         spooled.as_mut().enable();
-        let Some(found) = next_files(disk, generation, &mut next) else {
+        let Some(found) = next_files(disk, binding, &mut next) else {
             return Ok(()); // rebound
         };
         let Some((first, entry, more)) = found else {
@@ -433,10 +486,10 @@ type NextFiles = (u64, SpoolEntry, Vec<(u64, SpoolEntry)>);
 /// The spool files to send next: the first one past what was sent, and the
 /// files right after it while they add up to less than MERGE_BYTES (one
 /// packed batch, one fsync round at the target, for a run of small files).
-/// `None`: the disk was rebound (another generation).
-fn next_files(disk: &Disk, generation: u64, next: &mut u64) -> Option<Option<NextFiles>> {
+/// `None`: the disk was rebound (another binding).
+fn next_files(disk: &Disk, binding: u64, next: &mut u64) -> Option<Option<NextFiles>> {
     let st = disk.lock();
-    if st.generation != generation {
+    if st.binding != binding {
         return None;
     }
     *next = (*next).max(st.applied_seq + 1);

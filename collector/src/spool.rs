@@ -1,9 +1,10 @@
 //! The collector's side of the spool (`tidemark_formats::spool` owns the
 //! bytes): indexing a disk's files at start, writing a batch durably with a
-//! failpoint at each step, trimming what the target acknowledged, and
-//! dropping a disk's spool when its id is rebound.
+//! failpoint at each step, trimming what the target acknowledged,
+//! dropping a disk's spool when its id is rebound, and moving it aside
+//! when a failover fenced the disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -11,9 +12,14 @@ use tidemark_formats::spool::{self as fmt, SpoolHeader};
 use tidemark_util::crashsafe;
 use tracing::{error, info, warn};
 
-use crate::catalog::DiskRow;
+use crate::catalog::{now_s, DiskRow, Fence};
 use crate::failpoint;
-use crate::state::{Disk, OwedResync, Shared, SpoolEntry};
+use crate::net::error_frame;
+use crate::state::{Disk, Out, OwedResync, Shared, SpoolEntry};
+
+/// Where the spools of fenced disks are kept: `<spool>/.kept/<id>.<unix s>`
+/// (a disk id `.kept` is refused).
+pub(crate) const KEPT_DIR: &str = ".kept";
 
 /// Create a disk's spool folder durably if it is missing.
 pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
@@ -45,6 +51,20 @@ pub(crate) fn load_all(shared: &Shared) -> Result<()> {
 pub(crate) fn load_disk(shared: &Shared, row: &DiskRow) -> Result<Arc<Disk>> {
     let disk = shared.new_disk(row);
     ensure_dir(&disk.dir)?;
+    if let Some(f) = &row.fence {
+        // Files left by a crash before the move, or by a batch that raced it.
+        if let Some(kept) = move_aside(&shared.cfg.spool, &disk.dir, &row.disk_id, f.at)? {
+            warn!(disk = %row.disk_id, kept = %kept.display(), "the disk is fenced: its spool files were moved aside");
+            if f.spool.is_none() {
+                let f = Fence {
+                    spool: Some(kept.display().to_string()),
+                    ..f.clone()
+                };
+                shared.catalog.set_fence(&row.disk_id, &f)?;
+                disk.lock().fence = Some(f);
+            }
+        }
+    }
     let scan = fmt::scan_dir(&disk.dir).with_context(|| format!("scan spool of disk {}", row.disk_id))?;
     for t in &scan.removed_temps {
         info!(disk = %row.disk_id, file = %t.display(), "deleted a spool file whose write was interrupted");
@@ -129,12 +149,12 @@ pub(crate) fn write_batch(dir: &Path, uuid: [u8; 16], body: &[u8]) -> Result<(Sp
 }
 
 /// Delete the spool files whose records the target acknowledged (all seqs
-/// ≤ `seq`), after recording the trim mark in the catalog. `generation`
+/// ≤ `seq`), after recording the trim mark in the catalog. `binding`
 /// guards against an ack from a session of an earlier binding.
-pub(crate) async fn trim(shared: &Arc<Shared>, disk: &Arc<Disk>, generation: u64, seq: u64) {
+pub(crate) async fn trim(shared: &Arc<Shared>, disk: &Arc<Disk>, binding: u64, seq: u64) {
     let (victims, mark) = {
         let mut st = disk.lock();
-        if st.generation != generation {
+        if st.binding != binding {
             return;
         }
         let keys: Vec<u64> = st
@@ -198,7 +218,7 @@ pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16
     let victims = {
         let mut st = disk.lock();
         st.uuid = uuid;
-        st.generation += 1;
+        st.binding += 1;
         st.session.cancel();
         st.session = tokio_util::sync::CancellationToken::new();
         st.acked_seq = 0;
@@ -236,4 +256,100 @@ pub(crate) async fn drop_old_spool(shared: &Arc<Shared>, disk: &Arc<Disk>, old: 
     .context("drop the old spool")?;
     shared.spool_shrank(bytes);
     r
+}
+
+/// Move the files of spool folder `dir` to `<root>/.kept/<id>.<at>` (a
+/// fresh name if that exists) and leave `dir` empty. None: nothing to move.
+fn move_aside(root: &Path, dir: &Path, id: &str, at: i64) -> Result<Option<PathBuf>> {
+    let empty = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .next()
+        .is_none();
+    if empty {
+        return Ok(None);
+    }
+    let kept = root.join(KEPT_DIR);
+    ensure_dir(&kept)?;
+    let mut to = kept.join(format!("{id}.{at}"));
+    let mut n = 1;
+    while to.exists() {
+        to = kept.join(format!("{id}.{at}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(dir, &to).with_context(|| format!("move {} to {}", dir.display(), to.display()))?;
+    crashsafe::fsync_dir(&kept).with_context(|| format!("fsync {}", kept.display()))?;
+    ensure_dir(dir)?;
+    Ok(Some(to))
+}
+
+/// A failover ended the disk's generation (its target refused it with
+/// `StaleGeneration`, saying `reason`): record the fence, end the agent's
+/// and the forwarder's sessions, and move what is spooled aside, kept and
+/// not deleted. From then on the disk takes no share of the spool, so it
+/// cannot fill it and push every other disk into bitmap mode.
+pub(crate) async fn fence(shared: &Arc<Shared>, disk: &Arc<Disk>, reason: String) -> Result<()> {
+    let (mut f, bytes, agent) = {
+        let mut st = disk.lock();
+        if st.fence.is_some() {
+            return Ok(());
+        }
+        let f = Fence {
+            generation: st
+                .lineage
+                .is_known()
+                .then(|| tidemark_formats::generation::GenerationId(st.lineage.generation)),
+            reason,
+            at: now_s(),
+            spool: None,
+        };
+        st.fence = Some(f.clone());
+        // Sessions of the old state end; a batch in flight is not indexed.
+        st.binding += 1;
+        st.session.cancel();
+        st.session = tokio_util::sync::CancellationToken::new();
+        st.files.clear();
+        let bytes = std::mem::take(&mut st.spool_bytes);
+        (f, bytes, st.agent.as_ref().map(|a| a.tx.clone()))
+    };
+    error!(
+        generation = ?f.generation.map(|g| g.to_string()),
+        "the target refused this disk's generation ({}): fencing it; its agent is refused from now on",
+        f.reason
+    );
+    let refusal = crate::agent::fenced(&disk.id, &f);
+    if let Some(tx) = agent {
+        let _ = tx
+            .send(Out {
+                frame: error_frame(refusal.code, refusal.reason),
+                done: None,
+            })
+            .await;
+    }
+    let (s, id, dir) = (shared.clone(), disk.id.clone(), disk.dir.clone());
+    let f2 = f.clone();
+    let kept = tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>> {
+        s.catalog.set_fence(&id, &f2)?;
+        let kept = move_aside(&s.cfg.spool, &dir, &id, f2.at)?;
+        if let Some(k) = &kept {
+            s.catalog.set_fence(
+                &id,
+                &Fence {
+                    spool: Some(k.display().to_string()),
+                    ..f2
+                },
+            )?;
+        }
+        Ok(kept)
+    })
+    .await
+    .context("fence")?;
+    shared.spool_shrank(bytes);
+    let kept = kept?;
+    if let Some(k) = &kept {
+        info!(kept = %k.display(), bytes, "spool of the fenced generation moved aside");
+        f.spool = Some(k.display().to_string());
+        disk.lock().fence = Some(f);
+    }
+    disk.spooled.notify_waiters();
+    Ok(())
 }

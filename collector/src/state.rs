@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::{json, Value};
+use tidemark_formats::generation::GenerationId;
 use tidemark_util::now_ns;
-use tidemark_wire::frame::{AgentMode, Frame, Progress, ReplicaState, Request, TargetState};
+use tidemark_wire::frame::{AgentMode, Frame, Lineage, Progress, ReplicaState, Request, TargetState};
 use tidemark_wire::DiskId;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,7 @@ use tracing::{error, info, warn};
 use tidemark_wire::record::FLAG_SYNC;
 use tidemark_wire::RecordKind;
 
-use crate::catalog::{uuid_text, Catalog, DiskRow, Resync};
+use crate::catalog::{uuid_text, Catalog, DiskRow, Fence, Resync};
 use crate::config::Config;
 
 /// Bytes of frames and spool files being decoded, packed or written at
@@ -63,8 +64,8 @@ pub(crate) struct SpoolEntry {
 #[derive(Debug)]
 pub(crate) struct DiskState {
     pub uuid: [u8; 16],
-    /// Bumped on every rebind; a target session of an older generation ends.
-    pub generation: u64,
+    /// Bumped on every rebind; a target session of an older binding ends.
+    pub binding: u64,
     pub session: CancellationToken,
     /// Highest seq durable here (spool or already trimmed).
     pub acked_seq: u64,
@@ -85,6 +86,11 @@ pub(crate) struct DiskState {
     pub force_target: bool,
     /// The disk's size (from the agent's hello; 0 until known).
     pub disk_size: u64,
+    /// The data generation its agent holds (default: not known yet).
+    pub lineage: Lineage,
+    /// A failover ended that generation: its agent is refused, nothing
+    /// more is spooled or forwarded.
+    pub fence: Option<Fence>,
     /// Range resyncs owed to the agent (mirrored in the catalog), each with
     /// the parts not yet covered by sync records spooled after its seq.
     pub owed_resyncs: Vec<OwedResync>,
@@ -260,7 +266,7 @@ impl Shared {
             dir: self.cfg.spool.join(&row.disk_id),
             st: Mutex::new(DiskState {
                 uuid: row.disk_uuid,
-                generation: 0,
+                binding: 0,
                 session: CancellationToken::new(),
                 acked_seq: row.trimmed_seq,
                 applied_seq: 0,
@@ -276,6 +282,8 @@ impl Shared {
                 full_sync_since: row.full_sync_since,
                 force_target: row.force_target,
                 disk_size: row.disk_size,
+                lineage: row.lineage,
+                fence: row.fence.clone(),
                 owed_resyncs: Vec::new(),
                 nonce_waiters: Vec::new(),
             }),
@@ -466,12 +474,16 @@ impl Shared {
         let halted = target_state.is_some_and(|t| t.state == ReplicaState::Halted);
         let last_mode = progress.as_ref().map(|p| p.mode);
         let agent_mode = last_mode.filter(|_| agent_connected);
-        let mode = mode_name(
-            halted,
-            agent_mode,
-            agent_connected,
-            st.target_connected && lag_seconds <= BACKLOG_LAG_S,
-        );
+        let mode = if st.fence.is_some() {
+            "fenced"
+        } else {
+            mode_name(
+                halted,
+                agent_mode,
+                agent_connected,
+                st.target_connected && lag_seconds <= BACKLOG_LAG_S,
+            )
+        };
         let syncing =
             agent_mode.is_some_and(|m| matches!(m, AgentMode::InitialSync | AgentMode::Resync | AgentMode::FullResync));
         let (sync_done, sync_total) = progress.as_ref().map_or((0, 0), |p| (p.sync_done, p.sync_total));
@@ -509,6 +521,13 @@ impl Shared {
                 "agent_connected": agent_connected,
                 "target_connected": st.target_connected,
                 "spool_bytes": st.spool_bytes,
+                "generation": st.lineage.is_known().then(|| GenerationId(st.lineage.generation).hex()),
+                "fenced": st.fence.as_ref().map(|f| json!({
+                    "generation": f.generation.map(|g| g.hex()),
+                    "reason": f.reason,
+                    "at_s": f.at,
+                    "spool_kept": f.spool,
+                })),
             }),
             lag_seconds,
             lag_bytes,

@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tidemark_wire::frame::{Frame, FrameHeader, Hello, Role, FRAME_HEADER_LEN, PROTOCOL_VERSION};
+use tidemark_wire::frame::{Frame, FrameHeader, Hello, Lineage, Role, FRAME_HEADER_LEN, PROTOCOL_VERSION};
 use tidemark_wire::{Record, RecordHeader, RecordKind};
 
 fn free_port() -> String {
@@ -69,6 +69,10 @@ fn hello() -> Frame {
         disk_size: 1 << 20,
         disk_id: "vm1".parse().unwrap(),
         token: b"tok".to_vec(),
+        lineage: Lineage {
+            generation: [3; 16],
+            ..Lineage::default()
+        },
     })
 }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tidemark_collector::{Config, Running};
 use tidemark_wire::frame::{
-    AgentMode, ErrorCode, Frame, FrameHeader, Hello, Progress, Request, Role, FRAME_HEADER_LEN, HELLO_FORCE_RESYNC,
-    MAX_BODY, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+    AgentMode, ErrorCode, Frame, FrameHeader, Hello, Lineage, Progress, Request, Role, FRAME_HEADER_LEN,
+    HELLO_FORCE_RESYNC, MAX_BODY, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{MemStore, Unpacker, DEFAULT_WINDOW_BLOCKS};
 use tidemark_wire::{Record, RecordHeader, RecordKind};
@@ -99,6 +99,11 @@ fn hello(id: &str, uuid: [u8; 16]) -> Hello {
         disk_size: 0,
         disk_id: id.parse().unwrap(),
         token: TOKEN.to_vec(),
+        // One generation per UUID (a rebound disk is a new line of writes).
+        lineage: Lineage {
+            generation: uuid,
+            ..Lineage::default()
+        },
     }
 }
 
@@ -112,7 +117,7 @@ async fn connect_agent(c: &Running, h: Hello) -> (TcpStream, Frame) {
 async fn agent(c: &Running, id: &str, uuid: [u8; 16]) -> (TcpStream, u64, u32) {
     let (s, f) = connect_agent(c, hello(id, uuid)).await;
     match f {
-        Frame::Welcome { acked_seq, flags } => (s, acked_seq, flags),
+        Frame::Welcome { acked_seq, flags, .. } => (s, acked_seq, flags),
         other => panic!("expected welcome, got {other:?}"),
     }
 }
@@ -142,6 +147,7 @@ impl FakeTarget {
             &Frame::Welcome {
                 acked_seq: applied,
                 flags: 0,
+                generation: [0; 16],
             },
         )
         .await;
@@ -493,7 +499,7 @@ async fn bad_input_is_refused_while_another_disk_keeps_working() {
     h.flags = HELLO_FORCE_RESYNC;
     let (_rebound, w) = connect_agent(&c, h).await;
     match w {
-        Frame::Welcome { acked_seq, flags } => {
+        Frame::Welcome { acked_seq, flags, .. } => {
             assert_eq!(acked_seq, 0);
             assert_eq!(flags, WELCOME_NEED_FULL_SYNC);
         }

@@ -13,9 +13,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tidemark_formats::generation::{GenerationId, History};
 use tidemark_net::{kib_permits, write_frame, FrameReader, ReadError, WriteError};
 use tidemark_wire::frame::{
-    ErrorCode, Frame, ReplicaState, Request, Role, TargetState, HELLO_FORCE_RESYNC, MAX_BODY, PACKED_GAP,
+    ErrorCode, Frame, Lineage, ReplicaState, Request, Role, TargetState, HELLO_FORCE_RESYNC, MAX_BODY, PACKED_GAP,
     WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{PackedBatch, Unpacker};
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::apply::{DiskApplier, Outcome, UndoOptions};
-use crate::catalog::{Bind, Catalog};
+use crate::catalog::{Bind, Catalog, Failover};
 use crate::error::{Error, ErrorKind, IoContext, Located, Result};
 use crate::replica::{self, Replica, WINDOW_FILE};
 use crate::retention::Pins;
@@ -235,6 +236,8 @@ impl From<Error> for End {
         match e.kind {
             ErrorKind::Malformed => refuse(ErrorCode::Malformed, e.to_string()),
             ErrorKind::Injected => End::Close(e.to_string()),
+            // The next Hello is told which failover (`failed_over_refusal`).
+            ErrorKind::FailedOver => refuse(ErrorCode::Busy, e.to_string()),
             _ => refuse(ErrorCode::Internal, e.to_string()),
         }
     }
@@ -315,13 +318,23 @@ struct Work {
     applier: DiskApplier,
     unpacker: Unpacker<WindowFile>,
     disk_id: String,
+    /// The data generation the replica holds (all zero: not known).
+    generation: [u8; 16],
 }
 
 /// What opening a disk found.
 enum Opened {
     Ready(Box<Work>),
-    Mismatch { bound_uuid: String },
-    FailedOver,
+    Mismatch {
+        bound_uuid: String,
+    },
+    /// The newest failover recorded (None: none could be read).
+    FailedOver(Option<Failover>),
+    /// The replica holds another data generation than the Hello's.
+    OtherGeneration {
+        held: GenerationId,
+        theirs: GenerationId,
+    },
 }
 
 impl Work {
@@ -333,23 +346,43 @@ impl Work {
         uuid: &[u8; 16],
         force: bool,
         disk_size: u64,
+        lineage: &Lineage,
     ) -> Result<Opened> {
         let (data_dir, window_blocks) = (cfg.data_dir.as_path(), cfg.window_blocks);
         let mut catalog = Catalog::open(data_dir)?;
-        let row = match catalog.bind(disk_id, uuid, force, &cfg.retention, cfg.format)? {
+        let (row, fresh) = match catalog.bind(disk_id, uuid, force, &cfg.retention, cfg.format)? {
             Bind::Mismatch { bound_uuid } => return Ok(Opened::Mismatch { bound_uuid }),
             Bind::New(row) => {
                 info!(format = %row.format, "new disk");
-                row
+                (row, true)
             }
-            Bind::Existing(row) => row,
+            Bind::Existing(row) => (row, false),
             Bind::Rebound { row, old_uuid } => {
                 warn!(
                     "FORCE_RESYNC: disk id rebound from UUID {old_uuid} to {}; starting a fresh replica",
                     crate::catalog::format_uuid(uuid)
                 );
-                row
+                (row, true)
             }
+        };
+        if row.failed_over {
+            // Refused by the caller; the replica is not opened (nor grown).
+            return Ok(Opened::FailedOver(catalog.failovers(disk_id)?.pop()));
+        }
+        let held = if fresh { None } else { catalog.history(disk_id)? };
+        let history = match (held, History::from_lineage(lineage, tidemark_util::now_ns())) {
+            (Some(h), Some(theirs)) if h.current().id != theirs.current().id => {
+                return Ok(Opened::OtherGeneration {
+                    held: h.current().id,
+                    theirs: theirs.current().id,
+                })
+            }
+            (None, Some(theirs)) => {
+                catalog.set_history(disk_id, &theirs)?;
+                info!(generation = %theirs.current().id, "data generation recorded");
+                Some(theirs)
+            }
+            (h, _) => h,
         };
         let dir = replica::ensure_disk_dir(data_dir, disk_id)?;
         if let Some(old) = &row.replaced_uuid {
@@ -366,10 +399,6 @@ impl Work {
             catalog.clear_replaced(disk_id)?;
         }
         let halts = catalog.open_halts(disk_id)?;
-        if row.failed_over {
-            // Refused by the caller; the replica is not opened (nor grown).
-            return Ok(Opened::FailedOver);
-        }
         let replica = Replica::open(&dir, row.format, disk_size)?;
         let window_path: PathBuf = dir.join(WINDOW_FILE);
         let window = WindowFile::create(&window_path, window_blocks).io_at("create", &window_path)?;
@@ -381,6 +410,7 @@ impl Work {
             applier: DiskApplier::new(row, halts, replica, catalog, &dir, opts)?,
             unpacker: Unpacker::new(window_blocks, window),
             disk_id: disk_id.to_string(),
+            generation: history.map_or([0; 16], |h| h.current().id.0),
         })))
     }
 
@@ -449,25 +479,28 @@ async fn admit<R: AsyncRead + Unpin>(
     if shared.is_failed_over(&id) {
         // Before Work::open: a forced rebind must not move the replica or
         // its undo away under a failover's export.
-        return Err(refuse(
-            ErrorCode::Busy,
-            format!("disk {id} is being failed over or was failed over: this target no longer applies to it"),
-        ));
+        return Err(failed_over_refusal(shared, &id).await);
     }
     let force = hello.flags & HELLO_FORCE_RESYNC != 0;
     let (cfg2, pins, uuid, size) = (cfg.clone(), shared.pins.clone(), hello.disk_uuid, hello.disk_size);
     let id2 = id.clone();
+    let lineage = hello.lineage;
     let span = tracing::Span::current();
-    let opened =
-        tokio::task::spawn_blocking(move || span.in_scope(|| Work::open(&cfg2, pins, &id2, &uuid, force, size)))
-            .await
-            .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
+    let opened = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| Work::open(&cfg2, pins, &id2, &uuid, force, size, &lineage))
+    })
+    .await
+    .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
     let work = match opened {
         Opened::Ready(w) => w,
-        Opened::FailedOver => {
+        Opened::FailedOver(f) => return Err(refuse(ErrorCode::StaleGeneration, failed_over_reason(&id, f.as_ref()))),
+        Opened::OtherGeneration { held, theirs } => {
             return Err(refuse(
-                ErrorCode::Busy,
-                format!("disk {id} was failed over: this target no longer applies to it"),
+                ErrorCode::DiskMismatch,
+                format!(
+                    "disk {id}: this replica holds data generation {held}, the Hello names generation {theirs}, \
+                     which is not the same line of writes; the agent's --force-resync starts a fresh replica"
+                ),
             ))
         }
         Opened::Mismatch { bound_uuid } => {
@@ -482,12 +515,48 @@ async fn admit<R: AsyncRead + Unpin>(
     };
 
     if work.applier.failed_over() || shared.is_failed_over(&id) {
-        return Err(refuse(
-            ErrorCode::Busy,
-            format!("disk {id} was failed over: this target no longer applies to it"),
-        ));
+        return Err(failed_over_refusal(shared, &id).await);
     }
     Ok(Some((work, live)))
+}
+
+/// The refusal of a disk this target stopped applying: `StaleGeneration`
+/// once its failover is recorded (the old source is fenced), `Busy` while
+/// one runs (it may still fail, and the disk resume).
+async fn failed_over_refusal(shared: &Arc<Shared>, id: &str) -> End {
+    let (data, id2) = (shared.cfg.data_dir.clone(), id.to_string());
+    let recorded = tokio::task::spawn_blocking(move || Catalog::open(&data).and_then(|c| c.failovers(&id2))).await;
+    match recorded {
+        Ok(Ok(mut f)) if !f.is_empty() => refuse(ErrorCode::StaleGeneration, failed_over_reason(id, f.pop().as_ref())),
+        Ok(Err(e)) => refuse(ErrorCode::Internal, format!("disk {id}: reading its failovers: {e}")),
+        _ => refuse(
+            ErrorCode::Busy,
+            format!("disk {id} is being failed over: this target applies none of its writes meanwhile"),
+        ),
+    }
+}
+
+/// Why a failed-over disk's source is refused (fenced): which failover
+/// ended its generation, and what to do instead.
+fn failed_over_reason(id: &str, f: Option<&Failover>) -> String {
+    let Some(f) = f else {
+        return format!("disk {id} was failed over: this target applies none of its writes any more");
+    };
+    let generation = f
+        .generation
+        .as_deref()
+        .and_then(GenerationId::from_hex)
+        .map_or_else(String::new, |g| format!(" ended generation {g} and"));
+    let tag = f.point.tag.as_deref().map_or_else(String::new, |t| format!(" {t:?}"));
+    format!(
+        "disk {id} was failed over on {} at seq {} ({} point{tag}) to {}: the failover{generation} fenced the old \
+         source; this target applies none of its writes any more. Stop its agent, or protect the failed-over copy \
+         instead (docs/failback.md)",
+        tidemark_util::human::format_unix_time(i64::try_from(f.at_ns / 1_000_000_000).unwrap_or(i64::MAX)),
+        f.point.seq,
+        f.point.kind.as_str(),
+        f.output
+    )
 }
 
 /// What the Welcome and the first frames say, read from the applier
@@ -496,6 +565,7 @@ struct Greeting {
     applied: u64,
     last: TargetState,
     owed: Vec<Request>,
+    generation: [u8; 16],
 }
 
 fn greeting(work: &Work) -> Greeting {
@@ -518,7 +588,12 @@ fn greeting(work: &Work) -> Greeting {
     if work.applier.full_resync_owed() {
         owed.push(Request::FullResync);
     }
-    Greeting { applied, last, owed }
+    Greeting {
+        applied,
+        last,
+        owed,
+        generation: work.generation,
+    }
 }
 
 /// Welcome the collector, register the connection's activity (for drain
@@ -536,13 +611,19 @@ async fn greet(
     ),
     End,
 > {
-    let Greeting { applied, last, owed } = g;
+    let Greeting {
+        applied,
+        last,
+        owed,
+        generation,
+    } = g;
     let flags = if applied == 0 { WELCOME_NEED_FULL_SYNC } else { 0 };
     send(
         wr,
         &Frame::Welcome {
             acked_seq: applied,
             flags,
+            generation,
         },
     )
     .await?;
@@ -584,6 +665,15 @@ async fn session<R: AsyncRead + Unpin>(
         let frame = tokio::select! {
             _ = stop.cancelled() => return Ok(Some("the target is stopping".into())),
             _ = tick.tick() => {
+                if shared.is_failed_over(&id) {
+                    // Once the failover is recorded, the source is told at
+                    // once, not at its next write (the drain before it
+                    // needs this connection, so not earlier).
+                    let end = failed_over_refusal(shared, &id).await;
+                    if matches!(&end, End::Refuse { code: ErrorCode::StaleGeneration, .. }) {
+                        return Err(end);
+                    }
+                }
                 send(wr, &Frame::TargetState(last)).await?;
                 continue;
             }
@@ -629,10 +719,7 @@ async fn session<R: AsyncRead + Unpin>(
             }
         };
         if shared.is_failed_over(&id) {
-            return Err(refuse(
-                ErrorCode::Busy,
-                format!("disk {id} was failed over: this target no longer applies to it"),
-            ));
+            return Err(failed_over_refusal(shared, &id).await);
         }
         let (w, r) = apply_batch(shared, &id, work, p, wr, &mut tick, last).await?;
         work = w;

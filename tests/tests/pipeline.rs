@@ -202,7 +202,7 @@ fn sixteen_agents_converge() {
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut f = b"TMWF".to_vec();
-    f.push(2);
+    f.push(3); // frame version
     f.push(kind);
     f.extend_from_slice(&0u16.to_le_bytes());
     f.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
@@ -242,6 +242,10 @@ fn hello(protocol: u16, role: u8, uuid: [u8; 16], id: &str, token: &[u8]) -> Vec
     b.extend_from_slice(id.as_bytes());
     b.extend_from_slice(&u16::try_from(token.len()).unwrap().to_le_bytes());
     b.extend_from_slice(token);
+    // Data generation: a root named after the UUID.
+    b.extend_from_slice(&uuid);
+    b.extend_from_slice(&[0; 16]);
+    b.extend_from_slice(&0u64.to_le_bytes());
     frame(1, &b)
 }
 

@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use tidemark_util::now_ns;
 use tidemark_wire::frame::ReplicaState;
 
+use tidemark_formats::generation::History;
 use tidemark_formats::replica::ReplicaFormat;
 use tidemark_formats::undo::BlockSet;
 
@@ -142,6 +143,11 @@ pub const MIGRATIONS: &[&str] = &[
     // 5: the source time of the record at applied_seq, so that the applied
     // state can be offered as the `latest` crash-consistent point.
     "ALTER TABLE disks ADD COLUMN applied_time_ns INTEGER NOT NULL DEFAULT 0;",
+    // 6: the data generations the replica holds (a generations file,
+    // tidemark_formats::generation; NULL: not known yet, adopted from the
+    // next Hello), and the generation each failover ended.
+    "ALTER TABLE disks ADD COLUMN generations BLOB;
+    ALTER TABLE failovers ADD COLUMN generation TEXT;",
 ];
 
 /// Whether a disk's replica is known to equal its source at some seq.
@@ -242,6 +248,9 @@ pub struct DiskState {
     /// The failovers recorded, oldest first; non-empty means the target
     /// no longer applies to this disk.
     pub failovers: Vec<Failover>,
+    /// The data generation the replica holds, 32 hex digits (None: not
+    /// known yet).
+    pub generation: Option<String>,
 }
 
 /// A failover recorded for a disk.
@@ -253,6 +262,9 @@ pub struct Failover {
     pub point: Point,
     /// Where it was written.
     pub output: String,
+    /// The data generation it ended, 32 hex digits (None: not known, or a
+    /// failover recorded by an older build).
+    pub generation: Option<String>,
 }
 
 /// One entry of the undo index.
@@ -320,9 +332,9 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
     if version == 0 {
         return Ok(Vec::new());
     }
-    if version < 4 {
+    if usize::try_from(version).unwrap_or(0) < MIGRATIONS.len() {
         return Err(corrupt(format!(
-            "{}: schema version {version} predates replica formats; start the target once to migrate it",
+            "{}: schema version {version} was written by an older target; start the target once to migrate it",
             path.display()
         )));
     }
@@ -352,6 +364,7 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
         let now = now_ns();
         let last_app = points.iter().rev().find(|p| p.kind == PointKind::App);
         let failovers = read_failovers(&conn, &disk_id)?;
+        let generation = read_history(&conn, &disk_id)?.map(|h| h.current().id.hex());
         let undo_bytes: i64 = conn.query_row(
             "SELECT COALESCE(SUM(bytes), 0) FROM undo_segments WHERE disk_id = ?1",
             [&disk_id],
@@ -387,6 +400,7 @@ pub fn disk_states(data_dir: &Path) -> Result<Vec<DiskState>> {
             policy: row.policy,
             format: row.format,
             failovers,
+            generation,
         });
     }
     Ok(out)
@@ -538,7 +552,7 @@ pub fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Result<Vec<P
 
 fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
     let mut st = conn.prepare_cached(
-        "SELECT at_ns, seq, point_time_ns, kind, tag, output FROM failovers WHERE disk_id = ?1 ORDER BY rowid",
+        "SELECT at_ns, seq, point_time_ns, kind, tag, output, generation FROM failovers WHERE disk_id = ?1 ORDER BY rowid",
     )?;
     let rows = st.query_map([disk_id], |r| {
         Ok((
@@ -548,11 +562,12 @@ fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
             r.get::<_, String>(3)?,
             r.get::<_, Option<String>>(4)?,
             r.get::<_, String>(5)?,
+            r.get::<_, Option<String>>(6)?,
         ))
     })?;
     let mut out = Vec::new();
     for r in rows {
-        let (at, seq, t, kind, tag, output) = r?;
+        let (at, seq, t, kind, tag, output, generation) = r?;
         out.push(Failover {
             at_ns: to_u64(at, "failover time")?,
             point: Point {
@@ -563,9 +578,22 @@ fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
                 latest: false,
             },
             output,
+            generation,
         });
     }
     Ok(out)
+}
+
+/// The generations the replica of `disk_id` holds (None: not known yet).
+pub fn read_history(conn: &Connection, disk_id: &str) -> Result<Option<History>> {
+    let blob: Option<Vec<u8>> = conn
+        .query_row("SELECT generations FROM disks WHERE disk_id = ?1", [disk_id], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .flatten();
+    blob.map(|b| History::decode(&b, Path::new(CATALOG_FILE)).map_err(|e| corrupt(e.to_string()).disk(disk_id)))
+        .transpose()
 }
 
 /// Undo entries captured after `after` that cover a block of `[b0, b1)`,
@@ -864,7 +892,9 @@ impl Catalog {
                 Self::put_policy(&tx, disk_id, policy)?;
                 Bind::New(fresh(None))
             }
-            Some(row) if row.disk_uuid == *uuid => Bind::Existing(row),
+            // A failover's record and points are never erased by a rebind:
+            // the caller refuses the failed-over disk.
+            Some(row) if row.disk_uuid == *uuid || row.failed_over => Bind::Existing(row),
             Some(row) if !force => Bind::Mismatch {
                 bound_uuid: format_uuid(&row.disk_uuid),
             },
@@ -894,6 +924,25 @@ impl Catalog {
         };
         tx.commit()?;
         Ok(out)
+    }
+
+    /// The generations the replica holds (None: not known yet).
+    pub fn history(&self, disk_id: &str) -> Result<Option<History>> {
+        read_history(&self.conn, disk_id)
+    }
+
+    /// Record the generations the replica holds.
+    pub fn set_history(&mut self, disk_id: &str, h: &History) -> Result<()> {
+        self.conn.execute(
+            "UPDATE disks SET generations = ?2 WHERE disk_id = ?1",
+            params![disk_id, h.encode()],
+        )?;
+        Ok(())
+    }
+
+    /// The failovers recorded for the disk, oldest first.
+    pub fn failovers(&self, disk_id: &str) -> Result<Vec<Failover>> {
+        read_failovers(&self.conn, disk_id)
     }
 
     /// The old replica of a forced rebind has been moved aside.
@@ -1181,6 +1230,7 @@ impl Catalog {
 
     /// Record a failover and stop applying to the disk.
     pub fn record_failover(&mut self, disk_id: &str, point: &Point, output: &str) -> Result<()> {
+        let generation = read_history(&self.conn, disk_id)?.map(|h| h.current().id.hex());
         let tx = self.conn.transaction()?;
         let n = tx.execute("UPDATE disks SET failed_over = 1 WHERE disk_id = ?1", [disk_id])?;
         if n != 1 {
@@ -1190,8 +1240,8 @@ impl Catalog {
             ));
         }
         tx.execute(
-            "INSERT INTO failovers (disk_id, at_ns, seq, point_time_ns, kind, tag, output)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO failovers (disk_id, at_ns, seq, point_time_ns, kind, tag, output, generation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 disk_id,
                 to_i64(now_ns(), "time")?,
@@ -1199,7 +1249,8 @@ impl Catalog {
                 to_i64(point.time_ns, "time")?,
                 point.kind.as_str(),
                 point.tag,
-                output
+                output,
+                generation
             ],
         )?;
         tx.commit()?;

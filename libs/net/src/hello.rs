@@ -64,6 +64,7 @@ mod tests {
             disk_size: 0,
             disk_id: "d1".parse().unwrap(),
             token: b"tok".to_vec(),
+            lineage: tidemark_wire::frame::Lineage::default(),
         }
     }
 

@@ -117,9 +117,40 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// A Unix time (seconds) as `2026-12-07 05:12:03 UTC`: the proleptic
+/// Gregorian date from the day count (days-from-civil inverted), so that
+/// messages need no time-zone database.
+pub fn format_unix_time(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Shift to an era starting 0000-03-01 so that leap days end a year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_times() {
+        assert_eq!(format_unix_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_unix_time(1_796_620_323), "2026-12-07 05:12:03 UTC");
+        assert_eq!(format_unix_time(-1), "1969-12-31 23:59:59 UTC");
+    }
 
     #[test]
     fn sizes() {

@@ -12,9 +12,10 @@
 //!    16 | body (body_len bytes), by type:                        |
 //!       |  1 Hello   proto u16, role u8, flags u32,              |
 //!       |            disk_uuid [16], disk_size u64, id_len u8,   |
-//!       |            disk_id, token_len u16, token               |
+//!       |            disk_id, token_len u16, token,              |
+//!       |            generation [16], parent [16], fork_seq u64  |
 //!       |  2 Welcome acked_seq u64 (highest durable seq held),   |
-//!       |            flags u32                                   |
+//!       |            flags u32, generation [16]                  |
 //!       |  3 Batch   first_seq u64, count u32, count records     |
 //!       |            (tidemark_wire::record), seqs consecutive   |
 //!       |  4 Ack     seq u64 (every seq ≤ it is durable)         |
@@ -48,8 +49,9 @@ pub const FRAME_HEADER_LEN: usize = 16;
 /// Magic at the start of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
 /// The frame format version this code writes and reads. Version 1 (no
-/// flags in Hello and Welcome, no types 6–9) was never spoken by a release.
-pub const FRAME_VERSION: u8 = 2;
+/// flags in Hello and Welcome, no types 6–9) and version 2 (no generations
+/// in Hello and Welcome) were never spoken by a release.
+pub const FRAME_VERSION: u8 = 3;
 /// The protocol version carried in Hello.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest body: one maximal record plus headroom for a batch of small ones.
@@ -88,6 +90,8 @@ pub enum ErrorCode {
     Malformed = 4,
     Internal = 5,
     Busy = 6,
+    /// The sender's data generation ended with a failover: it is fenced.
+    StaleGeneration = 7,
 }
 
 /// In the operator's words, for messages and logs.
@@ -100,6 +104,7 @@ impl std::fmt::Display for ErrorCode {
             Self::Malformed => "malformed frame",
             Self::Internal => "internal error",
             Self::Busy => "busy",
+            Self::StaleGeneration => "stale generation",
         })
     }
 }
@@ -113,6 +118,7 @@ impl ErrorCode {
             4 => Self::Malformed,
             5 => Self::Internal,
             6 => Self::Busy,
+            7 => Self::StaleGeneration,
             _ => return None,
         })
     }
@@ -130,6 +136,46 @@ pub struct Hello {
     pub disk_size: u64,
     pub disk_id: DiskId,
     pub token: Vec<u8>,
+    /// The sender's data generation (`docs/failback.md`, section 1).
+    pub lineage: Lineage,
+}
+
+/// A side's current data generation as a Hello carries it: its id, the
+/// generation it forked from and the parent's seq at the fork. All zero:
+/// not known (a collector relaying a disk whose agent has not said Hello
+/// since it was upgraded). The full history stays with each side
+/// (`tidemark_formats::generation`); one step back is what a peer needs
+/// to tell "forked from mine at F" from "another line".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lineage {
+    pub generation: [u8; 16],
+    /// All zero: a root generation (or not known).
+    pub parent: [u8; 16],
+    pub fork_seq: u64,
+}
+
+impl Lineage {
+    /// Whether the sender said which generation it holds.
+    pub fn is_known(&self) -> bool {
+        self.generation != [0; 16]
+    }
+
+    fn check(&self) -> Result<(), WireError> {
+        let zero = [0u8; 16];
+        let bad = if self.generation == zero && (self.parent != zero || self.fork_seq != 0) {
+            Some("a parent without a generation")
+        } else if self.parent == zero && self.fork_seq != 0 {
+            Some("a fork seq without a parent")
+        } else if self.generation != zero && self.parent == self.generation {
+            Some("a generation that is its own parent")
+        } else {
+            None
+        };
+        match bad {
+            Some(what) => Err(err(WireErrorKind::Corrupt, format!("hello lineage names {what}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What the agent is doing, as reported in [`Progress`].
@@ -251,6 +297,9 @@ pub enum Frame {
         acked_seq: u64,
         /// `WELCOME_*` bits.
         flags: u32,
+        /// The data generation the receiver holds for the disk (all zero:
+        /// none yet).
+        generation: [u8; 16],
     },
     /// Records with consecutive seqs.
     Batch(Vec<Record>),
@@ -409,10 +458,19 @@ impl Frame {
                 body.extend_from_slice(h.disk_id.as_bytes());
                 body.extend_from_slice(&u16::try_from(h.token.len()).unwrap_or(0).to_le_bytes());
                 body.extend_from_slice(&h.token);
+                h.lineage.check()?;
+                body.extend_from_slice(&h.lineage.generation);
+                body.extend_from_slice(&h.lineage.parent);
+                body.extend_from_slice(&h.lineage.fork_seq.to_le_bytes());
             }
-            Frame::Welcome { acked_seq, flags } => {
+            Frame::Welcome {
+                acked_seq,
+                flags,
+                generation,
+            } => {
                 body.extend_from_slice(&acked_seq.to_le_bytes());
                 body.extend_from_slice(&flags.to_le_bytes());
+                body.extend_from_slice(generation);
             }
             Frame::Batch(records) => {
                 let first = records
@@ -550,6 +608,11 @@ impl Frame {
                     return Err(err(WireErrorKind::OutOfBounds, "hello token longer than 4096 bytes"));
                 }
                 let token = c.take(t, "hello token")?.to_vec();
+                let mut lineage = Lineage::default();
+                lineage.generation.copy_from_slice(c.take(16, "hello generation")?);
+                lineage.parent.copy_from_slice(c.take(16, "hello parent generation")?);
+                lineage.fork_seq = c.u64("hello fork seq")?;
+                lineage.check()?;
                 Frame::Hello(Hello {
                     protocol,
                     role,
@@ -558,6 +621,7 @@ impl Frame {
                     disk_size,
                     disk_id,
                     token,
+                    lineage,
                 })
             }
             2 => {
@@ -566,7 +630,13 @@ impl Frame {
                 if flags & !WELCOME_NEED_FULL_SYNC != 0 {
                     return Err(err(WireErrorKind::Corrupt, format!("unknown welcome flags {flags:#x}")));
                 }
-                Frame::Welcome { acked_seq, flags }
+                let mut generation = [0u8; 16];
+                generation.copy_from_slice(c.take(16, "welcome generation")?);
+                Frame::Welcome {
+                    acked_seq,
+                    flags,
+                    generation,
+                }
             }
             3 => {
                 let first = c.u64("batch")?;
@@ -712,9 +782,9 @@ mod tests {
         }
     }
 
-    /// Pins frame version 2: a change to these bytes needs a version bump.
+    /// Pins frame version 3: a change to these bytes needs a version bump.
     #[test]
-    fn golden_bytes_v2() {
+    fn golden_bytes_v3() {
         let hello = Frame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Agent,
@@ -723,12 +793,18 @@ mod tests {
             disk_size: 1 << 30,
             disk_id: "db".parse().unwrap(),
             token: b"s3".to_vec(),
+            lineage: Lineage {
+                generation: [0x22; 16],
+                parent: [0x33; 16],
+                fork_seq: 5,
+            },
         });
         let frames = [
             hello,
             Frame::Welcome {
                 acked_seq: 9,
                 flags: WELCOME_NEED_FULL_SYNC,
+                generation: [0x44; 16],
             },
             Frame::Ack { seq: 7 },
             Frame::Error {
@@ -769,19 +845,20 @@ mod tests {
         // Header (magic, version, type, flags, body length, crc), then the body.
         let want = [
             concat!(
-                "544d57460201000026000000406c3f1b 0100 01 01000000 11111111111111111111111111111111",
-                " 0000004000000000 02 6462 0200 7333"
+                "544d5746030100004e000000aa7d491e 0100 01 01000000 11111111111111111111111111111111",
+                " 0000004000000000 02 6462 0200 7333 22222222222222222222222222222222",
+                " 33333333333333333333333333333333 0500000000000000"
             ),
-            "544d5746020200000c00000014299eb8 0900000000000000 01000000",
-            "544d574602040000080000002524fcc0 0700000000000000",
-            "544d57460205000006000000b21d7611 0100 0200 6e6f",
+            "544d5746030200001c0000002ab01508 0900000000000000 01000000 44444444444444444444444444444444",
+            "544d57460304000008000000db29f032 0700000000000000",
+            "544d57460305000006000000f4487145 0100 0200 6e6f",
             concat!(
-                "544d57460206000041000000572b382a 0100000000000000 03 0200000000000000 0300000000000000",
+                "544d574603060000410000001ae3089e 0100000000000000 03 0200000000000000 0300000000000000",
                 " 0400000000000000 0500000000000000 0600000000000000 0700000000000000 0800000000000000"
             ),
-            "544d574602070000190000005f9df8b5 02 0300000000000000 0010000000000000 0002000000000000",
-            "544d574602080000150000005cb23084 0200000000000000 01000000 01000000 50000000 ab",
-            "544d57460209000019000000c0e2e993 0500000000000000 03 0400000000000000 0002000000000000",
+            "544d5746030700001900000070b6c1ef 02 0300000000000000 0010000000000000 0002000000000000",
+            "544d574603080000150000007979eb73 0200000000000000 01000000 01000000 50000000 ab",
+            "544d57460309000019000000efc9d0c9 0500000000000000 03 0400000000000000 0002000000000000",
         ];
         for (g, w) in got.iter().zip(want) {
             assert_eq!(g, &w.replace(' ', ""));
@@ -817,7 +894,7 @@ mod tests {
         big[8..12].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
         assert_eq!(FrameHeader::parse(&big).unwrap_err().kind, WireErrorKind::OutOfBounds);
         let mut v2 = Frame::Ack { seq: 1 }.encode().unwrap();
-        v2[4] = 3;
+        v2[4] = 2;
         assert_eq!(Frame::decode(&v2).unwrap_err().kind, WireErrorKind::UnsupportedVersion);
         let ok = Frame::Ack { seq: 1 }.encode().unwrap();
         assert_eq!(Frame::decode(&ok[..10]).unwrap_err().kind, WireErrorKind::Truncated);
@@ -839,6 +916,7 @@ mod tests {
             disk_size: 0,
             disk_id: "a-b".parse().unwrap(),
             token: vec![],
+            lineage: Lineage::default(),
         })
         .encode()
         .unwrap();
@@ -854,10 +932,11 @@ mod tests {
                 "[a-z0-9._-]{1,64}",
                 proptest::collection::vec(any::<u8>(), 0..64),
                 any::<[u8; 16]>(),
-                any::<bool>()
+                any::<bool>(),
+                (any::<[u8; 16]>(), any::<u64>()),
             )
                 .prop_filter("not . or ..", |(id, ..)| id != "." && id != "..")
-                .prop_map(|(id, token, uuid, agent)| Frame::Hello(Hello {
+                .prop_map(|(id, token, uuid, agent, (g, fork_seq))| Frame::Hello(Hello {
                     protocol: PROTOCOL_VERSION,
                     role: if agent { Role::Agent } else { Role::Collector },
                     flags: u32::from(agent),
@@ -865,8 +944,18 @@ mod tests {
                     disk_size: u64::from(agent) << 20,
                     disk_id: DiskId::parse(&id).unwrap(),
                     token,
+                    // A root (agent) or a fork of a generation that differs.
+                    lineage: Lineage {
+                        generation: [g[0] | 1; 16],
+                        parent: if agent { [0; 16] } else { [(g[0] & !1) | 2; 16] },
+                        fork_seq: if agent { 0 } else { fork_seq },
+                    },
                 })),
-            (any::<u64>(), 0u32..2).prop_map(|(s, flags)| Frame::Welcome { acked_seq: s, flags }),
+            (any::<u64>(), 0u32..2, any::<[u8; 16]>()).prop_map(|(s, flags, generation)| Frame::Welcome {
+                acked_seq: s,
+                flags,
+                generation
+            }),
             (any::<u64>(), 1u8..6, any::<[u64; 6]>()).prop_map(|(s, m, v)| Frame::Progress(Progress {
                 source_seq: s,
                 mode: AgentMode::from_u8(m).unwrap(),

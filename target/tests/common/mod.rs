@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tidemark_target::{Config, Target};
-use tidemark_wire::frame::{ErrorCode, Frame, Hello, Request, Role, TargetState, PROTOCOL_VERSION};
+use tidemark_wire::frame::{ErrorCode, Frame, Hello, Lineage, Request, Role, TargetState, PROTOCOL_VERSION};
 use tidemark_wire::pack::{Packer, DEFAULT_WINDOW_BLOCKS};
 use tidemark_wire::record::{Record, RecordHeader, RecordKind, FLAG_FULL, FLAG_SYNC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,6 +116,11 @@ pub fn hello(disk: &str, uuid: [u8; 16], flags: u32) -> Hello {
         disk_size: 0,
         disk_id: disk.parse().unwrap(),
         token: TOKEN.to_vec(),
+        // One generation per UUID (a rebound disk is a new line of writes).
+        lineage: Lineage {
+            generation: uuid,
+            ..Lineage::default()
+        },
     }
 }
 
@@ -140,7 +145,7 @@ impl Conn {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream.write_all(&Frame::Hello(h).encode().unwrap()).await.unwrap();
         match read_frame(&mut stream).await {
-            Some(Frame::Welcome { acked_seq, flags }) => (
+            Some(Frame::Welcome { acked_seq, flags, .. }) => (
                 Self {
                     stream,
                     packer: Packer::new(DEFAULT_WINDOW_BLOCKS, 3).unwrap(),

@@ -50,6 +50,8 @@ fn replication(s: &Value) -> String {
             "{} to {c}, acked seq {}, backlog {}",
             if s["collector_connected"] == Value::Bool(true) {
                 s["replication_mode"].as_str().unwrap_or("?")
+            } else if s["fenced"].is_string() {
+                "fenced (a failover ended this generation; writes stay tracked)"
             } else {
                 "disconnected"
             },
@@ -127,7 +129,9 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
             ),
         ),
         ("served as", s["served_as"].as_str().unwrap_or("-").to_string()),
+        ("generation", s["generation"].as_str().unwrap_or("-").to_string()),
         ("replication", replication(s)),
+        ("fenced", s["fenced"].as_str().unwrap_or("no").to_string()),
         ("sync", sync_line(&s["sync"])),
         ("full resyncs", n("full_resyncs").to_string()),
         ("mode changes", n("mode_changes").to_string()),

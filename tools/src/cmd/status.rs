@@ -217,6 +217,7 @@ fn recovery_states(data: &std::path::Path) -> Result<std::collections::BTreeMap<
                     "undo_cap_bytes": d.undo_cap_bytes,
                     "failed_over": !d.failovers.is_empty(),
                     "failover_seq": d.failovers.last().map(|f| f.point.seq),
+                    "generation": d.generation,
                 }),
             )
         })
@@ -232,6 +233,7 @@ fn recovery_table(rec: &std::collections::BTreeMap<String, Value>) {
         "NEWEST POINT",
         "LAST APP POINT",
         "UNDO",
+        "GENERATION",
         "FAILED OVER",
     ];
     let mut rows = vec![head.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
@@ -257,6 +259,10 @@ fn recovery_table(rec: &std::collections::BTreeMap<String, Value>) {
                 Some(cap) => format!("{} of {}", format_size(u(r, "undo_bytes")), format_size(cap)),
                 None => format!("{} (no cap)", format_size(u(r, "undo_bytes"))),
             },
+            // 16 hex digits tell generations apart (as in messages).
+            r["generation"]
+                .as_str()
+                .map_or_else(|| "-".into(), |g| g.chars().take(16).collect()),
             match r["failover_seq"].as_u64() {
                 Some(seq) if r["failed_over"] == Value::Bool(true) => format!("yes, at seq {seq}"),
                 _ => "no".into(),
@@ -405,10 +411,22 @@ fn problems(
                     id,
                     format!("{}: no consistent recovery point until it is done", mode_text(d)),
                 ),
+                "fenced" => add(
+                    Warning,
+                    id,
+                    format!(
+                        "fenced: a failover ended this disk's generation; its agent is refused ({})",
+                        d["fenced"]["reason"].as_str().unwrap_or("no reason recorded")
+                    ),
+                ),
                 "backlogged" if d["target_connected"] != Value::Bool(false) => {
                     add(Warning, id, format!("backlogged: lag {}", secs(&d["lag_s"])));
                 }
                 _ => {}
+            }
+            if mode == "fenced" {
+                // Its agent is refused and nothing is forwarded, by design.
+                continue;
             }
             if d["agent_connected"] == Value::Bool(false) {
                 add(

@@ -31,6 +31,8 @@ use std::fmt;
 use std::path::Path;
 
 use tidemark_util::bytes::{u32_at, u64_at};
+use tidemark_util::crashsafe;
+use tidemark_wire::frame::Lineage;
 
 use crate::error::{Error, ErrorKind, Located, Result};
 
@@ -55,6 +57,26 @@ impl fmt::Display for GenerationId {
             write!(f, "{b:02x}")?;
         }
         Ok(())
+    }
+}
+
+impl GenerationId {
+    /// All 32 hex digits (for catalogs and JSON; `Display` shows 16).
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parse [`GenerationId::hex`]'s form; None for anything else or an
+    /// all-zero id.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut v = [0u8; 16];
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        (v != [0; 16]).then_some(Self(v))
     }
 }
 
@@ -155,6 +177,44 @@ impl History {
     /// Every generation kept, newest first.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+
+    /// The current generation as a Hello carries it.
+    pub fn lineage(&self) -> Lineage {
+        let e = self.current();
+        Lineage {
+            generation: e.id.0,
+            parent: e.parent.map_or([0; 16], |p| p.0),
+            fork_seq: e.fork_seq,
+        }
+    }
+
+    /// What a peer's Hello tells of its history: its current generation
+    /// (and the one it forked from), a history cut after one entry. None
+    /// when the peer did not say (`Lineage::is_known`).
+    pub fn from_lineage(l: &Lineage, now_ns: u64) -> Option<Self> {
+        l.is_known().then(|| Self {
+            entries: vec![Entry {
+                id: GenerationId(l.generation),
+                parent: (l.parent != [0; 16]).then_some(GenerationId(l.parent)),
+                fork_seq: l.fork_seq,
+                started_ns: now_ns,
+            }],
+        })
+    }
+
+    /// Read the file at `path`; None when there is none.
+    pub fn load(path: &Path) -> Result<Option<Self>> {
+        match std::fs::read(path) {
+            Ok(b) => Self::decode(&b, path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", path, e)),
+        }
+    }
+
+    /// Write the file at `path`, whole and crash-safe.
+    pub fn store(&self, path: &Path) -> Result<()> {
+        crashsafe::write_atomic(path, &self.encode()).map_err(|e| Error::io("write", path, e))
     }
 
     /// The seq at which this line left generation `g`: the fork seq of the
@@ -358,6 +418,28 @@ mod tests {
         let back = History::decode(&h.encode(), Path::new("g")).unwrap();
         assert_eq!(back, h);
         assert!(h.fork(g(40), 1, 0).is_err(), "an id already in the history");
+    }
+
+    #[test]
+    fn lineage_files_and_hex() {
+        let h = History::root(g(1), 0).unwrap().fork(g(2), 9, 0).unwrap();
+        let l = h.lineage();
+        assert_eq!((l.generation, l.parent, l.fork_seq), ([2; 16], [1; 16], 9));
+        let one = History::from_lineage(&l, 3).unwrap();
+        assert_eq!(
+            (one.current().id, one.current().parent, one.entries().len()),
+            (g(2), Some(g(1)), 1)
+        );
+        assert!(History::from_lineage(&Lineage::default(), 0).is_none());
+        let id = GenerationId([0xa5; 16]);
+        assert_eq!(GenerationId::from_hex(&id.hex()), Some(id));
+        assert_eq!(GenerationId::from_hex(&"0".repeat(32)), None);
+        assert_eq!(GenerationId::from_hex("zz"), None);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("generations");
+        assert_eq!(History::load(&p).unwrap(), None);
+        h.store(&p).unwrap();
+        assert_eq!(History::load(&p).unwrap(), Some(h));
     }
 
     #[test]
