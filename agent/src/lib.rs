@@ -23,6 +23,7 @@ pub mod sync;
 pub mod sync_state;
 pub mod syncer;
 pub mod ublk;
+pub mod unapplied;
 
 /// Nanoseconds since the Unix epoch, for record timestamps.
 pub use tidemark_util::now_ns;

@@ -274,6 +274,7 @@ fn open_claimed(
         disk_id: cfg.disk_id.clone(),
         disk_uuid: meta.disk_uuid.clone(),
         lineage: history.lineage(),
+        unapplied: crate::unapplied::Unapplied::open(&state.dir, size)?,
         disk_path: cfg.disk.clone(),
         disk,
         kind,

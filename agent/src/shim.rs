@@ -44,6 +44,7 @@ use tracing::{error, info, warn};
 use crate::ranges::{RangeLocks, Ticket};
 use crate::sync_state::{SyncFile, SyncKind, SyncShared};
 use crate::syncer::Syncer;
+use crate::unapplied::Unapplied;
 
 /// How writes are tracked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -86,6 +87,9 @@ pub struct LinkStatus {
     pub batches: AtomicU64,
     pub sent_bytes: AtomicU64,
     pub reconnects: AtomicU64,
+    /// The target's applied seq, as the collector last relayed it (0: not
+    /// known yet).
+    pub applied_seq: AtomicU64,
     /// Why the collector refused this disk's generation (a failover ended
     /// it): nothing is shipped; writes stay tracked (journal, then bitmap).
     pub fenced: Mutex<Option<String>>,
@@ -131,6 +135,9 @@ pub struct Inner {
     pub sync: SyncShared,
     /// The collector link, for status.
     pub link: LinkStatus,
+    /// Regions written that the target has not applied, kept after their
+    /// records left the journal.
+    pub unapplied: Mutex<Unapplied>,
     /// Woken when a sync chunk lifts its fence.
     fence_lifted: Notify,
     /// Woken when records become shippable (the shipper waits on it).
@@ -155,6 +162,7 @@ pub struct ShimParts {
     pub disk_id: DiskId,
     pub disk_uuid: String,
     pub lineage: Lineage,
+    pub unapplied: Unapplied,
     pub disk_path: PathBuf,
     pub disk: File,
     pub kind: BackingKind,
@@ -316,6 +324,7 @@ impl Shim {
                 stats: Stats::default(),
                 sync,
                 link: LinkStatus::default(),
+                unapplied: Mutex::new(p.unapplied),
                 fence_lifted: Notify::new(),
                 shippable: Notify::new(),
                 started: Instant::now(),

@@ -266,11 +266,31 @@ async fn consume(shim: &Shim, acked: u64) -> Result<()> {
         return Ok(());
     }
     fail::fail_point!("agent-ack-before-consume");
-    let dir = shim.core().journal.config().dir.clone();
-    tokio::task::spawn_blocking(move || Journal::persist_consumed(&dir, upto))
-        .await
-        .map_err(|e| anyhow!("consume task: {e}"))?
-        .context("persist the consumed seq")?;
+    let (dir, consumed) = {
+        let core = shim.core();
+        (core.journal.config().dir.clone(), core.journal.consumed_seq())
+    };
+    let applied = shim.inner().link.applied_seq.load(std::sync::atomic::Ordering::Relaxed);
+    let s = shim.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        // What the target has not applied stays tracked once it leaves
+        // the journal (crate::unapplied), durably before the marker moves.
+        if upto > applied {
+            let from = (consumed + 1).max(applied + 1);
+            let ranges = JournalReader::open(&dir)
+                .and_then(|r| r.changed_ranges(from, upto))
+                .context("read the ranges of the records to consume")?;
+            s.inner()
+                .unapplied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keep(ranges.as_deref(), from, upto, applied)
+                .context("track the regions the target has not applied")?;
+        }
+        Journal::persist_consumed(&dir, upto).context("persist the consumed seq")
+    })
+    .await
+    .map_err(|e| anyhow!("consume task: {e}"))??;
     shim.core().journal.recycle(upto).context("recycle journal segments")?;
     fail::fail_point!("agent-ack-after-consume");
     shim.maybe_exit_bitmap_mode();
@@ -561,6 +581,23 @@ impl Conn<'_> {
                         consume(shim, seq).await.map_err(|e| journal_err(format!("{e:#}")))?;
                         self.last_consume = Instant::now();
                     }
+                }
+            }
+            Frame::TargetState(ts) => {
+                // Relayed by the collector: what the target has applied.
+                let link = &shim.inner().link;
+                if ts.applied_seq > link.applied_seq.fetch_max(ts.applied_seq, Relaxed) {
+                    let s = shim.clone();
+                    tokio::task::spawn_blocking(move || {
+                        s.inner()
+                            .unapplied
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .applied(ts.applied_seq)
+                    })
+                    .await
+                    .map_err(|e| anyhow!("unapplied task: {e}"))?
+                    .map_err(|e| journal_err(format!("{e:#}")))?;
                 }
             }
             Frame::Request(Request::StatusNow { nonce }) => {

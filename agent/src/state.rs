@@ -12,6 +12,7 @@
 //!    resync-required present after a machine crash until a full resync is done
 //!    journal/        the change journal (tidemark_formats::journal)
 //!    dirty.bitmap    regions written in bitmap mode (tidemark_formats::bitmap)
+//!    unapplied/      regions the target has not applied, past the journal (crate::unapplied)
 //!    control.sock    status and tag requests
 //! ```
 
@@ -31,6 +32,7 @@ pub const SPEC: DirSpec = DirSpec {
     own_names: &[
         "disk.json",
         "generations",
+        "unapplied",
         "boot_id",
         "clean-shutdown",
         "resync-required",

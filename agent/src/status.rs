@@ -58,6 +58,12 @@ pub struct Status {
     /// it); None while it is not fenced.
     pub fenced: Option<String>,
     pub acked_seq: u64,
+    /// The target's applied seq as the collector last relayed it (0: not
+    /// known yet).
+    pub target_applied_seq: u64,
+    /// Regions written that the target has not applied, kept after their
+    /// records left the journal (`crate::unapplied`).
+    pub unapplied: crate::unapplied::UnappliedStats,
     pub uptime_s: u64,
     /// How the disk is served: `nbd ADDR`, `ublk /dev/ublkbN` (both,
     /// comma-separated, when it is served both ways; None before it is).
@@ -90,6 +96,8 @@ impl Status {
         let rate = inner.sync.rate_bps();
         let (jfill, jcap) = shim.journal_fill();
         let acked = inner.link.acked_seq.load(Ordering::Relaxed);
+        // Before the journal lock: the bitmaps are scanned for the counts.
+        let unapplied = inner.unapplied.lock().unwrap_or_else(|p| p.into_inner()).stats();
         let core = shim.core();
         let (regions, bytes, gran) = core
             .bitmap
@@ -148,6 +156,8 @@ impl Status {
             collector: inner.link.collector.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             collector_connected: inner.link.connected.load(Ordering::Relaxed),
             fenced: inner.link.fenced.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            target_applied_seq: inner.link.applied_seq.load(Ordering::Relaxed),
+            unapplied,
             acked_seq: acked,
             uptime_s: shim.uptime().as_secs(),
             served_as: shim.served_as(),

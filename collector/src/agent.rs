@@ -381,6 +381,11 @@ async fn session(
         },
     )
     .await?;
+    // What the target has applied, so the agent can stop tracking it.
+    let ts = disk.lock().target_state;
+    if let Some(ts) = ts {
+        send_and_wait(tx, Frame::TargetState(ts)).await?;
+    }
     // Range resyncs still owed: sent on every connection until sync records
     // covering them are spooled (`Shared::cover_resyncs`), so a request lost
     // with an earlier connection is not lost for good.

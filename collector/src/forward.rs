@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::state::{kib_permits, Disk, Shared, SpoolEntry};
+use crate::state::{kib_permits, Disk, Out, Shared, SpoolEntry};
 use crate::{failpoint, spool};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -349,9 +349,22 @@ async fn read_loop(
                 spool::trim(shared, disk, binding, seq).await;
             }
             Some(Frame::TargetState(ts)) => {
-                let mut st = disk.lock();
-                if st.binding == binding {
+                let agent = {
+                    let mut st = disk.lock();
+                    if st.binding != binding {
+                        continue;
+                    }
                     st.target_state = Some(ts);
+                    st.agent.as_ref().map(|a| a.tx.clone())
+                };
+                // The agent keeps what the target has not applied tracked
+                // (agent/src/unapplied.rs): tell it what has been. Best
+                // effort: the next state (2 s) repeats it.
+                if let Some(tx) = agent {
+                    let _ = tx.try_send(Out {
+                        frame: Frame::TargetState(ts),
+                        done: None,
+                    });
                 }
             }
             Some(Frame::Request(req)) => match req {

@@ -25,7 +25,19 @@ async fn send(s: &mut TcpStream, f: &Frame) {
     s.write_all(&f.encode().unwrap()).await.unwrap();
 }
 
+/// The next frame, skipping the `TargetState` frames the collector relays
+/// to agents (informational: the agent stops tracking what was applied);
+/// `recv_raw` sees them.
 async fn recv(s: &mut TcpStream) -> Frame {
+    loop {
+        match recv_raw(s).await {
+            Frame::TargetState(_) => continue,
+            f => return f,
+        }
+    }
+}
+
+async fn recv_raw(s: &mut TcpStream) -> Frame {
     tokio::time::timeout(T, async {
         let mut hb = [0u8; FRAME_HEADER_LEN];
         s.read_exact(&mut hb).await.unwrap();
@@ -39,8 +51,19 @@ async fn recv(s: &mut TcpStream) -> Frame {
     .expect("a frame within 10 s")
 }
 
-/// The next frame, or None if none arrives within `d` (or the peer closed).
+/// The next frame but a relayed `TargetState`, or None if none arrives
+/// within `d` (or the peer closed).
 async fn recv_within(s: &mut TcpStream, d: Duration) -> Option<Frame> {
+    let until = tokio::time::Instant::now() + d;
+    loop {
+        match recv_within_raw(s, until.saturating_duration_since(tokio::time::Instant::now())).await {
+            Some(Frame::TargetState(_)) => continue,
+            f => return f,
+        }
+    }
+}
+
+async fn recv_within_raw(s: &mut TcpStream, d: Duration) -> Option<Frame> {
     let mut hb = [0u8; FRAME_HEADER_LEN];
     match tokio::time::timeout(d, s.read_exact(&mut hb)).await {
         Ok(Ok(_)) => {}
@@ -368,6 +391,15 @@ async fn spools_acks_forwards_packed_and_trims() {
     // Every declared metric is exported (a disk is present).
     assert_eq!(tidemark_util::metrics::unsampled(&body), Vec::<String>::new(), "{body}");
     assert!(body.matches("# TYPE ").count() >= 25, "{body}");
+    // The target's state reaches the agent (it stops tracking what was
+    // applied, agent/src/unapplied.rs).
+    loop {
+        match recv_raw(&mut a).await {
+            Frame::TargetState(ts) if ts.applied_seq == 5 => break,
+            Frame::TargetState(_) => {}
+            other => panic!("expected the relayed target state, got {other:?}"),
+        }
+    }
     // Refresh: the agent is asked for a Progress with a fresh nonce; only
     // the one echoing it answers the call.
     let api = c.api_addr;

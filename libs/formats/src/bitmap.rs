@@ -92,6 +92,20 @@ impl DirtyBitmap {
                 ndirty: 0,
             });
         }
+        Self::load(file, path, disk_size, granularity, nbits, nbytes)
+    }
+
+    /// Open an existing bitmap at `path` for reading only (tools, on a
+    /// live or stopped agent's state directory); it must match the disk.
+    pub fn open_read_only(path: &Path, disk_size: u64, granularity: u32) -> Result<Self> {
+        let nbits = disk_size.div_ceil(u64::from(granularity.max(1)));
+        let nbytes = usize::try_from(nbits.div_ceil(8))
+            .map_err(|_| Error::new(ErrorKind::OutOfBounds, "disk too large for a bitmap"))?;
+        let file = File::open(path).ctx("open bitmap", path)?;
+        Self::load(file, path, disk_size, granularity, nbits, nbytes)
+    }
+
+    fn load(file: File, path: &Path, disk_size: u64, granularity: u32, nbits: u64, nbytes: usize) -> Result<Self> {
         let mut h = [0u8; HDR];
         file.read_exact_at(&mut h, 0).ctx("read bitmap header", path)?;
         if h[0..8] != MAGIC {

@@ -132,6 +132,24 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
         ("generation", s["generation"].as_str().unwrap_or("-").to_string()),
         ("replication", replication(s)),
         ("fenced", s["fenced"].as_str().unwrap_or("no").to_string()),
+        ("target applied seq", {
+            let a = n("target_applied_seq");
+            if a == 0 {
+                "not known yet".to_string()
+            } else {
+                a.to_string()
+            }
+        }),
+        ("not applied, past journal", {
+            let u = &s["unapplied"];
+            let m = |k: &str| u[k].as_u64().unwrap_or(0);
+            format!(
+                "{} in {} regions ({} epochs)",
+                format_size(m("bytes")),
+                m("regions"),
+                m("epochs")
+            )
+        }),
         ("sync", sync_line(&s["sync"])),
         ("full resyncs", n("full_resyncs").to_string()),
         ("mode changes", n("mode_changes").to_string()),

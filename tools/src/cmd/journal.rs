@@ -27,6 +27,25 @@ pub enum JournalCmd {
         after_help = "Example:\n  cp --sparse=always db-before.img check.img\n  tidemark journal replay --state /var/lib/tidemark/db --onto check.img && qemu-img compare check.img db.img"
     )]
     Replay(ReplayArgs),
+    /// The regions this state directory holds as not (known to be) applied
+    /// at the target: live journal records, regions kept past the journal
+    /// until applied, and the dirty bitmap. After a disaster, these are
+    /// what the way back must resync from this side (docs/failback.md).
+    #[command(
+        override_usage = "tidemark journal unapplied --state DIR [--json]",
+        after_help = "Example:\n  tidemark journal unapplied --state /var/lib/tidemark/db"
+    )]
+    Unapplied(UnappliedArgs),
+}
+
+#[derive(Args)]
+pub struct UnappliedArgs {
+    /// The agent's state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// One JSON object: totals by source and the merged regions.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -56,6 +75,7 @@ pub fn run(c: JournalCmd) -> Result<()> {
     match c {
         JournalCmd::Dump(a) => dump(a),
         JournalCmd::Replay(a) => replay(a),
+        JournalCmd::Unapplied(a) => unapplied(a),
     }
 }
 
@@ -166,5 +186,88 @@ fn replay(a: ReplayArgs) -> Result<()> {
     }
     fileops::fdatasync(&f)?;
     eprintln!("applied {n} records to {}", a.onto.display());
+    Ok(())
+}
+
+fn unapplied(a: UnappliedArgs) -> Result<()> {
+    let reader = open(&a.state)?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.state.join("disk.json")).context("read disk.json")?)
+            .context("disk.json")?;
+    let size = meta["disk_size"].as_u64().context("disk.json has no disk_size")?;
+    let gran = tidemark_formats::bitmap::DEFAULT_GRANULARITY;
+    // The journal from its oldest record held (consumed ones not yet
+    // recycled included: a superset is always safe).
+    let first = reader.segments()?.first().map_or(1, |(h, _)| h.first_seq);
+    let mut journal = Vec::new();
+    for r in reader.records_from(first) {
+        let h = r?.header;
+        if matches!(
+            h.kind,
+            tidemark_wire::RecordKind::Write
+                | tidemark_wire::RecordKind::Zero
+                | tidemark_wire::RecordKind::Trim
+                | tidemark_wire::RecordKind::Sync
+        ) && h.length > 0
+        {
+            journal.push((h.offset, h.length));
+        }
+    }
+    let read_bitmap = |p: &std::path::Path| -> Result<Vec<(u64, u64)>> {
+        Ok(tidemark_formats::bitmap::DirtyBitmap::open_read_only(p, size, gran)
+            .with_context(|| format!("read {}", p.display()))?
+            .dirty_ranges())
+    };
+    let mut past = Vec::new();
+    let dir = a.state.join("unapplied");
+    if dir.is_dir() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "bitmap") {
+                past.extend(read_bitmap(&p)?);
+            }
+        }
+    }
+    let dirty_path = a.state.join("dirty.bitmap");
+    let dirty = if dirty_path.exists() {
+        read_bitmap(&dirty_path)?
+    } else {
+        Vec::new()
+    };
+    let bytes = |v: &[(u64, u64)]| {
+        tidemark_formats::journal::merge_ranges(v.to_vec())
+            .iter()
+            .map(|r| r.1)
+            .sum::<u64>()
+    };
+    let (jb, pb, db) = (bytes(&journal), bytes(&past), bytes(&dirty));
+    let all = tidemark_formats::journal::merge_ranges(journal.into_iter().chain(past).chain(dirty).collect());
+    let total: u64 = all.iter().map(|r| r.1).sum();
+    if a.json {
+        let regions: Vec<_> = all.iter().map(|(o, l)| serde_json::json!([o, l])).collect();
+        outln!(
+            "{}",
+            serde_json::json!({
+            "bytes": total,
+            "journal_bytes": jb,
+            "past_journal_bytes": pb,
+            "dirty_bitmap_bytes": db,
+            "regions": regions,
+            })
+        );
+        return Ok(());
+    }
+    outln!(
+        "{} in {} regions (journal {}, kept past the journal {}, dirty bitmap {})",
+        format_size(total),
+        all.len(),
+        format_size(jb),
+        format_size(pb),
+        format_size(db)
+    );
+    outln!("{:>16} {:>12}", "OFFSET", "LENGTH");
+    for (o, l) in all {
+        outln!("{o:>16} {l:>12}");
+    }
     Ok(())
 }

@@ -38,6 +38,23 @@ pub use reader::{JournalReader, RecordIter, Skipped};
 pub use segment::{SegmentHeader, SEGMENT_HEADER_LEN};
 pub use writer::{Journal, JournalConfig, OpenReport, SyncTargets};
 
+/// Sort and merge overlapping or touching `(offset, length)` ranges (what
+/// [`JournalReader::changed_ranges`] returns, joined with bitmap regions).
+pub fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (off, len) in v {
+        match out.last_mut() {
+            Some(last) if off <= last.0 + last.1 => {
+                let end = (last.0 + last.1).max(off.saturating_add(len));
+                last.1 = end - last.0;
+            }
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
 use std::path::{Path, PathBuf};
 
 /// File name of live segment `index`.

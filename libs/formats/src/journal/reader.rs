@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use tidemark_wire::record::{Record, RecordHeader, HEADER_LEN, MAGIC};
+use tidemark_wire::record::{Record, RecordHeader, RecordKind, HEADER_LEN, MAGIC};
 
 use super::segment::{read_record_at, read_up_to, SegmentHeader, Step, SEGMENT_HEADER_LEN};
 use super::{list, segment_path};
@@ -60,6 +60,56 @@ impl JournalReader {
             }
         }
         Ok(out)
+    }
+
+    /// The disk ranges `(offset, length)` that the records with seqs in
+    /// `from..=to` change (Write, Zero, Trim, Sync), read from their headers
+    /// alone (payloads are neither read nor verified). None when a record
+    /// of the span is not held or its header cannot be read: the caller
+    /// must then assume any region may have changed.
+    pub fn changed_ranges(&self, from: u64, to: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(Some(out));
+        }
+        let segs = self.segments()?;
+        let Some(start) = segs.iter().rposition(|(h, _)| h.first_seq <= from) else {
+            return Ok(None);
+        };
+        let mut seq = segs[start].0.first_seq;
+        let mut hb = [0u8; HEADER_LEN];
+        for (h, p) in &segs[start..] {
+            if h.first_seq != seq && seq <= to {
+                // A gap between segments inside the span.
+                return Ok(None);
+            }
+            let f = File::open(p).ctx("open", p)?;
+            let mut pos = SEGMENT_HEADER_LEN;
+            while seq <= to {
+                if read_up_to(&f, &mut hb, pos).ctx("read", p)? < HEADER_LEN {
+                    break;
+                }
+                let Ok(rh) = RecordHeader::decode(&hb) else { break };
+                if rh.seq != seq {
+                    break;
+                }
+                if seq >= from
+                    && matches!(
+                        rh.kind,
+                        RecordKind::Write | RecordKind::Zero | RecordKind::Trim | RecordKind::Sync
+                    )
+                    && rh.length > 0
+                {
+                    out.push((rh.offset, rh.length));
+                }
+                pos += rh.encoded_len();
+                seq += 1;
+            }
+            if seq > to {
+                return Ok(Some(out));
+            }
+        }
+        Ok(None)
     }
 
     /// Iterate records with seq ≥ `from_seq` (or from the oldest held, if
