@@ -295,7 +295,7 @@ fn open_claimed(
 /// Re-apply every live journal record onto the disk (idempotent, in seq
 /// order), skipping regions the dirty bitmap covers: those may hold newer
 /// untracked data and will be resynced from the disk itself.
-fn reapply(
+pub(crate) fn reapply(
     state: &StateDir,
     disk: &File,
     kind: fileops::BackingKind,

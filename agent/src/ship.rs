@@ -18,7 +18,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use tidemark_formats::journal::{Journal, JournalReader, RecordIter, Skipped};
 use tidemark_net::{FrameReader, ReadError};
 use tidemark_wire::frame::{
-    ErrorCode, Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, MAX_BODY, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
+    ErrorCode, Frame, Hello, ReplicaState, Request, Role, HELLO_FORCE_RESYNC, MAX_BODY, PROTOCOL_VERSION,
+    WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::record::{RecordHeader, RecordKind, FLAG_FULL};
 use tidemark_wire::Record;
@@ -585,8 +586,11 @@ impl Conn<'_> {
             }
             Frame::TargetState(ts) => {
                 // Relayed by the collector: what the target has applied.
+                // Only a consistent replica without a halt holds every seq
+                // up to it (a skipped record still moves applied_seq on).
                 let link = &shim.inner().link;
-                if ts.applied_seq > link.applied_seq.fetch_max(ts.applied_seq, Relaxed) {
+                let holds = ts.state == ReplicaState::Consistent && ts.halted_seq == 0;
+                if holds && ts.applied_seq > link.applied_seq.load(Relaxed) {
                     let s = shim.clone();
                     tokio::task::spawn_blocking(move || {
                         s.inner()
@@ -598,6 +602,9 @@ impl Conn<'_> {
                     .await
                     .map_err(|e| anyhow!("unapplied task: {e}"))?
                     .map_err(|e| journal_err(format!("{e:#}")))?;
+                    // Stored once the epochs it covers are dropped, so a
+                    // failure is retried with the next report.
+                    link.applied_seq.fetch_max(ts.applied_seq, Relaxed);
                 }
             }
             Frame::Request(Request::StatusNow { nonce }) => {

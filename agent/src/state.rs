@@ -21,9 +21,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use tidemark_formats::generation::{GenerationId, History};
 use tidemark_util::crashsafe;
 use tidemark_util::owned::{self, DirKind, DirSpec, OwnedDir};
+use tidemark_wire::RecordKind;
 
 /// What the agent keeps in its state directory, so that a directory made
 /// before markers existed is recognised (and anything else refused).
@@ -223,6 +225,250 @@ impl StateDir {
     pub fn control_path(&self) -> PathBuf {
         control_path(&self.dir)
     }
+}
+
+/// A state directory for a failed-over copy of a disk, as `tidemark
+/// failover --protect-state` prepares it (`docs/failback.md`): the same
+/// disk id and UUID, a new data generation forked from the replica's at
+/// the point's seq, a journal whose next seq follows the point, no sync
+/// owed, and a clean stop recorded, so `tidemark-agent protect` tracks the
+/// copy from its first write.
+#[derive(Clone, Debug)]
+pub struct Forked {
+    pub disk_id: String,
+    pub disk_uuid: [u8; 16],
+    pub disk_size: u64,
+    pub disk_path: PathBuf,
+    /// The new generation's history (its current entry forked at the point).
+    pub history: History,
+    /// The journal's next seq: the point's seq + 1.
+    pub next_seq: u64,
+}
+
+/// Create `dir` as [`Forked`] says. It must not hold an agent's state
+/// already; a failure removes what was created.
+pub fn prepare_forked(dir: &Path, f: &Forked) -> Result<()> {
+    if dir.join("disk.json").exists() {
+        bail!(
+            "{} already holds an agent state directory; name a new directory for the failed-over copy",
+            dir.display()
+        );
+    }
+    let state = StateDir::open(dir)?;
+    let r = (|| -> Result<()> {
+        state.write_meta(&DiskMeta {
+            format: 1,
+            disk_id: f.disk_id.clone(),
+            disk_uuid: uuid::Uuid::from_bytes(f.disk_uuid).hyphenated().to_string(),
+            disk_size: f.disk_size,
+            disk_path: f.disk_path.display().to_string(),
+        })?;
+        f.history.store(&dir.join("generations"))?;
+        crate::sync_state::store(
+            &crate::sync_state::state_path(dir),
+            &crate::sync_state::SyncFile::idle(),
+        )?;
+        let cap = crate::config::default_journal_cap(f.disk_size);
+        let (mut journal, _) = tidemark_formats::journal::Journal::open(tidemark_formats::journal::JournalConfig {
+            dir: state.journal_dir(),
+            disk_uuid: f.disk_uuid,
+            segment_size: crate::config::segment_size_for(cap),
+            cap_bytes: cap,
+        })
+        .context("create the journal")?;
+        journal
+            .advance_to(f.next_seq)
+            .context("start the journal after the point")?;
+        drop(journal);
+        state.begin_run(true)?;
+        state.mark_clean(f.next_seq)
+    })();
+    if r.is_err() {
+        state.abandon();
+    }
+    r
+}
+
+/// Every region a state directory holds as possibly not applied at the
+/// target, read without changing anything (`tidemark journal unapplied`,
+/// `tidemark reprotect`).
+#[derive(Clone, Debug, Default)]
+pub struct Written {
+    /// `(seq, offset, length)`: written at a seq ≤ `seq` (`u64::MAX`: not
+    /// known: the dirty bitmap's, or the whole disk when in doubt).
+    pub regions: Vec<(u64, u64, u64)>,
+    /// The highest seq journaled (as far as the journal can be read).
+    pub last_seq: u64,
+    /// Bytes by source (merged): journal, kept past the journal, dirty bitmap.
+    pub journal_bytes: u64,
+    pub kept_bytes: u64,
+    pub dirty_bytes: u64,
+    /// Why the whole disk is counted (a damaged journal, a whole-disk sync
+    /// not yet marked, a full resync owed).
+    pub whole_disk: Option<String>,
+    /// The highest applied seq that let regions go untracked
+    /// (`crate::unapplied`).
+    pub applied_upto: u64,
+}
+
+/// Read [`Written`] from `dir`, for a disk of `size` bytes.
+pub fn written_regions(dir: &Path, size: u64) -> Result<Written> {
+    let mut w = Written::default();
+    let reader = tidemark_formats::journal::JournalReader::open(&dir.join("journal"))?;
+    let mut journal = Vec::new();
+    let mut iter = reader.records_from(0);
+    for r in iter.by_ref() {
+        let h = r.context("read the journal")?.header;
+        w.last_seq = h.seq;
+        if matches!(
+            h.kind,
+            RecordKind::Write | RecordKind::Zero | RecordKind::Trim | RecordKind::Sync
+        ) && h.length > 0
+        {
+            w.regions.push((h.seq, h.offset, h.length));
+            journal.push((h.offset, h.length));
+        }
+    }
+    if let Some(s) = iter.skip_unreadable()? {
+        w.whole_disk = Some(format!("journal record {} cannot be read ({})", s.from, s.reason));
+    }
+    let (epochs, applied_upto) = crate::unapplied::read_epochs(dir, size)?;
+    w.applied_upto = applied_upto;
+    let mut kept = Vec::new();
+    for (last, ranges) in epochs {
+        for (o, l) in ranges {
+            w.regions.push((last, o, l));
+            kept.push((o, l));
+        }
+    }
+    let bitmap_path = dir.join("dirty.bitmap");
+    let mut dirty = Vec::new();
+    if bitmap_path.exists() {
+        let b =
+            DirtyBitmap::open_read_only(&bitmap_path, size, DEFAULT_GRANULARITY).context("read the dirty bitmap")?;
+        for (o, l) in b.dirty_ranges() {
+            w.regions.push((u64::MAX, o, l));
+            dirty.push((o, l));
+        }
+    }
+    if dir.join("resync-required").exists() {
+        w.whole_disk
+            .get_or_insert_with(|| "a full resync is owed (a machine crash)".into());
+    }
+    if let Some(sf) = crate::sync_state::load(dir)? {
+        if sf.kind.is_some_and(crate::sync_state::SyncKind::whole_disk) && !sf.marked {
+            w.whole_disk
+                .get_or_insert_with(|| "a whole-disk sync has begun and not all its regions are marked yet".into());
+        }
+    }
+    if w.whole_disk.is_some() {
+        w.regions.push((u64::MAX, 0, size));
+    }
+    let bytes = |v: Vec<(u64, u64)>| tidemark_formats::journal::merge_ranges(v).iter().map(|r| r.1).sum();
+    w.journal_bytes = bytes(journal);
+    w.kept_bytes = bytes(kept);
+    w.dirty_bytes = bytes(dirty);
+    Ok(w)
+}
+
+/// Where a stopped source stands, for `tidemark reprotect`: what its state
+/// directory says it wrote, so that the way back resyncs only that.
+#[derive(Clone, Debug)]
+pub struct SourcePosition {
+    pub meta: DiskMeta,
+    pub disk_uuid: [u8; 16],
+    pub history: History,
+    pub written: Written,
+    /// The journal records re-applied onto the disk (a process crash).
+    pub reapplied: u64,
+}
+
+/// Read a stopped agent's state directory `dir` for the disk file `disk`
+/// (locking both, so neither an agent nor another tool uses them), after
+/// re-applying its journal onto the disk if the agent died (the agent does
+/// the same at its start). Refused when its tracking is in doubt: a machine
+/// crash (writes may have reached the disk and not the journal), a full
+/// resync owed, or a journal that cannot be read whole.
+pub fn source_position(dir: &Path, disk: &Path) -> Result<SourcePosition> {
+    let meta =
+        read_meta(dir)?.with_context(|| format!("{} is not an agent state directory (no disk.json)", dir.display()))?;
+    let state = StateDir::open(dir)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("open {}", disk.display()))?;
+    let f = tidemark_util::fileops::lock_exclusive(f)
+        .map_err(|_| anyhow::anyhow!("{} is in use: an agent protects it", disk.display()))?;
+    let kind = tidemark_util::fileops::backing_kind(&f).with_context(|| format!("{}", disk.display()))?;
+    let size = tidemark_util::fileops::backing_size(&f).with_context(|| format!("size of {}", disk.display()))?;
+    if size != meta.disk_size {
+        bail!(
+            "{} is {size} bytes but state directory {} was made for a {}-byte disk",
+            disk.display(),
+            dir.display(),
+            meta.disk_size
+        );
+    }
+    let clean = dir.join("clean-shutdown").exists();
+    if !clean {
+        let before = fs::read_to_string(dir.join("boot_id"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        if before.is_empty() || before != current_boot_id() {
+            bail!(
+                "{}: the machine stopped uncleanly since the agent last ran (another boot), so writes may have \
+                 reached the disk without reaching the journal; its tracking is in doubt and the replica needs a \
+                 hash-compare resync",
+                dir.display()
+            );
+        }
+    }
+    let history = match History::load(&dir.join("generations"))? {
+        Some(h) => h,
+        None => bail!(
+            "{} has no generations file (an agent of an older build): the replica needs a hash-compare resync",
+            dir.display()
+        ),
+    };
+    let reapplied = if clean {
+        0
+    } else {
+        let bitmap_path = state.bitmap_path();
+        let bitmap = if bitmap_path.exists() {
+            Some(
+                DirtyBitmap::open_read_only(&bitmap_path, size, DEFAULT_GRANULARITY)
+                    .context("read the dirty bitmap")?,
+            )
+        } else {
+            None
+        };
+        crate::run::reapply(&state, &f, kind, size, bitmap.as_ref())?
+    };
+    let mut written = written_regions(dir, size)?;
+    if let Some(why) = &written.whole_disk {
+        bail!(
+            "{}: {why}, so its tracking is in doubt; the replica needs a hash-compare resync",
+            dir.display()
+        );
+    }
+    // An empty journal (all consumed) still knows its next seq.
+    let (j, _) = tidemark_formats::journal::Journal::open(tidemark_formats::journal::JournalConfig {
+        dir: state.journal_dir(),
+        disk_uuid: meta.uuid_bytes()?,
+        segment_size: crate::config::segment_size_for(crate::config::default_journal_cap(size)),
+        cap_bytes: crate::config::default_journal_cap(size),
+    })
+    .context("open the journal")?;
+    written.last_seq = written.last_seq.max(j.next_seq().saturating_sub(1));
+    drop(j);
+    Ok(SourcePosition {
+        disk_uuid: meta.uuid_bytes()?,
+        meta,
+        history,
+        written,
+        reapplied,
+    })
 }
 
 /// `STATE/control.sock`.

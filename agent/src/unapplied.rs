@@ -53,6 +53,12 @@ struct EpochMeta {
 struct List {
     format: u32,
     epochs: Vec<EpochMeta>,
+    /// The highest applied seq the target reported that let regions go
+    /// untracked (not kept, or an epoch dropped). A failover at an earlier
+    /// point than this may miss regions in between: the way back then
+    /// needs a hash compare.
+    #[serde(default)]
+    applied_upto: u64,
 }
 
 #[derive(Debug)]
@@ -70,6 +76,9 @@ pub struct Unapplied {
     next_id: u64,
     /// When the newest epoch opened (None: none opened by this process).
     opened: Option<Instant>,
+    applied_upto: u64,
+    /// Kept up to date by every change, so status reads no bitmap.
+    stats: UnappliedStats,
 }
 
 /// What status shows.
@@ -80,6 +89,33 @@ pub struct UnappliedStats {
     pub bytes: u64,
     /// The lowest seq tracked (None: nothing).
     pub first_seq: Option<u64>,
+    /// See `List::applied_upto`.
+    pub applied_upto: u64,
+}
+
+fn read_list(dir: &Path) -> Result<List> {
+    let list_path = dir.join(LIST);
+    match std::fs::read_to_string(&list_path) {
+        Ok(s) => {
+            let l: List = serde_json::from_str(&s).with_context(|| {
+                format!(
+                    "{} is not an epoch list (remove the unapplied folder and start the agent with \
+                     --force-resync: what it tracked is lost)",
+                    list_path.display()
+                )
+            })?;
+            if l.format != 1 {
+                anyhow::bail!("{}: unsupported format {}", list_path.display(), l.format);
+            }
+            Ok(l)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(List {
+            format: 1,
+            epochs: Vec::new(),
+            applied_upto: 0,
+        }),
+        Err(e) => Err(e).with_context(|| format!("read {}", list_path.display())),
+    }
 }
 
 fn epoch_path(dir: &Path, id: u64) -> PathBuf {
@@ -94,29 +130,24 @@ impl Unapplied {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
             crashsafe::fsync_dir(state).with_context(|| format!("fsync {}", state.display()))?;
         }
-        let list_path = dir.join(LIST);
-        let metas = match std::fs::read_to_string(&list_path) {
-            Ok(s) => {
-                let l: List = serde_json::from_str(&s)
-                    .with_context(|| format!("{} is not an epoch list", list_path.display()))?;
-                if l.format != 1 {
-                    anyhow::bail!("{}: unsupported format {}", list_path.display(), l.format);
-                }
-                l.epochs
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("read {}", list_path.display())),
-        };
+        let l = read_list(&dir)?;
         let mut epochs = Vec::new();
-        for m in metas {
+        for m in l.epochs {
             let p = epoch_path(&dir, m.id);
-            let bitmap = match DirtyBitmap::open_or_create(&p, disk_size, DEFAULT_GRANULARITY) {
-                Ok(b) if p.exists() => b,
+            // A listed file that is missing or empty lost its regions.
+            let present = std::fs::metadata(&p).is_ok_and(|md| md.len() > 0);
+            let r = if present {
+                DirtyBitmap::open_or_create(&p, disk_size, DEFAULT_GRANULARITY).map_err(|e| e.to_string())
+            } else {
+                Err("missing or empty".to_string())
+            };
+            let bitmap = match r {
+                Ok(b) => b,
                 r => {
                     warn!(
                         file = %p.display(),
                         "an epoch bitmap cannot be read ({}): assuming the whole disk may have changed",
-                        r.err().map_or_else(|| "missing".to_string(), |e| e.to_string())
+                        r.err().unwrap_or_default()
                     );
                     let _ = std::fs::remove_file(&p);
                     let mut b = DirtyBitmap::open_or_create(&p, disk_size, DEFAULT_GRANULARITY)
@@ -128,7 +159,7 @@ impl Unapplied {
             };
             epochs.push(Epoch { meta: m, bitmap });
         }
-        let next_id = epochs.iter().map(|e| e.meta.id + 1).max().unwrap_or(1);
+        let next_id = epochs.iter().map(|e| e.meta.id.saturating_add(1)).max().unwrap_or(1);
         // Files no list names: an epoch whose listing did not happen.
         for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
             let name = e?.file_name().to_string_lossy().into_owned();
@@ -140,19 +171,36 @@ impl Unapplied {
                 std::fs::remove_file(&p).with_context(|| format!("remove {}", p.display()))?;
             }
         }
-        Ok(Self {
+        let mut u = Self {
             dir,
             disk_size,
             epochs,
             next_id,
             opened: None,
-        })
+            applied_upto: l.applied_upto,
+            stats: UnappliedStats::default(),
+        };
+        u.refresh();
+        Ok(u)
     }
 
-    fn store(&self) -> Result<()> {
+    fn refresh(&mut self) {
+        let regions = self.regions();
+        self.stats = UnappliedStats {
+            epochs: self.epochs.len(),
+            regions: regions.len() as u64,
+            bytes: regions.iter().map(|r| r.1).sum(),
+            first_seq: self.epochs.iter().map(|e| e.meta.first_seq).min(),
+            applied_upto: self.applied_upto,
+        };
+    }
+
+    fn store(&mut self) -> Result<()> {
+        self.refresh();
         let l = List {
             format: 1,
             epochs: self.epochs.iter().map(|e| e.meta).collect(),
+            applied_upto: self.applied_upto,
         };
         let p = self.dir.join(LIST);
         let mut s = serde_json::to_string(&l)?;
@@ -164,7 +212,17 @@ impl Unapplied {
     /// has applied up to `applied`: keep the regions they changed
     /// (`ranges`; None: not known, so the whole disk), durably.
     pub fn keep(&mut self, ranges: Option<&[(u64, u64)]>, from: u64, to: u64, applied: u64) -> Result<()> {
-        if to <= applied || from > to {
+        if from > to {
+            return Ok(());
+        }
+        if applied > self.applied_upto && from <= applied {
+            // Records up to `applied` leave untracked.
+            self.applied_upto = applied;
+            if to <= applied {
+                return self.store();
+            }
+        }
+        if to <= applied {
             return Ok(());
         }
         let young = self.opened.is_some_and(|t| t.elapsed() < EPOCH_SPAN);
@@ -238,6 +296,7 @@ impl Unapplied {
         if self.epochs.len() == before {
             return Ok(false);
         }
+        self.applied_upto = self.applied_upto.max(applied);
         self.store()?;
         for e in gone {
             let p = epoch_path(&self.dir, e.meta.id);
@@ -256,14 +315,31 @@ impl Unapplied {
     }
 
     pub fn stats(&self) -> UnappliedStats {
-        let regions = self.regions();
-        UnappliedStats {
-            epochs: self.epochs.len(),
-            regions: regions.len() as u64,
-            bytes: regions.iter().map(|r| r.1).sum(),
-            first_seq: self.epochs.iter().map(|e| e.meta.first_seq).min(),
-        }
+        self.stats
     }
+}
+
+/// An epoch's last seq and its regions `(offset, length)`.
+pub type EpochRegions = (u64, Vec<(u64, u64)>);
+
+/// Each epoch's last seq and regions, and `applied_upto`, read without
+/// changing anything (tools, on a stopped or live agent's state directory).
+pub fn read_epochs(state: &Path, disk_size: u64) -> Result<(Vec<EpochRegions>, u64)> {
+    let dir = state.join(DIR);
+    let l = read_list(&dir)?;
+    let mut out = Vec::new();
+    for m in l.epochs {
+        let p = epoch_path(&dir, m.id);
+        let ranges = match DirtyBitmap::open_read_only(&p, disk_size, DEFAULT_GRANULARITY) {
+            Ok(b) => b.dirty_ranges(),
+            Err(e) => {
+                warn!(file = %p.display(), "an epoch bitmap cannot be read ({e}): assuming the whole disk");
+                vec![(0, disk_size)]
+            }
+        };
+        out.push((m.last_seq, ranges));
+    }
+    Ok((out, l.applied_upto))
 }
 
 #[cfg(test)]
@@ -325,8 +401,19 @@ mod tests {
         drop(u);
         std::fs::write(d.path().join(DIR).join("epoch-1.bitmap"), b"garbage").unwrap();
         std::fs::write(d.path().join(DIR).join("epoch-99.bitmap"), b"orphan").unwrap();
-        let u = Unapplied::open(d.path(), size).unwrap();
+        let mut u = Unapplied::open(d.path(), size).unwrap();
         assert_eq!(u.regions(), vec![(0, size)]);
         assert!(!d.path().join(DIR).join("epoch-99.bitmap").exists());
+        // A listed epoch whose file is gone lost its regions: the whole disk.
+        u.applied(10).unwrap();
+        u.opened = None;
+        u.keep(Some(&[(0, 1)]), 11, 12, 10).unwrap();
+        drop(u);
+        std::fs::remove_file(d.path().join(DIR).join("epoch-2.bitmap")).unwrap();
+        let u = Unapplied::open(d.path(), size).unwrap();
+        assert_eq!(u.regions(), vec![(0, size)]);
+        assert_eq!(u.stats().applied_upto, 10);
+        let (epochs, upto) = read_epochs(d.path(), size).unwrap();
+        assert_eq!((epochs.len(), upto), (1, 10));
     }
 }

@@ -235,11 +235,17 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
     let internal = |e: anyhow::Error| bind_failed(id, &e);
     let disk = match shared.disk(id) {
         None => {
+            // A generation forked at seq F (a failed-over copy protected in
+            // reverse, docs/failback.md) continues the seqs after F: this
+            // collector holds nothing, but nothing before F is owed either.
+            // Whether the target holds the line up to F is the target's to
+            // say (a gap makes it ask for a full resync).
+            let fork = (hello.lineage.parent != [0; 16]).then_some(hello.lineage.fork_seq);
             let row = DiskRow {
                 disk_id: id.clone(),
                 disk_uuid: hello.disk_uuid,
-                trimmed_seq: 0,
-                pending_full_sync: true,
+                trimmed_seq: fork.unwrap_or(0),
+                pending_full_sync: fork.is_none(),
                 full_sync_since: 0,
                 force_target: false,
                 disk_size: hello.disk_size,
@@ -252,6 +258,10 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
                 s.catalog.bind(&r.disk_id, &r.disk_uuid, false)?;
                 s.catalog.set_disk_size(&r.disk_id, r.disk_size)?;
                 s.catalog.set_lineage(&r.disk_id, &r.lineage)?;
+                if !r.pending_full_sync {
+                    s.catalog.set_trimmed(&r.disk_id, r.trimmed_seq)?;
+                    s.catalog.set_pending_full_sync(&r.disk_id, false, 0)?;
+                }
                 spool::ensure_dir(&s.cfg.spool.join(&r.disk_id))
             })
             .await
@@ -300,7 +310,8 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
                     format!(
                         "disk {id} holds data generation {} here; this agent holds generation {}, \
                          which is not the same line of writes (a state directory copied from another \
-                         site, or restored from an old copy); the agent's --force-resync rebinds the disk",
+                         site, or restored from an old copy); to start this disk afresh, protect it with a \
+                         new, empty state directory and --force-resync (a whole-disk sync follows)",
                         GenerationId(held.generation),
                         GenerationId(hello.lineage.generation)
                     ),

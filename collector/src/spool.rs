@@ -288,12 +288,12 @@ fn move_aside(root: &Path, dir: &Path, id: &str, at: i64) -> Result<Option<PathB
 /// not deleted. From then on the disk takes no share of the spool, so it
 /// cannot fill it and push every other disk into bitmap mode.
 pub(crate) async fn fence(shared: &Arc<Shared>, disk: &Arc<Disk>, reason: String) -> Result<()> {
-    let (mut f, bytes, agent) = {
-        let mut st = disk.lock();
+    let mut f = {
+        let st = disk.lock();
         if st.fence.is_some() {
             return Ok(());
         }
-        let f = Fence {
+        Fence {
             generation: st
                 .lineage
                 .is_known()
@@ -301,15 +301,27 @@ pub(crate) async fn fence(shared: &Arc<Shared>, disk: &Arc<Disk>, reason: String
             reason,
             at: now_s(),
             spool: None,
-        };
+        }
+    };
+    // Durable first: a failure leaves everything as it was, and the next
+    // refusal by the target tries again.
+    {
+        let (s, id, f2) = (shared.clone(), disk.id.clone(), f.clone());
+        tokio::task::spawn_blocking(move || s.catalog.set_fence(&id, &f2))
+            .await
+            .context("fence")?
+            .context("record the fence")?;
+    }
+    let (files, bytes, agent) = {
+        let mut st = disk.lock();
         st.fence = Some(f.clone());
         // Sessions of the old state end; a batch in flight is not indexed.
         st.binding += 1;
         st.session.cancel();
         st.session = tokio_util::sync::CancellationToken::new();
-        st.files.clear();
+        let files = std::mem::take(&mut st.files);
         let bytes = std::mem::take(&mut st.spool_bytes);
-        (f, bytes, st.agent.as_ref().map(|a| a.tx.clone()))
+        (files, bytes, st.agent.as_ref().map(|a| a.tx.clone()))
     };
     error!(
         generation = ?f.generation.map(|g| g.to_string()),
@@ -325,10 +337,8 @@ pub(crate) async fn fence(shared: &Arc<Shared>, disk: &Arc<Disk>, reason: String
             })
             .await;
     }
-    let (s, id, dir) = (shared.clone(), disk.id.clone(), disk.dir.clone());
-    let f2 = f.clone();
-    let kept = tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>> {
-        s.catalog.set_fence(&id, &f2)?;
+    let (s, id, dir, f2) = (shared.clone(), disk.id.clone(), disk.dir.clone(), f.clone());
+    let moved = tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>> {
         let kept = move_aside(&s.cfg.spool, &dir, &id, f2.at)?;
         if let Some(k) = &kept {
             s.catalog.set_fence(
@@ -343,12 +353,18 @@ pub(crate) async fn fence(shared: &Arc<Shared>, disk: &Arc<Disk>, reason: String
     })
     .await
     .context("fence")?;
-    shared.spool_shrank(bytes);
-    let kept = kept?;
-    if let Some(k) = &kept {
-        info!(kept = %k.display(), bytes, "spool of the fenced generation moved aside");
-        f.spool = Some(k.display().to_string());
-        disk.lock().fence = Some(f);
+    match moved {
+        Ok(kept) => {
+            shared.spool_shrank(bytes);
+            if let Some(k) = kept {
+                info!(kept = %k.display(), bytes, files = files.len(), "spool of the fenced generation moved aside");
+                f.spool = Some(k.display().to_string());
+                disk.lock().fence = Some(f);
+            }
+        }
+        // The files stay where they are, still counted against the cap;
+        // the next start moves them (`load_disk`).
+        Err(e) => error!("moving the fenced disk's spool aside: {e:#} (retried at the next start)"),
     }
     disk.spooled.notify_waiters();
     Ok(())

@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidemark_util::owned::{self, DirKind, DirSpec, OwnedDir};
+use tidemark_util::owned::{self, OwnedDir};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -68,21 +68,9 @@ use error::IoContext;
 
 pub use tidemark_catalog::layout::LOCK_FILE;
 
-/// What the target keeps in its data directory, so that one made before
-/// markers existed is recognised (and anything else refused).
-pub const DIR_SPEC: DirSpec = DirSpec {
-    kind: DirKind::TargetData,
-    own_names: &[
-        catalog::CATALOG_FILE,
-        "catalog.db-wal",
-        "catalog.db-shm",
-        "catalog.db-journal",
-        catalog::layout::CONTROL_SOCKET,
-    ],
-    any_subdir: true,
-    adopt_if_any: &[LOCK_FILE],
-    busy_hint: ", or a recovery tool (tidemark mount / failover) has it open",
-};
+/// What the target keeps in its data directory (defined with the layout,
+/// so the tools that prepare one claim it the same way).
+pub use tidemark_catalog::layout::DIR_SPEC;
 
 fn dir_error(e: owned::DirError) -> Error {
     let kind = match e.kind {

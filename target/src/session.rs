@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::apply::{DiskApplier, Outcome, UndoOptions};
-use crate::catalog::{Bind, Catalog, Failover};
+use crate::catalog::{Bind, Catalog, Failover, Reprotect};
 use crate::error::{Error, ErrorKind, IoContext, Located, Result};
 use crate::replica::{self, Replica, WINDOW_FILE};
 use crate::retention::Pins;
@@ -330,6 +330,9 @@ enum Opened {
     },
     /// The newest failover recorded (None: none could be read).
     FailedOver(Option<Failover>),
+    /// A replica adopted by `tidemark reprotect` that this Hello cannot
+    /// continue (the reason).
+    Reprotect(String),
     /// The replica holds another data generation than the Hello's.
     OtherGeneration {
         held: GenerationId,
@@ -369,6 +372,23 @@ impl Work {
             // Refused by the caller; the replica is not opened (nor grown).
             return Ok(Opened::FailedOver(catalog.failovers(disk_id)?.pop()));
         }
+        let row = match catalog.reprotect(disk_id)? {
+            None => row,
+            Some(rp) => {
+                if let Some(why) = accept_reprotect(&mut catalog, disk_id, rp, lineage)? {
+                    return Ok(Opened::Reprotect(why));
+                }
+                match catalog.bind(disk_id, uuid, false, &cfg.retention, cfg.format)? {
+                    Bind::Existing(row) => row,
+                    _ => {
+                        return Err(
+                            Error::new(ErrorKind::Catalog, "the reprotected disk changed under the target")
+                                .disk(disk_id),
+                        )
+                    }
+                }
+            }
+        };
         let held = if fresh { None } else { catalog.history(disk_id)? };
         let history = match (held, History::from_lineage(lineage, tidemark_util::now_ns())) {
             (Some(h), Some(theirs)) if h.current().id != theirs.current().id => {
@@ -494,12 +514,14 @@ async fn admit<R: AsyncRead + Unpin>(
     let work = match opened {
         Opened::Ready(w) => w,
         Opened::FailedOver(f) => return Err(refuse(ErrorCode::StaleGeneration, failed_over_reason(&id, f.as_ref()))),
+        Opened::Reprotect(why) => return Err(refuse(ErrorCode::DiskMismatch, why)),
         Opened::OtherGeneration { held, theirs } => {
             return Err(refuse(
                 ErrorCode::DiskMismatch,
                 format!(
                     "disk {id}: this replica holds data generation {held}, the Hello names generation {theirs}, \
-                     which is not the same line of writes; the agent's --force-resync starts a fresh replica"
+                     which is not the same line of writes; to start afresh, protect the disk with a new, empty \
+                     state directory and --force-resync (a whole-disk sync follows)"
                 ),
             ))
         }
@@ -518,6 +540,74 @@ async fn admit<R: AsyncRead + Unpin>(
         return Err(failed_over_refusal(shared, &id).await);
     }
     Ok(Some((work, live)))
+}
+
+/// A Hello for a replica adopted by `tidemark reprotect` (docs/failback.md,
+/// section 3): the failed-over copy's agent, whose generation forked from
+/// the replica's at seq F, takes it over when the old source wrote nothing
+/// after F (or `--discard-divergent` was given); the old source's regions
+/// written after F then wait as a halt, resynced from the copy. Returns why
+/// the Hello cannot (None: accepted, the catalog updated).
+fn accept_reprotect(catalog: &mut Catalog, id: &str, rp: Reprotect, l: &Lineage) -> Result<Option<String>> {
+    let Some(held) = catalog.history(id)? else {
+        return Ok(Some(format!(
+            "disk {id}: the reprotected replica has no generation history"
+        )));
+    };
+    let ours = held.current().id;
+    if !l.is_known() {
+        return Ok(Some(format!(
+            "disk {id} was reprotected and waits for the failed-over copy's agent; this Hello names no data generation"
+        )));
+    }
+    let theirs = GenerationId(l.generation);
+    if l.parent != ours.0 {
+        return Ok(Some(format!(
+            "disk {id} was reprotected with generation {ours} up to seq {}; it waits for the failed-over copy's \
+             agent (a generation forked from {ours}), and generation {theirs} is not one",
+            rp.source_seq
+        )));
+    }
+    let fork = l.fork_seq;
+    if rp.source_seq < fork {
+        return Ok(Some(format!(
+            "disk {id}: the old source's state ends at seq {} of generation {ours}, before the failover point \
+             (seq {fork}) that generation {theirs} forked at: its tracking does not cover what the copy holds \
+             (a state directory restored from an older copy?); the replica needs a hash-compare resync",
+            rp.source_seq
+        )));
+    }
+    if fork < rp.tracked_after {
+        return Ok(Some(format!(
+            "disk {id}: generation {theirs} forked at seq {fork}, but the old source stopped tracking the regions \
+             of seqs up to {} once the target reported them applied (the failover took an earlier point than the \
+             replica had reached): what it wrote in between is not known; the replica needs a hash-compare resync",
+            rp.tracked_after
+        )));
+    }
+    let owed = catalog.owed_after(id, fork)?;
+    if rp.source_seq > fork && !rp.discard_divergent {
+        return Ok(Some(format!(
+            "disk {id} diverged: the old source (generation {ours}) wrote seqs {}..={} after the failover point \
+             (seq {fork}), {} in regions the failed-over copy (generation {theirs}, forked at seq {fork}) never got, \
+             and the copy has been written since. Run tidemark reprotect again with --discard-divergent to overwrite \
+             them from the copy (the divergent state is kept first)",
+            fork + 1,
+            rp.source_seq,
+            tidemark_util::human::format_size(owed.bytes())
+        )));
+    }
+    let history = held
+        .fork(theirs, fork, tidemark_util::now_ns())
+        .map_err(|e| Error::new(ErrorKind::Malformed, e.to_string()).disk(id))?;
+    catalog.accept_reprotect(id, fork, &history, &owed)?;
+    info!(
+        generation = %theirs,
+        fork_seq = fork,
+        owed_bytes = owed.bytes(),
+        "reprotect: the failed-over copy's agent takes the replica over from the failover point"
+    );
+    Ok(None)
 }
 
 /// The refusal of a disk this target stopped applying: `StaleGeneration`
@@ -573,12 +663,14 @@ fn greeting(work: &Work) -> Greeting {
     let last = work.applier.state();
     // Requests are not durable upstream until acted on: repeat them on
     // every new connection while they are owed.
+    // One request per range still pending (not their bounds): a halt of
+    // scattered regions (a reprotect's) resyncs only those.
     let mut owed: Vec<Request> = work
         .applier
         .open_halts()
         .iter()
-        .filter_map(|h| {
-            h.pending.bounds().map(|(offset, length)| Request::Resync {
+        .flat_map(|h| {
+            h.pending.iter().map(|(offset, length)| Request::Resync {
                 seq: h.seq,
                 offset,
                 length,

@@ -67,6 +67,13 @@ enum Cmd {
         after_help = "Examples:\n  # writes stopped, tidemark wait returned: nothing acknowledged is lost\n  tidemark failover --data /srv/replicas db --at latest --output /srv/recovered/db.vmdk --format vmdk-sparse\n  # the primary site is gone with its collector: take what the replica holds\n  tidemark failover --data /srv/replicas db --at latest --no-drain --output /srv/recovered/db.raw\n  # an earlier point: a tag, a time, or a relative time\n  tidemark failover --data /srv/replicas db --at '2h ago' --output db-2h.raw"
     )]
     Failover(cmd::failover::FailoverArgs),
+    /// Make the old source's disk the replica of its failed-over copy, so
+    /// the way back resyncs only what differs (docs/failback.md).
+    #[command(
+        override_usage = "tidemark reprotect --data DIR DISK --replica FILE --agent-state DIR [--discard-divergent]",
+        after_help = "Example (site A is back; its agent is stopped; the failed-over copy runs on site B):\n  tidemark reprotect --data /srv/replicas db --replica /dev/vg0/db.raw --agent-state /var/lib/tidemark/db\n  tidemark-target --data /srv/replicas --listen 0.0.0.0:7790 --token-file /etc/tidemark/token"
+    )]
+    Reprotect(cmd::reprotect::ReprotectArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Points(a) => cmd::points::points(a).map(ok),
         Cmd::Mount(a) => cmd::mount::mount(a).map(ok),
         Cmd::Failover(a) => cmd::failover::failover(a).map(ok),
+        Cmd::Reprotect(a) => cmd::reprotect::reprotect(a).map(ok),
     };
     let code = match r {
         Ok(code) => code,

@@ -14,6 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tidemark_util::owned::{DirKind, DirSpec};
+
 pub use tidemark_formats::undo::UNDO_DIR;
 
 /// Name of the lock file that keeps two targets off one data directory
@@ -22,6 +24,22 @@ pub const LOCK_FILE: &str = "target.lock";
 
 /// The control socket's file name inside the data directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// What the target keeps in its data directory, so that one made before
+/// markers existed is recognised (and anything else refused).
+pub const DIR_SPEC: DirSpec = DirSpec {
+    kind: DirKind::TargetData,
+    own_names: &[
+        crate::store::CATALOG_FILE,
+        "catalog.db-wal",
+        "catalog.db-shm",
+        "catalog.db-journal",
+        CONTROL_SOCKET,
+    ],
+    any_subdir: true,
+    adopt_if_any: &[LOCK_FILE],
+    busy_hint: ", or a recovery tool (tidemark mount / failover) has it open",
+};
 
 /// The folder of `disk_id` (already validated as 1-64 of `[A-Za-z0-9._-]`,
 /// not `.` or `..`, by the frame decoder or the command line).

@@ -148,7 +148,44 @@ pub const MIGRATIONS: &[&str] = &[
     // next Hello), and the generation each failover ended.
     "ALTER TABLE disks ADD COLUMN generations BLOB;
     ALTER TABLE failovers ADD COLUMN generation TEXT;",
+    // 7: a replica adopted by `tidemark reprotect`, waiting for the
+    // failed-over copy's agent (docs/failback.md, section 3): the seq the
+    // old source reached, and the regions it wrote, each with the seq that
+    // wrote it (an upper bound), to be resynced from the copy if written
+    // after the fork.
+    "ALTER TABLE disks ADD COLUMN reprotect_source_seq INTEGER;
+    ALTER TABLE disks ADD COLUMN reprotect_tracked_after INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE disks ADD COLUMN reprotect_discard_divergent INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE reprotect_owed (
+        disk_id TEXT NOT NULL REFERENCES disks(disk_id) ON DELETE CASCADE,
+        seq     INTEGER NOT NULL,
+        offset  INTEGER NOT NULL,
+        length  INTEGER NOT NULL
+    ) STRICT;",
 ];
+
+/// A region the old source wrote, as `tidemark reprotect` found it in its
+/// state directory: written at a seq ≤ `seq` (`u64::MAX`: not known).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owed {
+    pub seq: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// A replica adopted by `tidemark reprotect` that waits for the agent of
+/// the failed-over copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reprotect {
+    /// The highest seq the old source journaled (what the replica holds).
+    pub source_seq: u64,
+    /// The old source stopped tracking regions of seqs up to this once the
+    /// target reported them applied: a fork before it may miss some.
+    pub tracked_after: u64,
+    /// `--discard-divergent`: what the old source wrote after the fork is
+    /// overwritten from the copy.
+    pub discard_divergent: bool,
+}
 
 /// Whether a disk's replica is known to equal its source at some seq.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -910,7 +947,7 @@ impl Catalog {
                 tx.execute(
                     "UPDATE disks SET disk_uuid = ?2, applied_seq = 0, applied_time_ns = 0, sync_state = 'awaiting-full-sync',
                          first_seq = NULL, full_sync_seen = 0, halted_seq = NULL, sync_from = NULL,
-                         undo_captured_seq = 0, failed_over = 0,
+                         undo_captured_seq = 0, failed_over = 0, generations = NULL,
                          replaced_uuid = ?3,
                          created_at = ?4, updated_at = ?4, format = ?5
                      WHERE disk_id = ?1",
@@ -937,6 +974,157 @@ impl Catalog {
             "UPDATE disks SET generations = ?2 WHERE disk_id = ?1",
             params![disk_id, h.encode()],
         )?;
+        Ok(())
+    }
+
+    /// Adopt a replica for `tidemark reprotect`: a new disk row that holds
+    /// the old source's line (`history`) up to `source_seq`, consistent, and
+    /// the regions it wrote (`owed`), waiting for the failed-over copy's
+    /// agent. Refused if the disk id is in the catalog already.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt_reprotected(
+        &mut self,
+        disk_id: &str,
+        uuid: &[u8; 16],
+        policy: &DiskPolicy,
+        history: &History,
+        source_seq: u64,
+        tracked_after: u64,
+        discard_divergent: bool,
+        owed: &[Owed],
+    ) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let pending: Option<Option<i64>> = tx
+            .query_row(
+                "SELECT reprotect_source_seq FROM disks WHERE disk_id = ?1",
+                [disk_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(Some(_)) = pending {
+            // Adopted before, its copy's agent not come yet: nothing was
+            // applied, so it is adopted again (e.g. with --discard-divergent).
+            tx.execute("DELETE FROM disks WHERE disk_id = ?1", [disk_id])?;
+        } else if pending.is_some() {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("disk {disk_id} is in this data directory already; reprotect adopts a replica for a disk id it does not hold"),
+            ));
+        }
+        let now = now_unix();
+        let seq = to_i64(source_seq, "seq")?;
+        tx.execute(
+            "INSERT INTO disks (disk_id, disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen,
+                                undo_captured_seq, created_at, updated_at, format, generations,
+                                reprotect_source_seq, reprotect_discard_divergent, reprotect_tracked_after)
+             VALUES (?1, ?2, ?3, 'consistent', ?4, 1, ?3, ?5, ?5, 'raw', ?6, ?3, ?7, ?8)",
+            params![
+                disk_id,
+                format_uuid(uuid),
+                seq,
+                seq.saturating_add(1),
+                now,
+                history.encode(),
+                i64::from(discard_divergent),
+                to_i64(tracked_after, "seq")?
+            ],
+        )?;
+        Self::put_policy(&tx, disk_id, policy)?;
+        {
+            let mut st =
+                tx.prepare("INSERT INTO reprotect_owed (disk_id, seq, offset, length) VALUES (?1, ?2, ?3, ?4)")?;
+            for o in owed {
+                st.execute(params![
+                    disk_id,
+                    i64::try_from(o.seq).unwrap_or(i64::MAX),
+                    to_i64(o.offset, "offset")?,
+                    to_i64(o.length, "length")?
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The reprotect the disk waits for, if any.
+    pub fn reprotect(&self, disk_id: &str) -> Result<Option<Reprotect>> {
+        let r: Option<(Option<i64>, i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT reprotect_source_seq, reprotect_discard_divergent, reprotect_tracked_after
+                 FROM disks WHERE disk_id = ?1",
+                [disk_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(match r {
+            Some((Some(seq), discard, tracked)) => Some(Reprotect {
+                source_seq: to_u64(seq, "reprotect seq")?,
+                tracked_after: to_u64(tracked, "reprotect tracked seq")?,
+                discard_divergent: discard != 0,
+            }),
+            _ => None,
+        })
+    }
+
+    /// The regions the old source wrote after seq `fork`, merged.
+    pub fn owed_after(&self, disk_id: &str, fork: u64) -> Result<RangeSet> {
+        let mut st = self
+            .conn
+            .prepare("SELECT offset, length FROM reprotect_owed WHERE disk_id = ?1 AND seq > ?2")?;
+        let rows = st.query_map(params![disk_id, i64::try_from(fork).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut v = Vec::new();
+        for r in rows {
+            let (o, l) = r?;
+            v.push((to_u64(o, "offset")?, to_u64(l, "length")?));
+        }
+        Ok(RangeSet::from_ranges(v))
+    }
+
+    /// The failed-over copy's agent arrived with generation `history`
+    /// (forked at `fork`): the replica holds the line up to `fork`; the old
+    /// source's regions written after it (`owed`) wait as one halt at
+    /// `fork`, resynced from the copy. One transaction.
+    pub fn accept_reprotect(&mut self, disk_id: &str, fork: u64, history: &History, owed: &RangeSet) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let f = to_i64(fork, "seq")?;
+        tx.execute(
+            "UPDATE disks SET applied_seq = ?2, undo_captured_seq = MIN(undo_captured_seq, ?2), first_seq = ?3,
+                 generations = ?4, reprotect_source_seq = NULL, reprotect_discard_divergent = 0, updated_at = ?5
+             WHERE disk_id = ?1",
+            params![disk_id, f, f.saturating_add(1), history.encode(), now_unix()],
+        )?;
+        if let Some((offset, length)) = owed.bounds() {
+            let mut h = Halt {
+                seq: fork,
+                kind: "reprotect".into(),
+                offset,
+                length,
+                pending: owed.clone(),
+                covered: false,
+                covered_seq: None,
+                reason: format!(
+                    "reprotect: {} bytes the old source wrote after seq {fork} are resynced from the failed-over copy",
+                    owed.bytes()
+                ),
+                detected_at: now_unix(),
+                covered_at: None,
+            };
+            h.pending = owed.clone();
+            Self::put_halt(&tx, disk_id, &h)?;
+            tx.execute(
+                "UPDATE disks SET halted_seq = ?2 WHERE disk_id = ?1",
+                params![disk_id, f],
+            )?;
+        }
+        tx.execute("DELETE FROM reprotect_owed WHERE disk_id = ?1", [disk_id])?;
+        tx.commit()?;
         Ok(())
     }
 

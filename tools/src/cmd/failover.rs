@@ -86,6 +86,12 @@ pub struct FailoverArgs {
     /// The longest the drain may take.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Also make DIR a ready agent state directory for FILE (raw only):
+    /// the same disk id, a new data generation forked from the replica's
+    /// at the point, tracking from the first write. Protect FILE in
+    /// reverse with `tidemark-agent protect --disk FILE --state DIR …`.
+    #[arg(long, value_name = "DIR")]
+    protect_state: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -210,6 +216,9 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
     };
     let spec = AtSpec::parse(at)?;
     check_outputs(&files, a.force)?;
+    if let Some(dir) = &a.protect_state {
+        check_protect_state(dir, a.format)?;
+    }
     let state = r::disk_state(data, disk)?;
     if let Some(f) = state.failovers.last() {
         eprintln!(
@@ -258,7 +267,83 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         format_size(view.size()),
         format_duration(started.elapsed())
     );
+    if let Some(dir) = &a.protect_state {
+        let g = protect_state(data, disk, &state, point.seq, view.size(), &a.output, dir).with_context(|| {
+            format!(
+                "the failover is recorded and {} written, but the state directory {} was not prepared",
+                a.output.display(),
+                dir.display()
+            )
+        })?;
+        outln!(
+            "prepared {} for {}: generation {g}, forked at seq {}; protect it with\n  tidemark-agent protect --disk {} --state {} --disk-id {disk} --collector HOST:PORT --token-file FILE",
+            dir.display(),
+            a.output.display(),
+            point.seq,
+            a.output.display(),
+            dir.display()
+        );
+    }
     Ok(())
+}
+
+/// Before anything is read: `--protect-state` needs a raw output (an agent
+/// serves a raw file or block device; a VMDK's container bytes are not the
+/// disk) and a directory that is not an agent's state yet.
+fn check_protect_state(dir: &Path, format: OutFormat) -> Result<()> {
+    if format != OutFormat::Raw {
+        bail!(
+            "--protect-state needs --format raw: an agent protects a raw file or block device, and a {} \
+             image is a container, not the disk's bytes",
+            format.name()
+        );
+    }
+    if dir.join("disk.json").exists() {
+        bail!(
+            "--protect-state {} already holds an agent state directory; name a new one",
+            dir.display()
+        );
+    }
+    tidemark_agent::state::probe(dir).with_context(|| format!("--protect-state {}", dir.display()))
+}
+
+/// Write the state directory for the failed-over copy: the replica's
+/// generation history forked at `seq`. Returns the new generation.
+fn protect_state(
+    data: &Path,
+    disk: &tidemark_wire::DiskId,
+    state: &tidemark_catalog::DiskState,
+    seq: u64,
+    size: u64,
+    output: &Path,
+    dir: &Path,
+) -> Result<tidemark_formats::generation::GenerationId> {
+    use tidemark_formats::generation::{GenerationId, History};
+    let conn = tidemark_catalog::open_read_only(data)?;
+    let now = tidemark_util::now_ns();
+    let id = GenerationId(*uuid::Uuid::new_v4().as_bytes());
+    let history = match tidemark_catalog::read_history(&conn, disk)? {
+        Some(h) => h.fork(id, seq, now)?,
+        // A replica that never learnt its generation: the copy starts a
+        // line of its own (the way back then compares hashes).
+        None => History::root(id, now)?,
+    };
+    let uuid = *uuid::Uuid::parse_str(&state.disk_uuid)
+        .with_context(|| format!("the catalog's uuid {:?} for {disk}", state.disk_uuid))?
+        .as_bytes();
+    let output = std::fs::canonicalize(output).with_context(|| format!("resolve {}", output.display()))?;
+    tidemark_agent::state::prepare_forked(
+        dir,
+        &tidemark_agent::state::Forked {
+            disk_id: disk.to_string(),
+            disk_uuid: uuid,
+            disk_size: size,
+            disk_path: output,
+            history,
+            next_seq: seq + 1,
+        },
+    )?;
+    Ok(id)
 }
 
 /// A view read as an [`Image`] without taking it over.

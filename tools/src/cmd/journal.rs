@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use tidemark_formats::apply::{apply_record, whole};
-use tidemark_formats::journal::JournalReader;
+use tidemark_formats::journal::{merge_ranges, JournalReader};
 use tidemark_util::fileops;
 use tidemark_util::human::format_size;
 
@@ -190,69 +190,23 @@ fn replay(a: ReplayArgs) -> Result<()> {
 }
 
 fn unapplied(a: UnappliedArgs) -> Result<()> {
-    let reader = open(&a.state)?;
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.state.join("disk.json")).context("read disk.json")?)
-            .context("disk.json")?;
-    let size = meta["disk_size"].as_u64().context("disk.json has no disk_size")?;
-    let gran = tidemark_formats::bitmap::DEFAULT_GRANULARITY;
-    // The journal from its oldest record held (consumed ones not yet
-    // recycled included: a superset is always safe).
-    let first = reader.segments()?.first().map_or(1, |(h, _)| h.first_seq);
-    let mut journal = Vec::new();
-    for r in reader.records_from(first) {
-        let h = r?.header;
-        if matches!(
-            h.kind,
-            tidemark_wire::RecordKind::Write
-                | tidemark_wire::RecordKind::Zero
-                | tidemark_wire::RecordKind::Trim
-                | tidemark_wire::RecordKind::Sync
-        ) && h.length > 0
-        {
-            journal.push((h.offset, h.length));
-        }
-    }
-    let read_bitmap = |p: &std::path::Path| -> Result<Vec<(u64, u64)>> {
-        Ok(tidemark_formats::bitmap::DirtyBitmap::open_read_only(p, size, gran)
-            .with_context(|| format!("read {}", p.display()))?
-            .dirty_ranges())
-    };
-    let mut past = Vec::new();
-    let dir = a.state.join("unapplied");
-    if dir.is_dir() {
-        for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
-            let p = e?.path();
-            if p.extension().is_some_and(|x| x == "bitmap") {
-                past.extend(read_bitmap(&p)?);
-            }
-        }
-    }
-    let dirty_path = a.state.join("dirty.bitmap");
-    let dirty = if dirty_path.exists() {
-        read_bitmap(&dirty_path)?
-    } else {
-        Vec::new()
-    };
-    let bytes = |v: &[(u64, u64)]| {
-        tidemark_formats::journal::merge_ranges(v.to_vec())
-            .iter()
-            .map(|r| r.1)
-            .sum::<u64>()
-    };
-    let (jb, pb, db) = (bytes(&journal), bytes(&past), bytes(&dirty));
-    let all = tidemark_formats::journal::merge_ranges(journal.into_iter().chain(past).chain(dirty).collect());
+    let meta = tidemark_agent::state::read_meta(&a.state)?
+        .with_context(|| format!("{} is not an agent state directory (no disk.json)", a.state.display()))?;
+    let w = tidemark_agent::state::written_regions(&a.state, meta.disk_size)?;
+    let all = merge_ranges(w.regions.iter().map(|r| (r.1, r.2)).collect());
     let total: u64 = all.iter().map(|r| r.1).sum();
     if a.json {
         let regions: Vec<_> = all.iter().map(|(o, l)| serde_json::json!([o, l])).collect();
         outln!(
             "{}",
             serde_json::json!({
-            "bytes": total,
-            "journal_bytes": jb,
-            "past_journal_bytes": pb,
-            "dirty_bitmap_bytes": db,
-            "regions": regions,
+                "bytes": total,
+                "journal_bytes": w.journal_bytes,
+                "past_journal_bytes": w.kept_bytes,
+                "dirty_bitmap_bytes": w.dirty_bytes,
+                "whole_disk": w.whole_disk,
+                "applied_upto": w.applied_upto,
+                "regions": regions,
             })
         );
         return Ok(());
@@ -261,10 +215,13 @@ fn unapplied(a: UnappliedArgs) -> Result<()> {
         "{} in {} regions (journal {}, kept past the journal {}, dirty bitmap {})",
         format_size(total),
         all.len(),
-        format_size(jb),
-        format_size(pb),
-        format_size(db)
+        format_size(w.journal_bytes),
+        format_size(w.kept_bytes),
+        format_size(w.dirty_bytes)
     );
+    if let Some(why) = &w.whole_disk {
+        outln!("the whole disk counts: {why}");
+    }
     outln!("{:>16} {:>12}", "OFFSET", "LENGTH");
     for (o, l) in all {
         outln!("{o:>16} {l:>12}");

@@ -1,0 +1,381 @@
+//! The way back (issue 13; docs/failback.md, sections 1–3), with real
+//! processes on two "sites": a disk protected from site A to site B is
+//! failed over on B with `--protect-state`, the copy is protected in
+//! reverse through a second collector, the old disk on A is adopted with
+//! `tidemark reprotect`, and once a target serves it the two sides agree on
+//! their common generation: only the copy's writes since the failover (and
+//! what A wrote that B never got) cross the wire, never the whole disk.
+//! A divergent old source is refused by name, and `--discard-divergent`
+//! keeps its state before overwriting it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tidemark_tests::pipe::*;
+use tidemark_tests::recovery::*;
+use tidemark_tests::*;
+
+const SIZE: u64 = 64 * MIB;
+const T: Duration = Duration::from_secs(120);
+const ID: &str = "vm";
+
+fn write(sock: &Path, at: u64, len: u64, pat: u8) {
+    let out = run_ok(
+        Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            &format!("nbd+unix:///?socket={}", sock.display()),
+            "-c",
+            &format!("write -P {pat} {at} {len}"),
+            "-c",
+            "flush",
+        ]),
+        T,
+    );
+    assert!(!stdout(&out).contains("failed"), "qemu-io: {}", stdout(&out));
+}
+
+fn poll(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Site A on the way back: a collector (for the copy's agent) forwarding to
+/// a target port on which nothing listens until `start_target`.
+struct Back {
+    dir: PathBuf,
+    token: PathBuf,
+    collector: Service,
+    collector_port: u16,
+    api_port: u16,
+    target_port: u16,
+    target: Option<Service>,
+}
+
+impl Back {
+    fn start(dir: &Path, token: &Path) -> Back {
+        let (collector_port, api_port, target_port) = (free_port(), free_port(), free_port());
+        let args: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{collector_port}"),
+            "--spool".into(),
+            dir.join("spool2").display().to_string(),
+            "--target".into(),
+            format!("127.0.0.1:{target_port}"),
+            "--api".into(),
+            format!("127.0.0.1:{api_port}"),
+            "--token-file".into(),
+            token.display().to_string(),
+        ];
+        let collector = Service::start("tidemark-collector", &args, &dir.join("collector2.log"), api_port);
+        Back {
+            dir: dir.into(),
+            token: token.into(),
+            collector,
+            collector_port,
+            api_port,
+            target_port,
+            target: None,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data-a")
+    }
+
+    fn start_target(&mut self) {
+        let args: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.target_port),
+            "--data".into(),
+            self.data().display().to_string(),
+            "--token-file".into(),
+            self.token.display().to_string(),
+        ];
+        self.target = Some(Service::start(
+            "tidemark-target",
+            &args,
+            &self.dir.join("target-a.log"),
+            self.target_port,
+        ));
+    }
+
+    fn agent(&self, disk: &Path, state: &Path, sock: &Path) -> Agent {
+        Agent::start(
+            disk,
+            state,
+            sock,
+            &[
+                "--disk-id",
+                ID,
+                "--collector",
+                &format!("127.0.0.1:{}", self.collector_port),
+                "--token-file",
+                s(&self.token),
+            ],
+        )
+    }
+
+    fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    fn disk_status(&self) -> serde_json::Value {
+        let out = run_ok(tidemark().args(["status", "--api", &self.api(), "--json"]), T);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["disk_id"] == ID)
+            .cloned()
+            .unwrap()
+    }
+
+    fn wait(&self) {
+        let out = run(
+            tidemark().args(["wait", "--api", &self.api(), ID, "--timeout", "120s"]),
+            Duration::from_secs(150),
+        );
+        assert!(
+            out.status.success(),
+            "wait: {}{}\n--- collector2:\n{}\n--- target A:\n{}",
+            stdout(&out),
+            stderr(&out),
+            tail(&self.collector.log_text(), 40),
+            self.target
+                .as_ref()
+                .map(|t| tail(&t.log_text(), 40))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// Forward protection A → B, some writes replicated; returns the site and
+/// A's agent.
+fn forward(d: &Path) -> (Site, Agent) {
+    let site = Site::start(d, &[]);
+    let a = agent(&site, d, ID, SIZE, &[]);
+    write(&a.sock, 0, 8 * MIB, 0x11);
+    write(&a.sock, 30 * MIB, MIB, 0x12);
+    wait_and_compare(&site, ID, &a.disk, Duration::from_secs(180));
+    (site, a)
+}
+
+fn failover_protect(d: &Path) -> (PathBuf, PathBuf, String) {
+    let b_disk = d.join("b.raw");
+    let b_state = d.join("b.state");
+    let out = run_ok(
+        tidemark().args([
+            "failover",
+            "--data",
+            s(&d.join("data")),
+            ID,
+            "--at",
+            "latest",
+            "--no-drain",
+            "--output",
+            s(&b_disk),
+            "--protect-state",
+            s(&b_state),
+        ]),
+        T,
+    );
+    let text = stdout(&out);
+    assert!(text.contains("prepared") && text.contains("forked at seq"), "{text}");
+    (b_disk, b_state, text)
+}
+
+#[test]
+fn failback_resyncs_only_what_the_copy_wrote() {
+    need_tool("qemu-io");
+    let dir = tmpdir("reprotect");
+    let d = dir.path();
+    let (site, a) = forward(d);
+    let gen_a = a.status()["generation"].as_str().unwrap().to_string();
+    let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
+    a.stop();
+
+    // Site A is lost for a while: fail over on B, protected in reverse.
+    let (b_disk, b_state, _) = failover_protect(d);
+    assert_identical(&a_disk, &b_disk);
+    // A VMDK output cannot be protected; an existing state directory is refused.
+    for (extra, why) in [
+        (vec!["--format", "vmdk-flat"], "needs --format raw"),
+        (vec![], "already holds an agent state directory"),
+    ] {
+        let mut args = vec![
+            "failover".to_string(),
+            "--data".into(),
+            s(&d.join("data")).into(),
+            ID.into(),
+            "--at".into(),
+            "latest".into(),
+            "--output".into(),
+            s(&d.join("other.img")).into(),
+            "--protect-state".into(),
+            s(&b_state).into(),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let o = run(tidemark().args(&args), T);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(why), "{}", stderr(&o));
+    }
+
+    let mut back = Back::start(d, &site.token_file);
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    let st = b.status();
+    let gen_b = st["generation"].as_str().unwrap().to_string();
+    assert_ne!(gen_b, gen_a, "the copy holds a new generation");
+    let p = st["next_seq"].as_u64().unwrap() - 1;
+    write(&b.sock, 20 * MIB, 3 * MIB, 0x21);
+    write(&b.sock, 40 * MIB, 64 << 10, 0x22);
+    let written_b = 3 * MIB + (64 << 10);
+
+    // Site A is back: its disk becomes the copy's replica, in place.
+    let o = run_ok(
+        tidemark().args([
+            "reprotect",
+            "--data",
+            s(&back.data()),
+            ID,
+            "--replica",
+            s(&a_disk),
+            "--agent-state",
+            s(&a_state),
+        ]),
+        T,
+    );
+    let text = stdout(&o);
+    assert!(text.contains(&format!("generation {}", &gen_a[..16])), "{text}");
+    // Reprotect needs to know what the old source wrote.
+    let o = run(
+        tidemark().args(["reprotect", "--data", s(&d.join("data-x")), ID, "--replica", s(&a_disk)]),
+        T,
+    );
+    assert!(stderr(&o).contains("--agent-state"), "{}", stderr(&o));
+
+    back.start_target();
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    let c = back.disk_status();
+    let sent = c["payload_bytes"].as_u64().unwrap();
+    assert!(
+        sent <= written_b * 11 / 10,
+        "only the copy's writes since the failover cross: {sent} bytes for {written_b} written: {c}"
+    );
+    let st = b.status();
+    assert!(
+        st["sync"].is_null() && st["full_resyncs"] == 0,
+        "no whole-disk sync: {st}"
+    );
+    assert!(
+        back.target
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("takes the replica over from the failover point"),
+        "{}",
+        back.target.as_ref().unwrap().log_text()
+    );
+    let rec = stdout(&run_ok(
+        tidemark().args(["status", "--data", s(&back.data()), "--json"]),
+        T,
+    ));
+    assert!(
+        rec.contains(&gen_b),
+        "the replica holds the copy's generation now: {rec}"
+    );
+    assert!(p > 0);
+
+    // Protection goes on in the reverse direction.
+    write(&b.sock, 50 * MIB, MIB, 0x23);
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    b.stop();
+}
+
+#[test]
+fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
+    need_tool("qemu-io");
+    let dir = tmpdir("diverge");
+    let d = dir.path();
+    let (mut site, a) = forward(d);
+    // The collector goes away: these writes never leave site A.
+    site.collector.kill9();
+    write(&a.sock, 10 * MIB, 2 * MIB, 0x31);
+    let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
+    a.stop();
+    let diverged = d.join("a-diverged.raw");
+    copy_sparse(&a_disk, &diverged, T);
+
+    let (b_disk, b_state, _) = failover_protect(d);
+    let mut back = Back::start(d, &site.token_file);
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    write(&b.sock, 20 * MIB, MIB, 0x41);
+
+    run_ok(
+        tidemark().args([
+            "reprotect",
+            "--data",
+            s(&back.data()),
+            ID,
+            "--replica",
+            s(&a_disk),
+            "--agent-state",
+            s(&a_state),
+        ]),
+        T,
+    );
+    back.start_target();
+    let log = back.dir.join("target-a.log");
+    poll("the divergence to be refused", T, || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("diverged")
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("--discard-divergent"), "{text}");
+    // Nothing was applied: the old disk is as it was.
+    assert_identical(&a_disk, &diverged);
+
+    // Proceed: the divergent state is kept, then overwritten from the copy.
+    if let Some(mut t) = back.target.take() {
+        t.stop();
+    }
+    let o = run_ok(
+        tidemark().args([
+            "reprotect",
+            "--data",
+            s(&back.data()),
+            ID,
+            "--replica",
+            s(&a_disk),
+            "--agent-state",
+            s(&a_state),
+            "--discard-divergent",
+        ]),
+        T,
+    );
+    assert!(stderr(&o).contains("keeping the divergent state"), "{}", stderr(&o));
+    let kept: Vec<PathBuf> = std::fs::read_dir(back.data().join(ID))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("divergent-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_identical(&kept[0], &diverged);
+    back.start_target();
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    let sent = back.disk_status()["payload_bytes"].as_u64().unwrap();
+    assert!(
+        sent < 8 * MIB,
+        "the copy's writes and A's divergent regions only: {sent}"
+    );
+    b.stop();
+}

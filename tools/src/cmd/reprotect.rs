@@ -1,0 +1,181 @@
+//! `tidemark reprotect`: after a failover, make the old source's disk the
+//! replica of the failed-over copy, in place (the file stays where it is),
+//! so that the way back resyncs only what differs (`docs/failback.md`,
+//! section 3).
+//!
+//! It reads the old source's stopped agent state directory: the data
+//! generation it holds, the seq it reached, and every region it wrote that
+//! may not have reached the other site (journal, kept past the journal,
+//! dirty bitmap), each with the seq that wrote it. It adopts the disk in a
+//! target data directory as that disk id's replica, at that generation and
+//! seq. When the failed-over copy's agent connects, the target compares
+//! generations: the copy's writes since the failover point stream as usual,
+//! and the regions this side wrote after that point are asked for from the
+//! copy; nothing else crosses the wire.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tidemark_catalog::policy::DiskPolicy;
+use tidemark_catalog::{Catalog, Owed};
+use tidemark_util::human::format_size;
+use tidemark_util::owned;
+
+#[derive(Args)]
+pub struct ReprotectArgs {
+    /// The target data directory that will hold the replica (created if
+    /// missing; its target must be stopped).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The disk id.
+    disk: tidemark_wire::DiskId,
+    /// The old source's disk: a raw file, adopted in place.
+    #[arg(long, value_name = "FILE")]
+    replica: PathBuf,
+    /// The old source's agent state directory (the agent stopped): what it
+    /// wrote, so that only what differs is resynced.
+    #[arg(long, value_name = "DIR")]
+    agent_state: Option<PathBuf>,
+    /// Proceed when the old source wrote after the failover point: those
+    /// regions are overwritten from the copy, after the divergent state is
+    /// kept as a file in the disk's folder.
+    #[arg(long)]
+    discard_divergent: bool,
+}
+
+pub fn reprotect(a: ReprotectArgs) -> Result<()> {
+    let disk = a.disk.as_str();
+    let Some(agent_state) = &a.agent_state else {
+        bail!(
+            "without --agent-state nothing says which regions the old source wrote: that needs a hash-compare \
+             resync, which this build does not have yet; name the old source's agent state directory"
+        );
+    };
+    let meta = std::fs::metadata(&a.replica).with_context(|| format!("--replica {}", a.replica.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "--replica {}: only a raw file can be adopted by this build (a block device cannot yet)",
+            a.replica.display()
+        );
+    }
+    let replica = std::fs::canonicalize(&a.replica).with_context(|| format!("resolve {}", a.replica.display()))?;
+    let pos = tidemark_agent::state::source_position(agent_state, &replica)
+        .with_context(|| format!("--agent-state {}", agent_state.display()))?;
+    if pos.meta.disk_id != disk {
+        bail!(
+            "--agent-state {} is disk {:?}'s, not {disk:?}",
+            agent_state.display(),
+            pos.meta.disk_id
+        );
+    }
+    if pos.reapplied > 0 {
+        eprintln!(
+            "the agent had stopped uncleanly: re-applied {} journal records onto {}",
+            pos.reapplied,
+            replica.display()
+        );
+    }
+    let claim = owned::claim(&a.data, &tidemark_catalog::layout::DIR_SPEC)
+        .map_err(|e| anyhow::anyhow!("--data {}: {}", a.data.display(), e.message))?;
+    let r = adopt(&a, &pos, &replica);
+    if r.is_err() {
+        // Removes only what the claim created (a new directory's marker).
+        claim.abandon();
+    }
+    r
+}
+
+fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica: &Path) -> Result<()> {
+    let disk = a.disk.as_str();
+    let mut catalog = Catalog::open(&a.data)?;
+    if let Some(rp) = catalog.reprotect(disk)? {
+        eprintln!(
+            "note: {disk} was reprotected already (up to seq {}) and its copy's agent has not come yet: adopting again",
+            rp.source_seq
+        );
+    }
+    let dir = tidemark_catalog::layout::disk_dir(&a.data, disk);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let link = dir.join("replica.raw");
+    match std::fs::read_link(&link) {
+        Ok(t) if t == replica => {}
+        Ok(t) => bail!(
+            "{} already points to {}; reprotect {disk} into another data directory",
+            link.display(),
+            t.display()
+        ),
+        Err(_) if link.exists() || dir.join("replica.vmdk").exists() => {
+            bail!("{} already holds a replica of {disk}", dir.display())
+        }
+        Err(_) => std::os::unix::fs::symlink(replica, &link)
+            .with_context(|| format!("link {} to {}", link.display(), replica.display()))?,
+    }
+    let generation = pos.history.current().id;
+    if a.discard_divergent {
+        let keep = dir.join(format!("divergent-{generation}-{}.raw", pos.written.last_seq));
+        if !keep.exists() {
+            eprintln!(
+                "keeping the divergent state: copying {} to {}…",
+                replica.display(),
+                keep.display()
+            );
+            let out = std::process::Command::new("cp")
+                .arg("--sparse=always")
+                .arg(replica)
+                .arg(&keep)
+                .output()
+                .context("run cp")?;
+            if !out.status.success() {
+                bail!(
+                    "copy {} to {}: {}",
+                    replica.display(),
+                    keep.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+    }
+    let owed: Vec<Owed> = pos
+        .written
+        .regions
+        .iter()
+        .map(|&(seq, offset, length)| Owed { seq, offset, length })
+        .collect();
+    catalog.adopt_reprotected(
+        disk,
+        &pos.disk_uuid,
+        &DiskPolicy::default(),
+        &pos.history,
+        pos.written.last_seq,
+        pos.written.applied_upto,
+        a.discard_divergent,
+        &owed,
+    )?;
+    tidemark_util::crashsafe::fsync_dir(&dir).with_context(|| format!("fsync {}", dir.display()))?;
+    outln!(
+        "reprotected {disk}: {} is its replica in {} at generation {generation}, seq {}",
+        replica.display(),
+        a.data.display(),
+        pos.written.last_seq
+    );
+    outln!(
+        "this side wrote {} that may not have reached the other site (journal {}, kept past the journal {}, dirty bitmap {}); \
+         when the failed-over copy's agent connects, only its writes since the failover and the regions this side wrote \
+         after it are resynced",
+        format_size(
+            tidemark_formats::journal::merge_ranges(pos.written.regions.iter().map(|w| (w.1, w.2)).collect())
+                .iter()
+                .map(|r| r.1)
+                .sum()
+        ),
+        format_size(pos.written.journal_bytes),
+        format_size(pos.written.kept_bytes),
+        format_size(pos.written.dirty_bytes)
+    );
+    outln!(
+        "next: tidemark-target --data {} --listen HOST:PORT --token-file FILE",
+        a.data.display()
+    );
+    Ok(())
+}
