@@ -275,13 +275,30 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
             disk
         }
         Some(disk) => {
-            let (bound, busy) = {
+            let (bound, busy, lift) = {
                 let st = disk.lock();
-                if let Some(f) = &st.fence {
-                    return Err(fenced(id, f));
-                }
-                (st.uuid, st.agent.is_some())
+                // A fence holds back its own generation (and a new root):
+                // a line forked since (the disk came back the other way)
+                // takes the disk over.
+                let lift = match &st.fence {
+                    Some(f) => {
+                        let l = &hello.lineage;
+                        let fork = l.parent != [0; 16] && f.generation.is_none_or(|g| g.0 != l.generation);
+                        if !fork || hello.disk_uuid != st.uuid || st.agent.is_some() {
+                            return Err(fenced(id, f));
+                        }
+                        true
+                    }
+                    None => false,
+                };
+                (st.uuid, st.agent.is_some(), lift)
             };
+            if lift {
+                spool::lift_fence(shared, &disk, hello.lineage)
+                    .await
+                    .map_err(internal)?;
+                return Ok((disk, None));
+            }
             if bound != hello.disk_uuid {
                 if hello.flags & HELLO_FORCE_RESYNC == 0 {
                     return Err(Refusal::new(

@@ -250,6 +250,24 @@ impl Catalog {
         Ok(())
     }
 
+    /// A newer line forked from the disk's history arrived (`lineage`, at
+    /// fork seq F): the fence is lifted, the disk holds seqs up to F, owes
+    /// no full sync and no resync. One transaction.
+    pub(crate) fn lift_fence(&self, disk_id: &str, l: &Lineage) -> Result<()> {
+        let blob = History::from_lineage(l, tidemark_util::now_ns()).map(|h| h.encode());
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "UPDATE disks SET generations = ?2, fenced_generation = NULL, fenced_reason = NULL, fenced_at = NULL,
+                 fenced_spool = NULL, trimmed_seq = ?3, pending_full_sync = 0, full_sync_since = 0, force_target = 0
+             WHERE disk_id = ?1",
+            params![disk_id, blob, to_i64(l.fork_seq)],
+        )?;
+        tx.execute("DELETE FROM resync_requests WHERE disk_id = ?1", params![disk_id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Fence the disk's generation (`spool`: None until it is moved aside).
     pub(crate) fn set_fence(&self, disk_id: &str, f: &Fence) -> Result<()> {
         self.conn().execute(

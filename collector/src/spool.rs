@@ -369,3 +369,38 @@ pub(crate) async fn fence(shared: &Arc<Shared>, disk: &Arc<Disk>, reason: String
     disk.spooled.notify_waiters();
     Ok(())
 }
+
+/// Lift the fence of `disk` for a newer line forked from its history (the
+/// disk came back the other way, `docs/failback.md`): the catalog first,
+/// then memory; the forwarder starts over at the fork seq. Called with the
+/// binding lock held and no agent connected.
+pub(crate) async fn lift_fence(shared: &Arc<Shared>, disk: &Arc<Disk>, l: tidemark_wire::frame::Lineage) -> Result<()> {
+    {
+        let (s, id) = (shared.clone(), disk.id.clone());
+        tokio::task::spawn_blocking(move || s.catalog.lift_fence(&id, &l))
+            .await
+            .context("lift the fence")??;
+    }
+    {
+        let mut st = disk.lock();
+        st.fence = None;
+        st.lineage = l;
+        st.binding += 1;
+        st.session.cancel();
+        st.session = tokio_util::sync::CancellationToken::new();
+        st.acked_seq = l.fork_seq;
+        st.trimmed_seq = l.fork_seq;
+        st.applied_seq = 0;
+        st.target_state = None;
+        st.pending_full_sync = false;
+        st.full_sync_since = 0;
+        st.force_target = false;
+        st.owed_resyncs.clear();
+    }
+    info!(
+        fork_seq = l.fork_seq,
+        "a generation forked from this disk's line arrived: the fence is lifted"
+    );
+    disk.spooled.notify_waiters();
+    Ok(())
+}

@@ -499,7 +499,7 @@ async fn admit<R: AsyncRead + Unpin>(
     if shared.is_failed_over(&id) {
         // Before Work::open: a forced rebind must not move the replica or
         // its undo away under a failover's export.
-        return Err(failed_over_refusal(shared, &id).await);
+        return Err(failed_over_refusal(shared, &id, &hello.lineage).await);
     }
     let force = hello.flags & HELLO_FORCE_RESYNC != 0;
     let (cfg2, pins, uuid, size) = (cfg.clone(), shared.pins.clone(), hello.disk_uuid, hello.disk_size);
@@ -513,7 +513,7 @@ async fn admit<R: AsyncRead + Unpin>(
     .map_err(|e| refuse(ErrorCode::Internal, format!("disk {id}: open failed: {e}")))??;
     let work = match opened {
         Opened::Ready(w) => w,
-        Opened::FailedOver(f) => return Err(refuse(ErrorCode::StaleGeneration, failed_over_reason(&id, f.as_ref()))),
+        Opened::FailedOver(f) => return Err(failed_over_end(&id, f.as_ref(), &hello.lineage)),
         Opened::Reprotect(why) => return Err(refuse(ErrorCode::DiskMismatch, why)),
         Opened::OtherGeneration { held, theirs } => {
             return Err(refuse(
@@ -537,7 +537,7 @@ async fn admit<R: AsyncRead + Unpin>(
     };
 
     if work.applier.failed_over() || shared.is_failed_over(&id) {
-        return Err(failed_over_refusal(shared, &id).await);
+        return Err(failed_over_refusal(shared, &id, &hello.lineage).await);
     }
     Ok(Some((work, live)))
 }
@@ -613,16 +613,35 @@ fn accept_reprotect(catalog: &mut Catalog, id: &str, rp: Reprotect, l: &Lineage)
 /// The refusal of a disk this target stopped applying: `StaleGeneration`
 /// once its failover is recorded (the old source is fenced), `Busy` while
 /// one runs (it may still fail, and the disk resume).
-async fn failed_over_refusal(shared: &Arc<Shared>, id: &str) -> End {
+async fn failed_over_refusal(shared: &Arc<Shared>, id: &str, lineage: &Lineage) -> End {
     let (data, id2) = (shared.cfg.data_dir.clone(), id.to_string());
     let recorded = tokio::task::spawn_blocking(move || Catalog::open(&data).and_then(|c| c.failovers(&id2))).await;
     match recorded {
-        Ok(Ok(mut f)) if !f.is_empty() => refuse(ErrorCode::StaleGeneration, failed_over_reason(id, f.pop().as_ref())),
+        Ok(Ok(mut f)) if !f.is_empty() => failed_over_end(id, f.pop().as_ref(), lineage),
         Ok(Err(e)) => refuse(ErrorCode::Internal, format!("disk {id}: reading its failovers: {e}")),
         _ => refuse(
             ErrorCode::Busy,
             format!("disk {id} is being failed over: this target applies none of its writes meanwhile"),
         ),
+    }
+}
+
+/// The refusal of a Hello for a failed-over disk: the generation the
+/// failover ended (or one not known) is stale, and fenced; a newer line
+/// (the disk came back the other way) finds no replica here until
+/// `tidemark reprotect` adopts one, which is no reason to fence it.
+fn failed_over_end(id: &str, f: Option<&Failover>, l: &Lineage) -> End {
+    let ended = f.and_then(|f| f.generation.as_deref()).and_then(GenerationId::from_hex);
+    match ended {
+        Some(g) if l.is_known() && g.0 != l.generation => refuse(
+            ErrorCode::DiskMismatch,
+            format!(
+                "disk {id} was failed over here (generation {g} ended); generation {} is a newer line, which this \
+                 target holds no replica for: adopt one with tidemark reprotect on this site",
+                GenerationId(l.generation)
+            ),
+        ),
+        _ => refuse(ErrorCode::StaleGeneration, failed_over_reason(id, f)),
     }
 }
 
@@ -747,6 +766,11 @@ async fn session<R: AsyncRead + Unpin>(
         return Ok(None);
     };
     let id = work.disk_id.clone();
+    // The line this session applies (for the refusal once it is failed over).
+    let line = Lineage {
+        generation: work.generation,
+        ..Lineage::default()
+    };
     let (mut last, mut probes) = greet(wr, shared, &id, greeting(&work)).await?;
     let mut probe_waiters: Vec<(u64, tokio::sync::oneshot::Sender<Held>)> = Vec::new();
     let mut nonce: u64 = 0;
@@ -761,7 +785,7 @@ async fn session<R: AsyncRead + Unpin>(
                     // Once the failover is recorded, the source is told at
                     // once, not at its next write (the drain before it
                     // needs this connection, so not earlier).
-                    let end = failed_over_refusal(shared, &id).await;
+                    let end = failed_over_refusal(shared, &id, &line).await;
                     if matches!(&end, End::Refuse { code: ErrorCode::StaleGeneration, .. }) {
                         return Err(end);
                     }
@@ -811,7 +835,7 @@ async fn session<R: AsyncRead + Unpin>(
             }
         };
         if shared.is_failed_over(&id) {
-            return Err(failed_over_refusal(shared, &id).await);
+            return Err(failed_over_refusal(shared, &id, &line).await);
         }
         let (w, r) = apply_batch(shared, &id, work, p, wr, &mut tick, last).await?;
         work = w;

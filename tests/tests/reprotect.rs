@@ -379,3 +379,142 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     );
     b.stop();
 }
+
+fn reprotect(data: &Path, replica: &Path, state: &Path) -> String {
+    let o = run_ok(
+        tidemark().args([
+            "reprotect",
+            "--data",
+            s(data),
+            ID,
+            "--replica",
+            s(replica),
+            "--agent-state",
+            s(state),
+        ]),
+        T,
+    );
+    format!("{}{}", stdout(&o), stderr(&o))
+}
+
+/// Fail over in place onto `data`'s adopted replica, preparing `state`.
+fn failover_in_place(data: &Path, state: &Path) -> String {
+    let o = run_ok(
+        tidemark().args([
+            "failover",
+            "--data",
+            s(data),
+            ID,
+            "--at",
+            "latest",
+            "--in-place",
+            "--protect-state",
+            s(state),
+        ]),
+        T,
+    );
+    let text = stdout(&o);
+    assert!(
+        text.contains("in place") && text.contains("is the disk again"),
+        "{text}"
+    );
+    text
+}
+
+fn payload(v: &serde_json::Value) -> u64 {
+    v["payload_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn two_full_cycles_come_home_without_resending_the_disk() {
+    need_tool("qemu-io");
+    let dir = tmpdir("cycles");
+    let d = dir.path();
+    let data_b = d.join("data");
+    // Cycle 1, out: A → B, failover on B, the copy protected back to A.
+    let (mut site, a) = forward(d);
+    let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
+    a.stop();
+    let (b_disk, b_state, _) = failover_protect(d);
+    let mut back = Back::start(d, &site.token_file);
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    write(&b.sock, 20 * MIB, 2 * MIB, 0x51);
+    reprotect(&back.data(), &a_disk, &a_state);
+    back.start_target();
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+
+    // Cycle 1, home: writes stopped on B, a planned failover in place on A.
+    let a2_state = d.join("a2.state");
+    failover_in_place(&back.data(), &a2_state);
+    assert_identical(&a_disk, &b_disk);
+    poll("the copy's agent to be fenced", T, || b.status()["fenced"].is_string());
+    b.stop();
+    // Site B takes the copy back as the replica: its old replica is kept.
+    site.target.stop();
+    let text = reprotect(&data_b, &b_disk, &b_state);
+    assert!(text.contains("kept as disk vm.retired-"), "{text}");
+    site.target.restart();
+    let before = payload(&site.disk_status(ID));
+    let a = Agent::start(
+        &a_disk,
+        &a2_state,
+        &d.join("a2.sock"),
+        &{
+            let mut f = vec!["--disk-id".to_string(), ID.into()];
+            f.extend(site.agent_flags());
+            f
+        }
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    site.wait(ID, Duration::from_secs(120));
+    let st = a.status();
+    assert!(
+        st["sync"].is_null() && st["full_resyncs"] == 0,
+        "no sync on the way home: {st}"
+    );
+    assert_eq!(payload(&site.disk_status(ID)), before, "0 data bytes on the way home");
+    assert_identical(&a_disk, &b_disk);
+    // Forward again: A's writes reach the copy on B.
+    write(&a.sock, 33 * MIB, MIB, 0x52);
+    site.wait(ID, Duration::from_secs(120));
+    assert_identical(&a_disk, &b_disk);
+    // The replica B held before the way back is kept, failover record and all.
+    let rec: serde_json::Value = serde_json::from_str(&stdout(&run_ok(
+        tidemark().args(["status", "--data", s(&data_b), "--json"]),
+        T,
+    )))
+    .unwrap();
+    let retired = rec["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["disk_id"].as_str().unwrap().starts_with("vm.retired-"))
+        .unwrap_or_else(|| panic!("no retired disk: {rec}"));
+    assert_eq!(retired["recovery"]["failed_over"], true, "{retired}");
+
+    // Cycle 2: fail over onto B in place, protect back to A, come home.
+    let b2_state = d.join("b2.state");
+    failover_in_place(&data_b, &b2_state);
+    poll("A's agent to be fenced", T, || a.status()["fenced"].is_string());
+    a.stop();
+    let b = back.agent(&b_disk, &b2_state, &d.join("b2.sock"));
+    write(&b.sock, 44 * MIB, MIB, 0x53);
+    if let Some(mut t) = back.target.take() {
+        t.stop();
+    }
+    let text = reprotect(&back.data(), &a_disk, &a2_state);
+    assert!(text.contains("kept as disk vm.retired-"), "{text}");
+    let before = payload(&back.disk_status());
+    back.start_target();
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    let sent = payload(&back.disk_status()) - before;
+    assert!(
+        sent <= MIB * 11 / 10,
+        "only the copy's 1 MiB since the failover: {sent}"
+    );
+    b.stop();
+}

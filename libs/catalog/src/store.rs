@@ -1048,6 +1048,49 @@ impl Catalog {
         Ok(())
     }
 
+    /// The disk's row, if the catalog holds it.
+    pub fn disk_row(&self, disk_id: &str) -> Result<Option<DiskRow>> {
+        Self::row(&self.conn, disk_id)
+    }
+
+    /// Rename a failed-over disk to `new_id` in every table, in one
+    /// transaction (its points, undo and failover record stay, under the
+    /// new id): its history is kept aside when the disk comes back from
+    /// the other direction. The caller moves its folder.
+    pub fn retire(&mut self, disk_id: &str, new_id: &str) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let row = Self::row(&tx, disk_id)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no disk {disk_id} in the catalog")))?;
+        if !row.failed_over {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("disk {disk_id} is replicating (not failed over): its replica is not set aside"),
+            ));
+        }
+        if Self::row(&tx, new_id)?.is_some() {
+            return Err(Error::new(ErrorKind::Refused, format!("disk id {new_id} is taken")));
+        }
+        tx.pragma_update(None, "defer_foreign_keys", "ON")?;
+        for t in [
+            "halts",
+            "points",
+            "undo_segments",
+            "undo",
+            "failovers",
+            "reprotect_owed",
+            "disks",
+        ] {
+            tx.execute(
+                &format!("UPDATE {t} SET disk_id = ?2 WHERE disk_id = ?1"),
+                params![disk_id, new_id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The reprotect the disk waits for, if any.
     pub fn reprotect(&self, disk_id: &str) -> Result<Option<Reprotect>> {
         let r: Option<(Option<i64>, i64, i64)> = self

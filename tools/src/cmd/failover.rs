@@ -71,8 +71,13 @@ pub struct FailoverArgs {
     #[arg(long, hide = true, value_name = "FILE", conflicts_with_all = ["data", "disk", "at"])]
     image: Option<PathBuf>,
     /// The disk image to write.
-    #[arg(long, value_name = "FILE")]
-    output: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "in_place")]
+    output: Option<PathBuf>,
+    /// Fail over onto the replica's own file, without a copy: for a disk
+    /// `tidemark reprotect` adopted (the old source's disk, which becomes
+    /// the disk again). Only `--at latest`.
+    #[arg(long, conflicts_with_all = ["output", "image", "force"])]
+    in_place: bool,
     /// Its format.
     #[arg(long, value_enum, default_value_t = OutFormat::Raw)]
     format: OutFormat,
@@ -193,18 +198,24 @@ impl Drop for PartGuard {
 }
 
 pub fn failover(a: FailoverArgs) -> Result<()> {
-    let files = replica::export_outputs(&a.output, a.format.export_format())?;
+    if a.in_place {
+        return in_place(&a);
+    }
+    let Some(output) = &a.output else {
+        bail!("name the image to write: --output FILE (or --in-place)");
+    };
+    let files = replica::export_outputs(output, a.format.export_format())?;
     if let Some(img) = &a.image {
         check_outputs(&files, a.force)?;
         let image = FileImage::open(img)?;
         let guard = PartGuard::new(&files)?;
         let started = Instant::now();
-        write_image(&image, &a.output, a.format)?;
+        write_image(&image, output, a.format)?;
         guard.done();
         outln!(
             "exported {} to {} ({}, {}) in {}",
             img.display(),
-            a.output.display(),
+            output.display(),
             a.format.name(),
             format_size(Image::size(&image)),
             format_duration(started.elapsed())
@@ -251,36 +262,103 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
     let guard = PartGuard::new(&files)?;
     let started = Instant::now();
     let image = ViewImage(&view);
-    write_image(&image, &a.output, a.format)?;
-    view.record_failover(&a.output).with_context(|| {
+    write_image(&image, output, a.format)?;
+    view.record_failover(output).with_context(|| {
         format!(
             "{} is written, but the failover was not recorded (the target goes on applying to {disk})",
-            a.output.display()
+            output.display()
         )
     })?;
     guard.done();
     outln!(
         "failed over {disk} at {} to {} ({}, {}) in {}",
         point.describe(),
-        a.output.display(),
+        output.display(),
         a.format.name(),
         format_size(view.size()),
         format_duration(started.elapsed())
     );
     if let Some(dir) = &a.protect_state {
-        let g = protect_state(data, disk, &state, point.seq, view.size(), &a.output, dir).with_context(|| {
+        let g = protect_state(data, disk, &state, point.seq, view.size(), output, dir).with_context(|| {
             format!(
                 "the failover is recorded and {} written, but the state directory {} was not prepared",
-                a.output.display(),
+                output.display(),
                 dir.display()
             )
         })?;
         outln!(
             "prepared {} for {}: generation {g}, forked at seq {}; protect it with\n  tidemark-agent protect --disk {} --state {} --disk-id {disk} --collector HOST:PORT --token-file FILE",
             dir.display(),
-            a.output.display(),
+            output.display(),
             point.seq,
-            a.output.display(),
+            output.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `--in-place`: the replica is the old source's own disk (`tidemark
+/// reprotect` linked it into the data directory); after the drain it is the
+/// disk again, at `latest`, without a copy. The failover is recorded with
+/// the disk's path as its output, and the link is moved aside: the
+/// replica's points read that file with its undo, and the file now changes
+/// under a new owner, so no view may open them any more.
+fn in_place(a: &FailoverArgs) -> Result<()> {
+    let (Some(data), Some(disk), Some(at)) = (&a.data, &a.disk, &a.at) else {
+        bail!("name the disk: --data DIR DISK --at latest --in-place");
+    };
+    if AtSpec::parse(at)? != AtSpec::Latest {
+        bail!("--in-place fails over at --at latest only: the replica's file is the disk at its newest state");
+    }
+    let link = tidemark_catalog::layout::disk_dir(data, disk).join("replica.raw");
+    let target = std::fs::read_link(&link).map_err(|_| {
+        anyhow::anyhow!(
+            "--in-place: {} is not a disk adopted by tidemark reprotect (no link to the old source's disk); use --output",
+            link.display()
+        )
+    })?;
+    if let Some(dir) = &a.protect_state {
+        check_protect_state(dir, OutFormat::Raw)?;
+    }
+    let state = r::disk_state(data, disk)?;
+    if !state.failovers.is_empty() {
+        bail!("{disk} was failed over already: its replica no longer follows a source");
+    }
+    if !a.no_drain {
+        eprintln!("draining: waiting until the replica holds everything the collector and the agent hold for {disk} (--no-drain skips this)…");
+        let d = r::drain(data, disk, a.drain_timeout)
+            .with_context(|| format!("drain {disk} (if the other site is gone, use --no-drain)"))?;
+        eprintln!("drained: the replica has applied seq {}", d.applied_seq);
+    }
+    let view = r::View::open_for_failover(data, disk, &AtSpec::Latest)?;
+    let point = view.point().clone();
+    view.record_failover(&target)
+        .with_context(|| format!("the failover of {disk} was not recorded"))?;
+    let size = view.size();
+    drop(view);
+    let aside = link.with_file_name(format!("replica.raw.handed-back-{}", point.seq));
+    std::fs::rename(&link, &aside).with_context(|| format!("move {} aside", link.display()))?;
+    outln!(
+        "failed over {disk} in place at {}: {} is the disk again ({}); the replica's link is kept as {}",
+        point.describe(),
+        target.display(),
+        format_size(size),
+        aside.display()
+    );
+    if let Some(dir) = &a.protect_state {
+        let g = protect_state(data, disk, &state, point.seq, size, &target, dir).with_context(|| {
+            format!(
+                "the failover is recorded, but the state directory {} was not prepared",
+                dir.display()
+            )
+        })?;
+        outln!(
+            "prepared {} for {}: generation {g}, forked at seq {}; protect it with\n  tidemark-agent protect --disk {} --state {} --disk-id {disk} --collector HOST:PORT --token-file FILE",
+            dir.display(),
+            target.display(),
+            point.seq,
+            target.display(),
             dir.display()
         );
     }

@@ -95,6 +95,9 @@ fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica
             rp.source_seq
         );
     }
+    if catalog.disk_row(disk)?.is_some_and(|r| r.failed_over) {
+        retire(&mut catalog, &a.data, disk)?;
+    }
     let dir = tidemark_catalog::layout::disk_dir(&a.data, disk);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let link = dir.join("replica.raw");
@@ -177,5 +180,35 @@ fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica
         "next: tidemark-target --data {} --listen HOST:PORT --token-file FILE",
         a.data.display()
     );
+    Ok(())
+}
+
+/// The data directory holds `disk` failed over (the disk went the other
+/// way before): its replica, points, undo and failover record are kept
+/// under a new id, `<disk>.retired-<generation>` (the generation its last
+/// failover ended), folder first, then the catalog; running again after a
+/// crash in between finishes the move.
+fn retire(catalog: &mut Catalog, data: &Path, disk: &str) -> Result<()> {
+    let tag = catalog
+        .failovers(disk)?
+        .last()
+        .and_then(|f| f.generation.clone())
+        .map_or_else(
+            || tidemark_catalog::now_unix().to_string(),
+            |g| g.chars().take(16).collect(),
+        );
+    let new_id = format!("{disk}.retired-{tag}");
+    tidemark_wire::DiskId::parse(&new_id)
+        .map_err(|e| anyhow::anyhow!("cannot set {disk} aside as {new_id:?}: {e} (a shorter disk id is needed)"))?;
+    let (from, to) = (
+        tidemark_catalog::layout::disk_dir(data, disk),
+        tidemark_catalog::layout::disk_dir(data, &new_id),
+    );
+    if from.exists() && !to.exists() {
+        std::fs::rename(&from, &to).with_context(|| format!("move {} to {}", from.display(), to.display()))?;
+        tidemark_util::crashsafe::fsync_dir(data).with_context(|| format!("fsync {}", data.display()))?;
+    }
+    catalog.retire(disk, &new_id)?;
+    eprintln!("{disk} was failed over here before: its replica, points and failover record are kept as disk {new_id}");
     Ok(())
 }
