@@ -117,6 +117,36 @@ impl Drop for Load {
     }
 }
 
+/// One qemu-io write of `len` bytes of `pat` at `at` through the NBD
+/// socket `sock`, flushed; panics if qemu-io says it failed.
+pub fn write_pattern(sock: &Path, at: u64, len: u64, pat: u8) {
+    let out = crate::run_ok(
+        Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            &format!("nbd+unix:///?socket={}", sock.display()),
+            "-c",
+            &format!("write -P {pat} {at} {len}"),
+            "-c",
+            "flush",
+        ]),
+        Duration::from_secs(120),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("failed"), "qemu-io: {text}");
+}
+
+/// Poll `ok` every 200 ms until it holds; panics naming `what` after `timeout`.
+pub fn poll_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn wait_and_compare(site: &Site, id: &str, disk: &Path, timeout: Duration) {
     site.wait(id, timeout);
     assert_identical(disk, &site.replica(id));

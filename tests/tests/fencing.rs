@@ -13,8 +13,7 @@
 //! - the fence survives a collector restart, and neither `--force-resync`
 //!   with a new state directory nor the old agent erases the failover record.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tidemark_tests::pipe::*;
 use tidemark_tests::recovery::*;
@@ -25,32 +24,16 @@ const T: Duration = Duration::from_secs(120);
 
 /// Write `mib` MiB of pattern `pat` at `at_mib` through the agent's shim.
 fn write_mib(a: &Agent, at_mib: u64, mib: u64, pat: u8) {
-    let out = run_ok(
-        Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-t",
-            "none",
-            &a.uri(),
-            "-c",
-            &format!("write -P {pat} {}M {}M", at_mib, mib),
-            "-c",
-            "flush",
-        ]),
-        T,
-    );
-    assert!(!stdout(&out).contains("failed"), "qemu-io: {}", stdout(&out));
+    write_pattern(&a.sock, at_mib * MIB, mib * MIB, pat);
 }
 
 fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut got = None;
+    poll_until(what, timeout, || {
+        got = f();
+        got.is_some()
+    });
+    got.expect("polled")
 }
 
 #[test]

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tidemark_tests::pipe::*;
 use tidemark_tests::recovery::*;
@@ -19,32 +19,6 @@ use tidemark_tests::*;
 const SIZE: u64 = 64 * MIB;
 const T: Duration = Duration::from_secs(120);
 const ID: &str = "vm";
-
-fn write(sock: &Path, at: u64, len: u64, pat: u8) {
-    let out = run_ok(
-        Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-t",
-            "none",
-            &format!("nbd+unix:///?socket={}", sock.display()),
-            "-c",
-            &format!("write -P {pat} {at} {len}"),
-            "-c",
-            "flush",
-        ]),
-        T,
-    );
-    assert!(!stdout(&out).contains("failed"), "qemu-io: {}", stdout(&out));
-}
-
-fn poll(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Site A on the way back: a collector (for the copy's agent) forwarding to
 /// a target port on which nothing listens until `start_target`.
@@ -162,8 +136,8 @@ impl Back {
 fn forward(d: &Path) -> (Site, Agent) {
     let site = Site::start(d, &[]);
     let a = agent(&site, d, ID, SIZE, &[]);
-    write(&a.sock, 0, 8 * MIB, 0x11);
-    write(&a.sock, 30 * MIB, MIB, 0x12);
+    write_pattern(&a.sock, 0, 8 * MIB, 0x11);
+    write_pattern(&a.sock, 30 * MIB, MIB, 0x12);
     wait_and_compare(&site, ID, &a.disk, Duration::from_secs(180));
     (site, a)
 }
@@ -234,25 +208,12 @@ fn failback_resyncs_only_what_the_copy_wrote() {
     let gen_b = st["generation"].as_str().unwrap().to_string();
     assert_ne!(gen_b, gen_a, "the copy holds a new generation");
     let p = st["next_seq"].as_u64().unwrap() - 1;
-    write(&b.sock, 20 * MIB, 3 * MIB, 0x21);
-    write(&b.sock, 40 * MIB, 64 << 10, 0x22);
+    write_pattern(&b.sock, 20 * MIB, 3 * MIB, 0x21);
+    write_pattern(&b.sock, 40 * MIB, 64 << 10, 0x22);
     let written_b = 3 * MIB + (64 << 10);
 
     // Site A is back: its disk becomes the copy's replica, in place.
-    let o = run_ok(
-        tidemark().args([
-            "reprotect",
-            "--data",
-            s(&back.data()),
-            ID,
-            "--replica",
-            s(&a_disk),
-            "--agent-state",
-            s(&a_state),
-        ]),
-        T,
-    );
-    let text = stdout(&o);
+    let text = reprotect(&back.data(), &a_disk, &a_state);
     assert!(text.contains(&format!("generation {}", &gen_a[..16])), "{text}");
     // Reprotect needs to know what the old source wrote.
     let o = run(
@@ -295,7 +256,7 @@ fn failback_resyncs_only_what_the_copy_wrote() {
     assert!(p > 0);
 
     // Protection goes on in the reverse direction.
-    write(&b.sock, 50 * MIB, MIB, 0x23);
+    write_pattern(&b.sock, 50 * MIB, MIB, 0x23);
     back.wait();
     assert_identical(&a_disk, &b_disk);
     b.stop();
@@ -309,7 +270,7 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     let (mut site, a) = forward(d);
     // The collector goes away: these writes never leave site A.
     site.collector.kill9();
-    write(&a.sock, 10 * MIB, 2 * MIB, 0x31);
+    write_pattern(&a.sock, 10 * MIB, 2 * MIB, 0x31);
     let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
     a.stop();
     let diverged = d.join("a-diverged.raw");
@@ -318,24 +279,12 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     let (b_disk, b_state, _) = failover_protect(d);
     let mut back = Back::start(d, &site.token_file);
     let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
-    write(&b.sock, 20 * MIB, MIB, 0x41);
+    write_pattern(&b.sock, 20 * MIB, MIB, 0x41);
 
-    run_ok(
-        tidemark().args([
-            "reprotect",
-            "--data",
-            s(&back.data()),
-            ID,
-            "--replica",
-            s(&a_disk),
-            "--agent-state",
-            s(&a_state),
-        ]),
-        T,
-    );
+    reprotect(&back.data(), &a_disk, &a_state);
     back.start_target();
     let log = back.dir.join("target-a.log");
-    poll("the divergence to be refused", T, || {
+    poll_until("the divergence to be refused", T, || {
         std::fs::read_to_string(&log).unwrap_or_default().contains("diverged")
     });
     let text = std::fs::read_to_string(&log).unwrap();
@@ -347,21 +296,8 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     if let Some(mut t) = back.target.take() {
         t.stop();
     }
-    let o = run_ok(
-        tidemark().args([
-            "reprotect",
-            "--data",
-            s(&back.data()),
-            ID,
-            "--replica",
-            s(&a_disk),
-            "--agent-state",
-            s(&a_state),
-            "--discard-divergent",
-        ]),
-        T,
-    );
-    assert!(stderr(&o).contains("keeping the divergent state"), "{}", stderr(&o));
+    let text = reprotect_with(&back.data(), &a_disk, &a_state, &["--discard-divergent"]);
+    assert!(text.contains("keeping the divergent state"), "{text}");
     let kept: Vec<PathBuf> = std::fs::read_dir(back.data().join(ID))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -380,21 +316,28 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     b.stop();
 }
 
-fn reprotect(data: &Path, replica: &Path, state: &Path) -> String {
+/// `tidemark reprotect` (with `extra` flags); its stdout and stderr.
+fn reprotect_with(data: &Path, replica: &Path, state: &Path, extra: &[&str]) -> String {
     let o = run_ok(
-        tidemark().args([
-            "reprotect",
-            "--data",
-            s(data),
-            ID,
-            "--replica",
-            s(replica),
-            "--agent-state",
-            s(state),
-        ]),
+        tidemark()
+            .args([
+                "reprotect",
+                "--data",
+                s(data),
+                ID,
+                "--replica",
+                s(replica),
+                "--agent-state",
+                s(state),
+            ])
+            .args(extra),
         T,
     );
     format!("{}{}", stdout(&o), stderr(&o))
+}
+
+fn reprotect(data: &Path, replica: &Path, state: &Path) -> String {
+    reprotect_with(data, replica, state, &[])
 }
 
 /// Fail over in place onto `data`'s adopted replica, preparing `state`.
@@ -438,7 +381,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     let (b_disk, b_state, _) = failover_protect(d);
     let mut back = Back::start(d, &site.token_file);
     let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
-    write(&b.sock, 20 * MIB, 2 * MIB, 0x51);
+    write_pattern(&b.sock, 20 * MIB, 2 * MIB, 0x51);
     reprotect(&back.data(), &a_disk, &a_state);
     back.start_target();
     back.wait();
@@ -448,7 +391,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     let a2_state = d.join("a2.state");
     failover_in_place(&back.data(), &a2_state);
     assert_identical(&a_disk, &b_disk);
-    poll("the copy's agent to be fenced", T, || b.status()["fenced"].is_string());
+    poll_until("the copy's agent to be fenced", T, || b.status()["fenced"].is_string());
     b.stop();
     // Site B takes the copy back as the replica: its old replica is kept.
     site.target.stop();
@@ -478,7 +421,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     assert_eq!(payload(&site.disk_status(ID)), before, "0 data bytes on the way home");
     assert_identical(&a_disk, &b_disk);
     // Forward again: A's writes reach the copy on B.
-    write(&a.sock, 33 * MIB, MIB, 0x52);
+    write_pattern(&a.sock, 33 * MIB, MIB, 0x52);
     site.wait(ID, Duration::from_secs(120));
     assert_identical(&a_disk, &b_disk);
     // The replica B held before the way back is kept, failover record and all.
@@ -498,10 +441,10 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     // Cycle 2: fail over onto B in place, protect back to A, come home.
     let b2_state = d.join("b2.state");
     failover_in_place(&data_b, &b2_state);
-    poll("A's agent to be fenced", T, || a.status()["fenced"].is_string());
+    poll_until("A's agent to be fenced", T, || a.status()["fenced"].is_string());
     a.stop();
     let b = back.agent(&b_disk, &b2_state, &d.join("b2.sock"));
-    write(&b.sock, 44 * MIB, MIB, 0x53);
+    write_pattern(&b.sock, 44 * MIB, MIB, 0x53);
     if let Some(mut t) = back.target.take() {
         t.stop();
     }
@@ -607,27 +550,14 @@ fn ext4_unplanned_failover_and_way_back() {
     assert!(text.contains("re-applied"), "{text}");
     back.start_target();
     let log = back.dir.join("target-a.log");
-    poll("the divergence to be refused", T, || {
+    poll_until("the divergence to be refused", T, || {
         std::fs::read_to_string(&log).unwrap_or_default().contains("diverged")
     });
     if let Some(mut t) = back.target.take() {
         t.stop();
     }
-    let o = run_ok(
-        tidemark().args([
-            "reprotect",
-            "--data",
-            s(&back.data()),
-            ID,
-            "--replica",
-            s(&a_disk),
-            "--agent-state",
-            s(&a_state),
-            "--discard-divergent",
-        ]),
-        T,
-    );
-    assert!(stderr(&o).contains("keeping the divergent state"), "{}", stderr(&o));
+    let text = reprotect_with(&back.data(), &a_disk, &a_state, &["--discard-divergent"]);
+    assert!(text.contains("keeping the divergent state"), "{text}");
     let kept = std::fs::read_dir(back.data().join(ID))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -6,8 +6,7 @@
 //! unapplied`), and once the target is back and has applied them, nothing
 //! is kept past the journal any more.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tidemark_tests::pipe::*;
 use tidemark_tests::recovery::*;
@@ -17,29 +16,7 @@ const SIZE: u64 = 64 * MIB;
 const T: Duration = Duration::from_secs(120);
 
 fn write(a: &Agent, at: u64, len: u64, pat: u8) {
-    let out = run_ok(
-        Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-t",
-            "none",
-            &a.uri(),
-            "-c",
-            &format!("write -P {pat} {at} {len}"),
-            "-c",
-            "flush",
-        ]),
-        T,
-    );
-    assert!(!stdout(&out).contains("failed"), "qemu-io: {}", stdout(&out));
-}
-
-fn poll(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    write_pattern(&a.sock, at, len, pat);
 }
 
 /// `tidemark journal unapplied --json` on a state directory.
@@ -68,7 +45,7 @@ fn the_state_directory_names_what_the_target_never_applied() {
     let a = agent(&site, d, "vm", SIZE, &["--journal-cap", "16M"]);
     write(&a, 0, 2 * MIB, 0x11);
     wait_and_compare(&site, "vm", &a.disk, Duration::from_secs(180));
-    poll("the target's applied seq to reach the agent", T, || {
+    poll_until("the target's applied seq to reach the agent", T, || {
         a.status()["target_applied_seq"].as_u64().unwrap_or(0) > 0
     });
 
@@ -82,7 +59,7 @@ fn the_state_directory_names_what_the_target_never_applied() {
     for (at, len, pat) in written {
         write(&a, at, len, pat);
     }
-    poll("the journal to be consumed up to the last write", T, || {
+    poll_until("the journal to be consumed up to the last write", T, || {
         let st = a.status();
         st["consumed_seq"] == st["last_seq"] && st["acked_seq"] == st["last_seq"]
     });
@@ -120,7 +97,7 @@ fn the_state_directory_names_what_the_target_never_applied() {
     let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
     let a = Agent::start(&disk, &state, &d.join("vm2.sock"), &refs);
     wait_and_compare(&site, "vm", &a.disk, Duration::from_secs(180));
-    poll("the kept regions to be dropped", T, || {
+    poll_until("the kept regions to be dropped", T, || {
         a.status()["unapplied"]["epochs"] == 0
     });
     a.stop();
