@@ -577,3 +577,45 @@ fn ext4_unplanned_failover_and_way_back() {
     assert!(sent < SIZE / 4, "not the disk: {sent}");
     b.stop();
 }
+
+/// kill -9 of the copy's agent, the reverse collector and site A's target
+/// while the reverse resync runs (the copy's writes and the old source's
+/// divergent regions in flight): each resumes, and the disks end identical.
+#[test]
+fn kill9_of_every_process_during_the_reverse_resync_resumes() {
+    need_tool("qemu-io");
+    let dir = tmpdir("revkill");
+    let d = dir.path();
+    let (mut site, a) = forward(d);
+    site.collector.kill9();
+    for (i, pat) in (0..8u64).zip(0x60u8..) {
+        write_pattern(&a.sock, (34 + 3 * i) * MIB, 2 * MIB, pat);
+    }
+    let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
+    a.kill9();
+    let (b_disk, b_state, _) = failover_protect(d);
+    let mut back = Back::start(d, &site.token_file);
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    for (i, pat) in (0..8u64).zip(0x70u8..) {
+        write_pattern(&b.sock, (2 + 3 * i) * MIB, 2 * MIB, pat);
+    }
+    let text = reprotect_with(&back.data(), &a_disk, &a_state, &["--discard-divergent"]);
+    assert!(text.contains("keeping the divergent state"), "{text}");
+    back.start_target();
+    // Each process dies once while the resync runs, and comes back.
+    b.kill9();
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    back.collector.restart();
+    if let Some(t) = back.target.as_mut() {
+        t.restart();
+    }
+    b.kill9();
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    // And replication goes on.
+    write_pattern(&b.sock, 60 * MIB, MIB, 0x7f);
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    b.stop();
+}
