@@ -581,7 +581,16 @@ async fn spool_batch(
     let clear_full = {
         let mut st = disk.lock();
         if st.binding != binding {
-            return Err(SessionEnd::Gone("the disk was rebound".into()));
+            // Rebound or fenced while this batch was written: it is not
+            // acknowledged (the agent still holds it), so the file goes,
+            // rather than lie unindexed and uncounted in the folder.
+            drop(st);
+            if let Err(e) = std::fs::remove_file(&entry.path) {
+                warn!(file = %entry.path.display(), "removing a batch spooled across a rebind or fence: {e}");
+            }
+            return Err(SessionEnd::Gone(
+                "the disk was rebound or fenced while a batch was spooled; it is not acknowledged".into(),
+            ));
         }
         st.files.insert(first_kept, entry);
         st.spool_bytes += len;
