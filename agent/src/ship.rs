@@ -169,14 +169,11 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
             }
             End::Refused { code, reason } => {
                 let key = format!("refused {code} {reason}");
-                let every = if code == ErrorCode::StaleGeneration {
-                    FENCED_RETRY
-                } else {
-                    REFUSED_RETRY
-                };
-                if code == ErrorCode::StaleGeneration {
+                let fenced = code == ErrorCode::StaleGeneration;
+                if fenced {
                     *shim.inner().link.fenced.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
                 }
+                let every = if fenced { FENCED_RETRY } else { REFUSED_RETRY };
                 if logged != key {
                     let hint = match code {
                         ErrorCode::DiskMismatch => {

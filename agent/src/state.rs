@@ -25,7 +25,6 @@ use tidemark_formats::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
 use tidemark_formats::generation::{GenerationId, History};
 use tidemark_util::crashsafe;
 use tidemark_util::owned::{self, DirKind, DirSpec, OwnedDir};
-use tidemark_wire::RecordKind;
 
 /// What the agent keeps in its state directory, so that a directory made
 /// before markers existed is recognised (and anything else refused).
@@ -320,11 +319,7 @@ pub fn written_regions(dir: &Path, size: u64) -> Result<Written> {
     for r in iter.by_ref() {
         let h = r.context("read the journal")?.header;
         w.last_seq = h.seq;
-        if matches!(
-            h.kind,
-            RecordKind::Write | RecordKind::Zero | RecordKind::Trim | RecordKind::Sync
-        ) && h.length > 0
-        {
+        if h.kind.changes_disk() && h.length > 0 {
             w.regions.push((h.seq, h.offset, h.length));
             journal.push((h.offset, h.length));
         }

@@ -123,6 +123,11 @@ pub(crate) fn now_s() -> i64 {
         .unwrap_or(0)
 }
 
+/// The `generations` column for a lineage (NULL: not known).
+fn lineage_blob(l: &Lineage) -> Option<Vec<u8>> {
+    History::from_lineage(l, tidemark_util::now_ns()).map(|h| h.encode())
+}
+
 fn schema_version(c: &Connection) -> Result<usize> {
     let v: Option<String> = c
         .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
@@ -242,7 +247,7 @@ impl Catalog {
 
     /// Record the data generation the disk's agent holds.
     pub(crate) fn set_lineage(&self, disk_id: &str, l: &Lineage) -> Result<()> {
-        let blob = History::from_lineage(l, tidemark_util::now_ns()).map(|h| h.encode());
+        let blob = lineage_blob(l);
         self.conn().execute(
             "UPDATE disks SET generations = ?2 WHERE disk_id = ?1",
             params![disk_id, blob],
@@ -254,7 +259,7 @@ impl Catalog {
     /// fork seq F): the fence is lifted, the disk holds seqs up to F, owes
     /// no full sync and no resync. One transaction.
     pub(crate) fn lift_fence(&self, disk_id: &str, l: &Lineage) -> Result<()> {
-        let blob = History::from_lineage(l, tidemark_util::now_ns()).map(|h| h.encode());
+        let blob = lineage_blob(l);
         let mut c = self.conn();
         let tx = c.transaction()?;
         tx.execute(

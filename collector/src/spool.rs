@@ -218,19 +218,9 @@ pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16
     let victims = {
         let mut st = disk.lock();
         st.uuid = uuid;
-        st.binding += 1;
-        st.session.cancel();
-        st.session = tokio_util::sync::CancellationToken::new();
-        st.acked_seq = 0;
-        st.applied_seq = 0;
-        st.trimmed_seq = 0;
-        st.target_state = None;
-        st.pending_full_sync = true;
-        st.full_sync_since = 0;
-        st.force_target = true;
+        // The catalog's bind dropped the owed resyncs too.
+        st.start_over(0, true, true);
         st.spool_bytes = 0;
-        // The catalog's bind dropped them too.
-        st.owed_resyncs.clear();
         std::mem::take(&mut st.files)
     };
     disk.spooled.notify_waiters();
@@ -315,10 +305,7 @@ pub(crate) async fn fence(shared: &Arc<Shared>, disk: &Arc<Disk>, reason: String
     let (files, bytes, agent) = {
         let mut st = disk.lock();
         st.fence = Some(f.clone());
-        // Sessions of the old state end; a batch in flight is not indexed.
-        st.binding += 1;
-        st.session.cancel();
-        st.session = tokio_util::sync::CancellationToken::new();
+        st.end_sessions();
         let files = std::mem::take(&mut st.files);
         let bytes = std::mem::take(&mut st.spool_bytes);
         (files, bytes, st.agent.as_ref().map(|a| a.tx.clone()))
@@ -385,17 +372,7 @@ pub(crate) async fn lift_fence(shared: &Arc<Shared>, disk: &Arc<Disk>, l: tidema
         let mut st = disk.lock();
         st.fence = None;
         st.lineage = l;
-        st.binding += 1;
-        st.session.cancel();
-        st.session = tokio_util::sync::CancellationToken::new();
-        st.acked_seq = l.fork_seq;
-        st.trimmed_seq = l.fork_seq;
-        st.applied_seq = 0;
-        st.target_state = None;
-        st.pending_full_sync = false;
-        st.full_sync_since = 0;
-        st.force_target = false;
-        st.owed_resyncs.clear();
+        st.start_over(l.fork_seq, false, false);
     }
     info!(
         fork_seq = l.fork_seq,

@@ -98,6 +98,31 @@ pub(crate) struct DiskState {
     pub nonce_waiters: Vec<(u64, oneshot::Sender<Progress>)>,
 }
 
+impl DiskState {
+    /// End the agent's and the forwarder's sessions of the current state
+    /// (a batch in flight is not indexed: its binding is gone).
+    pub(crate) fn end_sessions(&mut self) {
+        self.binding += 1;
+        self.session.cancel();
+        self.session = CancellationToken::new();
+    }
+
+    /// Start the disk's line over (a rebind, or a line forked after a
+    /// fence): the sessions end, this collector holds every seq up to
+    /// `held`, knows nothing of the target yet and owes no resync.
+    pub(crate) fn start_over(&mut self, held: u64, pending_full_sync: bool, force_target: bool) {
+        self.end_sessions();
+        self.acked_seq = held;
+        self.trimmed_seq = held;
+        self.applied_seq = 0;
+        self.target_state = None;
+        self.pending_full_sync = pending_full_sync;
+        self.full_sync_since = 0;
+        self.force_target = force_target;
+        self.owed_resyncs.clear();
+    }
+}
+
 /// A range resync owed to the agent until `Sync`/`Zero+SYNC` records with a
 /// seq above the request's have covered the whole range (what the target
 /// waits for before it lifts the halt). Delivering the request is not

@@ -24,20 +24,13 @@ impl RangeSet {
 
     /// The set of `(offset, length)` ranges, merged (empty ones dropped).
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
-        let mut v: Vec<(u64, u64)> = ranges
-            .into_iter()
-            .filter(|r| r.1 > 0)
-            .map(|(o, l)| (o, o.saturating_add(l)))
-            .collect();
-        v.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-        for (s, e) in v {
-            match out.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => out.push((s, e)),
-            }
-        }
-        Self(out)
+        let v = ranges.into_iter().filter(|r| r.1 > 0).collect();
+        Self(
+            tidemark_formats::journal::merge_ranges(v)
+                .into_iter()
+                .map(|(o, l)| (o, o.saturating_add(l)))
+                .collect(),
+        )
     }
 
     /// Whether nothing is left.

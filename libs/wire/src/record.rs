@@ -103,6 +103,11 @@ impl RecordKind {
     pub fn carries_data(self) -> bool {
         matches!(self, Self::Write | Self::Sync)
     }
+
+    /// Whether applying it changes `offset..offset+length` of the disk.
+    pub fn changes_disk(self) -> bool {
+        matches!(self, Self::Write | Self::Zero | Self::Trim | Self::Sync)
+    }
 }
 
 impl fmt::Display for RecordKind {

@@ -279,21 +279,13 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         format_duration(started.elapsed())
     );
     if let Some(dir) = &a.protect_state {
-        let g = protect_state(data, disk, &state, point.seq, view.size(), output, dir).with_context(|| {
+        protect_state(data, disk, &state, point.seq, view.size(), output, dir).with_context(|| {
             format!(
                 "the failover is recorded and {} written, but the state directory {} was not prepared",
                 output.display(),
                 dir.display()
             )
         })?;
-        outln!(
-            "prepared {} for {}: generation {g}, forked at seq {}; protect it with\n  tidemark-agent protect --disk {} --state {} --disk-id {disk} --collector HOST:PORT --token-file FILE",
-            dir.display(),
-            output.display(),
-            point.seq,
-            output.display(),
-            dir.display()
-        );
     }
     Ok(())
 }
@@ -347,20 +339,12 @@ fn in_place(a: &FailoverArgs) -> Result<()> {
         aside.display()
     );
     if let Some(dir) = &a.protect_state {
-        let g = protect_state(data, disk, &state, point.seq, size, &target, dir).with_context(|| {
+        protect_state(data, disk, &state, point.seq, size, &target, dir).with_context(|| {
             format!(
                 "the failover is recorded, but the state directory {} was not prepared",
                 dir.display()
             )
         })?;
-        outln!(
-            "prepared {} for {}: generation {g}, forked at seq {}; protect it with\n  tidemark-agent protect --disk {} --state {} --disk-id {disk} --collector HOST:PORT --token-file FILE",
-            dir.display(),
-            target.display(),
-            point.seq,
-            target.display(),
-            dir.display()
-        );
     }
     Ok(())
 }
@@ -386,7 +370,7 @@ fn check_protect_state(dir: &Path, format: OutFormat) -> Result<()> {
 }
 
 /// Write the state directory for the failed-over copy: the replica's
-/// generation history forked at `seq`. Returns the new generation.
+/// generation history forked at `seq`; say how to protect it.
 fn protect_state(
     data: &Path,
     disk: &tidemark_wire::DiskId,
@@ -395,7 +379,7 @@ fn protect_state(
     size: u64,
     output: &Path,
     dir: &Path,
-) -> Result<tidemark_formats::generation::GenerationId> {
+) -> Result<()> {
     use tidemark_formats::generation::{GenerationId, History};
     let conn = tidemark_catalog::open_read_only(data)?;
     let now = tidemark_util::now_ns();
@@ -409,19 +393,26 @@ fn protect_state(
     let uuid = *uuid::Uuid::parse_str(&state.disk_uuid)
         .with_context(|| format!("the catalog's uuid {:?} for {disk}", state.disk_uuid))?
         .as_bytes();
-    let output = std::fs::canonicalize(output).with_context(|| format!("resolve {}", output.display()))?;
+    let disk_path = std::fs::canonicalize(output).with_context(|| format!("resolve {}", output.display()))?;
     tidemark_agent::state::prepare_forked(
         dir,
         &tidemark_agent::state::Forked {
             disk_id: disk.to_string(),
             disk_uuid: uuid,
             disk_size: size,
-            disk_path: output,
+            disk_path,
             history,
             next_seq: seq + 1,
         },
     )?;
-    Ok(id)
+    outln!(
+        "prepared {} for {}: generation {id}, forked at seq {seq}; protect it with\n  tidemark-agent protect --disk {} --state {} --disk-id {disk} --collector HOST:PORT --token-file FILE",
+        dir.display(),
+        output.display(),
+        output.display(),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// A view read as an [`Image`] without taking it over.

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use tidemark_wire::record::{Record, RecordHeader, RecordKind, HEADER_LEN, MAGIC};
+use tidemark_wire::record::{Record, RecordHeader, HEADER_LEN, MAGIC};
 
 use super::segment::{read_record_at, read_up_to, SegmentHeader, Step, SEGMENT_HEADER_LEN};
 use super::{list, segment_path};
@@ -93,13 +93,7 @@ impl JournalReader {
                 if rh.seq != seq {
                     break;
                 }
-                if seq >= from
-                    && matches!(
-                        rh.kind,
-                        RecordKind::Write | RecordKind::Zero | RecordKind::Trim | RecordKind::Sync
-                    )
-                    && rh.length > 0
-                {
+                if seq >= from && rh.kind.changes_disk() && rh.length > 0 {
                     out.push((rh.offset, rh.length));
                 }
                 pos += rh.encoded_len();
