@@ -8,6 +8,7 @@
 //! tracked: past the journal cap it tracks regions in a dirty bitmap instead,
 //! and on a journal or bitmap error it fails the request.
 
+pub mod compare;
 pub mod config;
 pub mod control;
 pub mod drain;

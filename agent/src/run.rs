@@ -542,6 +542,8 @@ fn start_sync_driver(
     if cfg.ship.is_none() {
         return Ok(None);
     }
+    // Whole-disk syncs compare with the replica through the shipper.
+    shim.inner().hashes.shipping();
     crate::sync::spawn(shim.clone(), stop.clone(), tokio::runtime::Handle::current())
         .map(Some)
         .context("start the sync driver")

@@ -73,6 +73,10 @@ pub struct Stats {
     pub mode_changes: AtomicU64,
     pub sync_records: AtomicU64,
     pub sync_bytes: AtomicU64,
+    /// Bytes a hash-compare sync read and compared, and of those, the
+    /// bytes found equal at the target (not sent).
+    pub compare_bytes: AtomicU64,
+    pub compare_equal_bytes: AtomicU64,
     pub fence_waits: AtomicU64,
 }
 
@@ -138,6 +142,8 @@ pub struct Inner {
     /// Regions written that the target has not applied, kept after their
     /// records left the journal.
     pub unapplied: Mutex<Unapplied>,
+    /// Hash-compare queries and answers (whole-disk syncs).
+    pub hashes: crate::compare::HashBook,
     /// Woken when a sync chunk lifts its fence.
     fence_lifted: Notify,
     /// Woken when records become shippable (the shipper waits on it).
@@ -268,6 +274,52 @@ enum Piece {
     Data { offset: u64, data: Vec<u8> },
 }
 
+impl crate::compare::PieceView for Piece {
+    fn span(&self) -> (u64, u64) {
+        match self {
+            Piece::Zero { offset, len } => (*offset, *len),
+            Piece::Data { offset, data } => (*offset, data.len() as u64),
+        }
+    }
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Piece::Zero { .. } => None,
+            Piece::Data { data, .. } => Some(data),
+        }
+    }
+}
+
+/// The parts of `pieces` inside the chunks of `offset..offset+len` that
+/// `keep` flags (one flag per chunk, `tidemark_wire::chunk::chunks`).
+fn keep_chunks(pieces: Vec<Piece>, offset: u64, len: u64, size: u64, keep: &[bool]) -> Vec<Piece> {
+    let spans: Vec<(u64, u64)> = tidemark_wire::chunk::chunks(offset, len, size)
+        .zip(keep)
+        .filter(|(_, k)| **k)
+        .map(|((o, l), _)| (o, o + l))
+        .collect();
+    let mut out = Vec::new();
+    for p in pieces {
+        let (s, n) = crate::compare::PieceView::span(&p);
+        for &(a, b) in &spans {
+            let (from, to) = (s.max(a), (s + n).min(b));
+            if from >= to {
+                continue;
+            }
+            out.push(match &p {
+                Piece::Zero { .. } => Piece::Zero {
+                    offset: from,
+                    len: to - from,
+                },
+                Piece::Data { data, .. } => Piece::Data {
+                    offset: from,
+                    data: data[usize::try_from(from - s).unwrap_or(0)..usize::try_from(to - s).unwrap_or(0)].to_vec(),
+                },
+            });
+        }
+    }
+    out
+}
+
 /// Lifts a chunk's fence if the chunk ends early (error, no room).
 struct FenceGuard<'a> {
     inner: &'a Inner,
@@ -324,6 +376,7 @@ impl Shim {
                 stats: Stats::default(),
                 sync,
                 link: LinkStatus::default(),
+                hashes: crate::compare::HashBook::default(),
                 unapplied: Mutex::new(p.unapplied),
                 fence_lifted: Notify::new(),
                 shippable: Notify::new(),
@@ -459,11 +512,14 @@ impl Shim {
     /// records, clear its regions in the bitmap, lift the fence. `full`
     /// adds `FLAG_FULL`. `wait` drives the async ticket wait from the
     /// caller's thread (e.g. `tokio::runtime::Handle::block_on`).
+    /// `compare`: the replica's hash of each chunk of the range
+    /// ([`crate::compare`]); chunks that hash the same are not journaled.
     pub fn sync_chunk(
         &self,
         offset: u64,
         len: u64,
         full: bool,
+        compare: Option<&[Option<[u8; 32]>]>,
         wait: impl FnOnce(&Ticket),
     ) -> io::Result<ChunkOutcome> {
         let inner = &*self.inner;
@@ -478,7 +534,18 @@ impl Shim {
         };
         let mut guard = FenceGuard { inner, armed: true };
         wait(&ticket);
-        let pieces = inner.read_for_sync(offset, len)?;
+        let mut pieces = inner.read_for_sync(offset, len)?;
+        if let Some(expect) = compare {
+            let differ = crate::compare::differing(&pieces, offset, len, inner.size, expect);
+            let equal: u64 = tidemark_wire::chunk::chunks(offset, len, inner.size)
+                .zip(&differ)
+                .filter(|(_, d)| !**d)
+                .map(|((_, l), _)| l)
+                .sum();
+            inner.stats.compare_bytes.fetch_add(len, Ordering::Relaxed);
+            inner.stats.compare_equal_bytes.fetch_add(equal, Ordering::Relaxed);
+            pieces = keep_chunks(pieces, offset, len, inner.size, &differ);
+        }
         let full_flag = if full { FLAG_FULL } else { 0 };
         let hashed: Vec<(Piece, [u8; 32])> = pieces
             .into_iter()

@@ -611,6 +611,9 @@ impl Conn<'_> {
             }
             Frame::Request(Request::Resync { seq, offset, length }) => {
                 info!(seq, offset, length, "the target asked to resync a range");
+                // Sent as data even inside a hash-compare sync: the target
+                // waits for these records.
+                shim.inner().hashes.force(offset, length);
                 if let Err(e) = shim.mark_for_resync(offset, length) {
                     warn!("resync request for {offset}+{length} (seq {seq}) ignored: {e}");
                 }
@@ -631,6 +634,10 @@ impl Conn<'_> {
                         .await
                         .map_err(|e| anyhow!("full resync task: {e}"))??;
                 }
+            }
+            Frame::ChunkHashes { offset, hashes } => {
+                shim.inner().hashes.answer(offset, hashes);
+                shim.inner().sync.wake();
             }
             Frame::Error {
                 code: ErrorCode::Busy,
@@ -692,9 +699,18 @@ async fn stream_records(
     };
     consume(shim, acked).await.map_err(|e| journal_err(format!("{e:#}")))?;
     let mut next_progress = tokio::time::Instant::now();
+    let hashes = &shim.inner().hashes;
+    let conn = Connection {
+        book: hashes,
+        n: hashes.connected(),
+    };
     loop {
         if stop.is_cancelled() {
             return Ok(());
+        }
+        // A hash-compare sync's queries (docs/failback.md, section 4).
+        for (offset, length) in hashes.to_send(conn.n) {
+            send_frame(wr, &Frame::HashQuery { offset, length }, stop).await?;
         }
         // Frames that arrived meanwhile.
         loop {
@@ -747,6 +763,18 @@ async fn stream_records(
             _ = notified => {}
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+}
+
+/// A connection as the hash book knows it; noted down when it ends.
+struct Connection<'a> {
+    book: &'a crate::compare::HashBook,
+    n: u64,
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        self.book.disconnected(self.n);
     }
 }
 

@@ -50,6 +50,10 @@ pub struct Status {
     /// The running sync, if any.
     pub sync: Option<SyncStatus>,
     pub full_resyncs: u64,
+    /// Bytes whole-disk syncs compared with the replica's hashes, and of
+    /// those, the bytes found equal (not sent).
+    pub compare_bytes: u64,
+    pub compare_equal_bytes: u64,
     /// Journal bytes the collector has not acknowledged.
     pub journal_backlog_bytes: u64,
     pub collector: Option<String>,
@@ -152,6 +156,8 @@ impl Status {
                 }
             }),
             full_resyncs: sf.full_resyncs,
+            compare_bytes: l(&s.compare_bytes),
+            compare_equal_bytes: l(&s.compare_equal_bytes),
             journal_backlog_bytes: core.journal.bytes_after(acked.max(core.journal.consumed_seq())),
             collector: inner.link.collector.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             collector_connected: inner.link.connected.load(Ordering::Relaxed),

@@ -32,6 +32,9 @@ use tidemark_util::human::format_size;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use tidemark_wire::chunk::HASH_CHUNK;
+
+use crate::compare::{Answer, Compared, Link, AHEAD, WINDOW};
 use crate::shim::{ChunkOutcome, Mode, Shim};
 use crate::sync_state::{SyncFile, SyncKind};
 
@@ -39,6 +42,10 @@ use crate::sync_state::{SyncFile, SyncKind};
 pub const CHUNK: u64 = 1 << 20;
 /// How often the cleared bits are made durable.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// A compare window unanswered this long on a live connection is sent as data.
+const GIVE_UP_CONNECTED: Duration = Duration::from_secs(60);
+/// An initial sync sends data once no collector was reachable this long.
+const GIVE_UP_INITIAL: Duration = Duration::from_secs(3);
 /// How often progress is logged.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -269,6 +276,7 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
                 f.marked = true;
                 f.start_seq = start;
             })?;
+            self.shim.inner().hashes.reset();
             self.cursor = 0;
             self.window_bytes = 0;
             self.last_log = Instant::now();
@@ -287,13 +295,29 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
             .shim
             .next_dirty(self.cursor, CHUNK)
             .or_else(|| self.shim.next_dirty(0, CHUNK));
-        let Some((off, len)) = chunk else {
+        let Some((mut off, mut len)) = chunk else {
             return self.finish(kind, f.start_seq);
         };
+        // A whole-disk sync compares with the replica first (hash-compare).
+        let mut expect = None;
+        let mut window = None;
+        if kind.whole_disk() {
+            match self.compared(kind, off, len) {
+                Some((a, l, w, e)) => {
+                    (off, len, window, expect) = (a, l, Some(w), Some(e));
+                }
+                None => return Ok(self.pause("waiting for the replica's hashes")),
+            }
+        }
         let outcome = self
             .shim
-            .sync_chunk(off, len, kind.whole_disk(), &self.wait)
+            .sync_chunk(off, len, kind.whole_disk(), expect.as_deref(), &self.wait)
             .with_context(|| format!("sync {off}+{len}"))?;
+        if let (Some(w), ChunkOutcome::Appended { .. }) = (window, &outcome) {
+            if off + len >= (w + WINDOW).min(self.shim.inner().size) {
+                self.shim.inner().hashes.forget(w);
+            }
+        }
         match outcome {
             ChunkOutcome::Appended { .. } => {
                 fail::fail_point!("agent-sync-after-append");
@@ -309,6 +333,59 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
         }
         self.log_progress(kind, false);
         Ok(Step::Worked)
+    }
+
+    /// For a whole-disk sync: the range to sync now (`off..off+len` made
+    /// whole chunks, inside one window), its window and the replica's hash
+    /// of each of its chunks; `None` while the answer is awaited. The
+    /// driver asks [`AHEAD`] windows ahead. Without an answer for long on
+    /// a live connection (a target that cannot answer), or for an initial
+    /// sync while no collector is reachable, the window is sent as data.
+    fn compared(&mut self, kind: SyncKind, off: u64, len: u64) -> Option<Compared> {
+        let inner = self.shim.inner();
+        let size = inner.size;
+        let book = &inner.hashes;
+        let a = off - off % HASH_CHUNK;
+        let w = a - a % WINDOW;
+        let query = |w: u64| (size - w).min(WINDOW).div_ceil(HASH_CHUNK) * HASH_CHUNK;
+        let b = (off + len)
+            .div_ceil(HASH_CHUNK)
+            .saturating_mul(HASH_CHUNK)
+            .min(w + WINDOW)
+            .min(size);
+        for k in 1..=AHEAD {
+            let next = w + k * WINDOW;
+            if next < size {
+                book.prefetch(next, query(next));
+            }
+        }
+        let hashes = match book.get(w, query(w)) {
+            Answer::Hashes(h) => h,
+            Answer::Waiting(waited) => {
+                inner.shippable.notify_one();
+                let link = book.link();
+                let give_up = match link {
+                    Link::None => true,
+                    Link::Up => waited >= GIVE_UP_CONNECTED,
+                    Link::Down(down) => kind == SyncKind::Initial && down >= GIVE_UP_INITIAL,
+                };
+                if !give_up {
+                    return None;
+                }
+                if link != Link::None {
+                    warn!(
+                        disk = %self.disk(),
+                        window = w,
+                        "no hashes from the target after {} s ({link:?}): sending this window's data",
+                        waited.as_secs(),
+                    );
+                }
+                book.give_up(w);
+                Vec::new()
+            }
+        };
+        let expect = book.expect(w, &hashes, a, b - a, size);
+        Some((a, b - a, w, expect))
     }
 
     fn pause(&mut self, why: &str) -> Step {
@@ -367,6 +444,7 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
             }
         })?;
         self.shim.inner().sync.set_rate(0);
+        self.shim.inner().hashes.reset();
         info!(
             disk = %self.disk(),
             kind = ?kind,

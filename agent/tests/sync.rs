@@ -278,7 +278,7 @@ fn fence_orders_overlapping_writes_after_the_chunk() {
     let before = shim.core().journal.next_seq();
     let mut pending = None;
     let outcome = shim
-        .sync_chunk(0, 1 << 20, false, |ticket| {
+        .sync_chunk(0, 1 << 20, false, None, |ticket| {
             rt.block_on(async {
                 ticket.wait().await;
                 // Overlapping: must wait for the fence.

@@ -476,6 +476,13 @@ async fn session(
                 failpoint::hit("collector-after-ack");
             }
             Frame::Progress(p) => note_progress(disk, p),
+            Frame::HashQuery { .. } => {
+                // Relayed to the target's session; unanswered (none up),
+                // the agent asks again.
+                if let Some(to) = disk.lock().to_target.clone() {
+                    let _ = to.send(frame);
+                }
+            }
             Frame::Error { code, reason } => {
                 return Err(SessionEnd::Gone(format!("the agent reported {code}: {reason}")));
             }

@@ -95,6 +95,7 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
             let mut st = disk.lock();
             if st.binding == binding {
                 st.target_connected = false;
+                st.to_target = None;
             }
         }
         if shared.stop.is_cancelled() {
@@ -282,6 +283,12 @@ async fn session(
     let ended = CancellationToken::new();
     // Frames the reader wants sent (answers to the target's questions).
     let (answers, mut to_send) = tokio::sync::mpsc::unbounded_channel::<Frame>();
+    {
+        let mut st = disk.lock();
+        if st.binding == binding {
+            st.to_target = Some(answers.clone());
+        }
+    }
     // Aborted if this session is dropped (collector stopping, disk rebound).
     let mut reader = {
         let (s, d, inf, end) = (shared.clone(), disk.clone(), inflight.clone(), ended.clone());
@@ -383,6 +390,20 @@ async fn read_loop(
                 }
                 _ => shared.relay_to_agent(disk, req),
             },
+            Some(f @ Frame::ChunkHashes { .. }) => {
+                // An agent's hash-compare resync waits for these; if the
+                // agent has gone, it asks again on its next connection.
+                let agent = {
+                    let st = disk.lock();
+                    if st.binding != binding {
+                        continue;
+                    }
+                    st.agent.as_ref().map(|a| a.tx.clone())
+                };
+                if let Some(tx) = agent {
+                    let _ = tx.send(Out { frame: f, done: None }).await;
+                }
+            }
             Some(Frame::Error {
                 code: ErrorCode::StaleGeneration,
                 reason,

@@ -77,6 +77,9 @@ pub(crate) struct DiskState {
     pub spool_bytes: u64,
     pub agent: Option<AgentLink>,
     pub target_connected: bool,
+    /// Frames for the target on its current session (an agent's
+    /// `HashQuery`); `None` while no session is up.
+    pub to_target: Option<tokio::sync::mpsc::UnboundedSender<Frame>>,
     pub target_state: Option<TargetState>,
     pub progress: Option<(Progress, Instant)>,
     /// (when, written_bytes, sync_done) of recent Progress reports.
@@ -300,6 +303,7 @@ impl Shared {
                 spool_bytes: 0,
                 agent: None,
                 target_connected: false,
+                to_target: None,
                 target_state: None,
                 progress: None,
                 samples: VecDeque::new(),

@@ -212,6 +212,11 @@ impl DiskApplier {
         self.row.applied_seq
     }
 
+    /// The replica, to read (a hash-compare resync's hashes).
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
     /// Whether a failover stopped applying to this disk.
     pub fn failed_over(&self) -> bool {
         self.row.failed_over

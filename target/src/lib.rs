@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 mod apply;
+mod compare;
 mod plan;
 pub use tidemark_catalog as catalog;
 mod control;

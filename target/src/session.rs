@@ -824,6 +824,12 @@ async fn session<R: AsyncRead + Unpin>(
                 }
                 continue;
             }
+            Some(Frame::HashQuery { offset, length }) => {
+                let (w, hashes) = hash_query(work, offset, length).await?;
+                work = w;
+                send(wr, &Frame::ChunkHashes { offset, hashes }).await?;
+                continue;
+            }
             Some(Frame::Error { code, reason }) => {
                 return Err(End::Close(format!("the collector reported {code}: {reason}")))
             }
@@ -844,6 +850,28 @@ async fn session<R: AsyncRead + Unpin>(
         report(wr, &o, &last).await?;
         last = o.state;
     }
+}
+
+/// The replica's hashes of `offset..offset+length` for an agent's
+/// hash-compare resync, read on a blocking thread between batches. A
+/// replica that cannot be read answers no hashes: the agent then sends
+/// the data.
+async fn hash_query(work: Box<Work>, offset: u64, length: u64) -> Result<(Box<Work>, Vec<[u8; 32]>), End> {
+    let job = tokio::task::spawn_blocking(move || {
+        let r = crate::compare::hash_span(work.applier.replica(), offset, length);
+        (work, r)
+    });
+    let (work, r) = job
+        .await
+        .map_err(|e| refuse(ErrorCode::Internal, format!("hash task failed: {e}")))?;
+    let hashes = r.unwrap_or_else(|e| {
+        warn!(
+            offset,
+            length, "cannot hash the replica for a compare; the agent sends the data: {e}"
+        );
+        Vec::new()
+    });
+    Ok((work, hashes))
 }
 
 /// Apply one packed batch on a blocking thread, reporting state while it

@@ -31,6 +31,11 @@
 //!       |            raw_len u32, zstd data (see crate::pack)    |
 //!       |  9 TargetState applied_seq u64, state u8,             |
 //!       |            halted_seq u64, pending_bytes u64           |
+//!       | 10 HashQuery offset u64, length u64 (both multiples   |
+//!       |            of HASH_CHUNK, length ≤ MAX_HASH_SPAN)      |
+//!       | 11 ChunkHashes offset u64, count u32, count × blake3  |
+//!       |            [32] of the HASH_CHUNK chunks from offset   |
+//!       |            (count 0: not compared, send the data)      |
 //!       +--------------------------------------------------------+
 //! ```
 //!
@@ -49,13 +54,20 @@ pub const FRAME_HEADER_LEN: usize = 16;
 /// Magic at the start of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
 /// The frame format version this code writes and reads. Version 1 (no
-/// flags in Hello and Welcome, no types 6–9) and version 2 (no generations
-/// in Hello and Welcome) were never spoken by a release.
-pub const FRAME_VERSION: u8 = 3;
+/// flags in Hello and Welcome, no types 6–9), version 2 (no generations
+/// in Hello and Welcome) and version 3 (no types 10–11) were never spoken
+/// by a release.
+pub const FRAME_VERSION: u8 = 4;
 /// The protocol version carried in Hello.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest body: one maximal record plus headroom for a batch of small ones.
 pub const MAX_BODY: u32 = MAX_PAYLOAD + (8 << 20);
+/// The chunk a hash-compare resync compares (docs/failback.md, section 4):
+/// chunks are aligned on it from the start of the disk; the last one ends
+/// at the disk's end.
+pub const HASH_CHUNK: u64 = 64 << 10;
+/// Most bytes one [`Frame::HashQuery`] may ask about (512 hashes).
+pub const MAX_HASH_SPAN: u64 = 32 << 20;
 /// Longest error reason, in bytes.
 pub const MAX_REASON: usize = 1024;
 /// Longest shared-secret token.
@@ -316,6 +328,19 @@ pub enum Frame {
     /// A compressed, deduplicated batch (collector → target).
     Packed(PackedBatch),
     TargetState(TargetState),
+    /// The agent asks (through the collector) for the replica's hashes of
+    /// `offset..offset+length` (a hash-compare resync).
+    HashQuery {
+        offset: u64,
+        length: u64,
+    },
+    /// The answer: the blake3 of each [`HASH_CHUNK`] chunk from `offset`
+    /// (the last one cut at the disk's end), as the replica holds them now.
+    /// Empty: the target cannot compare there; the sender sends the data.
+    ChunkHashes {
+        offset: u64,
+        hashes: Vec<[u8; 32]>,
+    },
 }
 
 /// A parsed, bounded frame header.
@@ -366,6 +391,24 @@ impl FrameHeader {
     pub fn frame_len(&self) -> usize {
         FRAME_HEADER_LEN + self.body_len as usize
     }
+}
+
+/// A hash span: aligned on [`HASH_CHUNK`], not empty, at most
+/// [`MAX_HASH_SPAN`], not past the end of the address space.
+fn check_hash_span(offset: u64, length: u64) -> Result<(), WireError> {
+    if !offset.is_multiple_of(HASH_CHUNK) || !length.is_multiple_of(HASH_CHUNK) {
+        return Err(err(
+            WireErrorKind::Corrupt,
+            format!("hash span {offset}+{length} is not aligned on {HASH_CHUNK} bytes"),
+        ));
+    }
+    if length == 0 || length > MAX_HASH_SPAN || offset.checked_add(length).is_none() {
+        return Err(err(
+            WireErrorKind::OutOfBounds,
+            format!("hash span {offset}+{length} is empty, longer than {MAX_HASH_SPAN} bytes or past the end"),
+        ));
+    }
+    Ok(())
 }
 
 /// A cursor over a body that never reads past its end.
@@ -422,6 +465,8 @@ impl Frame {
             Frame::Request(_) => "Request",
             Frame::Packed(_) => "Packed",
             Frame::TargetState(_) => "TargetState",
+            Frame::HashQuery { .. } => "HashQuery",
+            Frame::ChunkHashes { .. } => "ChunkHashes",
         }
     }
 
@@ -436,6 +481,8 @@ impl Frame {
             Frame::Request(_) => 7,
             Frame::Packed(_) => 8,
             Frame::TargetState(_) => 9,
+            Frame::HashQuery { .. } => 10,
+            Frame::ChunkHashes { .. } => 11,
         }
     }
 
@@ -543,6 +590,23 @@ impl Frame {
                 body.push(t.state as u8);
                 body.extend_from_slice(&t.halted_seq.to_le_bytes());
                 body.extend_from_slice(&t.pending_bytes.to_le_bytes());
+            }
+            Frame::HashQuery { offset, length } => {
+                check_hash_span(*offset, *length)?;
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&length.to_le_bytes());
+            }
+            Frame::ChunkHashes { offset, hashes } => {
+                let n = u32::try_from(hashes.len())
+                    .ok()
+                    .filter(|n| u64::from(*n) <= MAX_HASH_SPAN / HASH_CHUNK)
+                    .ok_or_else(|| err(WireErrorKind::OutOfBounds, "more chunk hashes than one frame may carry"))?;
+                check_hash_span(*offset, u64::from(n.max(1)) * HASH_CHUNK)?;
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&n.to_le_bytes());
+                for h in hashes {
+                    body.extend_from_slice(h);
+                }
             }
         }
         let body_len = u32::try_from(body.len())
@@ -758,6 +822,29 @@ impl Frame {
                     pending_bytes: c.u64("target state")?,
                 })
             }
+            10 => {
+                let (offset, length) = (c.u64("hash query")?, c.u64("hash query")?);
+                check_hash_span(offset, length)?;
+                Frame::HashQuery { offset, length }
+            }
+            11 => {
+                let offset = c.u64("chunk hashes")?;
+                let n = u64::from(c.u32("chunk hashes")?);
+                if n > MAX_HASH_SPAN / HASH_CHUNK {
+                    return Err(err(
+                        WireErrorKind::OutOfBounds,
+                        format!("{n} chunk hashes, more than one frame may carry"),
+                    ));
+                }
+                check_hash_span(offset, n.max(1) * HASH_CHUNK)?;
+                let mut hashes = Vec::new();
+                for _ in 0..n {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(c.take(32, "chunk hashes")?);
+                    hashes.push(h);
+                }
+                Frame::ChunkHashes { offset, hashes }
+            }
             k => return Err(err(WireErrorKind::Corrupt, format!("unknown frame type {k}"))),
         };
         c.end("the frame")?;
@@ -782,9 +869,9 @@ mod tests {
         }
     }
 
-    /// Pins frame version 3: a change to these bytes needs a version bump.
+    /// Pins frame version 4: a change to these bytes needs a version bump.
     #[test]
-    fn golden_bytes_v3() {
+    fn golden_bytes_v4() {
         let hello = Frame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Agent,
@@ -840,26 +927,40 @@ mod tests {
                 halted_seq: 4,
                 pending_bytes: 512,
             }),
+            Frame::HashQuery {
+                offset: HASH_CHUNK,
+                length: 2 * HASH_CHUNK,
+            },
+            Frame::ChunkHashes {
+                offset: HASH_CHUNK,
+                hashes: vec![[0x55; 32]],
+            },
         ];
         let got: Vec<String> = frames.iter().map(|f| hex(&f.encode().unwrap())).collect();
         // Header (magic, version, type, flags, body length, crc), then the body.
         let want = [
             concat!(
-                "544d5746030100004e000000aa7d491e 0100 01 01000000 11111111111111111111111111111111",
+                "544d5746040100004e000000bf2be140 0100 01 01000000 11111111111111111111111111111111",
                 " 0000004000000000 02 6462 0200 7333 22222222222222222222222222222222",
                 " 33333333333333333333333333333333 0500000000000000"
             ),
-            "544d5746030200001c0000002ab01508 0900000000000000 01000000 44444444444444444444444444444444",
-            "544d57460304000008000000db29f032 0700000000000000",
-            "544d57460305000006000000f4487145 0100 0200 6e6f",
+            "544d5746040200001c0000001e927293 0900000000000000 01000000 44444444444444444444444444444444",
+            "544d57460404000008000000c3e50ce7 0700000000000000",
+            "544d57460405000006000000d79489ec 0100 0200 6e6f",
             concat!(
-                "544d574603060000410000001ae3089e 0100000000000000 03 0200000000000000 0300000000000000",
+                "544d57460406000041000000ea01ae9c 0100000000000000 03 0200000000000000 0300000000000000",
                 " 0400000000000000 0500000000000000 0600000000000000 0700000000000000 0800000000000000"
             ),
-            "544d5746030700001900000070b6c1ef 02 0300000000000000 0010000000000000 0002000000000000",
-            "544d574603080000150000007979eb73 0200000000000000 01000000 01000000 50000000 ab",
-            "544d57460309000019000000efc9d0c9 0500000000000000 03 0400000000000000 0002000000000000",
+            "544d574604070000190000004c11826c 02 0300000000000000 0010000000000000 0002000000000000",
+            "544d5746040800001500000060e530bf 0200000000000000 01000000 01000000 50000000 ab",
+            "544d57460409000019000000d36e934a 0500000000000000 03 0400000000000000 0002000000000000",
+            "544d5746040a000010000000e37ef238 0000010000000000 0000020000000000",
+            concat!(
+                "544d5746040b00002c00000075b1a00b 0000010000000000 01000000",
+                " 5555555555555555555555555555555555555555555555555555555555555555"
+            ),
         ];
+        assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(want) {
             assert_eq!(g, &w.replace(' ', ""));
         }

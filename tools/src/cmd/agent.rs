@@ -173,6 +173,14 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
             ),
         ),
         ("writes", format!("{} ({})", n("writes"), format_size(n("write_bytes")))),
+        (
+            "hash-compared",
+            format!(
+                "{}, {} equal (not sent)",
+                format_size(n("compare_bytes")),
+                format_size(n("compare_equal_bytes"))
+            ),
+        ),
         ("reads", format!("{} ({})", n("reads"), format_size(n("read_bytes")))),
         (
             "flushes / trims / zeroes",
