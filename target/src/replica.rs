@@ -62,17 +62,26 @@ pub fn vmdk_size(disk_size: u64) -> u64 {
     disk_size.div_ceil(512).saturating_mul(512)
 }
 
-/// Move the replica of a rebound disk aside, durably: a raw replica as
-/// `replica.raw.old-<uuid>`, a VMDK's files (descriptor and extent) into
-/// `replica.old-<uuid>/` under their own names, so that the old descriptor
-/// still finds its extent. Idempotent (a crash halfway is finished by the
-/// next call); returns where the replica went, None if there was none.
+/// Keep the replica of a rebound disk aside, durably: a raw replica is
+/// copied (sparse) to `replica.raw.old-<uuid>` and stays where it is, so
+/// that the new disk's initial sync compares with it and sends only what
+/// differs (`docs/failback.md`, section 4: a lost state directory); a
+/// VMDK's files (descriptor and extent) move into `replica.old-<uuid>/`
+/// under their own names, so that the old descriptor still finds its
+/// extent. Idempotent (a crash halfway is finished by the next call);
+/// returns where the old replica is kept, None if there was none.
 pub(crate) fn move_aside(dir: &Path, old_uuid: &str) -> Result<Option<PathBuf>> {
     let raw = dir.join(REPLICA_FILE);
     let mut moved = None;
     if raw.exists() {
         let to = dir.join(format!("{REPLICA_FILE}.old-{old_uuid}"));
-        std::fs::rename(&raw, &to).io_ctx(|| format!("move {} aside to {}", raw.display(), to.display()))?;
+        if !to.exists() {
+            let part = dir.join(format!("{REPLICA_FILE}.old-{old_uuid}.partial"));
+            let _ = std::fs::remove_file(&part);
+            tidemark_util::fileops::copy_sparse(&raw, &part)
+                .io_ctx(|| format!("keep a copy of {} as {}", raw.display(), part.display()))?;
+            std::fs::rename(&part, &to).io_ctx(|| format!("rename {} to {}", part.display(), to.display()))?;
+        }
         moved = Some(to);
     }
     let vmdk: Vec<&str> = [VMDK_FILE, FLAT_EXTENT_FILE]

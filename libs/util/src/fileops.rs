@@ -181,6 +181,40 @@ pub fn allocation(f: &File, offset: u64, len: u64, max: usize) -> io::Result<Vec
     Ok(out)
 }
 
+/// Copy `from` to a new file `to` (refused if it exists), keeping holes
+/// holes, and make the copy durable (not its directory entry: the caller
+/// renames or syncs the directory). Returns the data bytes copied.
+pub fn copy_sparse(from: &std::path::Path, to: &std::path::Path) -> io::Result<u64> {
+    let src = File::open(from)?;
+    let size = src.metadata()?.len();
+    let dst = std::fs::OpenOptions::new().write(true).create_new(true).open(to)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let mut copied = 0u64;
+    while pos < size {
+        let runs = allocation(&src, pos, size - pos, 1024)?;
+        if runs.is_empty() {
+            break;
+        }
+        for (len, hole) in runs {
+            if !hole {
+                let mut done = 0u64;
+                while done < len {
+                    let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(buf.len());
+                    src.read_exact_at(&mut buf[..n], pos + done)?;
+                    dst.write_all_at(&buf[..n], pos + done)?;
+                    done += n as u64;
+                }
+                copied += len;
+            }
+            pos += len;
+        }
+    }
+    dst.set_len(size)?;
+    dst.sync_all()?;
+    Ok(copied)
+}
+
 /// `fdatasync(2)`.
 pub fn fdatasync(f: &File) -> io::Result<()> {
     nix::unistd::fdatasync(f.as_raw_fd()).map_err(io::Error::from)
