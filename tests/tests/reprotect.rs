@@ -316,6 +316,68 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     b.stop();
 }
 
+/// The old source's state directory is lost with site A: reprotect without
+/// `--agent-state` is refused until `--discard-divergent` accepts that the
+/// disk is made equal to the copy; then the whole disk is hash-compared
+/// and only what differs crosses: the copy's writes and what A wrote that
+/// the copy never got.
+#[test]
+fn reprotect_without_the_state_directory_hash_compares() {
+    need_tool("qemu-io");
+    let dir = tmpdir("untracked");
+    let d = dir.path();
+    let (mut site, a) = forward(d);
+    site.collector.kill9();
+    // Over data the copy holds (0x11), so the compare must send it back.
+    write_pattern(&a.sock, 2 * MIB, 2 * MIB, 0x31);
+    let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
+    a.stop();
+    std::fs::remove_dir_all(&a_state).unwrap();
+
+    let (b_disk, b_state, _) = failover_protect(d);
+    let mut back = Back::start(d, &site.token_file);
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    write_pattern(&b.sock, 20 * MIB, MIB, 0x41);
+    write_pattern(&b.sock, 50 * MIB, 64 << 10, 0x42);
+    let differ = 2 * MIB + MIB + (64 << 10);
+
+    let data_a = back.data();
+    let base = ["reprotect", "--data", s(&data_a), ID, "--replica", s(&a_disk)];
+    let o = run(tidemark().args(base), T);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--discard-divergent") && stderr(&o).contains("hash-compared"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_ok(tidemark().args(base).arg("--discard-divergent"), T);
+    let text = stdout(&o);
+    assert!(text.contains("history unknown") && text.contains("hash-compared"), "{text}");
+    let kept = std::fs::read_dir(back.data().join(ID))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("divergent-untracked-")
+        })
+        .count();
+    assert_eq!(kept, 1, "the old disk's state is kept before the resync");
+
+    back.start_target();
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    let sent = back.disk_status()["payload_bytes"].as_u64().unwrap();
+    let st = b.status();
+    assert_eq!(st["compare_bytes"].as_u64(), Some(SIZE), "{st}");
+    assert!(
+        sent * 10 <= differ * 11,
+        "the copy's writes and A's divergent regions only: {sent} bytes for {differ} that differ: {st}"
+    );
+    b.stop();
+}
+
 /// `tidemark reprotect` (with `extra` flags); its stdout and stderr.
 fn reprotect_with(data: &Path, replica: &Path, state: &Path, extra: &[&str]) -> String {
     let o = run_ok(

@@ -34,7 +34,9 @@ pub struct ReprotectArgs {
     #[arg(long, value_name = "FILE")]
     replica: PathBuf,
     /// The old source's agent state directory (the agent stopped): what it
-    /// wrote, so that only what differs is resynced.
+    /// wrote, so that only what differs is resynced. Without it (lost),
+    /// the whole disk is hash-compared with the copy: both are read, only
+    /// the chunks that differ are sent (needs --discard-divergent).
     #[arg(long, value_name = "DIR")]
     agent_state: Option<PathBuf>,
     /// Proceed when the old source wrote after the failover point: those
@@ -46,12 +48,6 @@ pub struct ReprotectArgs {
 
 pub fn reprotect(a: ReprotectArgs) -> Result<()> {
     let disk = a.disk.as_str();
-    let Some(agent_state) = &a.agent_state else {
-        bail!(
-            "without --agent-state nothing says which regions the old source wrote: that needs a hash-compare \
-             resync, which this build does not have yet; name the old source's agent state directory"
-        );
-    };
     let meta = std::fs::metadata(&a.replica).with_context(|| format!("--replica {}", a.replica.display()))?;
     if !meta.is_file() {
         bail!(
@@ -60,6 +56,24 @@ pub fn reprotect(a: ReprotectArgs) -> Result<()> {
         );
     }
     let replica = std::fs::canonicalize(&a.replica).with_context(|| format!("resolve {}", a.replica.display()))?;
+    let Some(agent_state) = &a.agent_state else {
+        if !a.discard_divergent {
+            bail!(
+                "without --agent-state nothing says what {} holds that the failed-over copy does not (what the old \
+                 source wrote after the failover point): the whole disk will be hash-compared with the copy and every \
+                 chunk that differs overwritten from it. Name the old source's agent state directory, or pass \
+                 --discard-divergent to accept that (a sparse copy of the disk is kept first)",
+                replica.display()
+            );
+        }
+        let claim = owned::claim(&a.data, &tidemark_catalog::layout::DIR_SPEC)
+            .map_err(|e| anyhow::anyhow!("--data {}: {}", a.data.display(), e.message))?;
+        let r = adopt_untracked(&a, &replica);
+        if r.is_err() {
+            claim.abandon();
+        }
+        return r;
+    };
     let pos = tidemark_agent::state::source_position(agent_state, &replica)
         .with_context(|| format!("--agent-state {}", agent_state.display()))?;
     if pos.meta.disk_id != disk {
@@ -86,7 +100,10 @@ pub fn reprotect(a: ReprotectArgs) -> Result<()> {
     r
 }
 
-fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica: &Path) -> Result<()> {
+/// Link `replica` in as `disk`'s replica in the data directory `a.data`
+/// (a disk failed over there before is retired first). Returns the disk's
+/// folder and the catalog.
+fn link_in(a: &ReprotectArgs, replica: &Path) -> Result<(PathBuf, Catalog)> {
     let disk = a.disk.as_str();
     let mut catalog = Catalog::open(&a.data)?;
     if let Some(rp) = catalog.reprotect(disk)? {
@@ -114,30 +131,65 @@ fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica
         Err(_) => std::os::unix::fs::symlink(replica, &link)
             .with_context(|| format!("link {} to {}", link.display(), replica.display()))?,
     }
+    Ok((dir, catalog))
+}
+
+/// Keep the disk's state before the resync overwrites it: a sparse copy
+/// `keep` in its folder (once).
+fn keep_divergent(replica: &Path, keep: &Path) -> Result<()> {
+    if keep.exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "keeping the divergent state: copying {} to {}…",
+        replica.display(),
+        keep.display()
+    );
+    let part = keep.with_extension("partial");
+    let _ = std::fs::remove_file(&part);
+    tidemark_util::fileops::copy_sparse(replica, &part)
+        .with_context(|| format!("copy {} to {}", replica.display(), part.display()))?;
+    std::fs::rename(&part, keep).with_context(|| format!("rename {} to {}", part.display(), keep.display()))?;
+    Ok(())
+}
+
+/// Reprotect without the old source's state: the disk becomes a replica
+/// the target knows nothing about. The copy's agent, forked at the
+/// failover point, reaches a target that holds no seq of its line: the
+/// target asks for a full resync, and that whole-disk sync hash-compares.
+fn adopt_untracked(a: &ReprotectArgs, replica: &Path) -> Result<()> {
+    let disk = a.disk.as_str();
+    let (dir, catalog) = link_in(a, replica)?;
+    if catalog.disk_row(disk)?.is_some() {
+        bail!(
+            "{} holds a record of {disk} already; reprotect into another data directory (or name --agent-state)",
+            a.data.display()
+        );
+    }
+    keep_divergent(replica, &dir.join(format!("divergent-untracked-{}.raw", tidemark_catalog::now_unix())))?;
+    tidemark_util::crashsafe::fsync_dir(&dir).with_context(|| format!("fsync {}", dir.display()))?;
+    outln!(
+        "reprotected {disk}: {} is its replica in {}, its history unknown (no --agent-state)",
+        replica.display(),
+        a.data.display()
+    );
+    outln!(
+        "when the failed-over copy's agent connects, the whole disk is hash-compared with the copy: both are read, \
+         only the chunks that differ are sent"
+    );
+    outln!(
+        "next: tidemark-target --data {} --listen HOST:PORT --token-file FILE",
+        a.data.display()
+    );
+    Ok(())
+}
+
+fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica: &Path) -> Result<()> {
+    let disk = a.disk.as_str();
+    let (dir, mut catalog) = link_in(a, replica)?;
     let generation = pos.history.current().id;
     if a.discard_divergent {
-        let keep = dir.join(format!("divergent-{generation}-{}.raw", pos.written.last_seq));
-        if !keep.exists() {
-            eprintln!(
-                "keeping the divergent state: copying {} to {}…",
-                replica.display(),
-                keep.display()
-            );
-            let out = std::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg(replica)
-                .arg(&keep)
-                .output()
-                .context("run cp")?;
-            if !out.status.success() {
-                bail!(
-                    "copy {} to {}: {}",
-                    replica.display(),
-                    keep.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
+        keep_divergent(replica, &dir.join(format!("divergent-{generation}-{}.raw", pos.written.last_seq)))?;
     }
     let owed: Vec<Owed> = pos
         .written
