@@ -2,7 +2,9 @@
 //! one JSON reply per line. It answers `{"cmd":"status"}`,
 //! `{"cmd":"metrics"}` (Prometheus text in the `metrics` key) and
 //! `{"cmd":"tag","name":…,"app_consistent":bool}`, which journals a Tag
-//! record and replies with its seq once it is durable.
+//! record and replies with its seq once it is durable, and
+//! `{"cmd":"resync-compare"}`, which records a full resync of the whole
+//! disk, hash-compared with the replica (`tidemark resync --compare`).
 //!
 //! Tag names are unique per disk: the names already used live in
 //! `STATE/tags.json` (the target refuses a duplicate too, but only after
@@ -159,6 +161,29 @@ async fn tag(shim: &Shim, name: &str, app_consistent: bool, deadline_ns: Option<
     Ok(seq)
 }
 
+/// Record a full resync, durably; the sync driver runs it as a whole-disk
+/// sync that compares each chunk with the replica's hash and sends only
+/// what differs. Returns the full resyncs counted so far.
+async fn resync_compare(shim: &Shim) -> Result<u64, String> {
+    if shim
+        .inner()
+        .link
+        .collector
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none()
+    {
+        return Err("this agent ships to no collector (--collector): there is no replica to compare with".into());
+    }
+    let s = shim.clone();
+    let f = tokio::task::spawn_blocking(move || crate::sync::begin_whole(&s, crate::sync_state::SyncKind::Full))
+        .await
+        .map_err(|e| format!("resync task: {e}"))?
+        .map_err(|e| format!("cannot record the resync: {e:#}"))?;
+    info!(disk = %shim.inner().disk_id, "a hash-compare resync of the whole disk was asked for");
+    Ok(f.full_resyncs)
+}
+
 /// Answer one request line.
 pub async fn handle(shim: &Shim, line: &str) -> String {
     let reply = match serde_json::from_str::<Request>(line) {
@@ -179,9 +204,13 @@ pub async fn handle(shim: &Shim, line: &str) -> String {
                 }),
             },
         },
+        Ok(r) if r.cmd == "resync-compare" => match resync_compare(shim).await {
+            Ok(full_resyncs) => serde_json::json!({"ok": true, "full_resyncs": full_resyncs}),
+            Err(e) => serde_json::json!({"ok": false, "error": e}),
+        },
         Ok(r) => serde_json::json!({
             "ok": false,
-            "error": format!("unknown command {:?} (known: status, metrics, tag)", r.cmd)
+            "error": format!("unknown command {:?} (known: status, metrics, tag, resync-compare)", r.cmd)
         }),
         Err(e) => serde_json::json!({"ok": false, "error": format!("malformed request: {e}")}),
     };

@@ -569,44 +569,53 @@ fn accept_reprotect(catalog: &mut Catalog, id: &str, rp: Reprotect, l: &Lineage)
         )));
     }
     let fork = l.fork_seq;
-    if rp.source_seq < fork {
-        return Ok(Some(format!(
-            "disk {id}: the old source's state ends at seq {} of generation {ours}, before the failover point \
-             (seq {fork}) that generation {theirs} forked at: its tracking does not cover what the copy holds \
-             (a state directory restored from an older copy?); the replica needs a hash-compare resync",
+    // Tracking in doubt: the old source's state ends before the failover
+    // point (restored from an older copy?), or it stopped tracking regions
+    // the target had applied beyond the point (the failover took an
+    // earlier point than the replica had reached). What it wrote in
+    // between is not known: the whole disk is hash-compared.
+    let doubt = if rp.source_seq < fork {
+        Some(format!(
+            "the old source's state ends at seq {} of generation {ours}, before the failover point (seq {fork})",
             rp.source_seq
-        )));
-    }
-    if fork < rp.tracked_after {
-        return Ok(Some(format!(
-            "disk {id}: generation {theirs} forked at seq {fork}, but the old source stopped tracking the regions \
-             of seqs up to {} once the target reported them applied (the failover took an earlier point than the \
-             replica had reached): what it wrote in between is not known; the replica needs a hash-compare resync",
+        ))
+    } else if fork < rp.tracked_after {
+        Some(format!(
+            "the failover point (seq {fork}) is before seq {}, up to which the old source stopped tracking what the \
+             target had applied",
             rp.tracked_after
-        )));
-    }
+        ))
+    } else {
+        None
+    };
     let owed = catalog.owed_after(id, fork)?;
     if rp.source_seq > fork && !rp.discard_divergent {
+        let amount = match &doubt {
+            None => tidemark_util::human::format_size(owed.bytes()),
+            Some(why) => format!("an amount not known ({why})"),
+        };
         return Ok(Some(format!(
             "disk {id} diverged: the old source (generation {ours}) wrote seqs {}..={} after the failover point \
-             (seq {fork}), {} in regions the failed-over copy (generation {theirs}, forked at seq {fork}) never got, \
-             and the copy has been written since. Run tidemark reprotect again with --discard-divergent to overwrite \
-             them from the copy (the divergent state is kept first)",
+             (seq {fork}), {amount} in regions the failed-over copy (generation {theirs}, forked at seq {fork}) never \
+             got, and the copy has been written since. Run tidemark reprotect again with --discard-divergent to \
+             overwrite them from the copy (the divergent state is kept first)",
             fork + 1,
             rp.source_seq,
-            tidemark_util::human::format_size(owed.bytes())
         )));
     }
     let history = held
         .fork(theirs, fork, tidemark_util::now_ns())
         .map_err(|e| Error::new(ErrorKind::Malformed, e.to_string()).disk(id))?;
-    catalog.accept_reprotect(id, fork, &history, &owed)?;
+    catalog.accept_reprotect(id, fork, &history, &owed, doubt.is_some())?;
     info!(
         generation = %theirs,
         fork_seq = fork,
         owed_bytes = owed.bytes(),
         "reprotect: the failed-over copy's agent takes the replica over from the failover point"
     );
+    if let Some(why) = doubt {
+        warn!("reprotect: {why}: the whole disk is hash-compared with the copy (a full resync that sends only what differs)");
+    }
     Ok(None)
 }
 

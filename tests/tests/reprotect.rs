@@ -352,7 +352,10 @@ fn reprotect_without_the_state_directory_hash_compares() {
     );
     let o = run_ok(tidemark().args(base).arg("--discard-divergent"), T);
     let text = stdout(&o);
-    assert!(text.contains("history unknown") && text.contains("hash-compared"), "{text}");
+    assert!(
+        text.contains("history unknown") && text.contains("hash-compared"),
+        "{text}"
+    );
     let kept = std::fs::read_dir(back.data().join(ID))
         .unwrap()
         .filter(|e| {
@@ -375,6 +378,86 @@ fn reprotect_without_the_state_directory_hash_compares() {
         sent * 10 <= differ * 11,
         "the copy's writes and A's divergent regions only: {sent} bytes for {differ} that differ: {st}"
     );
+    b.stop();
+}
+
+/// A failover at an earlier point than the replica had reached: the old
+/// source stopped tracking what the target applied after that point, so
+/// its state cannot say what it wrote since. The target then hash-compares
+/// the whole disk instead of refusing, and the old disk comes back equal
+/// to the copy (the writes after the point undone).
+#[test]
+fn a_failover_at_an_earlier_point_hash_compares_on_the_way_back() {
+    need_tool("qemu-io");
+    let dir = tmpdir("earlier");
+    let d = dir.path();
+    let site = Site::start(d, &[]);
+    // A small journal, so that it recycles what the target acknowledged.
+    let a = agent(&site, d, ID, SIZE, &["--journal-cap", "16M"]);
+    write_pattern(&a.sock, 0, 8 * MIB, 0x11);
+    wait_and_compare(&site, ID, &a.disk, T);
+    let p = tag(&a.state, "before", &[]);
+    for pat in 0x13..0x18 {
+        write_pattern(&a.sock, 12 * MIB, 4 * MIB, pat);
+    }
+    site.wait(ID, T);
+    // The target's applied seq reaches the agent, which then lets the
+    // regions it covers go untracked past the journal.
+    poll_until("the agent to stop tracking applied regions past the point", T, || {
+        a.status()["unapplied"]["applied_upto"].as_u64().unwrap_or(0) > p
+    });
+    let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
+    a.stop();
+
+    let b_disk = d.join("b.raw");
+    let b_state = d.join("b.state");
+    run_ok(
+        tidemark().args([
+            "failover",
+            "--data",
+            s(&d.join("data")),
+            ID,
+            "--at",
+            "tag:before",
+            "--output",
+            s(&b_disk),
+            "--protect-state",
+            s(&b_state),
+        ]),
+        T,
+    );
+    let mut back = Back::start(d, &site.token_file);
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    write_pattern(&b.sock, 40 * MIB, MIB, 0x21);
+    // A wrote after the point the copy holds: it diverged, by an amount
+    // its state cannot tell; the operator accepts losing those writes.
+    reprotect(&back.data(), &a_disk, &a_state);
+    back.start_target();
+    let log = back.dir.join("target-a.log");
+    poll_until("the divergence to be refused", T, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("an amount not known")
+    });
+    if let Some(mut t) = back.target.take() {
+        t.stop();
+    }
+    reprotect_with(&back.data(), &a_disk, &a_state, &["--discard-divergent"]);
+    back.start_target();
+    back.wait();
+    assert_identical(&a_disk, &b_disk);
+    let st = b.status();
+    assert_eq!(
+        st["compare_bytes"].as_u64(),
+        Some(SIZE),
+        "the whole disk compared: {st}"
+    );
+    let sent = back.disk_status()["payload_bytes"].as_u64().unwrap();
+    // The copy's 1 MiB, and the 4 MiB A wrote after the point (zeros on
+    // the copy: no payload).
+    assert!(sent <= 2 * MIB, "only what differs: {sent}");
+    let log = back.target.as_ref().unwrap().log_text();
+    assert!(log.contains("hash-compared"), "{}", tail(&log, 30));
     b.stop();
 }
 

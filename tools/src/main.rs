@@ -70,10 +70,16 @@ enum Cmd {
     /// Make the old source's disk the replica of its failed-over copy, so
     /// the way back resyncs only what differs (docs/failback.md).
     #[command(
-        override_usage = "tidemark reprotect --data DIR DISK --replica FILE --agent-state DIR [--discard-divergent]",
+        override_usage = "tidemark reprotect --data DIR DISK --replica FILE (--agent-state DIR | --discard-divergent) [--discard-divergent]",
         after_help = "Example (site A is back; its agent is stopped; the failed-over copy runs on site B):\n  tidemark reprotect --data /srv/replicas db --replica /dev/vg0/db.raw --agent-state /var/lib/tidemark/db\n  tidemark-target --data /srv/replicas --listen 0.0.0.0:7790 --token-file /etc/tidemark/token"
     )]
     Reprotect(cmd::reprotect::ReprotectArgs),
+    /// Resync a disk's whole replica by hash-compare: both read, only what differs sent.
+    #[command(
+        override_usage = "tidemark resync --agent STATE_DIR DISK --compare",
+        after_help = "Example:\n  tidemark resync --agent /var/lib/tidemark/db db --compare\n  tidemark agent-status --agent /var/lib/tidemark/db   # progress; 'hash-compared' says how much was equal"
+    )]
+    Resync(cmd::resync::ResyncArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
         Cmd::Mount(a) => cmd::mount::mount(a).map(ok),
         Cmd::Failover(a) => cmd::failover::failover(a).map(ok),
         Cmd::Reprotect(a) => cmd::reprotect::reprotect(a).map(ok),
+        Cmd::Resync(a) => cmd::resync::resync(a).map(ok),
     };
     let code = match r {
         Ok(code) => code,

@@ -1132,7 +1132,18 @@ impl Catalog {
     /// (forked at `fork`): the replica holds the line up to `fork`; the old
     /// source's regions written after it (`owed`) wait as one halt at
     /// `fork`, resynced from the copy. One transaction.
-    pub fn accept_reprotect(&mut self, disk_id: &str, fork: u64, history: &History, owed: &RangeSet) -> Result<()> {
+    ///
+    /// `compare`: the old source's tracking is in doubt: the disk awaits a
+    /// full sync from seq `fork + 1` on (which hash-compares), and the
+    /// replica is not consistent until it is done.
+    pub fn accept_reprotect(
+        &mut self,
+        disk_id: &str,
+        fork: u64,
+        history: &History,
+        owed: &RangeSet,
+        compare: bool,
+    ) -> Result<()> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -1143,6 +1154,12 @@ impl Catalog {
              WHERE disk_id = ?1",
             params![disk_id, f, f.saturating_add(1), history.encode(), now_unix()],
         )?;
+        if compare {
+            tx.execute(
+                "UPDATE disks SET sync_state = 'awaiting-full-sync', full_sync_seen = 0 WHERE disk_id = ?1",
+                [disk_id],
+            )?;
+        }
         if let Some((offset, length)) = owed.bounds() {
             let mut h = Halt {
                 seq: fork,

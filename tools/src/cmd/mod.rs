@@ -4,5 +4,6 @@ pub mod journal;
 pub mod mount;
 pub mod points;
 pub mod reprotect;
+pub mod resync;
 pub mod status;
 pub mod tag;

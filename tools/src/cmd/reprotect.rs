@@ -166,7 +166,10 @@ fn adopt_untracked(a: &ReprotectArgs, replica: &Path) -> Result<()> {
             a.data.display()
         );
     }
-    keep_divergent(replica, &dir.join(format!("divergent-untracked-{}.raw", tidemark_catalog::now_unix())))?;
+    keep_divergent(
+        replica,
+        &dir.join(format!("divergent-untracked-{}.raw", tidemark_catalog::now_unix())),
+    )?;
     tidemark_util::crashsafe::fsync_dir(&dir).with_context(|| format!("fsync {}", dir.display()))?;
     outln!(
         "reprotected {disk}: {} is its replica in {}, its history unknown (no --agent-state)",
@@ -189,7 +192,10 @@ fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica
     let (dir, mut catalog) = link_in(a, replica)?;
     let generation = pos.history.current().id;
     if a.discard_divergent {
-        keep_divergent(replica, &dir.join(format!("divergent-{generation}-{}.raw", pos.written.last_seq)))?;
+        keep_divergent(
+            replica,
+            &dir.join(format!("divergent-{generation}-{}.raw", pos.written.last_seq)),
+        )?;
     }
     let owed: Vec<Owed> = pos
         .written

@@ -1,0 +1,48 @@
+//! `tidemark resync --agent STATE DISK --compare`: ask a running agent to
+//! resync the whole disk by hash-compare (`docs/failback.md`, section 4):
+//! both the disk and its replica are read, and only the 64 KiB chunks whose
+//! blake3 differ are sent. For when the operator doubts the replica (a
+//! restored backup written under the agent, a suspected bit rot), not for
+//! routine use: the replica is not consistent until it is done.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::json;
+
+#[derive(Args)]
+pub struct ResyncArgs {
+    /// The agent's state directory (the agent must be running).
+    #[arg(long, value_name = "STATE_DIR")]
+    agent: PathBuf,
+    /// The disk id (checked against the agent's).
+    disk: tidemark_wire::DiskId,
+    /// Compare the whole disk with the replica, chunk by chunk, and send
+    /// only what differs (the only kind of whole-disk resync there is).
+    #[arg(long)]
+    compare: bool,
+}
+
+pub fn resync(a: ResyncArgs) -> Result<()> {
+    if !a.compare {
+        bail!("say how: --compare (hash-compare the whole disk with its replica, sending only what differs)");
+    }
+    let status = super::agent::request(&a.agent, &json!({"cmd": "status"}))?;
+    let id = status["status"]["disk_id"].as_str().unwrap_or_default();
+    if id != a.disk.as_str() {
+        bail!(
+            "the agent at {} protects disk {id:?}, not {:?}",
+            a.agent.display(),
+            a.disk.as_str()
+        );
+    }
+    let r = super::agent::request(&a.agent, &json!({"cmd": "resync-compare"}))?;
+    outln!(
+        "hash-compare resync of {} recorded (full resync #{}); follow it with tidemark agent-status --agent {}",
+        a.disk.as_str(),
+        r["full_resyncs"].as_u64().unwrap_or(0),
+        a.agent.display()
+    );
+    Ok(())
+}
