@@ -4,7 +4,9 @@
 //! `{"cmd":"tag","name":…,"app_consistent":bool}`, which journals a Tag
 //! record and replies with its seq once it is durable, and
 //! `{"cmd":"resync-compare"}`, which records a full resync of the whole
-//! disk, hash-compared with the replica (`tidemark resync --compare`).
+//! disk, hash-compared with the replica (`tidemark resync --compare`), and
+//! `{"cmd":"resume"}`, which takes writes again after a quiesce (a planned
+//! failback that did not happen: `tidemark resume`).
 //!
 //! Tag names are unique per disk: the names already used live in
 //! `STATE/tags.json` (the target refuses a duplicate too, but only after
@@ -204,13 +206,17 @@ pub async fn handle(shim: &Shim, line: &str) -> String {
                 }),
             },
         },
+        Ok(r) if r.cmd == "resume" => match shim.resume() {
+            Ok(()) => serde_json::json!({"ok": true}),
+            Err(e) => serde_json::json!({"ok": false, "error": format!("cannot lift the quiesce: {e}")}),
+        },
         Ok(r) if r.cmd == "resync-compare" => match resync_compare(shim).await {
             Ok(full_resyncs) => serde_json::json!({"ok": true, "full_resyncs": full_resyncs}),
             Err(e) => serde_json::json!({"ok": false, "error": e}),
         },
         Ok(r) => serde_json::json!({
             "ok": false,
-            "error": format!("unknown command {:?} (known: status, metrics, tag, resync-compare)", r.cmd)
+            "error": format!("unknown command {:?} (known: status, metrics, tag, resync-compare, resume)", r.cmd)
         }),
         Err(e) => serde_json::json!({"ok": false, "error": format!("malformed request: {e}")}),
     };

@@ -108,6 +108,9 @@ pub struct Core {
     /// `[start, end)` being read by the sync driver: writes overlapping it
     /// wait until its records are appended.
     fence: Option<(u64, u64)>,
+    /// The seq of the final tag of a quiesce (a planned failback): every
+    /// write is refused (`EROFS`) and nothing more is journaled.
+    pub(crate) quiesced: Option<u64>,
 }
 
 impl Core {
@@ -339,6 +342,16 @@ fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
 }
 
+/// `STATE/quiesced`: the seq of a quiesce's final tag; while it exists the
+/// agent takes no writes (also after a restart).
+const QUIESCED_FILE: &str = "quiesced";
+
+fn read_quiesced(state_dir: &std::path::Path) -> Option<u64> {
+    let s = std::fs::read_to_string(state_dir.join(QUIESCED_FILE)).ok()?;
+    // A damaged marker still quiesces: refusing writes is the safe side.
+    Some(s.trim().parse().unwrap_or(0))
+}
+
 impl Shim {
     /// Assemble a shim from an opened journal, bitmap and backing disk.
     pub fn new(p: ShimParts) -> Self {
@@ -353,6 +366,7 @@ impl Shim {
             Mode::Journal
         };
         let sync = SyncShared::new(crate::sync_state::state_path(&p.state_dir), p.sync);
+        let p_state_dir = p.state_dir.clone();
         Self {
             inner: Arc::new(Inner {
                 disk_id: p.disk_id,
@@ -370,6 +384,7 @@ impl Shim {
                     bitmap: p.bitmap,
                     mode,
                     fence: None,
+                    quiesced: read_quiesced(&p_state_dir),
                 }),
                 ranges: Arc::new(RangeLocks::default()),
                 syncer: Syncer::default(),
@@ -412,6 +427,60 @@ impl Shim {
     /// Current mode.
     pub fn mode(&self) -> Mode {
         self.core().mode
+    }
+
+    /// The final tag's seq while the disk is quiesced (no writes taken).
+    pub fn quiesced(&self) -> Option<u64> {
+        self.core().quiesced
+    }
+
+    /// Stop taking writes for a planned failback: from now on every write
+    /// is refused with `EROFS`; a tag named `name` is journaled as the last
+    /// record and made durable, and `STATE/quiesced` keeps the state over a
+    /// restart. Returns the tag's seq. Quiescing again answers the same
+    /// seq. Refused in bitmap mode and while a sync runs: the stream would
+    /// not be complete at the tag.
+    pub async fn quiesce(&self, name: &str) -> io::Result<u64> {
+        let seq = {
+            let mut core = self.core();
+            if let Some(seq) = core.quiesced.filter(|s| *s > 0) {
+                seq
+            } else {
+                if core.mode != Mode::Journal {
+                    return Err(io::Error::other(
+                        "the agent is in bitmap mode (journal full): the replica cannot hold every write at a final tag",
+                    ));
+                }
+                if let Some(kind) = self.inner.sync.snapshot().kind {
+                    return Err(io::Error::other(format!(
+                        "a {kind:?} sync is running: the replica is not a copy of the disk until it ends"
+                    )));
+                }
+                let hash = *blake3::hash(name.as_bytes()).as_bytes();
+                let seq = core
+                    .journal
+                    .append(RecordKind::Tag, 0, 0, 0, name.as_bytes(), hash, crate::now_ns())
+                    .map_err(io::Error::from)?;
+                core.quiesced = Some(seq);
+                seq
+            }
+        };
+        self.inner.shippable.notify_one();
+        self.sync_all().await.map_err(io::Error::from)?;
+        tidemark_util::crashsafe::write_atomic(
+            &self.inner.state_dir.join(QUIESCED_FILE),
+            format!("{seq}\n").as_bytes(),
+        )?;
+        tracing::warn!(disk = %self.inner.disk_id, seq, "quiesced for a planned failback: writes are refused from now on (final tag {name:?})");
+        Ok(seq)
+    }
+
+    /// Take writes again after a quiesce (a failback that did not happen).
+    pub fn resume(&self) -> io::Result<()> {
+        tidemark_util::crashsafe::remove_durable(&self.inner.state_dir.join(QUIESCED_FILE))?;
+        self.core().quiesced = None;
+        tracing::warn!(disk = %self.inner.disk_id, "writes are taken again (quiesce lifted)");
+        Ok(())
     }
 
     /// Whether a full resync is owed after a machine crash.
@@ -671,6 +740,11 @@ impl Shim {
     /// mark, and a full journal is not a reason to leave it: both refuse.
     pub fn tag(&self, name: &str, app_consistent: bool) -> io::Result<u64> {
         let mut core = self.core();
+        if let Some(seq) = core.quiesced {
+            return Err(io::Error::other(format!(
+                "the disk is quiesced for a failback (final tag at seq {seq}): nothing more is journaled"
+            )));
+        }
         if core.mode != Mode::Journal {
             return Err(io::Error::other(
                 "the agent is in bitmap mode (journal full): no ordered stream to tag until it resyncs",
@@ -1029,6 +1103,9 @@ impl Inner {
         hash: [u8; 32],
     ) -> io::Result<Option<Ticket>> {
         let mut core = self.core();
+        if core.quiesced.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
         if core.fenced(offset, len) {
             return Ok(None);
         }
@@ -1147,7 +1224,8 @@ impl Inner {
     /// there is no stream to mark, so nothing is written.
     fn journal_marker(&self, kind: RecordKind) -> io::Result<()> {
         let mut core = self.core();
-        if core.mode != Mode::Journal {
+        // Quiesced: the final tag is the last record (a flush still syncs).
+        if core.mode != Mode::Journal || core.quiesced.is_some() {
             return Ok(());
         }
         let hash = *blake3::hash(&[]).as_bytes();

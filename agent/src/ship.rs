@@ -609,6 +609,21 @@ impl Conn<'_> {
                 p.nonce = nonce;
                 send_frame(wr, &Frame::Progress(p), self.stop).await?;
             }
+            Frame::Request(Request::Quiesce { nonce }) => {
+                // A planned failback (docs/failback.md, section 6).
+                let name = format!("failback-{}", tidemark_util::now_ns() / 1_000_000_000);
+                let seq = match shim.quiesce(&name).await {
+                    Ok(seq) => seq,
+                    Err(e) => {
+                        warn!("cannot quiesce for a failback: {e}");
+                        0
+                    }
+                };
+                let mut p = shim.progress();
+                p.nonce = nonce;
+                p.source_seq = seq;
+                send_frame(wr, &Frame::Progress(p), self.stop).await?;
+            }
             Frame::Request(Request::Resync { seq, offset, length }) => {
                 info!(seq, offset, length, "the target asked to resync a range");
                 // Sent as data even inside a hash-compare sync: the target

@@ -21,6 +21,9 @@ pub struct Status {
     pub disk_path: String,
     pub disk_size_bytes: u64,
     pub mode: Mode,
+    /// Quiesced for a planned failback: the final tag's seq (no write is
+    /// taken).
+    pub quiesced_at_seq: Option<u64>,
     /// A machine crash left writes that may be missing from the journal:
     /// the whole disk must be resynced.
     pub resync_required: bool,
@@ -117,6 +120,7 @@ impl Status {
             disk_size_bytes: inner.size,
             mode: core.mode,
             resync_required: shim.resync_required(),
+            quiesced_at_seq: core.quiesced,
             next_seq: core.journal.next_seq(),
             last_seq: core.journal.next_seq().saturating_sub(1),
             consumed_seq: core.journal.consumed_seq(),

@@ -231,6 +231,10 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
     fn step(&mut self) -> Result<Step> {
         let shim = self.shim.clone();
         let _steps = shim.inner().sync.hold();
+        if self.shim.quiesced().is_some() {
+            // A planned failback: the final tag is the last record.
+            return Ok(Step::Idle);
+        }
         self.shim.maybe_exit_bitmap_mode();
         if self.shim.mode() == Mode::Bitmap {
             return Ok(self.pause("bitmap mode"));

@@ -1,12 +1,14 @@
 //! The HTTP status API and Prometheus metrics (`docs/pipeline.md`, "Status
-//! API"). Read-only except `refresh`, which asks an agent for a Progress.
+//! API"). Read-only except `refresh`, which asks an agent for a Progress,
+//! and `quiesce` (a planned failback: the agent stops taking writes), which
+//! needs `Authorization: Bearer <the collector's token>`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,6 +26,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/disks/:id", get(disk))
         .route("/api/v1/disks/:id/refresh", post(refresh))
+        .route("/api/v1/disks/:id/quiesce", post(quiesce))
         .route("/metrics", get(metrics))
         .with_state(shared)
 }
@@ -97,6 +100,58 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     let seq = v["source_seq"].as_u64().unwrap_or(0).max(fresh.source_seq);
     v["source_seq"] = json!(seq);
     Json(v).into_response()
+}
+
+/// How long `quiesce` waits for the agent's final tag.
+const QUIESCE_WAIT: Duration = Duration::from_secs(30);
+
+fn error(code: StatusCode, msg: String) -> Response {
+    (code, Json(json!({ "error": msg }))).into_response()
+}
+
+/// `POST /api/v1/disks/{id}/quiesce` (a planned failback, docs/failback.md
+/// section 6): the disk's agent refuses every write from now on, journals
+/// a final tag and answers its seq: `{"disk_id","seq"}`. The caller then
+/// drains the replica to that seq and fails over at it.
+async fn quiesce(State(s): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if bearer.is_none_or(|b| b.as_bytes() != s.cfg.token.as_slice()) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "quiesce needs Authorization: Bearer <the collector's token>".into(),
+        );
+    }
+    let Some(d) = s.disk(&id) else {
+        return not_found(&id);
+    };
+    match crate::state::ask_agent_to(&s, &d, QUIESCE_WAIT, |nonce| tidemark_wire::frame::Request::Quiesce {
+        nonce,
+    })
+    .await
+    {
+        Ok(p) if p.source_seq > 0 => {
+            tracing::warn!(disk = %id, seq = p.source_seq, "quiesced through the API: the agent takes no writes");
+            Json(json!({ "disk_id": id, "seq": p.source_seq })).into_response()
+        }
+        Ok(_) => error(
+            StatusCode::CONFLICT,
+            format!("the agent of disk {id} could not quiesce (bitmap mode, or a sync running): see its log"),
+        ),
+        Err(NoAnswer::NotConnected | NoAnswer::Left) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the agent of disk {id} is not connected"),
+        ),
+        Err(NoAnswer::TimedOut) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the agent of disk {id} did not answer within {} s; it may have quiesced: see tidemark agent-status",
+                QUIESCE_WAIT.as_secs()
+            ),
+        ),
+    }
 }
 
 tidemark_util::declare_metrics! {

@@ -405,7 +405,7 @@ impl Shared {
                 }
                 info!(disk = %disk.id, seq, offset, length, "resync requested for a range; owed to the agent until synced");
             }
-            Request::StatusNow { .. } => {}
+            Request::StatusNow { .. } | Request::Quiesce { .. } => {}
         }
         let tx = disk.lock().agent.as_ref().map(|a| a.tx.clone());
         let Some(tx) = tx else {
@@ -633,6 +633,17 @@ pub(crate) enum NoAnswer {
 /// the request, so the answer's `source_seq` covers every write it
 /// acknowledged before.
 pub(crate) async fn ask_agent(shared: &Shared, disk: &Disk, wait: Duration) -> Result<Progress, NoAnswer> {
+    ask_agent_to(shared, disk, wait, |nonce| Request::StatusNow { nonce }).await
+}
+
+/// Send the disk's agent `request(nonce)` (a request it answers with a
+/// Progress echoing the nonce) and wait up to `wait` for the answer.
+pub(crate) async fn ask_agent_to(
+    shared: &Shared,
+    disk: &Disk,
+    wait: Duration,
+    request: impl FnOnce(u64) -> Request,
+) -> Result<Progress, NoAnswer> {
     let nonce = shared.next_nonce();
     let (answer, answered) = oneshot::channel();
     let tx = {
@@ -643,7 +654,7 @@ pub(crate) async fn ask_agent(shared: &Shared, disk: &Disk, wait: Duration) -> R
     };
     let asked = async {
         tx.send(Out {
-            frame: Frame::Request(Request::StatusNow { nonce }),
+            frame: Frame::Request(request(nonce)),
             done: None,
         })
         .await

@@ -487,18 +487,25 @@ fn reprotect(data: &Path, replica: &Path, state: &Path) -> String {
 
 /// Fail over in place onto `data`'s adopted replica, preparing `state`.
 fn failover_in_place(data: &Path, state: &Path) -> String {
+    failover_in_place_with(data, state, &[])
+}
+
+/// [`failover_in_place`] with `extra` flags; its stdout.
+fn failover_in_place_with(data: &Path, state: &Path, extra: &[&str]) -> String {
     let o = run_ok(
-        tidemark().args([
-            "failover",
-            "--data",
-            s(data),
-            ID,
-            "--at",
-            "latest",
-            "--in-place",
-            "--protect-state",
-            s(state),
-        ]),
+        tidemark()
+            .args([
+                "failover",
+                "--data",
+                s(data),
+                ID,
+                "--at",
+                "latest",
+                "--in-place",
+                "--protect-state",
+                s(state),
+            ])
+            .args(extra),
         T,
     );
     let text = stdout(&o);
@@ -532,9 +539,57 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     back.wait();
     assert_identical(&a_disk, &b_disk);
 
-    // Cycle 1, home: writes stopped on B, a planned failover in place on A.
+    // Cycle 1, home: a planned failover in place on A while B is written:
+    // B's agent is quiesced through its collector (it refuses writes from
+    // then on), the replica drained to its final tag and failed over at it.
     let a2_state = d.join("a2.state");
-    failover_in_place(&back.data(), &a2_state);
+    let api = back.api();
+    let planned = ["--planned", "--api", &api, "--token-file", s(&site.token_file)];
+    // The collector's API wants its token.
+    let wrong = d.join("wrong.token");
+    std::fs::write(&wrong, "not-the-token").unwrap();
+    let o = run(
+        tidemark().args([
+            "failover",
+            "--data",
+            s(&back.data()),
+            ID,
+            "--at",
+            "latest",
+            "--in-place",
+            "--planned",
+            "--api",
+            &api,
+            "--token-file",
+            s(&wrong),
+        ]),
+        T,
+    );
+    assert!(!o.status.success() && stderr(&o).contains("HTTP 401"), "{}", stderr(&o));
+    assert!(
+        b.status()["quiesced_at_seq"].is_null(),
+        "a refused quiesce quiesces nothing"
+    );
+    let load = Load::start(&b.sock, SIZE, seed());
+    std::thread::sleep(Duration::from_secs(2));
+    failover_in_place_with(&back.data(), &a2_state, &planned);
+    let bursts = load.finish();
+    assert!(bursts > 0, "the load wrote before the quiesce");
+    let q = b.status()["quiesced_at_seq"].as_u64().expect("B's agent is quiesced");
+    assert!(q > 0);
+    // B says so to its clients: a write is refused.
+    let o = run(
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(format!("nbd+unix:///?socket={}", b.sock.display()))
+            .args(["-c", "write -P 9 0 4096"]),
+        T,
+    );
+    let said = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        said.contains("Operation not permitted") || said.contains("Read-only"),
+        "{said}"
+    );
     assert_identical(&a_disk, &b_disk);
     poll_until("the copy's agent to be fenced", T, || b.status()["fenced"].is_string());
     b.stop();

@@ -80,6 +80,9 @@ enum Cmd {
         after_help = "Example:\n  tidemark resync --agent /var/lib/tidemark/db db --compare\n  tidemark agent-status --agent /var/lib/tidemark/db   # progress; 'hash-compared' says how much was equal"
     )]
     Resync(cmd::resync::ResyncArgs),
+    /// Take writes again on a disk quiesced by a planned failover that did not go ahead.
+    #[command(override_usage = "tidemark resume --agent STATE_DIR DISK")]
+    Resume(cmd::resync::ResumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Cmd::Failover(a) => cmd::failover::failover(a).map(ok),
         Cmd::Reprotect(a) => cmd::reprotect::reprotect(a).map(ok),
         Cmd::Resync(a) => cmd::resync::resync(a).map(ok),
+        Cmd::Resume(a) => cmd::resync::resume(a).map(ok),
     };
     let code = match r {
         Ok(code) => code,

@@ -25,7 +25,8 @@
 //!       |            backlog_bytes u64, written_bytes u64,       |
 //!       |            time_ns u64, nonce u64                      |
 //!       |  7 Request kind u8 (1 status-now, 2 resync, 3 full     |
-//!       |            resync), seq u64 (status-now: its nonce),   |
+//!       |            resync, 4 quiesce), seq u64 (status-now,    |
+//!       |            quiesce: its nonce),                        |
 //!       |            offset u64, length u64                      |
 //!       |  8 Packed  first_seq u64, count u32, flags u32,        |
 //!       |            raw_len u32, zstd data (see crate::pack)    |
@@ -256,6 +257,11 @@ pub enum Request {
     Resync { seq: u64, offset: u64, length: u64 },
     /// Resync the whole disk.
     FullResync,
+    /// Stop taking writes (a planned failback, docs/failback.md section 6):
+    /// the agent refuses every write from now on, journals a final tag,
+    /// makes it durable and answers with a [`Progress`] echoing `nonce`
+    /// whose `source_seq` is the tag's seq (0: it could not quiesce).
+    Quiesce { nonce: u64 },
 }
 
 /// The state of a disk's replica, as the target reports it.
@@ -569,6 +575,7 @@ impl Frame {
                     Request::StatusNow { nonce } => (1u8, nonce, 0, 0),
                     Request::Resync { seq, offset, length } => (2, seq, offset, length),
                     Request::FullResync => (3, 0, 0, 0),
+                    Request::Quiesce { nonce } => (4, nonce, 0, 0),
                 };
                 body.push(kind);
                 for v in [seq, offset, length] {
@@ -762,7 +769,7 @@ impl Frame {
                 let (seq, offset, length) = (c.u64("request")?, c.u64("request")?, c.u64("request")?);
                 // Fields a kind does not use must be zero: one encoding per request.
                 let unused_zero = match kind {
-                    1 => offset == 0 && length == 0,
+                    1 | 4 => offset == 0 && length == 0,
                     3 => seq == 0 && offset == 0 && length == 0,
                     _ => true,
                 };
@@ -781,6 +788,7 @@ impl Frame {
                         Request::Resync { seq, offset, length }
                     }
                     3 => Request::FullResync,
+                    4 => Request::Quiesce { nonce: seq },
                     k => return Err(err(WireErrorKind::Corrupt, format!("unknown request kind {k}"))),
                 })
             }

@@ -88,6 +88,19 @@ pub struct FailoverArgs {
     /// `--at latest` (the primary site is gone).
     #[arg(long)]
     no_drain: bool,
+    /// A planned failover (the failback): first quiesce the source through
+    /// its collector's API (`--api`): its agent refuses every write from
+    /// then on and journals a final tag; drain to that tag and fail over
+    /// at exactly it. Only `--at latest`.
+    #[arg(long, requires = "api", conflicts_with_all = ["no_drain", "image"])]
+    planned: bool,
+    /// The status API of the collector the source's agent ships to
+    /// (`--planned`).
+    #[arg(long, value_name = "URL", requires = "planned")]
+    api: Option<String>,
+    /// The collector's token file, for its API (`--planned`).
+    #[arg(long, value_name = "FILE", requires = "planned")]
+    token_file: Option<PathBuf>,
     /// The longest the drain may take.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -231,6 +244,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         check_protect_state(dir, a.format)?;
     }
     let state = r::disk_state(data, disk)?;
+    let quiesced = quiesce_source(&a, disk, &spec)?;
     if let Some(f) = state.failovers.last() {
         eprintln!(
             "note: {disk} was already failed over on {} at {} to {}; failing over again",
@@ -258,6 +272,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
     }
     let view = r::View::open_for_failover(data, disk, &spec)?;
     let point = view.point().clone();
+    check_at_final_tag(point.seq, quiesced)?;
     eprintln!("opened point {}", point.describe());
     let guard = PartGuard::new(&files)?;
     let started = Instant::now();
@@ -290,6 +305,45 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--planned`: quiesce the source through its collector's API; returns
+/// the final tag's seq, to drain to and fail over at.
+fn quiesce_source(a: &FailoverArgs, disk: &str, spec: &AtSpec) -> Result<Option<u64>> {
+    if !a.planned {
+        return Ok(None);
+    }
+    if *spec != AtSpec::Latest {
+        bail!("--planned fails over at --at latest: the source's final tag");
+    }
+    let (Some(api), Some(token_file)) = (&a.api, &a.token_file) else {
+        bail!("--planned needs --api URL and --token-file FILE (the collector's token)");
+    };
+    let token =
+        std::fs::read_to_string(token_file).with_context(|| format!("--token-file {}", token_file.display()))?;
+    eprintln!("quiescing {disk} at its source through {api}: its agent refuses writes from now on…");
+    let v = super::status::call_with(
+        api,
+        "POST",
+        &format!("/api/v1/disks/{disk}/quiesce"),
+        Some(token.trim()),
+    )
+    .with_context(|| format!("quiesce {disk} (nothing was failed over; the source still takes writes)"))?;
+    let seq = v["seq"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("the quiesce answer carries no seq: {v}"))?;
+    eprintln!("quiesced: the source's final tag is seq {seq} (if this failback does not go ahead: tidemark resume --agent STATE_DIR {disk} on the source)");
+    Ok(Some(seq))
+}
+
+/// The point opened is the quiesce's final tag, or nothing is recorded.
+fn check_at_final_tag(point_seq: u64, quiesced: Option<u64>) -> Result<()> {
+    match quiesced {
+        Some(t) if point_seq != t => bail!(
+            "the replica's newest point is seq {point_seq}, not the source's final tag (seq {t}): nothing was failed over"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `--in-place`: the replica is the old source's own disk (`tidemark
 /// reprotect` linked it into the data directory); after the drain it is the
 /// disk again, at `latest`, without a copy. The failover is recorded with
@@ -317,6 +371,7 @@ fn in_place(a: &FailoverArgs) -> Result<()> {
     if !state.failovers.is_empty() {
         bail!("{disk} was failed over already: its replica no longer follows a source");
     }
+    let quiesced = quiesce_source(a, disk, &AtSpec::Latest)?;
     if !a.no_drain {
         eprintln!("draining: waiting until the replica holds everything the collector and the agent hold for {disk} (--no-drain skips this)…");
         let d = r::drain(data, disk, a.drain_timeout)
@@ -325,6 +380,7 @@ fn in_place(a: &FailoverArgs) -> Result<()> {
     }
     let view = r::View::open_for_failover(data, disk, &AtSpec::Latest)?;
     let point = view.point().clone();
+    check_at_final_tag(point.seq, quiesced)?;
     view.record_failover(&target)
         .with_context(|| format!("the failover of {disk} was not recorded"))?;
     let size = view.size();

@@ -1,3 +1,5 @@
+//! `tidemark resync --agent STATE DISK --compare` and `tidemark resume`.
+//!
 //! `tidemark resync --agent STATE DISK --compare`: ask a running agent to
 //! resync the whole disk by hash-compare (`docs/failback.md`, section 4):
 //! both the disk and its replica are read, and only the 64 KiB chunks whose
@@ -44,5 +46,35 @@ pub fn resync(a: ResyncArgs) -> Result<()> {
         r["full_resyncs"].as_u64().unwrap_or(0),
         a.agent.display()
     );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ResumeArgs {
+    /// The agent's state directory (the agent must be running).
+    #[arg(long, value_name = "STATE_DIR")]
+    agent: PathBuf,
+    /// The disk id (checked against the agent's).
+    disk: tidemark_wire::DiskId,
+}
+
+/// `tidemark resume --agent STATE DISK`: take writes again after a quiesce
+/// (`failover --planned`) whose failback did not go ahead.
+pub fn resume(a: ResumeArgs) -> Result<()> {
+    let status = super::agent::request(&a.agent, &json!({"cmd": "status"}))?;
+    let id = status["status"]["disk_id"].as_str().unwrap_or_default();
+    if id != a.disk.as_str() {
+        bail!(
+            "the agent at {} protects disk {id:?}, not {:?}",
+            a.agent.display(),
+            a.disk.as_str()
+        );
+    }
+    if status["status"]["quiesced_at_seq"].is_null() {
+        outln!("{} is not quiesced: it takes writes", a.disk.as_str());
+        return Ok(());
+    }
+    super::agent::request(&a.agent, &json!({"cmd": "resume"}))?;
+    outln!("{} takes writes again", a.disk.as_str());
     Ok(())
 }

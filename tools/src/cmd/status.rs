@@ -129,6 +129,11 @@ fn transport_text(t: &ureq::Transport) -> String {
 /// GET or POST `path` and parse the JSON reply; an HTTP error carries the
 /// API's own message.
 fn call(api: &str, method: &str, path: &str) -> Result<Value> {
+    call_with(api, method, path, None)
+}
+
+/// [`call`] with `Authorization: Bearer <bearer>`.
+pub fn call_with(api: &str, method: &str, path: &str, bearer: Option<&str>) -> Result<Value> {
     let url = format!("{}{path}", base(api));
     let fail = |status, msg: String| {
         anyhow::Error::new(ApiError {
@@ -137,7 +142,11 @@ fn call(api: &str, method: &str, path: &str) -> Result<Value> {
             msg,
         })
     };
-    match agent().request(method, &url).call() {
+    let mut req = agent().request(method, &url);
+    if let Some(b) = bearer {
+        req = req.set("Authorization", &format!("Bearer {b}"));
+    }
+    match req.call() {
         Ok(r) => r.into_json().map_err(|_| {
             fail(
                 None,
