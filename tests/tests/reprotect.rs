@@ -534,6 +534,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     let mut back = Back::start(d, &site.token_file);
     let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
     write_pattern(&b.sock, 20 * MIB, 2 * MIB, 0x51);
+    fio_write(&b.sock, 48 * MIB, "cycle1");
     reprotect(&back.data(), &a_disk, &a_state);
     back.start_target();
     back.wait();
@@ -570,7 +571,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
         b.status()["quiesced_at_seq"].is_null(),
         "a refused quiesce quiesces nothing"
     );
-    let load = Load::start(&b.sock, SIZE, seed());
+    let load = Load::start(&b.sock, 32 * MIB, seed());
     std::thread::sleep(Duration::from_secs(2));
     failover_in_place_with(&back.data(), &a2_state, &planned);
     let bursts = load.finish();
@@ -620,6 +621,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     );
     assert_eq!(payload(&site.disk_status(ID)), before, "0 data bytes on the way home");
     assert_identical(&a_disk, &b_disk);
+    fio_verify(&a_disk, 48 * MIB, "cycle1");
     // Forward again: A's writes reach the copy on B.
     write_pattern(&a.sock, 33 * MIB, MIB, 0x52);
     site.wait(ID, Duration::from_secs(120));
@@ -645,6 +647,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     a.stop();
     let b = back.agent(&b_disk, &b2_state, &d.join("b2.sock"));
     write_pattern(&b.sock, 44 * MIB, MIB, 0x53);
+    fio_write(&b.sock, 8 * MIB, "cycle2");
     if let Some(mut t) = back.target.take() {
         t.stop();
     }
@@ -655,11 +658,60 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     back.wait();
     assert_identical(&a_disk, &b_disk);
     let sent = payload(&back.disk_status()) - before;
+    let fio_bytes = 16 * MIB;
     assert!(
-        sent <= MIB * 11 / 10,
-        "only the copy's 1 MiB since the failover: {sent}"
+        sent <= (MIB + fio_bytes) * 11 / 10,
+        "only the copy's 17 MiB since the failover: {sent}"
     );
+    fio_verify(&a_disk, 48 * MIB, "cycle1");
+    fio_verify(&a_disk, 8 * MIB, "cycle2");
     b.stop();
+}
+
+/// fio writes `16 MiB` at `offset` of the disk served at `sock` (random
+/// 4 KiB blocks, crc32c verify headers) and verifies them there.
+fn fio_write(sock: &Path, offset: u64, job: &str) {
+    fio_run(&[
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd+unix:///?socket={}", sock.display()),
+        format!("--name={job}"),
+        "--rw=randwrite".into(),
+        "--iodepth=8".into(),
+        "--do_verify=1".into(),
+        format!("--offset={offset}"),
+    ]);
+}
+
+/// fio verifies, without writing, what [`fio_write`] wrote as `job` at
+/// `offset`, reading the raw file `img`: the data came home whole.
+fn fio_verify(img: &Path, offset: u64, job: &str) {
+    fio_run(&[
+        "--ioengine=psync".into(),
+        format!("--filename={}", img.display()),
+        format!("--name={job}"),
+        "--rw=randwrite".into(),
+        "--verify_only".into(),
+        format!("--offset={offset}"),
+    ]);
+}
+
+fn fio_run(args: &[String]) {
+    let out = run(
+        Command::new("fio").args(args).args([
+            "--bs=4k",
+            "--size=16M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--randseed=1313",
+        ]),
+        T,
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio {args:?}:\n{text}"
+    );
 }
 
 /// Write files on the ext4 filesystem of the disk served at `sock`
