@@ -122,9 +122,11 @@ pub fn status(a: AgentStatusArgs) -> Result<()> {
                 "{}{}",
                 s["mode"].as_str().unwrap_or("?"),
                 if s["resync_required"] == Value::Bool(true) {
-                    " (full resync required: machine crash)"
+                    " (full resync required: machine crash)".to_string()
+                } else if let Some(q) = s["quiesced_at_seq"].as_u64() {
+                    format!(" (quiesced for a failback at seq {q}: writes refused; tidemark resume lifts it)")
                 } else {
-                    ""
+                    String::new()
                 }
             ),
         ),
