@@ -413,8 +413,8 @@ pub fn source_position(dir: &Path, disk: &Path) -> Result<SourcePosition> {
         if before.is_empty() || before != current_boot_id() {
             bail!(
                 "{}: the machine stopped uncleanly since the agent last ran (another boot), so writes may have \
-                 reached the disk without reaching the journal; its tracking is in doubt and the replica needs a \
-                 hash-compare resync",
+                 reached the disk without reaching the journal; its tracking is in doubt: reprotect without \
+                 --agent-state (and with --discard-divergent) to hash-compare the whole disk",
                 dir.display()
             );
         }
@@ -422,7 +422,8 @@ pub fn source_position(dir: &Path, disk: &Path) -> Result<SourcePosition> {
     let history = match History::load(&dir.join("generations"))? {
         Some(h) => h,
         None => bail!(
-            "{} has no generations file (an agent of an older build): the replica needs a hash-compare resync",
+            "{} has no generations file (an agent of an older build): reprotect without --agent-state (and with \
+             --discard-divergent) to hash-compare the whole disk",
             dir.display()
         ),
     };
@@ -443,7 +444,8 @@ pub fn source_position(dir: &Path, disk: &Path) -> Result<SourcePosition> {
     let mut written = written_regions(dir, size)?;
     if let Some(why) = &written.whole_disk {
         bail!(
-            "{}: {why}, so its tracking is in doubt; the replica needs a hash-compare resync",
+            "{}: {why}, so its tracking is in doubt: reprotect without --agent-state (and with \
+             --discard-divergent) to hash-compare the whole disk",
             dir.display()
         );
     }

@@ -111,12 +111,14 @@ fn fmt_err(e: impl std::fmt::Display) -> tidemark_formats::Error {
 }
 
 /// The target's raw replica: a sparse file whose size follows the disk
-/// (it grows; reads past its end are zeros).
+/// (it grows; reads past its end are zeros), or a block device (a disk
+/// `tidemark reprotect` adopted where it is; it cannot grow).
 #[derive(Debug)]
 struct GrowableRaw {
     file: File,
     path: PathBuf,
     size: u64,
+    kind: BackingKind,
 }
 
 impl GrowableRaw {
@@ -134,11 +136,22 @@ impl GrowableRaw {
         if !existed {
             fsync_dir(dir).io_at("sync", dir)?;
         }
-        let size = file.metadata().io_at("stat", &path)?.len();
-        Ok(Self { file, path, size })
+        let kind = fileops::backing_kind(&file).io_at("stat", &path)?;
+        let size = fileops::backing_size(&file).io_at("size of", &path)?;
+        Ok(Self { file, path, size, kind })
     }
 
     fn grow(&mut self, size: u64) -> Result<()> {
+        if size > self.size && self.kind == BackingKind::BlockDevice {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} is a block device of {} bytes, smaller than the disk's {size}",
+                    self.path.display(),
+                    self.size
+                ),
+            ));
+        }
         if size > self.size {
             self.file
                 .set_len(size)
@@ -170,7 +183,7 @@ impl ReplicaImage for GrowableRaw {
         if len == 0 {
             return Ok(());
         }
-        fileops::discard_zeroing(&self.file, BackingKind::File, offset, len)
+        fileops::discard_zeroing(&self.file, self.kind, offset, len)
             .map_err(|e| fmt_err(format!("zero {offset}+{len} of {}: {e}", self.path.display())))
     }
     fn flush(&mut self) -> tidemark_formats::error::Result<()> {

@@ -316,6 +316,41 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     b.stop();
 }
 
+/// The old disk is a block device (here a loop device over the file): it
+/// is adopted where it is, resynced through the device, and failed over
+/// in place, the device being the disk again.
+#[test]
+fn a_block_device_is_reprotected_in_place() {
+    need_tool("qemu-io");
+    need_tool("losetup");
+    let dir = tmpdir("reprotect-blk");
+    let d = dir.path();
+    let (site, a) = forward(d);
+    let (a_disk, a_state) = (a.disk.clone(), a.state.clone());
+    a.stop();
+    let (b_disk, b_state, _) = failover_protect(d);
+    let mut back = Back::start(d, &site.token_file);
+    let b = back.agent(&b_disk, &b_state, &d.join("b.sock"));
+    write_pattern(&b.sock, 20 * MIB, 2 * MIB, 0x61);
+    let mut undo = Undo::default();
+    let dev = undo.losetup(&a_disk);
+    let text = reprotect(&back.data(), Path::new(&dev), &a_state);
+    assert!(
+        text.contains(&format!("reprotected {ID}: {dev} is its replica")),
+        "{text}"
+    );
+    back.start_target();
+    back.wait();
+    assert_identical(Path::new(&dev), &b_disk);
+    let sent = back.disk_status()["payload_bytes"].as_u64().unwrap();
+    assert!(sent <= 2 * MIB * 11 / 10, "only the copy's 2 MiB: {sent}");
+    b.stop();
+    let text = failover_in_place(&back.data(), &d.join("a2.state"));
+    assert!(text.contains(&format!("{dev} is the disk again")), "{text}");
+    undo.undo();
+    assert_identical(&a_disk, &b_disk);
+}
+
 /// The old source's state directory is lost with site A: reprotect without
 /// `--agent-state` is refused until `--discard-divergent` accepts that the
 /// disk is made equal to the copy; then the whole disk is hash-compared

@@ -186,7 +186,7 @@ pub fn allocation(f: &File, offset: u64, len: u64, max: usize) -> io::Result<Vec
 /// renames or syncs the directory). Returns the data bytes copied.
 pub fn copy_sparse(from: &std::path::Path, to: &std::path::Path) -> io::Result<u64> {
     let src = File::open(from)?;
-    let size = src.metadata()?.len();
+    let size = backing_size(&src)?;
     let dst = std::fs::OpenOptions::new().write(true).create_new(true).open(to)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;

@@ -30,7 +30,8 @@ pub struct ReprotectArgs {
     data: PathBuf,
     /// The disk id.
     disk: tidemark_wire::DiskId,
-    /// The old source's disk: a raw file, adopted in place.
+    /// The old source's disk: a raw file or a block device, adopted in
+    /// place.
     #[arg(long, value_name = "FILE")]
     replica: PathBuf,
     /// The old source's agent state directory (the agent stopped): what it
@@ -49,9 +50,10 @@ pub struct ReprotectArgs {
 pub fn reprotect(a: ReprotectArgs) -> Result<()> {
     let disk = a.disk.as_str();
     let meta = std::fs::metadata(&a.replica).with_context(|| format!("--replica {}", a.replica.display()))?;
-    if !meta.is_file() {
+    if !meta.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
         bail!(
-            "--replica {}: only a raw file can be adopted by this build (a block device cannot yet)",
+            "--replica {}: not a raw file or a block device (a VMDK failover image is protected through its flat \
+             extent)",
             a.replica.display()
         );
     }
