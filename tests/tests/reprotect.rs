@@ -298,13 +298,28 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     }
     let text = reprotect_with(&back.data(), &a_disk, &a_state, &["--discard-divergent"]);
     assert!(text.contains("keeping the divergent state"), "{text}");
-    let kept: Vec<PathBuf> = std::fs::read_dir(back.data().join(ID))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("divergent-"))
-        .collect();
+    // Kept as a disk of its own, which tidemark mount serves.
+    let kept = kept_divergent(&back.data());
     assert_eq!(kept.len(), 1, "{kept:?}");
-    assert_identical(&kept[0], &diverged);
+    assert_identical(&back.data().join(&kept[0]).join("replica.raw"), &diverged);
+    let m = Mount::start(
+        &["--data", s(&back.data()), &kept[0], "--at", "latest"],
+        &d.join("div.sock"),
+    );
+    let o = run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(format!("nbd+unix:///?socket={}", m.sock.display()))
+            .arg(&diverged),
+        T,
+    );
+    assert!(
+        o.status.success(),
+        "the divergent point served by tidemark mount: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    drop(m);
     back.start_target();
     back.wait();
     assert_identical(&a_disk, &b_disk);
@@ -391,17 +406,11 @@ fn reprotect_without_the_state_directory_hash_compares() {
         text.contains("history unknown") && text.contains("hash-compared"),
         "{text}"
     );
-    let kept = std::fs::read_dir(back.data().join(ID))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("divergent-untracked-")
-        })
-        .count();
-    assert_eq!(kept, 1, "the old disk's state is kept before the resync");
+    let kept = kept_divergent(&back.data());
+    assert!(
+        kept.len() == 1 && kept[0].starts_with("vm.divergent-untracked-"),
+        "the old disk's state is kept before the resync: {kept:?}"
+    );
 
     back.start_target();
     back.wait();
@@ -494,6 +503,15 @@ fn a_failover_at_an_earlier_point_hash_compares_on_the_way_back() {
     let log = back.target.as_ref().unwrap().log_text();
     assert!(log.contains("hash-compared"), "{}", tail(&log, 30));
     b.stop();
+}
+
+/// The disks `--discard-divergent` kept in data directory `data`.
+fn kept_divergent(data: &Path) -> Vec<String> {
+    std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(&format!("{ID}.divergent-")))
+        .collect()
 }
 
 /// `tidemark reprotect` (with `extra` flags); its stdout and stderr.
@@ -845,11 +863,9 @@ fn ext4_unplanned_failover_and_way_back() {
     }
     let text = reprotect_with(&back.data(), &a_disk, &a_state, &["--discard-divergent"]);
     assert!(text.contains("keeping the divergent state"), "{text}");
-    let kept = std::fs::read_dir(back.data().join(ID))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("divergent-"))
-        .expect("the divergent state is kept");
+    let kept = kept_divergent(&back.data());
+    assert_eq!(kept.len(), 1, "the divergent state is kept: {kept:?}");
+    let kept = back.data().join(&kept[0]).join("replica.raw");
     assert_eq!(ext4_files(d, &kept, "kept"), vec!["lost.bin", "one.bin", "two.bin"]);
     back.start_target();
     back.wait();

@@ -1048,6 +1048,35 @@ impl Catalog {
         Ok(())
     }
 
+    /// Record `disk_id` as a kept state of another disk (the divergent
+    /// state `tidemark reprotect --discard-divergent` keeps before the
+    /// resync overwrites it): a consistent raw replica, already in its
+    /// folder, at `seq`, whose newest point is that state. No agent feeds
+    /// it; `tidemark mount` and `tidemark points` read it like any disk.
+    pub fn keep_aside(
+        &mut self,
+        disk_id: &str,
+        uuid: &[u8; 16],
+        policy: &DiskPolicy,
+        history: Option<&History>,
+        seq: u64,
+    ) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_unix();
+        let seq = to_i64(seq.max(1), "seq")?;
+        tx.execute(
+            "INSERT INTO disks (disk_id, disk_uuid, applied_seq, sync_state, first_seq, full_sync_seen,
+                                undo_captured_seq, created_at, updated_at, format, generations)
+             VALUES (?1, ?2, ?3, 'consistent', 1, 1, ?3, ?4, ?4, 'raw', ?5)",
+            params![disk_id, format_uuid(uuid), seq, now, history.map(History::encode)],
+        )?;
+        Self::put_policy(&tx, disk_id, policy)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The disk's row, if the catalog holds it.
     pub fn disk_row(&self, disk_id: &str) -> Result<Option<DiskRow>> {
         Self::row(&self.conn, disk_id)

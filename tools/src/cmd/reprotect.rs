@@ -136,23 +136,53 @@ fn link_in(a: &ReprotectArgs, replica: &Path) -> Result<(PathBuf, Catalog)> {
     Ok((dir, catalog))
 }
 
-/// Keep the disk's state before the resync overwrites it: a sparse copy
-/// `keep` in its folder (once).
-fn keep_divergent(replica: &Path, keep: &Path) -> Result<()> {
-    if keep.exists() {
-        return Ok(());
+/// Keep the disk's state before the resync overwrites it, as a disk of
+/// its own in the data directory, `<disk>.divergent-<tag>`: a sparse copy
+/// as its replica, recorded consistent at `seq`, so that `tidemark mount
+/// --data DIR <disk>.divergent-<tag> --at latest` serves it and `tidemark
+/// points` lists it. Done once (a second run finds it).
+fn keep_divergent(
+    catalog: &mut Catalog,
+    data: &Path,
+    disk: &str,
+    replica: &Path,
+    tag: &str,
+    keep: &Keep<'_>,
+) -> Result<String> {
+    let id = format!("{disk}.divergent-{tag}");
+    tidemark_wire::DiskId::parse(&id).map_err(|e| {
+        anyhow::anyhow!("cannot keep the divergent state as disk {id:?}: {e} (a shorter disk id is needed)")
+    })?;
+    if catalog.disk_row(&id)?.is_some() {
+        return Ok(id);
     }
+    let dir = tidemark_catalog::layout::disk_dir(data, &id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let to = dir.join("replica.raw");
     eprintln!(
-        "keeping the divergent state: copying {} to {}…",
+        "keeping the divergent state: copying {} to {} (disk {id})…",
         replica.display(),
-        keep.display()
+        to.display()
     );
-    let part = keep.with_extension("partial");
+    let part = dir.join("replica.raw.partial");
     let _ = std::fs::remove_file(&part);
     tidemark_util::fileops::copy_sparse(replica, &part)
         .with_context(|| format!("copy {} to {}", replica.display(), part.display()))?;
-    std::fs::rename(&part, keep).with_context(|| format!("rename {} to {}", part.display(), keep.display()))?;
-    Ok(())
+    std::fs::rename(&part, &to).with_context(|| format!("rename {} to {}", part.display(), to.display()))?;
+    tidemark_util::crashsafe::fsync_dir(&dir).with_context(|| format!("fsync {}", dir.display()))?;
+    catalog.keep_aside(&id, keep.uuid, &DiskPolicy::default(), keep.history, keep.seq)?;
+    eprintln!(
+        "the divergent state is disk {id}: tidemark mount --data {} {id} --at latest serves it",
+        data.display()
+    );
+    Ok(id)
+}
+
+/// What a kept divergent state is recorded with.
+struct Keep<'a> {
+    uuid: &'a [u8; 16],
+    history: Option<&'a tidemark_formats::generation::History>,
+    seq: u64,
 }
 
 /// Reprotect without the old source's state: the disk becomes a replica
@@ -161,16 +191,25 @@ fn keep_divergent(replica: &Path, keep: &Path) -> Result<()> {
 /// target asks for a full resync, and that whole-disk sync hash-compares.
 fn adopt_untracked(a: &ReprotectArgs, replica: &Path) -> Result<()> {
     let disk = a.disk.as_str();
-    let (dir, catalog) = link_in(a, replica)?;
+    let (dir, mut catalog) = link_in(a, replica)?;
     if catalog.disk_row(disk)?.is_some() {
         bail!(
             "{} holds a record of {disk} already; reprotect into another data directory (or name --agent-state)",
             a.data.display()
         );
     }
+    let uuid = *uuid::Uuid::new_v4().as_bytes();
     keep_divergent(
+        &mut catalog,
+        &a.data,
+        disk,
         replica,
-        &dir.join(format!("divergent-untracked-{}.raw", tidemark_catalog::now_unix())),
+        &format!("untracked-{}", tidemark_catalog::now_unix()),
+        &Keep {
+            uuid: &uuid,
+            history: None,
+            seq: 1,
+        },
     )?;
     tidemark_util::crashsafe::fsync_dir(&dir).with_context(|| format!("fsync {}", dir.display()))?;
     outln!(
@@ -194,9 +233,18 @@ fn adopt(a: &ReprotectArgs, pos: &tidemark_agent::state::SourcePosition, replica
     let (dir, mut catalog) = link_in(a, replica)?;
     let generation = pos.history.current().id;
     if a.discard_divergent {
+        let tag: String = generation.to_string().chars().take(16).collect();
         keep_divergent(
+            &mut catalog,
+            &a.data,
+            disk,
             replica,
-            &dir.join(format!("divergent-{generation}-{}.raw", pos.written.last_seq)),
+            &format!("{tag}-{}", pos.written.last_seq),
+            &Keep {
+                uuid: &pos.disk_uuid,
+                history: Some(&pos.history),
+                seq: pos.written.last_seq,
+            },
         )?;
     }
     let owed: Vec<Owed> = pos
