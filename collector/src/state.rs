@@ -538,6 +538,10 @@ impl Shared {
                 "applied_seq": st.applied_seq,
                 "target_state": target_state.map_or("unknown", |t| t.state.name()),
                 "halted_seq": target_state.filter(|t| t.state == ReplicaState::Halted).map(|t| t.halted_seq),
+                // A resync of named ranges (a halt, a reprotect's owed
+                // regions): ranges still owed, bytes the target waits for.
+                "resync_regions": st.owed_resyncs.len(),
+                "target_pending_bytes": target_state.map_or(0, |t| t.pending_bytes),
                 "lag_s": lag_seconds,
                 "lag_bytes": lag_bytes,
                 "write_rate_bps": write_rate,

@@ -226,6 +226,11 @@ fn failback_resyncs_only_what_the_copy_wrote() {
     back.wait();
     assert_identical(&a_disk, &b_disk);
     let c = back.disk_status();
+    assert_eq!(
+        (c["resync_regions"].as_u64(), c["target_pending_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{c}"
+    );
     let sent = c["payload_bytes"].as_u64().unwrap();
     assert!(
         sent <= written_b * 11 / 10,

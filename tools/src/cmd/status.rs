@@ -174,10 +174,22 @@ fn u(v: &Value, k: &str) -> u64 {
 
 fn mode_text(d: &Value) -> String {
     let mode = d["mode"].as_str().unwrap_or("?");
-    match d["sync_percent"].as_f64() {
+    let mut t = match d["sync_percent"].as_f64() {
         Some(p) if matches!(mode, "initial-sync" | "resync" | "full-resync") => format!("{mode} {p:.0}%"),
         _ => mode.to_string(),
+    };
+    let (regions, pending) = (u(d, "resync_regions"), u(d, "target_pending_bytes"));
+    if regions > 0 || pending > 0 {
+        t.push_str(&format!(" ({regions} regions, {} to resync", format_size(pending)));
+        if let Some(eta) = d["sync_eta_s"].as_f64() {
+            t.push_str(&format!(
+                ", eta {}",
+                format_duration(Duration::from_secs_f64(eta.max(0.0)))
+            ));
+        }
+        t.push(')');
     }
+    t
 }
 
 /// A non-negative float rate, rounded down to whole bytes.
