@@ -25,8 +25,10 @@ use tidemark_wire::chunk::{chunks, zero_hash, HASH_CHUNK, MAX_HASH_SPAN};
 pub const WINDOW: u64 = MAX_HASH_SPAN;
 /// Windows asked for ahead of the one being synced.
 pub const AHEAD: u64 = 3;
-/// A query unanswered this long on a live connection is sent again.
-const RESEND: Duration = Duration::from_secs(15);
+/// A query unanswered this long on a live connection is sent again (the
+/// collector keeps queries while its target is away, so this is for
+/// answers lost with a target connection).
+const RESEND: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Want {
@@ -91,6 +93,11 @@ impl HashBook {
     /// The answer for the window at `window` (asking for it if nobody has).
     pub fn get(&self, window: u64, length: u64) -> Answer {
         let mut b = self.lock();
+        // Only the windows around the driver's are kept (bounded memory;
+        // a window it comes back to is asked again).
+        let keep = window..=window.saturating_add((AHEAD + 1) * WINDOW);
+        b.answers.retain(|k, _| keep.contains(k));
+        b.wanted.retain(|k, _| keep.contains(k));
         if let Some(h) = b.answers.get(&window) {
             return Answer::Hashes(h.clone());
         }

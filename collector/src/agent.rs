@@ -477,10 +477,23 @@ async fn session(
             }
             Frame::Progress(p) => note_progress(disk, p),
             Frame::HashQuery { .. } => {
-                // Relayed to the target's session; unanswered (none up),
-                // the agent asks again.
-                if let Some(to) = disk.lock().to_target.clone() {
-                    let _ = to.send(frame);
+                // Relayed to the target's session; kept for the next one
+                // while none is up (bounded: the agent asks again anyway).
+                let mut st = disk.lock();
+                match st.to_target.clone() {
+                    Some(to) => {
+                        let _ = to.send(frame);
+                    }
+                    None => {
+                        if !st.pending_queries.contains(&frame) {
+                            st.pending_queries.push(frame);
+                        }
+                        let over = st
+                            .pending_queries
+                            .len()
+                            .saturating_sub(crate::state::MAX_PENDING_QUERIES);
+                        st.pending_queries.drain(..over);
+                    }
                 }
             }
             Frame::Error { code, reason } => {

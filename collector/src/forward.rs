@@ -287,6 +287,9 @@ async fn session(
         let mut st = disk.lock();
         if st.binding == binding {
             st.to_target = Some(answers.clone());
+            for q in std::mem::take(&mut st.pending_queries) {
+                let _ = answers.send(q);
+            }
         }
     }
     // Aborted if this session is dropped (collector stopping, disk rebound).

@@ -80,6 +80,9 @@ pub(crate) struct DiskState {
     /// Frames for the target on its current session (an agent's
     /// `HashQuery`); `None` while no session is up.
     pub to_target: Option<tokio::sync::mpsc::UnboundedSender<Frame>>,
+    /// `HashQuery` frames that came while no target session was up: sent
+    /// when one starts (at most [`MAX_PENDING_QUERIES`], the newest).
+    pub pending_queries: Vec<Frame>,
     pub target_state: Option<TargetState>,
     pub progress: Option<(Progress, Instant)>,
     /// (when, written_bytes, sync_done) of recent Progress reports.
@@ -125,6 +128,10 @@ impl DiskState {
         self.owed_resyncs.clear();
     }
 }
+
+/// Hash queries kept per disk while its target is away (an agent asks a
+/// few windows ahead; more are old repeats).
+pub(crate) const MAX_PENDING_QUERIES: usize = 16;
 
 /// A range resync owed to the agent until `Sync`/`Zero+SYNC` records with a
 /// seq above the request's have covered the whole range (what the target
@@ -304,6 +311,7 @@ impl Shared {
                 agent: None,
                 target_connected: false,
                 to_target: None,
+                pending_queries: Vec::new(),
                 target_state: None,
                 progress: None,
                 samples: VecDeque::new(),
