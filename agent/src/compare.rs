@@ -19,12 +19,14 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tidemark_wire::chunk::{chunks, zero_hash, HASH_CHUNK, MAX_HASH_SPAN};
+use tidemark_wire::chunk::{chunks, HASH_CHUNK, MAX_HASH_SPAN};
 
 /// The span one query asks about.
 pub const WINDOW: u64 = MAX_HASH_SPAN;
 /// Windows asked for ahead of the one being synced.
 pub const AHEAD: u64 = 3;
+/// Named ranges kept apart before they are merged.
+const MAX_FORCED: usize = 4096;
 /// A query unanswered this long on a live connection is sent again (the
 /// collector keeps queries while its target is away, so this is for
 /// answers lost with a target connection).
@@ -208,9 +210,24 @@ impl HashBook {
     }
 
     /// The target asked for `offset..offset+length` by name: send it as
-    /// data whatever the hashes say.
+    /// data whatever the hashes say, until a sync sends it ([`Self::synced`]).
+    /// Past [`MAX_FORCED`] ranges they are merged into their bounds (more
+    /// is sent, never less).
     pub fn force(&self, offset: u64, length: u64) {
-        self.lock().forced.push((offset, offset.saturating_add(length)));
+        let mut b = self.lock();
+        b.forced.push((offset, offset.saturating_add(length)));
+        if b.forced.len() > MAX_FORCED {
+            let lo = b.forced.iter().map(|r| r.0).min().unwrap_or(0);
+            let hi = b.forced.iter().map(|r| r.1).max().unwrap_or(0);
+            b.forced = vec![(lo, hi)];
+        }
+    }
+
+    /// A sync journaled `offset..offset+length` as data (or as equal to
+    /// the replica's where it compared): named ranges inside it are done.
+    pub fn synced(&self, offset: u64, length: u64) {
+        let end = offset.saturating_add(length);
+        self.lock().forced.retain(|&(s, e)| !(offset <= s && e <= end));
     }
 
     /// Whether `offset..offset+length` overlaps a range asked for by name.
@@ -222,7 +239,7 @@ impl HashBook {
     /// The expected hash of each chunk of `offset..offset+length` (a disk
     /// of `size` bytes) from the window answer `hashes` that starts at
     /// `window`: `None` where the chunk must be sent (no hash, or named by
-    /// the target). Takes the named ranges inside it off the list.
+    /// the target).
     pub fn expect(
         &self,
         window: u64,
@@ -231,7 +248,7 @@ impl HashBook {
         length: u64,
         size: u64,
     ) -> Vec<Option<[u8; 32]>> {
-        let mut b = self.lock();
+        let b = self.lock();
         let out = chunks(offset, length, size)
             .map(|(o, l)| {
                 if Self::is_forced(&b, o, l) {
@@ -241,121 +258,14 @@ impl HashBook {
                 hashes.get(i).copied()
             })
             .collect();
-        let end = offset + length;
-        b.forced.retain(|&(s, e)| !(offset <= s && e <= end));
+        drop(b);
         out
     }
-}
-
-/// A piece of a chunk read for a sync: data, or a run of zeros.
-pub trait PieceView {
-    fn span(&self) -> (u64, u64);
-    fn bytes(&self) -> Option<&[u8]>;
-}
-
-/// Which of the chunks of `offset..offset+length` differ from `expect`
-/// (one entry per chunk, as [`HashBook::expect`] gives them), hashing the
-/// pieces the chunk was read as. Returns one flag per chunk.
-pub fn differing<P: PieceView>(
-    pieces: &[P],
-    offset: u64,
-    length: u64,
-    size: u64,
-    expect: &[Option<[u8; 32]>],
-) -> Vec<bool> {
-    static ZEROS: [u8; 4096] = [0; 4096];
-    chunks(offset, length, size)
-        .zip(expect.iter().chain(std::iter::repeat(&None)))
-        .map(|((o, l), want)| {
-            let Some(want) = want else {
-                return true;
-            };
-            let end = o + l;
-            let inside: Vec<&P> = pieces
-                .iter()
-                .filter(|p| {
-                    let (s, n) = p.span();
-                    s < end && o < s + n
-                })
-                .collect();
-            let got = if inside.iter().all(|p| p.bytes().is_none()) {
-                zero_hash(l)
-            } else {
-                let mut h = blake3::Hasher::new();
-                let mut pos = o;
-                for p in inside {
-                    let (s, n) = p.span();
-                    let (from, to) = (s.max(o), (s + n).min(end));
-                    debug_assert_eq!(from, pos, "pieces cover the chunk without gaps");
-                    match p.bytes() {
-                        Some(d) => {
-                            let a = usize::try_from(from - s).unwrap_or(0);
-                            let z = usize::try_from(to - s).unwrap_or(0);
-                            h.update(&d[a..z]);
-                        }
-                        None => {
-                            let mut left = usize::try_from(to - from).unwrap_or(0);
-                            while left > 0 {
-                                let n = left.min(ZEROS.len());
-                                h.update(&ZEROS[..n]);
-                                left -= n;
-                            }
-                        }
-                    }
-                    pos = to;
-                }
-                if pos != end {
-                    return true;
-                }
-                *h.finalize().as_bytes()
-            };
-            got != *want
-        })
-        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_wire::chunk::chunk_hash as hash_of;
-
-    struct P(u64, u64, Option<Vec<u8>>);
-    impl PieceView for P {
-        fn span(&self) -> (u64, u64) {
-            (self.0, self.1)
-        }
-        fn bytes(&self) -> Option<&[u8]> {
-            self.2.as_deref()
-        }
-    }
-
-    #[test]
-    fn equal_chunks_are_found_across_pieces() {
-        let c = HASH_CHUNK;
-        let cu = 64 << 10;
-        let mut data = vec![0u8; 2 * cu];
-        data[10] = 1;
-        data[cu + 5] = 2;
-        // Chunk 0 as a zero run then data; chunk 1 as one data piece.
-        let pieces = vec![
-            P(0, 8, None),
-            P(8, c - 8, Some(data[8..cu].to_vec())),
-            P(c, c, Some(data[cu..].to_vec())),
-        ];
-        let h0 = hash_of(&data[..cu]);
-        let h1 = hash_of(&data[cu..]);
-        assert_eq!(
-            differing(&pieces, 0, 2 * c, 2 * c, &[Some(h0), Some(h1)]),
-            vec![false, false]
-        );
-        assert_eq!(
-            differing(&pieces, 0, 2 * c, 2 * c, &[Some(h0), Some([0; 32])]),
-            vec![false, true]
-        );
-        assert_eq!(differing(&pieces, 0, 2 * c, 2 * c, &[None]), vec![true, true]);
-        let zeros = vec![P(0, c, None)];
-        assert_eq!(differing(&zeros, 0, c, c, &[Some(zero_hash(c))]), vec![false]);
-    }
 
     #[test]
     fn named_ranges_are_sent_and_then_dropped() {
@@ -364,6 +274,7 @@ mod tests {
         let hashes = vec![[1; 32], [2; 32], [3; 32]];
         let e = b.expect(0, &hashes, 0, 3 * HASH_CHUNK, 3 * HASH_CHUNK);
         assert_eq!(e, vec![Some([1; 32]), None, Some([3; 32])]);
+        b.synced(0, 3 * HASH_CHUNK);
         let e = b.expect(0, &hashes, 0, 3 * HASH_CHUNK, 3 * HASH_CHUNK);
         assert_eq!(e, vec![Some([1; 32]), Some([2; 32]), Some([3; 32])]);
     }

@@ -277,52 +277,6 @@ enum Piece {
     Data { offset: u64, data: Vec<u8> },
 }
 
-impl crate::compare::PieceView for Piece {
-    fn span(&self) -> (u64, u64) {
-        match self {
-            Piece::Zero { offset, len } => (*offset, *len),
-            Piece::Data { offset, data } => (*offset, data.len() as u64),
-        }
-    }
-    fn bytes(&self) -> Option<&[u8]> {
-        match self {
-            Piece::Zero { .. } => None,
-            Piece::Data { data, .. } => Some(data),
-        }
-    }
-}
-
-/// The parts of `pieces` inside the chunks of `offset..offset+len` that
-/// `keep` flags (one flag per chunk, `tidemark_wire::chunk::chunks`).
-fn keep_chunks(pieces: Vec<Piece>, offset: u64, len: u64, size: u64, keep: &[bool]) -> Vec<Piece> {
-    let spans: Vec<(u64, u64)> = tidemark_wire::chunk::chunks(offset, len, size)
-        .zip(keep)
-        .filter(|(_, k)| **k)
-        .map(|((o, l), _)| (o, o + l))
-        .collect();
-    let mut out = Vec::new();
-    for p in pieces {
-        let (s, n) = crate::compare::PieceView::span(&p);
-        for &(a, b) in &spans {
-            let (from, to) = (s.max(a), (s + n).min(b));
-            if from >= to {
-                continue;
-            }
-            out.push(match &p {
-                Piece::Zero { .. } => Piece::Zero {
-                    offset: from,
-                    len: to - from,
-                },
-                Piece::Data { data, .. } => Piece::Data {
-                    offset: from,
-                    data: data[usize::try_from(from - s).unwrap_or(0)..usize::try_from(to - s).unwrap_or(0)].to_vec(),
-                },
-            });
-        }
-    }
-    out
-}
-
 /// Lifts a chunk's fence if the chunk ends early (error, no room).
 struct FenceGuard<'a> {
     inner: &'a Inner,
@@ -603,18 +557,33 @@ impl Shim {
         };
         let mut guard = FenceGuard { inner, armed: true };
         wait(&ticket);
-        let mut pieces = inner.read_for_sync(offset, len)?;
-        if let Some(expect) = compare {
-            let differ = crate::compare::differing(&pieces, offset, len, inner.size, expect);
-            let equal: u64 = tidemark_wire::chunk::chunks(offset, len, inner.size)
-                .zip(&differ)
-                .filter(|(_, d)| !**d)
-                .map(|((_, l), _)| l)
-                .sum();
-            inner.stats.compare_bytes.fetch_add(len, Ordering::Relaxed);
-            inner.stats.compare_equal_bytes.fetch_add(equal, Ordering::Relaxed);
-            pieces = keep_chunks(pieces, offset, len, inner.size, &differ);
-        }
+        let pieces = match compare {
+            None => inner.read_for_sync(offset, len)?,
+            Some(expect) => {
+                // Read and hash once; only the chunks that differ are read
+                // again as pieces (from the page cache).
+                let differ = inner.differing_chunks(offset, len, expect)?;
+                let mut equal = 0;
+                let mut spans: Vec<(u64, u64)> = Vec::new();
+                for ((o, l), d) in tidemark_wire::chunk::chunks(offset, len, inner.size).zip(&differ) {
+                    if !*d {
+                        equal += l;
+                        continue;
+                    }
+                    match spans.last_mut() {
+                        Some((_, e)) if *e == o => *e = o + l,
+                        _ => spans.push((o, o + l)),
+                    }
+                }
+                let mut pieces = Vec::new();
+                for (s, e) in spans {
+                    pieces.extend(inner.read_for_sync(s, e - s)?);
+                }
+                inner.stats.compare_bytes.fetch_add(len, Ordering::Relaxed);
+                inner.stats.compare_equal_bytes.fetch_add(equal, Ordering::Relaxed);
+                pieces
+            }
+        };
         let full_flag = if full { FLAG_FULL } else { 0 };
         let hashed: Vec<(Piece, [u8; 32])> = pieces
             .into_iter()
@@ -1158,6 +1127,54 @@ impl Inner {
             );
         }
         core.bitmap.as_mut().ok_or_else(|| eio("no dirty bitmap".into()))
+    }
+
+    /// Which chunks of `[offset, offset+len)` (a hash-compare sync's
+    /// range) differ from `expect`, the replica's hash of each (`None`:
+    /// send it): one read of the range (holes are not read), blake3 per
+    /// chunk.
+    fn differing_chunks(&self, offset: u64, len: u64, expect: &[Option<[u8; 32]>]) -> io::Result<Vec<bool>> {
+        use tidemark_wire::chunk::{chunk_hash, chunks, zero_hash};
+        let runs = if self.kind == BackingKind::File {
+            fileops::allocation(&self.disk, offset, len, 4096)?
+        } else {
+            Vec::new()
+        };
+        let covered: u64 = runs.iter().map(|r| r.0).sum();
+        let mut holes = Vec::new();
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| eio("sync chunk too large".into()))?];
+        let mut pos = offset;
+        for (l, hole) in runs
+            .iter()
+            .copied()
+            .chain((covered < len).then_some((len - covered, false)))
+        {
+            let l = l.min(offset + len - pos);
+            if hole {
+                holes.push((pos, pos + l));
+            } else if l > 0 {
+                let at = usize::try_from(pos - offset).unwrap_or(0);
+                let n = usize::try_from(l).unwrap_or(0);
+                self.disk.read_exact_at(&mut buf[at..at + n], pos)?;
+            }
+            pos += l;
+        }
+        Ok(chunks(offset, len, self.size)
+            .zip(expect.iter().chain(std::iter::repeat(&None)))
+            .map(|((o, l), want)| {
+                let Some(want) = want else {
+                    return true;
+                };
+                let in_hole = holes.iter().any(|&(s, e)| s <= o && o + l <= e);
+                let got = if in_hole {
+                    zero_hash(l)
+                } else {
+                    let at = usize::try_from(o - offset).unwrap_or(0);
+                    chunk_hash(&buf[at..at + usize::try_from(l).unwrap_or(0)])
+                };
+                got != *want
+            })
+            .collect())
     }
 
     /// Read `[offset, offset+len)` for a sync: holes (SEEK_DATA/SEEK_HOLE)

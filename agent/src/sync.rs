@@ -317,9 +317,12 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
             .shim
             .sync_chunk(off, len, kind.whole_disk(), expect.as_deref(), &self.wait)
             .with_context(|| format!("sync {off}+{len}"))?;
-        if let (Some(w), ChunkOutcome::Appended { .. }) = (window, &outcome) {
-            if off + len >= (w + WINDOW).min(self.shim.inner().size) {
-                self.shim.inner().hashes.forget(w);
+        if let ChunkOutcome::Appended { .. } = &outcome {
+            self.shim.inner().hashes.synced(off, len);
+            if let Some(w) = window {
+                if off + len >= (w + WINDOW).min(self.shim.inner().size) {
+                    self.shim.inner().hashes.forget(w);
+                }
             }
         }
         match outcome {

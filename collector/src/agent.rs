@@ -481,7 +481,11 @@ async fn session(
                 // while none is up (bounded: the agent asks again anyway).
                 let mut st = disk.lock();
                 match st.to_target.clone() {
+                    // Beyond the cap an agent is asking faster than the
+                    // target answers: dropped (it asks again).
+                    Some(_) if st.queries_in_flight >= crate::state::MAX_PENDING_QUERIES => {}
                     Some(to) => {
+                        st.queries_in_flight += 1;
                         let _ = to.send(frame);
                     }
                     None => {

@@ -287,7 +287,9 @@ async fn session(
         let mut st = disk.lock();
         if st.binding == binding {
             st.to_target = Some(answers.clone());
-            for q in std::mem::take(&mut st.pending_queries) {
+            let queries = std::mem::take(&mut st.pending_queries);
+            st.queries_in_flight = queries.len();
+            for q in queries {
                 let _ = answers.send(q);
             }
         }
@@ -397,10 +399,11 @@ async fn read_loop(
                 // An agent's hash-compare resync waits for these; if the
                 // agent has gone, it asks again on its next connection.
                 let agent = {
-                    let st = disk.lock();
+                    let mut st = disk.lock();
                     if st.binding != binding {
                         continue;
                     }
+                    st.queries_in_flight = st.queries_in_flight.saturating_sub(1);
                     st.agent.as_ref().map(|a| a.tx.clone())
                 };
                 if let Some(tx) = agent {

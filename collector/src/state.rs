@@ -83,6 +83,9 @@ pub(crate) struct DiskState {
     /// `HashQuery` frames that came while no target session was up: sent
     /// when one starts (at most [`MAX_PENDING_QUERIES`], the newest).
     pub pending_queries: Vec<Frame>,
+    /// Hash queries relayed to the target and not answered yet (at most
+    /// [`MAX_PENDING_QUERIES`]: each makes the target read 32 MiB).
+    pub queries_in_flight: usize,
     pub target_state: Option<TargetState>,
     pub progress: Option<(Progress, Instant)>,
     /// (when, written_bytes, sync_done) of recent Progress reports.
@@ -312,6 +315,7 @@ impl Shared {
                 target_connected: false,
                 to_target: None,
                 pending_queries: Vec::new(),
+                queries_in_flight: 0,
                 target_state: None,
                 progress: None,
                 samples: VecDeque::new(),
