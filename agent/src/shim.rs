@@ -575,9 +575,15 @@ impl Shim {
                         _ => spans.push((o, o + l)),
                     }
                 }
+                // Records as a plain sync makes them: at most 1 MiB each.
                 let mut pieces = Vec::new();
                 for (s, e) in spans {
-                    pieces.extend(inner.read_for_sync(s, e - s)?);
+                    let mut at = s;
+                    while at < e {
+                        let n = (e - at).min(crate::sync::CHUNK);
+                        pieces.extend(inner.read_for_sync(at, n)?);
+                        at += n;
+                    }
                 }
                 inner.stats.compare_bytes.fetch_add(len, Ordering::Relaxed);
                 inner.stats.compare_equal_bytes.fetch_add(equal, Ordering::Relaxed);

@@ -40,6 +40,10 @@ use crate::sync_state::{SyncFile, SyncKind};
 
 /// Largest chunk read at once (and largest `Sync` record).
 pub const CHUNK: u64 = 1 << 20;
+/// Largest chunk a whole-disk (hash-compare) sync reads at once; the
+/// chunks that differ are journaled in records of at most [`CHUNK`]'s
+/// pieces.
+const COMPARE_CHUNK: u64 = 8 << 20;
 /// How often the cleared bits are made durable.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// A compare window unanswered this long on a live connection is sent as data.
@@ -295,10 +299,14 @@ impl<W: Fn(&crate::ranges::Ticket)> Driver<W> {
             self.paused_logged = false;
             info!(disk = %self.disk(), "sync resumed");
         }
+        // A compared chunk is read and hashed, mostly not journaled: larger
+        // steps cost less per byte.
+        let compares = kind.whole_disk() && self.shim.inner().hashes.link() != Link::None;
+        let max = if compares { COMPARE_CHUNK } else { CHUNK };
         let chunk = self
             .shim
-            .next_dirty(self.cursor, CHUNK)
-            .or_else(|| self.shim.next_dirty(0, CHUNK));
+            .next_dirty(self.cursor, max)
+            .or_else(|| self.shim.next_dirty(0, max));
         let Some((mut off, mut len)) = chunk else {
             return self.finish(kind, f.start_seq);
         };
