@@ -26,19 +26,25 @@ pub struct ResyncArgs {
     compare: bool,
 }
 
+/// The status of the agent at `state`, which must protect `disk`.
+fn agent_of(state: &std::path::Path, disk: &tidemark_wire::DiskId) -> Result<serde_json::Value> {
+    let status = super::agent::request(state, &json!({"cmd": "status"}))?;
+    let id = status["status"]["disk_id"].as_str().unwrap_or_default();
+    if id != disk.as_str() {
+        bail!(
+            "the agent at {} protects disk {id:?}, not {:?}",
+            state.display(),
+            disk.as_str()
+        );
+    }
+    Ok(status)
+}
+
 pub fn resync(a: ResyncArgs) -> Result<()> {
     if !a.compare {
         bail!("say how: --compare (hash-compare the whole disk with its replica, sending only what differs)");
     }
-    let status = super::agent::request(&a.agent, &json!({"cmd": "status"}))?;
-    let id = status["status"]["disk_id"].as_str().unwrap_or_default();
-    if id != a.disk.as_str() {
-        bail!(
-            "the agent at {} protects disk {id:?}, not {:?}",
-            a.agent.display(),
-            a.disk.as_str()
-        );
-    }
+    agent_of(&a.agent, &a.disk)?;
     let r = super::agent::request(&a.agent, &json!({"cmd": "resync-compare"}))?;
     outln!(
         "hash-compare resync of {} recorded (full resync #{}); follow it with tidemark agent-status --agent {}",
@@ -61,15 +67,7 @@ pub struct ResumeArgs {
 /// `tidemark resume --agent STATE DISK`: take writes again after a quiesce
 /// (`failover --planned`) whose failback did not go ahead.
 pub fn resume(a: ResumeArgs) -> Result<()> {
-    let status = super::agent::request(&a.agent, &json!({"cmd": "status"}))?;
-    let id = status["status"]["disk_id"].as_str().unwrap_or_default();
-    if id != a.disk.as_str() {
-        bail!(
-            "the agent at {} protects disk {id:?}, not {:?}",
-            a.agent.display(),
-            a.disk.as_str()
-        );
-    }
+    let status = agent_of(&a.agent, &a.disk)?;
     if status["status"]["quiesced_at_seq"].is_null() {
         outln!("{} is not quiesced: it takes writes", a.disk.as_str());
         return Ok(());
