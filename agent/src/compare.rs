@@ -183,7 +183,7 @@ impl HashBook {
     }
 
     /// Queries to send on `connection` now: those never sent on it, and
-    /// those unanswered for [`RESEND`].
+    /// those unanswered for `RESEND`.
     pub fn to_send(&self, connection: u64) -> Vec<(u64, u64)> {
         let mut b = self.lock();
         let now = Instant::now();
@@ -211,7 +211,7 @@ impl HashBook {
 
     /// The target asked for `offset..offset+length` by name: send it as
     /// data whatever the hashes say, until a sync sends it ([`Self::synced`]).
-    /// Past [`MAX_FORCED`] ranges they are merged into their bounds (more
+    /// Past `MAX_FORCED` ranges they are merged into their bounds (more
     /// is sent, never less).
     pub fn force(&self, offset: u64, length: u64) {
         let mut b = self.lock();
