@@ -320,7 +320,7 @@ impl Shim {
             Mode::Journal
         };
         let sync = SyncShared::new(crate::sync_state::state_path(&p.state_dir), p.sync);
-        let p_state_dir = p.state_dir.clone();
+        let quiesced = read_quiesced(&p.state_dir);
         Self {
             inner: Arc::new(Inner {
                 disk_id: p.disk_id,
@@ -338,7 +338,7 @@ impl Shim {
                     bitmap: p.bitmap,
                     mode,
                     fence: None,
-                    quiesced: read_quiesced(&p_state_dir),
+                    quiesced,
                 }),
                 ranges: Arc::new(RangeLocks::default()),
                 syncer: Syncer::default(),
@@ -410,11 +410,7 @@ impl Shim {
                         "a {kind:?} sync is running: the replica is not a copy of the disk until it ends"
                     )));
                 }
-                let hash = *blake3::hash(name.as_bytes()).as_bytes();
-                let seq = core
-                    .journal
-                    .append(RecordKind::Tag, 0, 0, 0, name.as_bytes(), hash, crate::now_ns())
-                    .map_err(io::Error::from)?;
+                let seq = self.append_tag(&mut core, name, 0)?;
                 core.quiesced = Some(seq);
                 seq
             }
@@ -730,14 +726,21 @@ impl Shim {
         } else {
             0
         };
+        let seq = self.append_tag(&mut core, name, flags)?;
+        drop(core);
+        self.inner.shippable.notify_one();
+        Ok(seq)
+    }
+
+    /// Journal a Tag record named `name` with `flags` (the caller holds the
+    /// journal lock and has checked the mode); returns its seq.
+    fn append_tag(&self, core: &mut Core, name: &str, flags: u16) -> io::Result<u64> {
         let hash = *blake3::hash(name.as_bytes()).as_bytes();
         let seq = core
             .journal
             .append(RecordKind::Tag, flags, 0, 0, name.as_bytes(), hash, crate::now_ns())
             .map_err(io::Error::from)?;
-        drop(core);
         self.inner.stats.journal_records.fetch_add(1, Ordering::Relaxed);
-        self.inner.shippable.notify_one();
         Ok(seq)
     }
 

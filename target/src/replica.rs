@@ -76,11 +76,8 @@ pub(crate) fn move_aside(dir: &Path, old_uuid: &str) -> Result<Option<PathBuf>> 
     if raw.exists() {
         let to = dir.join(format!("{REPLICA_FILE}.old-{old_uuid}"));
         if !to.exists() {
-            let part = dir.join(format!("{REPLICA_FILE}.old-{old_uuid}.partial"));
-            let _ = std::fs::remove_file(&part);
-            tidemark_util::fileops::copy_sparse(&raw, &part)
-                .io_ctx(|| format!("keep a copy of {} as {}", raw.display(), part.display()))?;
-            std::fs::rename(&part, &to).io_ctx(|| format!("rename {} to {}", part.display(), to.display()))?;
+            tidemark_util::fileops::copy_sparse(&raw, &to)
+                .io_ctx(|| format!("keep a copy of {} as {}", raw.display(), to.display()))?;
         }
         moved = Some(to);
     }

@@ -181,13 +181,18 @@ pub fn allocation(f: &File, offset: u64, len: u64, max: usize) -> io::Result<Vec
     Ok(out)
 }
 
-/// Copy `from` to a new file `to` (refused if it exists), keeping holes
-/// holes, and make the copy durable (not its directory entry: the caller
-/// renames or syncs the directory). Returns the data bytes copied.
+/// Copy `from` (a file or a block device) to `to`, keeping holes holes,
+/// crash-safe: written as `to.partial` (a stale one is replaced), made
+/// durable, renamed into place and the folder synced; `to` never holds a
+/// partial copy. Returns the data bytes copied.
 pub fn copy_sparse(from: &std::path::Path, to: &std::path::Path) -> io::Result<u64> {
+    let mut part = to.as_os_str().to_owned();
+    part.push(".partial");
+    let part = std::path::PathBuf::from(part);
+    let _ = std::fs::remove_file(&part);
     let src = File::open(from)?;
     let size = backing_size(&src)?;
-    let dst = std::fs::OpenOptions::new().write(true).create_new(true).open(to)?;
+    let dst = std::fs::OpenOptions::new().write(true).create_new(true).open(&part)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     let mut copied = 0u64;
@@ -212,6 +217,12 @@ pub fn copy_sparse(from: &std::path::Path, to: &std::path::Path) -> io::Result<u
     }
     dst.set_len(size)?;
     dst.sync_all()?;
+    std::fs::rename(&part, to)?;
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    crate::crashsafe::fsync_dir(dir)?;
     Ok(copied)
 }
 

@@ -164,12 +164,8 @@ fn keep_divergent(
         replica.display(),
         to.display()
     );
-    let part = dir.join("replica.raw.partial");
-    let _ = std::fs::remove_file(&part);
-    tidemark_util::fileops::copy_sparse(replica, &part)
-        .with_context(|| format!("copy {} to {}", replica.display(), part.display()))?;
-    std::fs::rename(&part, &to).with_context(|| format!("rename {} to {}", part.display(), to.display()))?;
-    tidemark_util::crashsafe::fsync_dir(&dir).with_context(|| format!("fsync {}", dir.display()))?;
+    tidemark_util::fileops::copy_sparse(replica, &to)
+        .with_context(|| format!("copy {} to {}", replica.display(), to.display()))?;
     catalog.keep_aside(&id, keep.uuid, &DiskPolicy::default(), keep.history, keep.seq)?;
     eprintln!(
         "the divergent state is disk {id}: tidemark mount --data {} {id} --at latest serves it",
