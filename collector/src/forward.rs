@@ -2,7 +2,8 @@
 //! applied seq, then Packed batches read from the spool one file at a time,
 //! in seq order, several in flight (bounded by bytes). Acks trim the spool;
 //! TargetState is kept for status; Requests are relayed to the agent.
-//! Reconnects with backoff (100 ms doubling to 2 s) until the collector stops.
+//! Reconnects with backoff (100 ms doubling to 2 s; 100 ms while the
+//! target's host refuses connections) until the collector stops.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -53,6 +54,12 @@ const MAX_BATCHES_IN_FLIGHT: usize = 4;
 const ASK_AGENT_WAIT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The backoff's cap while connections are refused: the target's host is
+/// up and its port closed (a target restarting, or started by the operator
+/// after a reprotect). A refused connect costs one round trip (and is
+/// logged once), and a failback starts when the target does instead of up
+/// to 2 s later.
+const BACKOFF_REFUSED: Duration = BACKOFF_MIN;
 
 /// Start the forwarder of `disk`; it runs until the collector stops.
 pub(crate) fn spawn(shared: &Arc<Shared>, disk: &Arc<Disk>) {
@@ -114,7 +121,7 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
             }
             continue;
         }
-        match r {
+        match &r {
             Ok(()) => {}
             Err(e) if welcomed => warn!("target session ended: {e:#}; reconnecting"),
             Err(e) if !unreachable_logged => {
@@ -123,12 +130,47 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
             }
             Err(e) => debug!("target still unreachable: {e:#}"),
         }
+        let pause = match &r {
+            Err(e) if refused(e) => backoff.min(BACKOFF_REFUSED),
+            _ => backoff,
+        };
         tokio::select! {
             _ = shared.stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// A target's refusal, with this side of it: the writes of the disk that
+/// wait here and at the agent, not applied. After a failover these are
+/// what the copy wrote since the fork, which a divergence refusal (the
+/// old source's side) cannot count.
+fn refusal(shared: &Shared, disk: &Disk, reason: &str) -> String {
+    let status = shared.disk_status(disk);
+    let (source, lineage) = {
+        let st = disk.lock();
+        (st.progress.as_ref().map_or(0, |(p, _)| p.source_seq), st.lineage)
+    };
+    let generation = if lineage.is_known() {
+        GenerationId(lineage.generation).to_string()
+    } else {
+        "not known".into()
+    };
+    let upto = source.max(status.json["acked_seq"].as_u64().unwrap_or(0));
+    format!(
+        "{reason} — this side (generation {generation}) holds {} written up to seq {upto} that the target has not applied",
+        tidemark_util::human::format_size(status.lag_bytes),
+    )
+}
+
+/// Whether the session failed because the target's host refused the
+/// connection (nothing listens on its port).
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
 }
 
 /// The target refused the disk's generation: a failover ended it.
@@ -251,7 +293,11 @@ async fn session(
             code: ErrorCode::StaleGeneration,
             reason,
         }) => return Err(Fenced(reason).into()),
-        Some(Frame::Error { code, reason }) => bail!("the target refused: {code}: {reason}"),
+        Some(Frame::Error { code, reason }) => {
+            let why = refusal(shared, disk, &format!("{code}: {reason}"));
+            disk.lock().target_refusal = Some(why.clone());
+            bail!("the target refused: {why}")
+        }
         Some(other) => bail!("expected a welcome from the target, got {other:?}"),
         None => bail!("the target closed the connection before its welcome"),
     };
@@ -262,6 +308,7 @@ async fn session(
             return Ok(());
         }
         st.target_connected = true;
+        st.target_refusal = None;
         st.applied_seq = applied;
         if force {
             st.force_target = false;
@@ -661,5 +708,18 @@ fn report_damage(shared: &Shared, disk: &Disk, path: &std::path::Path, b: &fmt::
     }
     if b.corrupt_payload.is_empty() && b.lost.is_empty() {
         warn!(file = %path.display(), "spool checksum mismatch, but every record checks out; forwarding");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_is_told_apart_through_its_context() {
+        let io = |kind| anyhow::Error::from(std::io::Error::from(kind)).context("connect to 127.0.0.1:9");
+        assert!(refused(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(!refused(&io(std::io::ErrorKind::TimedOut)));
+        assert!(!refused(&anyhow!("no welcome from the target within 10 s")));
     }
 }

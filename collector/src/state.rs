@@ -77,6 +77,10 @@ pub(crate) struct DiskState {
     pub spool_bytes: u64,
     pub agent: Option<AgentLink>,
     pub target_connected: bool,
+    /// Why the target refused this disk's last Hello (a divergence, another
+    /// generation, a disk mismatch), with what waits here for it; cleared
+    /// by its next Welcome.
+    pub target_refusal: Option<String>,
     /// Frames for the target on its current session (an agent's
     /// `HashQuery`); `None` while no session is up.
     pub to_target: Option<tokio::sync::mpsc::UnboundedSender<Frame>>,
@@ -313,6 +317,7 @@ impl Shared {
                 spool_bytes: 0,
                 agent: None,
                 target_connected: false,
+                target_refusal: None,
                 to_target: None,
                 pending_queries: Vec::new(),
                 queries_in_flight: 0,
@@ -565,6 +570,7 @@ impl Shared {
                 "full_resyncs": progress.as_ref().map_or(0, |p| p.full_resyncs),
                 "agent_connected": agent_connected,
                 "target_connected": st.target_connected,
+                "target_refusal": st.target_refusal,
                 "spool_bytes": st.spool_bytes,
                 "generation": st.lineage.is_known().then(|| GenerationId(st.lineage.generation).hex()),
                 "fenced": st.fence.as_ref().map(|f| json!({

@@ -212,6 +212,56 @@ fn failback_resyncs_only_what_the_copy_wrote() {
     write_pattern(&b.sock, 40 * MIB, 64 << 10, 0x22);
     let written_b = 3 * MIB + (64 << 10);
 
+    // Refused, each by name, with nothing adopted: the old disk still open
+    // in another process, a disk of another size, another disk id.
+    let mut holder = Command::new("sleep")
+        .arg("60")
+        .stdin(std::fs::File::open(&a_disk).unwrap())
+        .spawn()
+        .unwrap();
+    let o = run(
+        tidemark().args([
+            "reprotect",
+            "--data",
+            s(&back.data()),
+            ID,
+            "--replica",
+            s(&a_disk),
+            "--agent-state",
+            s(&a_state),
+        ]),
+        T,
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        !o.status.success() && stderr(&o).contains("is in use: sleep (pid"),
+        "{}",
+        stderr(&o)
+    );
+    let bigger = d.join("bigger.raw");
+    sparse_file(&bigger, 2 * SIZE);
+    for (disk, replica, why) in [(ID, &bigger, "state directory"), ("other", &a_disk, "not \"other\"")] {
+        let o = run(
+            tidemark().args([
+                "reprotect",
+                "--data",
+                s(&back.data()),
+                disk,
+                "--replica",
+                s(replica),
+                "--agent-state",
+                s(&a_state),
+            ]),
+            T,
+        );
+        assert!(!o.status.success() && stderr(&o).contains(why), "{why}: {}", stderr(&o));
+    }
+    assert!(
+        !back.data().join(ID).exists() || std::fs::read_dir(back.data().join(ID)).unwrap().next().is_none(),
+        "a refused reprotect adopts nothing"
+    );
+
     // Site A is back: its disk becomes the copy's replica, in place.
     let text = reprotect(&back.data(), &a_disk, &a_state);
     assert!(text.contains(&format!("generation {}", &gen_a[..16])), "{text}");
@@ -294,6 +344,23 @@ fn a_divergent_old_source_is_refused_by_name_then_kept_and_overwritten() {
     });
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("--discard-divergent"), "{text}");
+    // The refusal names both sides' generations and what each wrote since
+    // the fork: the old source's 2 MiB (target), the copy's 1 MiB
+    // (collector's status and table).
+    assert!(text.contains("2.0 MiB in regions"), "{text}");
+    let mut refusal = String::new();
+    poll_until("the collector's status to show the refusal", T, || {
+        refusal = back.disk_status()["target_refusal"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        !refusal.is_empty()
+    });
+    assert!(refusal.contains("diverged"), "{refusal}");
+    assert!(refusal.contains("holds 1.0 MiB written up to seq"), "{refusal}");
+    eprintln!("the collector's status: {refusal}");
+    let table = stdout(&run(tidemark().args(["status", "--api", &back.api()]), T));
+    assert!(table.contains("the target refuses this disk"), "{table}");
     // Nothing was applied: the old disk is as it was.
     assert_identical(&a_disk, &diverged);
 
@@ -926,4 +993,87 @@ fn kill9_of_every_process_during_the_reverse_resync_resumes() {
     back.wait();
     assert_identical(&a_disk, &b_disk);
     b.stop();
+}
+
+/// `POST /api/v1/disks/{id}/quiesce` with a bearer token (what `failover
+/// --planned` sends); returns the HTTP status line and the body.
+fn quiesce_through_api(site: &Site, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", site.api_port)).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    write!(
+        c,
+        "POST /api/v1/disks/{ID}/quiesce HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// A write through qemu-io; returns what it said (empty stderr and
+/// "wrote" on success).
+fn try_write(sock: &Path, pattern: u8, offset: u64) -> String {
+    let o = run(
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(format!("nbd+unix:///?socket={}", sock.display()))
+            .args(["-c", &format!("write -P {pattern} {offset} 4096")]),
+        T,
+    );
+    format!("{}{}", stdout(&o), stderr(&o))
+}
+
+/// A planned failback that does not go ahead: the quiesced agent keeps
+/// refusing writes over a restart (STATE/quiesced), and `tidemark resume`
+/// lifts the quiesce; the writes after it replicate.
+#[test]
+fn a_quiesce_survives_a_restart_and_resume_lifts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (site, a) = forward(d);
+    let token = std::fs::read_to_string(&site.token_file).unwrap();
+    let text = quiesce_through_api(&site, "not-the-token");
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(
+        try_write(&a.sock, 7, 0).contains("wrote"),
+        "a refused quiesce quiesces nothing"
+    );
+    let text = quiesce_through_api(&site, token.trim());
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let q = a.status()["quiesced_at_seq"].as_u64().expect("quiesced");
+    let refused = |said: &str| said.contains("Operation not permitted") || said.contains("Read-only");
+    let said = try_write(&a.sock, 8, 4096);
+    assert!(refused(&said), "{said}");
+    // Its final tag is a point of the disk.
+    site.wait(ID, T);
+    let pts = stdout(&run_ok(
+        tidemark().args(["points", "--data", s(&d.join("data")), ID]),
+        T,
+    ));
+    assert!(pts.contains("failback-"), "{pts}");
+
+    // Over a restart the agent stays quiesced.
+    let (disk, state) = (a.disk.clone(), a.state.clone());
+    a.stop();
+    let a = agent(&site, d, ID, SIZE, &[]);
+    assert_eq!(a.status()["quiesced_at_seq"].as_u64(), Some(q), "{}", a.status());
+    let said = try_write(&a.sock, 9, 8192);
+    assert!(refused(&said), "after a restart: {said}");
+
+    // tidemark resume lifts it; writes replicate again.
+    let out = run(tidemark().args(["resume", "--agent", s(&state), "other-disk"]), T);
+    assert!(!out.status.success(), "resume checks the disk id");
+    run_ok(tidemark().args(["resume", "--agent", s(&state), ID]), T);
+    assert!(a.status()["quiesced_at_seq"].is_null(), "{}", a.status());
+    assert!(try_write(&a.sock, 10, 12288).contains("wrote"));
+    write_pattern(&a.sock, 40 * MIB, MIB, 0x61);
+    wait_and_compare(&site, ID, &disk, Duration::from_secs(120));
+    // And it does not come back over a restart.
+    a.stop();
+    let a = agent(&site, d, ID, SIZE, &[]);
+    assert!(a.status()["quiesced_at_seq"].is_null(), "{}", a.status());
+    assert!(try_write(&a.sock, 11, 16384).contains("wrote"));
+    a.stop();
 }

@@ -7,15 +7,66 @@
 #     blocks written before the acknowledged FLUSH;
 #  3. the protect disk image holds those n blocks, and every later block is
 #     either whole or absent (zeros);
-#  4. `tidemark journal replay` onto a zero disk gives the n blocks too;
+#  4. `tidemark journal replay` onto a zero disk gives the n blocks too
+#     (without replication: acks recycle the journal's head);
 #  5. tidemark-agent, started on the images again (on the host: another boot
 #     id), recovers on the machine-crash path — it re-applies the journal,
 #     logs that the machine stopped uncleanly and owes a full resync — serves
 #     the n blocks over NBD, and stops cleanly;
-#  6. the image still holds the n blocks afterwards.
+#  6. the image still holds the n blocks afterwards;
+#  7. replication (power-loss, not power-loss-ublk: the guest's agent shipped to a collector and target on
+#     the host, which outlive the crash): once the collector has forwarded
+#     what it holds, the agent is started on the images with the collector
+#     again; the whole-disk resync the crash owes hash-compares, so it
+#     sends the 64 KiB chunks that differ between image and replica (plus
+#     what was hot in the journal), not the disk; the replica then equals
+#     the image.
 
 host_before_power_loss() {
   kill_on '^FLUSH-ACKED [0-9]+$'
+  # The ublk variant keeps the unreplicated checks (its journal is never
+  # recycled, so step 4 replays all of it onto a zero disk).
+  [ "${1:-}" != no-replication ] || return 0
+  need_host_bins
+  local cport tport aport
+  tport=$(free_port)
+  cport=$(free_port)
+  aport=$(free_port)
+  [ "$cport" != "$tport" ] && [ "$aport" != "$tport" ] && [ "$aport" != "$cport" ] || { cport=$((tport + 1)); aport=$((tport + 2)); }
+  head -c 24 /dev/urandom | base64 >"$RUN/token"
+  cp "$RUN/token" "$HOSTDATA/token"
+  host_bg pl-target "$HOST_BIN/tidemark-target" --listen "127.0.0.1:$tport" \
+    --data "$RUN/site/data" --token-file "$RUN/token"
+  wait_port "$tport"
+  host_bg pl-collector "$HOST_BIN/tidemark-collector" --listen "127.0.0.1:$cport" \
+    --spool "$RUN/site/spool" --target "127.0.0.1:$tport" --api "127.0.0.1:$aport" \
+    --token-file "$RUN/token"
+  wait_port "$cport"
+  wait_port "$aport"
+  cmdline collector "10.0.2.2:$cport"
+  cmdline api "10.0.2.2:$aport"
+  hook_set PL_COLLECTOR "127.0.0.1:$cport"
+  hook_set PL_API "127.0.0.1:$aport"
+}
+
+# pl_field NAME: disk pl's NAME in the host collector's status.
+pl_field() {
+  "$HOST_BIN/tidemark" status --api "$PL_API" --json |
+    python3 -c "import json,sys; print([d for d in json.load(sys.stdin)['disks'] if d['disk_id']=='pl'][0]['$1'])"
+}
+
+# differing_chunks A B: the 64 KiB chunks that differ between two files.
+differing_chunks() {
+  python3 -c '
+import sys
+a, b = open(sys.argv[1], "rb"), open(sys.argv[2], "rb")
+n = 0
+while True:
+    x, y = a.read(1 << 16), b.read(1 << 16)
+    if not x and not y:
+        break
+    n += x != y
+print(n)' "$1" "$2"
 }
 
 STRIDE=65536
@@ -106,23 +157,27 @@ host_after_power_loss() {
   done
   echo "disk image: blocks 1..$n present; after the FLUSH $later_whole whole and $later_zero absent, none torn"
 
-  # 4. replay onto a zero disk
-  truncate -s "$(stat -c %s "$img")" "$W/zero.img"
-  "$tm" journal replay --state "$st" --onto "$W/zero.img" || pl_fail "tidemark journal replay failed"
-  blocks_as_written "$W/zero.img" "$n" "after journal replay"
-  rm -f "$W/zero.img"
-  echo "journal replay: blocks 1..$n as written"
+  # 4. replay onto a zero disk (when nothing was replicated: the
+  #    collector's acks recycle the journal's head)
+  if [ -z "${PL_API:-}" ]; then
+    truncate -s "$(stat -c %s "$img")" "$W/zero.img"
+    "$tm" journal replay --state "$st" --onto "$W/zero.img" || pl_fail "tidemark journal replay failed"
+    blocks_as_written "$W/zero.img" "$n" "after journal replay"
+    rm -f "$W/zero.img"
+    echo "journal replay: blocks 1..$n as written"
+  fi
 
   # 5. the agent recovers on the machine-crash path
   "$agent" protect --disk "$img" --state "$st" --disk-id pl --listen "unix:$W/pl.sock" >"$W/agent.log" 2>&1 &
   local apid=$!
   echo "$apid" >>"$RUN/.pids"
+  # The socket is bound before the journal is re-applied: wait for "serving".
   for ((i = 0; i < 300; i++)); do
-    [ -S "$W/pl.sock" ] && break
+    grep -q ' serving' "$W/agent.log" && break
     kill -0 "$apid" 2>/dev/null || { cat "$W/agent.log"; pl_fail "the agent exited while recovering"; }
     sleep 0.1
   done
-  [ -S "$W/pl.sock" ] || { cat "$W/agent.log"; pl_fail "the agent did not serve within 30 s"; }
+  grep -q ' serving' "$W/agent.log" || { cat "$W/agent.log"; pl_fail "the agent did not serve within 30 s"; }
   cat "$W/agent.log"
   grep -q 'last_stop=MachineCrash' "$W/agent.log" || pl_fail "the agent did not see a machine crash (last_stop)"
   grep -q 'machine stopped uncleanly' "$W/agent.log" || pl_fail "the agent did not report the machine crash"
@@ -146,6 +201,44 @@ host_after_power_loss() {
 
   # 6. the image after recovery
   blocks_as_written "$img" "$n" "on the image after recovery"
+
+  # 7. the resync after the crash sends what differs
+  if [ -z "${PL_API:-}" ]; then
+    rm -f "$PL_LINK"
+    echo "power loss: every write acknowledged before the FLUSH survived; machine-crash recovery OK"
+    return 0
+  fi
+  local replica=$RUN/site/data/pl/replica.raw applied acked chunks p0 p1 sent limit
+  [ -f "$replica" ] || pl_fail "no replica at $replica (the guest's agent did not replicate)"
+  for ((i = 0; i < 300; i++)); do
+    applied=$(pl_field applied_seq) acked=$(pl_field acked_seq)
+    [ "$applied" -ge "$acked" ] && break
+    sleep 0.1
+  done
+  [ "$applied" -ge "$acked" ] || pl_fail "the collector did not forward what it holds (applied $applied < acked $acked)"
+  chunks=$(differing_chunks "$img" "$replica")
+  p0=$(pl_field payload_bytes)
+  echo "before the resync: $chunks chunks of 64 KiB differ between the image and the replica (applied seq $applied)"
+  "$agent" protect --disk "$img" --state "$st" --disk-id pl --listen "unix:$W/pl.sock" \
+    --collector "$PL_COLLECTOR" --token-file "$RUN/token" >"$W/agent2.log" 2>&1 &
+  apid=$!
+  echo "$apid" >>"$RUN/.pids"
+  "$tm" wait --api "$PL_API" pl --timeout 3m || { tail -n 20 "$W/agent2.log"; pl_fail "tidemark wait after the crash"; }
+  p1=$(pl_field payload_bytes)
+  sent=$((p1 - p0))
+  # What differs, 10 % over, and 1 MiB for what was hot in the journal.
+  limit=$((chunks * 65536 * 11 / 10 + 1048576))
+  echo "the resync after the crash sent $sent payload bytes (differing: $((chunks * 65536)), limit $limit; the disk holds 64 MiB of data beyond the writer's blocks)"
+  [ "$sent" -le "$limit" ] || { tail -n 20 "$W/agent2.log"; pl_fail "the resync after the crash sent $sent bytes, over $limit"; }
+  "$tm" agent-status --agent "$st" --json >"$W/status2.json" || pl_fail "tidemark agent-status failed"
+  grep -q '"resync_required":false' "$W/status2.json" || { cat "$W/status2.json"; pl_fail "a resync is still owed after tidemark wait"; }
+  grep -Eq '"compare_bytes":[1-9]' "$W/status2.json" || { cat "$W/status2.json"; pl_fail "the resync did not hash-compare"; }
+  kill -TERM "$apid"
+  rc=0
+  wait "$apid" || rc=$?
+  [ $rc = 0 ] || { tail -n 5 "$W/agent2.log"; pl_fail "the agent exited with $rc on SIGTERM after the resync"; }
+  qemu-img compare -f raw -F raw "$img" "$replica" || pl_fail "the replica differs from the image after the resync"
+  echo "replication: the resync after the crash sent $sent bytes, and the replica equals the image"
   rm -f "$PL_LINK"
   echo "power loss: every write acknowledged before the FLUSH survived; machine-crash recovery OK"
 }

@@ -1,5 +1,6 @@
 //! Operations on backing files and block devices that std lacks: punching
-//! holes, zeroing ranges, finding data and holes, advisory locks.
+//! holes, zeroing ranges, finding data and holes, advisory locks, which
+//! other processes hold a file open.
 //!
 //! A TRIM must leave the range reading zeros on every kind of backing store:
 //! a regular file gets a punched hole; a block device gets a zero-out,
@@ -245,6 +246,45 @@ pub fn preallocate(f: &File, len: u64) -> io::Result<()> {
 /// the returned guard lives.
 pub fn lock_exclusive(f: File) -> io::Result<nix::fcntl::Flock<File>> {
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))
+}
+
+/// The other processes that hold `path` open (the same file or device:
+/// device and inode compared), as (pid, command name), by reading every
+/// `/proc/PID/fd` this process may read (all of them as root). What
+/// `fuser` does; no crate does it without pulling in a process-listing
+/// library. Processes that vanish or hide their fds are skipped.
+pub fn open_elsewhere(path: &std::path::Path) -> io::Result<Vec<(u32, String)>> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(path)?;
+    let key = |m: &std::fs::Metadata| {
+        if m.file_type().is_block_device() {
+            (0, m.rdev())
+        } else {
+            (m.dev(), m.ino())
+        }
+    };
+    let want = key(&want);
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds
+            .flatten()
+            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| key(&m) == want));
+        if holds {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            out.push((pid, name.trim().to_string()));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

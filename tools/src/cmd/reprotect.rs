@@ -58,6 +58,45 @@ pub fn reprotect(a: ReprotectArgs) -> Result<()> {
         );
     }
     let replica = std::fs::canonicalize(&a.replica).with_context(|| format!("resolve {}", a.replica.display()))?;
+    // The target will write it: nothing else may have it open (a VM still
+    // running on the old disk, an agent, a mount of a loop device on it).
+    let holders = tidemark_util::fileops::open_elsewhere(&replica).with_context(|| {
+        format!(
+            "--replica {}: looking for processes that hold it open",
+            replica.display()
+        )
+    })?;
+    if !holders.is_empty() {
+        let who: Vec<String> = holders
+            .iter()
+            .map(|(pid, name)| format!("{name} (pid {pid})"))
+            .collect();
+        bail!(
+            "--replica {} is in use: {} {} it open; stop {} first (the target overwrites it)",
+            replica.display(),
+            who.join(", "),
+            if holders.len() == 1 { "holds" } else { "hold" },
+            if holders.len() == 1 { "it" } else { "them" }
+        );
+    }
+    if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        // Mounted, or claimed by the kernel (a RAID member, a device-mapper
+        // table): exclusive opens of it fail with EBUSY.
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&replica)
+        {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                bail!(
+                    "--replica {} is in use: mounted or claimed by the kernel (an exclusive open failed: {e}); unmount \
+                     it first (the target overwrites it)",
+                    replica.display()
+                );
+            }
+        }
+    }
     let Some(agent_state) = &a.agent_state else {
         if !a.discard_divergent {
             bail!(

@@ -456,7 +456,9 @@ fn problems(
                     format!("agent disconnected (last report {} ago)", secs(&d["source_age_s"])),
                 );
             }
-            if d["target_connected"] == Value::Bool(false) {
+            if let Some(why) = d["target_refusal"].as_str() {
+                add(Critical, id, format!("the target refuses this disk: {why}"));
+            } else if d["target_connected"] == Value::Bool(false) {
                 add(Critical, id, "target disconnected: nothing is being applied".into());
             }
             let lag = d["lag_s"].as_f64().unwrap_or(0.0);
@@ -644,6 +646,12 @@ fn status_table(v: &Value) {
                 u(d, "halted_seq")
             );
         }
+        if let Some(why) = d["target_refusal"].as_str() {
+            outln!(
+                "{}: the target refuses this disk: {why}",
+                d["disk_id"].as_str().unwrap_or("?")
+            );
+        }
     }
 }
 
@@ -698,8 +706,11 @@ fn unknown_disk(api: &str, disk: &str) -> Option<anyhow::Error> {
     })
 }
 
-/// Waits between polls of the API.
-const POLL: Duration = Duration::from_millis(200);
+/// Waits between polls of the API: a tenth of the time waited so far,
+/// between 20 and 200 ms (a short wait is not rounded up to the poll).
+fn poll(start: Instant) -> Duration {
+    (start.elapsed() / 10).clamp(Duration::from_millis(20), Duration::from_millis(200))
+}
 
 pub fn wait(a: WaitArgs) -> Result<()> {
     let start = Instant::now();
@@ -731,7 +742,7 @@ pub fn wait(a: WaitArgs) -> Result<()> {
                     eprintln!("waiting for the agent of {} to report its seq ({e})", a.disk);
                     noted = true;
                 }
-                std::thread::sleep(POLL);
+                std::thread::sleep(poll(start));
             }
         }
     };
@@ -797,7 +808,11 @@ pub fn wait(a: WaitArgs) -> Result<()> {
             ),
             None => format!("target seq {target}"),
         };
-        let err_text = err.as_ref().map(|e| format!("; last error: {e:#}")).unwrap_or_default();
+        let refused = match last.as_ref().and_then(|d| d["target_refusal"].as_str()) {
+            Some(why) => format!("; the target refuses the disk: {why}"),
+            None => String::new(),
+        };
+        let err_text = err.as_ref().map(|e| format!("; last error: {e:#}")).unwrap_or_default() + &refused;
         if timed_out() {
             bail!(
                 "timed out after {} waiting for disk {}: {where_}{err_text}",
@@ -809,7 +824,7 @@ pub fn wait(a: WaitArgs) -> Result<()> {
             eprintln!("waiting for {}: {where_}{err_text}", a.disk);
             last_note = Instant::now();
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(poll(start));
     }
 }
 

@@ -12,20 +12,35 @@
 # The host's hook (vm-images/host/power-loss.sh) then checks that blocks
 # 1..k are in the journal and on the disk image, that no later block is
 # torn, and that the agent recovers on the machine-crash path.
+# With tidemark.collector= on the command line (the host hook starts a
+# collector and target), the agent replicates, and 64 MiB of data is on the
+# disk and replicated before the writer starts: the host then checks that
+# the resync after the machine crash sends what differs, not the disk.
 # Must be the last test of its boot (suites/power-loss).
-# timeout: 180
+# timeout: 240
 
 D=$(disk protect)
 STRIDE=65536
 MAX=2000
 # The front end: the kernel NBD client (this test), or ublk
 # (power-loss-ublk.sh sets PL_FRONT=ublk and sources this file).
+set --
+if [ -n "${TM_COLLECTOR:-}" ]; then
+  [ -s /hostdata/token ] || fail "no /hostdata/token"
+  set -- --collector "$TM_COLLECTOR" --token-file /hostdata/token
+fi
 if [ "${PL_FRONT:-nbd}" = ublk ]; then
-  start_ublk_agent pl "$D"
+  start_ublk_agent pl "$D" "$@"
   dev=$UBLK_DEV
 else
-  start_agent pl "$D"
+  start_agent pl "$D" "$@"
   dev=$(nbd_connect "$AGENT_SOCK")
+fi
+if [ -n "${TM_COLLECTOR:-}" ]; then
+  # Data a whole-disk resync would send again (past the writer's blocks).
+  dd if=/dev/urandom of="$dev" bs=1M seek=128 count=64 oflag=direct conv=notrunc 2>/dev/null || fail "prefill of $dev"
+  sync "$dev" || fail "fsync of $dev after the prefill"
+  tidemark wait --api "$TM_API" pl --timeout 3m || fail "tidemark wait: the replica did not catch up before the crash"
 fi
 
 echo 0 >"$TM_WORK/acked"
