@@ -33,7 +33,8 @@ enum Cmd {
                       --config file gives them.\n\n\
                       Examples:\n  \
                       tidemark-agent protect --disk /var/lib/vm/db.img --state /var/lib/tidemark/db \\\n      \
-                      --listen unix:/run/tidemark/db.sock --collector dr.example:7700 --token-file /etc/tidemark/token\n  \
+                      --listen unix:/run/tidemark/db.sock --collector dr.example:7700 --token-file /etc/tidemark/token \\\n      \
+                      --tls /etc/tidemark/tls\n  \
                       tidemark-agent protect --disk /tmp/test.img --create-size 4G --state /tmp/test.state \\\n      \
                       --listen tcp:127.0.0.1:10809\n  \
                       tidemark-agent protect --config /etc/tidemark/db.toml"
@@ -90,6 +91,15 @@ struct ProtectArgs {
     /// was replaced) and resync the whole disk.
     #[arg(long)]
     force_resync: bool,
+    /// The agent's identity folder (`tidemark ca issue --role agent`): the
+    /// collector is reached over mutual TLS and must hold a collector
+    /// certificate of the same CA (with --collector).
+    #[arg(long, value_name = "DIR")]
+    tls: Option<PathBuf>,
+    /// Ship to the collector in clear text, unauthenticated but for the
+    /// token (said in agent-status and the log).
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// Benchmarks only: consume the journal locally so segments recycle
     /// (refused with --collector, by `protect`).
     #[arg(long, hide = true)]
@@ -113,6 +123,8 @@ struct FileConfig {
     collector: Option<String>,
     token_file: Option<PathBuf>,
     force_resync: bool,
+    tls: Option<PathBuf>,
+    insecure_plaintext: bool,
 }
 
 fn build(a: ProtectArgs) -> Result<ProtectConfig> {
@@ -182,6 +194,7 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
                 .token_file
                 .or(file.token_file)
                 .context("--token-file is required with --collector (or `token_file` in the config file)")?;
+            tidemark_net::tls::private_file(&tf).map_err(anyhow::Error::msg)?;
             let token = std::fs::read_to_string(&tf)
                 .with_context(|| format!("read token file {}", tf.display()))?
                 .trim()
@@ -193,15 +206,25 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
             if !addr.contains(':') {
                 anyhow::bail!("--collector {addr} must be HOST:PORT");
             }
+            let security = tidemark_net::Security::from_flags(
+                a.tls.or(file.tls).as_deref(),
+                a.insecure_plaintext || file.insecure_plaintext,
+                tidemark_net::PeerRole::Agent,
+            )
+            .map_err(anyhow::Error::msg)?;
             Some(ShipConfig {
                 addr,
                 token,
                 force_resync: a.force_resync || file.force_resync,
+                security,
             })
         }
         None => {
             if a.force_resync || file.force_resync {
                 anyhow::bail!("--force-resync needs --collector");
+            }
+            if a.tls.is_some() || file.tls.is_some() || a.insecure_plaintext || file.insecure_plaintext {
+                anyhow::bail!("--tls and --insecure-plaintext are for the collector connection: they need --collector");
             }
             None
         }

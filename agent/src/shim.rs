@@ -85,6 +85,8 @@ pub struct Stats {
 pub struct LinkStatus {
     /// `HOST:PORT` of the collector, when one is configured.
     pub collector: Mutex<Option<String>>,
+    /// How the collector is reached: `tls (agent NAME)` or plaintext.
+    pub security: Mutex<Option<String>>,
     pub connected: AtomicBool,
     /// Highest seq the collector acknowledged.
     pub acked_seq: AtomicU64,

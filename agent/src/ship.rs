@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tidemark_formats::journal::{Journal, JournalReader, RecordIter, Skipped};
-use tidemark_net::{FrameReader, ReadError};
+use tidemark_net::{FrameReader, PeerRole, ReadError, Reader, Writer};
 use tidemark_wire::frame::{
     ErrorCode, Frame, Hello, ReplicaState, Request, Role, HELLO_FORCE_RESYNC, MAX_BODY, PROTOCOL_VERSION,
     WELCOME_NEED_FULL_SYNC,
@@ -24,7 +24,6 @@ use tidemark_wire::frame::{
 use tidemark_wire::record::{RecordHeader, RecordKind, FLAG_FULL};
 use tidemark_wire::Record;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +43,9 @@ pub struct ShipConfig {
     /// Rebind the disk id to this disk's UUID (`HELLO_FORCE_RESYNC`) and
     /// resync the whole disk; sent until the first Welcome of this run.
     pub force_resync: bool,
+    /// Mutual TLS (the collector must hold a collector certificate of the
+    /// agent's CA), or plaintext by explicit choice.
+    pub security: tidemark_net::Security,
 }
 
 /// Most records in one batch.
@@ -60,6 +62,12 @@ pub const WINDOW_BYTES: u64 = 32 << 20;
 pub const WINDOW_BATCHES: usize = 4;
 /// Progress period.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How far a collector's Welcome may be ahead of this journal's next seq:
+/// a journal's tail lost in a machine crash (records shipped and
+/// acknowledged whose journal pages never reached the disk) is at most a
+/// journal's worth of records; a state directory restored from an older
+/// copy, some hours of writes. Beyond this the claim is not believed.
+const MAX_WELCOME_AHEAD: u64 = 1 << 32;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Retry period after the collector refused us (bad token, disk mismatch…).
@@ -135,6 +143,13 @@ async fn send_frame<W: AsyncWrite + Unpin>(
 /// Ship until `stop` is cancelled.
 pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
     *shim.inner().link.collector.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg.addr.clone());
+    *shim.inner().link.security.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg.security.describe());
+    if !cfg.security.is_tls() {
+        warn!(
+            collector = %cfg.addr,
+            "--insecure-plaintext: the collector is not authenticated and every write crosses in clear text"
+        );
+    }
     let mut force = cfg.force_resync;
     let mut backoff = BACKOFF_MIN;
     // What was last logged about the link, so each state is logged once.
@@ -217,6 +232,19 @@ pub async fn run(shim: Shim, cfg: ShipConfig, stop: CancellationToken) {
 /// What the shipper asks the journal for after Welcome: where to ship from.
 fn on_welcome(shim: &Shim, acked: u64, flags: u32, force: bool) -> Result<u64> {
     let next = shim.core().journal.next_seq();
+    if acked.saturating_sub(next) >= MAX_WELCOME_AHEAD {
+        // Not the tail of a journal lost in a machine crash, nor a state
+        // directory restored from a copy a little older: a collector that
+        // is not to be believed. Nothing is freed, no seq skipped.
+        anyhow::bail!(
+            "the collector claims seq {acked}, {} seqs beyond this journal's next ({next}): not believing it (nothing \
+             freed); if this state directory was restored from an old copy, start the agent with --force-resync",
+            acked - next
+        );
+    }
+    let after = acked
+        .checked_add(1)
+        .ok_or_else(|| anyhow::anyhow!("the collector claims seq {acked}: no seq follows it"))?;
     if acked >= next {
         // The collector holds seqs this journal never wrote (a state
         // directory restored from an older copy): never reuse a seq, and
@@ -224,14 +252,14 @@ fn on_welcome(shim: &Shim, acked: u64, flags: u32, force: bool) -> Result<u64> {
         warn!(
             "the collector holds seqs up to {acked} but this journal ends before {next}: \
              skipping to seq {} and resyncing the whole disk",
-            acked + 1
+            after
         );
         // The resync is recorded and the journal advanced before the sync
         // driver may run: its SyncBegin and records get seqs past `acked`.
-        begin_full_from(shim, acked + 1)?;
+        begin_full_from(shim, after)?;
     }
     let first = shim.core().journal.first_seq();
-    let mut ship_from = acked + 1;
+    let mut ship_from = after;
     let lost = ship_from < first;
     if lost {
         warn!(
@@ -437,7 +465,14 @@ async fn session(
     if let Err(e) = tidemark_net::set_user_timeout(&stream, WRITE_TIMEOUT) {
         debug!("TCP_USER_TIMEOUT not set: {e}");
     }
-    let (rd, mut wr) = stream.into_split();
+    let conn = tokio::select! {
+        _ = stop.cancelled() => return End::Stopped,
+        r = cfg.security.connect(stream, PeerRole::Collector, None) => match r {
+            Ok(c) => c,
+            Err(e) => return lost(false, format!("{}: {e}", cfg.addr)),
+        },
+    };
+    let (rd, mut wr) = (conn.reader, conn.writer);
     // Bounded by the protocol's maximum, the agent's limit so far (the
     // collector sends only small frames: Welcome, Ack, Request, Error).
     let mut rd = FrameReader::new(rd, MAX_BODY);
@@ -483,7 +518,6 @@ async fn session(
         info!("the collector takes this disk's writes again: no longer fenced");
     }
     link.connected.store(true, std::sync::atomic::Ordering::Relaxed);
-    link.acked_seq.store(acked, std::sync::atomic::Ordering::Relaxed);
     let (ship_from, welcome_next) = {
         let shim = shim.clone();
         match tokio::task::spawn_blocking(move || {
@@ -496,6 +530,8 @@ async fn session(
             Err(e) => return lost(true, format!("welcome task: {e}")),
         }
     };
+    // Only a Welcome that was believed says what the collector holds.
+    link.acked_seq.store(acked, std::sync::atomic::Ordering::Relaxed);
     info!(
         disk = %shim.inner().disk_id,
         collector = %cfg.addr,
@@ -548,11 +584,7 @@ struct Conn<'a> {
 
 impl Conn<'_> {
     /// Handle one frame from the collector.
-    async fn on_frame(
-        &mut self,
-        f: Frame,
-        wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    ) -> std::result::Result<(), SessionError> {
+    async fn on_frame(&mut self, f: Frame, wr: &mut Writer) -> std::result::Result<(), SessionError> {
         use std::sync::atomic::Ordering::Relaxed;
         let shim = self.shim;
         match f {
@@ -675,8 +707,8 @@ impl Conn<'_> {
 async fn stream_records(
     shim: &Shim,
     stop: &CancellationToken,
-    rd: FrameReader<OwnedReadHalf>,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    rd: FrameReader<Reader>,
+    wr: &mut Writer,
     acked: u64,
     ship_from: u64,
     welcome_next: u64,
@@ -798,7 +830,7 @@ impl Drop for Connection<'_> {
 /// (`try_recv`) before the next batch. The end of the stream closes the
 /// channel; dropping the guard stops the task.
 fn spawn_reader(
-    rd: FrameReader<OwnedReadHalf>,
+    rd: FrameReader<Reader>,
 ) -> (
     mpsc::Receiver<std::result::Result<Frame, ReadError>>,
     tokio_util::task::AbortOnDropHandle<()>,

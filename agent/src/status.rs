@@ -60,6 +60,8 @@ pub struct Status {
     /// Journal bytes the collector has not acknowledged.
     pub journal_backlog_bytes: u64,
     pub collector: Option<String>,
+    /// How the collector is reached (`tls (agent NAME)` or plaintext).
+    pub collector_security: Option<String>,
     pub collector_connected: bool,
     /// Why the collector refuses this disk's generation (a failover ended
     /// it); None while it is not fenced.
@@ -164,6 +166,7 @@ impl Status {
             compare_equal_bytes: l(&s.compare_equal_bytes),
             journal_backlog_bytes: core.journal.bytes_after(acked.max(core.journal.consumed_seq())),
             collector: inner.link.collector.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            collector_security: inner.link.security.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             collector_connected: inner.link.connected.load(Ordering::Relaxed),
             fenced: inner.link.fenced.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             target_applied_seq: inner.link.applied_seq.load(Ordering::Relaxed),

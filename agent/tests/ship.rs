@@ -50,6 +50,7 @@ fn cfg(dir: &Path, addr: String) -> ProtectConfig {
             addr,
             token: b"secret".to_vec(),
             force_resync: false,
+            security: tidemark_net::Security::Plaintext,
         }),
     }
 }

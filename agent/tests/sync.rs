@@ -38,6 +38,7 @@ fn cfg(dir: &Path, size: u64, cap: u64) -> ProtectConfig {
             addr: "127.0.0.1:9".into(),
             token: b"unused".to_vec(),
             force_resync: false,
+            security: tidemark_net::Security::Plaintext,
         }),
     }
 }

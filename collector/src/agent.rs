@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tidemark_net::{write_frame, FrameReader, ReadError, Refusal};
+use tidemark_net::{write_frame, FrameReader, PeerRole, ReadError, Reader, Refusal, Writer};
 use tidemark_wire::frame::{ErrorCode, Frame, Hello, Role, HELLO_FORCE_RESYNC, MAX_BODY, WELCOME_NEED_FULL_SYNC};
 use tidemark_wire::record::FLAG_FULL;
 use tidemark_wire::Record;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tracing::{debug, error, info, warn, Instrument};
@@ -24,8 +23,6 @@ use crate::state::{kib_permits, note_progress, synced_range, AgentLink, Disk, Ou
 use crate::{failpoint, forward, spool};
 use tidemark_formats::generation::GenerationId;
 
-/// Largest frame accepted before the Hello is checked.
-const HELLO_MAX_BODY: u32 = 16 << 10;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Acks the agent's kernel has not acknowledged for this long end the
 /// connection (TCP_USER_TIMEOUT), so a vanished agent host frees its disk
@@ -72,9 +69,15 @@ fn bind_failed(id: &str, e: &anyhow::Error) -> Refusal {
 }
 
 /// Tell the peer why, log one line, close.
-async fn refuse(shared: &Shared, wr: &mut OwnedWriteHalf, disk: Option<&str>, r: Refusal) {
+async fn refuse(shared: &Shared, wr: &mut Writer, disk: Option<&str>, r: Refusal) {
     shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-    warn!(disk = disk.unwrap_or("-"), code = %r.code, "refused an agent connection: {}", r.reason);
+    match disk {
+        Some(d) => warn!(disk = d, code = %r.code, "refused an agent connection: {}", r.reason),
+        // Before a Hello names a disk: anyone can provoke these.
+        None => shared
+            .refused_log
+            .warn(format_args!("refused an agent connection ({}): {}", r.code, r.reason)),
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), write_frame(wr, &error_frame(r.code, r.reason))).await;
     let _ = wr.shutdown().await;
 }
@@ -84,8 +87,26 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
         warn!("cannot set TCP_USER_TIMEOUT on an agent connection: {e}");
     }
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd, HELLO_MAX_BODY);
+    let conn = match shared.cfg.security.accept(stream).await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            shared
+                .refused_log
+                .warn(format_args!("refused an agent connection: {e}"));
+            return;
+        }
+    };
+    let (rd, mut wr) = (conn.reader, conn.writer);
+    let peer = conn.peer;
+    if let Some(p) = peer.as_ref().filter(|p| p.role != PeerRole::Agent) {
+        let r = Refusal::new(
+            ErrorCode::Forbidden,
+            format!("{p} cannot act as an agent: this collector takes only agent identities"),
+        );
+        return refuse(&shared, &mut wr, None, r).await;
+    }
+    let mut reader = FrameReader::new(rd, tidemark_net::HELLO_MAX_BODY);
     let first = tokio::select! {
         _ = shared.stop.cancelled() => return,
         r = tokio::time::timeout(HELLO_TIMEOUT, reader.next()) => r,
@@ -118,7 +139,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     tracing::Span::current().record("disk", tracing::field::display(&hello.disk_id));
     let conn = shared.next_conn_id();
     let (tx, rx) = mpsc::channel::<Out>(64);
-    let (disk, welcome) = match admit(&shared, &hello, conn, tx.clone()).await {
+    let (disk, welcome) = match admit(&shared, &hello, peer.as_ref(), conn, tx.clone()).await {
         Ok(x) => x,
         Err(r) => return refuse(&shared, &mut wr, Some(&hello.disk_id), r).await,
     };
@@ -163,6 +184,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
 async fn admit(
     shared: &Arc<Shared>,
     hello: &Hello,
+    peer: Option<&tidemark_net::Identity>,
     conn: u64,
     tx: mpsc::Sender<Out>,
 ) -> Result<(Arc<Disk>, (u64, u32)), Refusal> {
@@ -176,7 +198,41 @@ async fn admit(
     }
     let internal = |e: anyhow::Error| bind_failed(id, &e);
     let bind = BINDING.lock().await;
-    let (disk, old_spool) = bind_disk(shared, hello).await?;
+    // Over TLS, the agent identity acting for the disk; the first one
+    // registers it, and no other may act for it after.
+    let me = peer.map(ToString::to_string);
+    if let Some(d) = shared.disk(id) {
+        let owner = d.lock().owner.clone();
+        match (&owner, &me) {
+            (Some(o), Some(m)) if o != m => {
+                return Err(Refusal::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "disk {id} belongs to {o}, which registered it; this connection is {m}: a disk id is bound to \
+                         its agent's identity"
+                    ),
+                ))
+            }
+            (Some(o), None) => {
+                return Err(Refusal::new(
+                    ErrorCode::Forbidden,
+                    format!("disk {id} belongs to {o}; a plaintext connection cannot act for it"),
+                ))
+            }
+            (None, Some(m)) => {
+                let (s, id2, m2) = (shared.clone(), id.to_string(), m.clone());
+                tokio::task::spawn_blocking(move || s.catalog.set_owner(&id2, &m2))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r)
+                    .map_err(internal)?;
+                d.lock().owner = Some(m.clone());
+                info!(owner = %m, "disk bound to its agent's identity");
+            }
+            _ => {}
+        }
+    }
+    let (disk, old_spool) = bind_disk(shared, hello, me.as_deref()).await?;
     let (new_size, flags, acked) = {
         let mut st = disk.lock();
         if st.agent.is_some() {
@@ -185,8 +241,21 @@ async fn admit(
                 format!("disk {id} already has a live agent connection"),
             ));
         }
-        st.agent = Some(AgentLink { conn, tx });
         let new_size = (hello.disk_size != 0 && hello.disk_size != st.disk_size).then_some(hello.disk_size);
+        // A disk's size is its registration's: an agent's state directory
+        // is made for one size, so another size is another disk (a forced
+        // rebind registers it), never a later Hello's say-so.
+        if let Some(size) = new_size.filter(|_| st.disk_size != 0 && old_spool.is_none()) {
+            return Err(Refusal::new(
+                ErrorCode::DiskMismatch,
+                format!(
+                    "disk {id} is registered as {} bytes; this Hello says {size}: a disk of another size is protected \
+                     as a new disk (a new state directory, --force-resync)",
+                    st.disk_size
+                ),
+            ));
+        }
+        st.agent = Some(AgentLink { conn, tx });
         if let Some(size) = new_size {
             st.disk_size = size;
         }
@@ -230,7 +299,11 @@ async fn admit(
 /// folder, forwarder), or the bound one; a forced rebind to a new UUID
 /// also returns the old spool, to be dropped once the agent link is set.
 /// Called with BINDING held.
-async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Option<spool::OldSpool>), Refusal> {
+async fn bind_disk(
+    shared: &Arc<Shared>,
+    hello: &Hello,
+    owner: Option<&str>,
+) -> Result<(Arc<Disk>, Option<spool::OldSpool>), Refusal> {
     let id = &hello.disk_id;
     let internal = |e: anyhow::Error| bind_failed(id, &e);
     let disk = match shared.disk(id) {
@@ -251,11 +324,15 @@ async fn bind_disk(shared: &Arc<Shared>, hello: &Hello) -> Result<(Arc<Disk>, Op
                 disk_size: hello.disk_size,
                 lineage: hello.lineage,
                 fence: None,
+                owner: owner.map(str::to_string),
             };
             let s = shared.clone();
             let r = row.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 s.catalog.bind(&r.disk_id, &r.disk_uuid, false)?;
+                if let Some(o) = &r.owner {
+                    s.catalog.set_owner(&r.disk_id, o)?;
+                }
                 s.catalog.set_disk_size(&r.disk_id, r.disk_size)?;
                 s.catalog.set_lineage(&r.disk_id, &r.lineage)?;
                 if !r.pending_full_sync {
@@ -396,7 +473,7 @@ async fn session(
     shared: &Arc<Shared>,
     disk: &Arc<Disk>,
     tx: &mpsc::Sender<Out>,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut FrameReader<Reader>,
     (acked, flags): (u64, u32),
 ) -> Result<(), SessionEnd> {
     let generation = disk.lock().lineage.generation;
@@ -522,6 +599,15 @@ fn read_failure(e: ReadError) -> SessionEnd {
 
 /// Spool the records of a batch this disk does not hold yet; returns the
 /// highest seq now durable (what to acknowledge).
+/// Whether a record's range lies (partly) beyond a disk of `size` bytes
+/// (0: the size is not known).
+fn beyond(h: &tidemark_wire::RecordHeader, size: u64) -> bool {
+    use tidemark_wire::RecordKind::{Sync, Trim, Write, Zero};
+    size != 0
+        && matches!(h.kind, Write | Zero | Trim | Sync)
+        && h.offset.checked_add(h.length).is_none_or(|end| end > size)
+}
+
 async fn spool_batch(
     shared: &Arc<Shared>,
     disk: &Arc<Disk>,
@@ -535,14 +621,31 @@ async fn spool_batch(
         )));
     };
     let n = records.len() as u64;
-    let last = first + (n - 1);
-    let (held, uuid, binding, since) = {
+    let Some(last) = first.checked_add(n - 1) else {
+        return Err(SessionEnd::Refused(Refusal::new(
+            ErrorCode::Malformed,
+            format!("a batch of {n} records from seq {first} runs past the last seq"),
+        )));
+    };
+    let (held, uuid, binding, since, size) = {
         let st = disk.lock();
         if let Some(f) = &st.fence {
             return Err(SessionEnd::Refused(fenced(&disk.id, f)));
         }
-        (st.acked_seq, st.uuid, st.binding, st.full_sync_since)
+        (st.acked_seq, st.uuid, st.binding, st.full_sync_since, st.disk_size)
     };
+    // This is the first hop that knows the disk's size: a record beyond it
+    // could never be applied (it would wedge the disk at the target).
+    if let Some(r) = records.iter().find(|r| beyond(&r.header, size)) {
+        let h = &r.header;
+        return Err(SessionEnd::Refused(Refusal::new(
+            ErrorCode::Malformed,
+            format!(
+                "seq {}: a {:?} record of {} bytes at offset {} lies beyond the disk's {size} bytes",
+                h.seq, h.kind, h.length, h.offset
+            ),
+        )));
+    }
     if last <= held {
         shared.counters.duplicates_dropped.fetch_add(n, Ordering::Relaxed);
         return Ok(held);
@@ -641,7 +744,7 @@ async fn spool_batch(
 }
 
 /// Write frames for one agent connection, in order; stops after an Error frame.
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
+async fn write_loop(mut wr: Writer, mut rx: mpsc::Receiver<Out>) {
     while let Some(out) = rx.recv().await {
         let last = matches!(out.frame, Frame::Error { .. });
         if let Err(e) = write_frame(&mut wr, &out.frame).await {

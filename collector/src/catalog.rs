@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS resync_requests(
     ALTER TABLE disks ADD COLUMN fenced_reason TEXT;
     ALTER TABLE disks ADD COLUMN fenced_at INTEGER;
     ALTER TABLE disks ADD COLUMN fenced_spool TEXT;",
+    // 3: the agent identity (its certificate's, `agent NAME`) that
+    // registered the disk: no other identity may act for it.
+    "ALTER TABLE disks ADD COLUMN owner TEXT;",
 ];
 
 /// A failover ended this generation of the disk: its agent is refused and
@@ -86,6 +89,9 @@ pub(crate) struct DiskRow {
     /// The data generation its agent holds (default: not known yet).
     pub lineage: Lineage,
     pub fence: Option<Fence>,
+    /// The agent identity bound to the disk (None: registered over
+    /// plaintext, or before identities existed).
+    pub owner: Option<String>,
 }
 
 /// A resync owed to an agent.
@@ -181,7 +187,7 @@ impl Catalog {
         let c = self.conn();
         let mut st = c.prepare(
             "SELECT disk_id, disk_uuid, trimmed_seq, pending_full_sync, full_sync_since, force_target, disk_size,
-                    generations, fenced_generation, fenced_reason, fenced_at, fenced_spool
+                    generations, fenced_generation, fenced_reason, fenced_at, fenced_spool, owner
              FROM disks ORDER BY disk_id",
         )?;
         let rows = st.query_map([], |r| {
@@ -202,11 +208,12 @@ impl Catalog {
                     r.get::<_, Option<i64>>(10)?,
                     r.get::<_, Option<String>>(11)?,
                 ),
+                r.get::<_, Option<String>>(12)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let ((disk_id, uuid, trimmed, pending, since, force, size), gens, (fg, reason, at, spool)) = row?;
+            let ((disk_id, uuid, trimmed, pending, since, force, size), gens, (fg, reason, at, spool), owner) = row?;
             let disk_id = DiskId::parse(&disk_id).context("catalog")?;
             let disk_uuid =
                 parse_uuid(&uuid).with_context(|| format!("catalog: disk {disk_id} has a bad uuid {uuid:?}"))?;
@@ -240,9 +247,19 @@ impl Catalog {
                 disk_size: to_u64(size),
                 lineage,
                 fence,
+                owner,
             });
         }
         Ok(out)
+    }
+
+    /// Bind the disk to the agent identity that registered it.
+    pub(crate) fn set_owner(&self, disk_id: &str, owner: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE disks SET owner = ?2 WHERE disk_id = ?1",
+            params![disk_id, owner],
+        )?;
+        Ok(())
     }
 
     /// Record the data generation the disk's agent holds.

@@ -28,6 +28,11 @@ pub struct Config {
     pub window_blocks: u32,
     /// zstd level for packed batches.
     pub zstd_level: i32,
+    /// Mutual TLS with the collector's identity, on both sides (agents
+    /// present agent certificates; the target must hold a target one), or
+    /// plaintext. `main.rs` asks for an explicit choice; this default is
+    /// plaintext.
+    pub security: tidemark_net::Security,
 }
 
 impl Config {
@@ -50,6 +55,7 @@ impl Config {
             max_in_flight: 16 << 20,
             window_blocks: tidemark_wire::pack::DEFAULT_WINDOW_BLOCKS,
             zstd_level: 3,
+            security: tidemark_net::Security::Plaintext,
         }
     }
 }
@@ -58,6 +64,7 @@ impl Config {
 /// an error.
 pub fn read_token(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     use anyhow::Context;
+    tidemark_net::tls::private_file(path).map_err(anyhow::Error::msg)?;
     let raw = std::fs::read(path).with_context(|| format!("read token file {}", path.display()))?;
     let t = raw.trim_ascii();
     if t.is_empty() {
@@ -82,6 +89,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t");
         std::fs::write(&p, " \n s3cret \t\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_token(&p).unwrap_err().to_string();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_token(&p).unwrap(), b"s3cret");
         std::fs::write(&p, " \n\t").unwrap();
         assert!(read_token(&p).unwrap_err().to_string().contains("empty"));

@@ -13,14 +13,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tidemark_formats::generation::GenerationId;
 use tidemark_formats::spool as fmt;
-use tidemark_net::{write_frame, FrameReader};
+use tidemark_net::{write_frame, FrameReader, PeerRole, Reader, Writer};
 use tidemark_wire::frame::{
     ErrorCode, Frame, Hello, Request, Role, HELLO_FORCE_RESYNC, PACKED_GAP, PROTOCOL_VERSION, WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{PackStats, Packer};
 use tidemark_wire::Record;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -253,7 +252,13 @@ async fn session(
     if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
         warn!("cannot set TCP_USER_TIMEOUT on the target connection: {e}");
     }
-    let (rd, mut wr) = stream.into_split();
+    let conn = shared
+        .cfg
+        .security
+        .connect(stream, PeerRole::Target, None)
+        .await
+        .map_err(|e| anyhow!("{}: {e}", shared.cfg.target))?;
+    let (rd, mut wr) = (conn.reader, conn.writer);
     let mut rd = FrameReader::new(rd, TARGET_MAX_BODY);
     let (uuid, force, disk_size, lineage) = {
         let st = disk.lock();
@@ -301,6 +306,18 @@ async fn session(
         Some(other) => bail!("expected a welcome from the target, got {other:?}"),
         None => bail!("the target closed the connection before its welcome"),
     };
+    // A target never applied what this collector never held (everything it
+    // sent, it held): a Welcome beyond that is a peer not to be believed,
+    // and trims nothing (issue 14: a fake target must not make the spool
+    // drop acknowledged writes).
+    let held = disk.lock().acked_seq;
+    if applied > held {
+        bail!(
+            "the target claims seq {applied} applied, beyond anything this collector holds or sent (seq {held}): \
+             not trimming the spool on its word; is {} the disk's target?",
+            shared.cfg.target
+        );
+    }
     *welcomed = true;
     {
         let mut st = disk.lock();
@@ -377,7 +394,7 @@ async fn read_loop(
     disk: &Arc<Disk>,
     binding: u64,
     inflight: &InFlight,
-    rd: &mut FrameReader<OwnedReadHalf>,
+    rd: &mut FrameReader<Reader>,
     answers: &tokio::sync::mpsc::UnboundedSender<Frame>,
 ) -> Result<()> {
     loop {
@@ -475,7 +492,7 @@ async fn send_loop(
     rebound: &CancellationToken,
     ended: &CancellationToken,
     inflight: &InFlight,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wr: &mut Writer,
     applied: u64,
     to_send: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>,
 ) -> Result<()> {

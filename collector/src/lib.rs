@@ -140,8 +140,15 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
         target = %cfg.target,
         spool = %cfg.spool.display(),
         spool_cap = %tidemark_util::human::format_size(cfg.spool_cap),
+        security = %cfg.security.describe(),
         "collector serving"
     );
+    if !cfg.security.is_tls() {
+        tracing::warn!(
+            "--insecure-plaintext: agents and the target are not authenticated but for the token, and every byte \
+             crosses in clear text"
+        );
+    }
     Ok(Running {
         listen_addr,
         api_addr,

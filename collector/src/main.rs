@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
     version,
     about = "Tidemark collector: receive change streams from agents, spool them durably, forward them packed to the target",
     override_usage = "tidemark-collector --listen HOST:PORT --spool DIR --target HOST:PORT --api HOST:PORT \
-                      --token-file FILE [OPTIONS]\n       \
+                      --token-file FILE (--tls DIR | --insecure-plaintext) [OPTIONS]\n       \
                       tidemark-collector --config FILE [OPTIONS]",
-    after_help = "--listen, --spool, --target, --api and --token-file are required unless the --config file \
-                  gives them.\n\n\
+    after_help = "--listen, --spool, --target, --api, --token-file and --tls (or --insecure-plaintext) are required \
+                  unless the --config file gives them.\n\n\
                   Examples:\n  \
                   tidemark-collector --listen 0.0.0.0:7700 --spool /srv/tidemark/spool --target dr.example:7800 \\\n      \
-                  --api 127.0.0.1:7780 --token-file /etc/tidemark/token --spool-cap 64G\n  \
+                  --api 127.0.0.1:7780 --token-file /etc/tidemark/token --tls /etc/tidemark/tls --spool-cap 64G\n  \
                   tidemark-collector --config /etc/tidemark/collector.toml"
 )]
 struct Cli {
@@ -47,6 +47,15 @@ struct Cli {
     /// Spool size at which agents are no longer read (e.g. 8G; default 8G).
     #[arg(long)]
     spool_cap: Option<String>,
+    /// The collector's identity folder (`tidemark ca issue --role
+    /// collector`): agents connect over mutual TLS with agent certificates
+    /// of the same CA, and the target must hold a target certificate.
+    #[arg(long, value_name = "DIR")]
+    tls: Option<PathBuf>,
+    /// Both hops in clear text, unauthenticated but for the token (said in
+    /// status and logs).
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -59,6 +68,8 @@ struct FileConfig {
     api: Option<String>,
     token_file: Option<PathBuf>,
     spool_cap: Option<String>,
+    tls: Option<PathBuf>,
+    insecure_plaintext: bool,
 }
 
 fn build(cli: Cli) -> Result<Config> {
@@ -87,6 +98,12 @@ fn build(cli: Cli) -> Result<Config> {
     if cfg.spool_cap == 0 {
         anyhow::bail!("--spool-cap must be more than 0");
     }
+    cfg.security = tidemark_net::Security::from_flags(
+        cli.tls.or(file.tls).as_deref(),
+        cli.insecure_plaintext || file.insecure_plaintext,
+        tidemark_net::PeerRole::Collector,
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
 
@@ -126,12 +143,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let tok = d.path().join("token");
         std::fs::write(&tok, "t\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
         let conf = d.path().join("c.toml");
         std::fs::write(
             &conf,
             format!(
                 "listen = \"127.0.0.1:7700\"\nspool = \"/srv/spool\"\ntarget = \"dr:7800\"\napi = \"127.0.0.1:7780\"\n\
-                 token_file = \"{}\"\nspool_cap = \"2G\"\n",
+                 token_file = \"{}\"\nspool_cap = \"2G\"\ninsecure_plaintext = true\n",
                 tok.display()
             ),
         )

@@ -77,6 +77,8 @@ pub(crate) struct DiskState {
     pub spool_bytes: u64,
     pub agent: Option<AgentLink>,
     pub target_connected: bool,
+    /// The agent identity the disk is bound to (None: not over TLS).
+    pub owner: Option<String>,
     /// Why the target refused this disk's last Hello (a divergence, another
     /// generation, a disk mismatch), with what waits here for it; cleared
     /// by its next Welcome.
@@ -235,6 +237,8 @@ pub(crate) struct Shared {
     /// Permits are KiB of [`MEMORY_BUDGET`].
     pub memory: Semaphore,
     pub counters: Counters,
+    /// Refused connections and failed handshakes: logged at a bounded rate.
+    pub refused_log: tidemark_util::ratelog::RateLimitedLog,
     next_conn: AtomicU64,
     /// Nonces for `Request::StatusNow` (never 0: that marks a periodic report).
     next_nonce: AtomicU64,
@@ -262,6 +266,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             memory: Semaphore::new(usize::try_from(MEMORY_BUDGET / 1024).unwrap_or(usize::MAX)),
             counters: Counters::default(),
+            refused_log: Default::default(),
             next_conn: AtomicU64::new(1),
             // Unlikely to repeat a nonce of an earlier run that an agent
             // could still be answering.
@@ -330,6 +335,7 @@ impl Shared {
                 disk_size: row.disk_size,
                 lineage: row.lineage,
                 fence: row.fence.clone(),
+                owner: row.owner.clone(),
                 owed_resyncs: Vec::new(),
                 nonce_waiters: Vec::new(),
             }),
@@ -487,6 +493,8 @@ impl Shared {
             "spool_full": self.is_spool_full(),
             "agents_connected": self.agents_connected.load(Ordering::Relaxed),
             "uptime_s": self.started.elapsed().as_secs(),
+            "security": self.cfg.security.describe(),
+            "tls": self.cfg.security.is_tls(),
         })
     }
 
@@ -571,6 +579,7 @@ impl Shared {
                 "agent_connected": agent_connected,
                 "target_connected": st.target_connected,
                 "target_refusal": st.target_refusal,
+                "owner": st.owner,
                 "spool_bytes": st.spool_bytes,
                 "generation": st.lineage.is_known().then(|| GenerationId(st.lineage.generation).hex()),
                 "fenced": st.fence.as_ref().map(|f| json!({

@@ -17,12 +17,16 @@ fn free_port() -> String {
 fn spawn(spool: &std::path::Path, listen: &str, failpoints: Option<&str>) -> Child {
     let token = spool.parent().unwrap().join("token");
     std::fs::write(&token, "  tok\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_tidemark-collector"));
     c.args(["--listen", listen, "--target", &free_port(), "--api", &free_port()])
         .arg("--spool")
         .arg(spool)
         .arg("--token-file")
         .arg(&token)
+        // This test speaks frames itself.
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     match failpoints {

@@ -109,6 +109,10 @@ pub struct Config {
     /// Where to serve `GET /metrics` (HOST:PORT); None: only the control
     /// socket's `metrics` op.
     pub metrics_listen: Option<String>,
+    /// Mutual TLS with the target's identity (collectors must present
+    /// collector certificates of its CA), or plaintext. The binary asks for
+    /// an explicit choice; this default is plaintext.
+    pub security: tidemark_net::Security,
 }
 
 impl Config {
@@ -125,6 +129,7 @@ impl Config {
             format: replica::ReplicaFormat::Raw,
             segment_bytes: retention::DEFAULT_SEGMENT_BYTES,
             metrics_listen: None,
+            security: tidemark_net::Security::Plaintext,
         }
     }
 }
@@ -207,7 +212,15 @@ impl Target {
     /// let each connection finish the batch it is applying, and return.
     pub async fn serve(self, stop: CancellationToken) -> Result<()> {
         let addr = self.local_addr()?;
-        info!(listen = %addr, data = %self.shared.cfg.data_dir.display(), "serving");
+        info!(
+            listen = %addr,
+            data = %self.shared.cfg.data_dir.display(),
+            security = %self.shared.cfg.security.describe(),
+            "serving"
+        );
+        if !self.shared.cfg.security.is_tls() {
+            warn!("--insecure-plaintext: collectors connect unauthenticated but for the token, and everything crosses in clear text");
+        }
         let mut conns = JoinSet::new();
         let control = tokio::spawn(control::serve(self.control, self.shared.clone(), stop.clone()));
         let metrics = self.metrics.map(|l| {

@@ -16,13 +16,15 @@ use tokio_util::sync::CancellationToken;
     name = "tidemark-target",
     version,
     about = "Tidemark target: apply replicated disk streams to replicas (raw or VMDK)",
-    override_usage = "tidemark-target --listen HOST:PORT --data DIR --token-file FILE [OPTIONS]\n       \
+    override_usage = "tidemark-target --listen HOST:PORT --data DIR --token-file FILE (--tls DIR | --insecure-plaintext) [OPTIONS]\n       \
                       tidemark-target --config FILE [OPTIONS]",
-    after_help = "--listen, --data and --token-file are required unless the --config file gives them.\n\n\
+    after_help = "--listen, --data, --token-file and --tls (or --insecure-plaintext) are required unless the --config file \
+                  gives them.\n\n\
                   Examples:\n  \
-                  tidemark-target --listen 0.0.0.0:7800 --data /srv/tidemark/data --token-file /etc/tidemark/token\n  \
+                  tidemark-target --listen 0.0.0.0:7800 --data /srv/tidemark/data --token-file /etc/tidemark/token \
+                  --tls /etc/tidemark/tls\n  \
                   tidemark-target --listen 0.0.0.0:7800 --data /srv/tidemark/data --token-file /etc/tidemark/token \\\n      \
-                  --retention-window 72h --retention-max 500G --on-full prune\n  \
+                  --tls /etc/tidemark/tls --retention-window 72h --retention-max 500G --on-full prune\n  \
                   tidemark-target --config /etc/tidemark/target.toml"
 )]
 struct Cli {
@@ -60,6 +62,15 @@ struct Cli {
     /// through the control socket's `metrics` op).
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// The target's identity folder (`tidemark ca issue --role target`):
+    /// collectors connect over mutual TLS with collector certificates of
+    /// the same CA.
+    #[arg(long, value_name = "DIR")]
+    tls: Option<PathBuf>,
+    /// Take collector connections in clear text, unauthenticated but for
+    /// the token (say so in status and logs).
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -75,9 +86,12 @@ struct FileConfig {
     point_interval: Option<String>,
     format: Option<String>,
     metrics: Option<String>,
+    tls: Option<PathBuf>,
+    insecure_plaintext: bool,
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>> {
+    tidemark_net::tls::private_file(path).map_err(anyhow::Error::msg)?;
     let raw = std::fs::read(path).with_context(|| format!("read token file {}", path.display()))?;
     let token = raw.trim_ascii();
     if token.is_empty() {
@@ -124,6 +138,12 @@ fn build(cli: Cli) -> Result<Config> {
         cfg.format = f.parse().map_err(|e| anyhow::anyhow!("--format: {e}"))?;
     }
     cfg.metrics_listen = cli.metrics.or(file.metrics);
+    cfg.security = tidemark_net::Security::from_flags(
+        cli.tls.or(file.tls).as_deref(),
+        cli.insecure_plaintext || file.insecure_plaintext,
+        tidemark_net::PeerRole::Target,
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
 
@@ -165,11 +185,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let tok = d.path().join("token");
         std::fs::write(&tok, "t").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
         let conf = d.path().join("t.toml");
         std::fs::write(
             &conf,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata = \"/x\"\ntoken_file = {:?}\nretention_window = \"2h\"\non_full = \"stop\"\n",
+                "listen = \"127.0.0.1:0\"\ndata = \"/x\"\ntoken_file = {:?}\nretention_window = \"2h\"\non_full = \"stop\"\n\
+                 insecure_plaintext = true\n",
                 tok.display().to_string()
             ),
         )
@@ -198,6 +221,18 @@ mod tests {
         std::fs::write(&conf, text).unwrap();
         let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap()]);
         assert_eq!(build(cli).unwrap().format, ReplicaFormat::VmdkFlat);
+        assert!(!build(Cli::parse_from(["t", "--config", conf.to_str().unwrap()]))
+            .unwrap()
+            .security
+            .is_tls());
+        // Neither TLS nor plaintext: the choice is the operator's to make.
+        let plain = std::fs::read_to_string(&conf)
+            .unwrap()
+            .replace("insecure_plaintext = true\n", "");
+        let bare = d.path().join("bare.toml");
+        std::fs::write(&bare, plain).unwrap();
+        let e = build(Cli::parse_from(["t", "--config", bare.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("--insecure-plaintext"), "{e}");
         let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap(), "--on-full", "maybe"]);
         assert!(build(cli).unwrap_err().to_string().contains("prune or stop"));
         std::fs::write(&conf, "retention = 3\n").unwrap();
@@ -210,6 +245,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("token");
         std::fs::write(&p, "  s3cret \n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(read_token(&p).unwrap_err().to_string().contains("mode 0640"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_token(&p).unwrap(), b"s3cret");
         std::fs::write(&p, " \n\t").unwrap();
         assert!(read_token(&p).unwrap_err().to_string().contains("empty"));

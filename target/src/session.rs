@@ -14,14 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidemark_formats::generation::{GenerationId, History};
-use tidemark_net::{kib_permits, write_frame, FrameReader, ReadError, WriteError};
+use tidemark_net::{kib_permits, write_frame, FrameReader, PeerRole, ReadError, WriteError, Writer};
 use tidemark_wire::frame::{
     ErrorCode, Frame, Lineage, ReplicaState, Request, Role, TargetState, HELLO_FORCE_RESYNC, MAX_BODY, PACKED_GAP,
     WELCOME_NEED_FULL_SYNC,
 };
 use tidemark_wire::pack::{PackedBatch, Unpacker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -121,6 +120,8 @@ pub(crate) struct Shared {
     /// Per disk: batches, records and apply time since start (metrics).
     pub stats: crate::metrics::Stats,
     pub started: Instant,
+    /// Refused connections and failed handshakes: logged at a bounded rate.
+    pub refused_log: tidemark_util::ratelog::RateLimitedLog,
 }
 
 impl Shared {
@@ -134,6 +135,7 @@ impl Shared {
             failed_over: Default::default(),
             apply_locks: Default::default(),
             stats: Default::default(),
+            refused_log: Default::default(),
             started: Instant::now(),
         }
     }
@@ -255,7 +257,7 @@ impl From<ReadError> for End {
     }
 }
 
-async fn send(w: &mut OwnedWriteHalf, f: &Frame) -> Result<(), End> {
+async fn send(w: &mut Writer, f: &Frame) -> Result<(), End> {
     match tokio::time::timeout(WRITE_TIMEOUT, write_frame(w, f)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(WriteError::Encode(e))) => Err(refuse(ErrorCode::Internal, format!("cannot encode a reply: {}", e.msg))),
@@ -281,8 +283,33 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
         if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
             debug!("TCP_USER_TIMEOUT not set: {e}");
         }
-        let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd, MAX_BODY).with_budget(shared.memory.frames.clone(), FRAME_BUDGET);
+        let conn = match shared.cfg.security.accept(stream).await {
+            Ok(c) => c,
+            Err(e) => {
+                shared.refused_log.warn(format_args!("connection refused: {e}"));
+                return;
+            }
+        };
+        let (rd, mut wr) = (conn.reader, conn.writer);
+        if let Some(peer) = conn.peer.as_ref().filter(|p| p.role != PeerRole::Collector) {
+            let reason = format!("{peer} cannot act as a collector: this target takes only collector identities");
+            shared.refused_log.warn(format_args!("refused: {reason}"));
+            let _ = send(
+                &mut wr,
+                &Frame::Error {
+                    code: ErrorCode::Forbidden,
+                    reason,
+                },
+            )
+            .await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+        // Until the Hello is checked, a frame may hold 16 KiB of the budget,
+        // not a batch's 40 MiB (an unauthenticated header must not stall
+        // every disk's replication).
+        let mut reader =
+            FrameReader::new(rd, tidemark_net::HELLO_MAX_BODY).with_budget(shared.memory.frames.clone(), FRAME_BUDGET);
         match session(&mut reader, &mut wr, &shared, &stop).await {
             Ok(Some(why)) => info!("connection closed: {why}"),
             // A port probe (readiness checks): not worth a line.
@@ -720,7 +747,7 @@ fn greeting(work: &Work) -> Greeting {
 /// and failover) and repeat every request still owed. Returns the state
 /// reported and the drains' probe channel.
 async fn greet(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut Writer,
     shared: &Arc<Shared>,
     id: &str,
     g: Greeting,
@@ -767,13 +794,14 @@ async fn greet(
 
 async fn session<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    wr: &mut OwnedWriteHalf,
+    wr: &mut Writer,
     shared: &Arc<Shared>,
     stop: &CancellationToken,
 ) -> Result<Option<String>, End> {
     let Some((mut work, _live)) = admit(reader, shared, stop).await? else {
         return Ok(None);
     };
+    reader.set_max_body(MAX_BODY);
     let id = work.disk_id.clone();
     // The line this session applies (for the refusal once it is failed over).
     let line = Lineage {
@@ -891,7 +919,7 @@ async fn apply_batch(
     id: &str,
     mut work: Box<Work>,
     p: PackedBatch,
-    wr: &mut OwnedWriteHalf,
+    wr: &mut Writer,
     tick: &mut tokio::time::Interval,
     last: TargetState,
 ) -> Result<(Box<Work>, Result<Outcome>), End> {
@@ -955,7 +983,7 @@ async fn apply_batch(
 
 /// Acknowledge an applied batch, ask for what it showed to be missing, and
 /// report the disk's state if it changed.
-async fn report(wr: &mut OwnedWriteHalf, o: &Outcome, last: &TargetState) -> Result<(), End> {
+async fn report(wr: &mut Writer, o: &Outcome, last: &TargetState) -> Result<(), End> {
     fail::fail_point!("target-before-ack", |_| Err(End::Close(
         "failpoint target-before-ack".into()
     )));

@@ -13,11 +13,15 @@ use common::*;
 fn spawn(dir: &std::path::Path, failpoints: &str) -> (Child, SocketAddr) {
     let token = dir.join("token");
     std::fs::write(&token, "\n s3cret \n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark-target"))
         .args(["--listen", "127.0.0.1:0", "--data"])
         .arg(dir.join("data"))
         .arg("--token-file")
         .arg(&token)
+        // This test speaks frames itself.
+        .arg("--insecure-plaintext")
         .current_dir(dir)
         .env("FAILPOINTS", failpoints)
         .env("RUST_LOG", "info")

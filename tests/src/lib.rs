@@ -478,6 +478,52 @@ impl Drop for Service {
     }
 }
 
+/// Write a secret file (a token) its owner alone may read, as the
+/// services require.
+pub fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write a secret file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}
+
+/// The test deployment's CA (made once, in `dir/pki/ca`) and an identity
+/// of it, `name` as `role` (issued once, into `dir/pki/ROLE-NAME`): the
+/// folder a service's `--tls` takes. Every service of a test under `dir`
+/// trusts the same CA, as one deployment's do.
+pub fn tls_identity(dir: &Path, role: &str, name: &str) -> PathBuf {
+    let pki = dir.join("pki");
+    let ca = pki.join("ca");
+    if !ca.join("ca.pem").exists() {
+        std::fs::create_dir_all(&pki).expect("pki folder");
+        run_ok(
+            Command::new(bin("tidemark")).args(["ca", "init", "--dir"]).arg(&ca),
+            Duration::from_secs(60),
+        );
+    }
+    let out = pki.join(format!("{role}-{name}"));
+    if !out.join("cert.pem").exists() {
+        run_ok(
+            Command::new(bin("tidemark"))
+                .args(["ca", "issue", "--ca"])
+                .arg(&ca)
+                .args([name, "--role", role, "--out"])
+                .arg(&out),
+            Duration::from_secs(60),
+        );
+    }
+    out
+}
+
+/// `--tls` with the test identity `name` as `role`, or
+/// `--insecure-plaintext`.
+fn security_flags(dir: &Path, role: &str, name: &str, plaintext: bool) -> Vec<String> {
+    if plaintext {
+        vec!["--insecure-plaintext".into()]
+    } else {
+        vec!["--tls".into(), tls_identity(dir, role, name).display().to_string()]
+    }
+}
+
 /// A target and a collector on loopback, sharing one token, under `dir`.
 pub struct Site {
     pub dir: PathBuf,
@@ -487,6 +533,9 @@ pub struct Site {
     pub target_port: u16,
     pub collector_port: u16,
     pub api_port: u16,
+    /// Started with --insecure-plaintext (tests that speak the wire
+    /// format to the listeners themselves); else mutual TLS.
+    pub plaintext: bool,
 }
 
 impl Site {
@@ -499,10 +548,22 @@ impl Site {
     /// As [`Site::start`], with `target_extra` flags for the target too
     /// (e.g. `--retention-window 10s`, `--format vmdk-flat`).
     pub fn start_with(dir: &Path, target_extra: &[&str], collector_extra: &[&str]) -> Site {
+        Self::start_secured(dir, target_extra, collector_extra, false)
+    }
+
+    /// As [`Site::start`], but both hops in clear text
+    /// (`--insecure-plaintext`): for tests that send hand-made frames to
+    /// the listeners (bad Hellos, truncated frames), which TLS would turn
+    /// away before a frame is read. Its agents ship in clear text too.
+    pub fn start_plaintext(dir: &Path, collector_extra: &[&str]) -> Site {
+        Self::start_secured(dir, &[], collector_extra, true)
+    }
+
+    fn start_secured(dir: &Path, target_extra: &[&str], collector_extra: &[&str], plaintext: bool) -> Site {
         let token_file = dir.join("token");
-        std::fs::write(&token_file, "test-secret-token\n").expect("token");
+        write_secret(&token_file, "test-secret-token\n");
         let (target_port, collector_port, api_port) = (free_port(), free_port(), free_port());
-        let mut targs = Self::target_args(dir, &token_file, target_port);
+        let mut targs = Self::target_args(dir, &token_file, target_port, plaintext);
         targs.extend(target_extra.iter().map(|s| s.to_string()));
         let target = Service::start("tidemark-target", &targs, &dir.join("target.log"), target_port);
         let mut cargs = vec![
@@ -517,6 +578,7 @@ impl Site {
             "--token-file".into(),
             token_file.display().to_string(),
         ];
+        cargs.extend(security_flags(dir, "collector", "c", plaintext));
         cargs.extend(collector_extra.iter().map(|s| s.to_string()));
         let collector = Service::start("tidemark-collector", &cargs, &dir.join("collector.log"), api_port);
         Site {
@@ -527,21 +589,25 @@ impl Site {
             target_port,
             collector_port,
             api_port,
+            plaintext,
         }
     }
 
-    fn target_args(dir: &Path, token: &Path, port: u16) -> Vec<String> {
-        vec![
+    fn target_args(dir: &Path, token: &Path, port: u16, plaintext: bool) -> Vec<String> {
+        let mut v = vec![
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--data".into(),
             dir.join("data").display().to_string(),
             "--token-file".into(),
             token.display().to_string(),
-        ]
+        ];
+        v.extend(security_flags(dir, "target", "t", plaintext));
+        v
     }
 
-    /// Agent flags that ship to this site's collector.
+    /// Agent flags that ship to this site's collector (over mutual TLS,
+    /// with the test's agent identity).
     pub fn agent_flags(&self) -> Vec<String> {
         vec![
             "--collector".into(),
@@ -549,6 +615,9 @@ impl Site {
             "--token-file".into(),
             self.token_file.display().to_string(),
         ]
+        .into_iter()
+        .chain(security_flags(&self.dir, "agent", "a", self.plaintext))
+        .collect()
     }
 
     /// The collector's API address.

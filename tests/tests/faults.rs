@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tidemark_tests::{assert_identical, assert_replay_matches, bin, need_tool, run, run_ok, sparse_file, Agent};
+use tidemark_tests::{
+    assert_identical, assert_replay_matches, bin, need_tool, run, run_ok, sparse_file, write_secret, Agent,
+};
 
 // ---------------------------------------------------------------------------
 // A minimal NBD client over a Unix socket: fixed newstyle, NBD_OPT_GO,
@@ -1314,7 +1316,7 @@ fn cli_and_state_errors_are_clear() {
     // --bench-consume recycles unacknowledged journal segments: refused
     // with a collector, before anything is created.
     let token = d.join("token");
-    fs::write(&token, "secret\n").expect("write token");
+    write_secret(&token, "secret\n");
     let out = agent_protect(&[
         "--disk",
         s(&new_disk),
@@ -1328,6 +1330,7 @@ fn cli_and_state_errors_are_clear() {
         "127.0.0.1:9",
         "--token-file",
         s(&token),
+        "--insecure-plaintext",
         "--bench-consume",
     ]);
     expect_fail(

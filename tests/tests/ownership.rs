@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use tidemark_tests::pipe::{s, tmpdir};
-use tidemark_tests::{bin, free_port, run, run_ok, sparse_file, wait_for_path, Agent, Service, Site};
+use tidemark_tests::{bin, free_port, run, run_ok, sparse_file, wait_for_path, write_secret, Agent, Service, Site};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -40,7 +40,15 @@ fn refused(out: &Output, needles: &[&str], what: &str) -> String {
 }
 
 fn target_args<'a>(port: &'a str, data: &'a str, token: &'a str) -> Vec<&'a str> {
-    vec!["--listen", port, "--data", data, "--token-file", token]
+    vec![
+        "--listen",
+        port,
+        "--data",
+        data,
+        "--token-file",
+        token,
+        "--insecure-plaintext",
+    ]
 }
 
 fn collector_args<'a>(listen: &'a str, spool: &'a str, api: &'a str, token: &'a str) -> Vec<&'a str> {
@@ -55,6 +63,7 @@ fn collector_args<'a>(listen: &'a str, spool: &'a str, api: &'a str, token: &'a 
         api,
         "--token-file",
         token,
+        "--insecure-plaintext",
     ]
 }
 
@@ -71,7 +80,7 @@ fn listing(dir: &Path) -> Vec<String> {
 
 fn token(d: &Path) -> String {
     let p = d.join("token");
-    fs::write(&p, "secret\n").unwrap();
+    write_secret(&p, "secret\n");
     p.display().to_string()
 }
 
@@ -391,7 +400,7 @@ fn collector_config_file() {
     let conf = d.join("collector.toml");
     let text = format!(
         "listen = \"127.0.0.1:{listen}\"\nspool = \"{}\"\ntarget = \"127.0.0.1:9\"\napi = \"127.0.0.1:1\"\n\
-         token_file = \"{tok}\"\nspool_cap = \"1G\"\n",
+         token_file = \"{tok}\"\nspool_cap = \"1G\"\ninsecure_plaintext = true\n",
         spool.display()
     );
     fs::write(&conf, format!("{text}spool_capp = \"2G\"\n")).unwrap();

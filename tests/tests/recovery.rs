@@ -289,6 +289,10 @@ fn mount_serves_views_and_cleans_up() {
     );
     assert_eq!(fs::read(mnt.join("sub/f3")).unwrap().len(), 21_003);
     assert!(fs::write(mnt.join("new"), "x").is_err(), "read-only mount took a write");
+    let opts = mount_options(&mnt);
+    for o in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(opts.contains(&o.to_string()), "{o} missing: {opts:?}");
+    }
     m.stop_removing_socket();
     nothing_left(&mnt);
     assert_eq!(sha(&img), before);
@@ -297,6 +301,20 @@ fn mount_serves_views_and_cleans_up() {
     let m = Mount::start(&["--image", s(&img), "--writable", "--mountpoint", s(&mnt)], &sock);
     fs::write(mnt.join("drill.txt"), "drill").unwrap();
     fs::remove_file(mnt.join("hello.txt")).unwrap();
+    // The recovered filesystem's programs, setuid or not, do not run here.
+    let opts = mount_options(&mnt);
+    for o in ["nosuid", "nodev", "noexec"] {
+        assert!(opts.contains(&o.to_string()), "{o} missing: {opts:?}");
+    }
+    let prog = mnt.join("setuid.sh");
+    fs::write(&prog, "#!/bin/sh\necho ran\n").unwrap();
+    fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let e = Command::new(&prog).output();
+    assert!(
+        e.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied),
+        "a program on the recovered filesystem ran: {e:?}"
+    );
     assert_eq!(fs::read_to_string(mnt.join("drill.txt")).unwrap(), "drill");
     m.stop_removing_socket();
     nothing_left(&mnt);
@@ -506,4 +524,16 @@ fn mounted_points_and_app_consistent_tags() {
     nothing_left(&vm);
     assert_eq!(sha(&site.replica("pfs")), replica_before);
     a.stop();
+}
+
+/// The options `mountpoint` is mounted with (from /proc/self/mounts).
+fn mount_options(mountpoint: &Path) -> Vec<String> {
+    let want = fs::canonicalize(mountpoint).unwrap();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .rfind(|f| f.len() > 3 && Path::new(f[1]) == want)
+        .map(|f| f[3].split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| panic!("{} is not mounted: {mounts}", want.display()))
 }

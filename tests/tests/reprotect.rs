@@ -46,6 +46,8 @@ impl Back {
             format!("127.0.0.1:{api_port}"),
             "--token-file".into(),
             token.display().to_string(),
+            "--tls".into(),
+            tls_identity(dir, "collector", "c2").display().to_string(),
         ];
         let collector = Service::start("tidemark-collector", &args, &dir.join("collector2.log"), api_port);
         Back {
@@ -71,6 +73,8 @@ impl Back {
             self.data().display().to_string(),
             "--token-file".into(),
             self.token.display().to_string(),
+            "--tls".into(),
+            tls_identity(&self.dir, "target", "ta").display().to_string(),
         ];
         self.target = Some(Service::start(
             "tidemark-target",
@@ -92,6 +96,8 @@ impl Back {
                 &format!("127.0.0.1:{}", self.collector_port),
                 "--token-file",
                 s(&self.token),
+                "--tls",
+                s(&tls_identity(&self.dir, "agent", "b")),
             ],
         )
     }
@@ -673,7 +679,7 @@ fn two_full_cycles_come_home_without_resending_the_disk() {
     let planned = ["--planned", "--api", &api, "--token-file", s(&site.token_file)];
     // The collector's API wants its token.
     let wrong = d.join("wrong.token");
-    std::fs::write(&wrong, "not-the-token").unwrap();
+    write_secret(&wrong, "not-the-token");
     let o = run(
         tidemark().args([
             "failover",

@@ -22,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The deployment's certificate authority: create it, issue identities.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCmd),
     /// Inspect or replay an agent's change journal.
     #[command(subcommand)]
     Journal(cmd::journal::JournalCmd),
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Status(a) => cmd::status::status(a),
         Cmd::Journal(c) => cmd::journal::run(c).map(ok),
+        Cmd::Ca(c) => cmd::ca::run(c).map(ok),
         Cmd::AgentStatus(a) => cmd::agent::status(a).map(ok),
         Cmd::Wait(a) => cmd::status::wait(a).map(ok),
         Cmd::Tag(a) => cmd::tag::tag(a).map(ok),

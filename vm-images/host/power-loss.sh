@@ -33,14 +33,17 @@ host_before_power_loss() {
   cport=$(free_port)
   aport=$(free_port)
   [ "$cport" != "$tport" ] && [ "$aport" != "$tport" ] && [ "$aport" != "$cport" ] || { cport=$((tport + 1)); aport=$((tport + 2)); }
-  head -c 24 /dev/urandom | base64 >"$RUN/token"
+  (umask 077; head -c 24 /dev/urandom | base64 >"$RUN/token")
   cp "$RUN/token" "$HOSTDATA/token"
+  tls_issue vm-target target "$RUN/tls-target"
+  tls_issue vm-collector collector "$RUN/tls-collector"
+  tls_issue guest agent "$HOSTDATA/tls-agent"
   host_bg pl-target "$HOST_BIN/tidemark-target" --listen "127.0.0.1:$tport" \
-    --data "$RUN/site/data" --token-file "$RUN/token"
+    --data "$RUN/site/data" --token-file "$RUN/token" --tls "$RUN/tls-target"
   wait_port "$tport"
   host_bg pl-collector "$HOST_BIN/tidemark-collector" --listen "127.0.0.1:$cport" \
     --spool "$RUN/site/spool" --target "127.0.0.1:$tport" --api "127.0.0.1:$aport" \
-    --token-file "$RUN/token"
+    --token-file "$RUN/token" --tls "$RUN/tls-collector"
   wait_port "$cport"
   wait_port "$aport"
   cmdline collector "10.0.2.2:$cport"
@@ -220,7 +223,7 @@ host_after_power_loss() {
   p0=$(pl_field payload_bytes)
   echo "before the resync: $chunks chunks of 64 KiB differ between the image and the replica (applied seq $applied)"
   "$agent" protect --disk "$img" --state "$st" --disk-id pl --listen "unix:$W/pl.sock" \
-    --collector "$PL_COLLECTOR" --token-file "$RUN/token" >"$W/agent2.log" 2>&1 &
+    --collector "$PL_COLLECTOR" --token-file "$RUN/token" --tls "$HOSTDATA/tls-agent" >"$W/agent2.log" 2>&1 &
   apid=$!
   echo "$apid" >>"$RUN/.pids"
   "$tm" wait --api "$PL_API" pl --timeout 3m || { tail -n 20 "$W/agent2.log"; pl_fail "tidemark wait after the crash"; }

@@ -246,6 +246,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max_body: u32) -> Resul
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), WriteError> {
     let b = f.encode().map_err(WriteError::Encode)?;
     w.write_all(&b).await?;
+    // Over TLS, written bytes may wait in the session until flushed.
+    w.flush().await?;
     Ok(())
 }
 

@@ -5,6 +5,11 @@
 
 use tidemark_wire::frame::{ErrorCode, Hello, Role, PROTOCOL_VERSION};
 
+/// Largest frame body any listener reads before the Hello is checked (a
+/// Hello is a few hundred bytes): an unauthenticated peer holds at most
+/// this much of a service's frame budget.
+pub const HELLO_MAX_BODY: u32 = 16 << 10;
+
 /// Why a Hello is refused: the code and the reason for the Error frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {

@@ -6,6 +6,8 @@
 //! - [`hello`]: the checks every listener makes of a Hello (version,
 //!   token, role).
 //! - [`socket`]: the socket options every connection sets.
+//! - [`tls`]: mutual TLS 1.3 with role-bearing identities, or plaintext
+//!   by explicit choice; the connection halves every hop uses.
 //!
 //! `tidemark-wire` stays free of I/O and of any runtime (the journal, the
 //! fuzz targets and the tools use it without tokio); this crate is where
@@ -15,7 +17,9 @@
 pub mod frames;
 pub mod hello;
 pub mod socket;
+pub mod tls;
 
 pub use frames::{kib_permits, read_frame, write_frame, FrameReader, ReadError, WriteError};
-pub use hello::{check_hello, Refusal};
+pub use hello::{check_hello, Refusal, HELLO_MAX_BODY};
 pub use socket::set_user_timeout;
+pub use tls::{Conn, Identity, PeerRole, Reader, Security, Writer};

@@ -12,6 +12,7 @@ pub mod human;
 pub mod located;
 pub mod metrics;
 pub mod owned;
+pub mod ratelog;
 pub mod service;
 
 /// Initialise `tracing` to stderr, honouring `RUST_LOG` (default `info`).

@@ -1,6 +1,6 @@
-//! The start of every Tidemark daemon (agent, collector, target): logging,
-//! a panic that ends the process at once, failpoints, and SIGINT/SIGTERM
-//! as a cancellation. The runtime stays each daemon's own choice.
+//! The start of every Tidemark daemon (agent, collector, target): a
+//! private umask, logging, a panic that ends the process at once,
+//! failpoints, and SIGINT/SIGTERM as a cancellation. The runtime stays each daemon's own choice.
 
 use std::io;
 
@@ -13,12 +13,16 @@ pub struct Service {
     _failpoints: fail::FailScenario<'static>,
 }
 
-/// Logging to stderr ([`crate::init_logging`]); a panic anywhere — a
+/// Umask 077; logging to stderr ([`crate::init_logging`]); a panic anywhere — a
 /// failpoint's `panic` action included — aborts the process at once, as a
 /// crash or `kill -9` would: no unwinding into half-done state, no other
 /// task carrying on; failpoints from the `FAILPOINTS` environment variable
 /// (tests only).
 pub fn start() -> Service {
+    // Everything a daemon creates — journal, spool, replicas, undo,
+    // catalogs, sockets — is its owner's alone (0600 files, 0700 folders):
+    // they hold the protected disks' data.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     crate::init_logging();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -105,6 +105,9 @@ pub enum ErrorCode {
     Busy = 6,
     /// The sender's data generation ended with a failover: it is fenced.
     StaleGeneration = 7,
+    /// The peer's identity (its certificate) may not do this: another
+    /// identity's disk, or a role that is not the one this listener takes.
+    Forbidden = 8,
 }
 
 /// In the operator's words, for messages and logs.
@@ -118,6 +121,7 @@ impl std::fmt::Display for ErrorCode {
             Self::Internal => "internal error",
             Self::Busy => "busy",
             Self::StaleGeneration => "stale generation",
+            Self::Forbidden => "forbidden for this identity",
         })
     }
 }
@@ -132,6 +136,7 @@ impl ErrorCode {
             5 => Self::Internal,
             6 => Self::Busy,
             7 => Self::StaleGeneration,
+            8 => Self::Forbidden,
             _ => return None,
         })
     }

@@ -47,7 +47,7 @@ fn replication(s: &Value) -> String {
     match s["collector"].as_str() {
         None => "journal only (no collector)".into(),
         Some(c) => format!(
-            "{} to {c}, acked seq {}, backlog {}",
+            "{} to {c} over {}, acked seq {}, backlog {}",
             if s["collector_connected"] == Value::Bool(true) {
                 s["replication_mode"].as_str().unwrap_or("?")
             } else if s["fenced"].is_string() {
@@ -55,6 +55,7 @@ fn replication(s: &Value) -> String {
             } else {
                 "disconnected"
             },
+            s["collector_security"].as_str().unwrap_or("?"),
             n("acked_seq"),
             format_size(n("journal_backlog_bytes"))
         ),

@@ -317,8 +317,10 @@ fn quiesce_source(a: &FailoverArgs, disk: &str, spec: &AtSpec) -> Result<Option<
     let (Some(api), Some(token_file)) = (&a.api, &a.token_file) else {
         bail!("--planned needs --api URL and --token-file FILE (the collector's token)");
     };
-    let token =
-        std::fs::read_to_string(token_file).with_context(|| format!("--token-file {}", token_file.display()))?;
+    let token = {
+        tidemark_net::tls::private_file(token_file).map_err(anyhow::Error::msg)?;
+        std::fs::read_to_string(token_file).with_context(|| format!("--token-file {}", token_file.display()))?
+    };
     eprintln!("quiescing {disk} at its source through {api}: its agent refuses writes from now on…");
     let v = super::status::call_with(
         api,

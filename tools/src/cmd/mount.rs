@@ -400,10 +400,18 @@ impl FsMount {
         let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&file))
             .context("attach a loop device to the view (needs root and /dev/loop-control)")?;
         m.loop_dev = Some(dev.clone());
+        // The recovered filesystem is the protected machine's, not this
+        // host's: its setuid binaries, device nodes and executables stay
+        // inert here.
         let mut cmd = Command::new("mount");
-        if read_only {
-            cmd.args(["-o", "ro"]);
-        }
+        cmd.args([
+            "-o",
+            if read_only {
+                "ro,nosuid,nodev,noexec"
+            } else {
+                "nosuid,nodev,noexec"
+            },
+        ]);
         sh(cmd.arg(&dev).arg(mountpoint))
             .with_context(|| format!("mount the point's filesystem ({dev}) at {}", mountpoint.display()))?;
         m.mounted = true;

@@ -579,7 +579,7 @@ fn check(a: &StatusArgs) -> Result<ExitCode> {
 fn status_table(v: &Value) {
     let c = &v["collector"];
     outln!(
-        "collector: {} agents connected, spool {} of {}{}",
+        "collector: {} agents connected, spool {} of {}{}; links: {}",
         u(c, "agents_connected"),
         format_size(u(c, "spool_bytes")),
         format_size(u(c, "spool_cap_bytes")),
@@ -587,7 +587,8 @@ fn status_table(v: &Value) {
             " (FULL: agents are held back)"
         } else {
             ""
-        }
+        },
+        c["security"].as_str().unwrap_or("not reported")
     );
     let disks = v["disks"].as_array().cloned().unwrap_or_default();
     if disks.is_empty() {

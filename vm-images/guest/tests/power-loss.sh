@@ -27,7 +27,7 @@ MAX=2000
 set --
 if [ -n "${TM_COLLECTOR:-}" ]; then
   [ -s /hostdata/token ] || fail "no /hostdata/token"
-  set -- --collector "$TM_COLLECTOR" --token-file /hostdata/token
+  set -- --collector "$TM_COLLECTOR" --token-file /hostdata/token --tls /hostdata/tls-agent
 fi
 if [ "${PL_FRONT:-nbd}" = ublk ]; then
   start_ublk_agent pl "$D" "$@"

@@ -19,7 +19,7 @@ dd if=/dev/urandom of="$M/before.bin" bs=1M count=8 2>/dev/null
 cp -r /tm "$M/guest-scripts"
 umount_fs "$M"
 
-start_agent repl "$D" --collector "$TM_COLLECTOR" --token-file /hostdata/token
+start_agent repl "$D" --collector "$TM_COLLECTOR" --token-file /hostdata/token --tls /hostdata/tls-agent
 dev=$(nbd_connect "$AGENT_SOCK")
 mount_fs "$dev" "$M"
 dd if=/dev/urandom of="$M/a.bin" bs=1M count=8 2>/dev/null

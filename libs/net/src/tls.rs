@@ -1,0 +1,494 @@
+//! Mutual TLS 1.3 on every hop (agent → collector, collector → target;
+//! `docs/security.md`). Each side holds an identity issued by the
+//! deployment's CA (`tidemark ca issue`): a certificate whose one DNS
+//! name is `NAME.ROLE.tidemark`, the role one of agent, collector,
+//! target. A listener requires a client certificate from that CA and
+//! learns the peer's identity from it; a dialer verifies that the server
+//! it reached holds a certificate of the role it meant to reach (and,
+//! when told, of that name). The chain, validity dates and key usage are
+//! checked by rustls' WebPKI verifiers; this module adds the role.
+//!
+//! Plaintext is [`Security::Plaintext`], chosen only by an explicit flag
+//! (`--insecure-plaintext`), which status and logs then name.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// The CA's certificate in an identity folder.
+pub const CA_FILE: &str = "ca.pem";
+/// The identity's certificate (and any intermediates).
+pub const CERT_FILE: &str = "cert.pem";
+/// The identity's private key (mode 0600).
+pub const KEY_FILE: &str = "key.pem";
+/// The last label of every identity's DNS name.
+pub const DOMAIN: &str = "tidemark";
+/// How long a listener waits for a peer's TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a peer is, by its certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerRole {
+    Agent,
+    Collector,
+    Target,
+}
+
+impl PeerRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Collector => "collector",
+            Self::Target => "target",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "agent" => Self::Agent,
+            "collector" => Self::Collector,
+            "target" => Self::Target,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for PeerRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A peer's identity: its name within the deployment and its role.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub name: String,
+    pub role: PeerRole,
+}
+
+impl Identity {
+    /// An identity named `name` (1 to 63 of `a-z`, `0-9` and `-`, not at
+    /// either end: a DNS label).
+    pub fn new(name: &str, role: PeerRole) -> Result<Self, String> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "identity name {name:?}: 1 to 63 of a-z, 0-9 and '-' (not first or last), like a host name"
+            ));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            role,
+        })
+    }
+
+    /// The DNS name its certificate carries: `NAME.ROLE.tidemark`.
+    pub fn dns_name(&self) -> String {
+        format!("{}.{}.{DOMAIN}", self.name, self.role.name())
+    }
+
+    /// The identity a DNS name `NAME.ROLE.tidemark` stands for.
+    pub fn from_dns_name(s: &str) -> Option<Self> {
+        let rest = s.strip_suffix(DOMAIN)?.strip_suffix('.')?;
+        let (name, role) = rest.rsplit_once('.')?;
+        Self::new(name, PeerRole::parse(role)?).ok()
+    }
+
+    /// The identity a certificate names: exactly one `NAME.ROLE.tidemark`
+    /// DNS name. Only meaningful once the chain has been verified.
+    pub fn of_cert(der: &CertificateDer<'_>) -> Result<Self, String> {
+        let cert =
+            webpki::EndEntityCert::try_from(der).map_err(|e| format!("a certificate that does not parse: {e}"))?;
+        let ids: Vec<Identity> = cert.valid_dns_names().filter_map(Self::from_dns_name).collect();
+        match ids.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(format!(
+                "a certificate that names no Tidemark identity (NAME.ROLE.{DOMAIN})"
+            )),
+            _ => Err("a certificate that names more than one Tidemark identity".into()),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.role, self.name)
+    }
+}
+
+/// How a hop's connections are made: mutual TLS with this side's identity,
+/// or plaintext (an explicit operator choice).
+#[derive(Clone)]
+pub enum Security {
+    Tls(Arc<Tls>),
+    Plaintext,
+}
+
+impl fmt::Debug for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Security {
+    /// `Tls` from the identity folder `dir` (`tidemark ca issue --out`),
+    /// which must hold an identity of role `role`; `Plaintext` when `dir`
+    /// is `None` and `plaintext` says so; else an error naming both flags.
+    pub fn from_flags(dir: Option<&Path>, plaintext: bool, role: PeerRole) -> Result<Self, String> {
+        match (dir, plaintext) {
+            (Some(_), true) => Err("--tls and --insecure-plaintext exclude each other".into()),
+            (Some(d), false) => {
+                let tls = Tls::load(d)?;
+                if tls.me.role != role {
+                    return Err(format!(
+                        "--tls {}: the certificate is {}'s; this service needs a {role} identity (tidemark ca issue \
+                         --role {role})",
+                        d.display(),
+                        tls.me
+                    ));
+                }
+                Ok(Self::Tls(Arc::new(tls)))
+            }
+            (None, true) => Ok(Self::Plaintext),
+            (None, false) => Err(format!(
+                "no transport security given: --tls DIR (an identity from tidemark ca issue --role {role}) or, to \
+                 send everything in clear text, --insecure-plaintext"
+            )),
+        }
+    }
+
+    /// For status and logs: `tls (agent web-1)` or `PLAINTEXT`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Tls(t) => format!("tls ({})", t.me),
+            Self::Plaintext => "PLAINTEXT (--insecure-plaintext)".into(),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+}
+
+/// The reading half of a connection, plaintext or TLS.
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+/// The writing half of a connection, plaintext or TLS.
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// An established connection: its halves and, over TLS, the peer's
+/// verified identity.
+pub struct Conn {
+    pub reader: Reader,
+    pub writer: Writer,
+    pub peer: Option<Identity>,
+}
+
+fn plain(tcp: TcpStream) -> Conn {
+    let (r, w) = tcp.into_split();
+    Conn {
+        reader: Box::new(r),
+        writer: Box::new(w),
+        peer: None,
+    }
+}
+
+/// One side's loaded identity and the configurations made from it.
+pub struct Tls {
+    pub me: Identity,
+    pub dir: PathBuf,
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    server: Arc<ServerConfig>,
+}
+
+impl Tls {
+    /// Load the identity folder `dir`: `ca.pem`, `cert.pem`, `key.pem`
+    /// (which no one but its owner may read).
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let file = |n: &str| dir.join(n);
+        private_file(&file(KEY_FILE))?;
+        let read_certs = |p: PathBuf| -> Result<Vec<CertificateDer<'static>>, String> {
+            let certs = CertificateDer::pem_file_iter(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{}: no certificate in it", p.display()));
+            }
+            Ok(certs)
+        };
+        let ca = read_certs(file(CA_FILE))?;
+        let certs = read_certs(file(CERT_FILE))?;
+        let key =
+            PrivateKeyDer::from_pem_file(file(KEY_FILE)).map_err(|e| format!("{}: {e}", file(KEY_FILE).display()))?;
+        let mut roots = RootCertStore::empty();
+        for c in ca {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: not a CA certificate: {e}", file(CA_FILE).display()))?;
+        }
+        let me = Identity::of_cert(&certs[0]).map_err(|e| format!("{}: {e}", file(CERT_FILE).display()))?;
+        let provider = Arc::new(provider());
+        let roots = Arc::new(roots);
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| format!("{}: {e}", file(CA_FILE).display()))?;
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| format!("{}: the key does not fit the certificate: {e}", dir.display()))?;
+        Ok(Self {
+            me,
+            dir: dir.to_path_buf(),
+            provider,
+            roots,
+            certs,
+            key,
+            server: Arc::new(server),
+        })
+    }
+
+    /// Accept a connection: the TLS handshake (bounded by
+    /// [`HANDSHAKE_TIMEOUT`]), with a client certificate of this CA
+    /// required; returns the connection and the peer's identity.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<Conn, String> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
+        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let peer = {
+            let (_, conn) = s.get_ref();
+            let cert = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or("TLS handshake: the peer sent no certificate")?;
+            Identity::of_cert(cert).map_err(|e| format!("the peer's certificate: {e}"))?
+        };
+        let (r, w) = tokio::io::split(s);
+        Ok(Conn {
+            reader: Box::new(r),
+            writer: Box::new(w),
+            peer: Some(peer),
+        })
+    }
+
+    /// Dial: the TLS handshake with `tcp`, requiring the server to hold a
+    /// certificate of this CA for role `want` (and name `name`, if given).
+    pub async fn connect(&self, tcp: TcpStream, want: PeerRole, name: Option<&str>) -> Result<Conn, String> {
+        let inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let verifier = RoleVerifier {
+            inner,
+            want,
+            name: name.map(str::to_string),
+        };
+        let config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        // The name sent is not what is checked (the role and CA are).
+        let sni = ServerName::try_from(format!("{}.{DOMAIN}", want.name())).map_err(|e| e.to_string())?;
+        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(sni, tcp))
+            .await
+            .map_err(|_| format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("TLS handshake with the {want}: {e}"))?;
+        let peer = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(Identity::of_cert)
+            .transpose()?;
+        let (r, w) = tokio::io::split(s);
+        Ok(Conn {
+            reader: Box::new(r),
+            writer: Box::new(w),
+            peer,
+        })
+    }
+}
+
+impl Security {
+    /// A listener's side of a new connection.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<Conn, String> {
+        match self {
+            Self::Tls(t) => t.accept(tcp).await,
+            Self::Plaintext => Ok(plain(tcp)),
+        }
+    }
+
+    /// A dialer's side of a new connection to a peer of role `want`.
+    pub async fn connect(&self, tcp: TcpStream, want: PeerRole, name: Option<&str>) -> Result<Conn, String> {
+        match self {
+            Self::Tls(t) => t.connect(tcp, want, name).await,
+            Self::Plaintext => Ok(plain(tcp)),
+        }
+    }
+}
+
+/// Checks a server's certificate as WebPKI does (chain to the CA,
+/// validity, key usage, the name in it), for the identity the
+/// certificate itself names, after checking that identity's role (and
+/// name) is the one dialled for.
+#[derive(Debug)]
+struct RoleVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    want: PeerRole,
+    name: Option<String>,
+}
+
+impl ServerCertVerifier for RoleVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = Identity::of_cert(end_entity).map_err(rustls::Error::General)?;
+        if id.role != self.want {
+            return Err(rustls::Error::General(format!(
+                "the server is {id}, not a {}: wrong address, or a certificate used for the wrong role",
+                self.want
+            )));
+        }
+        if let Some(n) = &self.name {
+            if &id.name != n {
+                return Err(rustls::Error::General(format!(
+                    "the server is {id}, not {} {n}",
+                    self.want
+                )));
+            }
+        }
+        let name = ServerName::try_from(id.dns_name()).map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Check that `cert` (DER) chains to the CA certificate(s) in `ca_pem`,
+/// is valid now and names a Tidemark identity; returns the identity.
+/// `tidemark ca issue` checks what it made with this before writing it.
+pub fn check_issued(ca_pem: &[u8], cert: &[u8]) -> Result<Identity, String> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| format!("the CA certificate: {e}"))?;
+        roots.add(c).map_err(|e| format!("the CA certificate: {e}"))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider()))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let der = CertificateDer::from(cert.to_vec());
+    verifier
+        .verify_client_cert(&der, &[], UnixTime::now())
+        .map_err(|e| format!("the certificate does not verify against the CA: {e}"))?;
+    Identity::of_cert(&der)
+}
+
+/// The crypto provider: *ring*. It builds with nothing but a C compiler
+/// for every target Tidemark ships (glibc, musl, windows-gnu), which
+/// aws-lc-rs does not without cmake and NASM; rustls deprecates it for
+/// lacking post-quantum key exchange (X25519MLKEM768), a gap named in
+/// `docs/security.md`.
+#[allow(deprecated)]
+fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Refuse a secret file (a key, a token) that its group or others may
+/// read or write, naming the mode and the fix.
+pub fn private_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is open to its group or others (mode {mode:04o}): it holds a secret; chmod 600 it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_round_trip_through_dns_names() {
+        let id = Identity::new("web-1", PeerRole::Agent).unwrap();
+        assert_eq!(id.dns_name(), "web-1.agent.tidemark");
+        assert_eq!(Identity::from_dns_name("web-1.agent.tidemark"), Some(id));
+        for bad in [
+            "web-1.agent.example",
+            "web-1.admin.tidemark",
+            "a.b.agent.tidemark",
+            "-x.agent.tidemark",
+            "agent.tidemark",
+            "Web.agent.tidemark",
+        ] {
+            assert_eq!(Identity::from_dns_name(bad), None, "{bad}");
+        }
+        assert!(Identity::new(&"x".repeat(64), PeerRole::Target).is_err());
+        assert!(Identity::new("", PeerRole::Target).is_err());
+    }
+
+    #[test]
+    fn security_needs_an_explicit_choice() {
+        let e = Security::from_flags(None, false, PeerRole::Agent).err().unwrap();
+        assert!(e.contains("--tls DIR") && e.contains("--insecure-plaintext"), "{e}");
+        assert!(Security::from_flags(Some(Path::new("/nonexistent")), true, PeerRole::Agent).is_err());
+        let p = Security::from_flags(None, true, PeerRole::Agent).ok().unwrap();
+        assert!(!p.is_tls() && p.describe().contains("PLAINTEXT"));
+    }
+}

@@ -1,0 +1,527 @@
+//! Bad credentials and rogue peers (issue 14, docs/security.md): each is
+//! refused with a clear error, nothing is freed or deleted, and the other
+//! disks of the same services keep replicating. The services run with
+//! mutual TLS, as every other test's do; fake peers speak the wire format
+//! in this file over plaintext links set up for them.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tidemark_tests::pipe::*;
+use tidemark_tests::recovery::*;
+use tidemark_tests::*;
+use tidemark_wire::frame::{Frame, FrameHeader, Hello, Lineage, Role, FRAME_HEADER_LEN, PROTOCOL_VERSION};
+use tidemark_wire::{DiskId, Record, RecordHeader, RecordKind};
+
+const SIZE: u64 = 64 * MIB;
+const T: Duration = Duration::from_secs(120);
+
+/// A second CA, which the site does not trust, and an identity of it.
+fn foreign_identity(d: &Path, role: &str, name: &str) -> std::path::PathBuf {
+    let ca = d.join("foreign-ca");
+    if !ca.exists() {
+        run_ok(tidemark().args(["ca", "init", "--dir", s(&ca)]), T);
+    }
+    let out = d.join(format!("foreign-{role}-{name}"));
+    run_ok(
+        tidemark().args(["ca", "issue", "--ca", s(&ca), name, "--role", role, "--out", s(&out)]),
+        T,
+    );
+    out
+}
+
+/// Agent flags for this site's collector with the identity folder `tls`.
+fn flags_with(site: &Site, tls: &Path) -> Vec<String> {
+    vec![
+        "--collector".into(),
+        format!("127.0.0.1:{}", site.collector_port),
+        "--token-file".into(),
+        site.token_file.display().to_string(),
+        "--tls".into(),
+        tls.display().to_string(),
+    ]
+}
+
+fn start_agent(d: &Path, id: &str, flags: &[String]) -> Agent {
+    let disk = d.join(format!("{id}.img"));
+    if !disk.exists() {
+        sparse_file(&disk, SIZE);
+    }
+    let mut f = vec!["--disk-id".to_string(), id.into()];
+    f.extend(flags.iter().cloned());
+    let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+    Agent::start(
+        &disk,
+        &d.join(format!("{id}.state")),
+        &d.join(format!("{id}.sock")),
+        &refs,
+    )
+}
+
+fn wait_log(what: &str, log: impl Fn() -> String, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = log();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < T,
+            "timed out waiting for {what} ({needle:?}):\n{}",
+            tail(&text, 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The good disk keeps replicating: a write reaches its replica.
+fn still_replicates(site: &Site, good: &Agent, offset: u64, pattern: u8) {
+    write_pattern(&good.sock, offset, MIB, pattern);
+    wait_and_compare(site, "good", &good.disk, T);
+}
+
+#[test]
+fn bad_credentials_are_refused_by_name_and_other_disks_go_on() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-creds");
+    let d = dir.path();
+    let site = Site::start(d, &[]);
+    let good = start_agent(d, "good", &site.agent_flags());
+    still_replicates(&site, &good, 0, 0x11);
+    let st = site.status();
+    assert!(
+        st["collector"]["tls"] == true && st["collector"]["security"].as_str().unwrap().contains("collector c"),
+        "{st}"
+    );
+    assert!(good.status()["collector_security"]
+        .as_str()
+        .unwrap()
+        .contains("tls (agent a)"));
+
+    // No certificate: a plaintext agent against the TLS port.
+    let mut plain = site.agent_flags();
+    plain.truncate(4);
+    plain.push("--insecure-plaintext".into());
+    let a = start_agent(d, "plain", &plain);
+    let log = wait_log(
+        "the plaintext agent's refusal",
+        || a.log_text(),
+        "collector unreachable",
+    );
+    assert!(!a.status()["collector_connected"].as_bool().unwrap(), "{log}");
+    wait_log(
+        "the collector's refusal",
+        || site.collector.log_text(),
+        "refused an agent connection: TLS handshake",
+    );
+    a.kill9();
+
+    // A certificate of another CA (self-made): refused by the collector,
+    // and the agent does not trust the collector either.
+    let foreign = foreign_identity(d, "agent", "mallory");
+    let a = start_agent(d, "foreign", &flags_with(&site, &foreign));
+    let log = wait_log("the foreign agent's refusal", || a.log_text(), "collector unreachable");
+    assert!(
+        log.contains("UnknownIssuer") || log.contains("unknown issuer") || log.contains("TLS handshake"),
+        "{log}"
+    );
+    a.kill9();
+
+    // An agent identity of the right CA, acting as a collector: a service
+    // refuses to start with another role's identity...
+    let agent_id = tls_identity(d, "agent", "a");
+    let out = run(
+        Command::new(bin("tidemark-collector")).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            s(&d.join("rogue-spool")),
+            "--target",
+            &format!("127.0.0.1:{}", site.target_port),
+            "--api",
+            "127.0.0.1:0",
+            "--token-file",
+            s(&site.token_file),
+            "--tls",
+            s(&agent_id),
+        ]),
+        T,
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("this service needs a collector identity"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!d.join("rogue-spool").exists(), "nothing created");
+    // ...and on the wire: an agent certificate dialling the target (as an
+    // agent would a collector) is refused by the target, and the agent
+    // refuses the target's certificate for not being a collector's.
+    let mut at_target = flags_with(&site, &agent_id);
+    at_target[1] = format!("127.0.0.1:{}", site.target_port);
+    let a = start_agent(d, "astray", &at_target);
+    let log = wait_log("the agent's refusal of the target", || a.log_text(), "not a collector");
+    assert!(log.contains("target t"), "{log}");
+    a.kill9();
+
+    // Garbage and an oversized header at both listeners: closed, and the
+    // good disk goes on.
+    for port in [site.collector_port, site.target_port] {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        let mut header = vec![0u8; FRAME_HEADER_LEN];
+        header[8..12].copy_from_slice(&(40u32 << 20).to_le_bytes());
+        let _ = c.write_all(&header);
+        let _ = c.write_all(b"not a TLS client hello at all\r\n");
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
+    }
+    still_replicates(&site, &good, 8 * MIB, 0x12);
+    // The refusals were logged, each at most once per interval.
+    let text = site.collector.log_text();
+    assert!(text.contains("refused an agent connection"), "{}", tail(&text, 20));
+    good.stop();
+}
+
+#[test]
+fn a_disk_belongs_to_the_identity_that_registered_it() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-owner");
+    let d = dir.path();
+    let site = Site::start(d, &[]);
+    let good = start_agent(d, "good", &site.agent_flags());
+    still_replicates(&site, &good, 0, 0x21);
+    assert_eq!(site.disk_status("good")["owner"], "agent a");
+    let st = good.status();
+    let uuid = st["disk_uuid"].as_str().unwrap().to_string();
+    good.stop();
+
+    // Another agent of the same CA claims disk "good" (its id, even a copy
+    // of its state directory with the uuid) while the real agent is away.
+    let thief = tls_identity(d, "agent", "mallory");
+    let stolen_state = d.join("stolen.state");
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(d.join("good.state"))
+            .arg(&stolen_state),
+        T,
+    );
+    let disk = d.join("stolen.img");
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(d.join("good.img"))
+            .arg(&disk),
+        T,
+    );
+    let mut f = vec!["--disk-id".to_string(), "good".into()];
+    f.extend(flags_with(&site, &thief));
+    let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+    let a = Agent::start(&disk, &stolen_state, &d.join("stolen.sock"), &refs);
+    assert_eq!(a.status()["disk_uuid"], uuid.as_str());
+    write_pattern(&a.sock, 4 * MIB, MIB, 0x66);
+    let log = wait_log("the thief's refusal", || a.log_text(), "belongs to agent a");
+    assert!(log.contains("agent mallory"), "{log}");
+    a.kill9();
+    // Nothing of it reached the replica: it still equals the real disk.
+    assert_identical(&d.join("good.img"), &site.replica("good"));
+
+    // The real agent comes back and goes on.
+    let good = start_agent(d, "good", &site.agent_flags());
+    still_replicates(&site, &good, 16 * MIB, 0x22);
+    good.stop();
+}
+
+/// Read one frame (blocking).
+fn read_frame(s: &mut TcpStream) -> Option<Frame> {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    s.read_exact(&mut h).ok()?;
+    let len = FrameHeader::parse(&h).ok()?.frame_len();
+    let mut b = h.to_vec();
+    b.resize(len, 0);
+    s.read_exact(&mut b[FRAME_HEADER_LEN..]).ok()?;
+    Frame::decode(&b).ok().map(|(f, _)| f)
+}
+
+fn send(s: &mut TcpStream, f: &Frame) {
+    s.write_all(&f.encode().unwrap()).unwrap();
+}
+
+/// A fake collector that welcomes every agent with `acked`: the agent must
+/// not believe a seq far beyond its journal (nor wrap at u64::MAX), and
+/// must keep its journal.
+#[test]
+fn a_fake_collectors_welcome_ahead_frees_nothing() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-fakecoll");
+    let d = dir.path();
+    let token = d.join("token");
+    write_secret(&token, "t\n");
+    for acked in [u64::MAX, 1u64 << 62] {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fake = std::thread::spawn(move || {
+            // Answer a few connections, then stop.
+            for _ in 0..3 {
+                let Ok((mut c, _)) = l.accept() else { return };
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                if let Some(Frame::Hello(_)) = read_frame(&mut c) {
+                    send(
+                        &mut c,
+                        &Frame::Welcome {
+                            acked_seq: acked,
+                            flags: 0,
+                            generation: [0; 16],
+                        },
+                    );
+                    let mut sink = [0u8; 4096];
+                    while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+                }
+            }
+        });
+        let id = format!("v{}", acked.count_ones());
+        let a = start_agent(
+            d,
+            &id,
+            &[
+                "--collector".into(),
+                format!("127.0.0.1:{port}"),
+                "--token-file".into(),
+                s(&token).into(),
+                "--insecure-plaintext".into(),
+            ],
+        );
+        write_pattern(&a.sock, 0, MIB, 0x31);
+        let log = wait_log(
+            "the agent's refusal of the welcome",
+            || a.log_text(),
+            "not believing it",
+        );
+        let st = a.status();
+        assert_eq!(st["acked_seq"], 0, "{st}\n{log}");
+        assert!(st["next_seq"].as_u64().unwrap() < 1 << 32, "{st}");
+        assert!(
+            st["journal_backlog_bytes"].as_u64().unwrap() >= MIB,
+            "the journal is kept: {st}"
+        );
+        a.kill9();
+        drop(fake);
+    }
+}
+
+/// A Hello for an agent role, as a fake agent speaks it.
+fn hello(id: &str, token: &[u8], size: u64, uuid: [u8; 16]) -> Frame {
+    Frame::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        role: Role::Agent,
+        flags: 0,
+        disk_uuid: uuid,
+        disk_size: size,
+        disk_id: DiskId::parse(id).unwrap(),
+        token: token.to_vec(),
+        lineage: Lineage::default(),
+    })
+}
+
+/// Over a plaintext deployment (the explicit choice): a fake agent's
+/// record beyond the disk, a Hello that changes the disk's size, and a
+/// fake target's Welcome ahead of what the collector holds are each
+/// refused, and the collector's spool keeps everything.
+#[test]
+fn peers_cannot_claim_seqs_sizes_or_offsets_they_do_not_have() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-claims");
+    let d = dir.path();
+    let token = d.join("token");
+    write_secret(&token, "plain-token\n");
+    // A fake target: welcomes with a seq far ahead, then holds on.
+    let fake_target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tport = fake_target.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in fake_target.incoming().take(50) {
+            let Ok(mut c) = c else { continue };
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            if let Some(Frame::Hello(_)) = read_frame(&mut c) {
+                seen2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                send(
+                    &mut c,
+                    &Frame::Welcome {
+                        acked_seq: 1_000_000,
+                        flags: 0,
+                        generation: [0; 16],
+                    },
+                );
+                let mut sink = [0u8; 4096];
+                while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+            }
+        }
+    });
+    let (cport, api) = (free_port(), free_port());
+    let collector = Service::start(
+        "tidemark-collector",
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{cport}"),
+            "--spool".into(),
+            s(&d.join("spool")).into(),
+            "--target".into(),
+            format!("127.0.0.1:{tport}"),
+            "--api".into(),
+            format!("127.0.0.1:{api}"),
+            "--token-file".into(),
+            s(&token).into(),
+            "--insecure-plaintext".into(),
+        ],
+        &d.join("collector.log"),
+        api,
+    );
+    let a = start_agent(
+        d,
+        "vm",
+        &[
+            "--collector".into(),
+            format!("127.0.0.1:{cport}"),
+            "--token-file".into(),
+            s(&token).into(),
+            "--insecure-plaintext".into(),
+        ],
+    );
+    write_pattern(&a.sock, 0, 2 * MIB, 0x41);
+    let apibase = format!("http://127.0.0.1:{api}");
+    let field = |k: &str| -> serde_json::Value {
+        let out = run_ok(tidemark().args(["status", "--api", &apibase, "--json"]), T);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["disk_id"] == "vm")
+            .unwrap()[k]
+            .clone()
+    };
+    poll_until("the agent's writes to be spooled", T, || {
+        field("acked_seq").as_u64().unwrap_or(0) > 0
+    });
+    let text = wait_log(
+        "the collector's refusal of the fake welcome",
+        || collector.log_text(),
+        "beyond anything this collector holds",
+    );
+    assert!(seen.load(std::sync::atomic::Ordering::Relaxed) > 0, "{text}");
+    let spooled = field("spool_bytes").as_u64().unwrap();
+    assert!(spooled >= 2 * MIB, "the spool keeps the writes: {spooled}");
+    assert_eq!(field("applied_seq"), 0);
+    let uuid = *uuid_of(&a).as_bytes();
+    a.stop();
+
+    let tok = b"plain-token";
+    // A Hello that says another size for the disk: refused.
+    let mut c = TcpStream::connect(("127.0.0.1", cport)).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    send(&mut c, &hello("vm", tok, 2 * SIZE, uuid));
+    match read_frame(&mut c) {
+        Some(Frame::Error { reason, .. }) => assert!(reason.contains("registered as"), "{reason}"),
+        other => panic!("expected a refusal of the new size, got {other:?}"),
+    }
+    // A record beyond the disk: refused, not spooled.
+    let mut c = TcpStream::connect(("127.0.0.1", cport)).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    send(&mut c, &hello("vm", tok, SIZE, uuid));
+    let acked = match read_frame(&mut c) {
+        Some(Frame::Welcome { acked_seq, .. }) => acked_seq,
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let data = vec![0x5au8; 4096];
+    let r = Record {
+        header: RecordHeader::new(RecordKind::Write, acked + 1, 1, 1 << 62, 4096, &data),
+        payload: data,
+    };
+    send(&mut c, &Frame::Batch(vec![r]));
+    match read_frame(&mut c) {
+        Some(Frame::Error { reason, .. }) => assert!(reason.contains("beyond the disk's"), "{reason}"),
+        other => panic!("expected a refusal of the record, got {other:?}"),
+    }
+    assert_eq!(field("acked_seq").as_u64().unwrap(), acked, "nothing spooled");
+    assert!(field("spool_bytes").as_u64().unwrap() >= spooled);
+}
+
+fn uuid_of(a: &Agent) -> uuid_like::Uuid {
+    uuid_like::Uuid::parse(a.status()["disk_uuid"].as_str().unwrap())
+}
+
+/// The disk UUID's 16 bytes from its text (no uuid crate in this crate).
+mod uuid_like {
+    pub struct Uuid([u8; 16]);
+    impl Uuid {
+        pub fn parse(s: &str) -> Self {
+            let hex: String = s.chars().filter(|c| *c != '-').collect();
+            let mut b = [0u8; 16];
+            for (i, byte) in b.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+            }
+            Uuid(b)
+        }
+        pub fn as_bytes(&self) -> &[u8; 16] {
+            &self.0
+        }
+    }
+}
+
+/// `tidemark mount --mountpoint` is nosuid,nodev,noexec: checked in
+/// recovery.rs; here, the modes of what a normal run leaves behind.
+#[test]
+fn a_normal_run_leaves_private_files() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-modes");
+    let d = dir.path();
+    let site = Site::start(d, &[]);
+    let a = start_agent(d, "vm", &site.agent_flags());
+    still_replicates_id(&site, &a, "vm");
+    let key = tls_identity(d, "agent", "a").join("key.pem");
+    assert_eq!(mode(&key) & 0o077, 0, "{}", key.display());
+    assert_eq!(mode(&d.join("pki/ca/ca.key")) & 0o077, 0);
+    // Every file, folder and socket the services made is their owner's
+    // alone: the state directory (journal, bitmap, control socket), the
+    // spool, the data directory (catalog, replica, undo).
+    let mut seen = 0;
+    for root in [d.join("vm.state"), d.join("spool"), d.join("data")] {
+        for p in walk(&root) {
+            assert_eq!(mode(&p) & 0o077, 0, "{} is mode {:04o}", p.display(), mode(&p));
+            seen += 1;
+        }
+    }
+    assert!(seen > 10, "{seen} paths");
+    a.stop();
+}
+
+fn walk(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i].clone();
+        i += 1;
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                out.push(e.unwrap().path());
+            }
+        }
+    }
+    out.retain(|p| !std::fs::symlink_metadata(p).unwrap().file_type().is_symlink());
+    out
+}
+
+fn still_replicates_id(site: &Site, a: &Agent, id: &str) {
+    write_pattern(&a.sock, 0, MIB, 0x71);
+    wait_and_compare(site, id, &a.disk, T);
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}

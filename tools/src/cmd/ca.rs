@@ -1,0 +1,224 @@
+//! `tidemark ca`: the deployment's certificate authority (docs/security.md).
+//! `init` makes a CA in a new folder (its key 0600, the folder 0700);
+//! `issue` signs an identity — a key and a certificate naming
+//! `NAME.ROLE.tidemark` — into the folder a service's `--tls` reads.
+//! Certificates are made with rcgen; the services check them with rustls.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use tidemark_net::tls::{private_file, Identity, PeerRole, CA_FILE, CERT_FILE, KEY_FILE};
+
+/// The CA's private key in its folder.
+const CA_KEY_FILE: &str = "ca.key";
+/// The CA's name (its certificate's common name), for signing with it.
+const CA_NAME_FILE: &str = "ca.name";
+/// Copies of every certificate issued, `NAME.ROLE.SERIAL.pem`.
+const ISSUED_DIR: &str = "issued";
+
+#[derive(Subcommand)]
+pub enum CaCmd {
+    /// Create a certificate authority in a new folder (its key is 0600).
+    #[command(
+        override_usage = "tidemark ca init --dir CADIR [--days N]",
+        after_help = "Example:\n  tidemark ca init --dir /etc/tidemark/ca"
+    )]
+    Init(InitArgs),
+    /// Issue an identity (key + certificate) for a service's --tls folder.
+    #[command(
+        override_usage = "tidemark ca issue --ca CADIR NAME --role agent|collector|target --out DIR [--days N]",
+        after_help = "Examples:\n  tidemark ca issue --ca /etc/tidemark/ca web-1 --role agent --out /etc/tidemark/tls\n  tidemark-agent protect ... --tls /etc/tidemark/tls"
+    )]
+    Issue(IssueArgs),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// The folder to create (it must not exist, or be empty).
+    #[arg(long, value_name = "CADIR")]
+    dir: PathBuf,
+    /// How long the CA certificate is valid.
+    #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    days: u32,
+}
+
+#[derive(Args)]
+pub struct IssueArgs {
+    /// The CA's folder (from `tidemark ca init`).
+    #[arg(long, value_name = "CADIR")]
+    ca: PathBuf,
+    /// The identity's name: 1 to 63 of a-z, 0-9 and '-' (a host name).
+    name: String,
+    /// What the identity may act as.
+    #[arg(long, value_parser = ["agent", "collector", "target"])]
+    role: String,
+    /// The folder to write (it must not exist, or be empty): ca.pem,
+    /// cert.pem and key.pem, for the service's --tls.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// How long the certificate is valid.
+    #[arg(long, default_value_t = 397, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    days: u32,
+}
+
+pub fn run(c: CaCmd) -> Result<()> {
+    match c {
+        CaCmd::Init(a) => init(&a),
+        CaCmd::Issue(a) => issue(&a),
+    }
+}
+
+fn init(a: &InitArgs) -> Result<()> {
+    new_private_dir(&a.dir)?;
+    let key = KeyPair::generate().context("generate the CA key")?;
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let tag: String = uuid::Uuid::new_v4().simple().to_string().chars().take(8).collect();
+    p.distinguished_name
+        .push(DnType::CommonName, format!("Tidemark CA {tag}"));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut p, a.days);
+    p.serial_number = Some(serial());
+    let cert = p.self_signed(&key).context("sign the CA certificate")?;
+    write_new(&a.dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &a.dir.join(CA_NAME_FILE),
+        format!("Tidemark CA {tag}\n").as_bytes(),
+        0o644,
+    )?;
+    write_new(&a.dir.join(CA_FILE), cert.pem().as_bytes(), 0o644)?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(a.dir.join(ISSUED_DIR))
+        .with_context(|| format!("create {}", a.dir.join(ISSUED_DIR).display()))?;
+    outln!(
+        "CA \"Tidemark CA {tag}\" created in {} (valid {} days)",
+        a.dir.display(),
+        a.days
+    );
+    outln!(
+        "its key, {}, is the deployment's master secret: keep the folder on the configuration server only",
+        a.dir.join(CA_KEY_FILE).display()
+    );
+    outln!(
+        "next: tidemark ca issue --ca {} NAME --role agent|collector|target --out DIR",
+        a.dir.display()
+    );
+    Ok(())
+}
+
+fn issue(a: &IssueArgs) -> Result<()> {
+    let role = PeerRole::parse(&a.role).context("--role")?;
+    let id = Identity::new(&a.name, role).map_err(anyhow::Error::msg)?;
+    let ca_key_path = a.ca.join(CA_KEY_FILE);
+    private_file(&ca_key_path).map_err(anyhow::Error::msg)?;
+    let ca_key_pem =
+        std::fs::read_to_string(&ca_key_path).with_context(|| format!("read {}", ca_key_path.display()))?;
+    let ca_key =
+        KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{}: not a private key", ca_key_path.display()))?;
+    let ca_pem_path = a.ca.join(CA_FILE);
+    let ca_pem = std::fs::read_to_string(&ca_pem_path).with_context(|| format!("read {}", ca_pem_path.display()))?;
+    let name_path = a.ca.join(CA_NAME_FILE);
+    let ca_name = std::fs::read_to_string(&name_path).with_context(|| format!("read {}", name_path.display()))?;
+    // The issuer as signing needs it: the CA certificate's name and key
+    // (rcgen takes the issuer's name and key identifier from these; the
+    // stored ca.pem carries the same).
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.distinguished_name.push(DnType::CommonName, ca_name.trim());
+    let issuer = ca_params.self_signed(&ca_key).context("the CA key")?;
+
+    let key = KeyPair::generate().context("generate the key")?;
+    let mut p = CertificateParams::new(vec![id.dns_name()]).context("the certificate's name")?;
+    p.distinguished_name.push(DnType::CommonName, id.name.clone());
+    p.distinguished_name.push(DnType::OrganizationalUnitName, role.name());
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut p, a.days);
+    let serial = serial();
+    p.serial_number = Some(serial.clone());
+    let cert = p.signed_by(&key, &issuer, &ca_key).context("sign the certificate")?;
+
+    // What was made must chain to the stored CA certificate (a ca.key or
+    // ca.name that does not belong to ca.pem is caught here).
+    let made = tidemark_net::tls::check_issued(ca_pem.as_bytes(), cert.der())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.ca.display()))?;
+    if made != id {
+        bail!("the certificate made names {made}, not {id}");
+    }
+    new_private_dir(&a.out)?;
+    write_new(&a.out.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&a.out.join(CERT_FILE), cert.pem().as_bytes(), 0o644)?;
+    write_new(&a.out.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
+    let hex: String = serial.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let kept =
+        a.ca.join(ISSUED_DIR)
+            .join(format!("{}.{}.{hex}.pem", id.name, role.name()));
+    write_new(&kept, cert.pem().as_bytes(), 0o644)?;
+    outln!(
+        "issued {id} ({}, valid {} days, serial {hex}) into {}",
+        id.dns_name(),
+        a.days,
+        a.out.display()
+    );
+    outln!("use it with --tls {} on the {role}", a.out.display());
+    Ok(())
+}
+
+fn validity(p: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    // A little slack for clocks behind this one.
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(i64::from(days));
+}
+
+fn serial() -> SerialNumber {
+    let mut b = *uuid::Uuid::new_v4().as_bytes();
+    // Positive, as DER integers in certificates must be.
+    b[0] &= 0x7f;
+    SerialNumber::from_slice(&b)
+}
+
+/// Create `dir` 0700, or take it if it exists empty; refuse anything else.
+fn new_private_dir(dir: &Path) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                bail!("{} is not empty: give a new folder", dir.display());
+            }
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("chmod 700 {}", dir.display()))?;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display())),
+        Err(e) => Err(e).with_context(|| format!("{}", dir.display())),
+    }
+}
+
+/// Write a new file with `mode` (never over an existing one), durably.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.sync_all().with_context(|| format!("fsync {}", path.display()))?;
+    Ok(())
+}
