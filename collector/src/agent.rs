@@ -89,6 +89,10 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     }
     let conn = match shared.cfg.security.accept(stream).await {
         Ok(c) => c,
+        Err(e) if e == tidemark_net::tls::PROBE => {
+            debug!("connection {e}");
+            return;
+        }
         Err(e) => {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
             shared

@@ -285,6 +285,10 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
         }
         let conn = match shared.cfg.security.accept(stream).await {
             Ok(c) => c,
+            Err(e) if e == tidemark_net::tls::PROBE => {
+                debug!("connection {e}");
+                return;
+            }
             Err(e) => {
                 shared.refused_log.warn(format_args!("connection refused: {e}"));
                 return;

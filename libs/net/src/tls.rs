@@ -37,6 +37,11 @@ pub const DOMAIN: &str = "tidemark";
 /// How long a listener waits for a peer's TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What [`Tls::accept`] says of a connection closed before its TLS
+/// handshake: a port probe (readiness checks, monitoring), not worth a
+/// warning.
+pub const PROBE: &str = "closed before the TLS handshake";
+
 /// What a peer is, by its certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PeerRole {
@@ -277,7 +282,13 @@ impl Tls {
         let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
             .map_err(|_| format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("TLS handshake: {e}"))?;
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    PROBE.to_string()
+                } else {
+                    format!("TLS handshake: {e}")
+                }
+            })?;
         let peer = {
             let (_, conn) = s.get_ref();
             let cert = conn
@@ -440,9 +451,21 @@ pub fn check_issued(ca_pem: &[u8], cert: &[u8]) -> Result<Identity, String> {
 /// aws-lc-rs does not without cmake and NASM; rustls deprecates it for
 /// lacking post-quantum key exchange (X25519MLKEM768), a gap named in
 /// `docs/security.md`.
+/// Its cipher suites are TLS 1.3's three, AES-128-GCM first: with AES-NI
+/// the fastest, and replication is bulk data on a few cores.
 #[allow(deprecated)]
 fn provider() -> CryptoProvider {
-    rustls::crypto::ring::default_provider()
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    }
 }
 
 /// Refuse a secret file (a key, a token) that its group or others may
