@@ -119,7 +119,12 @@ async fn send_bytes<W: AsyncWrite + Unpin>(
 ) -> std::result::Result<(), SessionError> {
     tokio::select! {
         _ = stop.cancelled() => Err(SessionError::Stopped),
-        r = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(b)) => match r {
+        // Flushed: over TLS, the end of a batch could otherwise wait in the
+        // session for the next write.
+        r = tokio::time::timeout(WRITE_TIMEOUT, async {
+            w.write_all(b).await?;
+            w.flush().await
+        }) => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SessionError::Lost(format!("send to the collector: {e}"))),
             Err(_) => Err(SessionError::Lost(format!(

@@ -563,7 +563,12 @@ async fn send_loop(
         for (run_last, bytes, stats) in frames {
             inflight.add(run_last, bytes.len() as u64);
             tokio::select! {
-                r = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)) => match r {
+                // Flushed: over TLS, the end of a batch could otherwise wait
+                // in the session for the next write.
+                r = tokio::time::timeout(WRITE_TIMEOUT, async {
+                    wr.write_all(&bytes).await?;
+                    wr.flush().await
+                }) => match r {
                     Ok(r) => r.context("send to the target")?,
                     Err(_) => bail!(
                         "the target read nothing for {} s while a batch was being sent to it",
