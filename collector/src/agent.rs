@@ -87,17 +87,17 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
         warn!("cannot set TCP_USER_TIMEOUT on an agent connection: {e}");
     }
-    let conn = match shared.cfg.security.accept(stream).await {
+    let conn = match shared
+        .cfg
+        .security
+        .accept_logged(stream, &shared.refused_log, "refused an agent connection")
+        .await
+    {
         Ok(c) => c,
-        Err(e) if e == tidemark_net::tls::PROBE => {
-            debug!("connection {e}");
-            return;
-        }
-        Err(e) => {
-            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-            shared
-                .refused_log
-                .warn(format_args!("refused an agent connection: {e}"));
+        Err(refused) => {
+            if refused {
+                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
     };

@@ -283,16 +283,13 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
         if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
             debug!("TCP_USER_TIMEOUT not set: {e}");
         }
-        let conn = match shared.cfg.security.accept(stream).await {
-            Ok(c) => c,
-            Err(e) if e == tidemark_net::tls::PROBE => {
-                debug!("connection {e}");
-                return;
-            }
-            Err(e) => {
-                shared.refused_log.warn(format_args!("connection refused: {e}"));
-                return;
-            }
+        let Ok(conn) = shared
+            .cfg
+            .security
+            .accept_logged(stream, &shared.refused_log, "connection refused")
+            .await
+        else {
+            return;
         };
         let (rd, mut wr) = (conn.reader, conn.writer);
         if let Some(peer) = conn.peer.as_ref().filter(|p| p.role != PeerRole::Collector) {

@@ -11,29 +11,7 @@
 # the reason in the summary).
 
 host_before_replication() {
-  need_host_bins
-  local cport tport aport
-  tport=$(free_port)
-  cport=$(free_port)
-  aport=$(free_port)
-  [ "$cport" != "$tport" ] && [ "$aport" != "$tport" ] && [ "$aport" != "$cport" ] || { cport=$((tport + 1)); aport=$((tport + 2)); }
-  (umask 077; head -c 24 /dev/urandom | base64 >"$RUN/token")
-  cp "$RUN/token" "$HOSTDATA/token"
-  tls_issue vm-target target "$RUN/tls-target"
-  tls_issue vm-collector collector "$RUN/tls-collector"
-  tls_issue guest agent "$HOSTDATA/tls-agent"
-  host_bg repl-target "$HOST_BIN/tidemark-target" --listen "127.0.0.1:$tport" \
-    --data "$RUN/site/data" --token-file "$RUN/token" --tls "$RUN/tls-target"
-  wait_port "$tport"
-  host_bg repl-collector "$HOST_BIN/tidemark-collector" --listen "127.0.0.1:$cport" \
-    --spool "$RUN/site/spool" --target "127.0.0.1:$tport" --api "127.0.0.1:$aport" \
-    --token-file "$RUN/token" --tls "$RUN/tls-collector" --spool-cap 1G
-  wait_port "$cport"
-  wait_port "$aport"
-  cmdline collector "10.0.2.2:$cport"
-  cmdline api "10.0.2.2:$aport"
-  hook_set REPL_API "127.0.0.1:$aport"
-  echo "target 127.0.0.1:$tport, collector 127.0.0.1:$cport, api 127.0.0.1:$aport"
+  host_site repl --spool-cap 1G
 }
 
 host_after_replication() {

@@ -355,6 +355,29 @@ impl Security {
         }
     }
 
+    /// [`Security::accept`] for a listener, its failure logged: a port
+    /// probe at debug, anything else as `{what}: {error}` within `log`'s
+    /// rate. `Err(true)`: a refusal (for the caller's count); `Err(false)`:
+    /// a probe.
+    pub async fn accept_logged(
+        &self,
+        tcp: TcpStream,
+        log: &tidemark_util::ratelog::RateLimitedLog,
+        what: &str,
+    ) -> Result<Conn, bool> {
+        match self.accept(tcp).await {
+            Ok(c) => Ok(c),
+            Err(e) if e == PROBE => {
+                tracing::debug!("connection {e}");
+                Err(false)
+            }
+            Err(e) => {
+                log.warn(format_args!("{what}: {e}"));
+                Err(true)
+            }
+        }
+    }
+
     /// A dialer's side of a new connection to a peer of role `want`.
     pub async fn connect(&self, tcp: TcpStream, want: PeerRole, name: Option<&str>) -> Result<Conn, String> {
         match self {
