@@ -99,6 +99,12 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.chars().any(char::is_control) {
         return Err("the tag name contains control characters".into());
     }
+    if let Some(c) = tidemark_util::human::invisible_char(name) {
+        return Err(format!(
+            "the tag name contains U+{:04X}, a bidirectional or invisible formatting character",
+            u32::from(c)
+        ));
+    }
     Ok(())
 }
 

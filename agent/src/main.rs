@@ -56,6 +56,11 @@ struct ProtectArgs {
     /// Where to serve NBD: unix:PATH or tcp:HOST:PORT (optional with --ublk).
     #[arg(long)]
     listen: Option<String>,
+    /// Allow --listen tcp:…: NBD over TCP has no authentication and no
+    /// encryption here (STARTTLS is not built); anyone who reaches the port
+    /// reads and writes the disk.
+    #[arg(long)]
+    insecure_tcp: bool,
     /// Also (or only) serve the disk as a kernel block device /dev/ublkbN
     /// through the ublk driver (Linux 6.0+, module ublk_drv).
     #[arg(long)]
@@ -113,6 +118,7 @@ struct FileConfig {
     disk: Option<PathBuf>,
     state: Option<PathBuf>,
     listen: Option<String>,
+    insecure_tcp: bool,
     ublk: bool,
     ublk_id: Option<u32>,
     queues: Option<u16>,
@@ -148,6 +154,15 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
         .or(file.listen)
         .map(|l| tidemark_nbd::parse_listen(&l).map_err(|e| anyhow::anyhow!("--listen: {e}")))
         .transpose()?;
+    if let Some(l @ tidemark_nbd::ListenAddr::Tcp { .. }) = &listen {
+        if !(a.insecure_tcp || file.insecure_tcp) {
+            anyhow::bail!(
+                "--listen {l}: NBD over TCP has no authentication and no encryption (anyone who reaches the port \
+                 reads and writes the disk); listen on unix:PATH, or give --insecure-tcp (`insecure_tcp = true`) \
+                 to accept that"
+            );
+        }
+    }
     let ublk = if a.ublk || file.ublk {
         let d = UblkOptions::default();
         let queues = a.queues.or(file.queues).unwrap_or(d.queues);

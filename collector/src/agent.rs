@@ -45,10 +45,18 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             _ = shared.stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    let slots = match shared.admission.admit(peer.ip()) {
+                        Ok(a) => a,
+                        Err(why) => {
+                            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                            shared.refused_log.warn(format_args!("closed an agent connection from {peer}: {why}"));
+                            continue;
+                        }
+                    };
                     let s = shared.clone();
                     // The disk is recorded once the Hello names it.
                     let span = tracing::info_span!("agent", %peer, disk = tracing::field::Empty);
-                    shared.tracker.spawn(async move { serve(s, stream).await }.instrument(span));
+                    shared.tracker.spawn(async move { serve(s, stream, slots).await }.instrument(span));
                 }
                 Err(e) => {
                     warn!("accepting an agent connection: {e}");
@@ -82,7 +90,7 @@ async fn refuse(shared: &Shared, wr: &mut Writer, disk: Option<&str>, r: Refusal
     let _ = wr.shutdown().await;
 }
 
-async fn serve(shared: Arc<Shared>, stream: TcpStream) {
+async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::Admitted) {
     let _ = stream.set_nodelay(true);
     if let Err(e) = tidemark_net::set_user_timeout(&stream, USER_TIMEOUT) {
         warn!("cannot set TCP_USER_TIMEOUT on an agent connection: {e}");
@@ -147,6 +155,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         Ok(x) => x,
         Err(r) => return refuse(&shared, &mut wr, Some(&hello.disk_id), r).await,
     };
+    slots.authenticated();
     shared.agents_connected.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(write_loop(wr, rx));
     info!(
@@ -209,13 +218,24 @@ async fn admit(
         let owner = d.lock().owner.clone();
         match (&owner, &me) {
             (Some(o), Some(m)) if o != m => {
-                return Err(Refusal::new(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "disk {id} belongs to {o}, which registered it; this connection is {m}: a disk id is bound to \
-                         its agent's identity"
-                    ),
-                ))
+                if shared.rebind_grant(id, Some(m), true).is_none() {
+                    return Err(Refusal::new(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "disk {id} belongs to {o}, which registered it; this connection is {m}: a disk id is bound \
+                             to its agent's identity (an operator moves it: tidemark rebind {id} --owner {m})"
+                        ),
+                    ));
+                }
+                let (s, id2, m2) = (shared.clone(), id.to_string(), m.clone());
+                tokio::task::spawn_blocking(move || s.catalog.set_owner(&id2, &m2))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r)
+                    .map_err(internal)?;
+                d.lock().owner = Some(m.clone());
+                warn!(from = %o, to = %m, "disk moved to another agent identity (an operator's rebind)");
+                crate::audit::record(shared, m, "rebind-owner", id, &format!("from {o}"));
             }
             (Some(o), None) => {
                 return Err(Refusal::new(
@@ -276,7 +296,7 @@ async fn admit(
     // this agent must (its first files may have the old files' names).
     drop(bind);
     if let Some(old) = old_spool {
-        if let Err(e) = spool::drop_old_spool(shared, &disk, old).await {
+        if let Err(e) = spool::keep_old_spool(shared, &disk, old.0, old.1).await {
             let mut st = disk.lock();
             if st.agent.as_ref().is_some_and(|a| a.conn == conn) {
                 st.agent = None;
@@ -285,7 +305,8 @@ async fn admit(
         }
         warn!(
             uuid = %crate::catalog::uuid_text(&hello.disk_uuid),
-            "disk id rebound to a new uuid (forced): old spool dropped, the target starts afresh"
+            "disk id rebound to a new uuid (an operator's leave, forced): the old spool is kept aside, the target \
+             keeps the old history as a disk of its own and starts afresh"
         );
     }
     if let Some(size) = new_size {
@@ -307,7 +328,7 @@ async fn bind_disk(
     shared: &Arc<Shared>,
     hello: &Hello,
     owner: Option<&str>,
-) -> Result<(Arc<Disk>, Option<spool::OldSpool>), Refusal> {
+) -> Result<(Arc<Disk>, Option<(spool::OldSpool, [u8; 16])>), Refusal> {
     let id = &hello.disk_id;
     let internal = |e: anyhow::Error| bind_failed(id, &e);
     let disk = match shared.disk(id) {
@@ -385,7 +406,20 @@ async fn bind_disk(
                     return Err(Refusal::new(
                         ErrorCode::DiskMismatch,
                         format!(
-                            "disk id {id} is bound to uuid {}, this hello names {} (the agent's --force-resync rebinds it)",
+                            "disk id {id} is bound to uuid {}, this hello names {} (an operator's tidemark rebind {id} \
+                             and the agent's --force-resync rebind it)",
+                            crate::catalog::uuid_text(&bound),
+                            crate::catalog::uuid_text(&hello.disk_uuid)
+                        ),
+                    ));
+                }
+                // An agent's Hello alone never replaces a disk's history.
+                if shared.rebind_grant(id, owner, false).is_none() {
+                    return Err(Refusal::new(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "disk id {id} is bound to uuid {}; a rebind to {} (--force-resync) needs an operator's \
+                             leave first: tidemark rebind {id} (its history is kept, not deleted)",
                             crate::catalog::uuid_text(&bound),
                             crate::catalog::uuid_text(&hello.disk_uuid)
                         ),
@@ -397,7 +431,22 @@ async fn bind_disk(
                         format!("disk {id} has a live agent connection; cannot rebind it now"),
                     ));
                 }
-                let old = spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?;
+                let old = (
+                    spool::rebind(shared, &disk, hello.disk_uuid).await.map_err(internal)?,
+                    bound,
+                );
+                shared.rebind_grant(id, owner, true);
+                crate::audit::record(
+                    shared,
+                    owner.unwrap_or("a plaintext agent"),
+                    "rebind-uuid",
+                    id,
+                    &format!(
+                        "from {} to {}",
+                        crate::catalog::uuid_text(&bound),
+                        crate::catalog::uuid_text(&hello.disk_uuid)
+                    ),
+                );
                 adopt_lineage(shared, &disk, hello).await.map_err(internal)?;
                 return Ok((disk, Some(old)));
             }

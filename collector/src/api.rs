@@ -1,13 +1,18 @@
 //! The HTTP status API and Prometheus metrics (`docs/pipeline.md`, "Status
 //! API"). Read-only except `refresh`, which asks an agent for a Progress,
-//! and `quiesce` (a planned failback: the agent stops taking writes), which
-//! needs `Authorization: Bearer <the collector's token>`.
+//! `quiesce` (a planned failback: the agent stops taking writes) and
+//! `rebind` (an operator's leave for a disk's next Hello to rebind it),
+//! which need `Authorization: Bearer <the collector's token>` and are
+//! recorded in the audit log. Disk UUIDs are shown to authenticated
+//! callers only (`docs/security.md`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,6 +32,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/disks/:id", get(disk))
         .route("/api/v1/disks/:id/refresh", post(refresh))
         .route("/api/v1/disks/:id/quiesce", post(quiesce))
+        .route("/api/v1/disks/:id/rebind", post(rebind))
         .route("/metrics", get(metrics))
         .with_state(shared)
 }
@@ -34,7 +40,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let stop = shared.stop.clone();
     let app = router(shared);
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
@@ -50,14 +56,53 @@ fn not_found(id: &str) -> Response {
         .into_response()
 }
 
-async fn status(State(s): State<Arc<Shared>>) -> Json<Value> {
-    let disks: Vec<Value> = s.all_disks().iter().map(|d| s.disk_status(d).json).collect();
+/// The caller, if it sent the collector's token (`Authorization: Bearer`).
+fn caller(s: &Shared, headers: &HeaderMap, peer: SocketAddr) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))?;
+    constant_time_eq(bearer.as_bytes(), s.cfg.token.as_slice()).then(|| format!("token holder from {peer}"))
+}
+
+/// Compare secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A disk's status for `who`: without its UUID for an unauthenticated caller.
+fn shown(mut v: Value, who: Option<&String>) -> Value {
+    if who.is_none() {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("disk_uuid");
+        }
+    }
+    v
+}
+
+async fn status(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Json<Value> {
+    let who = caller(&s, &headers, peer);
+    let disks: Vec<Value> = s
+        .all_disks()
+        .iter()
+        .map(|d| shown(s.disk_status(d).json, who.as_ref()))
+        .collect();
     Json(json!({ "collector": s.collector_json(), "disks": disks }))
 }
 
-async fn disk(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+async fn disk(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let who = caller(&s, &headers, peer);
     match s.disk(&id) {
-        Some(d) => Json(s.disk_status(&d).json).into_response(),
+        Some(d) => Json(shown(s.disk_status(&d).json, who.as_ref())).into_response(),
         None => not_found(&id),
     }
 }
@@ -113,21 +158,42 @@ fn error(code: StatusCode, msg: String) -> Response {
 /// section 6): the disk's agent refuses every write from now on, journals
 /// a final tag and answers its seq: `{"disk_id","seq"}`. The caller then
 /// drains the replica to that seq and fails over at it.
-async fn quiesce(State(s): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if bearer.is_none_or(|b| b.as_bytes() != s.cfg.token.as_slice()) {
+async fn quiesce(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(who) = caller(&s, &headers, peer) else {
         return error(
             StatusCode::UNAUTHORIZED,
             "quiesce needs Authorization: Bearer <the collector's token>".into(),
         );
-    }
-    let Some(d) = s.disk(&id) else {
-        return not_found(&id);
     };
-    match crate::state::ask_agent_to(&s, &d, QUIESCE_WAIT, |nonce| tidemark_wire::frame::Request::Quiesce {
+    let r = quiesce_as(&s, &id).await;
+    crate::audit::record(&s, &who, "quiesce", &id, &r.0);
+    r.1
+}
+
+/// `quiesce` for an authenticated caller: (the audit result, the response).
+async fn quiesce_as(s: &Arc<Shared>, id: &str) -> (String, Response) {
+    let r = quiesce_disk(s, id).await;
+    let st = r.status();
+    (
+        if st.is_success() {
+            "ok".to_string()
+        } else {
+            format!("refused: {st}")
+        },
+        r,
+    )
+}
+
+async fn quiesce_disk(s: &Arc<Shared>, id: &str) -> Response {
+    let Some(d) = s.disk(id) else {
+        return not_found(id);
+    };
+    match crate::state::ask_agent_to(s, &d, QUIESCE_WAIT, |nonce| tidemark_wire::frame::Request::Quiesce {
         nonce,
     })
     .await
@@ -152,6 +218,58 @@ async fn quiesce(State(s): State<Arc<Shared>>, Path(id): Path<String>, headers: 
             ),
         ),
     }
+}
+
+/// `POST /api/v1/disks/{id}/rebind[?owner=NAME]` (operator): the disk's
+/// next Hello may rebind it, once, within the hour: to a new disk UUID
+/// (with the agent's `--force-resync`: a disk replaced, or a lost state
+/// directory) and, with `owner`, to agent identity NAME (a server moved to
+/// new hardware). The old history is kept at the collector and the
+/// target, never deleted: `{"disk_id","valid_for_s","owner"}`.
+async fn rebind(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(who) = caller(&s, &headers, peer) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "rebind needs Authorization: Bearer <the collector's token>".into(),
+        );
+    };
+    if let Some(k) = q.keys().find(|k| k.as_str() != "owner") {
+        return error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (only owner)"));
+    }
+    let owner = match q.get("owner") {
+        None => None,
+        Some(o) if tidemark_wire::DiskId::parse(o).is_ok() => Some(format!("agent {o}")),
+        Some(o) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("owner {o:?} is not an agent name (letters, digits, '.', '_', '-'; up to 64)"),
+            )
+        }
+    };
+    if s.disk(&id).is_none() {
+        crate::audit::record(&s, &who, "rebind", &id, "refused: no such disk");
+        return not_found(&id);
+    }
+    s.grant_rebind(&id, owner.clone());
+    let ttl = crate::state::REBIND_GRANT_TTL.as_secs();
+    crate::audit::record(
+        &s,
+        &who,
+        "rebind",
+        &id,
+        &format!(
+            "allowed for {ttl} s{}",
+            owner.as_deref().map(|o| format!(", owner {o}")).unwrap_or_default()
+        ),
+    );
+    tracing::warn!(disk = %id, owner = ?owner, "an operator allowed the disk's next Hello to rebind it");
+    Json(json!({ "disk_id": id, "valid_for_s": ttl, "owner": owner })).into_response()
 }
 
 tidemark_util::declare_metrics! {

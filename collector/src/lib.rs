@@ -22,6 +22,7 @@
 
 mod agent;
 mod api;
+mod audit;
 mod catalog;
 pub mod config;
 mod failpoint;

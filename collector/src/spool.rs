@@ -77,11 +77,20 @@ pub(crate) fn load_disk(shared: &Shared, row: &DiskRow) -> Result<Arc<Disk>> {
     {
         let mut st = disk.lock();
         for f in scan.files {
-            let stale = match &f.header {
-                Ok(h) if h.disk_uuid != row.disk_uuid => Some("it belongs to an earlier binding of the disk id"),
-                _ if f.last_seq <= row.trimmed_seq => Some("the target already acknowledged it"),
-                _ => None,
-            };
+            if let Some(h) = f.header.as_ref().ok().filter(|h| h.disk_uuid != row.disk_uuid) {
+                // A rebind committed before its old spool was kept aside.
+                let to = keep_files(
+                    &shared.cfg.spool,
+                    &row.disk_id,
+                    &uuid_tag(&h.disk_uuid),
+                    std::slice::from_ref(&f.path),
+                )?;
+                info!(disk = %row.disk_id, file = %f.path.display(), kept = %to.display(),
+                      "spool file of an earlier binding of the disk id kept aside");
+                removed = true;
+                continue;
+            }
+            let stale = (f.last_seq <= row.trimmed_seq).then_some("the target already acknowledged it");
             if let Some(why) = stale {
                 info!(disk = %row.disk_id, file = %f.path.display(), "deleting spool file: {why}");
                 std::fs::remove_file(&f.path).with_context(|| format!("delete {}", f.path.display()))?;
@@ -199,12 +208,12 @@ pub(crate) async fn trim(shared: &Arc<Shared>, disk: &Arc<Disk>, binding: u64, s
 }
 
 /// The spool files of a binding that was replaced, still on disk.
-#[must_use = "the old spool must be dropped (drop_old_spool)"]
+#[must_use = "the old spool must be kept aside (keep_old_spool)"]
 pub(crate) struct OldSpool(std::collections::BTreeMap<u64, SpoolEntry>);
 
 /// Rebind `disk` to `uuid` (HELLO_FORCE_RESYNC): the catalog first, then the
 /// in-memory state. The target session of the old binding ends. The old
-/// files are returned for [`drop_old_spool`], which the caller runs outside
+/// files are returned for [`keep_old_spool`], which the caller runs outside
 /// the binding lock but before the new agent may spool anything (new files
 /// can have the same names as old ones).
 pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16]) -> Result<OldSpool> {
@@ -227,25 +236,55 @@ pub(crate) async fn rebind(shared: &Arc<Shared>, disk: &Arc<Disk>, uuid: [u8; 16
     Ok(OldSpool(victims))
 }
 
-/// Delete the files of a replaced binding (see [`rebind`]).
-pub(crate) async fn drop_old_spool(shared: &Arc<Shared>, disk: &Arc<Disk>, old: OldSpool) -> Result<()> {
+/// Keep the files of a replaced binding (see [`rebind`]) in
+/// `<spool>/.kept/<id>.<old uuid>/`: history is never deleted by a rebind;
+/// an operator removes it.
+pub(crate) async fn keep_old_spool(shared: &Arc<Shared>, disk: &Arc<Disk>, old: OldSpool, was: [u8; 16]) -> Result<()> {
     let victims = old.0;
     let bytes: u64 = victims.values().map(|e| e.len).sum();
-    let dir = disk.dir.clone();
-    let r = tokio::task::spawn_blocking(move || -> Result<()> {
-        for v in victims.values() {
-            match std::fs::remove_file(&v.path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("delete {}", v.path.display())),
-            }
-        }
-        crashsafe::fsync_dir(&dir).with_context(|| format!("fsync {}", dir.display()))
-    })
-    .await
-    .context("drop the old spool")?;
+    let (root, id) = (shared.cfg.spool.clone(), disk.id.to_string());
+    let paths: Vec<PathBuf> = victims.values().map(|v| v.path.clone()).collect();
+    let r = tokio::task::spawn_blocking(move || keep_files(&root, &id, &uuid_tag(&was), &paths))
+        .await
+        .context("keep the old spool")?;
     shared.spool_shrank(bytes);
-    r
+    if let Ok(to) = &r {
+        if !victims.is_empty() {
+            warn!(disk = %disk.id, kept = %to.display(), bytes, "the old binding's spool is kept aside");
+        }
+    }
+    r.map(|_| ())
+}
+
+/// The first 8 hex digits of a disk uuid, naming kept history.
+fn uuid_tag(u: &[u8; 16]) -> String {
+    crate::catalog::uuid_text(u)[..8].to_string()
+}
+
+/// Move `files` (in one disk's spool folder) to `<root>/.kept/<id>.<tag>/`,
+/// durably; files already gone are skipped. Returns that folder.
+fn keep_files(root: &Path, id: &str, tag: &str, files: &[PathBuf]) -> Result<PathBuf> {
+    let kept = root.join(KEPT_DIR);
+    ensure_dir(&kept)?;
+    let to = kept.join(format!("{id}.{tag}"));
+    ensure_dir(&to)?;
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in files {
+        let Some(name) = f.file_name() else { continue };
+        match std::fs::rename(f, to.join(name)) {
+            Ok(()) => {
+                if let Some(p) = f.parent() {
+                    dirs.insert(p.to_path_buf());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("move {} to {}", f.display(), to.display())),
+        }
+    }
+    for d in dirs.iter().chain([&to, &kept]) {
+        crashsafe::fsync_dir(d).with_context(|| format!("fsync {}", d.display()))?;
+    }
+    Ok(to)
 }
 
 /// Move the files of spool folder `dir` to `<root>/.kept/<id>.<at>` (a

@@ -242,7 +242,24 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     /// Nonces for `Request::StatusNow` (never 0: that marks a periodic report).
     next_nonce: AtomicU64,
+    /// The agent listener's connection slots.
+    pub admission: tidemark_net::Admission,
+    /// Rebinds an operator allowed (`POST /api/v1/disks/{id}/rebind`), by disk.
+    rebind_grants: Mutex<BTreeMap<String, RebindGrant>>,
 }
+
+/// An operator's leave for the next Hello of a disk to rebind it: to a new
+/// disk UUID (with the agent's `--force-resync`) and, over TLS, to another
+/// agent identity (`owner`, or any if None). Used once; it lapses after
+/// [`REBIND_GRANT_TTL`].
+#[derive(Clone, Debug)]
+pub(crate) struct RebindGrant {
+    pub owner: Option<String>,
+    pub until: Instant,
+}
+
+/// How long an operator's rebind leave waits for the agent.
+pub(crate) const REBIND_GRANT_TTL: Duration = Duration::from_secs(3600);
 
 /// KiB permits for `bytes` of the memory budget (at least 1, at most all).
 pub(crate) fn kib_permits(bytes: u64) -> u32 {
@@ -271,9 +288,42 @@ impl Shared {
             // Unlikely to repeat a nonce of an earlier run that an agent
             // could still be answering.
             next_nonce: AtomicU64::new((now_ns() & 0xffff_ffff_ffff) << 8 | 1),
+            rebind_grants: Mutex::new(BTreeMap::new()),
+            admission: tidemark_net::Admission::default(),
             cfg,
         });
         Ok(shared)
+    }
+
+    /// Allow the next Hello of `disk` to rebind it (an operator's action).
+    pub(crate) fn grant_rebind(&self, disk: &str, owner: Option<String>) {
+        let g = RebindGrant {
+            owner,
+            until: Instant::now() + REBIND_GRANT_TTL,
+        };
+        self.rebind_grants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(disk.to_string(), g);
+    }
+
+    /// The live rebind leave for `disk` that covers identity `who` (None:
+    /// a plaintext connection), if any; `take` uses it up.
+    pub(crate) fn rebind_grant(&self, disk: &str, who: Option<&str>, take: bool) -> Option<RebindGrant> {
+        let mut m = self
+            .rebind_grants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.retain(|_, g| g.until > Instant::now());
+        let g = m.get(disk)?;
+        if g.owner.as_deref().is_some_and(|o| Some(o) != who) {
+            return None;
+        }
+        if take {
+            m.remove(disk)
+        } else {
+            Some(g.clone())
+        }
     }
 
     pub(crate) fn next_conn_id(&self) -> u64 {

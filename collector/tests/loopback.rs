@@ -222,8 +222,16 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_as(addr, method, path, None).await
+}
+
+/// `http` with `Authorization: Bearer <bearer>`.
+async fn http_as(addr: std::net::SocketAddr, method: &str, path: &str, bearer: Option<&[u8]>) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let auth = bearer
+        .map(|b| format!("Authorization: Bearer {}\r\n", String::from_utf8_lossy(b)))
+        .unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     tokio::time::timeout(T, s.read_to_string(&mut out))
@@ -372,7 +380,11 @@ async fn spools_acks_forwards_packed_and_trims() {
     assert_eq!(disk["target_connected"], true);
     assert_eq!(disk["spool_bytes"], 0);
     assert_eq!(disk["lag_s"], 0.0);
-    assert_eq!(disk["disk_uuid"], "01010101-0101-0101-0101-010101010101");
+    assert_eq!(disk["disk_uuid"], Value::Null, "no UUID for an unauthenticated caller");
+    let (code, body) = http_as(c.api_addr, "GET", "/api/v1/disks/db1", Some(TOKEN)).await;
+    assert_eq!(code, 200, "{body}");
+    let authed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(authed["disk_uuid"], "01010101-0101-0101-0101-010101010101");
     assert_eq!(disk["zero_blocks"], 5, "one zero block per record");
     assert_eq!(disk["dedup_hits"], 4, "the repeated block after its first literal");
     assert!(disk["wire_ratio"].as_f64().unwrap() < 0.5, "{disk}");
@@ -526,9 +538,23 @@ async fn bad_input_is_refused_while_another_disk_keeps_working() {
     b[n - 1] ^= 1;
     bad.write_all(&b).await.unwrap();
     expect_error(recv(&mut bad).await, ErrorCode::Malformed, "checksum");
-    // A forced rebind is accepted and drops the old spool.
+    // A forced rebind needs an operator's leave first...
     let mut h = hello("bad", [4; 16]);
     h.flags = HELLO_FORCE_RESYNC;
+    expect_error(
+        connect_agent(&c, h.clone()).await.1,
+        ErrorCode::Forbidden,
+        "needs an operator",
+    );
+    let (code, body) = http(c.api_addr, "POST", "/api/v1/disks/bad/rebind").await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = http_as(c.api_addr, "POST", "/api/v1/disks/bad/rebind?owner=a%20b", Some(TOKEN)).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http_as(c.api_addr, "POST", "/api/v1/disks/nope/rebind", Some(TOKEN)).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = http_as(c.api_addr, "POST", "/api/v1/disks/bad/rebind", Some(TOKEN)).await;
+    assert_eq!(code, 200, "{body}");
+    // ...then it is accepted, once; the old spool is kept aside.
     let (_rebound, w) = connect_agent(&c, h).await;
     match w {
         Frame::Welcome { acked_seq, flags, .. } => {

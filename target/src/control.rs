@@ -103,17 +103,44 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Can
     let _ = std::fs::remove_file(shared.cfg.data_dir.join(recovery::CONTROL_SOCKET));
 }
 
+/// Longest request line.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// One request line (None: the client closed); a line longer than
+/// [`MAX_REQUEST`] or not UTF-8 is an error, and the connection ends.
+async fn read_request(rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Result<Option<String>, String> {
+    let mut buf = Vec::new();
+    let n = tokio::io::AsyncReadExt::take(&mut *rd, MAX_REQUEST + 1)
+        .read_until(b'\n', &mut buf)
+        .await
+        .map_err(|e| format!("reading the request: {e}"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    // Without a newline: too long, or the client closed after a last line.
+    if buf.last() != Some(&b'\n') && n as u64 > MAX_REQUEST {
+        return Err(format!("a request line is at most {MAX_REQUEST} bytes"));
+    }
+    String::from_utf8(buf)
+        .map(|l| Some(l.trim_end().to_string()))
+        .map_err(|_| "the request is not UTF-8".to_string())
+}
+
 async fn conn(s: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
     let (rd, mut wr) = s.into_split();
-    let mut lines = BufReader::new(rd).lines();
+    let mut rd = BufReader::new(rd);
     let mut pins: Vec<(String, u64)> = Vec::new();
     let mut stopped: Vec<String> = Vec::new();
     loop {
         let line = tokio::select! {
             _ = stop.cancelled() => break,
-            l = lines.next_line() => match l {
+            l = read_request(&mut rd) => match l {
                 Ok(Some(l)) => l,
-                _ => break,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = wr.write_all(format!("{}\n", json!({"ok": false, "error": e})).as_bytes()).await;
+                    break;
+                }
             },
         };
         let reply = match serde_json::from_str::<Req>(&line) {

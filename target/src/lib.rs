@@ -223,6 +223,7 @@ impl Target {
         }
         let mut conns = JoinSet::new();
         let control = tokio::spawn(control::serve(self.control, self.shared.clone(), stop.clone()));
+        let admission = tidemark_net::Admission::default();
         let metrics = self.metrics.map(|l| {
             info!(metrics = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving metrics");
             tokio::spawn(http::serve_http(l, self.shared.clone(), stop.clone()))
@@ -231,9 +232,12 @@ impl Target {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 a = self.listener.accept() => match a {
-                    Ok((stream, peer)) => {
-                        conns.spawn(session::handle(stream, peer, self.shared.clone(), stop.clone()));
-                    }
+                    Ok((stream, peer)) => match admission.admit(peer.ip()) {
+                        Ok(slots) => {
+                            conns.spawn(session::handle(stream, peer, self.shared.clone(), stop.clone(), slots));
+                        }
+                        Err(why) => self.shared.refused_log.warn(format_args!("closed a connection from {peer}: {why}")),
+                    },
                     Err(e) => {
                         // Out of descriptors or a connection reset before
                         // accept: wait a little instead of spinning.

@@ -62,45 +62,41 @@ pub fn vmdk_size(disk_size: u64) -> u64 {
     disk_size.div_ceil(512).saturating_mul(512)
 }
 
-/// Keep the replica of a rebound disk aside, durably: a raw replica is
-/// copied (sparse) to `replica.raw.old-<uuid>` and stays where it is, so
-/// that the new disk's initial sync compares with it and sends only what
-/// differs (`docs/failback.md`, section 4: a lost state directory); a
-/// VMDK's files (descriptor and extent) move into `replica.old-<uuid>/`
-/// under their own names, so that the old descriptor still finds its
-/// extent. Idempotent (a crash halfway is finished by the next call);
-/// returns where the old replica is kept, None if there was none.
-pub(crate) fn move_aside(dir: &Path, old_uuid: &str) -> Result<Option<PathBuf>> {
+/// Keep the history of a rebound disk as a disk of its own, durably, in
+/// folder `to` (its catalog rows were renamed by the rebind): a raw
+/// replica is copied (sparse) to `to/replica.raw` and stays where it is,
+/// so that the new disk's initial sync compares with it and sends only
+/// what differs (`docs/failback.md`, section 4: a lost state directory);
+/// a VMDK's files (descriptor and extent) move to `to` under their own
+/// names; the undo data moves to `to` with them (it describes the old
+/// replica only). Idempotent: a crash halfway is finished by the next call.
+pub(crate) fn keep_history(dir: &Path, to: &Path) -> Result<()> {
+    if !to.is_dir() {
+        std::fs::create_dir_all(to).io_at("create", to)?;
+    }
     let raw = dir.join(REPLICA_FILE);
-    let mut moved = None;
     if raw.exists() {
-        let to = dir.join(format!("{REPLICA_FILE}.old-{old_uuid}"));
-        if !to.exists() {
-            tidemark_util::fileops::copy_sparse(&raw, &to)
-                .io_ctx(|| format!("keep a copy of {} as {}", raw.display(), to.display()))?;
+        let kept = to.join(REPLICA_FILE);
+        if !kept.exists() {
+            tidemark_util::fileops::copy_sparse(&raw, &kept)
+                .io_ctx(|| format!("keep a copy of {} as {}", raw.display(), kept.display()))?;
         }
-        moved = Some(to);
     }
-    let vmdk: Vec<&str> = [VMDK_FILE, FLAT_EXTENT_FILE]
-        .into_iter()
-        .filter(|n| dir.join(n).exists())
-        .collect();
-    if !vmdk.is_empty() {
-        let to = dir.join(format!("replica.old-{old_uuid}"));
-        if !to.is_dir() {
-            std::fs::create_dir(&to).io_at("create", &to)?;
+    for n in [VMDK_FILE, FLAT_EXTENT_FILE, crate::undo::UNDO_DIR] {
+        let (a, b) = (dir.join(n), to.join(n));
+        if a.exists() {
+            if b.exists() {
+                // Moved before a crash, and made again since: not ours.
+                let junk = a.with_extension("stale");
+                std::fs::rename(&a, &junk).io_ctx(|| format!("move {} aside", a.display()))?;
+            } else {
+                std::fs::rename(&a, &b).io_ctx(|| format!("move {} to {}", a.display(), b.display()))?;
+            }
         }
-        for n in vmdk {
-            let (a, b) = (dir.join(n), to.join(n));
-            std::fs::rename(&a, &b).io_ctx(|| format!("move {} aside to {}", a.display(), b.display()))?;
-        }
-        fsync_dir(&to).io_at("sync", &to)?;
-        moved = Some(to);
     }
-    if moved.is_some() {
-        fsync_dir(dir).io_at("sync", dir)?;
-    }
-    Ok(moved)
+    fsync_dir(to).io_at("sync", to)?;
+    fsync_dir(dir).io_at("sync", dir)?;
+    Ok(())
 }
 
 fn fmt_err(e: impl std::fmt::Display) -> tidemark_formats::Error {
@@ -483,15 +479,16 @@ mod tests {
             let r = Replica::open(d.path(), format, 1024).unwrap();
             assert_eq!(r.size(), 1024);
             drop(r);
-            // A forced rebind moves every file of the VMDK aside, together.
-            let to = move_aside(d.path(), "old-uuid").unwrap().unwrap();
-            assert_eq!(to, d.path().join("replica.old-old-uuid"));
+            // A forced rebind moves every file of the VMDK to the kept
+            // history's folder, together (and again is a no-op).
+            let to = d.path().join("kept");
+            keep_history(d.path(), &to).unwrap();
             assert!(!d.path().join(VMDK_FILE).exists() && !d.path().join(FLAT_EXTENT_FILE).exists());
+            keep_history(d.path(), &to).unwrap();
             let old = tidemark_formats::replica::open_read_only(&to).unwrap();
             let mut b = [0u8; 8];
             old.read_at(&mut b, 1000).unwrap();
             assert_eq!(b, [7; 8], "the moved replica still opens");
-            assert_eq!(move_aside(d.path(), "old-uuid").unwrap(), None);
         }
     }
 
@@ -509,8 +506,19 @@ mod tests {
         r.sync().unwrap();
         assert_eq!(r.next_data(0, 1 << 20).unwrap(), None, "zero punched a hole");
         drop(r);
-        let to = move_aside(d.path(), "u").unwrap().unwrap();
-        assert_eq!(to, d.path().join("replica.raw.old-u"));
+        std::fs::create_dir(d.path().join(crate::undo::UNDO_DIR)).unwrap();
+        let to = d.path().join("kept");
+        keep_history(d.path(), &to).unwrap();
+        keep_history(d.path(), &to).unwrap();
+        assert!(
+            d.path().join(REPLICA_FILE).exists(),
+            "a raw replica stays (the new disk's sync compares with it)"
+        );
+        assert!(to.join(REPLICA_FILE).exists() && to.join(crate::undo::UNDO_DIR).is_dir());
+        assert!(
+            !d.path().join(crate::undo::UNDO_DIR).exists(),
+            "the undo data moved with the history"
+        );
 
         // A create interrupted before its descriptor leaves only the extent.
         let d = tempfile::tempdir().unwrap();

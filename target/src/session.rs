@@ -276,7 +276,13 @@ fn state_key(s: &TargetState) -> (ReplicaState, u64, u64) {
 }
 
 /// Serve one connection until it ends; log how it ended, once.
-pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    mut slots: tidemark_net::Admitted,
+) {
     let span = tracing::info_span!("session", %peer, disk = tracing::field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
@@ -311,7 +317,7 @@ pub(crate) async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shar
         // every disk's replication).
         let mut reader =
             FrameReader::new(rd, tidemark_net::HELLO_MAX_BODY).with_budget(shared.memory.frames.clone(), FRAME_BUDGET);
-        match session(&mut reader, &mut wr, &shared, &stop).await {
+        match session(&mut reader, &mut wr, &shared, &stop, &mut slots).await {
             Ok(Some(why)) => info!("connection closed: {why}"),
             // A port probe (readiness checks): not worth a line.
             Ok(None) => debug!("connection closed before Hello"),
@@ -433,17 +439,16 @@ impl Work {
             (h, _) => h,
         };
         let dir = replica::ensure_disk_dir(data_dir, disk_id)?;
-        if let Some(old) = &row.replaced_uuid {
-            // Move first, then clear the mark: a crash in between finds no
-            // replica to move and just clears it.
-            if let Some(to) = replica::move_aside(&dir, old)? {
-                info!("old replica kept as {}", to.display());
-            }
-            // The old disk's undo data describes the old replica only.
-            let undo = dir.join(crate::undo::UNDO_DIR);
-            if undo.exists() {
-                std::fs::remove_dir_all(&undo).io_at("remove", &undo)?;
-            }
+        if let Some(kept) = &row.replaced_uuid {
+            // Move first, then clear the mark: a crash in between finds
+            // the moves done and just clears it.
+            let to = tidemark_catalog::layout::disk_dir(data_dir, kept);
+            replica::keep_history(&dir, &to)?;
+            warn!(
+                kept = %kept,
+                "the old binding's history (replica, undo, points) is kept as disk {kept}: tidemark points and \
+                 tidemark mount read it"
+            );
             catalog.clear_replaced(disk_id)?;
         }
         let halts = catalog.open_halts(disk_id)?;
@@ -798,10 +803,12 @@ async fn session<R: AsyncRead + Unpin>(
     wr: &mut Writer,
     shared: &Arc<Shared>,
     stop: &CancellationToken,
+    slots: &mut tidemark_net::Admitted,
 ) -> Result<Option<String>, End> {
     let Some((mut work, _live)) = admit(reader, shared, stop).await? else {
         return Ok(None);
     };
+    slots.authenticated();
     reader.set_max_body(MAX_BODY);
     let id = work.disk_id.clone();
     // The line this session applies (for the refusal once it is failed over).

@@ -77,13 +77,14 @@ async fn vmdk_replicas_are_created_from_the_hello_size_and_moved_aside_on_rebind
         assert_eq!(code, ErrorCode::Internal);
         assert!(why.contains("does not grow"), "{why}");
 
-        // A forced rebind: the old VMDK (every file of it) goes aside.
+        // A forced rebind: the old VMDK (every file of it) is kept as the
+        // history of a disk of its own.
         let (c, acked, _) = Conn::open(t.addr, sized("vm", uuid(2), HELLO_FORCE_RESYNC, 2 * MIB)).await;
         assert_eq!(acked, 0);
         drop(c);
-        let old = d.join("vm").join(format!(
-            "replica.old-{}",
-            tidemark_target::catalog::format_uuid(&uuid(1))
+        let old = d.join(format!(
+            "vm.replaced-{}",
+            &tidemark_target::catalog::format_uuid(&uuid(1))[..8]
         ));
         let old_img = tidemark_formats::replica::open_read_only(&old).unwrap();
         assert_eq!(old_img.format(), format);

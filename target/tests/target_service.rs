@@ -313,15 +313,13 @@ async fn bad_input_is_refused_while_another_disk_keeps_working() {
     let (code, reason) = refused(t.addr, hello("b", uuid(12), 0)).await;
     assert_eq!(code, ErrorCode::DiskMismatch);
     assert!(reason.contains("0b0b0b0b-0b0b"), "{reason}");
-    // ...unless forced: a copy of the old replica is kept aside; the replica
-    // keeps its contents for the new disk's initial sync to compare with.
+    // ...unless forced (the collector's say, after an operator's leave):
+    // the old history is kept as disk b.replaced-0b0b0b0b (a copy of the
+    // replica); the replica keeps its contents for the new disk's initial
+    // sync to compare with.
     let (_b, acked, flags) = Conn::open(t.addr, hello("b", uuid(12), HELLO_FORCE_RESYNC)).await;
     assert_eq!((acked, flags), (0, WELCOME_NEED_FULL_SYNC));
-    assert!(dir
-        .path()
-        .join("b")
-        .join("replica.raw.old-0b0b0b0b-0b0b-0b0b-0b0b-0b0b0b0b0b0b")
-        .exists());
+    assert!(dir.path().join("b.replaced-0b0b0b0b").join("replica.raw").exists());
     assert!(dir.path().join("b").join("replica.raw").exists());
 
     // Through all of that, disk a kept working.

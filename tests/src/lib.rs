@@ -625,6 +625,18 @@ impl Site {
         format!("http://127.0.0.1:{}", self.api_port)
     }
 
+    /// `tidemark rebind` (the operator's leave for the disk's next Hello
+    /// to rebind it), optionally to agent identity `owner`.
+    pub fn allow_rebind(&self, disk_id: &str, owner: Option<&str>) -> String {
+        let mut c = Command::new(bin("tidemark"));
+        c.args(["rebind", disk_id, "--api", &self.api(), "--token-file"])
+            .arg(&self.token_file);
+        if let Some(o) = owner {
+            c.args(["--owner", o]);
+        }
+        String::from_utf8_lossy(&run_ok(&mut c, Duration::from_secs(30)).stdout).into_owned()
+    }
+
     /// Path of a disk's replica.
     pub fn replica(&self, disk_id: &str) -> PathBuf {
         self.dir.join("data").join(disk_id).join("replica.raw")

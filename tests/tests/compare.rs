@@ -63,6 +63,7 @@ fn a_lost_state_directory_resyncs_only_what_differs() {
     std::fs::remove_dir_all(&state).unwrap();
     let differ = scribble(&disk, 48, seed());
     let before = payload(&site, "ls");
+    site.allow_rebind("ls", None);
     let a = agent(&site, d, "ls", SIZE, &["--force-resync"]);
     wait_and_compare(&site, "ls", &disk, T);
     let sent = payload(&site, "ls") - before;
@@ -73,13 +74,15 @@ fn a_lost_state_directory_resyncs_only_what_differs() {
     let st = a.status();
     assert_eq!(st["compare_bytes"].as_u64(), Some(SIZE), "{st}");
     assert_eq!(st["compare_equal_bytes"].as_u64(), Some(SIZE - differ), "{st}");
-    // The replica the old disk had is kept aside as it was.
-    let kept: Vec<_> = std::fs::read_dir(site.replica("ls").parent().unwrap())
+    // The replica the old disk had is kept as it was, the history of a
+    // disk of its own.
+    let kept: Vec<_> = std::fs::read_dir(site.replica("ls").parent().unwrap().parent().unwrap())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("replica.raw.old-"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ls.replaced-"))
         .collect();
     assert_eq!(kept.len(), 1, "one copy of the old replica kept");
+    assert!(kept[0].path().join("replica.raw").exists());
     a.stop();
 }
 

@@ -208,7 +208,8 @@ fn refused_starts_leave_nothing_behind() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = loopback(busy.local_addr().unwrap().port());
 
-    // Agent: listen port in use.
+    // Agent: NBD over TCP without --insecure-tcp (no authentication, no
+    // encryption: an explicit choice), then the listen port in use.
     let (disk, state) = (d.join("new.img"), d.join("new.state"));
     let out = daemon(
         "tidemark-agent",
@@ -222,6 +223,23 @@ fn refused_starts_leave_nothing_behind() {
             s(&state),
             "--listen",
             &format!("tcp:{busy_addr}"),
+        ],
+    );
+    refused(&out, &["--insecure-tcp", "no authentication"], "agent, NBD over TCP");
+    assert!(!disk.exists() && !state.exists());
+    let out = daemon(
+        "tidemark-agent",
+        &[
+            "protect",
+            "--disk",
+            s(&disk),
+            "--create-size",
+            "8M",
+            "--state",
+            s(&state),
+            "--listen",
+            &format!("tcp:{busy_addr}"),
+            "--insecure-tcp",
         ],
     );
     refused(&out, &["Address already in use", &busy_addr], "agent, port in use");
@@ -303,6 +321,7 @@ fn foreign_directories_are_refused_untouched() {
             s(&home),
             "--listen",
             "tcp:127.0.0.1:0",
+            "--insecure-tcp",
         ],
     );
     refused(

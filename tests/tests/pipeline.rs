@@ -361,11 +361,64 @@ fn bad_input_is_refused_and_other_disks_keep_going() {
         site.collector.alive() && site.target.alive(),
         "a service died on bad input"
     );
+    let good_disk = a.disk.clone();
     a.stop();
 
-    // --force-resync rebinds the id to the new disk, which then converges.
+    // --force-resync alone does not rebind: an agent's Hello never replaces
+    // a disk's history without an operator's leave.
+    let points_before = points_of(&site, "good");
+    assert!(!points_before.is_empty());
+    let b = agent(&site, &other, "good", 32 * MIB, &["--force-resync"]);
+    poll_until("the forced agent's refusal", Duration::from_secs(30), || {
+        b.log_text().contains("needs an operator")
+    });
+    b.kill9();
+    assert_eq!(
+        points_of(&site, "good"),
+        points_before,
+        "a refused rebind deleted points"
+    );
+    assert_identical(&good_disk, &site.replica("good"));
+
+    // With the operator's leave, --force-resync rebinds the id to the new
+    // disk, which then converges; the old history is kept as a disk of
+    // its own (points and replica), and the old spool at the collector.
+    let said = site.allow_rebind("good", None);
+    assert!(said.contains("rebind of good allowed"), "{said}");
     let b = agent(&site, &other, "good", 32 * MIB, &["--force-resync"]);
     assert!(write_burst(&b.sock, 32 * MIB, &mut rng, 16));
     wait_and_compare(&site, "good", &b.disk.clone(), Duration::from_secs(120));
     b.stop();
+    let kept: Vec<String> = fs::read_dir(d.join("data"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("good.replaced-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(points_of(&site, &kept[0]), points_before, "the old points are kept");
+    assert_identical(&good_disk, &d.join("data").join(&kept[0]).join("replica.raw"));
+    let audit = fs::read_to_string(d.join("spool").join("audit.log")).unwrap();
+    assert!(
+        audit.contains("\"action\":\"rebind\"") && audit.contains("rebind-uuid"),
+        "{audit}"
+    );
+}
+
+/// The seqs of `tidemark points --data` for a disk.
+fn points_of(site: &Site, id: &str) -> Vec<u64> {
+    let out = run_ok(
+        Command::new(bin("tidemark"))
+            .args(["points", "--data"])
+            .arg(site.dir.join("data"))
+            .args([id, "--json"]),
+        Duration::from_secs(30),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("points JSON");
+    v["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect()
 }

@@ -83,6 +83,12 @@ enum Cmd {
         after_help = "Example:\n  tidemark resync --agent /var/lib/tidemark/db db --compare\n  tidemark agent-status --agent /var/lib/tidemark/db   # progress; 'hash-compared' says how much was equal"
     )]
     Resync(cmd::resync::ResyncArgs),
+    /// Allow a disk's next Hello to rebind it (new disk UUID, or another agent identity).
+    #[command(
+        override_usage = "tidemark rebind DISK --api URL --token-file FILE [--owner NAME]",
+        after_help = "Example:\n  tidemark rebind db --api 127.0.0.1:7702 --token-file /etc/tidemark/token\n  tidemark-agent protect ... --force-resync   # then, within the hour"
+    )]
+    Rebind(cmd::rebind::RebindArgs),
     /// Take writes again on a disk quiesced by a planned failover that did not go ahead.
     #[command(override_usage = "tidemark resume --agent STATE_DIR DISK")]
     Resume(cmd::resync::ResumeArgs),
@@ -103,6 +109,7 @@ fn main() -> ExitCode {
         Cmd::Reprotect(a) => cmd::reprotect::reprotect(a).map(ok),
         Cmd::Resync(a) => cmd::resync::resync(a).map(ok),
         Cmd::Resume(a) => cmd::resync::resume(a).map(ok),
+        Cmd::Rebind(a) => cmd::rebind::rebind(a).map(ok),
     };
     let code = match r {
         Ok(code) => code,

@@ -470,7 +470,8 @@ pub struct DiskRow {
     pub format: ReplicaFormat,
     /// A failover was recorded: nothing more is applied.
     pub failed_over: bool,
-    /// Set by a forced rebind until the old replica has been moved aside.
+    /// Set by a forced rebind until the old replica has been moved aside:
+    /// the disk id its old history is kept under.
     pub replaced_uuid: Option<String>,
 }
 
@@ -937,10 +938,30 @@ impl Catalog {
             },
             Some(row) => {
                 let old_uuid = format_uuid(&row.disk_uuid);
-                // A rebind that was not finished (old replica not moved yet)
-                // keeps the name of the replica that is still there.
-                let replaced = row.replaced_uuid.clone().unwrap_or_else(|| old_uuid.clone());
-                for t in ["halts", "points", "undo", "undo_segments", "failovers"] {
+                // The old binding's history is kept, never deleted: its rows
+                // move to a disk id of their own (its folder follows when
+                // the target opens the disk, `replaced_uuid` names it until
+                // then) and stay until an operator removes them.
+                let kept = match &row.replaced_uuid {
+                    // A rebind that was not finished: its history is kept
+                    // under that id already; the rows left are the newer
+                    // binding's, none of which was applied.
+                    Some(k) if k.starts_with(&format!("{disk_id}.")) || Self::row(&tx, k)?.is_some() => k.clone(),
+                    _ => {
+                        let kept = Self::free_kept_id(&tx, disk_id, &old_uuid)?;
+                        Self::rename_rows(&tx, disk_id, &kept)?;
+                        tx.execute(
+                            "UPDATE disks SET replaced_uuid = NULL, updated_at = ?2 WHERE disk_id = ?1",
+                            params![kept, now],
+                        )?;
+                        tx.execute(
+                            "INSERT INTO disks (disk_id, disk_uuid, created_at, updated_at, format) VALUES (?1, ?2, ?3, ?3, ?4)",
+                            params![disk_id, format_uuid(uuid), now, format.as_str()],
+                        )?;
+                        kept
+                    }
+                };
+                for t in ["halts", "points", "undo", "undo_segments"] {
                     tx.execute(&format!("DELETE FROM {t} WHERE disk_id = ?1"), [disk_id])?;
                 }
                 Self::put_policy(&tx, disk_id, policy)?;
@@ -951,10 +972,10 @@ impl Catalog {
                          replaced_uuid = ?3,
                          created_at = ?4, updated_at = ?4, format = ?5
                      WHERE disk_id = ?1",
-                    params![disk_id, format_uuid(uuid), replaced, now, format.as_str()],
+                    params![disk_id, format_uuid(uuid), kept, now, format.as_str()],
                 )?;
                 Bind::Rebound {
-                    row: fresh(Some(replaced)),
+                    row: fresh(Some(kept)),
                     old_uuid,
                 }
             }
@@ -1101,23 +1122,55 @@ impl Catalog {
         if Self::row(&tx, new_id)?.is_some() {
             return Err(Error::new(ErrorKind::Refused, format!("disk id {new_id} is taken")));
         }
-        tx.pragma_update(None, "defer_foreign_keys", "ON")?;
-        for t in [
-            "halts",
-            "points",
-            "undo_segments",
-            "undo",
-            "failovers",
-            "reprotect_owed",
-            "disks",
-        ] {
-            tx.execute(
-                &format!("UPDATE {t} SET disk_id = ?2 WHERE disk_id = ?1"),
-                params![disk_id, new_id],
-            )?;
-        }
+        Self::rename_rows(&tx, disk_id, new_id)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The tables that hold a disk's rows, the disks table last.
+    const DISK_TABLES: [&'static str; 7] = [
+        "halts",
+        "points",
+        "undo_segments",
+        "undo",
+        "failovers",
+        "reprotect_owed",
+        "disks",
+    ];
+
+    /// Move every row of `from` to `to` (free), in the caller's transaction.
+    fn rename_rows(tx: &Transaction<'_>, from: &str, to: &str) -> Result<()> {
+        tx.pragma_update(None, "defer_foreign_keys", "ON")?;
+        for t in Self::DISK_TABLES {
+            tx.execute(
+                &format!("UPDATE {t} SET disk_id = ?2 WHERE disk_id = ?1"),
+                params![from, to],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A free disk id to keep the history of `disk_id`'s binding to
+    /// `old_uuid` under: `<disk>.replaced-<uuid's first 8 hex>` (the disk
+    /// part shortened to fit 64 bytes; `-2`, `-3`… if taken).
+    fn free_kept_id(tx: &Transaction<'_>, disk_id: &str, old_uuid: &str) -> Result<String> {
+        let tail = format!(".replaced-{}", &old_uuid[..8.min(old_uuid.len())]);
+        let room = 64usize.saturating_sub(tail.len() + 3);
+        let head = &disk_id[..room.min(disk_id.len())];
+        for n in 1..100 {
+            let id = if n == 1 {
+                format!("{head}{tail}")
+            } else {
+                format!("{head}{tail}-{n}")
+            };
+            if Self::row(tx, &id)?.is_none() {
+                return Ok(id);
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Refused,
+            format!("disk {disk_id}: 99 kept histories of uuid {old_uuid} exist; remove some first"),
+        ))
     }
 
     /// The reprotect the disk waits for, if any.
@@ -1666,8 +1719,13 @@ mod tests {
         };
         assert_eq!(old_uuid, format_uuid(&u1));
         assert_eq!(row.applied_seq, 0);
-        assert_eq!(row.replaced_uuid.as_deref(), Some(old_uuid.as_str()));
+        let kept = row.replaced_uuid.clone().unwrap();
+        assert_eq!(kept, format!("db.replaced-{}", &old_uuid[..8]));
         assert!(c.open_halts("db").unwrap().is_empty());
+        // The old binding's history is kept under its own id, not deleted.
+        let k = c.disk_row(&kept).unwrap().expect("the kept history");
+        assert_eq!(k.disk_uuid, u1);
+        assert_eq!(k.replaced_uuid, None);
         // A commit for the old UUID no longer lands.
         let mut stale = row.clone();
         stale.disk_uuid = u1;

@@ -175,6 +175,14 @@ impl ExportInfo {
     }
 }
 
+/// Most clients served at once; more are closed at accept (logged at a
+/// bounded rate).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The whole handshake (options included) must end within this; a client
+/// that connects and stalls holds nothing longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Accepts connections on `listener` and serves `backend` to each, until
 /// `shutdown` is cancelled. Then it stops accepting; every connection stops
 /// reading new requests, completes and answers the ones in flight, and
@@ -187,6 +195,7 @@ impl ExportInfo {
 /// driver enabled.
 pub async fn serve<B: Backend>(listener: Listener, backend: Arc<B>, shutdown: CancellationToken) -> io::Result<()> {
     let mut conns = JoinSet::new();
+    let refused = tidemark_util::ratelog::RateLimitedLog::default();
     let mut next_id: u64 = 0;
     loop {
         let accepted = tokio::select! {
@@ -201,6 +210,13 @@ pub async fn serve<B: Backend>(listener: Listener, backend: Arc<B>, shutdown: Ca
             acc = accept(&listener) => acc,
         };
         match accepted {
+            Ok(stream) if conns.len() >= MAX_CONNECTIONS => {
+                refused.warn(format_args!(
+                    "closed a connection from {}: {MAX_CONNECTIONS} clients are connected already",
+                    stream.peer()
+                ));
+                drop(stream);
+            }
             Ok(stream) => {
                 next_id += 1;
                 let span = tracing::debug_span!("nbd", conn = next_id, peer = %stream.peer());
@@ -268,6 +284,13 @@ where
     let mut r = BufReader::with_capacity(READ_BUFFER, r);
     let info = backend.info();
     let negotiation = handshake::negotiate(&mut r, &mut w, &info, &shutdown);
+    let negotiation = async {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiation)
+            .await
+            .map_err(|_| Error::Protocol {
+                reason: format!("the handshake did not end within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+            })?
+    };
     let Some(params) = transmission::within_grace(&shutdown, "negotiating", negotiation).await? else {
         return Ok(());
     };

@@ -14,11 +14,13 @@
 //! its frames meet tokio's streams. It owns no policy: limits, timeouts and
 //! what a refusal says stay with each service.
 
+pub mod admit;
 pub mod frames;
 pub mod hello;
 pub mod socket;
 pub mod tls;
 
+pub use admit::{Admission, Admitted};
 pub use frames::{kib_permits, read_frame, write_frame, FrameReader, ReadError, WriteError};
 pub use hello::{check_hello, Refusal, HELLO_MAX_BODY};
 pub use socket::set_user_timeout;

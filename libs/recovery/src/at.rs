@@ -113,6 +113,13 @@ pub fn tag_name_problem(name: &str) -> Option<String> {
     if name.chars().any(char::is_control) {
         return Some("a tag name cannot hold control characters".into());
     }
+    if let Some(c) = tidemark_util::human::invisible_char(name) {
+        return Some(format!(
+            "a tag name cannot hold U+{:04X} (a bidirectional or invisible formatting character: it makes a name \
+             read as another)",
+            u32::from(c)
+        ));
+    }
     if name.starts_with("tag:") {
         return Some(format!("tag name \"{name}\" starts with tag:, which --at strips"));
     }
@@ -307,10 +314,22 @@ mod tests {
             "10:00",
             "",
             " x",
+            "pay\u{202E}gpj.exe",
+            "a\u{2066}b",
+            "zero\u{200B}width",
+            "\u{FEFF}bom",
         ] {
             assert!(tag_name_problem(bad).is_some(), "{bad:?} must be refused as a tag name");
         }
-        for good in ["nightly", "before-upgrade", "v1.2", "pre_patch_2026"] {
+        assert!(tag_name_problem("x\u{202E}y").unwrap().contains("U+202E"));
+        for good in [
+            "nightly",
+            "before-upgrade",
+            "v1.2",
+            "pre_patch_2026",
+            "über-nächtlich",
+            "日次",
+        ] {
             assert_eq!(tag_name_problem(good), None, "{good}");
         }
         let e = AtSpec::parse("seq:x").unwrap_err().to_string();

@@ -140,6 +140,19 @@ pub fn format_unix_time(secs: i64) -> String {
     )
 }
 
+/// The first bidirectional override, isolate or mark, zero-width
+/// character or byte-order mark in `name`, if any: characters that change
+/// how a name reads without being seen (a "Trojan Source" name listed as
+/// another). Tag names refuse them where they are made.
+pub fn invisible_char(name: &str) -> Option<char> {
+    name.chars().find(|c| {
+        matches!(
+            c,
+            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

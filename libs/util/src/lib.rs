@@ -5,6 +5,7 @@
 //!
 //! Nothing here knows about records, journals or protocols.
 
+pub mod audit;
 pub mod bytes;
 pub mod crashsafe;
 pub mod fileops;

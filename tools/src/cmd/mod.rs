@@ -4,6 +4,7 @@ pub mod failover;
 pub mod journal;
 pub mod mount;
 pub mod points;
+pub mod rebind;
 pub mod reprotect;
 pub mod resync;
 pub mod status;
