@@ -110,7 +110,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         }
     };
     let (rd, mut wr) = (conn.reader, conn.writer);
-    let peer = conn.peer;
+    let (peer, revoked) = (conn.peer, conn.revoked);
     if let Some(p) = peer.as_ref().filter(|p| p.role != PeerRole::Agent) {
         let r = Refusal::new(
             ErrorCode::Forbidden,
@@ -164,7 +164,16 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         "agent connected"
     );
     reader.set_max_body(MAX_BODY);
-    let end = session(&shared, &disk, &tx, &mut reader, welcome).await;
+    let end = tokio::select! {
+        end = session(&shared, &disk, &tx, &mut reader, welcome) => end,
+        () = revoked.cancelled() => Err(SessionEnd::Refused(Refusal::new(
+            ErrorCode::Forbidden,
+            format!(
+                "the certificate of {} was revoked",
+                peer.as_ref().map_or_else(|| "the agent".to_string(), ToString::to_string)
+            ),
+        ))),
+    };
     match &end {
         Ok(()) => info!("agent disconnected"),
         Err(SessionEnd::Refused(r)) => {

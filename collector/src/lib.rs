@@ -135,6 +135,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
     let tracker = shared.tracker.clone();
     tracker.spawn(agent::accept_loop(shared.clone(), listener));
     tracker.spawn(api::serve(shared.clone(), api_listener));
+    cfg.security.spawn_crl_watch(shared.stop.clone());
     info!(
         listen = %listen_addr,
         api = %api_addr,

@@ -224,6 +224,7 @@ impl Target {
         let mut conns = JoinSet::new();
         let control = tokio::spawn(control::serve(self.control, self.shared.clone(), stop.clone()));
         let admission = tidemark_net::Admission::default();
+        self.shared.cfg.security.spawn_crl_watch(stop.clone());
         let metrics = self.metrics.map(|l| {
             info!(metrics = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving metrics");
             tokio::spawn(http::serve_http(l, self.shared.clone(), stop.clone()))

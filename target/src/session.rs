@@ -297,7 +297,7 @@ pub(crate) async fn handle(
         else {
             return;
         };
-        let (rd, mut wr) = (conn.reader, conn.writer);
+        let (rd, mut wr, revoked) = (conn.reader, conn.writer, conn.revoked);
         if let Some(peer) = conn.peer.as_ref().filter(|p| p.role != PeerRole::Collector) {
             let reason = format!("{peer} cannot act as a collector: this target takes only collector identities");
             shared.refused_log.warn(format_args!("refused: {reason}"));
@@ -317,7 +317,18 @@ pub(crate) async fn handle(
         // every disk's replication).
         let mut reader =
             FrameReader::new(rd, tidemark_net::HELLO_MAX_BODY).with_budget(shared.memory.frames.clone(), FRAME_BUDGET);
-        match session(&mut reader, &mut wr, &shared, &stop, &mut slots).await {
+        let who = conn
+            .peer
+            .as_ref()
+            .map_or_else(|| "the collector".to_string(), ToString::to_string);
+        let ended = tokio::select! {
+            r = session(&mut reader, &mut wr, &shared, &stop, &mut slots) => r,
+            () = revoked.cancelled() => Err(End::Refuse {
+                code: ErrorCode::Forbidden,
+                reason: format!("the certificate of {who} was revoked"),
+            }),
+        };
+        match ended {
             Ok(Some(why)) => info!("connection closed: {why}"),
             // A port probe (readiness checks): not worth a line.
             Ok(None) => debug!("connection closed before Hello"),

@@ -587,3 +587,74 @@ fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
+
+#[test]
+fn revoked_and_expired_certificates_are_refused_and_live_sessions_end() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-revoke");
+    let d = dir.path();
+    let site = Site::start(d, &[]);
+    let good = start_agent(d, "good", &site.agent_flags());
+    still_replicates(&site, &good, 0, 0x31);
+    let b_id = tls_identity(d, "agent", "b");
+    let b = start_agent(d, "other", &flags_with(&site, &b_id));
+    write_pattern(&b.sock, 0, MIB, 0x41);
+    wait_and_compare(&site, "other", &b.disk, T);
+
+    // Revoke agent b; the collector reads the new list within seconds and
+    // ends b's live session; b's reconnections fail their handshake.
+    let ca = d.join("pki").join("ca");
+    let out = run_ok(tidemark().args(["revoke", "--ca", s(&ca), "b"]), T);
+    assert!(
+        stdout(&out).contains("revoked 1 certificate(s) of b"),
+        "{}",
+        stdout(&out)
+    );
+    let collector_tls = d.join("pki").join("collector-c");
+    std::fs::copy(ca.join("crl.pem"), collector_tls.join("crl.pem")).unwrap();
+    wait_log(
+        "the collector ending b's session",
+        || site.collector.log_text(),
+        "the certificate of agent b was revoked",
+    );
+    poll_until("b disconnected", T, || {
+        site.disk_status("other")["agent_connected"] == false
+    });
+    wait_log("b told why", || b.log_text(), "the certificate of agent b was revoked");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(site.disk_status("other")["agent_connected"], false, "b came back");
+    // Nothing was freed or deleted for b's disk, and the good disk goes on.
+    assert_identical(&b.disk, &site.replica("other"));
+    still_replicates(&site, &good, 2 * MIB, 0x32);
+    b.kill9();
+
+    // An expired certificate is refused at the handshake.
+    let old = d.join("pki").join("agent-old");
+    run_ok(
+        tidemark().args([
+            "ca",
+            "issue",
+            "--ca",
+            s(&ca),
+            "old",
+            "--role",
+            "agent",
+            "--out",
+            s(&old),
+            "--seconds",
+            "1",
+        ]),
+        T,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let a = start_agent(d, "stale", &flags_with(&site, &old));
+    wait_log("the expired agent's refusal", || a.log_text(), "collector unreachable");
+    wait_log(
+        "the collector's refusal",
+        || site.collector.log_text(),
+        "certificate expired",
+    );
+    a.kill9();
+    still_replicates(&site, &good, 4 * MIB, 0x33);
+    good.stop();
+}

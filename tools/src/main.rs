@@ -83,6 +83,12 @@ enum Cmd {
         after_help = "Example:\n  tidemark resync --agent /var/lib/tidemark/db db --compare\n  tidemark agent-status --agent /var/lib/tidemark/db   # progress; 'hash-compared' says how much was equal"
     )]
     Resync(cmd::resync::ResyncArgs),
+    /// Revoke every certificate issued to an identity (writes CADIR/crl.pem).
+    #[command(
+        override_usage = "tidemark revoke --ca CADIR NAME [--role agent|collector|target]",
+        after_help = cmd::ca::REVOKE_HELP
+    )]
+    Revoke(cmd::ca::RevokeArgs),
     /// Allow a disk's next Hello to rebind it (new disk UUID, or another agent identity).
     #[command(
         override_usage = "tidemark rebind DISK --api URL --token-file FILE [--owner NAME]",
@@ -110,6 +116,7 @@ fn main() -> ExitCode {
         Cmd::Resync(a) => cmd::resync::resync(a).map(ok),
         Cmd::Resume(a) => cmd::resync::resume(a).map(ok),
         Cmd::Rebind(a) => cmd::rebind::rebind(a).map(ok),
+        Cmd::Revoke(a) => cmd::ca::run(cmd::ca::CaCmd::Revoke(a)).map(ok),
     };
     let code = match r {
         Ok(code) => code,

@@ -8,23 +8,30 @@
 //! when told, of that name). The chain, validity dates and key usage are
 //! checked by rustls' WebPKI verifiers; this module adds the role.
 //!
+//! Revocation: a `crl.pem` in the identity folder (`tidemark revoke`
+//! writes it in the CA's folder; the operator copies it to each service)
+//! is read at start and again whenever it changes: a revoked certificate
+//! fails every handshake after, and the live sessions of a revoked peer
+//! end ([`Conn::revoked`]) within [`CRL_POLL`].
+//!
 //! Plaintext is [`Security::Plaintext`], chosen only by an explicit flag
 //! (`--insecure-plaintext`), which status and logs then name.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 /// The CA's certificate in an identity folder.
 pub const CA_FILE: &str = "ca.pem";
@@ -34,6 +41,10 @@ pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
 /// The last label of every identity's DNS name.
 pub const DOMAIN: &str = "tidemark";
+/// The certificate revocation list in an identity folder (optional).
+pub const CRL_FILE: &str = "crl.pem";
+/// How often a service looks for a changed revocation list.
+pub const CRL_POLL: Duration = Duration::from_secs(2);
 /// How long a listener waits for a peer's TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -203,6 +214,9 @@ pub struct Conn {
     pub reader: Reader,
     pub writer: Writer,
     pub peer: Option<Identity>,
+    /// Cancelled when the peer's certificate is revoked (never, in
+    /// plaintext): the session must end.
+    pub revoked: Arc<CancellationToken>,
 }
 
 fn plain(tcp: TcpStream) -> Conn {
@@ -211,7 +225,72 @@ fn plain(tcp: TcpStream) -> Conn {
         reader: Box::new(r),
         writer: Box::new(w),
         peer: None,
+        revoked: Arc::default(),
     }
+}
+
+/// The revocation list as last read, and the configurations made with it.
+struct Revocation {
+    /// The file's (modified time, length) when read; None: no file.
+    seen: Option<(SystemTime, u64)>,
+    lists: Vec<webpki::CertRevocationList<'static>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    server: Arc<ServerConfig>,
+}
+
+/// The (modified time, length) of the folder's `crl.pem`; None: none.
+fn crl_seen(dir: &Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(dir.join(CRL_FILE))
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+/// Read the folder's revocation list (if any) and make the listener's
+/// configuration with it.
+fn read_revocation(
+    dir: &Path,
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+    certs: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<Revocation, String> {
+    let path = dir.join(CRL_FILE);
+    let seen = crl_seen(dir);
+    let crls: Vec<CertificateRevocationListDer<'static>> = match seen {
+        None => Vec::new(),
+        Some(_) => CertificateRevocationListDer::pem_file_iter(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+    };
+    if seen.is_some() && crls.is_empty() {
+        return Err(format!("{}: no revocation list in it", path.display()));
+    }
+    let mut lists = Vec::new();
+    for c in &crls {
+        lists.push(
+            webpki::OwnedCertRevocationList::from_der(c.as_ref())
+                .map_err(|e| format!("{}: not a revocation list: {e:?}", path.display()))?
+                .into(),
+        );
+    }
+    let mut client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+    if !crls.is_empty() {
+        client = client.with_crls(crls.clone());
+    }
+    let client = client.build().map_err(|e| format!("{}: {e}", path.display()))?;
+    let server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(client)
+        .with_single_cert(certs.to_vec(), key.clone_key())
+        .map_err(|e| format!("{}: the key does not fit the certificate: {e}", dir.display()))?;
+    Ok(Revocation {
+        seen,
+        lists,
+        crls,
+        server: Arc::new(server),
+    })
 }
 
 /// One side's loaded identity and the configurations made from it.
@@ -222,7 +301,10 @@ pub struct Tls {
     roots: Arc<RootCertStore>,
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    server: Arc<ServerConfig>,
+    revocation: RwLock<Revocation>,
+    /// Live sessions accepted: the peer certificate's serial, and the
+    /// token its session ends on.
+    sessions: Mutex<Vec<(Vec<u8>, Weak<CancellationToken>)>>,
 }
 
 impl Tls {
@@ -254,15 +336,7 @@ impl Tls {
         let me = Identity::of_cert(&certs[0]).map_err(|e| format!("{}: {e}", file(CERT_FILE).display()))?;
         let provider = Arc::new(provider());
         let roots = Arc::new(roots);
-        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| format!("{}: {e}", file(CA_FILE).display()))?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(client_verifier)
-            .with_single_cert(certs.clone(), key.clone_key())
-            .map_err(|e| format!("{}: the key does not fit the certificate: {e}", dir.display()))?;
+        let revocation = read_revocation(dir, &roots, &provider, &certs, &key)?;
         Ok(Self {
             me,
             dir: dir.to_path_buf(),
@@ -270,15 +344,58 @@ impl Tls {
             roots,
             certs,
             key,
-            server: Arc::new(server),
+            revocation: RwLock::new(revocation),
+            sessions: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Read `crl.pem` again if it changed: rebuild the verifiers with it and
+    /// end the live sessions of peers it revokes. Returns how many sessions
+    /// were ended. A list that cannot be read is an error and changes
+    /// nothing (the one read before stays in force).
+    pub fn reload_crl(&self) -> Result<usize, String> {
+        let seen = crl_seen(&self.dir);
+        if self.revocation.read().unwrap_or_else(PoisonError::into_inner).seen == seen {
+            return Ok(0);
+        }
+        let r = read_revocation(&self.dir, &self.roots, &self.provider, &self.certs, &self.key)?;
+        *self.revocation.write().unwrap_or_else(PoisonError::into_inner) = r;
+        Ok(self.end_revoked_sessions())
+    }
+
+    /// Cancel the live sessions whose peer certificate the list revokes.
+    fn end_revoked_sessions(&self) -> usize {
+        let r = self.revocation.read().unwrap_or_else(PoisonError::into_inner);
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        sessions.retain(|(_, t)| t.strong_count() > 0);
+        let mut ended = 0;
+        for (serial, t) in sessions.iter() {
+            if r.lists.iter().any(|l| matches!(l.find_serial(serial), Ok(Some(_)))) {
+                if let Some(t) = t.upgrade() {
+                    if !t.is_cancelled() {
+                        t.cancel();
+                        ended += 1;
+                    }
+                }
+            }
+        }
+        ended
     }
 
     /// Accept a connection: the TLS handshake (bounded by
     /// [`HANDSHAKE_TIMEOUT`]), with a client certificate of this CA
     /// required; returns the connection and the peer's identity.
     pub async fn accept(&self, tcp: TcpStream) -> Result<Conn, String> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
+        if let Err(e) = self.reload_crl() {
+            tracing::error!("{e} (the list read before stays in force)");
+        }
+        let server = self
+            .revocation
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .server
+            .clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
         let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
             .map_err(|_| format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
@@ -289,28 +406,53 @@ impl Tls {
                     format!("TLS handshake: {e}")
                 }
             })?;
-        let peer = {
+        let (peer, serial) = {
             let (_, conn) = s.get_ref();
             let cert = conn
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .ok_or("TLS handshake: the peer sent no certificate")?;
-            Identity::of_cert(cert).map_err(|e| format!("the peer's certificate: {e}"))?
+            let serial = webpki::EndEntityCert::try_from(cert)
+                .map_err(|e| format!("the peer's certificate: {e}"))?
+                .serial()
+                .to_vec();
+            (
+                Identity::of_cert(cert).map_err(|e| format!("the peer's certificate: {e}"))?,
+                serial,
+            )
         };
+        let revoked = Arc::new(CancellationToken::new());
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+            sessions.retain(|(_, t)| t.strong_count() > 0);
+            sessions.push((serial, Arc::downgrade(&revoked)));
+        }
         let (r, w) = tokio::io::split(s);
         Ok(Conn {
             reader: Box::new(r),
             writer: Box::new(w),
             peer: Some(peer),
+            revoked,
         })
     }
 
     /// Dial: the TLS handshake with `tcp`, requiring the server to hold a
     /// certificate of this CA for role `want` (and name `name`, if given).
     pub async fn connect(&self, tcp: TcpStream, want: PeerRole, name: Option<&str>) -> Result<Conn, String> {
-        let inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-            .build()
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = self.reload_crl() {
+            tracing::error!("{e} (the list read before stays in force)");
+        }
+        let crls = self
+            .revocation
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .crls
+            .clone();
+        let mut inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
+        if !crls.is_empty() {
+            inner = inner.with_crls(crls);
+        }
+        let inner = inner.build().map_err(|e| e.to_string())?;
         let verifier = RoleVerifier {
             inner,
             want,
@@ -342,6 +484,7 @@ impl Tls {
             reader: Box::new(r),
             writer: Box::new(w),
             peer,
+            revoked: Arc::default(),
         })
     }
 }
@@ -376,6 +519,29 @@ impl Security {
                 Err(true)
             }
         }
+    }
+
+    /// Look for a changed revocation list every [`CRL_POLL`] until `stop`,
+    /// ending the live sessions of revoked peers (nothing in plaintext).
+    pub fn spawn_crl_watch(&self, stop: CancellationToken) {
+        let Self::Tls(t) = self else { return };
+        let t = t.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(CRL_POLL) => {}
+                }
+                match t.reload_crl() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        sessions = n,
+                        "revocation list changed: ended the sessions of revoked peers"
+                    ),
+                    Err(e) => tracing::error!("{e} (the list read before stays in force)"),
+                }
+            }
+        });
     }
 
     /// A dialer's side of a new connection to a peer of role `want`.

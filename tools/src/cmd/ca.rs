@@ -36,6 +36,27 @@ pub enum CaCmd {
         after_help = "Examples:\n  tidemark ca issue --ca /etc/tidemark/ca web-1 --role agent --out /etc/tidemark/tls\n  tidemark-agent protect ... --tls /etc/tidemark/tls"
     )]
     Issue(IssueArgs),
+    /// Revoke every certificate issued to NAME: writes CADIR/crl.pem.
+    #[command(
+        override_usage = "tidemark ca revoke --ca CADIR NAME [--role agent|collector|target]",
+        after_help = REVOKE_HELP
+    )]
+    Revoke(RevokeArgs),
+}
+
+pub const REVOKE_HELP: &str = "Example:\n  tidemark revoke --ca /etc/tidemark/ca web-1\n  \
+    cp /etc/tidemark/ca/crl.pem /etc/tidemark/tls-collector/crl.pem   # on every service: read within 2 s";
+
+#[derive(Args)]
+pub struct RevokeArgs {
+    /// The CA's folder (from `tidemark ca init`).
+    #[arg(long, value_name = "CADIR")]
+    ca: PathBuf,
+    /// The identity's name.
+    name: String,
+    /// Only the certificates of this role (default: every role).
+    #[arg(long, value_parser = ["agent", "collector", "target"])]
+    role: Option<String>,
 }
 
 #[derive(Args)]
@@ -65,12 +86,16 @@ pub struct IssueArgs {
     /// How long the certificate is valid.
     #[arg(long, default_value_t = 397, value_parser = clap::value_parser!(u32).range(1..=3650))]
     days: u32,
+    /// Valid for this many seconds instead of --days (tests of expiry).
+    #[arg(long, hide = true)]
+    seconds: Option<u32>,
 }
 
 pub fn run(c: CaCmd) -> Result<()> {
     match c {
         CaCmd::Init(a) => init(&a),
         CaCmd::Issue(a) => issue(&a),
+        CaCmd::Revoke(a) => revoke(&a),
     }
 }
 
@@ -120,23 +145,7 @@ fn init(a: &InitArgs) -> Result<()> {
 fn issue(a: &IssueArgs) -> Result<()> {
     let role = PeerRole::parse(&a.role).context("--role")?;
     let id = Identity::new(&a.name, role).map_err(anyhow::Error::msg)?;
-    let ca_key_path = a.ca.join(CA_KEY_FILE);
-    private_file(&ca_key_path).map_err(anyhow::Error::msg)?;
-    let ca_key_pem =
-        std::fs::read_to_string(&ca_key_path).with_context(|| format!("read {}", ca_key_path.display()))?;
-    let ca_key =
-        KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{}: not a private key", ca_key_path.display()))?;
-    let ca_pem_path = a.ca.join(CA_FILE);
-    let ca_pem = std::fs::read_to_string(&ca_pem_path).with_context(|| format!("read {}", ca_pem_path.display()))?;
-    let name_path = a.ca.join(CA_NAME_FILE);
-    let ca_name = std::fs::read_to_string(&name_path).with_context(|| format!("read {}", name_path.display()))?;
-    // The issuer as signing needs it: the CA certificate's name and key
-    // (rcgen takes the issuer's name and key identifier from these; the
-    // stored ca.pem carries the same).
-    let mut ca_params = CertificateParams::default();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.distinguished_name.push(DnType::CommonName, ca_name.trim());
-    let issuer = ca_params.self_signed(&ca_key).context("the CA key")?;
+    let (ca_key, issuer, ca_pem) = load_ca(&a.ca)?;
 
     let key = KeyPair::generate().context("generate the key")?;
     let mut p = CertificateParams::new(vec![id.dns_name()]).context("the certificate's name")?;
@@ -145,6 +154,9 @@ fn issue(a: &IssueArgs) -> Result<()> {
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     validity(&mut p, a.days);
+    if let Some(secs) = a.seconds {
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(i64::from(secs));
+    }
     let serial = serial();
     p.serial_number = Some(serial.clone());
     let cert = p.signed_by(&key, &issuer, &ca_key).context("sign the certificate")?;
@@ -172,6 +184,123 @@ fn issue(a: &IssueArgs) -> Result<()> {
         a.out.display()
     );
     outln!("use it with --tls {} on the {role}", a.out.display());
+    Ok(())
+}
+
+/// The CA of folder `dir`: its key, the issuer made from it (for
+/// signing), and its certificate as stored.
+fn load_ca(dir: &Path) -> Result<(KeyPair, rcgen::Certificate, String)> {
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    private_file(&ca_key_path).map_err(anyhow::Error::msg)?;
+    let ca_key_pem =
+        std::fs::read_to_string(&ca_key_path).with_context(|| format!("read {}", ca_key_path.display()))?;
+    let ca_key =
+        KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{}: not a private key", ca_key_path.display()))?;
+    let ca_pem_path = dir.join(CA_FILE);
+    let ca_pem = std::fs::read_to_string(&ca_pem_path).with_context(|| format!("read {}", ca_pem_path.display()))?;
+    let name_path = dir.join(CA_NAME_FILE);
+    let ca_name = std::fs::read_to_string(&name_path).with_context(|| format!("read {}", name_path.display()))?;
+    // The issuer as signing needs it: the CA certificate's name and key
+    // (rcgen takes the issuer's name and key identifier from these; the
+    // stored ca.pem carries the same).
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.distinguished_name.push(DnType::CommonName, ca_name.trim());
+    let issuer = ca_params.self_signed(&ca_key).context("the CA key")?;
+    Ok((ca_key, issuer, ca_pem))
+}
+
+/// The list of revoked certificates in the CA's folder, one per line:
+/// `SERIAL-HEX NAME ROLE UNIX-TIME`.
+const REVOKED_FILE: &str = "revoked.txt";
+
+fn revoke(a: &RevokeArgs) -> Result<()> {
+    let (ca_key, issuer, _) = load_ca(&a.ca)?;
+    let issued = a.ca.join(ISSUED_DIR);
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(&issued).with_context(|| format!("read {}", issued.display()))? {
+        let n = e?.file_name().to_string_lossy().into_owned();
+        let parts: Vec<&str> = n.trim_end_matches(".pem").split('.').collect();
+        if let [name, role, hex] = parts[..] {
+            if name == a.name && a.role.as_deref().is_none_or(|r| r == role) {
+                found.push((hex.to_string(), role.to_string()));
+            }
+        }
+    }
+    if found.is_empty() {
+        bail!(
+            "no certificate was issued to {}{} by the CA in {}",
+            a.name,
+            a.role.as_deref().map(|r| format!(" as {r}")).unwrap_or_default(),
+            a.ca.display()
+        );
+    }
+    let list_path = a.ca.join(REVOKED_FILE);
+    let mut text = match std::fs::read_to_string(&list_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("read {}", list_path.display())),
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let mut added = 0;
+    for (hex, role) in &found {
+        if !text.lines().any(|l| l.split(' ').next() == Some(hex.as_str())) {
+            text.push_str(&format!("{hex} {} {role} {}\n", a.name, now.unix_timestamp()));
+            added += 1;
+        }
+    }
+    let mut revoked = Vec::new();
+    for l in text.lines() {
+        let mut f = l.split(' ');
+        let (Some(hex), Some(_), Some(_), Some(at)) = (f.next(), f.next(), f.next(), f.next()) else {
+            bail!(
+                "{}: a line that is not SERIAL NAME ROLE TIME: {l:?}",
+                list_path.display()
+            );
+        };
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .with_context(|| format!("{}: bad serial {hex:?}", list_path.display()))?;
+        let at: i64 = at
+            .parse()
+            .with_context(|| format!("{}: bad time {at:?}", list_path.display()))?;
+        revoked.push(rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&bytes),
+            revocation_time: time::OffsetDateTime::from_unix_timestamp(at).unwrap_or(now),
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::minutes(5),
+        next_update: now + time::Duration::days(3650),
+        crl_number: SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer, &ca_key)
+    .context("sign the revocation list")?;
+    let pem = crl.pem().context("the revocation list as PEM")?;
+    tidemark_util::crashsafe::write_atomic(&a.ca.join(REVOKED_FILE), text.as_bytes())
+        .with_context(|| format!("write {}", list_path.display()))?;
+    let crl_path = a.ca.join(tidemark_net::tls::CRL_FILE);
+    tidemark_util::crashsafe::write_atomic(&crl_path, pem.as_bytes())
+        .with_context(|| format!("write {}", crl_path.display()))?;
+    outln!(
+        "revoked {} certificate(s) of {} ({added} new); {} lists every revoked certificate",
+        found.len(),
+        a.name,
+        crl_path.display()
+    );
+    outln!(
+        "copy it to every service's --tls folder as {}: each reads it within {} s, refuses the revoked identity \
+         and ends its live sessions",
+        tidemark_net::tls::CRL_FILE,
+        tidemark_net::tls::CRL_POLL.as_secs()
+    );
     Ok(())
 }
 
