@@ -221,17 +221,28 @@ fn build(a: ProtectArgs) -> Result<ProtectConfig> {
             if !addr.contains(':') {
                 anyhow::bail!("--collector {addr} must be HOST:PORT");
             }
-            let security = tidemark_net::Security::from_flags(
-                a.tls.or(file.tls).as_deref(),
-                a.insecure_plaintext || file.insecure_plaintext,
-                tidemark_net::PeerRole::Agent,
-            )
-            .map_err(anyhow::Error::msg)?;
+            let tls = a.tls.or(file.tls);
+            let plaintext = a.insecure_plaintext || file.insecure_plaintext;
+            // A folder from `tidemark enroll`: the certificate comes at the
+            // first contact with the collector.
+            let enroll = tls
+                .clone()
+                .filter(|d| !plaintext && tidemark_net::enroll::awaiting_enrollment(d));
+            let security = match &enroll {
+                Some(d) => {
+                    tidemark_net::tls::private_file(&d.join(tidemark_net::ca::ENROLL_TOKEN_FILE))
+                        .map_err(anyhow::Error::msg)?;
+                    tidemark_net::Security::Plaintext
+                }
+                None => tidemark_net::Security::from_flags(tls.as_deref(), plaintext, tidemark_net::PeerRole::Agent)
+                    .map_err(anyhow::Error::msg)?,
+            };
             Some(ShipConfig {
                 addr,
                 token,
                 force_resync: a.force_resync || file.force_resync,
                 security,
+                enroll,
             })
         }
         None => {

@@ -51,6 +51,7 @@ fn cfg(dir: &Path, addr: String) -> ProtectConfig {
             token: b"secret".to_vec(),
             force_resync: false,
             security: tidemark_net::Security::Plaintext,
+            enroll: None,
         }),
     }
 }

@@ -39,6 +39,7 @@ fn cfg(dir: &Path, size: u64, cap: u64) -> ProtectConfig {
             token: b"unused".to_vec(),
             force_resync: false,
             security: tidemark_net::Security::Plaintext,
+            enroll: None,
         }),
     }
 }

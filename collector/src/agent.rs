@@ -110,7 +110,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         }
     };
     let (rd, mut wr) = (conn.reader, conn.writer);
-    let (peer, revoked) = (conn.peer, conn.revoked);
+    let (peer, revoked, anonymous) = (conn.peer, conn.revoked, conn.anonymous);
     if let Some(p) = peer.as_ref().filter(|p| p.role != PeerRole::Agent) {
         let r = Refusal::new(
             ErrorCode::Forbidden,
@@ -122,6 +122,31 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
     let first = tokio::select! {
         _ = shared.stop.cancelled() => return,
         r = tokio::time::timeout(HELLO_TIMEOUT, reader.next()) => r,
+    };
+    let first = match first {
+        Ok(Ok(Some(Frame::Enroll { token, public_key }))) => {
+            let r = enroll(&shared, peer.as_ref(), token, public_key).await;
+            let f = match r {
+                Ok(f) => f,
+                Err(r) => {
+                    shared
+                        .refused_log
+                        .warn(format_args!("refused an enrollment: {}", r.reason));
+                    error_frame(r.code, r.reason)
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), write_frame(&mut wr, &f)).await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+        Ok(Ok(Some(Frame::Hello(_)))) if anonymous => {
+            let r = Refusal::new(
+                ErrorCode::Forbidden,
+                "no client certificate: without one this port takes only an enrollment (tidemark enroll)",
+            );
+            return refuse(&shared, &mut wr, None, r).await;
+        }
+        other => other,
     };
     let hello = match first {
         Err(_) => {
@@ -200,6 +225,67 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
+
+/// An `Enroll` (`docs/security.md`): a one-time token traded for a
+/// certificate of the identity it was made for, or (no token, over an
+/// authenticated connection) the peer's own identity renewed with the
+/// new key. Answered with `Enrolled`; recorded in the audit log.
+async fn enroll(
+    shared: &Arc<Shared>,
+    peer: Option<&tidemark_net::Identity>,
+    token: String,
+    public_key: Vec<u8>,
+) -> Result<Frame, Refusal> {
+    let forbidden = |m: String| Refusal::new(ErrorCode::Forbidden, m);
+    let Some(ca_dir) = shared.cfg.ca.clone() else {
+        return Err(forbidden(
+            "this collector does not serve enrollment (it was started without --ca)".into(),
+        ));
+    };
+    let key = tidemark_net::ca::PeerKey::parse(&public_key).map_err(|e| Refusal::new(ErrorCode::Malformed, e))?;
+    let who = peer.map_or_else(|| "an unauthenticated client".to_string(), ToString::to_string);
+    let (action, s2) = (if token.is_empty() { "renew" } else { "enroll" }, shared.clone());
+    let peer = peer.cloned();
+    let r = tokio::task::spawn_blocking(
+        move || -> Result<(tidemark_net::Identity, String, String, String), String> {
+            let (id, secs) = if token.is_empty() {
+                let Some(id) = peer else {
+                    return Err("a renewal needs the current certificate".into());
+                };
+                (id, RENEWED_LIFETIME.as_secs())
+            } else {
+                let now = tidemark_util::now_ns() / 1_000_000_000;
+                let e = tidemark_net::ca::redeem(&ca_dir, &token, now)?;
+                (e.id, e.cert_secs)
+            };
+            let ca = tidemark_net::ca::Ca::load(&ca_dir)?;
+            let (cert, serial) = ca.issue(&id, &key, secs)?;
+            Ok((id, cert, ca.pem, serial))
+        },
+    )
+    .await
+    .map_err(|e| Refusal::new(ErrorCode::Internal, format!("enrollment: {e}")))?;
+    match r {
+        Ok((id, cert_pem, ca_pem, serial)) => {
+            info!(identity = %id, serial = %serial, "{action}: certificate issued");
+            crate::audit::record(
+                shared,
+                &who,
+                action,
+                &id.to_string(),
+                &format!("issued serial {serial}"),
+            );
+            Ok(Frame::Enrolled { cert_pem, ca_pem })
+        }
+        Err(e) => {
+            crate::audit::record(&s2, &who, action, "-", &format!("refused: {e}"));
+            Err(forbidden(e))
+        }
+    }
+}
+
+/// How long a renewed certificate is valid.
+const RENEWED_LIFETIME: Duration = Duration::from_secs(397 * 86_400);
 
 /// Check a Hello and attach the connection to its disk; returns the disk
 /// and the Welcome's (acked_seq, flags).
@@ -341,6 +427,15 @@ async fn bind_disk(
     let id = &hello.disk_id;
     let internal = |e: anyhow::Error| bind_failed(id, &e);
     let disk = match shared.disk(id) {
+        None if shared.disk_count() >= shared.cfg.max_disks => {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "this collector protects {} disks already, its limit (--max-disks); disk {id} is not registered",
+                    shared.disk_count()
+                ),
+            ));
+        }
         None => {
             // A generation forked at seq F (a failed-over copy protected in
             // reverse, docs/failback.md) continues the seqs after F: this

@@ -33,7 +33,16 @@ pub struct Config {
     /// plaintext. `main.rs` asks for an explicit choice; this default is
     /// plaintext.
     pub security: tidemark_net::Security,
+    /// The CA folder, when this collector serves enrollment and renewal
+    /// (its TLS listener then lets clients without a certificate send an
+    /// `Enroll`, and nothing else).
+    pub ca: Option<PathBuf>,
+    /// Most disk ids registered (a new one beyond is refused).
+    pub max_disks: usize,
 }
+
+/// Default of [`Config::max_disks`].
+pub const DEFAULT_MAX_DISKS: usize = 1024;
 
 impl Config {
     /// A configuration with the defaults for everything but the addresses,
@@ -56,6 +65,8 @@ impl Config {
             window_blocks: tidemark_wire::pack::DEFAULT_WINDOW_BLOCKS,
             zstd_level: 3,
             security: tidemark_net::Security::Plaintext,
+            ca: None,
+            max_disks: DEFAULT_MAX_DISKS,
         }
     }
 }

@@ -56,6 +56,15 @@ struct Cli {
     /// status and logs).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Serve enrollment and renewal with the CA in CADIR (`tidemark ca
+    /// init`): agents trade one-time tokens (`tidemark enroll`) for
+    /// certificates, and renew them, on the agent port.
+    #[arg(long, value_name = "CADIR")]
+    ca: Option<PathBuf>,
+    /// Most disk ids this collector registers (default 1024); a new disk
+    /// beyond is refused by name.
+    #[arg(long)]
+    max_disks: Option<usize>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -70,6 +79,8 @@ struct FileConfig {
     spool_cap: Option<String>,
     tls: Option<PathBuf>,
     insecure_plaintext: bool,
+    ca: Option<PathBuf>,
+    max_disks: Option<usize>,
 }
 
 fn build(cli: Cli) -> Result<Config> {
@@ -104,6 +115,20 @@ fn build(cli: Cli) -> Result<Config> {
         tidemark_net::PeerRole::Collector,
     )
     .map_err(anyhow::Error::msg)?;
+    if let Some(n) = cli.max_disks.or(file.max_disks) {
+        if n == 0 {
+            anyhow::bail!("--max-disks must be at least 1");
+        }
+        cfg.max_disks = n;
+    }
+    if let Some(ca) = cli.ca.or(file.ca) {
+        let tidemark_net::Security::Tls(tls) = &cfg.security else {
+            anyhow::bail!("--ca (enrollment) needs --tls: tokens and certificates never cross in clear text");
+        };
+        tidemark_net::ca::Ca::load(&ca).map_err(|e| anyhow::anyhow!("--ca {}: {e}", ca.display()))?;
+        tls.allow_anonymous().map_err(anyhow::Error::msg)?;
+        cfg.ca = Some(ca);
+    }
     Ok(cfg)
 }
 

@@ -352,6 +352,10 @@ impl Shared {
         self.disks().values().cloned().collect()
     }
 
+    pub(crate) fn disk_count(&self) -> usize {
+        self.disks().len()
+    }
+
     pub(crate) fn insert_disk(&self, disk: Arc<Disk>) {
         self.disks().insert(disk.id.clone(), disk);
     }

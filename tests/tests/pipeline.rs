@@ -158,11 +158,13 @@ fn machine_crash_resyncs_the_whole_disk() {
     let st = site.disk_status("m1");
     assert_eq!(st["full_resyncs"], 1, "{st}");
     // The burst's writes cross as writes and may be resent by the compare
-    // (hot while it ran); the lost write's chunk crosses once.
+    // (hot while it ran: a write into a chunk that differed when compared
+    // resends the whole 64 KiB chunk, so a few chunks of slack); the lost
+    // write's chunk crosses once.
     let written = a.status()["write_bytes"].as_u64().unwrap();
     let sent = st["payload_bytes"].as_u64().unwrap() - sent_before;
     assert!(
-        sent <= 2 * written + 2 * 65536,
+        sent <= 2 * written + 6 * 65536,
         "the resync after a machine crash sent {sent} bytes for {written} written since and one 64 KiB chunk lost"
     );
     let ast = a.status();

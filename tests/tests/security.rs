@@ -658,3 +658,106 @@ fn revoked_and_expired_certificates_are_refused_and_live_sessions_end() {
     still_replicates(&site, &good, 4 * MIB, 0x33);
     good.stop();
 }
+
+#[test]
+fn an_agent_enrolls_with_a_one_time_token_and_renews_its_certificate() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-enroll");
+    let d = dir.path();
+    // The CA first (the site's identities come from it), then a collector
+    // that serves enrollment with it.
+    tls_identity(d, "collector", "c");
+    let ca = d.join("pki").join("ca");
+    let site = Site::start(d, &["--ca", s(&ca)]);
+
+    let folder = d.join("enroll-web-9");
+    let out = run_ok(
+        tidemark().args([
+            "enroll",
+            "--ca",
+            s(&ca),
+            "web-9",
+            "--role",
+            "agent",
+            "--out",
+            s(&folder),
+            "--seconds",
+            "600",
+        ]),
+        T,
+    );
+    assert!(
+        stdout(&out).contains("enrollment token for agent web-9"),
+        "{}",
+        stdout(&out)
+    );
+    let token = std::fs::read_to_string(folder.join("enroll.token")).unwrap();
+    assert_eq!(mode(&folder.join("enroll.token")), 0o600);
+    assert!(!folder.join("key.pem").exists(), "the key is made on the agent's host");
+    // A copy of the token, to replay later.
+    let replay = d.join("enroll-replay");
+    std::fs::create_dir(&replay).unwrap();
+    std::fs::copy(folder.join("ca.pem"), replay.join("ca.pem")).unwrap();
+    write_secret(&replay.join("enroll.token"), &token);
+
+    // First contact: the agent makes its key, trades the token for its
+    // certificate, and replicates as agent web-9.
+    let a = start_agent(d, "enr", &flags_with(&site, &folder));
+    write_pattern(&a.sock, 0, MIB, 0x51);
+    wait_and_compare(&site, "enr", &a.disk, T);
+    assert_eq!(site.disk_status("enr")["owner"], "agent web-9");
+    assert!(folder.join("cert.pem").exists() && !folder.join("enroll.token").exists());
+    assert_eq!(mode(&folder.join("key.pem")), 0o600);
+
+    // A third of the 10-minute lifetime is (more than) gone at once (the
+    // certificate starts an hour back): the agent renews it, with a new key.
+    let audit = || std::fs::read_to_string(d.join("spool").join("audit.log")).unwrap_or_default();
+    wait_log("the renewal", audit, "\"action\":\"renew\"");
+    let text = audit();
+    assert!(
+        text.contains("\"action\":\"enroll\"") && text.contains("agent web-9"),
+        "{text}"
+    );
+    // The certificate in use is the renewed one (the CA keeps a copy of
+    // each, named by serial).
+    let renewed = text
+        .lines()
+        .filter(|l| l.contains("\"action\":\"renew\""))
+        .find_map(|l| l.split("issued serial ").nth(1))
+        .map(|r| r.split('"').next().unwrap().to_string())
+        .expect("the renewal's serial");
+    poll_until("the renewed certificate on disk", T, || {
+        std::fs::read(folder.join("cert.pem")).ok()
+            == std::fs::read(ca.join("issued").join(format!("web-9.agent.{renewed}.pem"))).ok()
+    });
+    write_pattern(&a.sock, 2 * MIB, MIB, 0x52);
+    wait_and_compare(&site, "enr", &a.disk, T);
+
+    // The token cannot be used twice.
+    let b = start_agent(d, "replayed", &flags_with(&site, &replay));
+    let log = wait_log("the replay's refusal", || b.log_text(), "enrollment failed");
+    assert!(log.contains("was used already"), "{log}");
+    assert!(!replay.join("cert.pem").exists());
+    b.kill9();
+    a.stop();
+}
+
+#[test]
+fn disk_ids_are_capped_per_collector() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-cap");
+    let d = dir.path();
+    let site = Site::start(d, &["--max-disks", "1"]);
+    let good = start_agent(d, "good", &site.agent_flags());
+    still_replicates(&site, &good, 0, 0x61);
+    let extra = start_agent(d, "extra", &site.agent_flags());
+    wait_log(
+        "the refusal of a disk over the cap",
+        || extra.log_text(),
+        "its limit (--max-disks)",
+    );
+    extra.kill9();
+    assert_eq!(site.status()["disks"].as_array().unwrap().len(), 1);
+    still_replicates(&site, &good, MIB, 0x62);
+    good.stop();
+}

@@ -83,6 +83,9 @@ enum Cmd {
         after_help = "Example:\n  tidemark resync --agent /var/lib/tidemark/db db --compare\n  tidemark agent-status --agent /var/lib/tidemark/db   # progress; 'hash-compared' says how much was equal"
     )]
     Resync(cmd::resync::ResyncArgs),
+    /// A one-time enrollment token: the service trades it for its certificate on first contact.
+    #[command(override_usage = cmd::ca::ENROLL_USAGE, after_help = cmd::ca::ENROLL_HELP)]
+    Enroll(cmd::ca::EnrollArgs),
     /// Revoke every certificate issued to an identity (writes CADIR/crl.pem).
     #[command(
         override_usage = "tidemark revoke --ca CADIR NAME [--role agent|collector|target]",
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
         Cmd::Resume(a) => cmd::resync::resume(a).map(ok),
         Cmd::Rebind(a) => cmd::rebind::rebind(a).map(ok),
         Cmd::Revoke(a) => cmd::ca::run(cmd::ca::CaCmd::Revoke(a)).map(ok),
+        Cmd::Enroll(a) => cmd::ca::run(cmd::ca::CaCmd::Enroll(a)).map(ok),
     };
     let code = match r {
         Ok(code) => code,

@@ -15,6 +15,8 @@
 //! what a refusal says stay with each service.
 
 pub mod admit;
+pub mod ca;
+pub mod enroll;
 pub mod frames;
 pub mod hello;
 pub mod socket;

@@ -217,6 +217,9 @@ pub struct Conn {
     /// Cancelled when the peer's certificate is revoked (never, in
     /// plaintext): the session must end.
     pub revoked: Arc<CancellationToken>,
+    /// TLS without a client certificate ([`Tls::allow_anonymous`]): the
+    /// peer may enroll and nothing else.
+    pub anonymous: bool,
 }
 
 fn plain(tcp: TcpStream) -> Conn {
@@ -226,44 +229,80 @@ fn plain(tcp: TcpStream) -> Conn {
         writer: Box::new(w),
         peer: None,
         revoked: Arc::default(),
+        anonymous: false,
     }
 }
 
-/// The revocation list as last read, and the configurations made with it.
+/// The identity and the revocation list as last read, and the listener's
+/// configuration made with them.
 struct Revocation {
-    /// The file's (modified time, length) when read; None: no file.
-    seen: Option<(SystemTime, u64)>,
+    /// `crl.pem`'s and `cert.pem`'s (modified time, length) when read.
+    seen: Seen,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
     lists: Vec<webpki::CertRevocationList<'static>>,
     crls: Vec<CertificateRevocationListDer<'static>>,
     server: Arc<ServerConfig>,
 }
 
-/// The (modified time, length) of the folder's `crl.pem`; None: none.
-fn crl_seen(dir: &Path) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(dir.join(CRL_FILE))
-        .ok()
-        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+/// The (modified time, length) of the folder's `crl.pem` and `cert.pem`
+/// (None: no such file).
+type Seen = [Option<(SystemTime, u64)>; 2];
+
+fn seen(dir: &Path) -> Seen {
+    [CRL_FILE, CERT_FILE].map(|n| {
+        std::fs::metadata(dir.join(n))
+            .ok()
+            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+    })
 }
 
-/// Read the folder's revocation list (if any) and make the listener's
-/// configuration with it.
+/// The certificates of a PEM file (at least one).
+fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(p)
+        .map_err(|e| format!("{}: {e}", p.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", p.display()));
+    }
+    Ok(certs)
+}
+
+/// Read the folder's identity (`cert.pem`, `key.pem`: `me` it must stay)
+/// and revocation list (if any), and make the listener's configuration
+/// with them; `anonymous`: a client without a certificate may connect
+/// (for enrollment only).
 fn read_revocation(
     dir: &Path,
     roots: &Arc<RootCertStore>,
     provider: &Arc<CryptoProvider>,
-    certs: &[CertificateDer<'static>],
-    key: &PrivateKeyDer<'static>,
+    me: Option<&Identity>,
+    anonymous: bool,
 ) -> Result<Revocation, String> {
+    private_file(&dir.join(KEY_FILE))?;
+    let certs = read_certs(&dir.join(CERT_FILE))?;
+    let key = PrivateKeyDer::from_pem_file(dir.join(KEY_FILE))
+        .map_err(|e| format!("{}: {e}", dir.join(KEY_FILE).display()))?;
+    if let Some(me) = me {
+        let now = Identity::of_cert(&certs[0]).map_err(|e| format!("{}: {e}", dir.join(CERT_FILE).display()))?;
+        if &now != me {
+            return Err(format!(
+                "{}: the certificate is now {now}'s, not {me}'s: a service keeps its identity (restart it to change)",
+                dir.join(CERT_FILE).display()
+            ));
+        }
+    }
     let path = dir.join(CRL_FILE);
-    let seen = crl_seen(dir);
-    let crls: Vec<CertificateRevocationListDer<'static>> = match seen {
+    let seen = seen(dir);
+    let crls: Vec<CertificateRevocationListDer<'static>> = match seen[0] {
         None => Vec::new(),
         Some(_) => CertificateRevocationListDer::pem_file_iter(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{}: {e}", path.display()))?,
     };
-    if seen.is_some() && crls.is_empty() {
+    if seen[0].is_some() && crls.is_empty() {
         return Err(format!("{}: no revocation list in it", path.display()));
     }
     let mut lists = Vec::new();
@@ -278,15 +317,20 @@ fn read_revocation(
     if !crls.is_empty() {
         client = client.with_crls(crls.clone());
     }
+    if anonymous {
+        client = client.allow_unauthenticated();
+    }
     let client = client.build().map_err(|e| format!("{}: {e}", path.display()))?;
     let server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(client)
-        .with_single_cert(certs.to_vec(), key.clone_key())
+        .with_single_cert(certs.clone(), key.clone_key())
         .map_err(|e| format!("{}: the key does not fit the certificate: {e}", dir.display()))?;
     Ok(Revocation {
         seen,
+        certs,
+        key,
         lists,
         crls,
         server: Arc::new(server),
@@ -299,9 +343,10 @@ pub struct Tls {
     pub dir: PathBuf,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
     revocation: RwLock<Revocation>,
+    /// Clients without a certificate may connect (to enroll; the caller
+    /// allows them nothing else).
+    anonymous: std::sync::atomic::AtomicBool,
     /// Live sessions accepted: the peer certificate's serial, and the
     /// token its session ends on.
     sessions: Mutex<Vec<(Vec<u8>, Weak<CancellationToken>)>>,
@@ -311,54 +356,50 @@ impl Tls {
     /// Load the identity folder `dir`: `ca.pem`, `cert.pem`, `key.pem`
     /// (which no one but its owner may read).
     pub fn load(dir: &Path) -> Result<Self, String> {
-        let file = |n: &str| dir.join(n);
-        private_file(&file(KEY_FILE))?;
-        let read_certs = |p: PathBuf| -> Result<Vec<CertificateDer<'static>>, String> {
-            let certs = CertificateDer::pem_file_iter(&p)
-                .map_err(|e| format!("{}: {e}", p.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{}: {e}", p.display()))?;
-            if certs.is_empty() {
-                return Err(format!("{}: no certificate in it", p.display()));
-            }
-            Ok(certs)
-        };
-        let ca = read_certs(file(CA_FILE))?;
-        let certs = read_certs(file(CERT_FILE))?;
-        let key =
-            PrivateKeyDer::from_pem_file(file(KEY_FILE)).map_err(|e| format!("{}: {e}", file(KEY_FILE).display()))?;
+        let ca = read_certs(&dir.join(CA_FILE))?;
         let mut roots = RootCertStore::empty();
         for c in ca {
             roots
                 .add(c)
-                .map_err(|e| format!("{}: not a CA certificate: {e}", file(CA_FILE).display()))?;
+                .map_err(|e| format!("{}: not a CA certificate: {e}", dir.join(CA_FILE).display()))?;
         }
-        let me = Identity::of_cert(&certs[0]).map_err(|e| format!("{}: {e}", file(CERT_FILE).display()))?;
         let provider = Arc::new(provider());
         let roots = Arc::new(roots);
-        let revocation = read_revocation(dir, &roots, &provider, &certs, &key)?;
+        let revocation = read_revocation(dir, &roots, &provider, None, false)?;
+        let me =
+            Identity::of_cert(&revocation.certs[0]).map_err(|e| format!("{}: {e}", dir.join(CERT_FILE).display()))?;
         Ok(Self {
             me,
             dir: dir.to_path_buf(),
             provider,
             roots,
-            certs,
-            key,
             revocation: RwLock::new(revocation),
+            anonymous: std::sync::atomic::AtomicBool::new(false),
             sessions: Mutex::new(Vec::new()),
         })
     }
 
-    /// Read `crl.pem` again if it changed: rebuild the verifiers with it and
-    /// end the live sessions of peers it revokes. Returns how many sessions
-    /// were ended. A list that cannot be read is an error and changes
-    /// nothing (the one read before stays in force).
+    /// Let clients without a certificate connect (the collector serving
+    /// enrollment): [`Conn::peer`] is then None on a TLS connection, and
+    /// the caller allows such a connection an `Enroll` and nothing else.
+    pub fn allow_anonymous(&self) -> Result<(), String> {
+        self.anonymous.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = read_revocation(&self.dir, &self.roots, &self.provider, Some(&self.me), true)?;
+        *self.revocation.write().unwrap_or_else(PoisonError::into_inner) = r;
+        Ok(())
+    }
+
+    /// Read `crl.pem` and the identity (`cert.pem`, `key.pem`: renewed)
+    /// again if either changed: rebuild the verifiers with them and end the
+    /// live sessions of peers the list revokes. Returns how many sessions
+    /// were ended. Files that cannot be read are an error and change
+    /// nothing (what was read before stays in force).
     pub fn reload_crl(&self) -> Result<usize, String> {
-        let seen = crl_seen(&self.dir);
-        if self.revocation.read().unwrap_or_else(PoisonError::into_inner).seen == seen {
+        if self.revocation.read().unwrap_or_else(PoisonError::into_inner).seen == seen(&self.dir) {
             return Ok(0);
         }
-        let r = read_revocation(&self.dir, &self.roots, &self.provider, &self.certs, &self.key)?;
+        let anonymous = self.anonymous.load(std::sync::atomic::Ordering::Relaxed);
+        let r = read_revocation(&self.dir, &self.roots, &self.provider, Some(&self.me), anonymous)?;
         *self.revocation.write().unwrap_or_else(PoisonError::into_inner) = r;
         Ok(self.end_revoked_sessions())
     }
@@ -406,18 +447,27 @@ impl Tls {
                     format!("TLS handshake: {e}")
                 }
             })?;
+        let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+        let Some(cert) = cert else {
+            if !self.anonymous.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("TLS handshake: the peer sent no certificate".into());
+            }
+            let (r, w) = tokio::io::split(s);
+            return Ok(Conn {
+                reader: Box::new(r),
+                writer: Box::new(w),
+                peer: None,
+                revoked: Arc::default(),
+                anonymous: true,
+            });
+        };
         let (peer, serial) = {
-            let (_, conn) = s.get_ref();
-            let cert = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or("TLS handshake: the peer sent no certificate")?;
-            let serial = webpki::EndEntityCert::try_from(cert)
+            let serial = webpki::EndEntityCert::try_from(&cert)
                 .map_err(|e| format!("the peer's certificate: {e}"))?
                 .serial()
                 .to_vec();
             (
-                Identity::of_cert(cert).map_err(|e| format!("the peer's certificate: {e}"))?,
+                Identity::of_cert(&cert).map_err(|e| format!("the peer's certificate: {e}"))?,
                 serial,
             )
         };
@@ -433,6 +483,7 @@ impl Tls {
             writer: Box::new(w),
             peer: Some(peer),
             revoked,
+            anonymous: false,
         })
     }
 
@@ -442,12 +493,10 @@ impl Tls {
         if let Err(e) = self.reload_crl() {
             tracing::error!("{e} (the list read before stays in force)");
         }
-        let crls = self
-            .revocation
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .crls
-            .clone();
+        let (crls, certs, key) = {
+            let r = self.revocation.read().unwrap_or_else(PoisonError::into_inner);
+            (r.crls.clone(), r.certs.clone(), r.key.clone_key())
+        };
         let mut inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
         if !crls.is_empty() {
             inner = inner.with_crls(crls);
@@ -463,7 +512,7 @@ impl Tls {
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
+            .with_client_auth_cert(certs, key)
             .map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         // The name sent is not what is checked (the role and CA are).
@@ -485,6 +534,7 @@ impl Tls {
             writer: Box::new(w),
             peer,
             revoked: Arc::default(),
+            anonymous: false,
         })
     }
 }
@@ -558,10 +608,10 @@ impl Security {
 /// certificate itself names, after checking that identity's role (and
 /// name) is the one dialled for.
 #[derive(Debug)]
-struct RoleVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    want: PeerRole,
-    name: Option<String>,
+pub(crate) struct RoleVerifier {
+    pub(crate) inner: Arc<WebPkiServerVerifier>,
+    pub(crate) want: PeerRole,
+    pub(crate) name: Option<String>,
 }
 
 impl ServerCertVerifier for RoleVerifier {
@@ -643,7 +693,7 @@ pub fn check_issued(ca_pem: &[u8], cert: &[u8]) -> Result<Identity, String> {
 /// Its cipher suites are TLS 1.3's three, AES-128-GCM first: with AES-NI
 /// the fastest, and replication is bulk data on a few cores.
 #[allow(deprecated)]
-fn provider() -> CryptoProvider {
+pub(crate) fn provider() -> CryptoProvider {
     use rustls::crypto::ring::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
@@ -670,6 +720,35 @@ pub fn private_file(path: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Write a secret file atomically, 0600 from the start (a temp file in
+/// the same folder, fsync'd, renamed over `path`, the folder fsync'd).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let r = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(d) = path.parent() {
+            tidemark_util::crashsafe::fsync_dir(d)?;
+        }
+        Ok(())
+    })();
+    r.map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Remove a secret file durably.
+pub fn remove_secret(path: &Path) -> Result<(), String> {
+    tidemark_util::crashsafe::remove_durable(path).map_err(|e| format!("remove {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -37,6 +37,11 @@
 //!       | 11 ChunkHashes offset u64, count u32, count × blake3  |
 //!       |            [32] of the HASH_CHUNK chunks from offset   |
 //!       |            (count 0: not compared, send the data)      |
+//!       | 12 Enroll  token_len u16, token (UTF-8; empty: a       |
+//!       |            renewal by an authenticated peer),          |
+//!       |            key_len u16, public key (raw, ≤ 1024)       |
+//!       | 13 Enrolled cert_len u16, certificate PEM, ca_len u16, |
+//!       |            CA certificate PEM (each ≤ 16 KiB)          |
 //!       +--------------------------------------------------------+
 //! ```
 //!
@@ -352,7 +357,24 @@ pub enum Frame {
         offset: u64,
         hashes: Vec<[u8; 32]>,
     },
+    /// Instead of a Hello (agent → collector, `docs/security.md`): trade a
+    /// one-time enrollment token (empty: renew this connection's own
+    /// identity) and a new public key for a certificate.
+    Enroll {
+        token: String,
+        public_key: Vec<u8>,
+    },
+    /// The answer to `Enroll`: the certificate and the CA's, as PEM.
+    Enrolled {
+        cert_pem: String,
+        ca_pem: String,
+    },
 }
+
+/// Longest public key in an `Enroll`.
+pub const MAX_ENROLL_KEY: usize = 1024;
+/// Longest certificate (and CA certificate) in an `Enrolled`.
+pub const MAX_ENROLL_PEM: usize = 16 * 1024;
 
 /// A parsed, bounded frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,6 +459,18 @@ impl<'a> Body<'a> {
     fn u8(&mut self, what: &str) -> Result<u8, WireError> {
         Ok(self.take(1, what)?[0])
     }
+    /// A u16 length, at most `max`, then that many bytes.
+    fn bytes16(&mut self, max: usize, what: &str) -> Result<&'a [u8], WireError> {
+        let n = self.u16(what)? as usize;
+        if n > max {
+            return Err(err(
+                WireErrorKind::OutOfBounds,
+                format!("{what} of {n} bytes, over {max}"),
+            ));
+        }
+        self.take(n, what)
+    }
+
     fn u16(&mut self, what: &str) -> Result<u16, WireError> {
         let b = self.take(2, what)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
@@ -478,6 +512,8 @@ impl Frame {
             Frame::TargetState(_) => "TargetState",
             Frame::HashQuery { .. } => "HashQuery",
             Frame::ChunkHashes { .. } => "ChunkHashes",
+            Frame::Enroll { .. } => "Enroll",
+            Frame::Enrolled { .. } => "Enrolled",
         }
     }
 
@@ -494,6 +530,8 @@ impl Frame {
             Frame::TargetState(_) => 9,
             Frame::HashQuery { .. } => 10,
             Frame::ChunkHashes { .. } => 11,
+            Frame::Enroll { .. } => 12,
+            Frame::Enrolled { .. } => 13,
         }
     }
 
@@ -619,6 +657,20 @@ impl Frame {
                 for h in hashes {
                     body.extend_from_slice(h);
                 }
+            }
+            Frame::Enroll { token, public_key } => {
+                if token.len() > MAX_TOKEN || public_key.len() > MAX_ENROLL_KEY {
+                    return Err(err(WireErrorKind::OutOfBounds, "enrollment token or key too long"));
+                }
+                put_bytes16(&mut body, token.as_bytes());
+                put_bytes16(&mut body, public_key);
+            }
+            Frame::Enrolled { cert_pem, ca_pem } => {
+                if cert_pem.len() > MAX_ENROLL_PEM || ca_pem.len() > MAX_ENROLL_PEM {
+                    return Err(err(WireErrorKind::OutOfBounds, "certificate longer than 16 KiB"));
+                }
+                put_bytes16(&mut body, cert_pem.as_bytes());
+                put_bytes16(&mut body, ca_pem.as_bytes());
             }
         }
         let body_len = u32::try_from(body.len())
@@ -858,11 +910,36 @@ impl Frame {
                 }
                 Frame::ChunkHashes { offset, hashes }
             }
+            12 => {
+                let token = c.bytes16(MAX_TOKEN, "enrollment token")?;
+                let token = std::str::from_utf8(token)
+                    .map_err(|_| err(WireErrorKind::Corrupt, "enrollment token is not UTF-8"))?
+                    .to_string();
+                let public_key = c.bytes16(MAX_ENROLL_KEY, "enrollment key")?.to_vec();
+                Frame::Enroll { token, public_key }
+            }
+            13 => {
+                let mut pem = |what| -> Result<String, WireError> {
+                    let b = c.bytes16(MAX_ENROLL_PEM, what)?;
+                    std::str::from_utf8(b)
+                        .map(str::to_string)
+                        .map_err(|_| err(WireErrorKind::Corrupt, format!("{what} is not UTF-8")))
+                };
+                let cert_pem = pem("certificate")?;
+                let ca_pem = pem("CA certificate")?;
+                Frame::Enrolled { cert_pem, ca_pem }
+            }
             k => return Err(err(WireErrorKind::Corrupt, format!("unknown frame type {k}"))),
         };
         c.end("the frame")?;
         Ok((f, total))
     }
+}
+
+/// A u16 length and `b` (checked by the caller to fit).
+fn put_bytes16(body: &mut Vec<u8>, b: &[u8]) {
+    body.extend_from_slice(&u16::try_from(b.len()).unwrap_or(u16::MAX).to_le_bytes());
+    body.extend_from_slice(b);
 }
 
 #[cfg(test)]
@@ -1127,6 +1204,9 @@ mod tests {
                         fork_seq: if agent { 0 } else { fork_seq },
                     },
                 })),
+            ("[ -~]{0,80}", proptest::collection::vec(any::<u8>(), 0..100))
+                .prop_map(|(token, public_key)| Frame::Enroll { token, public_key }),
+            ("[ -~\n]{0,200}", "[ -~\n]{0,200}").prop_map(|(cert_pem, ca_pem)| Frame::Enrolled { cert_pem, ca_pem }),
             (any::<u64>(), 0u32..2, any::<[u8; 16]>()).prop_map(|(s, flags, generation)| Frame::Welcome {
                 acked_seq: s,
                 flags,

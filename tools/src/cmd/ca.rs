@@ -4,23 +4,15 @@
 //! `NAME.ROLE.tidemark` — into the folder a service's `--tls` reads.
 //! Certificates are made with rcgen; the services check them with rustls.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
-};
-use tidemark_net::tls::{private_file, Identity, PeerRole, CA_FILE, CERT_FILE, KEY_FILE};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SerialNumber};
+use tidemark_net::tls::{Identity, PeerRole, CA_FILE, CERT_FILE, KEY_FILE};
 
-/// The CA's private key in its folder.
-const CA_KEY_FILE: &str = "ca.key";
-/// The CA's name (its certificate's common name), for signing with it.
-const CA_NAME_FILE: &str = "ca.name";
-/// Copies of every certificate issued, `NAME.ROLE.SERIAL.pem`.
-const ISSUED_DIR: &str = "issued";
+use tidemark_net::ca::{Ca, CA_KEY_FILE, CA_NAME_FILE, ISSUED_DIR};
 
 #[derive(Subcommand)]
 pub enum CaCmd {
@@ -36,12 +28,49 @@ pub enum CaCmd {
         after_help = "Examples:\n  tidemark ca issue --ca /etc/tidemark/ca web-1 --role agent --out /etc/tidemark/tls\n  tidemark-agent protect ... --tls /etc/tidemark/tls"
     )]
     Issue(IssueArgs),
+    /// A one-time enrollment token for NAME: its service trades it for a
+    /// certificate on first contact with the collector.
+    #[command(override_usage = ENROLL_USAGE, after_help = ENROLL_HELP)]
+    Enroll(EnrollArgs),
     /// Revoke every certificate issued to NAME: writes CADIR/crl.pem.
     #[command(
         override_usage = "tidemark ca revoke --ca CADIR NAME [--role agent|collector|target]",
         after_help = REVOKE_HELP
     )]
     Revoke(RevokeArgs),
+}
+
+pub const ENROLL_USAGE: &str =
+    "tidemark enroll --ca CADIR NAME --role agent|collector|target --out DIR [--valid DUR] [--days N]";
+pub const ENROLL_HELP: &str =
+    "Example:\n  tidemark enroll --ca /etc/tidemark/ca web-1 --role agent --out /tmp/web-1\n  \
+    # copy /tmp/web-1 to web-1 as /etc/tidemark/tls, then:\n  \
+    tidemark-agent protect ... --collector dr:7700 --tls /etc/tidemark/tls";
+
+#[derive(Args)]
+pub struct EnrollArgs {
+    /// The CA's folder (the collector serving enrollment reads the same).
+    #[arg(long, value_name = "CADIR")]
+    ca: PathBuf,
+    /// The identity's name: 1 to 63 of a-z, 0-9 and '-' (a host name).
+    name: String,
+    /// What the identity may act as.
+    #[arg(long, value_parser = ["agent", "collector", "target"])]
+    role: String,
+    /// The folder to write for the service's --tls: ca.pem and
+    /// enroll.token (0600); the key is made on the service's host.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// How long the token may wait for its first use.
+    #[arg(long, default_value = "24h", value_parser = tidemark_util::human::parse_duration)]
+    valid: std::time::Duration,
+    /// How long the certificate it buys is valid (renewed automatically
+    /// when a third of it is left).
+    #[arg(long, default_value_t = 397, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    days: u32,
+    /// The certificate's lifetime in seconds instead of --days (tests of renewal).
+    #[arg(long, hide = true)]
+    seconds: Option<u32>,
 }
 
 pub const REVOKE_HELP: &str = "Example:\n  tidemark revoke --ca /etc/tidemark/ca web-1\n  \
@@ -96,6 +125,7 @@ pub fn run(c: CaCmd) -> Result<()> {
         CaCmd::Init(a) => init(&a),
         CaCmd::Issue(a) => issue(&a),
         CaCmd::Revoke(a) => revoke(&a),
+        CaCmd::Enroll(a) => enroll(&a),
     }
 }
 
@@ -113,7 +143,7 @@ fn init(a: &InitArgs) -> Result<()> {
         KeyUsagePurpose::DigitalSignature,
     ];
     validity(&mut p, a.days);
-    p.serial_number = Some(serial());
+    p.serial_number = Some(tidemark_net::ca::serial());
     let cert = p.self_signed(&key).context("sign the CA certificate")?;
     write_new(&a.dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
     write_new(
@@ -145,38 +175,14 @@ fn init(a: &InitArgs) -> Result<()> {
 fn issue(a: &IssueArgs) -> Result<()> {
     let role = PeerRole::parse(&a.role).context("--role")?;
     let id = Identity::new(&a.name, role).map_err(anyhow::Error::msg)?;
-    let (ca_key, issuer, ca_pem) = load_ca(&a.ca)?;
-
+    let ca = Ca::load(&a.ca).map_err(anyhow::Error::msg)?;
     let key = KeyPair::generate().context("generate the key")?;
-    let mut p = CertificateParams::new(vec![id.dns_name()]).context("the certificate's name")?;
-    p.distinguished_name.push(DnType::CommonName, id.name.clone());
-    p.distinguished_name.push(DnType::OrganizationalUnitName, role.name());
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    validity(&mut p, a.days);
-    if let Some(secs) = a.seconds {
-        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(i64::from(secs));
-    }
-    let serial = serial();
-    p.serial_number = Some(serial.clone());
-    let cert = p.signed_by(&key, &issuer, &ca_key).context("sign the certificate")?;
-
-    // What was made must chain to the stored CA certificate (a ca.key or
-    // ca.name that does not belong to ca.pem is caught here).
-    let made = tidemark_net::tls::check_issued(ca_pem.as_bytes(), cert.der())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.ca.display()))?;
-    if made != id {
-        bail!("the certificate made names {made}, not {id}");
-    }
+    let secs = a.seconds.map_or(u64::from(a.days) * 86_400, u64::from);
+    let (cert_pem, hex) = ca.issue(&id, &key, secs).map_err(anyhow::Error::msg)?;
     new_private_dir(&a.out)?;
     write_new(&a.out.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&a.out.join(CERT_FILE), cert.pem().as_bytes(), 0o644)?;
-    write_new(&a.out.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
-    let hex: String = serial.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    let kept =
-        a.ca.join(ISSUED_DIR)
-            .join(format!("{}.{}.{hex}.pem", id.name, role.name()));
-    write_new(&kept, cert.pem().as_bytes(), 0o644)?;
+    write_new(&a.out.join(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+    write_new(&a.out.join(CA_FILE), ca.pem.as_bytes(), 0o644)?;
     outln!(
         "issued {id} ({}, valid {} days, serial {hex}) into {}",
         id.dns_name(),
@@ -187,27 +193,36 @@ fn issue(a: &IssueArgs) -> Result<()> {
     Ok(())
 }
 
-/// The CA of folder `dir`: its key, the issuer made from it (for
-/// signing), and its certificate as stored.
-fn load_ca(dir: &Path) -> Result<(KeyPair, rcgen::Certificate, String)> {
-    let ca_key_path = dir.join(CA_KEY_FILE);
-    private_file(&ca_key_path).map_err(anyhow::Error::msg)?;
-    let ca_key_pem =
-        std::fs::read_to_string(&ca_key_path).with_context(|| format!("read {}", ca_key_path.display()))?;
-    let ca_key =
-        KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{}: not a private key", ca_key_path.display()))?;
-    let ca_pem_path = dir.join(CA_FILE);
-    let ca_pem = std::fs::read_to_string(&ca_pem_path).with_context(|| format!("read {}", ca_pem_path.display()))?;
-    let name_path = dir.join(CA_NAME_FILE);
-    let ca_name = std::fs::read_to_string(&name_path).with_context(|| format!("read {}", name_path.display()))?;
-    // The issuer as signing needs it: the CA certificate's name and key
-    // (rcgen takes the issuer's name and key identifier from these; the
-    // stored ca.pem carries the same).
-    let mut ca_params = CertificateParams::default();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.distinguished_name.push(DnType::CommonName, ca_name.trim());
-    let issuer = ca_params.self_signed(&ca_key).context("the CA key")?;
-    Ok((ca_key, issuer, ca_pem))
+fn enroll(a: &EnrollArgs) -> Result<()> {
+    let role = PeerRole::parse(&a.role).context("--role")?;
+    let id = Identity::new(&a.name, role).map_err(anyhow::Error::msg)?;
+    let ca = Ca::load(&a.ca).map_err(anyhow::Error::msg)?;
+    let now = tidemark_util::now_ns() / 1_000_000_000;
+    let e = tidemark_net::ca::Enrollment {
+        id: id.clone(),
+        expires: now + a.valid.as_secs(),
+        cert_secs: a.seconds.map_or(u64::from(a.days) * 86_400, u64::from),
+    };
+    new_private_dir(&a.out)?;
+    let token = tidemark_net::ca::new_enrollment(&a.ca, &e).map_err(anyhow::Error::msg)?;
+    write_new(
+        &a.out.join(tidemark_net::ca::ENROLL_TOKEN_FILE),
+        format!("{token}\n").as_bytes(),
+        0o600,
+    )?;
+    write_new(&a.out.join(CA_FILE), ca.pem.as_bytes(), 0o644)?;
+    outln!(
+        "enrollment token for {id} written to {} (valid {}, used once)",
+        a.out.join(tidemark_net::ca::ENROLL_TOKEN_FILE).display(),
+        tidemark_util::human::format_duration(a.valid)
+    );
+    outln!(
+        "copy {} to the {role}'s host and give it as --tls: on first contact with a collector that serves \
+         enrollment (--ca {}) it makes its key there and trades the token for its certificate",
+        a.out.display(),
+        a.ca.display()
+    );
+    Ok(())
 }
 
 /// The list of revoked certificates in the CA's folder, one per line:
@@ -215,7 +230,7 @@ fn load_ca(dir: &Path) -> Result<(KeyPair, rcgen::Certificate, String)> {
 const REVOKED_FILE: &str = "revoked.txt";
 
 fn revoke(a: &RevokeArgs) -> Result<()> {
-    let (ca_key, issuer, _) = load_ca(&a.ca)?;
+    let ca = Ca::load(&a.ca).map_err(anyhow::Error::msg)?;
     let issued = a.ca.join(ISSUED_DIR);
     let mut found = Vec::new();
     for e in std::fs::read_dir(&issued).with_context(|| format!("read {}", issued.display()))? {
@@ -281,7 +296,7 @@ fn revoke(a: &RevokeArgs) -> Result<()> {
         revoked_certs: revoked,
         key_identifier_method: rcgen::KeyIdMethod::Sha256,
     }
-    .signed_by(&issuer, &ca_key)
+    .signed_by(ca.issuer(), ca.key())
     .context("sign the revocation list")?;
     let pem = crl.pem().context("the revocation list as PEM")?;
     tidemark_util::crashsafe::write_atomic(&a.ca.join(REVOKED_FILE), text.as_bytes())
@@ -311,13 +326,6 @@ fn validity(p: &mut CertificateParams, days: u32) {
     p.not_after = now + time::Duration::days(i64::from(days));
 }
 
-fn serial() -> SerialNumber {
-    let mut b = *uuid::Uuid::new_v4().as_bytes();
-    // Positive, as DER integers in certificates must be.
-    b[0] &= 0x7f;
-    SerialNumber::from_slice(&b)
-}
-
 /// Create `dir` 0700, or take it if it exists empty; refuse anything else.
 fn new_private_dir(dir: &Path) -> Result<()> {
     match std::fs::read_dir(dir) {
@@ -340,14 +348,5 @@ fn new_private_dir(dir: &Path) -> Result<()> {
 
 /// Write a new file with `mode` (never over an existing one), durably.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("write {}", path.display()))?;
-    f.sync_all().with_context(|| format!("fsync {}", path.display()))?;
-    Ok(())
+    tidemark_net::ca::write_new(path, bytes, mode).map_err(anyhow::Error::msg)
 }

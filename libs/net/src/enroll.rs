@@ -1,0 +1,251 @@
+//! Enrollment and renewal, the client side (`docs/security.md`): an
+//! identity folder holding `ca.pem` and a one-time `enroll.token` (from
+//! `tidemark enroll`) gets its key made here and trades the token, at the
+//! collector, for its certificate; an identity with a third or less of its
+//! lifetime left trades its current certificate for a new one with a new
+//! key. The collector's side is in the collector (`--ca CADIR`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tidemark_wire::frame::{Frame, MAX_ENROLL_PEM};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::ca::ENROLL_TOKEN_FILE;
+use crate::tls::{check_issued, private_file, Identity, PeerRole, RoleVerifier, Tls, CA_FILE, CERT_FILE, KEY_FILE};
+
+/// How long an enrollment or renewal exchange may take in all.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The folder holds an enrollment token and no certificate yet.
+pub fn awaiting_enrollment(dir: &Path) -> bool {
+    !dir.join(CERT_FILE).exists() && dir.join(ENROLL_TOKEN_FILE).exists()
+}
+
+/// Trade the folder's enrollment token at the collector `addr` for a
+/// certificate: the key is made here, the collector must hold a collector
+/// identity of the folder's CA. On success the folder holds `key.pem`
+/// (0600) and `cert.pem`, and the token is gone.
+pub async fn enroll(dir: &Path, addr: &str) -> Result<Identity, String> {
+    let token_file = dir.join(ENROLL_TOKEN_FILE);
+    private_file(&token_file)?;
+    let token = std::fs::read_to_string(&token_file)
+        .map_err(|e| format!("read {}: {e}", token_file.display()))?
+        .trim()
+        .to_string();
+    let ca = std::fs::read(dir.join(CA_FILE)).map_err(|e| format!("read {}: {e}", dir.join(CA_FILE).display()))?;
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        let c = c.map_err(|e| format!("{}: {e}", dir.join(CA_FILE).display()))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: {e}", dir.join(CA_FILE).display()))?;
+    }
+    let provider = Arc::new(crate::tls::provider());
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(RoleVerifier {
+            inner,
+            want: PeerRole::Collector,
+            name: None,
+        }))
+        .with_no_client_auth();
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("generate a key: {e}"))?;
+    let exchange = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let sni = ServerName::try_from("collector.tidemark").map_err(|e| e.to_string())?;
+        let s = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(sni, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with the collector: {e}"))?;
+        let (mut r, mut w) = tokio::io::split(s);
+        trade(&mut r, &mut w, token, key.public_key_raw()).await
+    };
+    let (cert_pem, _) = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {} s", EXCHANGE_TIMEOUT.as_secs()))??;
+    let id = store(dir, &ca, &key, &cert_pem, None)?;
+    crate::tls::remove_secret(&token_file)?;
+    Ok(id)
+}
+
+/// Renew `tls`'s identity at the collector `addr` (authenticated by the
+/// current certificate): a new key, a new certificate of the same
+/// identity, written over the old ones; the services read them at their
+/// next connection.
+pub async fn renew(tls: &Tls, addr: &str) -> Result<(), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("generate a key: {e}"))?;
+    let exchange = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let c = tls.connect(tcp, PeerRole::Collector, None).await?;
+        let (mut r, mut w) = (c.reader, c.writer);
+        trade(&mut r, &mut w, String::new(), key.public_key_raw()).await
+    };
+    let (cert_pem, _) = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {} s", EXCHANGE_TIMEOUT.as_secs()))??;
+    let ca =
+        std::fs::read(tls.dir.join(CA_FILE)).map_err(|e| format!("read {}: {e}", tls.dir.join(CA_FILE).display()))?;
+    store(&tls.dir, &ca, &key, &cert_pem, Some(&tls.me)).map(|_| ())
+}
+
+/// Send `Enroll`, read `Enrolled` (or the refusal).
+async fn trade<R, W>(r: &mut R, w: &mut W, token: String, public_key: &[u8]) -> Result<(String, String), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    crate::write_frame(
+        w,
+        &Frame::Enroll {
+            token,
+            public_key: public_key.to_vec(),
+        },
+    )
+    .await
+    .map_err(|e| format!("send the enrollment: {e}"))?;
+    let max = u32::try_from(2 * MAX_ENROLL_PEM + 16).unwrap_or(u32::MAX);
+    match crate::read_frame(r, max).await {
+        Ok(Some(Frame::Enrolled { cert_pem, ca_pem })) => Ok((cert_pem, ca_pem)),
+        Ok(Some(Frame::Error { code, reason })) => Err(format!("the collector refused ({code}): {reason}")),
+        Ok(Some(f)) => Err(format!("the collector answered {} instead of a certificate", f.name())),
+        Ok(None) => Err("the collector closed the connection without an answer".into()),
+        Err(e) => Err(format!("reading the collector's answer: {e}")),
+    }
+}
+
+/// Check the certificate received (it chains to the folder's CA, names
+/// `want` if given, and holds the key made here) and write the key (0600)
+/// and the certificate, each atomically, key first.
+fn store(
+    dir: &Path,
+    ca: &[u8],
+    key: &rcgen::KeyPair,
+    cert_pem: &str,
+    want: Option<&Identity>,
+) -> Result<Identity, String> {
+    let der =
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| format!("the certificate received: {e}"))?;
+    let id = check_issued(ca, &der).map_err(|e| format!("the certificate received: {e}"))?;
+    if want.is_some_and(|w| w != &id) {
+        return Err(format!("the certificate received names {id}, not this identity"));
+    }
+    let spki = webpki::EndEntityCert::try_from(&der)
+        .map_err(|e| format!("the certificate received: {e}"))?
+        .subject_public_key_info();
+    if !spki.as_ref().ends_with(key.public_key_raw()) {
+        return Err("the certificate received is not for the key made here".into());
+    }
+    crate::tls::write_private(&dir.join(KEY_FILE), key.serialize_pem().as_bytes())?;
+    tidemark_util::crashsafe::write_atomic(&dir.join(CERT_FILE), cert_pem.as_bytes())
+        .map_err(|e| format!("write {}: {e}", dir.join(CERT_FILE).display()))?;
+    Ok(id)
+}
+
+/// Validity of the folder's certificate: (not before, not after), Unix
+/// seconds.
+pub fn validity(dir: &Path) -> Result<(i64, i64), String> {
+    let p = dir.join(CERT_FILE);
+    let der = CertificateDer::from_pem_file(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    cert_validity(&der).ok_or_else(|| format!("{}: no validity dates found", p.display()))
+}
+
+/// A third of the certificate's lifetime or less is left at `now`.
+pub fn renewal_due(dir: &Path, now: i64) -> Result<bool, String> {
+    let (nb, na) = validity(dir)?;
+    Ok(now >= na - (na - nb) / 3)
+}
+
+/// The validity dates of a DER certificate (Unix seconds): the fifth
+/// element of the TBSCertificate (after the optional version, the serial,
+/// the signature algorithm and the issuer).
+pub fn cert_validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    let (tag, _, after) = tlv(rest)?;
+    if tag == 0xa0 {
+        rest = after; // [0] version
+    }
+    for _ in 0..3 {
+        rest = tlv(rest)?.2; // serial, signature, issuer
+    }
+    let (_, validity, _) = tlv(rest)?;
+    let (t1, nb, after) = tlv(validity)?;
+    let (t2, na, _) = tlv(after)?;
+    Some((der_time(t1, nb)?, der_time(t2, na)?))
+}
+
+/// One DER element: (tag, contents, what follows).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&l, mut b) = b.split_first()?;
+    let len = if l < 0x80 {
+        usize::from(l)
+    } else {
+        let n = usize::from(l & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let v = b[..n].iter().fold(0usize, |a, &x| (a << 8) | usize::from(x));
+        b = &b[n..];
+        v
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// UTCTime (0x17, YYMMDDHHMMSSZ) or GeneralizedTime (0x18,
+/// YYYYMMDDHHMMSSZ) as Unix seconds.
+fn der_time(tag: u8, v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        0x17 if s.len() == 12 => {
+            let y: i64 = s[..2].parse().ok()?;
+            (if y < 50 { 2000 + y } else { 1900 + y }, &s[2..])
+        }
+        0x18 if s.len() == 14 => (s[..4].parse().ok()?, &s[4..]),
+        _ => return None,
+    };
+    let n = |i: usize| -> Option<i64> { rest.get(i..i + 2)?.parse().ok() };
+    let (mo, d, h, mi, se) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
+    // Days from the civil date (proleptic Gregorian).
+    let y = if mo <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + se)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_dates_are_read_from_a_certificate() {
+        let mut p = rcgen::CertificateParams::new(vec!["x.agent.tidemark".into()]).unwrap();
+        p.not_before = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(4_102_444_800).unwrap(); // 2100: GeneralizedTime
+        let k = rcgen::KeyPair::generate().unwrap();
+        let c = p.self_signed(&k).unwrap();
+        assert_eq!(cert_validity(c.der()), Some((1_700_000_000, 4_102_444_800)));
+        assert_eq!(cert_validity(&c.der()[..40]), None);
+        assert_eq!(cert_validity(b""), None);
+    }
+}
