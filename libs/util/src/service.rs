@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 /// the failpoints.
 #[must_use = "the failpoints are cleared when this is dropped"]
 pub struct Service {
+    #[cfg(feature = "failpoints")]
     _failpoints: fail::FailScenario<'static>,
 }
 
@@ -17,7 +18,8 @@ pub struct Service {
 /// failpoint's `panic` action included — aborts the process at once, as a
 /// crash or `kill -9` would: no unwinding into half-done state, no other
 /// task carrying on; failpoints from the `FAILPOINTS` environment variable
-/// (tests only).
+/// in test builds only (cargo feature `tidemark-util/failpoints`, off by
+/// default: a release build ignores `FAILPOINTS`, and says so).
 pub fn start() -> Service {
     // Everything a daemon creates — journal, spool, replicas, undo,
     // catalogs, sockets — is its owner's alone (0600 files, 0700 folders):
@@ -29,7 +31,14 @@ pub fn start() -> Service {
         default_hook(info);
         std::process::abort();
     }));
+    #[cfg(not(feature = "failpoints"))]
+    if std::env::var_os("FAILPOINTS").is_some() {
+        tracing::warn!(
+            "FAILPOINTS is set, but this build has no failpoints (cargo feature tidemark-util/failpoints): ignored"
+        );
+    }
     Service {
+        #[cfg(feature = "failpoints")]
         _failpoints: fail::FailScenario::setup(),
     }
 }
