@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::catalog::{DiskRow, Fence};
 use crate::net::error_frame;
-use crate::state::{kib_permits, note_progress, synced_range, AgentLink, Disk, Out, Shared};
+use crate::state::{note_progress, synced_range, AgentLink, Disk, Out, Shared};
 use crate::{failpoint, forward, spool};
 use tidemark_formats::generation::GenerationId;
 
@@ -118,7 +118,10 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         );
         return refuse(&shared, &mut wr, None, r).await;
     }
-    let mut reader = FrameReader::new(rd, tidemark_net::HELLO_MAX_BODY);
+    // Every body is admitted against the memory budget before it is read
+    // (an agent trickling a body holds its share until BODY_TIMEOUT).
+    let mut reader = FrameReader::new(rd, tidemark_net::HELLO_MAX_BODY)
+        .with_budget_for_bytes(shared.memory.clone(), crate::state::MEMORY_BUDGET);
     let first = tokio::select! {
         _ = shared.stop.cancelled() => return,
         r = tokio::time::timeout(HELLO_TIMEOUT, reader.next()) => r,
@@ -673,7 +676,7 @@ async fn session(
             _ = shared.stop.cancelled() => return Err(SessionEnd::Gone("collector stopping".into())),
             r = tokio::time::timeout(IDLE_TIMEOUT, reader.header()) => r,
         };
-        let h = match header {
+        match header {
             Err(_) => {
                 return Err(SessionEnd::Gone(format!(
                     "nothing received for {} s",
@@ -681,30 +684,31 @@ async fn session(
                 )))
             }
             Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(x))) => x,
+            Ok(Ok(Some(_))) => {}
             Ok(Err(e)) => return Err(read_failure(e)),
-        };
-        // The body is bounded by the header (MAX_BODY) before it is read.
-        // The shared budget is taken only once it has arrived: an agent
-        // trickling a body must not hold memory other connections need.
+        }
+        // The body is bounded by the header (MAX_BODY), and its bytes are
+        // admitted against the shared memory budget before they are read
+        // (an agent trickling a body holds that share for BODY_TIMEOUT at
+        // most); the records decoded from them, once they have arrived.
+        // Both are held until the batch is spooled.
         let frame = match tokio::time::timeout(BODY_TIMEOUT, reader.next()).await {
             Err(_) => return Err(SessionEnd::Gone("frame body not received in time".into())),
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => return Err(read_failure(e)),
         };
+        let _bytes = reader.take_permit();
         let buf = reader.take_frame_bytes();
-        // Decoded, the body is held about twice (bytes and records).
-        let permits = kib_permits(2 * u64::from(h.body_len) + 16);
-        let _mem = shared
+        let _decoded = shared
             .memory
-            .acquire_many(permits)
+            .acquire_many(crate::state::kib_permits(buf.len() as u64 + 16))
             .await
             .map_err(|_| SessionEnd::Gone("collector stopping".into()))?;
         match frame {
             Frame::Batch(records) => {
                 let held = spool_batch(shared, disk, records, buf).await?;
-                drop(_mem);
+                drop((_bytes, _decoded));
                 failpoint::hit("collector-before-ack");
                 send_and_wait(tx, Frame::Ack { seq: held }).await?;
                 failpoint::hit("collector-after-ack");

@@ -235,7 +235,7 @@ pub(crate) struct Shared {
     pub stop: CancellationToken,
     pub tracker: TaskTracker,
     /// Permits are KiB of [`MEMORY_BUDGET`].
-    pub memory: Semaphore,
+    pub memory: Arc<Semaphore>,
     pub counters: Counters,
     /// Refused connections and failed handshakes: logged at a bounded rate.
     pub refused_log: tidemark_util::ratelog::RateLimitedLog,
@@ -281,7 +281,9 @@ impl Shared {
             started: Instant::now(),
             stop,
             tracker: TaskTracker::new(),
-            memory: Semaphore::new(usize::try_from(MEMORY_BUDGET / 1024).unwrap_or(usize::MAX)),
+            memory: Arc::new(Semaphore::new(
+                usize::try_from(MEMORY_BUDGET / 1024).unwrap_or(usize::MAX),
+            )),
             counters: Counters::default(),
             refused_log: Default::default(),
             next_conn: AtomicU64::new(1),

@@ -77,6 +77,8 @@ pub fn kib_permits(bytes: u64, total: u64) -> u32 {
 struct Budget {
     permits: Arc<Semaphore>,
     total: u64,
+    /// Permits for this many times each frame.
+    factor: u64,
 }
 
 /// Reads frames from `R`, one at a time; cancel-safe (see the module).
@@ -114,7 +116,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// before a body is read, the reader waits for permits for twice its
     /// frame (the bytes and what is decoded from them).
     pub fn with_budget(mut self, budget: Arc<Semaphore>, total: u64) -> Self {
-        self.budget = Some(Budget { permits: budget, total });
+        self.budget = Some(Budget {
+            permits: budget,
+            total,
+            factor: 2,
+        });
+        self
+    }
+
+    /// As [`Self::with_budget`], for the frame's bytes alone (the caller
+    /// admits what it decodes from them once they have arrived).
+    pub fn with_budget_for_bytes(mut self, budget: Arc<Semaphore>, total: u64) -> Self {
+        self.budget = Some(Budget {
+            permits: budget,
+            total,
+            factor: 1,
+        });
         self
     }
 
@@ -167,8 +184,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let need = self.parsed_header()?.frame_len();
         if let Some(b) = self.budget.as_ref().filter(|_| need > FRAME_HEADER_LEN) {
-            // The read buffer and the decoded frame: twice the frame.
-            let want = kib_permits(2 * need as u64, b.total);
+            // The read buffer (and, by default, the decoded frame).
+            let want = kib_permits(b.factor * need as u64, b.total);
             if self.permit.as_ref().map_or(0, |p| p.num_permits()) < want as usize {
                 // Cancel-safe: a permit acquired is kept in self.
                 self.permit = None;
