@@ -37,14 +37,56 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Most API connections at once; more are closed at accept.
+const MAX_API_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an API connection stays open (the slowest call, quiesce, waits
+/// 30 s for the agent).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Serve the API until the collector stops: HTTP/1.1, the headers of each
+/// request within [`HEADER_TIMEOUT`], each connection closed after
+/// [`CONNECTION_TIMEOUT`], at most [`MAX_API_CONNECTIONS`] at once.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let stop = shared.stop.clone();
-    let app = router(shared);
-    if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        warn!("status API stopped: {e}");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let app = router(shared.clone());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("status API: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.refused_log.warn(format_args!(
+                "status API: closed a connection from {peer}: {MAX_API_CONNECTIONS} are open"
+            ));
+            continue;
+        };
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let mut app = app.clone();
+                async move { tower_service::Service::call(&mut app, req).await }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {}
+            }
+            drop(slot);
+        });
     }
 }
 

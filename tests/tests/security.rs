@@ -748,6 +748,10 @@ fn disk_ids_are_capped_per_collector() {
     let dir = tmpdir("sec-cap");
     let d = dir.path();
     let site = Site::start(d, &["--max-disks", "1"]);
+    // A client that connects to the API and sends nothing is closed once
+    // the header timeout (10 s) passes; the API serves others meanwhile.
+    let mut silent = TcpStream::connect(("127.0.0.1", site.api_port)).unwrap();
+    let opened = Instant::now();
     let good = start_agent(d, "good", &site.agent_flags());
     still_replicates(&site, &good, 0, 0x61);
     let extra = start_agent(d, "extra", &site.agent_flags());
@@ -760,4 +764,12 @@ fn disk_ids_are_capped_per_collector() {
     assert_eq!(site.status()["disks"].as_array().unwrap().len(), 1);
     still_replicates(&site, &good, MIB, 0x62);
     good.stop();
+    silent.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut sink = Vec::new();
+    let _ = silent.read_to_end(&mut sink);
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(25),
+        "a silent API connection was closed after {waited:?}"
+    );
 }
