@@ -229,6 +229,17 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
+/// Bind `d` to agent identity `m`: the catalog, then memory.
+async fn set_owner(shared: &Arc<Shared>, d: &Arc<Disk>, m: &str) -> anyhow::Result<()> {
+    let (s, id, m2) = (shared.clone(), d.id.to_string(), m.to_string());
+    tokio::task::spawn_blocking(move || s.catalog.set_owner(&id, &m2))
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)?;
+    d.lock().owner = Some(m.to_string());
+    Ok(())
+}
+
 /// An `Enroll` (`docs/security.md`): a one-time token traded for a
 /// certificate of the identity it was made for, or (no token, over an
 /// authenticated connection) the peer's own identity renewed with the
@@ -325,13 +336,7 @@ async fn admit(
                         ),
                     ));
                 }
-                let (s, id2, m2) = (shared.clone(), id.to_string(), m.clone());
-                tokio::task::spawn_blocking(move || s.catalog.set_owner(&id2, &m2))
-                    .await
-                    .map_err(anyhow::Error::from)
-                    .and_then(|r| r)
-                    .map_err(internal)?;
-                d.lock().owner = Some(m.clone());
+                set_owner(shared, &d, m).await.map_err(internal)?;
                 warn!(from = %o, to = %m, "disk moved to another agent identity (an operator's rebind)");
                 crate::audit::record(shared, m, "rebind-owner", id, &format!("from {o}"));
             }
@@ -342,13 +347,7 @@ async fn admit(
                 ))
             }
             (None, Some(m)) => {
-                let (s, id2, m2) = (shared.clone(), id.to_string(), m.clone());
-                tokio::task::spawn_blocking(move || s.catalog.set_owner(&id2, &m2))
-                    .await
-                    .map_err(anyhow::Error::from)
-                    .and_then(|r| r)
-                    .map_err(internal)?;
-                d.lock().owner = Some(m.clone());
+                set_owner(shared, &d, m).await.map_err(internal)?;
                 info!(owner = %m, "disk bound to its agent's identity");
             }
             _ => {}

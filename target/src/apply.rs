@@ -55,7 +55,7 @@ use tidemark_wire::record::{Record, RecordHeader, RecordKind};
 use tracing::{info, warn};
 
 use crate::catalog::{now_unix, replica_state, Catalog, DiskRow, Halt, SegmentRow, SyncState, UndoRow};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::plan::{plan, Plan, PlanInput};
 use crate::recovery::Point;
 use crate::replica::Replica;
@@ -335,11 +335,11 @@ impl DiskApplier {
             self.replica.apply(&fresh[i].header, &fresh[i].payload)?;
         }
 
-        fail::fail_point!("target-apply-before-fsync", |_| Err(Error::injected(
+        fail::fail_point!("target-apply-before-fsync", |_| Err(crate::error::Error::injected(
             "target-apply-before-fsync"
         )));
         self.replica.sync()?;
-        fail::fail_point!("target-apply-after-fsync", |_| Err(Error::injected(
+        fail::fail_point!("target-apply-after-fsync", |_| Err(crate::error::Error::injected(
             "target-apply-after-fsync"
         )));
 
@@ -348,9 +348,13 @@ impl DiskApplier {
         let commit: Vec<&Halt> = halts_to_commit.iter().collect();
         let halted_seq = open.iter().map(|h| h.seq).min();
         let new_points: Vec<Point> = points.into_iter().map(|(_, p)| p).collect();
-        fail::fail_point!("target-before-commit", |_| Err(Error::injected("target-before-commit")));
+        fail::fail_point!("target-before-commit", |_| Err(crate::error::Error::injected(
+            "target-before-commit"
+        )));
         self.catalog.commit(&row, halted_seq, &commit, &new_points, &thinned)?;
-        fail::fail_point!("target-after-commit", |_| Err(Error::injected("target-after-commit")));
+        fail::fail_point!("target-after-commit", |_| Err(crate::error::Error::injected(
+            "target-after-commit"
+        )));
 
         for p in &new_points {
             info!(disk = %id, seq = p.seq, kind = p.kind.as_str(), tag = p.tag.as_deref().unwrap_or(""), "recovery point");
@@ -471,7 +475,7 @@ impl DiskApplier {
             self.captured_for = Some(epoch);
             return Ok(());
         }
-        fail::fail_point!("target-undo-before-fsync", |_| Err(Error::injected(
+        fail::fail_point!("target-undo-before-fsync", |_| Err(crate::error::Error::injected(
             "target-undo-before-fsync"
         )));
         let w = self.undo.writer.as_ref().expect("rows were appended to a writer");
@@ -498,7 +502,7 @@ impl DiskApplier {
         }
         self.row.undo_captured_seq = last;
         self.captured_for = Some(epoch);
-        fail::fail_point!("target-undo-after-capture", |_| Err(Error::injected(
+        fail::fail_point!("target-undo-after-capture", |_| Err(crate::error::Error::injected(
             "target-undo-after-capture"
         )));
         Ok(())

@@ -47,9 +47,11 @@ pub const ENROLL_HELP: &str =
     # copy /tmp/web-1 to web-1 as /etc/tidemark/tls, then:\n  \
     tidemark-agent protect ... --collector dr:7700 --tls /etc/tidemark/tls";
 
+/// The identity an `issue` or `enroll` is for, and where it goes.
 #[derive(Args)]
-pub struct EnrollArgs {
-    /// The CA's folder (the collector serving enrollment reads the same).
+pub struct IdentityArgs {
+    /// The CA's folder (from `tidemark ca init`; the collector serving
+    /// enrollment reads the same).
     #[arg(long, value_name = "CADIR")]
     ca: PathBuf,
     /// The identity's name: 1 to 63 of a-z, 0-9 and '-' (a host name).
@@ -57,10 +59,27 @@ pub struct EnrollArgs {
     /// What the identity may act as.
     #[arg(long, value_parser = ["agent", "collector", "target"])]
     role: String,
-    /// The folder to write for the service's --tls: ca.pem and
-    /// enroll.token (0600); the key is made on the service's host.
+    /// The folder to write for the service's --tls (it must not exist, or
+    /// be empty): ca.pem, and cert.pem and key.pem (issue) or enroll.token
+    /// (enroll; the key is then made on the service's host).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+}
+
+impl IdentityArgs {
+    /// The identity named and the CA that signs it.
+    fn load(&self) -> Result<(Identity, Ca)> {
+        let role = PeerRole::parse(&self.role).context("--role")?;
+        let id = Identity::new(&self.name, role).map_err(anyhow::Error::msg)?;
+        let ca = Ca::load(&self.ca).map_err(anyhow::Error::msg)?;
+        Ok((id, ca))
+    }
+}
+
+#[derive(Args)]
+pub struct EnrollArgs {
+    #[command(flatten)]
+    who: IdentityArgs,
     /// How long the token may wait for its first use.
     #[arg(long, default_value = "24h", value_parser = tidemark_util::human::parse_duration)]
     valid: std::time::Duration,
@@ -100,18 +119,8 @@ pub struct InitArgs {
 
 #[derive(Args)]
 pub struct IssueArgs {
-    /// The CA's folder (from `tidemark ca init`).
-    #[arg(long, value_name = "CADIR")]
-    ca: PathBuf,
-    /// The identity's name: 1 to 63 of a-z, 0-9 and '-' (a host name).
-    name: String,
-    /// What the identity may act as.
-    #[arg(long, value_parser = ["agent", "collector", "target"])]
-    role: String,
-    /// The folder to write (it must not exist, or be empty): ca.pem,
-    /// cert.pem and key.pem, for the service's --tls.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[command(flatten)]
+    who: IdentityArgs,
     /// How long the certificate is valid.
     #[arg(long, default_value_t = 397, value_parser = clap::value_parser!(u32).range(1..=3650))]
     days: u32,
@@ -173,54 +182,52 @@ fn init(a: &InitArgs) -> Result<()> {
 }
 
 fn issue(a: &IssueArgs) -> Result<()> {
-    let role = PeerRole::parse(&a.role).context("--role")?;
-    let id = Identity::new(&a.name, role).map_err(anyhow::Error::msg)?;
-    let ca = Ca::load(&a.ca).map_err(anyhow::Error::msg)?;
+    let (id, ca) = a.who.load()?;
+    let role = id.role;
     let key = KeyPair::generate().context("generate the key")?;
     let secs = a.seconds.map_or(u64::from(a.days) * 86_400, u64::from);
     let (cert_pem, hex) = ca.issue(&id, &key, secs).map_err(anyhow::Error::msg)?;
-    new_private_dir(&a.out)?;
-    write_new(&a.out.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&a.out.join(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
-    write_new(&a.out.join(CA_FILE), ca.pem.as_bytes(), 0o644)?;
+    new_private_dir(&a.who.out)?;
+    write_new(&a.who.out.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&a.who.out.join(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+    write_new(&a.who.out.join(CA_FILE), ca.pem.as_bytes(), 0o644)?;
     outln!(
         "issued {id} ({}, valid {} days, serial {hex}) into {}",
         id.dns_name(),
         a.days,
-        a.out.display()
+        a.who.out.display()
     );
-    outln!("use it with --tls {} on the {role}", a.out.display());
+    outln!("use it with --tls {} on the {role}", a.who.out.display());
     Ok(())
 }
 
 fn enroll(a: &EnrollArgs) -> Result<()> {
-    let role = PeerRole::parse(&a.role).context("--role")?;
-    let id = Identity::new(&a.name, role).map_err(anyhow::Error::msg)?;
-    let ca = Ca::load(&a.ca).map_err(anyhow::Error::msg)?;
+    let (id, ca) = a.who.load()?;
+    let role = id.role;
     let now = tidemark_util::now_ns() / 1_000_000_000;
     let e = tidemark_net::ca::Enrollment {
         id: id.clone(),
         expires: now + a.valid.as_secs(),
         cert_secs: a.seconds.map_or(u64::from(a.days) * 86_400, u64::from),
     };
-    new_private_dir(&a.out)?;
-    let token = tidemark_net::ca::new_enrollment(&a.ca, &e).map_err(anyhow::Error::msg)?;
+    new_private_dir(&a.who.out)?;
+    let token = tidemark_net::ca::new_enrollment(&a.who.ca, &e).map_err(anyhow::Error::msg)?;
     write_new(
-        &a.out.join(tidemark_net::ca::ENROLL_TOKEN_FILE),
+        &a.who.out.join(tidemark_net::ca::ENROLL_TOKEN_FILE),
         format!("{token}\n").as_bytes(),
         0o600,
     )?;
-    write_new(&a.out.join(CA_FILE), ca.pem.as_bytes(), 0o644)?;
+    write_new(&a.who.out.join(CA_FILE), ca.pem.as_bytes(), 0o644)?;
     outln!(
         "enrollment token for {id} written to {} (valid {}, used once)",
-        a.out.join(tidemark_net::ca::ENROLL_TOKEN_FILE).display(),
+        a.who.out.join(tidemark_net::ca::ENROLL_TOKEN_FILE).display(),
         tidemark_util::human::format_duration(a.valid)
     );
     outln!(
         "copy {} to the {role}'s host and give it as --tls: on first contact with a collector that serves \
          enrollment (--ca {}) it makes its key there and trades the token for its certificate",
-        a.out.display(),
-        a.ca.display()
+        a.who.out.display(),
+        a.who.ca.display()
     );
     Ok(())
 }
