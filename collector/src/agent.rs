@@ -258,7 +258,7 @@ async fn enroll(
     };
     let key = tidemark_net::ca::PeerKey::parse(&public_key).map_err(|e| Refusal::new(ErrorCode::Malformed, e))?;
     let who = peer.map_or_else(|| "an unauthenticated client".to_string(), ToString::to_string);
-    let (action, s2) = (if token.is_empty() { "renew" } else { "enroll" }, shared.clone());
+    let action = if token.is_empty() { "renew" } else { "enroll" };
     let peer = peer.cloned();
     let r = tokio::task::spawn_blocking(
         move || -> Result<(tidemark_net::Identity, String, String, String), String> {
@@ -292,7 +292,7 @@ async fn enroll(
             Ok(Frame::Enrolled { cert_pem, ca_pem })
         }
         Err(e) => {
-            crate::audit::record(&s2, &who, action, "-", &format!("refused: {e}"));
+            crate::audit::record(shared, &who, action, "-", &format!("refused: {e}"));
             Err(forbidden(e))
         }
     }

@@ -107,6 +107,14 @@ fn caller(s: &Shared, headers: &HeaderMap, peer: SocketAddr) -> Option<String> {
     constant_time_eq(bearer.as_bytes(), s.cfg.token.as_slice()).then(|| format!("token holder from {peer}"))
 }
 
+/// The 401 of a mutating call `what` without the collector's token.
+fn unauthorized(what: &str) -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        format!("{what} needs Authorization: Bearer <the collector's token>"),
+    )
+}
+
 /// Compare secrets without an early exit on the first differing byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -207,10 +215,7 @@ async fn quiesce(
     headers: HeaderMap,
 ) -> Response {
     let Some(who) = caller(&s, &headers, peer) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "quiesce needs Authorization: Bearer <the collector's token>".into(),
-        );
+        return unauthorized("quiesce");
     };
     let r = quiesce_as(&s, &id).await;
     crate::audit::record(&s, &who, "quiesce", &id, &r.0);
@@ -276,10 +281,7 @@ async fn rebind(
     headers: HeaderMap,
 ) -> Response {
     let Some(who) = caller(&s, &headers, peer) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "rebind needs Authorization: Bearer <the collector's token>".into(),
-        );
+        return unauthorized("rebind");
     };
     if let Some(k) = q.keys().find(|k| k.as_str() != "owner") {
         return error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (only owner)"));

@@ -211,9 +211,9 @@ fn refused_starts_leave_nothing_behind() {
     // Agent: NBD over TCP without --insecure-tcp (no authentication, no
     // encryption: an explicit choice), then the listen port in use.
     let (disk, state) = (d.join("new.img"), d.join("new.state"));
-    let out = daemon(
-        "tidemark-agent",
-        &[
+    let listen = format!("tcp:{busy_addr}");
+    let protect = |extra: &[&str]| {
+        let mut args = vec![
             "protect",
             "--disk",
             s(&disk),
@@ -221,27 +221,15 @@ fn refused_starts_leave_nothing_behind() {
             "8M",
             "--state",
             s(&state),
-            "--listen",
-            &format!("tcp:{busy_addr}"),
-        ],
-    );
+        ];
+        args.extend(["--listen", listen.as_str()]);
+        args.extend(extra);
+        daemon("tidemark-agent", &args)
+    };
+    let out = protect(&[]);
     refused(&out, &["--insecure-tcp", "no authentication"], "agent, NBD over TCP");
     assert!(!disk.exists() && !state.exists());
-    let out = daemon(
-        "tidemark-agent",
-        &[
-            "protect",
-            "--disk",
-            s(&disk),
-            "--create-size",
-            "8M",
-            "--state",
-            s(&state),
-            "--listen",
-            &format!("tcp:{busy_addr}"),
-            "--insecure-tcp",
-        ],
-    );
+    let out = protect(&["--insecure-tcp"]);
     refused(&out, &["Address already in use", &busy_addr], "agent, port in use");
     assert!(!disk.exists(), "the refused agent created the disk");
     assert!(!state.exists(), "the refused agent created its state directory");

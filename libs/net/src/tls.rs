@@ -8,7 +8,7 @@
 //! when told, of that name). The chain, validity dates and key usage are
 //! checked by rustls' WebPKI verifiers; this module adds the role.
 //!
-//! Revocation: a `crl.pem` in the identity folder (`tidemark revoke`
+//! Loaded: a `crl.pem` in the identity folder (`tidemark revoke`
 //! writes it in the CA's folder; the operator copies it to each service)
 //! is read at start and again whenever it changes: a revoked certificate
 //! fails every handshake after, and the live sessions of a revoked peer
@@ -235,7 +235,7 @@ fn plain(tcp: TcpStream) -> Conn {
 
 /// The identity and the revocation list as last read, and the listener's
 /// configuration made with them.
-struct Revocation {
+struct Loaded {
     /// `crl.pem`'s and `cert.pem`'s (modified time, length) when read.
     seen: Seen,
     certs: Vec<CertificateDer<'static>>,
@@ -273,13 +273,13 @@ fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// and revocation list (if any), and make the listener's configuration
 /// with them; `anonymous`: a client without a certificate may connect
 /// (for enrollment only).
-fn read_revocation(
+fn read_files(
     dir: &Path,
     roots: &Arc<RootCertStore>,
     provider: &Arc<CryptoProvider>,
     me: Option<&Identity>,
     anonymous: bool,
-) -> Result<Revocation, String> {
+) -> Result<Loaded, String> {
     private_file(&dir.join(KEY_FILE))?;
     let certs = read_certs(&dir.join(CERT_FILE))?;
     let key = PrivateKeyDer::from_pem_file(dir.join(KEY_FILE))
@@ -327,7 +327,7 @@ fn read_revocation(
         .with_client_cert_verifier(client)
         .with_single_cert(certs.clone(), key.clone_key())
         .map_err(|e| format!("{}: the key does not fit the certificate: {e}", dir.display()))?;
-    Ok(Revocation {
+    Ok(Loaded {
         seen,
         certs,
         key,
@@ -343,7 +343,7 @@ pub struct Tls {
     pub dir: PathBuf,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
-    revocation: RwLock<Revocation>,
+    loaded: RwLock<Loaded>,
     /// Clients without a certificate may connect (to enroll; the caller
     /// allows them nothing else).
     anonymous: std::sync::atomic::AtomicBool,
@@ -365,15 +365,14 @@ impl Tls {
         }
         let provider = Arc::new(provider());
         let roots = Arc::new(roots);
-        let revocation = read_revocation(dir, &roots, &provider, None, false)?;
-        let me =
-            Identity::of_cert(&revocation.certs[0]).map_err(|e| format!("{}: {e}", dir.join(CERT_FILE).display()))?;
+        let loaded = read_files(dir, &roots, &provider, None, false)?;
+        let me = Identity::of_cert(&loaded.certs[0]).map_err(|e| format!("{}: {e}", dir.join(CERT_FILE).display()))?;
         Ok(Self {
             me,
             dir: dir.to_path_buf(),
             provider,
             roots,
-            revocation: RwLock::new(revocation),
+            loaded: RwLock::new(loaded),
             anonymous: std::sync::atomic::AtomicBool::new(false),
             sessions: Mutex::new(Vec::new()),
         })
@@ -384,8 +383,8 @@ impl Tls {
     /// the caller allows such a connection an `Enroll` and nothing else.
     pub fn allow_anonymous(&self) -> Result<(), String> {
         self.anonymous.store(true, std::sync::atomic::Ordering::Relaxed);
-        let r = read_revocation(&self.dir, &self.roots, &self.provider, Some(&self.me), true)?;
-        *self.revocation.write().unwrap_or_else(PoisonError::into_inner) = r;
+        let r = read_files(&self.dir, &self.roots, &self.provider, Some(&self.me), true)?;
+        *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = r;
         Ok(())
     }
 
@@ -394,19 +393,19 @@ impl Tls {
     /// live sessions of peers the list revokes. Returns how many sessions
     /// were ended. Files that cannot be read are an error and change
     /// nothing (what was read before stays in force).
-    pub fn reload_crl(&self) -> Result<usize, String> {
-        if self.revocation.read().unwrap_or_else(PoisonError::into_inner).seen == seen(&self.dir) {
+    pub fn reload_files(&self) -> Result<usize, String> {
+        if self.loaded.read().unwrap_or_else(PoisonError::into_inner).seen == seen(&self.dir) {
             return Ok(0);
         }
         let anonymous = self.anonymous.load(std::sync::atomic::Ordering::Relaxed);
-        let r = read_revocation(&self.dir, &self.roots, &self.provider, Some(&self.me), anonymous)?;
-        *self.revocation.write().unwrap_or_else(PoisonError::into_inner) = r;
+        let r = read_files(&self.dir, &self.roots, &self.provider, Some(&self.me), anonymous)?;
+        *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = r;
         Ok(self.end_revoked_sessions())
     }
 
     /// Cancel the live sessions whose peer certificate the list revokes.
     fn end_revoked_sessions(&self) -> usize {
-        let r = self.revocation.read().unwrap_or_else(PoisonError::into_inner);
+        let r = self.loaded.read().unwrap_or_else(PoisonError::into_inner);
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         sessions.retain(|(_, t)| t.strong_count() > 0);
         let mut ended = 0;
@@ -427,11 +426,11 @@ impl Tls {
     /// [`HANDSHAKE_TIMEOUT`]), with a client certificate of this CA
     /// required; returns the connection and the peer's identity.
     pub async fn accept(&self, tcp: TcpStream) -> Result<Conn, String> {
-        if let Err(e) = self.reload_crl() {
+        if let Err(e) = self.reload_files() {
             tracing::error!("{e} (the list read before stays in force)");
         }
         let server = self
-            .revocation
+            .loaded
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .server
@@ -490,11 +489,11 @@ impl Tls {
     /// Dial: the TLS handshake with `tcp`, requiring the server to hold a
     /// certificate of this CA for role `want` (and name `name`, if given).
     pub async fn connect(&self, tcp: TcpStream, want: PeerRole, name: Option<&str>) -> Result<Conn, String> {
-        if let Err(e) = self.reload_crl() {
+        if let Err(e) = self.reload_files() {
             tracing::error!("{e} (the list read before stays in force)");
         }
         let (crls, certs, key) = {
-            let r = self.revocation.read().unwrap_or_else(PoisonError::into_inner);
+            let r = self.loaded.read().unwrap_or_else(PoisonError::into_inner);
             (r.crls.clone(), r.certs.clone(), r.key.clone_key())
         };
         let mut inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
@@ -582,7 +581,7 @@ impl Security {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(CRL_POLL) => {}
                 }
-                match t.reload_crl() {
+                match t.reload_files() {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(
                         sessions = n,
