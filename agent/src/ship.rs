@@ -52,59 +52,6 @@ pub struct ShipConfig {
     pub enroll: Option<std::path::PathBuf>,
 }
 
-/// How often the identity's validity is looked at for renewal.
-const RENEW_CHECK: Duration = Duration::from_secs(600);
-
-/// Trade the enrollment token of `dir` at the collector, retrying until
-/// it works or `stop`; then the identity is loaded. None: stopped.
-async fn enroll_first(dir: &std::path::Path, addr: &str, stop: &CancellationToken) -> Option<tidemark_net::Security> {
-    let mut wait = BACKOFF_MIN;
-    let mut logged = String::new();
-    loop {
-        let r = match tidemark_net::enroll::enroll(dir, addr).await {
-            Ok(id) => {
-                info!(identity = %id, folder = %dir.display(), "enrolled: certificate received");
-                tidemark_net::Security::from_flags(Some(dir), false, PeerRole::Agent)
-            }
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(s) => return Some(s),
-            Err(e) => {
-                if logged != e {
-                    warn!(collector = %addr, "enrollment failed: {e}; retrying");
-                    logged = e;
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(BACKOFF_MAX);
-    }
-}
-
-/// Renew the identity at the collector whenever a third or less of its
-/// lifetime is left (looked at every [`RENEW_CHECK`] and at start).
-async fn renew_loop(tls: std::sync::Arc<tidemark_net::tls::Tls>, addr: String, stop: CancellationToken) {
-    loop {
-        let now = i64::try_from(tidemark_util::now_ns() / 1_000_000_000).unwrap_or(0);
-        match tidemark_net::enroll::renewal_due(&tls.dir, now) {
-            Ok(false) => {}
-            Ok(true) => match tidemark_net::enroll::renew(&tls, &addr).await {
-                Ok(()) => info!(identity = %tls.me, "certificate renewed (used from the next connection)"),
-                Err(e) => warn!(identity = %tls.me, "certificate renewal failed: {e} (retried)"),
-            },
-            Err(e) => warn!("cannot tell when the certificate expires: {e}"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(RENEW_CHECK) => {}
-        }
-    }
-}
-
 /// Most records in one batch.
 pub const BATCH_RECORDS: usize = 1024;
 /// Most payload bytes in one batch (a single larger record goes alone).
@@ -208,13 +155,25 @@ pub async fn run(shim: Shim, mut cfg: ShipConfig, stop: CancellationToken) {
     if let Some(dir) = cfg.enroll.take() {
         *shim.inner().link.security.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(format!("enrolling ({})", dir.display()));
-        match enroll_first(&dir, &cfg.addr, &stop).await {
-            Some(s) => cfg.security = s,
+        match tidemark_net::enroll::enroll_until_done(&dir, &cfg.addr, PeerRole::Agent, &stop).await {
+            Some(Ok(s)) => cfg.security = s,
+            Some(Err(e)) => {
+                tracing::error!(
+                    "enrolled, but the identity does not load: {e}; not shipping (the journal keeps every write)"
+                );
+                *shim.inner().link.security.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("identity unusable: {e}"));
+                return;
+            }
             None => return,
         }
     }
     if let tidemark_net::Security::Tls(t) = &cfg.security {
-        tokio::spawn(renew_loop(t.clone(), cfg.addr.clone(), stop.clone()));
+        tokio::spawn(tidemark_net::enroll::renew_loop(
+            t.clone(),
+            cfg.addr.clone(),
+            stop.clone(),
+        ));
     }
     *shim.inner().link.security.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg.security.describe());
     if !cfg.security.is_tls() {

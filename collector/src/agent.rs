@@ -111,13 +111,6 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
     };
     let (rd, mut wr) = (conn.reader, conn.writer);
     let (peer, revoked, anonymous) = (conn.peer, conn.revoked, conn.anonymous);
-    if let Some(p) = peer.as_ref().filter(|p| p.role != PeerRole::Agent) {
-        let r = Refusal::new(
-            ErrorCode::Forbidden,
-            format!("{p} cannot act as an agent: this collector takes only agent identities"),
-        );
-        return refuse(&shared, &mut wr, None, r).await;
-    }
     // Every body is admitted against the memory budget before it is read
     // (an agent trickling a body holds its share until BODY_TIMEOUT).
     let mut reader = FrameReader::new(rd, tidemark_net::HELLO_MAX_BODY)
@@ -151,6 +144,15 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         }
         other => other,
     };
+    // Any identity of the CA may renew here (an Enroll, above); only
+    // agents may go on.
+    if let Some(p) = peer.as_ref().filter(|p| p.role != PeerRole::Agent) {
+        let r = Refusal::new(
+            ErrorCode::Forbidden,
+            format!("{p} cannot act as an agent: this collector takes only agent identities"),
+        );
+        return refuse(&shared, &mut wr, None, r).await;
+    }
     let hello = match first {
         Err(_) => {
             let r = Refusal::new(ErrorCode::Malformed, "no hello within 10 s");
@@ -266,7 +268,7 @@ async fn enroll(
                 let Some(id) = peer else {
                     return Err("a renewal needs the current certificate".into());
                 };
-                (id, RENEWED_LIFETIME.as_secs())
+                (id, tidemark_net::enroll::RENEWED_LIFETIME.as_secs())
             } else {
                 let now = tidemark_util::now_ns() / 1_000_000_000;
                 let e = tidemark_net::ca::redeem(&ca_dir, &token, now)?;
@@ -297,9 +299,6 @@ async fn enroll(
         }
     }
 }
-
-/// How long a renewed certificate is valid.
-const RENEWED_LIFETIME: Duration = Duration::from_secs(397 * 86_400);
 
 /// Check a Hello and attach the connection to its disk; returns the disk
 /// and the Welcome's (acked_seq, flags).

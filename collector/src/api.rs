@@ -1,10 +1,12 @@
-//! The HTTP status API and Prometheus metrics (`docs/pipeline.md`, "Status
+//! The status API (HTTPS with the collector's identity when it runs with
+//! TLS) and Prometheus metrics (`docs/pipeline.md`, "Status
 //! API"). Read-only except `refresh`, which asks an agent for a Progress,
 //! `quiesce` (a planned failback: the agent stops taking writes) and
 //! `rebind` (an operator's leave for a disk's next Hello to rebind it),
-//! which need `Authorization: Bearer <the collector's token>` and are
-//! recorded in the audit log. Disk UUIDs are shown to authenticated
-//! callers only (`docs/security.md`).
+//! which need `Authorization: Bearer <token>` with a token of the operator
+//! (quiesce) or admin (rebind) role (`--api-tokens`; the collector's own
+//! token is an admin's) and are recorded in the audit log. Disk UUIDs are
+//! shown to authenticated callers only (`docs/security.md`, "The API").
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::warn;
+
+use tidemark_net::apitokens::{constant_time_eq, ApiRole};
 
 use crate::state::{NoAnswer, Shared};
 
@@ -52,6 +56,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let stop = shared.stop.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
     let app = router(shared.clone());
+    let tls = match &shared.cfg.security {
+        tidemark_net::Security::Tls(t) if !shared.cfg.api_plaintext => Some(t.clone()),
+        _ => None,
+    };
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -70,23 +78,74 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             ));
             continue;
         };
-        let (app, stop) = (app.clone(), stop.clone());
+        let (app, stop, tls, log) = (app.clone(), stop.clone(), tls.clone(), shared.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let mut app = app.clone();
                 async move { tower_service::Service::call(&mut app, req).await }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let served = async {
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;
+                    }
+                    Some(tls) => {
+                        let Some(s) = https_handshake(&tls, tcp, peer, &log).await else {
+                            return;
+                        };
+                        let _ = http.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+                    }
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {}
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, served) => {}
             }
             drop(slot);
         });
+    }
+}
+
+/// The server side of an API connection's TLS handshake (within
+/// [`HEADER_TIMEOUT`]); a failure is logged within the refusal log's rate
+/// (a port probe, at debug).
+async fn https_handshake(
+    tls: &tidemark_net::tls::Tls,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    s: &Shared,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let config = match tls.https_server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("status API: {e}");
+            return None;
+        }
+    };
+    match tokio::time::timeout(HEADER_TIMEOUT, tokio_rustls::TlsAcceptor::from(config).accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!("status API: {peer} closed before the TLS handshake");
+            None
+        }
+        Ok(Err(e)) => {
+            s.refused_log.warn(format_args!(
+                "status API: TLS handshake with {peer}: {e} (the API serves HTTPS; plain HTTP needs \
+                 --api-insecure-plaintext)"
+            ));
+            None
+        }
+        Err(_) => {
+            s.refused_log.warn(format_args!(
+                "status API: no TLS handshake from {peer} within {} s",
+                HEADER_TIMEOUT.as_secs()
+            ));
+            None
+        }
     }
 }
 
@@ -98,30 +157,66 @@ fn not_found(id: &str) -> Response {
         .into_response()
 }
 
-/// The caller, if it sent the collector's token (`Authorization: Bearer`).
-fn caller(s: &Shared, headers: &HeaderMap, peer: SocketAddr) -> Option<String> {
+/// An authenticated caller: who (for the audit log) and what it may do.
+pub(crate) struct Caller {
+    pub(crate) who: String,
+    pub(crate) role: ApiRole,
+}
+
+/// The caller, if it sent a bearer token the collector knows: the
+/// collector's own token (`--token-file`: admin) or one of `--api-tokens`.
+fn caller(s: &Shared, headers: &HeaderMap, peer: SocketAddr) -> Option<Caller> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))?;
-    constant_time_eq(bearer.as_bytes(), s.cfg.token.as_slice()).then(|| format!("token holder from {peer}"))
+    if constant_time_eq(bearer.as_bytes(), s.cfg.token.as_slice()) {
+        return Some(Caller {
+            who: format!("collector token holder from {peer}"),
+            role: ApiRole::Admin,
+        });
+    }
+    let (name, role) = s.cfg.api_tokens.as_ref()?.check(bearer.as_bytes())?;
+    Some(Caller {
+        who: format!("{name} ({role}) from {peer}"),
+        role,
+    })
 }
 
-/// The 401 of a mutating call `what` without the collector's token.
-fn unauthorized(what: &str) -> Response {
-    error(
-        StatusCode::UNAUTHORIZED,
-        format!("{what} needs Authorization: Bearer <the collector's token>"),
-    )
-}
-
-/// Compare secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The caller of `what`, which needs `role`: 401 without a known bearer
+/// token, 403 with a token of a lesser role (recorded in the audit log
+/// under `action`).
+fn require(
+    s: &Shared,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    role: ApiRole,
+    action: &str,
+    subject: &str,
+) -> Result<Caller, Box<Response>> {
+    let Some(c) = caller(s, headers, peer) else {
+        // Not audited (anyone can send these; they change nothing), logged
+        // within the refusal log's rate.
+        s.refused_log.warn(format_args!(
+            "API: refused {action} {subject} from {peer}: no valid bearer token"
+        ));
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            format!("{action} needs Authorization: Bearer <a token of the {role} role or above>"),
+        )));
+    };
+    if c.role < role {
+        crate::audit::record(s, &c.who, action, subject, "refused: 403");
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            format!("{action} needs the {role} role; this token is a {}'s", c.role),
+        )));
+    }
+    Ok(c)
 }
 
 /// A disk's status for `who`: without its UUID for an unauthenticated caller.
-fn shown(mut v: Value, who: Option<&String>) -> Value {
+fn shown(mut v: Value, who: Option<&Caller>) -> Value {
     if who.is_none() {
         if let Some(o) = v.as_object_mut() {
             o.remove("disk_uuid");
@@ -214,8 +309,9 @@ async fn quiesce(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(who) = caller(&s, &headers, peer) else {
-        return unauthorized("quiesce");
+    let who = match require(&s, &headers, peer, ApiRole::Operator, "quiesce", &id) {
+        Ok(c) => c.who,
+        Err(r) => return *r,
     };
     let r = quiesce_as(&s, &id).await;
     crate::audit::record(&s, &who, "quiesce", &id, &r.0);
@@ -280,8 +376,9 @@ async fn rebind(
     Query(q): Query<std::collections::BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(who) = caller(&s, &headers, peer) else {
-        return unauthorized("rebind");
+    let who = match require(&s, &headers, peer, ApiRole::Admin, "rebind", &id) {
+        Ok(c) => c.who,
+        Err(r) => return *r,
     };
     if let Some(k) = q.keys().find(|k| k.as_str() != "owner") {
         return error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (only owner)"));

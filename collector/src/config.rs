@@ -39,6 +39,12 @@ pub struct Config {
     pub ca: Option<PathBuf>,
     /// Most disk ids registered (a new one beyond is refused).
     pub max_disks: usize,
+    /// API tokens with roles (`tidemark api-token add`), besides the
+    /// collector's own token (an admin's).
+    pub api_tokens: Option<std::sync::Arc<tidemark_net::apitokens::ApiTokens>>,
+    /// Serve the API in plain HTTP although the hops use TLS (an explicit
+    /// operator choice: bearer tokens then cross in clear text).
+    pub api_plaintext: bool,
 }
 
 /// Default of [`Config::max_disks`].
@@ -67,6 +73,8 @@ impl Config {
             security: tidemark_net::Security::Plaintext,
             ca: None,
             max_disks: DEFAULT_MAX_DISKS,
+            api_tokens: None,
+            api_plaintext: false,
         }
     }
 }

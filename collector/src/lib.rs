@@ -136,6 +136,13 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
     tracker.spawn(agent::accept_loop(shared.clone(), listener));
     tracker.spawn(api::serve(shared.clone(), api_listener));
     cfg.security.spawn_crl_watch(shared.stop.clone());
+    if let (tidemark_net::Security::Tls(t), Some(ca)) = (&cfg.security, &cfg.ca) {
+        tracker.spawn(tidemark_net::enroll::renew_locally_loop(
+            t.clone(),
+            ca.clone(),
+            shared.stop.clone(),
+        ));
+    }
     info!(
         listen = %listen_addr,
         api = %api_addr,

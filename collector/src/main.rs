@@ -65,6 +65,14 @@ struct Cli {
     /// beyond is refused by name.
     #[arg(long)]
     max_disks: Option<usize>,
+    /// API tokens with roles (viewer, operator, admin), one per line, made
+    /// by `tidemark api-token add`; read again when it changes.
+    #[arg(long, value_name = "FILE")]
+    api_tokens: Option<PathBuf>,
+    /// Serve the API in plain HTTP although the hops use TLS (bearer
+    /// tokens then cross in clear text: for a loopback-only API).
+    #[arg(long)]
+    api_insecure_plaintext: bool,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -81,6 +89,8 @@ struct FileConfig {
     insecure_plaintext: bool,
     ca: Option<PathBuf>,
     max_disks: Option<usize>,
+    api_tokens: Option<PathBuf>,
+    api_insecure_plaintext: bool,
 }
 
 fn build(cli: Cli) -> Result<Config> {
@@ -109,8 +119,22 @@ fn build(cli: Cli) -> Result<Config> {
     if cfg.spool_cap == 0 {
         anyhow::bail!("--spool-cap must be more than 0");
     }
+    let tls = cli.tls.or(file.tls);
+    let ca = cli.ca.or(file.ca);
+    if let Some(dir) = tls.as_deref().filter(|d| tidemark_net::enroll::awaiting_enrollment(d)) {
+        // The collector holds the CA: its own token is redeemed there.
+        let Some(ca) = &ca else {
+            anyhow::bail!(
+                "--tls {}: the folder holds an enrollment token and no certificate yet; a collector redeems it with \
+                 the CA it serves (--ca CADIR), or is issued one (tidemark ca issue --role collector)",
+                dir.display()
+            );
+        };
+        let id = tidemark_net::enroll::enroll_locally(dir, ca).map_err(|e| anyhow::anyhow!("enrollment: {e}"))?;
+        tracing::info!(identity = %id, folder = %dir.display(), "enrolled at the CA: certificate issued");
+    }
     cfg.security = tidemark_net::Security::from_flags(
-        cli.tls.or(file.tls).as_deref(),
+        tls.as_deref(),
         cli.insecure_plaintext || file.insecure_plaintext,
         tidemark_net::PeerRole::Collector,
     )
@@ -121,12 +145,20 @@ fn build(cli: Cli) -> Result<Config> {
         }
         cfg.max_disks = n;
     }
-    if let Some(ca) = cli.ca.or(file.ca) {
+    if let Some(p) = cli.api_tokens.or(file.api_tokens) {
+        let t = tidemark_net::apitokens::ApiTokens::load(&p).map_err(|e| anyhow::anyhow!("--api-tokens: {e}"))?;
+        cfg.api_tokens = Some(std::sync::Arc::new(t));
+    }
+    cfg.api_plaintext = cli.api_insecure_plaintext || file.api_insecure_plaintext;
+    if cfg.api_plaintext && !cfg.security.is_tls() {
+        anyhow::bail!("--api-insecure-plaintext is for a collector with --tls (without, the API is plain HTTP anyway)");
+    }
+    if let Some(ca) = ca {
         let tidemark_net::Security::Tls(tls) = &cfg.security else {
             anyhow::bail!("--ca (enrollment) needs --tls: tokens and certificates never cross in clear text");
         };
         tidemark_net::ca::Ca::load(&ca).map_err(|e| anyhow::anyhow!("--ca {}: {e}", ca.display()))?;
-        tls.allow_anonymous().map_err(anyhow::Error::msg)?;
+        tls.serve_enrollment(&ca).map_err(anyhow::Error::msg)?;
         cfg.ca = Some(ca);
     }
     Ok(cfg)

@@ -71,6 +71,11 @@ struct Cli {
     /// the token (say so in status and logs).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// The collector (its agent port, HOST:PORT) where this target trades
+    /// the enrollment token of its --tls folder (`tidemark enroll --role
+    /// target`) for its certificate, and renews it before it expires.
+    #[arg(long, value_name = "HOST:PORT")]
+    enroll_at: Option<String>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -88,6 +93,15 @@ struct FileConfig {
     metrics: Option<String>,
     tls: Option<PathBuf>,
     insecure_plaintext: bool,
+    enroll_at: Option<String>,
+}
+
+/// Enrollment and renewal at a collector: the identity folder (None: it
+/// holds a certificate already) and the collector's address.
+#[derive(Debug)]
+struct Enroll {
+    awaiting: Option<PathBuf>,
+    at: String,
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>> {
@@ -100,7 +114,7 @@ fn read_token(path: &Path) -> Result<Vec<u8>> {
     Ok(token.to_vec())
 }
 
-fn build(cli: Cli) -> Result<Config> {
+fn build(cli: Cli) -> Result<(Config, Option<Enroll>)> {
     let file: FileConfig = match &cli.config {
         Some(p) => {
             let s = std::fs::read_to_string(p).with_context(|| format!("read config {}", p.display()))?;
@@ -138,18 +152,49 @@ fn build(cli: Cli) -> Result<Config> {
         cfg.format = f.parse().map_err(|e| anyhow::anyhow!("--format: {e}"))?;
     }
     cfg.metrics_listen = cli.metrics.or(file.metrics);
-    cfg.security = tidemark_net::Security::from_flags(
-        cli.tls.or(file.tls).as_deref(),
-        cli.insecure_plaintext || file.insecure_plaintext,
-        tidemark_net::PeerRole::Target,
-    )
-    .map_err(anyhow::Error::msg)?;
-    Ok(cfg)
+    let tls = cli.tls.or(file.tls);
+    let plaintext = cli.insecure_plaintext || file.insecure_plaintext;
+    let enroll = match (cli.enroll_at.or(file.enroll_at), &tls) {
+        (None, _) => None,
+        (Some(_), None) => bail!("--enroll-at needs --tls DIR (the folder tidemark enroll wrote)"),
+        (Some(at), Some(dir)) => Some(Enroll {
+            awaiting: tidemark_net::enroll::awaiting_enrollment(dir).then(|| dir.clone()),
+            at,
+        }),
+    };
+    if enroll.as_ref().is_some_and(|e| e.awaiting.is_some()) {
+        if plaintext {
+            bail!("--tls and --insecure-plaintext exclude each other");
+        }
+    } else {
+        if let Some(dir) = tls.as_deref().filter(|d| tidemark_net::enroll::awaiting_enrollment(d)) {
+            bail!(
+                "--tls {}: the folder holds an enrollment token and no certificate yet: give --enroll-at \
+                 COLLECTOR:PORT to trade it",
+                dir.display()
+            );
+        }
+        cfg.security = tidemark_net::Security::from_flags(tls.as_deref(), plaintext, tidemark_net::PeerRole::Target)
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok((cfg, enroll))
 }
 
-async fn serve(cfg: Config) -> Result<()> {
+async fn serve(mut cfg: Config, enroll: Option<Enroll>) -> Result<()> {
     let stop = CancellationToken::new();
     tidemark_util::service::cancel_on_signals(&stop).context("install SIGINT/SIGTERM handlers")?;
+    if let Some(e) = &enroll {
+        if let Some(dir) = &e.awaiting {
+            tracing::info!(collector = %e.at, "enrolling: trading the token of {} for a certificate", dir.display());
+            match tidemark_net::enroll::enroll_until_done(dir, &e.at, tidemark_net::PeerRole::Target, &stop).await {
+                Some(r) => cfg.security = r.map_err(anyhow::Error::msg)?,
+                None => return Ok(()),
+            }
+        }
+        if let tidemark_net::Security::Tls(t) = &cfg.security {
+            tokio::spawn(tidemark_net::enroll::renew_loop(t.clone(), e.at.clone(), stop.clone()));
+        }
+    }
     let target = tidemark_target::Target::bind(cfg).await.context("cannot start")?;
     target.serve(stop).await.context("serve")?;
     Ok(())
@@ -159,12 +204,12 @@ fn main() -> ExitCode {
     // Logging; a failpoint's `panic` action (FAILPOINTS=target-after-fsync=panic)
     // ends the process at once, like kill -9; failpoints.
     let _service = tidemark_util::service::start();
-    let r = build(Cli::parse()).and_then(|cfg| {
+    let r = build(Cli::parse()).and_then(|(cfg, enroll)| {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("start runtime")?;
-        rt.block_on(serve(cfg))
+        rt.block_on(serve(cfg, enroll))
     });
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -206,23 +251,24 @@ mod tests {
             "--point-interval",
             "5s",
         ]);
-        let cfg = build(cli).unwrap();
+        let cfg = build(cli).unwrap().0;
         assert_eq!(cfg.retention.window, std::time::Duration::from_secs(7200));
         assert_eq!(cfg.retention.max_bytes, Some(1 << 30));
         assert_eq!(cfg.retention.on_full, OnFull::Stop);
         assert_eq!(cfg.retention.point_interval, std::time::Duration::from_secs(5));
         assert_eq!(cfg.format, ReplicaFormat::Raw, "the default");
         let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap(), "--format", "vmdk-sparse"]);
-        assert_eq!(build(cli).unwrap().format, ReplicaFormat::VmdkSparse);
+        assert_eq!(build(cli).unwrap().0.format, ReplicaFormat::VmdkSparse);
         let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap(), "--format", "qcow2"]);
         assert!(build(cli).unwrap_err().to_string().contains("unknown replica format"));
         let mut text = std::fs::read_to_string(&conf).unwrap();
         text.push_str("format = \"vmdk-flat\"\n");
         std::fs::write(&conf, text).unwrap();
         let cli = Cli::parse_from(["t", "--config", conf.to_str().unwrap()]);
-        assert_eq!(build(cli).unwrap().format, ReplicaFormat::VmdkFlat);
+        assert_eq!(build(cli).unwrap().0.format, ReplicaFormat::VmdkFlat);
         assert!(!build(Cli::parse_from(["t", "--config", conf.to_str().unwrap()]))
             .unwrap()
+            .0
             .security
             .is_tls());
         // Neither TLS nor plaintext: the choice is the operator's to make.

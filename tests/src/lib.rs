@@ -500,6 +500,9 @@ pub fn tls_identity(dir: &Path, role: &str, name: &str) -> PathBuf {
             Duration::from_secs(60),
         );
     }
+    // The `tidemark` tools this test runs reach the collector's API over
+    // HTTPS with this CA (one CA per test directory).
+    std::env::set_var("TIDEMARK_API_CA", ca.join("ca.pem"));
     let out = pki.join(format!("{role}-{name}"));
     if !out.join("cert.pem").exists() {
         run_ok(
@@ -620,9 +623,11 @@ impl Site {
         .collect()
     }
 
-    /// The collector's API address.
+    /// The collector's API address (HTTPS over TLS: the tools trust the
+    /// test's CA through `TIDEMARK_API_CA`).
     pub fn api(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
+        let scheme = if self.plaintext { "http" } else { "https" };
+        format!("{scheme}://127.0.0.1:{}", self.api_port)
     }
 
     /// `tidemark rebind` (the operator's leave for the disk's next Hello
@@ -676,6 +681,29 @@ impl Site {
             .and_then(|a| a.iter().find(|d| d["disk_id"] == disk_id).cloned())
             .unwrap_or_else(|| panic!("disk {disk_id} not in status"))
     }
+}
+
+/// Send `request` (raw HTTP/1.1, `Connection: close`) to the collector's
+/// API on `port`, over HTTPS with the CA of `TIDEMARK_API_CA` when `tls`;
+/// returns everything the API answered.
+pub fn raw_api(port: u16, tls: bool, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the API");
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut out = Vec::new();
+    if tls {
+        let ca = std::env::var_os("TIDEMARK_API_CA").expect("TIDEMARK_API_CA (a TLS site sets it)");
+        let config = tidemark_net::https::api_client_config(Path::new(&ca)).expect("API client config");
+        let name = rustls::pki_types::ServerName::try_from("collector.tidemark").unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, c);
+        s.write_all(request.as_bytes()).expect("send the request");
+        let _ = s.read_to_end(&mut out);
+    } else {
+        c.write_all(request.as_bytes()).expect("send the request");
+        let _ = c.read_to_end(&mut out);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The last `n` lines of `s`.

@@ -103,7 +103,7 @@ impl Back {
     }
 
     fn api(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
+        format!("https://127.0.0.1:{}", self.api_port)
     }
 
     fn disk_status(&self) -> serde_json::Value {
@@ -1004,18 +1004,14 @@ fn kill9_of_every_process_during_the_reverse_resync_resumes() {
 /// `POST /api/v1/disks/{id}/quiesce` with a bearer token (what `failover
 /// --planned` sends); returns the HTTP status line and the body.
 fn quiesce_through_api(site: &Site, token: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", site.api_port)).unwrap();
-    c.set_read_timeout(Some(T)).unwrap();
-    write!(
-        c,
-        "POST /api/v1/disks/{ID}/quiesce HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    raw_api(
+        site.api_port,
+        true,
+        &format!(
+            "POST /api/v1/disks/{ID}/quiesce HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
     )
-    .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    text
 }
 
 /// A write through qemu-io; returns what it said (empty stderr and

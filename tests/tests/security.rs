@@ -593,7 +593,11 @@ fn revoked_and_expired_certificates_are_refused_and_live_sessions_end() {
     need_tool("qemu-io");
     let dir = tmpdir("sec-revoke");
     let d = dir.path();
-    let site = Site::start(d, &[]);
+    // The collector holds the CA (--ca): it reads the CA folder's
+    // revocation list itself, no copy needed.
+    tls_identity(d, "collector", "c");
+    let ca = d.join("pki").join("ca");
+    let site = Site::start(d, &["--ca", s(&ca)]);
     let good = start_agent(d, "good", &site.agent_flags());
     still_replicates(&site, &good, 0, 0x31);
     let b_id = tls_identity(d, "agent", "b");
@@ -603,15 +607,12 @@ fn revoked_and_expired_certificates_are_refused_and_live_sessions_end() {
 
     // Revoke agent b; the collector reads the new list within seconds and
     // ends b's live session; b's reconnections fail their handshake.
-    let ca = d.join("pki").join("ca");
     let out = run_ok(tidemark().args(["revoke", "--ca", s(&ca), "b"]), T);
     assert!(
         stdout(&out).contains("revoked 1 certificate(s) of b"),
         "{}",
         stdout(&out)
     );
-    let collector_tls = d.join("pki").join("collector-c");
-    std::fs::copy(ca.join("crl.pem"), collector_tls.join("crl.pem")).unwrap();
     wait_log(
         "the collector ending b's session",
         || site.collector.log_text(),
@@ -772,4 +773,189 @@ fn disk_ids_are_capped_per_collector() {
         waited >= Duration::from_secs(9) && waited < Duration::from_secs(25),
         "a silent API connection was closed after {waited:?}"
     );
+}
+
+/// A collector whose certificate another CA issued (a collector the
+/// target was not enrolled with) is refused by the target's handshake,
+/// and it does not trust the target either: nothing reaches the replica.
+#[test]
+fn a_collector_of_another_ca_is_refused_by_the_target() {
+    let dir = tmpdir("sec-foreign-collector");
+    let d = dir.path();
+    let site = Site::start(d, &[]);
+    let (rogue_port, rogue_api) = (free_port(), free_port());
+    let rogue = Service::start(
+        "tidemark-collector",
+        &[
+            "--listen".to_string(),
+            format!("127.0.0.1:{rogue_port}"),
+            "--spool".into(),
+            s(&d.join("rogue-spool")).into(),
+            "--target".into(),
+            format!("127.0.0.1:{}", site.target_port),
+            "--api".into(),
+            format!("127.0.0.1:{rogue_api}"),
+            "--token-file".into(),
+            s(&site.token_file).into(),
+            "--tls".into(),
+            s(&foreign_identity(d, "collector", "rogue")).into(),
+        ],
+        &d.join("rogue.log"),
+        rogue_api,
+    );
+    let agent_id = foreign_identity(d, "agent", "mallory");
+    let mut flags = flags_with(&site, &agent_id);
+    flags[1] = format!("127.0.0.1:{rogue_port}");
+    let a = start_agent(d, "victim", &flags);
+    write_pattern(&a.sock, 0, MIB, 0x66);
+    wait_log(
+        "the target's refusal of the foreign collector",
+        || site.target.log_text(),
+        "connection refused: TLS handshake",
+    );
+    let log = wait_log(
+        "the foreign collector's refusal of the target",
+        || rogue.log_text(),
+        "TLS handshake with the target",
+    );
+    assert!(
+        log.contains("UnknownIssuer") || log.contains("unknown issuer"),
+        "{}",
+        tail(&log, 20)
+    );
+    assert!(
+        !site.dir.join("data").join("victim").exists(),
+        "nothing reached the target"
+    );
+    a.kill9();
+}
+
+/// The collector's API over HTTPS with tokens of three roles: plain HTTP
+/// and a server of another CA are refused by the tools, each action needs
+/// its role (403 names it, and is audited), a removed token is refused
+/// from the next request.
+#[test]
+fn the_api_is_https_with_viewer_operator_and_admin_tokens() {
+    let dir = tmpdir("sec-api-roles");
+    let d = dir.path();
+    let tokens = d.join("api-tokens");
+    for (name, role) in [("vera", "viewer"), ("otto", "operator"), ("ada", "admin")] {
+        let out = run_ok(
+            tidemark().args([
+                "api-token",
+                "add",
+                "--file",
+                s(&tokens),
+                name,
+                "--role",
+                role,
+                "--out",
+                s(&d.join(format!("{name}.token"))),
+            ]),
+            T,
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("token {name} ({role}) added")));
+        assert_eq!(mode(&d.join(format!("{name}.token"))), 0o600);
+    }
+    assert_eq!(mode(&tokens), 0o600);
+    let text = std::fs::read_to_string(&tokens).unwrap();
+    let secret = |n: &str| {
+        std::fs::read_to_string(d.join(format!("{n}.token")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert!(!text.contains(&secret("ada")), "the file keeps hashes only");
+    let site = Site::start(d, &["--api-tokens", s(&tokens)]);
+    let api = site.api();
+    assert!(api.starts_with("https://"), "{api}");
+
+    // The tools reach it with the CA...
+    let st = site.status();
+    assert!(st["collector"]["tls"] == true, "{st}");
+    // ...not without it, nor with another CA's...
+    let out = run(
+        tidemark().env_remove("TIDEMARK_API_CA").args(["status", "--api", &api]),
+        T,
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("--api-ca"),
+        "{}",
+        stderr(&out)
+    );
+    let foreign = foreign_identity(d, "collector", "x");
+    let out = run(
+        tidemark()
+            .env("TIDEMARK_API_CA", foreign.join("ca.pem"))
+            .args(["status", "--api", &api]),
+        T,
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("TLS handshake"),
+        "{}",
+        stderr(&out)
+    );
+    // ...and plain HTTP gets no HTTP answer.
+    let plain = raw_api(
+        site.api_port,
+        false,
+        "GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(!plain.contains("HTTP/1.1 200"), "{plain}");
+
+    let call = |method: &str, path: &str, token: Option<&str>| -> String {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        raw_api(
+            site.api_port,
+            true,
+            &format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    let status_line = |r: &str| r.lines().next().unwrap_or("").to_string();
+    // Reads need no token; actions need their role. (No disk "db": a call
+    // that passes authorisation answers 404.)
+    assert!(status_line(&call("GET", "/api/v1/status", None)).contains("200"));
+    for (path, need) in [
+        ("/api/v1/disks/db/quiesce", "operator"),
+        ("/api/v1/disks/db/rebind", "admin"),
+    ] {
+        let r = call("POST", path, None);
+        assert!(status_line(&r).contains("401") && r.contains(need), "{r}");
+        let r = call("POST", path, Some("not-a-token"));
+        assert!(status_line(&r).contains("401"), "{r}");
+        let r = call("POST", path, Some(&secret("vera")));
+        assert!(
+            status_line(&r).contains("403") && r.contains(&format!("needs the {need} role")),
+            "{r}"
+        );
+    }
+    let r = call("POST", "/api/v1/disks/db/rebind", Some(&secret("otto")));
+    assert!(status_line(&r).contains("403"), "{r}");
+    let r = call("POST", "/api/v1/disks/db/rebind", Some(&secret("ada")));
+    assert!(status_line(&r).contains("404"), "{r}");
+    let r = call("POST", "/api/v1/disks/db/quiesce", Some(&secret("otto")));
+    assert!(status_line(&r).contains("404"), "{r}");
+    // The collector's own token is an admin's.
+    let own = std::fs::read_to_string(&site.token_file).unwrap();
+    assert!(status_line(&call("POST", "/api/v1/disks/db/rebind", Some(own.trim()))).contains("404"));
+
+    let audit = std::fs::read_to_string(d.join("spool").join("audit.log")).unwrap();
+    assert!(
+        audit.contains("vera (viewer) from 127.0.0.1") && audit.contains("refused: 403"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("ada (admin) from") && audit.contains("refused: no such disk"),
+        "{audit}"
+    );
+    assert!(!audit.contains("not-a-token"), "{audit}");
+
+    // A removed token is refused from the next request.
+    run_ok(tidemark().args(["api-token", "remove", "--file", s(&tokens), "ada"]), T);
+    let listed = run_ok(tidemark().args(["api-token", "list", "--file", s(&tokens)]), T);
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("ada"));
+    let r = call("POST", "/api/v1/disks/db/rebind", Some(&secret("ada")));
+    assert!(status_line(&r).contains("401"), "{r}");
 }

@@ -18,6 +18,11 @@ mod cmd;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The deployment's CA certificate (an identity folder's ca.pem): the
+    /// collector's API is then reached over HTTPS, and must hold a
+    /// collector certificate of this CA.
+    #[arg(long, global = true, value_name = "FILE", env = "TIDEMARK_API_CA")]
+    api_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -98,6 +103,9 @@ enum Cmd {
         after_help = "Example:\n  tidemark rebind db --api 127.0.0.1:7702 --token-file /etc/tidemark/token\n  tidemark-agent protect ... --force-resync   # then, within the hour"
     )]
     Rebind(cmd::rebind::RebindArgs),
+    /// API tokens with roles (viewer, operator, admin) for the collector's --api-tokens file.
+    #[command(subcommand)]
+    ApiToken(cmd::apitoken::ApiTokenCmd),
     /// Take writes again on a disk quiesced by a planned failover that did not go ahead.
     #[command(override_usage = "tidemark resume --agent STATE_DIR DISK")]
     Resume(cmd::resync::ResumeArgs),
@@ -105,6 +113,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cmd::status::set_api_ca(cli.api_ca);
     let r = match cli.cmd {
         Cmd::Status(a) => cmd::status::status(a),
         Cmd::Journal(c) => cmd::journal::run(c).map(ok),
@@ -121,6 +130,7 @@ fn main() -> ExitCode {
         Cmd::Rebind(a) => cmd::rebind::rebind(a).map(ok),
         Cmd::Revoke(a) => cmd::ca::run(cmd::ca::CaCmd::Revoke(a)).map(ok),
         Cmd::Enroll(a) => cmd::ca::run(cmd::ca::CaCmd::Enroll(a)).map(ok),
+        Cmd::ApiToken(c) => cmd::apitoken::run(c).map(ok),
     };
     let code = match r {
         Ok(code) => code,

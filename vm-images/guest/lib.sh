@@ -273,3 +273,9 @@ kill9_agent() {
   rm -f "$TM_WORK/agent-$1.pid"
   log "agent $1 (pid $_pid) killed with SIGKILL"
 }
+
+# The host's collector API is HTTPS with the identity of the CA whose
+# ca.pem comes with the agent's identity.
+if [ -f /hostdata/tls-agent/ca.pem ]; then
+  export TIDEMARK_API_CA=/hostdata/tls-agent/ca.pem
+fi

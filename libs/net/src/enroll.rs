@@ -104,6 +104,113 @@ pub async fn renew(tls: &Tls, addr: &str) -> Result<(), String> {
     store(&tls.dir, &ca, &key, &cert_pem, Some(&tls.me)).map(|_| ())
 }
 
+/// How often a service looks at its identity's validity for renewal.
+pub const RENEW_CHECK: Duration = Duration::from_secs(600);
+
+/// Trade the enrollment token of `dir` at the collector `addr`, retrying
+/// (backing off to 2 s, each new failure logged once) until it works or
+/// `stop`; then the identity, which must be of `role`, is loaded. None:
+/// stopped. Agents, targets and collectors enroll this way.
+pub async fn enroll_until_done(
+    dir: &Path,
+    addr: &str,
+    role: PeerRole,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<Result<crate::Security, String>> {
+    let mut wait = Duration::from_millis(100);
+    let mut logged = String::new();
+    loop {
+        match enroll(dir, addr).await {
+            Ok(id) => {
+                tracing::info!(identity = %id, folder = %dir.display(), "enrolled: certificate received");
+                return Some(crate::Security::from_flags(Some(dir), false, role));
+            }
+            Err(e) => {
+                if logged != e {
+                    tracing::warn!(collector = %addr, "enrollment failed: {e}; retrying");
+                    logged = e;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Renew `tls`'s identity at the collector `addr` whenever a third or less
+/// of its lifetime is left (looked at every [`RENEW_CHECK`] and at start),
+/// until `stop`.
+pub async fn renew_loop(tls: Arc<Tls>, addr: String, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let now = i64::try_from(tidemark_util::now_ns() / 1_000_000_000).unwrap_or(0);
+        match renewal_due(&tls.dir, now) {
+            Ok(false) => {}
+            Ok(true) => match renew(&tls, &addr).await {
+                Ok(()) => tracing::info!(identity = %tls.me, "certificate renewed (used from the next connection)"),
+                Err(e) => tracing::warn!(identity = %tls.me, "certificate renewal failed: {e} (retried)"),
+            },
+            Err(e) => tracing::warn!("cannot tell when the certificate expires: {e}"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RENEW_CHECK) => {}
+        }
+    }
+}
+
+/// How long a renewed certificate is valid.
+pub const RENEWED_LIFETIME: Duration = Duration::from_secs(397 * 86_400);
+
+/// Enroll at the CA itself (a collector that holds it, `--ca`): redeem
+/// the folder's token in `ca_dir`, make the key here, issue and store, as
+/// a collector would answer the same token on the wire.
+pub fn enroll_locally(dir: &Path, ca_dir: &Path) -> Result<Identity, String> {
+    let token_file = dir.join(ENROLL_TOKEN_FILE);
+    private_file(&token_file)?;
+    let token = std::fs::read_to_string(&token_file).map_err(|e| format!("read {}: {e}", token_file.display()))?;
+    let e = crate::ca::redeem(ca_dir, token.trim(), tidemark_util::now_ns() / 1_000_000_000)?;
+    let ca = crate::ca::Ca::load(ca_dir)?;
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("generate a key: {e}"))?;
+    let (cert_pem, _) = ca.issue(&e.id, &key, e.cert_secs)?;
+    let id = store(dir, ca.pem.as_bytes(), &key, &cert_pem, Some(&e.id))?;
+    crate::tls::remove_secret(&token_file)?;
+    Ok(id)
+}
+
+/// Renew `tls`'s identity at the CA itself (`ca_dir`) when due, looked at
+/// every [`RENEW_CHECK`] and at start, until `stop`.
+pub async fn renew_locally_loop(tls: Arc<Tls>, ca_dir: std::path::PathBuf, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let now = i64::try_from(tidemark_util::now_ns() / 1_000_000_000).unwrap_or(0);
+        let (t, ca_dir2) = (tls.clone(), ca_dir.clone());
+        let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+            if !renewal_due(&t.dir, now)? {
+                return Ok(false);
+            }
+            let ca = crate::ca::Ca::load(&ca_dir2)?;
+            let key = rcgen::KeyPair::generate().map_err(|e| format!("generate a key: {e}"))?;
+            let (cert_pem, _) = ca.issue(&t.me, &key, RENEWED_LIFETIME.as_secs())?;
+            store(&t.dir, ca.pem.as_bytes(), &key, &cert_pem, Some(&t.me)).map(|_| true)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match r {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(identity = %tls.me, "certificate renewed at the CA (used from the next connection)")
+            }
+            Err(e) => tracing::warn!(identity = %tls.me, "certificate renewal failed: {e} (retried)"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RENEW_CHECK) => {}
+        }
+    }
+}
+
 /// Send `Enroll`, read `Enrolled` (or the refusal).
 async fn trade<R, W>(r: &mut R, w: &mut W, token: String, public_key: &[u8]) -> Result<(String, String), String>
 where

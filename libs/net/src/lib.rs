@@ -5,6 +5,7 @@
 //!   counted against a memory budget) and the frame writer.
 //! - [`hello`]: the checks every listener makes of a Hello (version,
 //!   token, role).
+//! - [`https`]: the collector API's HTTPS (server and `tidemark`'s client).
 //! - [`socket`]: the socket options every connection sets.
 //! - [`tls`]: mutual TLS 1.3 with role-bearing identities, or plaintext
 //!   by explicit choice; the connection halves every hop uses.
@@ -15,10 +16,12 @@
 //! what a refusal says stay with each service.
 
 pub mod admit;
+pub mod apitokens;
 pub mod ca;
 pub mod enroll;
 pub mod frames;
 pub mod hello;
+pub mod https;
 pub mod socket;
 pub mod tls;
 

@@ -217,7 +217,7 @@ pub struct Conn {
     /// Cancelled when the peer's certificate is revoked (never, in
     /// plaintext): the session must end.
     pub revoked: Arc<CancellationToken>,
-    /// TLS without a client certificate ([`Tls::allow_anonymous`]): the
+    /// TLS without a client certificate ([`Tls::serve_enrollment`]): the
     /// peer may enroll and nothing else.
     pub anonymous: bool,
 }
@@ -235,26 +235,44 @@ fn plain(tcp: TcpStream) -> Conn {
 
 /// The identity and the revocation list as last read, and the listener's
 /// configuration made with them.
-struct Loaded {
+pub(crate) struct Loaded {
     /// `crl.pem`'s and `cert.pem`'s (modified time, length) when read.
     seen: Seen,
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    pub(crate) certs: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
     lists: Vec<webpki::CertRevocationList<'static>>,
     crls: Vec<CertificateRevocationListDer<'static>>,
     server: Arc<ServerConfig>,
 }
 
-/// The (modified time, length) of the folder's `crl.pem` and `cert.pem`
-/// (None: no such file).
-type Seen = [Option<(SystemTime, u64)>; 2];
+/// The (modified time, length) of the folder's `crl.pem` and `cert.pem`,
+/// and of the CA folder's `crl.pem` when this service holds the CA (None:
+/// no such file).
+type Seen = [Option<(SystemTime, u64)>; 3];
 
-fn seen(dir: &Path) -> Seen {
-    [CRL_FILE, CERT_FILE].map(|n| {
-        std::fs::metadata(dir.join(n))
+fn seen(dir: &Path, ca_crl: Option<&Path>) -> Seen {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
             .ok()
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-    })
+    };
+    [
+        stamp(&dir.join(CRL_FILE)),
+        stamp(&dir.join(CERT_FILE)),
+        ca_crl.and_then(stamp),
+    ]
+}
+
+/// The revocation lists of a PEM file (at least one).
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if crls.is_empty() {
+        return Err(format!("{}: no revocation list in it", path.display()));
+    }
+    Ok(crls)
 }
 
 /// The certificates of a PEM file (at least one).
@@ -279,6 +297,7 @@ fn read_files(
     provider: &Arc<CryptoProvider>,
     me: Option<&Identity>,
     anonymous: bool,
+    ca_crl: Option<&Path>,
 ) -> Result<Loaded, String> {
     private_file(&dir.join(KEY_FILE))?;
     let certs = read_certs(&dir.join(CERT_FILE))?;
@@ -294,16 +313,13 @@ fn read_files(
         }
     }
     let path = dir.join(CRL_FILE);
-    let seen = seen(dir);
-    let crls: Vec<CertificateRevocationListDer<'static>> = match seen[0] {
-        None => Vec::new(),
-        Some(_) => CertificateRevocationListDer::pem_file_iter(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", path.display()))?,
-    };
-    if seen[0].is_some() && crls.is_empty() {
-        return Err(format!("{}: no revocation list in it", path.display()));
+    let seen = seen(dir, ca_crl);
+    let mut crls: Vec<CertificateRevocationListDer<'static>> = Vec::new();
+    if seen[0].is_some() {
+        crls.extend(read_crls(&path)?);
+    }
+    if let (Some(p), Some(_)) = (ca_crl, seen[2]) {
+        crls.extend(read_crls(p)?);
     }
     let mut lists = Vec::new();
     for c in &crls {
@@ -341,12 +357,16 @@ fn read_files(
 pub struct Tls {
     pub me: Identity,
     pub dir: PathBuf,
-    provider: Arc<CryptoProvider>,
+    pub(crate) provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
-    loaded: RwLock<Loaded>,
+    pub(crate) loaded: RwLock<Loaded>,
     /// Clients without a certificate may connect (to enroll; the caller
     /// allows them nothing else).
     anonymous: std::sync::atomic::AtomicBool,
+    /// The CA folder's `crl.pem`, read as well, when this service holds
+    /// the CA ([`Tls::serve_enrollment`]): `tidemark revoke` takes effect
+    /// here without a copy.
+    ca_crl: std::sync::OnceLock<PathBuf>,
     /// Live sessions accepted: the peer certificate's serial, and the
     /// token its session ends on.
     sessions: Mutex<Vec<(Vec<u8>, Weak<CancellationToken>)>>,
@@ -365,7 +385,7 @@ impl Tls {
         }
         let provider = Arc::new(provider());
         let roots = Arc::new(roots);
-        let loaded = read_files(dir, &roots, &provider, None, false)?;
+        let loaded = read_files(dir, &roots, &provider, None, false, None)?;
         let me = Identity::of_cert(&loaded.certs[0]).map_err(|e| format!("{}: {e}", dir.join(CERT_FILE).display()))?;
         Ok(Self {
             me,
@@ -374,16 +394,27 @@ impl Tls {
             roots,
             loaded: RwLock::new(loaded),
             anonymous: std::sync::atomic::AtomicBool::new(false),
+            ca_crl: std::sync::OnceLock::new(),
             sessions: Mutex::new(Vec::new()),
         })
     }
 
-    /// Let clients without a certificate connect (the collector serving
-    /// enrollment): [`Conn::peer`] is then None on a TLS connection, and
-    /// the caller allows such a connection an `Enroll` and nothing else.
-    pub fn allow_anonymous(&self) -> Result<(), String> {
+    /// Serve enrollment with the CA in `ca_dir` (the collector's `--ca`):
+    /// clients without a certificate may connect ([`Conn::peer`] is then
+    /// None on a TLS connection, and the caller allows such a connection
+    /// an `Enroll` and nothing else), and the CA folder's revocation list
+    /// is in force here as soon as `tidemark revoke` writes it.
+    pub fn serve_enrollment(&self, ca_dir: &Path) -> Result<(), String> {
         self.anonymous.store(true, std::sync::atomic::Ordering::Relaxed);
-        let r = read_files(&self.dir, &self.roots, &self.provider, Some(&self.me), true)?;
+        let _ = self.ca_crl.set(ca_dir.join(CRL_FILE));
+        let r = read_files(
+            &self.dir,
+            &self.roots,
+            &self.provider,
+            Some(&self.me),
+            true,
+            self.ca_crl.get().map(PathBuf::as_path),
+        )?;
         *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = r;
         Ok(())
     }
@@ -394,11 +425,19 @@ impl Tls {
     /// were ended. Files that cannot be read are an error and change
     /// nothing (what was read before stays in force).
     pub fn reload_files(&self) -> Result<usize, String> {
-        if self.loaded.read().unwrap_or_else(PoisonError::into_inner).seen == seen(&self.dir) {
+        let ca_crl = self.ca_crl.get().map(PathBuf::as_path);
+        if self.loaded.read().unwrap_or_else(PoisonError::into_inner).seen == seen(&self.dir, ca_crl) {
             return Ok(0);
         }
         let anonymous = self.anonymous.load(std::sync::atomic::Ordering::Relaxed);
-        let r = read_files(&self.dir, &self.roots, &self.provider, Some(&self.me), anonymous)?;
+        let r = read_files(
+            &self.dir,
+            &self.roots,
+            &self.provider,
+            Some(&self.me),
+            anonymous,
+            ca_crl,
+        )?;
         *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = r;
         Ok(self.end_revoked_sessions())
     }

@@ -1,4 +1,5 @@
 pub mod agent;
+pub mod apitoken;
 pub mod ca;
 pub mod failover;
 pub mod journal;

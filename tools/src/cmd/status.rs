@@ -48,20 +48,40 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// The CA of `--api-ca` (or `TIDEMARK_API_CA`), set once by `main`.
+static API_CA: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Remember `--api-ca` for every API call of this run.
+pub fn set_api_ca(ca: Option<std::path::PathBuf>) {
+    let _ = API_CA.set(ca);
+}
+
+fn api_ca() -> Option<&'static std::path::Path> {
+    API_CA.get().and_then(|c| c.as_deref())
+}
+
+/// The API's base URL: `HOST:PORT` is `https://` with a CA given (the
+/// collector's API over TLS), else `http://`.
 fn base(api: &str) -> String {
     let a = api.trim_end_matches('/');
     if a.starts_with("http://") || a.starts_with("https://") {
         a.to_string()
+    } else if api_ca().is_some() {
+        format!("https://{a}")
     } else {
         format!("http://{a}")
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
+fn agent() -> Result<ureq::Agent> {
+    let mut b = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .build()
+        .timeout(Duration::from_secs(10));
+    if let Some(ca) = api_ca() {
+        let c = tidemark_net::https::api_client_config(ca).map_err(|e| anyhow::anyhow!("--api-ca: {e}"))?;
+        b = b.tls_connector(std::sync::Arc::new(tidemark_net::https::UreqTls(c)));
+    }
+    Ok(b.build())
 }
 
 /// A failed API call, in the operator's words: the URL, the HTTP status
@@ -90,6 +110,10 @@ fn http_status(e: &anyhow::Error) -> Option<u16> {
     e.downcast_ref::<ApiError>().and_then(|a| a.status)
 }
 
+/// A reply that is not HTTP.
+const NOT_HTTP: &str = "the service there does not answer in HTTP: not the collector's --api address (perhaps its \
+                        --listen port), or an API that serves HTTPS (give --api-ca FILE)";
+
 /// What a transport error means to an operator (ureq's own text may hold
 /// raw bytes, e.g. the status line of something that is not HTTP).
 fn transport_text(t: &ureq::Transport) -> String {
@@ -104,10 +128,7 @@ fn transport_text(t: &ureq::Transport) -> String {
         K::InvalidUrl | K::UnknownScheme => "not a valid API address (use HOST:PORT or http://HOST:PORT)".into(),
         K::Dns => "cannot resolve the host name".into(),
         K::ConnectionFailed => format!("cannot connect: {} (is the collector running with --api here?)", io()),
-        K::BadStatus | K::BadHeader => {
-            "the service there does not answer in HTTP: this is not the collector's --api address (perhaps its --listen port)"
-                .into()
-        }
+        K::BadStatus | K::BadHeader => NOT_HTTP.into(),
         K::Io => {
             let e = std::error::Error::source(t).and_then(|s| s.downcast_ref::<std::io::Error>());
             match e {
@@ -119,7 +140,8 @@ fn transport_text(t: &ureq::Transport) -> String {
                 Some(e) if e.raw_os_error().is_some() => {
                     format!("{e} (is this the collector's --api address?)")
                 }
-                _ => "the service there does not answer in HTTP: this is not the collector's --api address (perhaps its --listen port)".into(),
+                Some(e) if e.to_string().contains("TLS handshake") => e.to_string(),
+                _ => NOT_HTTP.into(),
             }
         }
         _ => t.message().map_or_else(|| t.kind().to_string(), str::to_string),
@@ -142,7 +164,14 @@ pub fn call_with(api: &str, method: &str, path: &str, bearer: Option<&str>) -> R
             msg,
         })
     };
-    let mut req = agent().request(method, &url);
+    if url.starts_with("https://") && api_ca().is_none() {
+        return Err(fail(
+            None,
+            "an https API needs the deployment's CA: --api-ca FILE (an identity folder's ca.pem) or TIDEMARK_API_CA"
+                .into(),
+        ));
+    }
+    let mut req = agent()?.request(method, &url);
     if let Some(b) = bearer {
         req = req.set("Authorization", &format!("Bearer {b}"));
     }
