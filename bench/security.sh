@@ -4,7 +4,8 @@
 # every hop) or SECURITY=plaintext (--insecure-plaintext everywhere).
 #
 # bench_security DIR: sets the flag arrays TARGET_SEC, COLLECTOR_SEC and
-# AGENT_SEC (the CA and identities, if any, go under DIR).
+# AGENT_SEC (the CA and identities, if any, go under DIR), and exports
+# TIDEMARK_API_CA for the tools when the API is HTTPS.
 bench_security() {
   local d=$1 r
   chmod 600 "$d/token"
@@ -17,11 +18,14 @@ bench_security() {
       TARGET_SEC=(--tls "$d/tls-target")
       COLLECTOR_SEC=(--tls "$d/tls-collector")
       AGENT_SEC=(--tls "$d/tls-agent")
+      # The collector's API is HTTPS with its identity: the tools trust the CA.
+      export TIDEMARK_API_CA=$d/ca/ca.pem
       ;;
     plaintext)
       TARGET_SEC=(--insecure-plaintext)
       COLLECTOR_SEC=(--insecure-plaintext)
       AGENT_SEC=(--insecure-plaintext)
+      unset TIDEMARK_API_CA
       ;;
     *)
       echo "SECURITY=${SECURITY}: give tls or plaintext" >&2

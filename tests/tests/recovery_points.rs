@@ -454,11 +454,14 @@ fn views_under_load_never_change() {
     site.wait("vw", T);
     let early = point_of(&points(&data, "vw"), &r).expect("a point for the reference burst");
 
+    // The view at `early` is opened (and pins its point) before the load
+    // starts: once newer flush points arrive, `early`, the newest until
+    // then, may be thinned away (one crash point a second) unless pinned.
+    let v1 = Mount::at_seq(&data, "vw", early, &d.join("v1.sock"));
     let load = Load::start(&a.sock, size, seed ^ 0x5eed);
     let applied = || site.disk_status("vw")["applied_seq"].as_u64().expect("applied_seq");
     let applied0 = applied();
     let t0 = Instant::now();
-    let v1 = Mount::at_seq(&data, "vw", early, &d.join("v1.sock"));
     std::thread::sleep(Duration::from_secs(2));
     let v2 = Mount::start(&["--data", s(&data), "vw", "--at", "latest"], &d.join("v2.sock"));
     // "opened point seq N, …"
