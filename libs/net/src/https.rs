@@ -10,8 +10,6 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError};
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use rustls::server::NoClientAuth;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -41,13 +39,7 @@ impl Tls {
 /// collector certificate issued by the CA in `ca_file` (PEM).
 pub fn api_client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| format!("{}: {e}", ca_file.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", ca_file.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no CA certificate in it", ca_file.display()));
-    }
+    let certs = crate::tls::read_certs(ca_file)?;
     for c in certs {
         roots
             .add(c)

@@ -263,28 +263,26 @@ fn seen(dir: &Path, ca_crl: Option<&Path>) -> Seen {
     ]
 }
 
-/// The revocation lists of a PEM file (at least one).
-fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
+/// The objects of kind `what` in a PEM file (at least one).
+fn read_pem<T: PemObject>(path: &Path, what: &str) -> Result<Vec<T>, String> {
+    let v = T::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    if crls.is_empty() {
-        return Err(format!("{}: no revocation list in it", path.display()));
+    if v.is_empty() {
+        return Err(format!("{}: no {what} in it", path.display()));
     }
-    Ok(crls)
+    Ok(v)
+}
+
+/// The revocation lists of a PEM file (at least one).
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    read_pem(path, "revocation list")
 }
 
 /// The certificates of a PEM file (at least one).
-fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(p)
-        .map_err(|e| format!("{}: {e}", p.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", p.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate in it", p.display()));
-    }
-    Ok(certs)
+pub(crate) fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    read_pem(p, "certificate")
 }
 
 /// Read the folder's identity (`cert.pem`, `key.pem`: `me` it must stay)
