@@ -174,6 +174,12 @@ pub async fn run(shim: Shim, mut cfg: ShipConfig, stop: CancellationToken) {
             cfg.addr.clone(),
             stop.clone(),
         ));
+        tokio::spawn(tidemark_net::enroll::crl_fetch_loop(
+            t.clone(),
+            cfg.addr.clone(),
+            tidemark_net::enroll::CRL_FETCH_AGENT,
+            stop.clone(),
+        ));
     }
     *shim.inner().link.security.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg.security.describe());
     if !cfg.security.is_tls() {

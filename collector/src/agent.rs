@@ -135,6 +135,15 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
             let _ = wr.shutdown().await;
             return;
         }
+        Ok(Ok(Some(Frame::Crl { .. }))) => {
+            let f = match crl_for(&shared, peer.as_ref()).await {
+                Ok(pem) => Frame::Crl { pem },
+                Err(r) => error_frame(r.code, r.reason),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), write_frame(&mut wr, &f)).await;
+            let _ = wr.shutdown().await;
+            return;
+        }
         Ok(Ok(Some(Frame::Hello(_)))) if anonymous => {
             let r = Refusal::new(
                 ErrorCode::Forbidden,
@@ -240,6 +249,35 @@ async fn set_owner(shared: &Arc<Shared>, d: &Arc<Disk>, m: &str) -> anyhow::Resu
         .and_then(|r| r)?;
     d.lock().owner = Some(m.to_string());
     Ok(())
+}
+
+/// A `Crl` request (`docs/security.md`, "Revoking"): the CA's revocation
+/// list (`CADIR/crl.pem`; empty if the CA has revoked nothing), for any
+/// identity of the CA, so targets and agents hold the list without a copy
+/// by hand.
+async fn crl_for(shared: &Arc<Shared>, peer: Option<&tidemark_net::Identity>) -> Result<String, Refusal> {
+    let forbidden = |m: &str| Refusal::new(ErrorCode::Forbidden, m.to_string());
+    if peer.is_none() {
+        return Err(forbidden("the revocation list is served to identities of the CA only"));
+    }
+    let Some(ca) = shared.cfg.ca.clone() else {
+        return Err(forbidden(
+            "this collector does not hold the CA (it was started without --ca): no revocation list here",
+        ));
+    };
+    let path = ca.join(tidemark_net::tls::CRL_FILE);
+    match tokio::fs::read_to_string(&path).await {
+        Ok(pem) if pem.len() <= tidemark_wire::frame::MAX_CRL_PEM => Ok(pem),
+        Ok(_) => Err(Refusal::new(
+            ErrorCode::Internal,
+            format!("{} is longer than a Crl frame carries", path.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(Refusal::new(
+            ErrorCode::Internal,
+            format!("read {}: {e}", path.display()),
+        )),
+    }
 }
 
 /// An `Enroll` (`docs/security.md`): a one-time token traded for a

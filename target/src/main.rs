@@ -193,6 +193,12 @@ async fn serve(mut cfg: Config, enroll: Option<Enroll>) -> Result<()> {
         }
         if let tidemark_net::Security::Tls(t) = &cfg.security {
             tokio::spawn(tidemark_net::enroll::renew_loop(t.clone(), e.at.clone(), stop.clone()));
+            tokio::spawn(tidemark_net::enroll::crl_fetch_loop(
+                t.clone(),
+                e.at.clone(),
+                tidemark_net::enroll::CRL_FETCH_TARGET,
+                stop.clone(),
+            ));
         }
     }
     let target = tidemark_target::Target::bind(cfg).await.context("cannot start")?;

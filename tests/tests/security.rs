@@ -959,3 +959,149 @@ fn the_api_is_https_with_viewer_operator_and_admin_tokens() {
     let r = call("POST", "/api/v1/disks/db/rebind", Some(&secret("ada")));
     assert!(status_line(&r).contains("401"), "{r}");
 }
+
+/// The CA's revocation list reaches the services without a copy by hand:
+/// a target enrolled at the collector that holds the CA (`--enroll-at`)
+/// fetches it and then refuses a revoked collector of the same CA; a list
+/// that is not the CA's (a tampered `CADIR/crl.pem`) is not adopted.
+#[test]
+fn revocation_lists_reach_the_target_from_the_collector_holding_the_ca() {
+    need_tool("qemu-io");
+    let dir = tmpdir("sec-crl-dist");
+    let d = dir.path();
+    let collector_id = tls_identity(d, "collector", "c");
+    let ca = d.join("pki").join("ca");
+    let token = d.join("token");
+    write_secret(&token, "test-secret-token\n");
+    let (tport, cport, aport) = (free_port(), free_port(), free_port());
+    let collector_args = |listen: u16, api: u16, spool: &str, id: &Path, ca_flag: bool| -> Vec<String> {
+        let mut v = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{listen}"),
+            "--spool".into(),
+            s(&d.join(spool)).into(),
+            "--target".into(),
+            format!("127.0.0.1:{tport}"),
+            "--api".into(),
+            format!("127.0.0.1:{api}"),
+            "--token-file".into(),
+            s(&token).into(),
+            "--tls".into(),
+            s(id).into(),
+        ];
+        if ca_flag {
+            v.extend(["--ca".to_string(), s(&ca).into()]);
+        }
+        v
+    };
+    let collector = Service::start(
+        "tidemark-collector",
+        &collector_args(cport, aport, "spool", &collector_id, true),
+        &d.join("collector.log"),
+        aport,
+    );
+    // The target enrolls with a one-time token at the collector.
+    let tls_t = d.join("tls-t");
+    run_ok(
+        tidemark().args(["enroll", "--ca", s(&ca), "t", "--role", "target", "--out", s(&tls_t)]),
+        T,
+    );
+    let target = Service::start(
+        "tidemark-target",
+        &[
+            "--listen".to_string(),
+            format!("127.0.0.1:{tport}"),
+            "--data".into(),
+            s(&d.join("data")).into(),
+            "--token-file".into(),
+            s(&token).into(),
+            "--tls".into(),
+            s(&tls_t).into(),
+            "--enroll-at".into(),
+            format!("127.0.0.1:{cport}"),
+        ],
+        &d.join("target.log"),
+        tport,
+    );
+    assert!(tls_t.join("cert.pem").exists() && !tls_t.join("enroll.token").exists());
+    assert_eq!(mode(&tls_t.join("key.pem")), 0o600);
+    let agent_flags = |port: u16, name: &str| -> Vec<String> {
+        vec![
+            "--collector".into(),
+            format!("127.0.0.1:{port}"),
+            "--token-file".into(),
+            s(&token).into(),
+            "--tls".into(),
+            s(&tls_identity(d, "agent", name)).into(),
+        ]
+    };
+    let a = start_agent(d, "good", &agent_flags(cport, "a"));
+    write_pattern(&a.sock, 0, MIB, 0x71);
+    let wait = |disk: &str| {
+        run_ok(
+            tidemark().args([
+                "wait",
+                "--api",
+                &format!("127.0.0.1:{aport}"),
+                disk,
+                "--timeout",
+                "120s",
+            ]),
+            Duration::from_secs(150),
+        )
+    };
+    wait("good");
+
+    // Revoke a second collector identity of the same CA: the target holds
+    // the CA's list within seconds, without a copy.
+    let c2 = tls_identity(d, "collector", "c2");
+    run_ok(tidemark().args(["revoke", "--ca", s(&ca), "c2"]), T);
+    let held = || std::fs::read(tls_t.join("crl.pem")).ok();
+    poll_until("the target to fetch the CA's list", T, || {
+        held() == std::fs::read(ca.join("crl.pem")).ok()
+    });
+    wait_log(
+        "the target adopting the list",
+        || target.log_text(),
+        "a new revocation list from the CA",
+    );
+    // c2 dialling the target is refused: its certificate is revoked.
+    let (c2port, c2api) = (free_port(), free_port());
+    let rogue = Service::start(
+        "tidemark-collector",
+        &collector_args(c2port, c2api, "spool2", &c2, false),
+        &d.join("rogue.log"),
+        c2api,
+    );
+    let b = start_agent(d, "other", &agent_flags(c2port, "b"));
+    write_pattern(&b.sock, 0, MIB, 0x72);
+    let log = wait_log(
+        "the target's refusal of the revoked collector",
+        || target.log_text(),
+        "connection refused: TLS handshake",
+    );
+    assert!(log.contains("Revoked") || log.contains("revoked"), "{}", tail(&log, 10));
+    assert!(
+        !d.join("data").join("other").exists(),
+        "nothing of c2's reached the target"
+    );
+    b.kill9();
+    drop(rogue);
+
+    // A list another CA signed, put in the CA's folder (tampering): the
+    // target does not adopt it and keeps the CA's list; the good disk goes on.
+    let before = held();
+    foreign_identity(d, "agent", "x");
+    run_ok(tidemark().args(["revoke", "--ca", s(&d.join("foreign-ca")), "x"]), T);
+    std::fs::copy(d.join("foreign-ca").join("crl.pem"), ca.join("crl.pem")).unwrap();
+    wait_log(
+        "the target's refusal of the foreign list",
+        || target.log_text(),
+        "not a revocation list of this CA",
+    );
+    assert_eq!(held(), before, "the target kept the CA's list");
+    write_pattern(&a.sock, MIB, MIB, 0x73);
+    wait("good");
+    a.stop();
+    drop(collector);
+}

@@ -13,7 +13,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use tidemark_wire::frame::{Frame, MAX_ENROLL_PEM};
+use tidemark_wire::frame::{Frame, MAX_CRL_PEM, MAX_ENROLL_PEM};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -157,6 +157,106 @@ pub async fn renew_loop(tls: Arc<Tls>, addr: String, stop: tokio_util::sync::Can
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(RENEW_CHECK) => {}
+        }
+    }
+}
+
+/// How often a target asks the CA's collector for its revocation list.
+pub const CRL_FETCH_TARGET: Duration = Duration::from_secs(10);
+/// How often an agent does (there are many agents).
+pub const CRL_FETCH_AGENT: Duration = Duration::from_secs(60);
+
+/// Ask the collector `addr` (over a connection authenticated with `tls`)
+/// for the CA's revocation list (empty: nothing revoked yet).
+pub async fn fetch_crl(tls: &Tls, addr: &str) -> Result<String, String> {
+    let exchange = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let mut c = tls.connect(tcp, PeerRole::Collector, None).await?;
+        crate::write_frame(&mut c.writer, &Frame::Crl { pem: String::new() })
+            .await
+            .map_err(|e| format!("ask for the revocation list: {e}"))?;
+        let max = u32::try_from(MAX_CRL_PEM + 16).unwrap_or(u32::MAX);
+        match crate::read_frame(&mut c.reader, max).await {
+            Ok(Some(Frame::Crl { pem })) => Ok(pem),
+            Ok(Some(Frame::Error { code, reason })) => Err(format!("the collector refused ({code}): {reason}")),
+            Ok(Some(f)) => Err(format!(
+                "the collector answered {} instead of a revocation list",
+                f.name()
+            )),
+            Ok(None) => Err("the collector closed the connection without an answer".into()),
+            Err(e) => Err(format!("reading the collector's answer: {e}")),
+        }
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {} s", EXCHANGE_TIMEOUT.as_secs()))?
+}
+
+/// Make `pem` (a revocation list from the CA's collector) `tls`'s
+/// `crl.pem` if it is the CA's and differs from the one held: true if it
+/// was written (the service reads it within [`crate::tls::CRL_POLL`]). A
+/// list the CA did not sign (checked by verifying this identity's own
+/// certificate with it) is refused and nothing changes; an empty one
+/// changes nothing (lists only grow).
+pub fn adopt_crl(tls: &Tls, pem: &str) -> Result<bool, String> {
+    if pem.trim().is_empty() {
+        return Ok(false);
+    }
+    let path = tls.dir.join(crate::tls::CRL_FILE);
+    if std::fs::read_to_string(&path).is_ok_and(|held| held == pem) {
+        return Ok(false);
+    }
+    let crls = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the revocation list received: {e}"))?;
+    if crls.is_empty() {
+        return Err("the revocation list received holds no list".into());
+    }
+    let own = tls
+        .loaded
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .certs[0]
+        .clone();
+    crate::tls::check_crls(&tls.roots, &tls.provider, &crls, &own)
+        .map_err(|e| format!("the revocation list received is {e}"))?;
+    tidemark_util::crashsafe::write_atomic(&path, pem.as_bytes())
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    Ok(true)
+}
+
+/// Fetch the CA's revocation list from the collector `addr` every `every`
+/// and adopt it ([`adopt_crl`]), until `stop`. A collector
+/// that does not hold the CA answers that it has none: said once, at
+/// debug.
+pub async fn crl_fetch_loop(tls: Arc<Tls>, addr: String, every: Duration, stop: tokio_util::sync::CancellationToken) {
+    let mut last_error = String::new();
+    loop {
+        let r = match fetch_crl(&tls, &addr).await {
+            Ok(pem) => adopt_crl(&tls, &pem),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(true) => {
+                last_error.clear();
+                tracing::warn!(collector = %addr, "a new revocation list from the CA: in force from now on");
+            }
+            Ok(false) => last_error.clear(),
+            Err(e) if e != last_error => {
+                if e.contains("does not hold the CA") {
+                    tracing::debug!(collector = %addr, "revocation list: {e}");
+                } else {
+                    tracing::warn!(collector = %addr, "revocation list: {e} (retried)");
+                }
+                last_error = e;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }

@@ -285,6 +285,26 @@ pub(crate) fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, Strin
     read_pem(p, "certificate")
 }
 
+/// Check that `crls` are the CA's: this identity's own certificate (`own`,
+/// issued by the CA) verifies with them, or is revoked by them. A list
+/// another CA signed covers no certificate of ours, and would make every
+/// handshake fail for an unknown revocation status.
+pub(crate) fn check_crls(
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+    crls: &[CertificateRevocationListDer<'static>],
+    own: &CertificateDer<'static>,
+) -> Result<(), String> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls.to_vec())
+        .build()
+        .map_err(|e| e.to_string())?;
+    match verifier.verify_client_cert(own, &[], UnixTime::now()) {
+        Ok(_) | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => Ok(()),
+        Err(e) => Err(format!("not a revocation list of this CA: {e}")),
+    }
+}
+
 /// Read the folder's identity (`cert.pem`, `key.pem`: `me` it must stay)
 /// and revocation list (if any), and make the listener's configuration
 /// with them; `anonymous`: a client without a certificate may connect
@@ -327,6 +347,9 @@ fn read_files(
                 .into(),
         );
     }
+    if !crls.is_empty() {
+        check_crls(roots, provider, &crls, &certs[0]).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     let mut client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
     if !crls.is_empty() {
         client = client.with_crls(crls.clone());
@@ -356,7 +379,7 @@ pub struct Tls {
     pub me: Identity,
     pub dir: PathBuf,
     pub(crate) provider: Arc<CryptoProvider>,
-    roots: Arc<RootCertStore>,
+    pub(crate) roots: Arc<RootCertStore>,
     pub(crate) loaded: RwLock<Loaded>,
     /// Clients without a certificate may connect (to enroll; the caller
     /// allows them nothing else).

@@ -42,6 +42,8 @@
 //!       |            key_len u16, public key (raw, ≤ 1024)       |
 //!       | 13 Enrolled cert_len u16, certificate PEM, ca_len u16, |
 //!       |            CA certificate PEM (each ≤ 16 KiB)          |
+//!       | 14 Crl     crl_len u32, revocation list PEM (≤ 1 MiB;  |
+//!       |            empty: a request for the CA's list)         |
 //!       +--------------------------------------------------------+
 //! ```
 //!
@@ -369,7 +371,16 @@ pub enum Frame {
         cert_pem: String,
         ca_pem: String,
     },
+    /// Instead of a Hello, from an authenticated peer: empty, a request
+    /// for the CA's revocation list; the answer carries it (empty: the CA
+    /// has revoked nothing yet).
+    Crl {
+        pem: String,
+    },
 }
+
+/// Longest revocation list in a `Crl`.
+pub const MAX_CRL_PEM: usize = 1 << 20;
 
 /// Longest public key in an `Enroll`.
 pub const MAX_ENROLL_KEY: usize = 1024;
@@ -514,6 +525,7 @@ impl Frame {
             Frame::ChunkHashes { .. } => "ChunkHashes",
             Frame::Enroll { .. } => "Enroll",
             Frame::Enrolled { .. } => "Enrolled",
+            Frame::Crl { .. } => "Crl",
         }
     }
 
@@ -532,6 +544,7 @@ impl Frame {
             Frame::ChunkHashes { .. } => 11,
             Frame::Enroll { .. } => 12,
             Frame::Enrolled { .. } => 13,
+            Frame::Crl { .. } => 14,
         }
     }
 
@@ -671,6 +684,14 @@ impl Frame {
                 }
                 put_bytes16(&mut body, cert_pem.as_bytes());
                 put_bytes16(&mut body, ca_pem.as_bytes());
+            }
+            Frame::Crl { pem } => {
+                let n = u32::try_from(pem.len())
+                    .ok()
+                    .filter(|n| *n as usize <= MAX_CRL_PEM)
+                    .ok_or_else(|| err(WireErrorKind::OutOfBounds, "revocation list longer than 1 MiB"))?;
+                body.extend_from_slice(&n.to_le_bytes());
+                body.extend_from_slice(pem.as_bytes());
             }
         }
         let body_len = u32::try_from(body.len())
@@ -928,6 +949,19 @@ impl Frame {
                 let cert_pem = pem("certificate")?;
                 let ca_pem = pem("CA certificate")?;
                 Frame::Enrolled { cert_pem, ca_pem }
+            }
+            14 => {
+                let n = c.u32("revocation list length")? as usize;
+                if n > MAX_CRL_PEM {
+                    return Err(err(
+                        WireErrorKind::OutOfBounds,
+                        format!("revocation list of {n} bytes, over {MAX_CRL_PEM}"),
+                    ));
+                }
+                let pem = std::str::from_utf8(c.take(n, "revocation list")?)
+                    .map_err(|_| err(WireErrorKind::Corrupt, "revocation list is not UTF-8"))?
+                    .to_string();
+                Frame::Crl { pem }
             }
             k => return Err(err(WireErrorKind::Corrupt, format!("unknown frame type {k}"))),
         };
@@ -1207,6 +1241,7 @@ mod tests {
             ("[ -~]{0,80}", proptest::collection::vec(any::<u8>(), 0..100))
                 .prop_map(|(token, public_key)| Frame::Enroll { token, public_key }),
             ("[ -~\n]{0,200}", "[ -~\n]{0,200}").prop_map(|(cert_pem, ca_pem)| Frame::Enrolled { cert_pem, ca_pem }),
+            "[ -~\n]{0,300}".prop_map(|pem| Frame::Crl { pem }),
             (any::<u64>(), 0u32..2, any::<[u8; 16]>()).prop_map(|(s, flags, generation)| Frame::Welcome {
                 acked_seq: s,
                 flags,

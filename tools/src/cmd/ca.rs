@@ -92,8 +92,10 @@ pub struct EnrollArgs {
     seconds: Option<u32>,
 }
 
-pub const REVOKE_HELP: &str = "Example:\n  tidemark revoke --ca /etc/tidemark/ca web-1\n  \
-    cp /etc/tidemark/ca/crl.pem /etc/tidemark/tls-collector/crl.pem   # on every service: read within 2 s";
+pub const REVOKE_HELP: &str = "Example:\n  tidemark revoke --ca /etc/tidemark/ca web-1\n\n\
+    The collector holding the CA (--ca) enforces the list within 2 s and serves it: targets started with \
+    --enroll-at fetch it within 10 s, agents within a minute. A service that does neither reads crl.pem \
+    copied into its --tls folder (within 2 s).";
 
 #[derive(Args)]
 pub struct RevokeArgs {
@@ -318,10 +320,11 @@ fn revoke(a: &RevokeArgs) -> Result<()> {
         crl_path.display()
     );
     outln!(
-        "copy it to every service's --tls folder as {}: each reads it within {} s, refuses the revoked identity \
-         and ends its live sessions",
-        tidemark_net::tls::CRL_FILE,
-        tidemark_net::tls::CRL_POLL.as_secs()
+        "the collector holding this CA (--ca) enforces it within {} s and serves it to targets (--enroll-at) and \
+         agents; a service that does not fetch it reads it copied into its --tls folder as {}: each refuses the \
+         revoked identity and ends its live sessions",
+        tidemark_net::tls::CRL_POLL.as_secs(),
+        tidemark_net::tls::CRL_FILE
     );
     Ok(())
 }
