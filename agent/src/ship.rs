@@ -171,7 +171,7 @@ pub async fn run(shim: Shim, mut cfg: ShipConfig, stop: CancellationToken) {
     if let tidemark_net::Security::Tls(t) = &cfg.security {
         tokio::spawn(tidemark_net::enroll::renew_loop(
             t.clone(),
-            cfg.addr.clone(),
+            tidemark_net::enroll::RenewAt::Collector(cfg.addr.clone()),
             stop.clone(),
         ));
         tokio::spawn(tidemark_net::enroll::crl_fetch_loop(

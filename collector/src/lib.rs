@@ -137,9 +137,9 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
     tracker.spawn(api::serve(shared.clone(), api_listener));
     cfg.security.spawn_crl_watch(shared.stop.clone());
     if let (tidemark_net::Security::Tls(t), Some(ca)) = (&cfg.security, &cfg.ca) {
-        tracker.spawn(tidemark_net::enroll::renew_locally_loop(
+        tracker.spawn(tidemark_net::enroll::renew_loop(
             t.clone(),
-            ca.clone(),
+            tidemark_net::enroll::RenewAt::Ca(ca.clone()),
             shared.stop.clone(),
         ));
     }

@@ -192,7 +192,11 @@ async fn serve(mut cfg: Config, enroll: Option<Enroll>) -> Result<()> {
             }
         }
         if let tidemark_net::Security::Tls(t) = &cfg.security {
-            tokio::spawn(tidemark_net::enroll::renew_loop(t.clone(), e.at.clone(), stop.clone()));
+            tokio::spawn(tidemark_net::enroll::renew_loop(
+                t.clone(),
+                tidemark_net::enroll::RenewAt::Collector(e.at.clone()),
+                stop.clone(),
+            ));
             tokio::spawn(tidemark_net::enroll::crl_fetch_loop(
                 t.clone(),
                 e.at.clone(),

@@ -9,16 +9,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
 use tidemark_wire::frame::{Frame, MAX_CRL_PEM, MAX_ENROLL_PEM};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::ca::ENROLL_TOKEN_FILE;
-use crate::tls::{check_issued, private_file, Identity, PeerRole, RoleVerifier, Tls, CA_FILE, CERT_FILE, KEY_FILE};
+use crate::tls::{check_issued, private_file, Identity, PeerRole, Tls, CA_FILE, CERT_FILE, KEY_FILE};
 
 /// How long an enrollment or renewal exchange may take in all.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,27 +38,7 @@ pub async fn enroll(dir: &Path, addr: &str) -> Result<Identity, String> {
         .trim()
         .to_string();
     let ca = std::fs::read(dir.join(CA_FILE)).map_err(|e| format!("read {}: {e}", dir.join(CA_FILE).display()))?;
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&ca) {
-        let c = c.map_err(|e| format!("{}: {e}", dir.join(CA_FILE).display()))?;
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: {e}", dir.join(CA_FILE).display()))?;
-    }
-    let provider = Arc::new(crate::tls::provider());
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| e.to_string())?;
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(RoleVerifier {
-            inner,
-            want: PeerRole::Collector,
-            name: None,
-        }))
-        .with_no_client_auth();
+    let config = crate::tls::collector_client_config(&ca, &dir.join(CA_FILE))?;
     let key = rcgen::KeyPair::generate().map_err(|e| format!("generate a key: {e}"))?;
     let exchange = async {
         let tcp = TcpStream::connect(addr)
@@ -140,18 +118,38 @@ pub async fn enroll_until_done(
     }
 }
 
-/// Renew `tls`'s identity at the collector `addr` whenever a third or less
-/// of its lifetime is left (looked at every [`RENEW_CHECK`] and at start),
-/// until `stop`.
-pub async fn renew_loop(tls: Arc<Tls>, addr: String, stop: tokio_util::sync::CancellationToken) {
+/// Where an identity is renewed.
+pub enum RenewAt {
+    /// At this collector (`HOST:PORT`), over a connection authenticated
+    /// with the current certificate.
+    Collector(String),
+    /// At the CA in this folder, held by this service (a collector's `--ca`).
+    Ca(std::path::PathBuf),
+}
+
+/// Renew `tls`'s identity `at` the collector or the CA whenever a third or
+/// less of its lifetime is left (looked at every [`RENEW_CHECK`] and at
+/// start), until `stop`.
+pub async fn renew_loop(tls: Arc<Tls>, at: RenewAt, stop: tokio_util::sync::CancellationToken) {
     loop {
         let now = i64::try_from(tidemark_util::now_ns() / 1_000_000_000).unwrap_or(0);
         match renewal_due(&tls.dir, now) {
             Ok(false) => {}
-            Ok(true) => match renew(&tls, &addr).await {
-                Ok(()) => tracing::info!(identity = %tls.me, "certificate renewed (used from the next connection)"),
-                Err(e) => tracing::warn!(identity = %tls.me, "certificate renewal failed: {e} (retried)"),
-            },
+            Ok(true) => {
+                let r = match &at {
+                    RenewAt::Collector(addr) => renew(&tls, addr).await,
+                    RenewAt::Ca(dir) => {
+                        let (t, dir) = (tls.clone(), dir.clone());
+                        tokio::task::spawn_blocking(move || renew_at_ca(&t, &dir))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()))
+                    }
+                };
+                match r {
+                    Ok(()) => tracing::info!(identity = %tls.me, "certificate renewed (used from the next connection)"),
+                    Err(e) => tracing::warn!(identity = %tls.me, "certificate renewal failed: {e} (retried)"),
+                }
+            }
             Err(e) => tracing::warn!("cannot tell when the certificate expires: {e}"),
         }
         tokio::select! {
@@ -159,6 +157,15 @@ pub async fn renew_loop(tls: Arc<Tls>, addr: String, stop: tokio_util::sync::Can
             _ = tokio::time::sleep(RENEW_CHECK) => {}
         }
     }
+}
+
+/// Renew `tls`'s identity at the CA in `ca_dir`: a new key, a new
+/// certificate of the same identity, written over the old ones.
+fn renew_at_ca(tls: &Tls, ca_dir: &Path) -> Result<(), String> {
+    let ca = crate::ca::Ca::load(ca_dir)?;
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("generate a key: {e}"))?;
+    let (cert_pem, _) = ca.issue(&tls.me, &key, RENEWED_LIFETIME.as_secs())?;
+    store(&tls.dir, ca.pem.as_bytes(), &key, &cert_pem, Some(&tls.me)).map(|_| ())
 }
 
 /// How often a target asks the CA's collector for its revocation list.
@@ -278,37 +285,6 @@ pub fn enroll_locally(dir: &Path, ca_dir: &Path) -> Result<Identity, String> {
     let id = store(dir, ca.pem.as_bytes(), &key, &cert_pem, Some(&e.id))?;
     crate::tls::remove_secret(&token_file)?;
     Ok(id)
-}
-
-/// Renew `tls`'s identity at the CA itself (`ca_dir`) when due, looked at
-/// every [`RENEW_CHECK`] and at start, until `stop`.
-pub async fn renew_locally_loop(tls: Arc<Tls>, ca_dir: std::path::PathBuf, stop: tokio_util::sync::CancellationToken) {
-    loop {
-        let now = i64::try_from(tidemark_util::now_ns() / 1_000_000_000).unwrap_or(0);
-        let (t, ca_dir2) = (tls.clone(), ca_dir.clone());
-        let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
-            if !renewal_due(&t.dir, now)? {
-                return Ok(false);
-            }
-            let ca = crate::ca::Ca::load(&ca_dir2)?;
-            let key = rcgen::KeyPair::generate().map_err(|e| format!("generate a key: {e}"))?;
-            let (cert_pem, _) = ca.issue(&t.me, &key, RENEWED_LIFETIME.as_secs())?;
-            store(&t.dir, ca.pem.as_bytes(), &key, &cert_pem, Some(&t.me)).map(|_| true)
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        match r {
-            Ok(false) => {}
-            Ok(true) => {
-                tracing::info!(identity = %tls.me, "certificate renewed at the CA (used from the next connection)")
-            }
-            Err(e) => tracing::warn!(identity = %tls.me, "certificate renewal failed: {e} (retried)"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(RENEW_CHECK) => {}
-        }
-    }
 }
 
 /// Send `Enroll`, read `Enrolled` (or the refusal).

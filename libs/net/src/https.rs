@@ -9,11 +9,10 @@
 use std::path::Path;
 use std::sync::{Arc, PoisonError};
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::server::NoClientAuth;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 
-use crate::tls::{provider, PeerRole, RoleVerifier, Tls};
+use crate::tls::Tls;
 
 impl Tls {
     /// The API listener's configuration: this identity's certificate (as
@@ -38,28 +37,8 @@ impl Tls {
 /// A client configuration for the collector's API: the server must hold a
 /// collector certificate issued by the CA in `ca_file` (PEM).
 pub fn api_client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, String> {
-    let mut roots = RootCertStore::empty();
-    let certs = crate::tls::read_certs(ca_file)?;
-    for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: not a CA certificate: {e}", ca_file.display()))?;
-    }
-    let provider = Arc::new(provider());
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| e.to_string())?;
-    let verifier = RoleVerifier {
-        inner,
-        want: PeerRole::Collector,
-        name: None,
-    };
-    let mut c = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+    let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    let mut c = crate::tls::collector_client_config(&pem, ca_file)?;
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(c))
 }
@@ -73,9 +52,12 @@ pub struct UreqTls(pub Arc<ClientConfig>);
 impl ureq::TlsConnector for UreqTls {
     fn connect(&self, _dns_name: &str, io: Box<dyn ureq::ReadWrite>) -> Result<Box<dyn ureq::ReadWrite>, ureq::Error> {
         // The name sent is not what is checked (the role and the CA are).
-        let sni =
-            rustls::pki_types::ServerName::try_from(format!("{}.{}", PeerRole::Collector.name(), crate::tls::DOMAIN))
-                .map_err(|e| ureq::Error::from(std::io::Error::other(e.to_string())))?;
+        let sni = rustls::pki_types::ServerName::try_from(format!(
+            "{}.{}",
+            crate::tls::PeerRole::Collector.name(),
+            crate::tls::DOMAIN
+        ))
+        .map_err(|e| ureq::Error::from(std::io::Error::other(e.to_string())))?;
         let conn = rustls::ClientConnection::new(self.0.clone(), sni)
             .map_err(|e| ureq::Error::from(std::io::Error::other(e.to_string())))?;
         let mut s = rustls::StreamOwned::new(conn, io);

@@ -428,12 +428,17 @@ impl Tls {
     pub fn serve_enrollment(&self, ca_dir: &Path) -> Result<(), String> {
         self.anonymous.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.ca_crl.set(ca_dir.join(CRL_FILE));
+        self.reread()
+    }
+
+    /// Read the folder (and the CA's list, if served) into `loaded`.
+    fn reread(&self) -> Result<(), String> {
         let r = read_files(
             &self.dir,
             &self.roots,
             &self.provider,
             Some(&self.me),
-            true,
+            self.anonymous.load(std::sync::atomic::Ordering::Relaxed),
             self.ca_crl.get().map(PathBuf::as_path),
         )?;
         *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = r;
@@ -450,16 +455,7 @@ impl Tls {
         if self.loaded.read().unwrap_or_else(PoisonError::into_inner).seen == seen(&self.dir, ca_crl) {
             return Ok(0);
         }
-        let anonymous = self.anonymous.load(std::sync::atomic::Ordering::Relaxed);
-        let r = read_files(
-            &self.dir,
-            &self.roots,
-            &self.provider,
-            Some(&self.me),
-            anonymous,
-            ca_crl,
-        )?;
-        *self.loaded.write().unwrap_or_else(PoisonError::into_inner) = r;
+        self.reread()?;
         Ok(self.end_revoked_sessions())
     }
 
@@ -742,6 +738,36 @@ pub fn check_issued(ca_pem: &[u8], cert: &[u8]) -> Result<Identity, String> {
         .verify_client_cert(&der, &[], UnixTime::now())
         .map_err(|e| format!("the certificate does not verify against the CA: {e}"))?;
     Identity::of_cert(&der)
+}
+
+/// A client configuration without a certificate that requires the server
+/// to hold a collector certificate of the CA in `ca_pem` (from the file
+/// `what`, for errors): enrollment, and the tools' HTTPS to the API.
+pub(crate) fn collector_client_config(ca_pem: &[u8], what: &Path) -> Result<ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| format!("{}: {e}", what.display()))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: not a CA certificate: {e}", what.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in it", what.display()));
+    }
+    let provider = Arc::new(provider());
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(RoleVerifier {
+            inner,
+            want: PeerRole::Collector,
+            name: None,
+        }))
+        .with_no_client_auth())
 }
 
 /// The crypto provider: *ring*. It builds with nothing but a C compiler
