@@ -22,6 +22,7 @@ pub mod enroll;
 pub mod frames;
 pub mod hello;
 pub mod https;
+pub mod record;
 pub mod socket;
 pub mod tls;
 

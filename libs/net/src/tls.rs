@@ -33,6 +33,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::record::EstablishError;
+
 /// The CA's certificate in an identity folder.
 pub const CA_FILE: &str = "ca.pem";
 /// The identity's certificate (and any intermediates).
@@ -358,12 +360,16 @@ fn read_files(
         client = client.allow_unauthenticated();
     }
     let client = client.build().map_err(|e| format!("{}: {e}", path.display()))?;
-    let server = ServerConfig::builder_with_provider(provider.clone())
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(client)
         .with_single_cert(certs.clone(), key.clone_key())
         .map_err(|e| format!("{}: the key does not fit the certificate: {e}", dir.display()))?;
+    // The record layer after the handshake is crate::record's, which
+    // carries no session tickets (no resumption is used).
+    server.enable_secret_extraction = true;
+    server.send_tls13_tickets = 0;
     Ok(Loaded {
         seen,
         certs,
@@ -478,6 +484,48 @@ impl Tls {
         ended
     }
 
+    /// The dialing side's configuration: this identity's certificate,
+    /// and the server must hold one of this CA for role `want` (and name
+    /// `name`, if given), not revoked by the lists in force.
+    pub(crate) fn client_config(&self, want: PeerRole, name: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+        if let Err(e) = self.reload_files() {
+            tracing::error!("{e} (the list read before stays in force)");
+        }
+        let (crls, certs, key) = {
+            let r = self.loaded.read().unwrap_or_else(PoisonError::into_inner);
+            (r.crls.clone(), r.certs.clone(), r.key.clone_key())
+        };
+        let mut inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
+        if !crls.is_empty() {
+            inner = inner.with_crls(crls);
+        }
+        let inner = inner.build().map_err(|e| e.to_string())?;
+        let verifier = RoleVerifier {
+            inner,
+            want,
+            name: name.map(str::to_string),
+        };
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        // The record layer after the handshake is crate::record's.
+        config.enable_secret_extraction = true;
+        Ok(Arc::new(config))
+    }
+
+    /// The listening side's configuration, as last loaded.
+    pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
+        self.loaded
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .server
+            .clone()
+    }
+
     /// Accept a connection: the TLS handshake (bounded by
     /// [`HANDSHAKE_TIMEOUT`]), with a client certificate of this CA
     /// required; returns the connection and the peer's identity.
@@ -485,29 +533,18 @@ impl Tls {
         if let Err(e) = self.reload_files() {
             tracing::error!("{e} (the list read before stays in force)");
         }
-        let server = self
-            .loaded
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .server
-            .clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(server);
-        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        let conn = rustls::ServerConnection::new(self.server_config()).map_err(|e| format!("TLS: {e}"))?;
+        let (r, w, cert) = crate::record::establish(tcp, conn.into(), HANDSHAKE_TIMEOUT)
             .await
-            .map_err(|_| format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    PROBE.to_string()
-                } else {
-                    format!("TLS handshake: {e}")
-                }
+            .map_err(|e| match e {
+                EstablishError::Timeout => format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+                EstablishError::Handshake(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => PROBE.to_string(),
+                EstablishError::Handshake(e) => format!("TLS handshake: {e}"),
             })?;
-        let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
         let Some(cert) = cert else {
             if !self.anonymous.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err("TLS handshake: the peer sent no certificate".into());
             }
-            let (r, w) = tokio::io::split(s);
             return Ok(Conn {
                 reader: Box::new(r),
                 writer: Box::new(w),
@@ -532,7 +569,6 @@ impl Tls {
             sessions.retain(|(_, t)| t.strong_count() > 0);
             sessions.push((serial, Arc::downgrade(&revoked)));
         }
-        let (r, w) = tokio::io::split(s);
         Ok(Conn {
             reader: Box::new(r),
             writer: Box::new(w),
@@ -545,45 +581,17 @@ impl Tls {
     /// Dial: the TLS handshake with `tcp`, requiring the server to hold a
     /// certificate of this CA for role `want` (and name `name`, if given).
     pub async fn connect(&self, tcp: TcpStream, want: PeerRole, name: Option<&str>) -> Result<Conn, String> {
-        if let Err(e) = self.reload_files() {
-            tracing::error!("{e} (the list read before stays in force)");
-        }
-        let (crls, certs, key) = {
-            let r = self.loaded.read().unwrap_or_else(PoisonError::into_inner);
-            (r.crls.clone(), r.certs.clone(), r.key.clone_key())
-        };
-        let mut inner = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
-        if !crls.is_empty() {
-            inner = inner.with_crls(crls);
-        }
-        let inner = inner.build().map_err(|e| e.to_string())?;
-        let verifier = RoleVerifier {
-            inner,
-            want,
-            name: name.map(str::to_string),
-        };
-        let config = ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let config = self.client_config(want, name)?;
         // The name sent is not what is checked (the role and CA are).
         let sni = ServerName::try_from(format!("{}.{DOMAIN}", want.name())).map_err(|e| e.to_string())?;
-        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(sni, tcp))
+        let conn = rustls::ClientConnection::new(config, sni).map_err(|e| format!("TLS: {e}"))?;
+        let (r, w, cert) = crate::record::establish(tcp, conn.into(), HANDSHAKE_TIMEOUT)
             .await
-            .map_err(|_| format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("TLS handshake with the {want}: {e}"))?;
-        let peer = s
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(Identity::of_cert)
-            .transpose()?;
-        let (r, w) = tokio::io::split(s);
+            .map_err(|e| match e {
+                EstablishError::Timeout => format!("no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+                EstablishError::Handshake(e) => format!("TLS handshake with the {want}: {e}"),
+            })?;
+        let peer = cert.as_ref().map(Identity::of_cert).transpose()?;
         Ok(Conn {
             reader: Box::new(r),
             writer: Box::new(w),
