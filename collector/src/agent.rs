@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::catalog::{DiskRow, Fence};
+use crate::catalog::{DiskRow, Fence, Severity};
 use crate::net::error_frame;
 use crate::state::{note_progress, synced_range, AgentLink, Disk, Out, Shared};
 use crate::{failpoint, forward, spool};
@@ -202,6 +202,23 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         need_full_sync = welcome.1 & WELCOME_NEED_FULL_SYNC != 0,
         "agent connected"
     );
+    shared.event(
+        Some(&disk.id),
+        "agent",
+        Severity::Info,
+        &format!(
+            "{} connected (acked seq {}{})",
+            peer.as_ref()
+                .map_or_else(|| "the agent".to_string(), ToString::to_string),
+            welcome.0,
+            if welcome.1 & WELCOME_NEED_FULL_SYNC != 0 {
+                ", a full sync owed"
+            } else {
+                ""
+            }
+        ),
+        None,
+    );
     reader.set_max_body(MAX_BODY);
     let end = tokio::select! {
         end = session(&shared, &disk, &tx, &mut reader, welcome) => end,
@@ -214,10 +231,20 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         ))),
     };
     match &end {
-        Ok(()) => info!("agent disconnected"),
+        Ok(()) => {
+            info!("agent disconnected");
+            shared.event(Some(&disk.id), "agent", Severity::Info, "the agent disconnected", None);
+        }
         Err(SessionEnd::Refused(r)) => {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
             warn!(code = %r.code, "closing the agent connection: {}", r.reason);
+            shared.event(
+                Some(&disk.id),
+                "agent",
+                Severity::Warning,
+                &format!("the agent's connection was closed: {}", r.reason),
+                None,
+            );
             let _ = tx
                 .send(Out {
                     frame: error_frame(r.code, r.reason.clone()),
@@ -225,7 +252,16 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
                 })
                 .await;
         }
-        Err(SessionEnd::Gone(why)) => info!("agent connection ended: {why}"),
+        Err(SessionEnd::Gone(why)) => {
+            info!("agent connection ended: {why}");
+            shared.event(
+                Some(&disk.id),
+                "agent",
+                Severity::Info,
+                &format!("the agent's connection ended: {why}"),
+                None,
+            );
+        }
     }
     {
         let mut st = disk.lock();
@@ -928,6 +964,13 @@ async fn spool_batch(
     shared.spool_grew(len);
     if clear_full {
         info!("the agent's full sync has started");
+        shared.event(
+            Some(&disk.id),
+            "sync",
+            Severity::Info,
+            "the agent's full sync has started",
+            None,
+        );
         if let Err(e) = shared.catalog.set_pending_full_sync(&disk.id, false, since) {
             warn!("cannot clear the owed full sync in the catalog: {e:#}");
         }

@@ -33,7 +33,9 @@ const REFRESH_WAIT: Duration = Duration::from_secs(5);
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/disks", get(disks))
         .route("/api/v1/disks/:id", get(disk))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/disks/:id/refresh", post(refresh))
         .route("/api/v1/disks/:id/quiesce", post(quiesce))
         .route("/api/v1/disks/:id/rebind", post(rebind))
@@ -150,11 +152,7 @@ async fn https_handshake(
 }
 
 fn not_found(id: &str) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(json!({ "error": format!("no disk {id:?} at this collector") })),
-    )
-        .into_response()
+    error(StatusCode::NOT_FOUND, format!("no disk {id:?} at this collector"))
 }
 
 /// An authenticated caller: who (for the audit log) and what it may do.
@@ -239,6 +237,85 @@ async fn status(
     Json(json!({ "collector": s.collector_json(), "disks": disks }))
 }
 
+/// `GET /api/v1/disks`: `{"disks":[...]}`, each as `GET /api/v1/disks/{id}`.
+async fn disks(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Json<Value> {
+    let who = caller(&s, &headers, peer);
+    let disks: Vec<Value> = s
+        .all_disks()
+        .iter()
+        .map(|d| shown(s.disk_status(d).json, who.as_ref()))
+        .collect();
+    Json(json!({ "disks": disks }))
+}
+
+/// Most events one `GET /api/v1/events` returns.
+const MAX_EVENTS: u32 = 1000;
+
+/// `GET /api/v1/events[?disk=ID][&after=ID][&limit=N]`: the event log,
+/// oldest first: `{"events":[{"id","time","time_ns","disk_id","kind",
+/// "severity","message","who"}]}`. Without `after`, the newest `limit`
+/// (100 by default, at most 1000); with it, those after that id (to
+/// follow the log).
+async fn events(State(s): State<Arc<Shared>>, Query(q): Query<std::collections::BTreeMap<String, String>>) -> Response {
+    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "disk" | "after" | "limit")) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {k:?} (disk, after, limit)"),
+        );
+    }
+    let number = |k: &str, max: u64| -> Result<Option<u64>, String> {
+        match q.get(k) {
+            None => Ok(None),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if n <= max => Ok(Some(n)),
+                _ => Err(format!("{k}={v:?}: give a whole number from 0 to {max}")),
+            },
+        }
+    };
+    let (after, limit) = match (
+        number("after", i64::MAX.unsigned_abs()),
+        number("limit", u64::from(MAX_EVENTS)),
+    ) {
+        (Ok(a), Ok(l)) => (a, l),
+        (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let disk = q.get("disk").map(String::as_str);
+    if let Some(d) = disk {
+        if s.disk(d).is_none() {
+            return not_found(d);
+        }
+    }
+    let limit = limit.map_or(100, |l| u32::try_from(l).unwrap_or(MAX_EVENTS));
+    let rows = match s.catalog.events(
+        disk,
+        after.map_or(0, |a| i64::try_from(a).unwrap_or(i64::MAX)),
+        limit,
+        after.is_none(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("reading the event log: {e:#}");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the event log: {e:#}"),
+            );
+        }
+    };
+    let events: Vec<Value> = rows
+        .into_iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(&e).unwrap_or(Value::Null);
+            v["time"] = json!(tidemark_util::human::format_unix_time(e.time_ns / 1_000_000_000));
+            v
+        })
+        .collect();
+    Json(json!({ "events": events })).into_response()
+}
+
 async fn disk(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -281,7 +358,7 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
                     ),
                 ),
             };
-            return (code, Json(json!({ "error": msg }))).into_response();
+            return error(code, msg);
         }
     };
     let mut v = s.disk_status(&d).json;
@@ -295,8 +372,20 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
 /// How long `quiesce` waits for the agent's final tag.
 const QUIESCE_WAIT: Duration = Duration::from_secs(30);
 
-fn error(code: StatusCode, msg: String) -> Response {
-    (code, Json(json!({ "error": msg }))).into_response()
+/// An error answer: `{"error":{"code","message"}}`, the code a word for
+/// the status (`not_found`, `bad_request`, ...), the message for people.
+pub(crate) fn error(status: StatusCode, message: String) -> Response {
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        StatusCode::GATEWAY_TIMEOUT => "timeout",
+        _ => "internal",
+    };
+    (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
 }
 
 /// `POST /api/v1/disks/{id}/quiesce` (a planned failback, docs/failback.md

@@ -54,7 +54,67 @@ CREATE TABLE IF NOT EXISTS resync_requests(
     // 3: the agent identity (its certificate's, `agent NAME`) that
     // registered the disk: no other identity may act for it.
     "ALTER TABLE disks ADD COLUMN owner TEXT;",
+    // 4: the event log (docs/operations.md, "Events"): what happened to
+    // the deployment and its disks, and every operator action.
+    "CREATE TABLE IF NOT EXISTS events(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ns INTEGER NOT NULL,
+    disk_id TEXT,
+    kind TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    message TEXT NOT NULL,
+    who TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_disk ON events(disk_id, id);",
 ];
+
+/// How many events the log keeps (the oldest go first).
+pub(crate) const EVENTS_KEPT: i64 = 100_000;
+
+/// How bad an event is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "warning" => Self::Warning,
+            "critical" => Self::Critical,
+            _ => Self::Info,
+        }
+    }
+}
+
+/// One row of the event log.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Event {
+    pub id: i64,
+    /// Unix nanoseconds.
+    pub time_ns: i64,
+    pub disk_id: Option<String>,
+    /// What kind of thing happened: `agent` (connected, left), `target`
+    /// (link up, down), `sync` (a full sync owed or started), `resync`,
+    /// `operator` (an action through the API, allowed or refused).
+    pub kind: String,
+    pub severity: Severity,
+    pub message: String,
+    /// Who acted (operator events): the token's name and role, or the
+    /// client certificate's identity.
+    pub who: Option<String>,
+}
 
 /// A failover ended this generation of the disk: its agent is refused and
 /// its spool was moved aside (kept, not deleted).
@@ -181,6 +241,62 @@ impl Catalog {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Append an event (and forget the oldest beyond [`EVENTS_KEPT`]).
+    pub(crate) fn add_event(
+        &self,
+        disk_id: Option<&str>,
+        kind: &str,
+        severity: Severity,
+        message: &str,
+        who: Option<&str>,
+    ) -> Result<i64> {
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO events(time_ns, disk_id, kind, severity, message, who) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                to_i64(tidemark_util::now_ns()),
+                disk_id,
+                kind,
+                severity.as_str(),
+                message,
+                who
+            ],
+        )?;
+        let id = c.last_insert_rowid();
+        if id % 1000 == 0 {
+            c.execute("DELETE FROM events WHERE id <= ?1", params![id - EVENTS_KEPT])?;
+        }
+        Ok(id)
+    }
+
+    /// Events after id `after` (oldest first), of one disk if given, at
+    /// most `limit`; with `newest`, the last `limit` of them instead.
+    pub(crate) fn events(&self, disk_id: Option<&str>, after: i64, limit: u32, newest: bool) -> Result<Vec<Event>> {
+        let c = self.conn();
+        let order = if newest { "DESC" } else { "ASC" };
+        let mut st = c.prepare(&format!(
+            "SELECT id, time_ns, disk_id, kind, severity, message, who FROM events
+             WHERE id > ?1 AND (?2 IS NULL OR disk_id = ?2) ORDER BY id {order} LIMIT ?3"
+        ))?;
+        let mut rows: Vec<Event> = st
+            .query_map(params![after, disk_id, limit], |r| {
+                Ok(Event {
+                    id: r.get(0)?,
+                    time_ns: r.get(1)?,
+                    disk_id: r.get(2)?,
+                    kind: r.get(3)?,
+                    severity: Severity::parse(&r.get::<_, String>(4)?),
+                    message: r.get(5)?,
+                    who: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        if newest {
+            rows.reverse();
+        }
+        Ok(rows)
     }
 
     pub(crate) fn disks(&self) -> Result<Vec<DiskRow>> {

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::catalog::Severity;
 use crate::state::{kib_permits, Disk, Out, Shared, SpoolEntry};
 use crate::{failpoint, spool};
 
@@ -122,10 +123,29 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
         }
         match &r {
             Ok(()) => {}
-            Err(e) if welcomed => warn!("target session ended: {e:#}; reconnecting"),
+            Err(e) if welcomed => {
+                warn!("target session ended: {e:#}; reconnecting");
+                shared.event(
+                    Some(&disk.id),
+                    "target",
+                    Severity::Warning,
+                    &format!("the target session ended: {e:#}; reconnecting"),
+                    None,
+                );
+            }
             Err(e) if !unreachable_logged => {
                 unreachable_logged = true;
                 warn!(target = %shared.cfg.target, "cannot reach the target: {e:#}; spooling and retrying");
+                shared.event(
+                    Some(&disk.id),
+                    "target",
+                    Severity::Warning,
+                    &format!(
+                        "cannot reach the target {}: {e:#}; spooling and retrying",
+                        shared.cfg.target
+                    ),
+                    None,
+                );
             }
             Err(e) => debug!("target still unreachable: {e:#}"),
         }
@@ -340,6 +360,13 @@ async fn session(
         applied_seq = applied,
         holds_replica = flags & WELCOME_NEED_FULL_SYNC == 0,
         "connected to the target"
+    );
+    shared.event(
+        Some(&disk.id),
+        "target",
+        Severity::Info,
+        &format!("connected to the target (applied seq {applied})"),
+        None,
     );
     spool::trim(shared, disk, binding, applied).await;
 

@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use tidemark_wire::record::FLAG_SYNC;
 use tidemark_wire::RecordKind;
 
-use crate::catalog::{uuid_text, Catalog, DiskRow, Fence, Resync};
+use crate::catalog::{uuid_text, Catalog, DiskRow, Fence, Resync, Severity};
 use crate::config::Config;
 
 /// Bytes of frames and spool files being decoded, packed or written at
@@ -298,6 +298,14 @@ impl Shared {
     }
 
     /// Allow the next Hello of `disk` to rebind it (an operator's action).
+    /// Record an event in the catalog's log (`GET /api/v1/events`); a
+    /// failure to record is logged, never an error of the caller's.
+    pub(crate) fn event(&self, disk: Option<&str>, kind: &str, severity: Severity, message: &str, who: Option<&str>) {
+        if let Err(e) = self.catalog.add_event(disk, kind, severity, message, who) {
+            error!(disk = ?disk, kind, "cannot record an event ({message}): {e:#}");
+        }
+    }
+
     pub(crate) fn grant_rebind(&self, disk: &str, owner: Option<String>) {
         let g = RebindGrant {
             owner,
@@ -470,6 +478,13 @@ impl Shared {
                     error!(disk = %disk.id, "cannot record an owed full resync in the catalog: {e:#}");
                 }
                 info!(disk = %disk.id, "full resync requested; owed to the agent until its sync starts");
+                self.event(
+                    Some(&disk.id),
+                    "resync",
+                    Severity::Warning,
+                    "the target asked for a full resync: owed to the agent until its sync starts",
+                    None,
+                );
             }
             Request::Resync { seq, offset, length } => {
                 let r = Resync { seq, offset, length };
@@ -483,6 +498,16 @@ impl Shared {
                     }
                 }
                 info!(disk = %disk.id, seq, offset, length, "resync requested for a range; owed to the agent until synced");
+                self.event(
+                    Some(&disk.id),
+                    "resync",
+                    Severity::Info,
+                    &format!(
+                        "the target asked for a resync of {} at offset {offset} (seq {seq})",
+                        tidemark_util::human::format_size(length)
+                    ),
+                    None,
+                );
             }
             Request::StatusNow { .. } | Request::Quiesce { .. } => {}
         }

@@ -86,8 +86,9 @@ fn every_command_survives_a_closed_stdout() {
     survives(Command::new(bin("tidemark-agent")).args(["protect", "--help"]), 0);
     survives(&mut tm(&["help"]), 0);
     survives(&mut tm(&["help", "status"]), 0);
-    let subs: [&[&str]; 10] = [
+    let subs: [&[&str]; 11] = [
         &["status"],
+        &["events"],
         &["wait"],
         &["tag"],
         &["points"],
@@ -131,6 +132,8 @@ fn every_command_survives_a_closed_stdout() {
         vec!["journal", "dump", "--state", state, "--json"],
         vec!["points", "--data", data, "cp"],
         vec!["points", "--data", data, "cp", "--json"],
+        vec!["events", "--api", &api],
+        vec!["events", "cp", "--api", &api, "--json"],
         vec!["wait", "--api", &api, "cp", "--timeout", "60s"],
     ] {
         survives(&mut tm(&args), 0);

@@ -103,6 +103,12 @@ enum Cmd {
         after_help = "Example:\n  tidemark rebind db --api 127.0.0.1:7702 --token-file /etc/tidemark/token\n  tidemark-agent protect ... --force-resync   # then, within the hour"
     )]
     Rebind(cmd::rebind::RebindArgs),
+    /// The collector's event log: links, syncs, resyncs and operator actions.
+    #[command(
+        override_usage = "tidemark events [DISK] --api URL [--limit N] [--json]",
+        after_help = "Example:\n  tidemark events --api 127.0.0.1:7702\n  tidemark events db --api 127.0.0.1:7702 --limit 200"
+    )]
+    Events(cmd::events::EventsArgs),
     /// API tokens with roles (viewer, operator, admin) for the collector's --api-tokens file.
     #[command(subcommand)]
     ApiToken(cmd::apitoken::ApiTokenCmd),
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
         Cmd::Resync(a) => cmd::resync::resync(a).map(ok),
         Cmd::Resume(a) => cmd::resync::resume(a).map(ok),
         Cmd::Rebind(a) => cmd::rebind::rebind(a).map(ok),
+        Cmd::Events(a) => cmd::events::events(a).map(ok),
         Cmd::Revoke(a) => cmd::ca::run(cmd::ca::CaCmd::Revoke(a)).map(ok),
         Cmd::Enroll(a) => cmd::ca::run(cmd::ca::CaCmd::Enroll(a)).map(ok),
         Cmd::ApiToken(c) => cmd::apitoken::run(c).map(ok),

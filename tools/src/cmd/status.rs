@@ -184,13 +184,18 @@ pub fn call_with(api: &str, method: &str, path: &str, bearer: Option<&str>) -> R
         }),
         Err(ureq::Error::Status(code, r)) => {
             let body: Value = r.into_json().unwrap_or(Value::Null);
-            let msg = body["error"].as_str().map_or_else(
-                || match code {
-                    404 => "not found (is this the collector's --api address?)".to_string(),
-                    _ => "no reason given".to_string(),
-                },
-                str::to_string,
-            );
+            // {"error":{"code","message"}}; a collector of an older build
+            // sent {"error":"message"}.
+            let msg = body["error"]["message"]
+                .as_str()
+                .or(body["error"].as_str())
+                .map_or_else(
+                    || match code {
+                        404 => "not found (is this the collector's --api address?)".to_string(),
+                        _ => "no reason given".to_string(),
+                    },
+                    str::to_string,
+                );
             Err(fail(Some(code), msg))
         }
         Err(ureq::Error::Transport(t)) => Err(fail(None, transport_text(&t))),
