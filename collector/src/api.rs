@@ -36,11 +36,128 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/disks", get(disks))
         .route("/api/v1/disks/:id", get(disk))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/disks/:id/refresh", post(refresh))
         .route("/api/v1/disks/:id/quiesce", post(quiesce))
         .route("/api/v1/disks/:id/rebind", post(rebind))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .with_state(shared)
+}
+
+/// The OpenAPI 3.1 document of this API, generated from the handlers and
+/// the types they answer with (`GET /api/v1/openapi.json`).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Tidemark collector API",
+        description = "Status, events and operator actions of a Tidemark deployment (docs/pipeline.md, \"Status API\"). Every error is {\"error\":{\"code\",\"message\"}}."
+    ),
+    paths(status, disks, disk, events, alerts, refresh, quiesce, rebind, openapi, metrics),
+    modifiers(&BearerAuth)
+)]
+pub(crate) struct ApiDoc;
+
+/// The bearer scheme of the actions (`Authorization: Bearer <token>`).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// `GET /api/v1/status`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct StatusBody {
+    collector: crate::state::CollectorView,
+    disks: Vec<crate::state::DiskView>,
+}
+
+/// `GET /api/v1/disks`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct DiskList {
+    disks: Vec<crate::state::DiskView>,
+}
+
+/// One event of the log.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct EventView {
+    /// Only grows: give the last one seen as `after` to follow the log.
+    id: i64,
+    /// UTC, readable.
+    time: String,
+    /// Unix nanoseconds.
+    time_ns: i64,
+    disk_id: Option<String>,
+    /// agent, target, sync, resync, operator.
+    kind: String,
+    severity: crate::catalog::Severity,
+    message: String,
+    /// Who acted (operator events).
+    who: Option<String>,
+}
+
+/// `GET /api/v1/events`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct EventList {
+    events: Vec<EventView>,
+}
+
+/// Every error.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorDetail {
+    /// bad_request, unauthorized, forbidden, not_found, conflict,
+    /// unavailable, timeout, internal.
+    code: String,
+    /// What was wrong, for people.
+    message: String,
+}
+
+/// `POST /api/v1/disks/{id}/quiesce`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct QuiesceBody {
+    disk_id: String,
+    /// The final tag's seq: drain the replica to it, then fail over at it.
+    seq: u64,
+}
+
+/// `POST /api/v1/disks/{id}/rebind`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct RebindBody {
+    disk_id: String,
+    valid_for_s: u64,
+    owner: Option<String>,
+}
+
+/// `GET /api/v1/alerts`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct AlertList {
+    alerts: Vec<crate::alerts::Alert>,
+}
+
+/// `GET /api/v1/alerts`: the active alerts (`docs/operations.md`,
+/// "Alerts"); each raised and cleared is also in the event log.
+#[utoipa::path(get, path = "/api/v1/alerts",
+    responses((status = 200, description = "The active alerts", body = AlertList)))]
+async fn alerts(State(s): State<Arc<Shared>>) -> Json<AlertList> {
+    Json(AlertList {
+        alerts: s.alerts.list(),
+    })
+}
+
+/// `GET /api/v1/openapi.json`: this API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "The OpenAPI document", body = Object)))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 /// Most API connections at once; more are closed at accept.
@@ -223,6 +340,8 @@ fn shown(mut v: Value, who: Option<&Caller>) -> Value {
     v
 }
 
+#[utoipa::path(get, path = "/api/v1/status",
+    responses((status = 200, description = "The collector and every disk", body = StatusBody)))]
 async fn status(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -238,6 +357,8 @@ async fn status(
 }
 
 /// `GET /api/v1/disks`: `{"disks":[...]}`, each as `GET /api/v1/disks/{id}`.
+#[utoipa::path(get, path = "/api/v1/disks",
+    responses((status = 200, description = "Every disk", body = DiskList)))]
 async fn disks(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -260,6 +381,17 @@ const MAX_EVENTS: u32 = 1000;
 /// "severity","message","who"}]}`. Without `after`, the newest `limit`
 /// (100 by default, at most 1000); with it, those after that id (to
 /// follow the log).
+#[utoipa::path(get, path = "/api/v1/events",
+    params(
+        ("disk" = Option<String>, Query, description = "Only this disk's events"),
+        ("after" = Option<u64>, Query, description = "Only events after this id, oldest first (to follow the log)"),
+        ("limit" = Option<u32>, Query, description = "At most this many (default 100, at most 1000)"),
+    ),
+    responses(
+        (status = 200, description = "Events, oldest first", body = EventList),
+        (status = 400, description = "A parameter out of range or unknown", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+    ))]
 async fn events(State(s): State<Arc<Shared>>, Query(q): Query<std::collections::BTreeMap<String, String>>) -> Response {
     if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "disk" | "after" | "limit")) {
         return error(
@@ -305,17 +437,28 @@ async fn events(State(s): State<Arc<Shared>>, Query(q): Query<std::collections::
             );
         }
     };
-    let events: Vec<Value> = rows
+    let events = rows
         .into_iter()
-        .map(|e| {
-            let mut v = serde_json::to_value(&e).unwrap_or(Value::Null);
-            v["time"] = json!(tidemark_util::human::format_unix_time(e.time_ns / 1_000_000_000));
-            v
+        .map(|e| EventView {
+            id: e.id,
+            time: tidemark_util::human::format_unix_time(e.time_ns / 1_000_000_000),
+            time_ns: e.time_ns,
+            disk_id: e.disk_id,
+            kind: e.kind,
+            severity: e.severity,
+            message: e.message,
+            who: e.who,
         })
         .collect();
-    Json(json!({ "events": events })).into_response()
+    Json(EventList { events }).into_response()
 }
 
+#[utoipa::path(get, path = "/api/v1/disks/{id}",
+    params(("id" = String, Path, description = "The disk id")),
+    responses(
+        (status = 200, description = "The disk", body = crate::state::DiskView),
+        (status = 404, description = "No such disk", body = ErrorBody),
+    ))]
 async fn disk(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -329,6 +472,14 @@ async fn disk(
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/disks/{id}/refresh",
+    params(("id" = String, Path, description = "The disk id")),
+    responses(
+        (status = 200, description = "The disk, with the agent's fresh seq", body = crate::state::DiskView),
+        (status = 404, description = "No such disk", body = ErrorBody),
+        (status = 503, description = "The agent is not connected", body = ErrorBody),
+        (status = 504, description = "The agent did not answer in time", body = ErrorBody),
+    ))]
 async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let Some(d) = s.disk(&id) else {
         return not_found(&id);
@@ -385,13 +536,31 @@ pub(crate) fn error(status: StatusCode, message: String) -> Response {
         StatusCode::GATEWAY_TIMEOUT => "timeout",
         _ => "internal",
     };
-    (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.to_string(),
+            message,
+        },
+    };
+    (status, Json(body)).into_response()
 }
 
 /// `POST /api/v1/disks/{id}/quiesce` (a planned failback, docs/failback.md
 /// section 6): the disk's agent refuses every write from now on, journals
 /// a final tag and answers its seq: `{"disk_id","seq"}`. The caller then
 /// drains the replica to that seq and fails over at it.
+#[utoipa::path(post, path = "/api/v1/disks/{id}/quiesce",
+    params(("id" = String, Path, description = "The disk id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Quiesced: the final tag's seq", body = QuiesceBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is below operator", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+        (status = 409, description = "The agent could not quiesce", body = ErrorBody),
+        (status = 503, description = "The agent is not connected", body = ErrorBody),
+        (status = 504, description = "The agent did not answer in time", body = ErrorBody),
+    ))]
 async fn quiesce(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -432,7 +601,11 @@ async fn quiesce_disk(s: &Arc<Shared>, id: &str) -> Response {
     {
         Ok(p) if p.source_seq > 0 => {
             tracing::warn!(disk = %id, seq = p.source_seq, "quiesced through the API: the agent takes no writes");
-            Json(json!({ "disk_id": id, "seq": p.source_seq })).into_response()
+            Json(QuiesceBody {
+                disk_id: id.to_string(),
+                seq: p.source_seq,
+            })
+            .into_response()
         }
         Ok(_) => error(
             StatusCode::CONFLICT,
@@ -458,6 +631,19 @@ async fn quiesce_disk(s: &Arc<Shared>, id: &str) -> Response {
 /// directory) and, with `owner`, to agent identity NAME (a server moved to
 /// new hardware). The old history is kept at the collector and the
 /// target, never deleted: `{"disk_id","valid_for_s","owner"}`.
+#[utoipa::path(post, path = "/api/v1/disks/{id}/rebind",
+    params(
+        ("id" = String, Path, description = "The disk id"),
+        ("owner" = Option<String>, Query, description = "Let this agent identity take the disk over"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Allowed, for an hour", body = RebindBody),
+        (status = 400, description = "A bad parameter", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+    ))]
 async fn rebind(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -499,7 +685,12 @@ async fn rebind(
         ),
     );
     tracing::warn!(disk = %id, owner = ?owner, "an operator allowed the disk's next Hello to rebind it");
-    Json(json!({ "disk_id": id, "valid_for_s": ttl, "owner": owner })).into_response()
+    Json(RebindBody {
+        disk_id: id,
+        valid_for_s: ttl,
+        owner,
+    })
+    .into_response()
 }
 
 tidemark_util::declare_metrics! {
@@ -516,6 +707,8 @@ tidemark_util::declare_metrics! {
         SPOOLED_BYTES: counter("spooled_bytes_total", "Bytes written to spool files.");
         DUPLICATES: counter("duplicate_records_total", "Records received again and dropped (already held).");
         BATCHES_FORWARDED: counter("batches_forwarded_total", "Packed batches sent to the target.");
+        ALERTS_WARNING: gauge("alerts_warning", "Alerts active at warning severity (GET /api/v1/alerts).");
+        ALERTS_CRITICAL: gauge("alerts_critical", "Alerts active at critical severity (GET /api/v1/alerts).");
         DISK_ACKED_SEQ: gauge("disk_acked_seq", "Highest seq durable at the collector.");
         DISK_APPLIED_SEQ: gauge("disk_applied_seq", "Highest seq the target acknowledged.");
         DISK_LAG_SECONDS: gauge("disk_lag_seconds", "Age of the oldest record not yet applied.");
@@ -529,6 +722,7 @@ tidemark_util::declare_metrics! {
         DISK_AGENT_CONNECTED: gauge("disk_agent_connected", "1 while the disk's agent is connected.");
         DISK_TARGET_CONNECTED: gauge("disk_target_connected", "1 while the disk's target session is up.");
         DISK_PENDING_FULL_SYNC: gauge("disk_pending_full_sync", "1 while a full sync is owed by the agent.");
+        DISK_ALERT_LEVEL: gauge("disk_alert_level", "The disk's worst active alert: 0 none, 1 warning, 2 critical.");
     }
 }
 
@@ -549,6 +743,14 @@ pub(crate) fn metrics_text(s: &Shared) -> String {
         m.put(&SPOOLED_BYTES, ld(&c.bytes_spooled));
         m.put(&DUPLICATES, ld(&c.duplicates_dropped));
         m.put(&BATCHES_FORWARDED, ld(&c.batches_forwarded));
+        m.put(
+            &ALERTS_WARNING,
+            s.alerts.count(crate::catalog::Severity::Warning) as u64,
+        );
+        m.put(
+            &ALERTS_CRITICAL,
+            s.alerts.count(crate::catalog::Severity::Critical) as u64,
+        );
         for d in s.all_disks() {
             let status = s.disk_status(&d);
             let st = d.lock();
@@ -566,10 +768,13 @@ pub(crate) fn metrics_text(s: &Shared) -> String {
             m.put_disk(&DISK_AGENT_CONNECTED, id, st.agent.is_some());
             m.put_disk(&DISK_TARGET_CONNECTED, id, st.target_connected);
             m.put_disk(&DISK_PENDING_FULL_SYNC, id, st.pending_full_sync);
+            m.put_disk(&DISK_ALERT_LEVEL, id, u64::from(s.alerts.disk_level(id)));
         }
     })
 }
 
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, description = "Prometheus text exposition (tidemark_collector_*)", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics_text(&s)).into_response()
 }

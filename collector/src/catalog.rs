@@ -72,7 +72,7 @@ CREATE INDEX IF NOT EXISTS events_by_disk ON events(disk_id, id);",
 pub(crate) const EVENTS_KEPT: i64 = 100_000;
 
 /// How bad an event is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Severity {
     Info,
@@ -99,7 +99,7 @@ impl Severity {
 }
 
 /// One row of the event log.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Event {
     pub id: i64,
     /// Unix nanoseconds.

@@ -45,6 +45,11 @@ pub struct Config {
     /// Serve the API in plain HTTP although the hops use TLS (an explicit
     /// operator choice: bearer tokens then cross in clear text).
     pub api_plaintext: bool,
+    /// Raise the `rpo` alert when a disk's oldest write not yet at the
+    /// target is older than this (critical at twice).
+    pub alert_rpo: std::time::Duration,
+    /// POST every alert raised or cleared here (JSON), if set.
+    pub alert_webhook: Option<String>,
 }
 
 /// Default of [`Config::max_disks`].
@@ -75,6 +80,8 @@ impl Config {
             max_disks: DEFAULT_MAX_DISKS,
             api_tokens: None,
             api_plaintext: false,
+            alert_rpo: crate::alerts::DEFAULT_RPO,
+            alert_webhook: None,
         }
     }
 }

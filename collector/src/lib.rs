@@ -21,6 +21,7 @@
 //! - `api`: the HTTP status API and Prometheus metrics.
 
 mod agent;
+mod alerts;
 mod api;
 mod audit;
 mod catalog;
@@ -135,6 +136,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
     let tracker = shared.tracker.clone();
     tracker.spawn(agent::accept_loop(shared.clone(), listener));
     tracker.spawn(api::serve(shared.clone(), api_listener));
+    tracker.spawn(alerts::run(shared.clone()));
     cfg.security.spawn_crl_watch(shared.stop.clone());
     if let (tidemark_net::Security::Tls(t), Some(ca)) = (&cfg.security, &cfg.ca) {
         tracker.spawn(tidemark_net::enroll::renew_loop(

@@ -73,6 +73,14 @@ struct Cli {
     /// tokens then cross in clear text: for a loopback-only API).
     #[arg(long)]
     api_insecure_plaintext: bool,
+    /// Raise the `rpo` alert when a disk's oldest write not yet at the
+    /// target is older than this (e.g. 15m, the default; critical at twice).
+    #[arg(long, value_name = "DUR")]
+    alert_rpo: Option<String>,
+    /// POST every alert raised or cleared to this URL (JSON; retried with
+    /// backoff, never holding up replication).
+    #[arg(long, value_name = "URL")]
+    alert_webhook: Option<String>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -91,6 +99,8 @@ struct FileConfig {
     max_disks: Option<usize>,
     api_tokens: Option<PathBuf>,
     api_insecure_plaintext: bool,
+    alert_rpo: Option<String>,
+    alert_webhook: Option<String>,
 }
 
 fn build(cli: Cli) -> Result<Config> {
@@ -150,6 +160,21 @@ fn build(cli: Cli) -> Result<Config> {
         cfg.api_tokens = Some(std::sync::Arc::new(t));
     }
     cfg.api_plaintext = cli.api_insecure_plaintext || file.api_insecure_plaintext;
+    if let Some(d) = cli.alert_rpo.or(file.alert_rpo) {
+        let d = tidemark_util::human::parse_duration(&d).map_err(|e| anyhow::anyhow!("--alert-rpo {d:?}: {e}"))?;
+        if d.is_zero() {
+            anyhow::bail!("--alert-rpo must be more than 0");
+        }
+        cfg.alert_rpo = d;
+    }
+    if let Some(u) = cli.alert_webhook.or(file.alert_webhook) {
+        if !u.starts_with("http://") || u.contains(char::is_whitespace) {
+            anyhow::bail!(
+                "--alert-webhook {u:?}: give an http:// URL (https webhooks are not built yet: use a relay on the host)"
+            );
+        }
+        cfg.alert_webhook = Some(u);
+    }
     if cfg.api_plaintext && !cfg.security.is_tls() {
         anyhow::bail!("--api-insecure-plaintext is for a collector with --tls (without, the API is plain HTTP anyway)");
     }

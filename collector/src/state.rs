@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tidemark_formats::generation::GenerationId;
 use tidemark_util::now_ns;
 use tidemark_wire::frame::{AgentMode, Frame, Lineage, Progress, ReplicaState, Request, TargetState};
@@ -246,6 +246,8 @@ pub(crate) struct Shared {
     pub admission: tidemark_net::Admission,
     /// Rebinds an operator allowed (`POST /api/v1/disks/{id}/rebind`), by disk.
     rebind_grants: Mutex<BTreeMap<String, RebindGrant>>,
+    /// The active alerts (`crate::alerts`).
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// An operator's leave for the next Hello of a disk to rebind it: to a new
@@ -292,6 +294,7 @@ impl Shared {
             next_nonce: AtomicU64::new((now_ns() & 0xffff_ffff_ffff) << 8 | 1),
             rebind_grants: Mutex::new(BTreeMap::new()),
             admission: tidemark_net::Admission::default(),
+            alerts: crate::alerts::Alerts::default(),
             cfg,
         });
         Ok(shared)
@@ -568,15 +571,16 @@ impl Shared {
 
     /// `GET /api/v1/status`'s collector object.
     pub(crate) fn collector_json(&self) -> Value {
-        json!({
-            "spool_bytes": self.spool_bytes.load(Ordering::Relaxed),
-            "spool_cap_bytes": self.cfg.spool_cap,
-            "spool_full": self.is_spool_full(),
-            "agents_connected": self.agents_connected.load(Ordering::Relaxed),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "security": self.cfg.security.describe(),
-            "tls": self.cfg.security.is_tls(),
+        serde_json::to_value(CollectorView {
+            spool_bytes: self.spool_bytes.load(Ordering::Relaxed),
+            spool_cap_bytes: self.cfg.spool_cap,
+            spool_full: self.is_spool_full(),
+            agents_connected: self.agents_connected.load(Ordering::Relaxed),
+            uptime_s: self.started.elapsed().as_secs(),
+            security: self.cfg.security.describe(),
+            tls: self.cfg.security.is_tls(),
         })
+        .unwrap_or(Value::Null)
     }
 
     /// The status of one disk.
@@ -627,49 +631,52 @@ impl Shared {
         let sync_eta = (syncing && sync_rate > 0.0).then(|| sync_total.saturating_sub(sync_done) as f64 / sync_rate);
         let wire = disk.wire_bytes.load(Ordering::Relaxed);
         let payload = disk.payload_bytes.load(Ordering::Relaxed);
-        DiskStatus {
-            json: json!({
-                "disk_id": disk.id.as_str(),
-                "disk_uuid": uuid_text(&st.uuid),
-                "mode": mode,
-                "agent_mode": last_mode.map(AgentMode::name),
-                "sync_percent": sync_percent,
-                "sync_done_bytes": syncing.then_some(sync_done),
-                "sync_total_bytes": syncing.then_some(sync_total),
-                "sync_eta_s": sync_eta,
-                "source_seq": progress.as_ref().map_or(0, |p| p.source_seq),
-                // Never reported: at least as old as this collector.
-                "source_age_s": progress_at.map_or(self.started.elapsed(), |at| now - at).as_secs_f64(),
-                "acked_seq": st.acked_seq,
-                "applied_seq": st.applied_seq,
-                "target_state": target_state.map_or("unknown", |t| t.state.name()),
-                "halted_seq": target_state.filter(|t| t.state == ReplicaState::Halted).map(|t| t.halted_seq),
-                // A resync of named ranges (a halt, a reprotect's owed
-                // regions): ranges still owed, bytes the target waits for.
-                "resync_regions": st.owed_resyncs.len(),
-                "target_pending_bytes": target_state.map_or(0, |t| t.pending_bytes),
-                "lag_s": lag_seconds,
-                "lag_bytes": lag_bytes,
-                "write_rate_bps": write_rate,
-                "wire_bytes": wire,
-                "payload_bytes": payload,
-                "wire_ratio": (payload > 0).then(|| wire as f64 / payload as f64),
-                "dedup_hits": disk.dedup_hits.load(Ordering::Relaxed),
-                "zero_blocks": disk.zero_blocks.load(Ordering::Relaxed),
-                "full_resyncs": progress.as_ref().map_or(0, |p| p.full_resyncs),
-                "agent_connected": agent_connected,
-                "target_connected": st.target_connected,
-                "target_refusal": st.target_refusal,
-                "owner": st.owner,
-                "spool_bytes": st.spool_bytes,
-                "generation": st.lineage.is_known().then(|| GenerationId(st.lineage.generation).hex()),
-                "fenced": st.fence.as_ref().map(|f| json!({
-                    "generation": f.generation.map(|g| g.hex()),
-                    "reason": f.reason,
-                    "at_s": f.at,
-                    "spool_kept": f.spool,
-                })),
+        let view = DiskView {
+            disk_id: disk.id.to_string(),
+            disk_uuid: Some(uuid_text(&st.uuid)),
+            mode: mode.to_string(),
+            agent_mode: last_mode.map(|m| AgentMode::name(m).to_string()),
+            sync_percent,
+            sync_done_bytes: syncing.then_some(sync_done),
+            sync_total_bytes: syncing.then_some(sync_total),
+            sync_eta_s: sync_eta,
+            source_seq: progress.as_ref().map_or(0, |p| p.source_seq),
+            // Never reported: at least as old as this collector.
+            source_age_s: progress_at.map_or(self.started.elapsed(), |at| now - at).as_secs_f64(),
+            acked_seq: st.acked_seq,
+            applied_seq: st.applied_seq,
+            target_state: target_state.map_or("unknown", |t| t.state.name()).to_string(),
+            halted_seq: target_state
+                .filter(|t| t.state == ReplicaState::Halted)
+                .map(|t| t.halted_seq),
+            // A resync of named ranges (a halt, a reprotect's owed
+            // regions): ranges still owed, bytes the target waits for.
+            resync_regions: st.owed_resyncs.len() as u64,
+            target_pending_bytes: target_state.map_or(0, |t| t.pending_bytes),
+            lag_s: lag_seconds,
+            lag_bytes,
+            write_rate_bps: write_rate,
+            wire_bytes: wire,
+            payload_bytes: payload,
+            wire_ratio: (payload > 0).then(|| wire as f64 / payload as f64),
+            dedup_hits: disk.dedup_hits.load(Ordering::Relaxed),
+            zero_blocks: disk.zero_blocks.load(Ordering::Relaxed),
+            full_resyncs: progress.as_ref().map_or(0, |p| p.full_resyncs),
+            agent_connected,
+            target_connected: st.target_connected,
+            target_refusal: st.target_refusal.clone(),
+            owner: st.owner.clone(),
+            spool_bytes: st.spool_bytes,
+            generation: st.lineage.is_known().then(|| GenerationId(st.lineage.generation).hex()),
+            fenced: st.fence.as_ref().map(|f| FenceView {
+                generation: f.generation.map(|g| g.hex()),
+                reason: f.reason.clone(),
+                at_s: f.at,
+                spool_kept: f.spool.clone(),
             }),
+        };
+        DiskStatus {
+            json: serde_json::to_value(&view).unwrap_or(Value::Null),
             lag_seconds,
             lag_bytes,
         }
@@ -704,6 +711,81 @@ pub(crate) fn mode_name(
 pub(crate) fn synced_range(h: &tidemark_wire::RecordHeader) -> Option<(u64, u64, u64)> {
     let sync = h.kind == RecordKind::Sync || (h.kind == RecordKind::Zero && h.flags & FLAG_SYNC != 0);
     sync.then_some((h.seq, h.offset, h.length))
+}
+
+/// The collector object of `GET /api/v1/status` (docs/pipeline.md).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct CollectorView {
+    pub spool_bytes: u64,
+    pub spool_cap_bytes: u64,
+    /// True while the spool is at its cap (agents are not read).
+    pub spool_full: bool,
+    pub agents_connected: u64,
+    pub uptime_s: u64,
+    /// How the hops are secured, in words.
+    pub security: String,
+    pub tls: bool,
+}
+
+/// A disk as the API shows it (docs/pipeline.md, "Status API").
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct DiskView {
+    pub disk_id: String,
+    /// Shown to authenticated callers only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_uuid: Option<String>,
+    /// initial-sync, resync, full-resync, bitmap, halted, backlogged,
+    /// streaming, disconnected, fenced.
+    pub mode: String,
+    /// The agent's mode as it last reported it.
+    pub agent_mode: Option<String>,
+    pub sync_percent: Option<f64>,
+    pub sync_done_bytes: Option<u64>,
+    pub sync_total_bytes: Option<u64>,
+    pub sync_eta_s: Option<f64>,
+    /// Highest seq journaled at the agent, as last reported.
+    pub source_seq: u64,
+    pub source_age_s: f64,
+    /// Durable at the collector.
+    pub acked_seq: u64,
+    /// Durable at the target.
+    pub applied_seq: u64,
+    /// consistent, syncing, halted, unknown.
+    pub target_state: String,
+    pub halted_seq: Option<u64>,
+    pub resync_regions: u64,
+    pub target_pending_bytes: u64,
+    /// Age of the oldest record not yet applied.
+    pub lag_s: f64,
+    pub lag_bytes: u64,
+    pub write_rate_bps: f64,
+    pub wire_bytes: u64,
+    pub payload_bytes: u64,
+    pub wire_ratio: Option<f64>,
+    pub dedup_hits: u64,
+    pub zero_blocks: u64,
+    pub full_resyncs: u64,
+    pub agent_connected: bool,
+    pub target_connected: bool,
+    /// Why the target last refused the disk, if it did.
+    pub target_refusal: Option<String>,
+    /// The agent identity bound to the disk.
+    pub owner: Option<String>,
+    pub spool_bytes: u64,
+    /// The data generation the agent holds (hex).
+    pub generation: Option<String>,
+    pub fenced: Option<FenceView>,
+}
+
+/// A failover's fence on a disk's generation.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct FenceView {
+    pub generation: Option<String>,
+    pub reason: String,
+    /// Unix seconds.
+    pub at_s: i64,
+    /// Where the fenced spool was kept.
+    pub spool_kept: Option<String>,
 }
 
 /// A disk's status object and the numbers the metrics reuse.

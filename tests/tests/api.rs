@@ -3,6 +3,10 @@
 //! kept across a restart), and every error as JSON
 //! `{"error":{"code","message"}}`.
 //!
+//! The OpenAPI document the collector serves is checked against its real
+//! answers, both ways: every field answered is documented with its type,
+//! every required field is answered.
+//!
 //! Real processes over HTTPS (`cargo build --bins` first); qemu-io.
 
 use std::process::Command;
@@ -174,6 +178,8 @@ fn the_api_lists_disks_keeps_an_event_log_and_answers_errors_in_json() {
         "\"bogus\"",
     );
 
+    openapi_matches_the_answers(&site, admin);
+
     // Following the log: after the newest id, nothing until something
     // happens; ids only grow.
     let all = events(&site, "?limit=1000");
@@ -203,4 +209,378 @@ fn the_api_lists_disks_keeps_an_event_log_and_answers_errors_in_json() {
             .any(|e| e["id"] == left["id"] && e["message"] == left["message"]),
         "{left} lost across a restart"
     );
+}
+
+/// The schema keywords [`check`] understands; any other in the document
+/// fails the test rather than pass unchecked.
+const KNOWN: &[&str] = &[
+    "$ref",
+    "type",
+    "properties",
+    "required",
+    "items",
+    "oneOf",
+    "enum",
+    "minimum",
+    "maximum",
+    "format",
+    "description",
+    "title",
+    "additionalProperties",
+];
+
+/// Check `v` against `schema` (JSON Schema as OpenAPI 3.1 uses it),
+/// resolving `$ref`s in `doc`; what does not match goes to `errs`.
+fn check(doc: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
+    let obj = schema
+        .as_object()
+        .unwrap_or_else(|| panic!("{at}: a schema that is not an object: {schema}"));
+    for k in obj.keys() {
+        assert!(
+            KNOWN.contains(&k.as_str()),
+            "{at}: schema keyword {k:?} unknown to the checker"
+        );
+    }
+    if let Some(r) = obj.get("$ref") {
+        let name = r
+            .as_str()
+            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+            .unwrap_or_else(|| panic!("{at}: a $ref that is not local: {r}"));
+        let target = &doc["components"]["schemas"][name];
+        assert!(target.is_object(), "{at}: $ref to a missing schema {name}");
+        return check(doc, target, v, at, errs);
+    }
+    if let Some(alts) = obj.get("oneOf").and_then(Value::as_array) {
+        let n = alts
+            .iter()
+            .filter(|a| {
+                let mut e = Vec::new();
+                check(doc, a, v, at, &mut e);
+                e.is_empty()
+            })
+            .count();
+        if n != 1 {
+            errs.push(format!("{at}: {v} matches {n} of the oneOf alternatives"));
+        }
+    }
+    if let Some(t) = obj.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => panic!("{at}: type {t}"),
+        };
+        let fits = types.iter().any(|t| match *t {
+            "null" => v.is_null(),
+            "boolean" => v.is_boolean(),
+            "string" => v.is_string(),
+            "integer" => v.is_i64() || v.is_u64(),
+            "number" => v.is_number(),
+            "array" => v.is_array(),
+            "object" => v.is_object(),
+            other => panic!("{at}: type {other:?}"),
+        });
+        if !fits {
+            errs.push(format!("{at}: {v} is not of type {types:?}"));
+            return;
+        }
+    }
+    if let Some(e) = obj.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            errs.push(format!("{at}: {v} is not one of {e:?}"));
+        }
+    }
+    if let (Some(min), Some(x)) = (obj.get("minimum").and_then(Value::as_f64), v.as_f64()) {
+        if x < min {
+            errs.push(format!("{at}: {x} is below the minimum {min}"));
+        }
+    }
+    if let (Some(max), Some(x)) = (obj.get("maximum").and_then(Value::as_f64), v.as_f64()) {
+        if x > max {
+            errs.push(format!("{at}: {x} is above the maximum {max}"));
+        }
+    }
+    if let Some(o) = v.as_object() {
+        let props = obj.get("properties").and_then(Value::as_object);
+        let open = obj
+            .get("additionalProperties")
+            .is_some_and(|a| a != &Value::Bool(false));
+        for (k, x) in o {
+            match props.and_then(|p| p.get(k)) {
+                Some(s) => check(doc, s, x, &format!("{at}.{k}"), errs),
+                None if open => {}
+                None => errs.push(format!("{at}: key {k:?} answered but not documented")),
+            }
+        }
+        for k in obj.get("required").and_then(Value::as_array).into_iter().flatten() {
+            let k = k.as_str().unwrap_or_default();
+            if !o.contains_key(k) {
+                errs.push(format!("{at}: required key {k:?} missing"));
+            }
+        }
+    }
+    if let (Some(items), Some(a)) = (obj.get("items"), v.as_array()) {
+        for (i, x) in a.iter().enumerate() {
+            check(doc, items, x, &format!("{at}[{i}]"), errs);
+        }
+    }
+}
+
+/// The document is OpenAPI 3.1, names every route, and the answers of
+/// each (successes and errors) match the schemas it gives for them.
+fn openapi_matches_the_answers(site: &Site, admin: &str) {
+    let (s, doc) = call(site, "GET", "/api/v1/openapi.json", None);
+    assert_eq!(s, 200, "{doc}");
+    assert!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")),
+        "{}",
+        doc["openapi"]
+    );
+    let methods = [
+        ("/api/v1/status", "get"),
+        ("/api/v1/disks", "get"),
+        ("/api/v1/disks/{id}", "get"),
+        ("/api/v1/events", "get"),
+        ("/api/v1/alerts", "get"),
+        ("/api/v1/disks/{id}/refresh", "post"),
+        ("/api/v1/disks/{id}/quiesce", "post"),
+        ("/api/v1/disks/{id}/rebind", "post"),
+        ("/api/v1/openapi.json", "get"),
+        ("/metrics", "get"),
+    ];
+    for (p, m) in methods {
+        assert!(doc["paths"][p][m].is_object(), "{m} {p} is not in the document");
+    }
+    assert_eq!(
+        doc["paths"].as_object().map(|p| p.len()),
+        Some(methods.len()),
+        "the document names a route the test does not know"
+    );
+    let cases: &[(&str, &str, &str, u16, Option<&str>)] = &[
+        ("GET", "/api/v1/status", "/api/v1/status", 200, None),
+        ("GET", "/api/v1/status", "/api/v1/status", 200, Some(admin)),
+        ("GET", "/api/v1/disks", "/api/v1/disks", 200, None),
+        ("GET", "/api/v1/disks/db", "/api/v1/disks/{id}", 200, Some(admin)),
+        ("GET", "/api/v1/disks/nope", "/api/v1/disks/{id}", 404, None),
+        ("GET", "/api/v1/events?limit=1000", "/api/v1/events", 200, None),
+        ("GET", "/api/v1/events?limit=x", "/api/v1/events", 400, None),
+        ("GET", "/api/v1/events?disk=nope", "/api/v1/events", 404, None),
+        ("GET", "/api/v1/alerts", "/api/v1/alerts", 200, None),
+        (
+            "POST",
+            "/api/v1/disks/db/refresh",
+            "/api/v1/disks/{id}/refresh",
+            200,
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/disks/nope/refresh",
+            "/api/v1/disks/{id}/refresh",
+            404,
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/disks/db/rebind",
+            "/api/v1/disks/{id}/rebind",
+            401,
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/disks/db/rebind?x=1",
+            "/api/v1/disks/{id}/rebind",
+            400,
+            Some(admin),
+        ),
+        (
+            "POST",
+            "/api/v1/disks/db/rebind",
+            "/api/v1/disks/{id}/rebind",
+            200,
+            Some(admin),
+        ),
+        (
+            "POST",
+            "/api/v1/disks/db/quiesce",
+            "/api/v1/disks/{id}/quiesce",
+            401,
+            None,
+        ),
+    ];
+    for &(method, path, documented, status, token) in cases {
+        let (got, v) = call(site, method, path, token);
+        assert_eq!(got, status, "{method} {path}: {v}");
+        let schema = &doc["paths"][documented][method.to_lowercase()]["responses"][status.to_string()]["content"]
+            ["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{method} {documented}: answer {status} not documented"
+        );
+        let mut errs = Vec::new();
+        check(&doc, schema, &v, &format!("{method} {path}"), &mut errs);
+        assert!(
+            errs.is_empty(),
+            "{method} {path} does not match the document:\n{}",
+            errs.join("\n")
+        );
+    }
+}
+
+/// A webhook receiver on loopback: every POSTed JSON body, in order.
+fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let (mut len, mut chunked) = (0usize, false);
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let l = line.to_ascii_lowercase();
+                if let Some(v) = l.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                chunked |= l.starts_with("transfer-encoding:") && l.contains("chunked");
+            }
+            let mut body = Vec::new();
+            if chunked {
+                loop {
+                    let mut size = String::new();
+                    r.read_line(&mut size).unwrap();
+                    let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                    let mut chunk = vec![0; n + 2];
+                    r.read_exact(&mut chunk).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    body.extend_from_slice(&chunk[..n]);
+                }
+            } else {
+                body.resize(len, 0);
+                r.read_exact(&mut body).unwrap();
+            }
+            if let Ok(v) = serde_json::from_slice(&body) {
+                keep.lock().unwrap().push(v);
+            }
+            let mut c = c;
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (url, got)
+}
+
+/// Poll `f` until it holds (within a minute), saying what was awaited.
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn an_rpo_alert_is_raised_while_the_target_is_away_and_cleared_when_caught_up() {
+    need_tool("qemu-io");
+    let dir = tmpdir("api-alerts");
+    let d = dir.path();
+    let (url, hooked) = webhook();
+    let mut site = Site::start(d, &["--alert-rpo", "2s", "--alert-webhook", &url]);
+    let a = agent(&site, d, "rp", 16 << 20, &[]);
+    site.wait("rp", T);
+    let rpo_alert = |site: &Site| -> Option<Value> {
+        let (s, v) = call(site, "GET", "/api/v1/alerts", None);
+        assert_eq!(s, 200, "{v}");
+        v["alerts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["alert"] == "rpo" && x["disk_id"] == "rp").cloned())
+    };
+    assert!(rpo_alert(&site).is_none(), "an RPO alert with the target there");
+
+    // The target goes away while the disk takes writes: the oldest write
+    // not yet applied ages past the threshold.
+    site.target.stop();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    assert!(tidemark_tests::pipe::write_burst(&a.sock, 16 << 20, &mut rng, 32));
+    until("the rpo alert", || rpo_alert(&site).is_some());
+    let alert = rpo_alert(&site).unwrap();
+    assert!(
+        matches!(alert["severity"].as_str(), Some("warning" | "critical")),
+        "{alert}"
+    );
+    assert!(
+        alert["message"].as_str().unwrap().contains("RPO threshold 2s"),
+        "{alert}"
+    );
+    let metrics = raw_api(
+        site.api_port,
+        true,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        metrics.contains("tidemark_collector_disk_alert_level{disk=\"rp\"} 1")
+            || metrics.contains("tidemark_collector_disk_alert_level{disk=\"rp\"} 2"),
+        "{metrics}"
+    );
+    until("the webhook's raised delivery", || {
+        hooked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|v| v["status"] == "raised" && v["alert"] == "rpo" && v["disk_id"] == "rp")
+    });
+    wait_event(&site, "rp", "alert", "alert rpo raised");
+
+    // Back, and caught up: cleared everywhere.
+    site.target.restart();
+    site.wait("rp", T);
+    until("the rpo alert to clear", || rpo_alert(&site).is_none());
+    until("the webhook's cleared delivery", || {
+        hooked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|v| v["status"] == "cleared" && v["alert"] == "rpo" && v["disk_id"] == "rp")
+    });
+    wait_event(&site, "rp", "alert", "alert rpo cleared");
+    drop(a);
+}
+
+#[test]
+fn bad_alert_settings_are_refused_by_name() {
+    let dir = tmpdir("api-alert-flags");
+    let d = dir.path();
+    let token = d.join("token");
+    tidemark_tests::write_secret(&token, "t\n");
+    for (flag, value, needle) in [
+        ("--alert-rpo", "0s", "--alert-rpo must be more than 0"),
+        ("--alert-rpo", "soon", "--alert-rpo \"soon\""),
+        ("--alert-webhook", "ftp://x", "give an http:// URL"),
+    ] {
+        let out = tidemark_tests::run(
+            Command::new(bin("tidemark-collector"))
+                .args(["--listen", "127.0.0.1:0", "--spool"])
+                .arg(d.join("spool"))
+                .args(["--target", "127.0.0.1:9", "--api", "127.0.0.1:0", "--token-file"])
+                .arg(&token)
+                .args(["--insecure-plaintext", flag, value]),
+            T,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle), "{flag} {value}: {err}");
+        assert!(
+            !d.join("spool").exists(),
+            "{flag} {value}: a refused start left a spool"
+        );
+    }
 }
