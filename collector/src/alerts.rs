@@ -335,8 +335,9 @@ pub(crate) fn evaluate(s: &Shared, hook: Option<&tokio::sync::mpsc::UnboundedSen
     }
 }
 
-/// Evaluate every [`EVERY`] until the collector stops; deliver changes to
-/// the webhook, if one is set, from a task of its own.
+/// Evaluate every [`EVERY`] until the collector stops (and take each
+/// disk's history sample, `crate::history`); deliver changes to the
+/// webhook, if one is set, from a task of its own.
 pub(crate) async fn run(s: Arc<Shared>) {
     let hook = s.cfg.alert_webhook.clone().map(|url| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -351,6 +352,8 @@ pub(crate) async fn run(s: Arc<Shared>) {
             _ = tick.tick() => {}
         }
         evaluate(&s, hook.as_ref());
+        // The same second's samples for the charts.
+        crate::history::sample(&s);
     }
 }
 

@@ -37,6 +37,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/disks/:id", get(disk))
         .route("/api/v1/events", get(events))
         .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/disks/:id/history", get(history))
         .route("/api/v1/disks/:id/refresh", post(refresh))
         .route("/api/v1/disks/:id/quiesce", post(quiesce))
         .route("/api/v1/disks/:id/rebind", post(rebind))
@@ -53,7 +54,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         title = "Tidemark collector API",
         description = "Status, events and operator actions of a Tidemark deployment (docs/pipeline.md, \"Status API\"). Every error is {\"error\":{\"code\",\"message\"}}."
     ),
-    paths(status, disks, disk, events, alerts, refresh, quiesce, rebind, openapi, metrics),
+    paths(status, disks, disk, history, events, alerts, refresh, quiesce, rebind, openapi, metrics),
     modifiers(&BearerAuth)
 )]
 pub(crate) struct ApiDoc;
@@ -152,6 +153,55 @@ async fn alerts(State(s): State<Arc<Shared>>) -> Json<AlertList> {
     Json(AlertList {
         alerts: s.alerts.list(),
     })
+}
+
+/// `GET /api/v1/disks/{id}/history`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct HistoryBody {
+    disk_id: String,
+    /// 1s (the last hour) or 1m (the last 7 days).
+    resolution: String,
+    /// Oldest first.
+    samples: Vec<crate::history::Sample>,
+}
+
+/// `GET /api/v1/disks/{id}/history[?resolution=1s|1m]`: the disk's lag
+/// and write rate over time, for charts (`crate::history`).
+#[utoipa::path(get, path = "/api/v1/disks/{id}/history",
+    params(
+        ("id" = String, Path, description = "The disk id"),
+        ("resolution" = Option<String>, Query, description = "1s: a sample a second, the last hour (default); 1m: a sample a minute, the last 7 days"),
+    ),
+    responses(
+        (status = 200, description = "The samples, oldest first", body = HistoryBody),
+        (status = 400, description = "An unknown parameter or resolution", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+    ))]
+async fn history(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+) -> Response {
+    if let Some(k) = q.keys().find(|k| k.as_str() != "resolution") {
+        return error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (resolution)"));
+    }
+    let minutes = match q.get("resolution").map(String::as_str) {
+        None | Some("1s") => false,
+        Some("1m") => true,
+        Some(r) => return error(StatusCode::BAD_REQUEST, format!("resolution={r:?}: give 1s or 1m")),
+    };
+    if s.disk(&id).is_none() {
+        return not_found(&id);
+    }
+    let samples = s
+        .history
+        .with(&s, &id, |h| if minutes { h.minutes() } else { h.seconds() });
+    Json(HistoryBody {
+        disk_id: id,
+        resolution: if minutes { "1m" } else { "1s" }.to_string(),
+        samples,
+    })
+    .into_response()
 }
 
 /// `GET /api/v1/openapi.json`: this API's OpenAPI 3.1 document.

@@ -66,6 +66,15 @@ CREATE TABLE IF NOT EXISTS resync_requests(
     who TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_disk ON events(disk_id, id);",
+    // 5: each disk's history a minute at a time (crate::history).
+    "CREATE TABLE IF NOT EXISTS history(
+    disk_id TEXT NOT NULL,
+    t_s INTEGER NOT NULL,
+    lag_s REAL NOT NULL,
+    lag_bytes INTEGER NOT NULL,
+    write_bps REAL NOT NULL,
+    PRIMARY KEY(disk_id, t_s)
+);",
 ];
 
 /// How many events the log keeps (the oldest go first).
@@ -299,6 +308,39 @@ impl Catalog {
         Ok(rows)
     }
 
+    /// Keep a minute of a disk's history; forget every disk's minutes
+    /// before `forget_before` (Unix seconds).
+    pub(crate) fn add_history(&self, disk_id: &str, m: &crate::history::Sample, forget_before: i64) -> Result<()> {
+        let c = self.conn();
+        c.execute(
+            "INSERT OR REPLACE INTO history(disk_id, t_s, lag_s, lag_bytes, write_bps) VALUES(?1, ?2, ?3, ?4, ?5)",
+            params![disk_id, m.t, m.lag_s, to_i64(m.lag_bytes), m.write_bps],
+        )?;
+        c.execute("DELETE FROM history WHERE t_s < ?1", params![forget_before])?;
+        Ok(())
+    }
+
+    /// Every disk's kept minutes since `since` (Unix seconds), oldest first.
+    pub(crate) fn history(&self, since: i64) -> Result<Vec<(String, crate::history::Sample)>> {
+        let c = self.conn();
+        let mut st =
+            c.prepare("SELECT disk_id, t_s, lag_s, lag_bytes, write_bps FROM history WHERE t_s >= ?1 ORDER BY t_s")?;
+        let rows = st
+            .query_map(params![since], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    crate::history::Sample {
+                        t: r.get(1)?,
+                        lag_s: r.get(2)?,
+                        lag_bytes: to_u64(r.get(3)?),
+                        write_bps: r.get(4)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     pub(crate) fn disks(&self) -> Result<Vec<DiskRow>> {
         let c = self.conn();
         let mut st = c.prepare(
@@ -509,6 +551,45 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_and_history_outlive_a_reopen_and_old_minutes_are_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("catalog.db");
+        {
+            let c = Catalog::open(&path).unwrap();
+            for i in 0..5 {
+                c.add_event(Some("db"), "agent", Severity::Info, &format!("e{i}"), None)
+                    .unwrap();
+            }
+            c.add_event(None, "alert", Severity::Critical, "host", Some("ops"))
+                .unwrap();
+            let m = |t| crate::history::Sample {
+                t,
+                lag_s: 1.5,
+                lag_bytes: 7,
+                write_bps: 2.0,
+            };
+            c.add_history("db", &m(60), 0).unwrap();
+            c.add_history("db", &m(120), 0).unwrap();
+            c.add_history("db", &m(180), 100).unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        let all = c.events(None, 0, 100, false).unwrap();
+        assert_eq!(all.len(), 6);
+        assert_eq!(all[5].severity, Severity::Critical);
+        assert_eq!(all[5].who.as_deref(), Some("ops"));
+        let newest = c.events(Some("db"), 0, 2, true).unwrap();
+        assert_eq!(
+            newest.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            ["e3", "e4"]
+        );
+        let after = c.events(None, all[3].id, 100, false).unwrap();
+        assert_eq!(after.len(), 2);
+        let h = c.history(0).unwrap();
+        assert_eq!(h.iter().map(|(_, s)| s.t).collect::<Vec<_>>(), [120, 180]);
+        assert_eq!(h[0].1.lag_bytes, 7);
+    }
 
     #[test]
     fn bind_trim_requests() {

@@ -28,6 +28,7 @@ mod catalog;
 pub mod config;
 mod failpoint;
 mod forward;
+mod history;
 mod net;
 mod spool;
 mod state;

@@ -248,6 +248,8 @@ pub(crate) struct Shared {
     rebind_grants: Mutex<BTreeMap<String, RebindGrant>>,
     /// The active alerts (`crate::alerts`).
     pub alerts: crate::alerts::Alerts,
+    /// Each disk's history (`crate::history`).
+    pub history: crate::history::Histories,
 }
 
 /// An operator's leave for the next Hello of a disk to rebind it: to a new
@@ -295,6 +297,7 @@ impl Shared {
             rebind_grants: Mutex::new(BTreeMap::new()),
             admission: tidemark_net::Admission::default(),
             alerts: crate::alerts::Alerts::default(),
+            history: crate::history::Histories::default(),
             cfg,
         });
         Ok(shared)

@@ -178,6 +178,15 @@ fn the_api_lists_disks_keeps_an_event_log_and_answers_errors_in_json() {
         "\"bogus\"",
     );
 
+    // The chart's history: a sample a second.
+    until("three seconds of history", || {
+        let (s, v) = call(&site, "GET", "/api/v1/disks/db/history", None);
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["resolution"], "1s", "{v}");
+        let n = v["samples"].as_array().map_or(0, Vec::len);
+        n >= 3 && v["samples"][n - 1]["t"].as_i64() > v["samples"][0]["t"].as_i64()
+    });
+
     openapi_matches_the_answers(&site, admin);
 
     // Following the log: after the newest id, nothing until something
@@ -339,6 +348,7 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ("/api/v1/status", "get"),
         ("/api/v1/disks", "get"),
         ("/api/v1/disks/{id}", "get"),
+        ("/api/v1/disks/{id}/history", "get"),
         ("/api/v1/events", "get"),
         ("/api/v1/alerts", "get"),
         ("/api/v1/disks/{id}/refresh", "post"),
@@ -365,6 +375,34 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ("GET", "/api/v1/events?limit=x", "/api/v1/events", 400, None),
         ("GET", "/api/v1/events?disk=nope", "/api/v1/events", 404, None),
         ("GET", "/api/v1/alerts", "/api/v1/alerts", 200, None),
+        (
+            "GET",
+            "/api/v1/disks/db/history",
+            "/api/v1/disks/{id}/history",
+            200,
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/disks/db/history?resolution=1m",
+            "/api/v1/disks/{id}/history",
+            200,
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/disks/db/history?resolution=5s",
+            "/api/v1/disks/{id}/history",
+            400,
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/disks/nope/history",
+            "/api/v1/disks/{id}/history",
+            404,
+            None,
+        ),
         (
             "POST",
             "/api/v1/disks/db/refresh",
