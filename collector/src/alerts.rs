@@ -179,9 +179,12 @@ fn conditions(s: &Shared) -> Vec<Condition> {
     let cap = s.cfg.spool_cap.max(1);
     let mut free = 100.0 * cap.saturating_sub(used) as f64 / cap as f64;
     if let Ok(fs) = nix::sys::statvfs::statvfs(&s.cfg.spool) {
-        let total = fs.blocks() as f64 * fs.fragment_size() as f64;
-        if total > 0.0 {
-            free = free.min(100.0 * fs.blocks_available() as f64 * fs.fragment_size() as f64 / total);
+        // As df counts: what is available of what is used or available
+        // (blocks reserved for root are neither).
+        let avail = fs.blocks_available() as f64;
+        let used = fs.blocks().saturating_sub(fs.blocks_free()) as f64;
+        if avail + used > 0.0 {
+            free = free.min(100.0 * avail / (avail + used));
         }
     }
     if free < SPOOL_FREE_WARN {

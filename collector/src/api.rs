@@ -42,6 +42,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/disks/:id/quiesce", post(quiesce))
         .route("/api/v1/disks/:id/rebind", post(rebind))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/", get(console_page))
+        .route("/console.js", get(console_js))
+        .route("/console.css", get(console_css))
         .route("/metrics", get(metrics))
         .with_state(shared)
 }
@@ -208,6 +211,43 @@ async fn history(
 #[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "The OpenAPI document", body = Object)))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
+/// The web console (`docs/operations.md`, "The web console"): static
+/// files in the binary, no external resource, the data from this API.
+const CONSOLE_HTML: &str = include_str!("console/index.html");
+const CONSOLE_JS: &str = include_str!("console/console.js");
+const CONSOLE_CSS: &str = include_str!("console/console.css");
+
+/// A console asset with the headers that keep it to itself: scripts and
+/// styles from this origin only, no framing, no type sniffing.
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn console_page() -> Response {
+    asset("text/html; charset=utf-8", CONSOLE_HTML)
+}
+
+async fn console_js() -> Response {
+    asset("text/javascript; charset=utf-8", CONSOLE_JS)
+}
+
+async fn console_css() -> Response {
+    asset("text/css; charset=utf-8", CONSOLE_CSS)
 }
 
 /// Most API connections at once; more are closed at accept.
