@@ -135,12 +135,7 @@ fn conditions(s: &Shared) -> Vec<Condition> {
                 ),
             ));
         }
-        if age >= BACKLOG_WARN_S {
-            let sev = if age >= BACKLOG_CRIT_S {
-                Severity::Critical
-            } else {
-                Severity::Warning
-            };
+        if let Some(sev) = grade(age, BACKLOG_WARN_S, BACKLOG_CRIT_S) {
             out.push((
                 "backlog_age".into(),
                 Some(id.clone()),
@@ -187,47 +182,43 @@ fn conditions(s: &Shared) -> Vec<Condition> {
             free = free.min(100.0 * avail / (avail + used));
         }
     }
-    if free < SPOOL_FREE_WARN {
+    // Less free is worse: graded on what is used.
+    if let Some(sev) = grade(100.0 - free, 100.0 - SPOOL_FREE_WARN, 100.0 - SPOOL_FREE_CRIT) {
         out.push((
             "spool_free".into(),
             None,
-            if free < SPOOL_FREE_CRIT {
-                Severity::Critical
-            } else {
-                Severity::Warning
-            },
+            sev,
             format!("{free:.0} % of the spool is free (warning under 30 %, critical under 25 %)"),
         ));
     }
-    if let Some(cpu) = cpu_busy(s) {
-        if cpu >= HOST_WARN {
-            out.push((
-                "host_cpu".into(),
-                None,
-                if cpu >= HOST_CRIT {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                },
-                format!("the collector's host CPU is {cpu:.0} % busy over the last minute"),
-            ));
-        }
+    if let Some((cpu, sev)) = cpu_busy(s).and_then(|v| grade(v, HOST_WARN, HOST_CRIT).map(|g| (v, g))) {
+        out.push((
+            "host_cpu".into(),
+            None,
+            sev,
+            format!("the collector's host CPU is {cpu:.0} % busy over the last minute"),
+        ));
     }
-    if let Some(mem) = memory_used() {
-        if mem >= HOST_WARN {
-            out.push((
-                "host_memory".into(),
-                None,
-                if mem >= HOST_CRIT {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                },
-                format!("the collector's host has {mem:.0} % of its memory in use"),
-            ));
-        }
+    if let Some((mem, sev)) = memory_used().and_then(|v| grade(v, HOST_WARN, HOST_CRIT).map(|g| (v, g))) {
+        out.push((
+            "host_memory".into(),
+            None,
+            sev,
+            format!("the collector's host has {mem:.0} % of its memory in use"),
+        ));
     }
     out
+}
+
+/// Warning at `warn` or more, critical at `crit` or more, else none.
+fn grade(v: f64, warn: f64, crit: f64) -> Option<Severity> {
+    if v >= crit {
+        Some(Severity::Critical)
+    } else if v >= warn {
+        Some(Severity::Warning)
+    } else {
+        None
+    }
 }
 
 /// The host's CPU busy share (percent) over the last [`CPU_WINDOW`]

@@ -430,6 +430,15 @@ fn shown(mut v: Value, who: Option<&Caller>) -> Value {
     v
 }
 
+/// Every disk as this caller may see it.
+fn disk_views(s: &Shared, headers: &HeaderMap, peer: SocketAddr) -> Vec<Value> {
+    let who = caller(s, headers, peer);
+    s.all_disks()
+        .iter()
+        .map(|d| shown(s.disk_status(d).json, who.as_ref()))
+        .collect()
+}
+
 #[utoipa::path(get, path = "/api/v1/status",
     responses((status = 200, description = "The collector and every disk", body = StatusBody)))]
 async fn status(
@@ -437,12 +446,7 @@ async fn status(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Json<Value> {
-    let who = caller(&s, &headers, peer);
-    let disks: Vec<Value> = s
-        .all_disks()
-        .iter()
-        .map(|d| shown(s.disk_status(d).json, who.as_ref()))
-        .collect();
+    let disks = disk_views(&s, &headers, peer);
     Json(json!({ "collector": s.collector_json(), "disks": disks }))
 }
 
@@ -454,13 +458,7 @@ async fn disks(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Json<Value> {
-    let who = caller(&s, &headers, peer);
-    let disks: Vec<Value> = s
-        .all_disks()
-        .iter()
-        .map(|d| shown(s.disk_status(d).json, who.as_ref()))
-        .collect();
-    Json(json!({ "disks": disks }))
+    Json(json!({ "disks": disk_views(&s, &headers, peer) }))
 }
 
 /// Most events one `GET /api/v1/events` returns.

@@ -141,42 +141,16 @@ fn the_api_lists_disks_keeps_an_event_log_and_answers_errors_in_json() {
     );
 
     // Errors: JSON with a code and a message naming what was wrong.
-    refused(
-        call(&site, "GET", "/api/v1/disks/nope", None),
-        404,
-        "not_found",
-        "\"nope\"",
-    );
-    refused(
-        call(&site, "GET", "/api/v1/events?disk=nope", None),
-        404,
-        "not_found",
-        "\"nope\"",
-    );
-    refused(
-        call(&site, "GET", "/api/v1/events?limit=abc", None),
-        400,
-        "bad_request",
-        "limit=\"abc\"",
-    );
-    refused(
-        call(&site, "GET", "/api/v1/events?limit=5000", None),
-        400,
-        "bad_request",
-        "0 to 1000",
-    );
-    refused(
-        call(&site, "GET", "/api/v1/events?after=-1", None),
-        400,
-        "bad_request",
-        "after",
-    );
-    refused(
-        call(&site, "GET", "/api/v1/events?bogus=1", None),
-        400,
-        "bad_request",
-        "\"bogus\"",
-    );
+    for (path, status, code, needle) in [
+        ("/api/v1/disks/nope", 404, "not_found", "\"nope\""),
+        ("/api/v1/events?disk=nope", 404, "not_found", "\"nope\""),
+        ("/api/v1/events?limit=abc", 400, "bad_request", "limit=\"abc\""),
+        ("/api/v1/events?limit=5000", 400, "bad_request", "0 to 1000"),
+        ("/api/v1/events?after=-1", 400, "bad_request", "after"),
+        ("/api/v1/events?bogus=1", 400, "bad_request", "\"bogus\""),
+    ] {
+        refused(call(&site, "GET", path, None), status, code, needle);
+    }
 
     // The chart's history: a sample a second.
     until("three seconds of history", || {

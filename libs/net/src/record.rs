@@ -155,23 +155,8 @@ pub fn split(tcp: TcpStream, mut conn: rustls::Connection) -> io::Result<(Record
     let secrets = conn.dangerous_extract_secrets().map_err(io::Error::other)?;
     let (r, w) = tcp.into_split();
     Ok((
-        RecordReader {
-            io: r,
-            keys: Keys::new(secrets.rx)?,
-            buf: vec![0; IN_CAP + HEADER + MAX_BODY].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            plain: 0..0,
-            state: ReadState::Open,
-            failure: None,
-        },
-        RecordWriter {
-            io: w,
-            keys: Keys::new(secrets.tx)?,
-            out: Vec::with_capacity(OUT_CAP + HEADER + MAX_BODY),
-            sent: 0,
-            closed: false,
-        },
+        RecordReader::new(r, Keys::new(secrets.rx)?),
+        RecordWriter::new(w, Keys::new(secrets.tx)?),
     ))
 }
 
@@ -201,6 +186,19 @@ pub struct RecordReader {
 }
 
 impl RecordReader {
+    fn new(io: OwnedReadHalf, keys: Keys) -> Self {
+        Self {
+            io,
+            keys,
+            buf: vec![0; IN_CAP + HEADER + MAX_BODY].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            plain: 0..0,
+            state: ReadState::Open,
+            failure: None,
+        }
+    }
+
     /// Open the next record if it is whole in the buffer. Ok(false): more
     /// bytes are needed.
     fn open_next(&mut self) -> io::Result<bool> {
@@ -336,6 +334,16 @@ pub struct RecordWriter {
 }
 
 impl RecordWriter {
+    fn new(io: OwnedWriteHalf, keys: Keys) -> Self {
+        Self {
+            io,
+            keys,
+            out: Vec::with_capacity(OUT_CAP + HEADER + MAX_BODY),
+            sent: 0,
+            closed: false,
+        }
+    }
+
     /// Seal `plain` (at most [`MAX_PLAIN`] bytes) as one record of
     /// content type `kind` at the end of `out`.
     fn seal(&mut self, plain: &[u8], kind: u8) -> io::Result<()> {
@@ -615,23 +623,8 @@ mod tests {
         };
         let (a, wire_out) = pair().await;
         let (wire_in, b) = pair().await;
-        let w = RecordWriter {
-            io: a.into_split().1,
-            keys: keys(),
-            out: Vec::new(),
-            sent: 0,
-            closed: false,
-        };
-        let r = RecordReader {
-            io: b.into_split().0,
-            keys: keys(),
-            buf: vec![0; IN_CAP + HEADER + MAX_BODY].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            plain: 0..0,
-            state: ReadState::Open,
-            failure: None,
-        };
+        let w = RecordWriter::new(a.into_split().1, keys());
+        let r = RecordReader::new(b.into_split().0, keys());
         (w, wire_out, wire_in, r)
     }
 
