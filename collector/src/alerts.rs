@@ -87,14 +87,16 @@ impl Alerts {
 
     /// How many are active at `severity`.
     pub(crate) fn count(&self, severity: Severity) -> usize {
-        self.list().iter().filter(|a| a.severity == severity).count()
+        let active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        active.values().filter(|a| a.severity == severity).count()
     }
 
     /// The worst severity among a disk's alerts: 0 none, 1 warning, 2
     /// critical.
     pub(crate) fn disk_level(&self, disk: &str) -> u8 {
-        self.list()
-            .iter()
+        let active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        active
+            .values()
             .filter(|a| a.disk_id.as_deref() == Some(disk))
             .map(|a| match a.severity {
                 Severity::Critical => 2,
@@ -109,12 +111,15 @@ impl Alerts {
 /// A condition that holds now: (alert, disk, severity, message).
 type Condition = (String, Option<String>, Severity, String);
 
+/// Every disk with its status as of this second (taken once per second
+/// for the alerts and the history both).
+pub(crate) type Statuses = Vec<(Arc<crate::state::Disk>, crate::state::DiskStatus)>;
+
 /// The conditions that hold now.
-fn conditions(s: &Shared) -> Vec<Condition> {
+fn conditions(s: &Shared, statuses: &Statuses) -> Vec<Condition> {
     let mut out = Vec::new();
     let rpo = s.cfg.alert_rpo.as_secs_f64();
-    for d in s.all_disks() {
-        let st = s.disk_status(&d);
+    for (d, st) in statuses {
         let id = d.id.to_string();
         let age = st.lag_seconds;
         let fmt = |secs: f64| tidemark_util::human::format_duration(Duration::from_secs_f64(secs.max(0.0)));
@@ -268,8 +273,12 @@ fn memory_used() -> Option<f64> {
 
 /// Evaluate once: raise what newly holds (or got worse or better), clear
 /// what no longer does; each change is an event and a webhook delivery.
-pub(crate) fn evaluate(s: &Shared, hook: Option<&tokio::sync::mpsc::UnboundedSender<serde_json::Value>>) {
-    let now = conditions(s);
+pub(crate) fn evaluate(
+    s: &Shared,
+    statuses: &Statuses,
+    hook: Option<&tokio::sync::mpsc::UnboundedSender<serde_json::Value>>,
+) {
+    let now = conditions(s, statuses);
     let mut changes: Vec<(&'static str, Alert)> = Vec::new();
     {
         let mut active = s.alerts.active.lock().unwrap_or_else(PoisonError::into_inner);
@@ -345,9 +354,17 @@ pub(crate) async fn run(s: Arc<Shared>) {
             () = s.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        evaluate(&s, hook.as_ref());
+        let statuses: Statuses = s
+            .all_disks()
+            .into_iter()
+            .map(|d| {
+                let st = s.disk_status(&d);
+                (d, st)
+            })
+            .collect();
+        evaluate(&s, &statuses, hook.as_ref());
         // The same second's samples for the charts.
-        crate::history::sample(&s);
+        crate::history::sample(&s, &statuses);
     }
 }
 

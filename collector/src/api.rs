@@ -185,8 +185,8 @@ async fn history(
     Path(id): Path<String>,
     Query(q): Query<std::collections::BTreeMap<String, String>>,
 ) -> Response {
-    if let Some(k) = q.keys().find(|k| k.as_str() != "resolution") {
-        return error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (resolution)"));
+    if let Err(r) = known_params(&q, &["resolution"]) {
+        return *r;
     }
     let minutes = match q.get("resolution").map(String::as_str) {
         None | Some("1s") => false,
@@ -481,11 +481,8 @@ const MAX_EVENTS: u32 = 1000;
         (status = 404, description = "No such disk", body = ErrorBody),
     ))]
 async fn events(State(s): State<Arc<Shared>>, Query(q): Query<std::collections::BTreeMap<String, String>>) -> Response {
-    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "disk" | "after" | "limit")) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("unknown parameter {k:?} (disk, after, limit)"),
-        );
+    if let Err(r) = known_params(&q, &["disk", "after", "limit"]) {
+        return *r;
     }
     let number = |k: &str, max: u64| -> Result<Option<u64>, String> {
         match q.get(k) {
@@ -610,6 +607,17 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
 
 /// How long `quiesce` waits for the agent's final tag.
 const QUIESCE_WAIT: Duration = Duration::from_secs(30);
+
+/// A 400 naming the first query parameter that is not one of `known`.
+fn known_params(q: &std::collections::BTreeMap<String, String>, known: &[&str]) -> Result<(), Box<Response>> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {k:?} (known: {})", known.join(", ")),
+        ))),
+        None => Ok(()),
+    }
+}
 
 /// An error answer: `{"error":{"code","message"}}`, the code a word for
 /// the status (`not_found`, `bad_request`, ...), the message for people.
@@ -743,8 +751,8 @@ async fn rebind(
         Ok(c) => c.who,
         Err(r) => return *r,
     };
-    if let Some(k) = q.keys().find(|k| k.as_str() != "owner") {
-        return error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (only owner)"));
+    if let Err(r) = known_params(&q, &["owner"]) {
+        return *r;
     }
     let owner = match q.get("owner") {
         None => None,

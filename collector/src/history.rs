@@ -109,10 +109,9 @@ impl Histories {
 
 /// Take this second's sample of every disk; keep each completed minute in
 /// the catalog (and forget those older than 7 days there).
-pub(crate) fn sample(s: &Shared) {
+pub(crate) fn sample(s: &Shared, statuses: &crate::alerts::Statuses) {
     let t = crate::catalog::now_s();
-    for d in s.all_disks() {
-        let st = s.disk_status(&d);
+    for (d, st) in statuses {
         let sample = Sample {
             t,
             lag_s: st.lag_seconds,

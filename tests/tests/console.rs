@@ -84,7 +84,7 @@ fn the_console_shows_disks_a_chart_alerts_and_events_in_a_real_browser() {
     assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
     assert!(head.contains("x-frame-options: deny"), "{head}");
     assert!(
-        !page.contains("http://") || !page.contains("src=\"http"),
+        !page.contains("src=\"http") && !page.contains("href=\"http"),
         "an external resource: {page}"
     );
 
