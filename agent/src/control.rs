@@ -109,9 +109,9 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// Why a tag request was refused, and the tag already holding its name.
-struct Refused {
-    error: String,
-    existing: Option<TagEntry>,
+pub(crate) struct Refused {
+    pub(crate) error: String,
+    pub(crate) existing: Option<TagEntry>,
 }
 
 impl From<String> for Refused {
@@ -127,7 +127,12 @@ impl From<&str> for Refused {
 }
 
 /// Journal a tag, make it durable, remember its name; the seq or why not.
-async fn tag(shim: &Shim, name: &str, app_consistent: bool, deadline_ns: Option<u64>) -> Result<u64, Refused> {
+pub(crate) async fn tag(
+    shim: &Shim,
+    name: &str,
+    app_consistent: bool,
+    deadline_ns: Option<u64>,
+) -> Result<u64, Refused> {
     check_name(name)?;
     let state = shim.inner().state_dir.clone();
     let _guard = TAG_LOCK.lock().await;

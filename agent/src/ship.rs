@@ -674,6 +674,31 @@ impl Conn<'_> {
                     link.applied_seq.fetch_max(ts.applied_seq, Relaxed);
                 }
             }
+            Frame::Call { nonce, body } => {
+                // The configuration server's call (tidemark_wire::call):
+                // a tag through the API. Answered in line: journaling a
+                // tag and syncing it takes milliseconds.
+                let answer = match tidemark_wire::call::Call::parse(&body) {
+                    Ok(tidemark_wire::call::Call::Tag { name, app_consistent }) => {
+                        match crate::control::tag(shim, &name, app_consistent, None).await {
+                            Ok(seq) => Ok(serde_json::json!({ "seq": seq })),
+                            Err(r) => Err(r.error),
+                        }
+                    }
+                    Ok(other) => Err(format!("an agent does not answer {other:?}")),
+                    Err(why) => Err(why),
+                };
+                let (ok, v) = match answer {
+                    Ok(v) => (true, v),
+                    Err(why) => (false, serde_json::Value::String(why)),
+                };
+                let reply = Frame::Reply {
+                    nonce,
+                    ok,
+                    body: v.to_string(),
+                };
+                send_frame(wr, &reply, self.stop).await?;
+            }
             Frame::Request(Request::StatusNow { nonce }) => {
                 let mut p = shim.progress();
                 p.nonce = nonce;

@@ -267,8 +267,9 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, mut slots: tidemark_net::
         let mut st = disk.lock();
         if st.agent.as_ref().is_some_and(|a| a.conn == conn) {
             st.agent = None;
-            // Pending `refresh` calls: this agent will not answer them.
+            // Pending `refresh` calls and tags: this agent will not answer them.
             st.nonce_waiters.clear();
+            st.call_waiters.retain(|(_, who, _)| *who != "agent");
         }
     }
     shared.agents_connected.fetch_sub(1, Ordering::Relaxed);
@@ -786,6 +787,7 @@ async fn session(
                 failpoint::hit("collector-after-ack");
             }
             Frame::Progress(p) => note_progress(disk, p),
+            Frame::Reply { nonce, ok, body } => crate::calls::note_reply(disk, nonce, ok, body),
             Frame::HashQuery { .. } => {
                 // Relayed to the target's session; kept for the next one
                 // while none is up (bounded: the agent asks again anyway).

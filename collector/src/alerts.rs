@@ -7,12 +7,17 @@
 //!
 //! The conditions, per disk:
 //! - `rpo`: the oldest record not yet applied at the target is older than
-//!   the RPO threshold (`--alert-rpo`, 15 min by default): warning; twice
-//!   the threshold: critical.
+//!   the RPO threshold (the disk's policy `rpo_s`, else `--alert-rpo`,
+//!   15 min by default): warning; twice the threshold: critical.
 //! - `backlog_age`: the same age past 30 min (warning) / 45 min
 //!   (critical), the seed's process-server thresholds.
 //! - `halted`: the target halted the disk (critical).
 //! - `resync_owed`: a full or range resync is owed to the agent (warning).
+//! - `drill_failed`: the disk's newest drill failed (critical) or could not
+//!   run (warning); cleared by a drill that passes.
+//! - `verified_age`: the last verified point is older than the policy's
+//!   `verified_max_age_s` (default: twice `drill_interval_s`; none without
+//!   a schedule), or no point passed a drill yet (warning).
 //!
 //! and for the collector's host:
 //! - `spool_free`: less than 30 % (warning) / 25 % (critical) of the spool
@@ -49,8 +54,8 @@ const WEBHOOK_QUEUE: usize = 1000;
 /// An active alert.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct Alert {
-    /// rpo, backlog_age, halted, resync_owed, spool_free, host_cpu,
-    /// host_memory.
+    /// rpo, backlog_age, halted, resync_owed, drill_failed, verified_age,
+    /// spool_free, host_cpu, host_memory.
     pub alert: String,
     /// The disk, for a disk's alert.
     pub disk_id: Option<String>,
@@ -115,12 +120,74 @@ type Condition = (String, Option<String>, Severity, String);
 /// for the alerts and the history both).
 pub(crate) type Statuses = Vec<(Arc<crate::state::Disk>, crate::state::DiskStatus)>;
 
+/// A failed drill; a last verified point older than the policy allows.
+fn drill_conditions(s: &Shared, id: &str, policy: &crate::calls::Policy, out: &mut Vec<Condition>) {
+    let drills = s.book.drill(id);
+    if let Some(last) = &drills.last {
+        match last["result"].as_str() {
+            Some("failed") => out.push((
+                "drill_failed".into(),
+                Some(id.to_string()),
+                Severity::Critical,
+                format!(
+                    "drill {} of point seq {} failed: {} (tidemark drill --history --verbose shows the checker's output)",
+                    last["id"],
+                    last["seq"],
+                    last["summary"].as_str().unwrap_or("")
+                ),
+            )),
+            Some("error") => out.push((
+                "drill_failed".into(),
+                Some(id.to_string()),
+                Severity::Warning,
+                format!("drill {} could not run: {}", last["id"], last["summary"].as_str().unwrap_or("")),
+            )),
+            _ => {}
+        }
+    }
+    let Some(max) = policy.verified_max_age() else { return };
+    if !drills.known || drills.last.is_none() {
+        // Not drilled yet: the first (scheduled) drill decides.
+        return;
+    }
+    let fmt = |d: Duration| tidemark_util::human::format_duration(d);
+    let age = drills
+        .last_verified
+        .as_ref()
+        .and_then(|v| v["point_time_ns"].as_u64())
+        .map(|t| Duration::from_nanos(tidemark_util::now_ns().saturating_sub(t)));
+    match age {
+        Some(a) if a <= max => {}
+        Some(a) => out.push((
+            "verified_age".into(),
+            Some(id.to_string()),
+            Severity::Warning,
+            format!(
+                "the last verified point is {} old (policy: at most {})",
+                fmt(a),
+                fmt(max)
+            ),
+        )),
+        None => out.push((
+            "verified_age".into(),
+            Some(id.to_string()),
+            Severity::Warning,
+            format!(
+                "no point of this disk has passed a drill (policy: one at most {} old)",
+                fmt(max)
+            ),
+        )),
+    }
+}
+
 /// The conditions that hold now.
 fn conditions(s: &Shared, statuses: &Statuses) -> Vec<Condition> {
     let mut out = Vec::new();
-    let rpo = s.cfg.alert_rpo.as_secs_f64();
     for (d, st) in statuses {
         let id = d.id.to_string();
+        let policy = s.book.policy(&id);
+        let rpo = policy.rpo_s.map_or(s.cfg.alert_rpo.as_secs_f64(), |r| r as f64);
+        drill_conditions(s, &id, &policy, &mut out);
         let age = st.lag_seconds;
         let fmt = |secs: f64| tidemark_util::human::format_duration(Duration::from_secs_f64(secs.max(0.0)));
         if age > rpo {
@@ -365,6 +432,7 @@ pub(crate) async fn run(s: Arc<Shared>) {
         evaluate(&s, &statuses, hook.as_ref());
         // The same second's samples for the charts.
         crate::history::sample(&s, &statuses);
+        crate::calls::schedule(&s);
     }
 }
 

@@ -41,6 +41,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/disks/:id/refresh", post(refresh))
         .route("/api/v1/disks/:id/quiesce", post(quiesce))
         .route("/api/v1/disks/:id/rebind", post(rebind))
+        .route("/api/v1/disks/:id/points", get(crate::manage::points))
+        .route("/api/v1/disks/:id/tags", post(crate::manage::tag))
+        .route(
+            "/api/v1/disks/:id/drills",
+            get(crate::manage::drills).post(crate::manage::drill),
+        )
+        .route(
+            "/api/v1/disks/:id/policy",
+            get(crate::manage::get_policy).put(crate::manage::put_policy),
+        )
         .route("/api/v1/openapi.json", get(openapi))
         .route("/", get(console_page))
         .route("/console.js", get(console_js))
@@ -57,7 +67,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         title = "Tidemark collector API",
         description = "Status, events and operator actions of a Tidemark deployment (docs/pipeline.md, \"Status API\"). Every error is {\"error\":{\"code\",\"message\"}}."
     ),
-    paths(status, disks, disk, history, events, alerts, refresh, quiesce, rebind, openapi, metrics),
+    paths(
+        status, disks, disk, history, events, alerts, refresh, quiesce, rebind, openapi, metrics,
+        crate::manage::points, crate::manage::tag, crate::manage::drill, crate::manage::drills,
+        crate::manage::get_policy, crate::manage::put_policy
+    ),
     modifiers(&BearerAuth)
 )]
 pub(crate) struct ApiDoc;
@@ -113,14 +127,14 @@ struct EventList {
 
 /// Every error.
 #[derive(serde::Serialize, utoipa::ToSchema)]
-struct ErrorBody {
+pub(crate) struct ErrorBody {
     error: ErrorDetail,
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
 struct ErrorDetail {
     /// bad_request, unauthorized, forbidden, not_found, conflict,
-    /// unavailable, timeout, internal.
+    /// unavailable, timeout, bad_gateway, internal.
     code: String,
     /// What was wrong, for people.
     message: String,
@@ -358,7 +372,7 @@ async fn https_handshake(
     }
 }
 
-fn not_found(id: &str) -> Response {
+pub(crate) fn not_found(id: &str) -> Response {
     error(StatusCode::NOT_FOUND, format!("no disk {id:?} at this collector"))
 }
 
@@ -391,7 +405,7 @@ fn caller(s: &Shared, headers: &HeaderMap, peer: SocketAddr) -> Option<Caller> {
 /// The caller of `what`, which needs `role`: 401 without a known bearer
 /// token, 403 with a token of a lesser role (recorded in the audit log
 /// under `action`).
-fn require(
+pub(crate) fn require(
     s: &Shared,
     headers: &HeaderMap,
     peer: SocketAddr,
@@ -609,7 +623,10 @@ async fn refresh(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
 const QUIESCE_WAIT: Duration = Duration::from_secs(30);
 
 /// A 400 naming the first query parameter that is not one of `known`.
-fn known_params(q: &std::collections::BTreeMap<String, String>, known: &[&str]) -> Result<(), Box<Response>> {
+pub(crate) fn known_params(
+    q: &std::collections::BTreeMap<String, String>,
+    known: &[&str],
+) -> Result<(), Box<Response>> {
     match q.keys().find(|k| !known.contains(&k.as_str())) {
         Some(k) => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
@@ -630,6 +647,7 @@ pub(crate) fn error(status: StatusCode, message: String) -> Response {
         StatusCode::CONFLICT => "conflict",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
         StatusCode::GATEWAY_TIMEOUT => "timeout",
+        StatusCode::BAD_GATEWAY => "bad_gateway",
         _ => "internal",
     };
     let body = ErrorBody {

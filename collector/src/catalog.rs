@@ -75,6 +75,13 @@ CREATE INDEX IF NOT EXISTS events_by_disk ON events(disk_id, id);",
     write_bps REAL NOT NULL,
     PRIMARY KEY(disk_id, t_s)
 );",
+    // 6: each disk's policy as the configuration server set it
+    // (crate::calls::Policy, JSON; no row: the defaults).
+    "CREATE TABLE IF NOT EXISTS policies(
+    disk_id TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);",
 ];
 
 /// How many events the log keeps (the oldest go first).
@@ -306,6 +313,25 @@ impl Catalog {
             rows.reverse();
         }
         Ok(rows)
+    }
+
+    /// Every disk's stored policy (JSON), by disk id.
+    pub(crate) fn policies(&self) -> Result<Vec<(String, String)>> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT disk_id, policy FROM policies ORDER BY disk_id")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Store a disk's policy (JSON), replacing the one it had.
+    pub(crate) fn set_policy(&self, disk_id: &str, policy: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO policies(disk_id, policy, updated_at) VALUES(?1, ?2, ?3)",
+            params![disk_id, policy, now_s()],
+        )?;
+        Ok(())
     }
 
     /// Keep a minute of a disk's history; forget every disk's minutes

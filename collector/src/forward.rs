@@ -34,8 +34,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// The target sends TargetState at least every 2 s.
 const TARGET_IDLE: Duration = Duration::from_secs(30);
-/// Largest frame the target sends (acks, states, requests, errors).
-const TARGET_MAX_BODY: u32 = 64 << 10;
+/// Largest frame the target sends (acks, states, requests, errors, and
+/// replies to calls: up to 4 MiB).
+const TARGET_MAX_BODY: u32 = (4 << 20) + (64 << 10);
 /// A target that takes nothing of a batch for this long is wedged: reconnect.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Data the target's kernel has not acknowledged for this long ends the
@@ -105,6 +106,7 @@ async fn run(shared: Arc<Shared>, disk: Arc<Disk>) {
                 st.to_target = None;
             }
         }
+        crate::calls::connection_ended(&disk, "target");
         if shared.stop.is_cancelled() {
             return;
         }
@@ -385,6 +387,7 @@ async fn session(
             }
         }
     }
+    crate::calls::target_connected(shared, disk);
     // Aborted if this session is dropped (collector stopping, disk rebound).
     let mut reader = {
         let (s, d, inf, end) = (shared.clone(), disk.clone(), inflight.clone(), ended.clone());
@@ -501,6 +504,7 @@ async fn read_loop(
                     let _ = tx.send(Out { frame: f, done: None }).await;
                 }
             }
+            Some(Frame::Reply { nonce, ok, body }) => crate::calls::note_reply(disk, nonce, ok, body),
             Some(Frame::Error {
                 code: ErrorCode::StaleGeneration,
                 reason,

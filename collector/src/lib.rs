@@ -18,17 +18,21 @@
 //! - `spool`: the collector's use of `tidemark_formats::spool` (write with
 //!   failpoints, index, trim).
 //! - `agent`: one agent connection. `forward`: one disk's target session.
-//! - `api`: the HTTP status API and Prometheus metrics.
+//! - `api`: the HTTP status API and Prometheus metrics; `manage`: its
+//!   points, tags, drills and policy endpoints, on `calls` (calls down a
+//!   disk's connections, policies, drills and their schedule).
 
 mod agent;
 mod alerts;
 mod api;
 mod audit;
+mod calls;
 mod catalog;
 pub mod config;
 mod failpoint;
 mod forward;
 mod history;
+mod manage;
 mod net;
 mod spool;
 mod state;
@@ -118,6 +122,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> Result<Running> {
         tokio::task::spawn_blocking(move || {
             let shared = state::Shared::open(cfg, stop)?;
             spool::load_all(&shared)?;
+            calls::load(&shared)?;
             anyhow::Ok(shared)
         })
         .await

@@ -111,6 +111,8 @@ pub(crate) struct DiskState {
     pub owed_resyncs: Vec<OwedResync>,
     /// `refresh` calls waiting for the Progress that echoes their nonce.
     pub nonce_waiters: Vec<(u64, oneshot::Sender<Progress>)>,
+    /// Calls (crate::calls) waiting for the Reply that echoes their nonce.
+    pub call_waiters: crate::calls::Waiters,
 }
 
 impl DiskState {
@@ -248,6 +250,8 @@ pub(crate) struct Shared {
     rebind_grants: Mutex<BTreeMap<String, RebindGrant>>,
     /// The active alerts (`crate::alerts`).
     pub alerts: crate::alerts::Alerts,
+    /// Each disk's policy and what is known of its drills (`crate::calls`).
+    pub book: crate::calls::Book,
     /// Each disk's history (`crate::history`).
     pub history: crate::history::Histories,
 }
@@ -297,6 +301,7 @@ impl Shared {
             rebind_grants: Mutex::new(BTreeMap::new()),
             admission: tidemark_net::Admission::default(),
             alerts: crate::alerts::Alerts::default(),
+            book: crate::calls::Book::default(),
             history: crate::history::Histories::default(),
             cfg,
         });
@@ -408,6 +413,7 @@ impl Shared {
                 owner: row.owner.clone(),
                 owed_resyncs: Vec::new(),
                 nonce_waiters: Vec::new(),
+                call_waiters: Vec::new(),
             }),
             spooled: Notify::new(),
             wire_bytes: AtomicU64::new(0),
@@ -634,6 +640,7 @@ impl Shared {
         let sync_eta = (syncing && sync_rate > 0.0).then(|| sync_total.saturating_sub(sync_done) as f64 / sync_rate);
         let wire = disk.wire_bytes.load(Ordering::Relaxed);
         let payload = disk.payload_bytes.load(Ordering::Relaxed);
+        let (last_verified, last_drill) = self.book.views(disk.id.as_str());
         let view = DiskView {
             disk_id: disk.id.to_string(),
             disk_uuid: Some(uuid_text(&st.uuid)),
@@ -677,6 +684,8 @@ impl Shared {
                 at_s: f.at,
                 spool_kept: f.spool.clone(),
             }),
+            last_verified,
+            last_drill,
         };
         DiskStatus {
             json: serde_json::to_value(&view).unwrap_or(Value::Null),
@@ -778,6 +787,10 @@ pub(crate) struct DiskView {
     /// The data generation the agent holds (hex).
     pub generation: Option<String>,
     pub fenced: Option<FenceView>,
+    /// The newest point that passed a drill (its filesystems checked).
+    pub last_verified: Option<crate::calls::VerifiedView>,
+    /// The newest drill, whatever its result.
+    pub last_drill: Option<crate::calls::DrillBrief>,
 }
 
 /// A failover's fence on a disk's generation.

@@ -55,11 +55,11 @@ use tidemark_wire::record::{Record, RecordHeader, RecordKind};
 use tracing::{info, warn};
 
 use crate::catalog::{now_unix, replica_state, Catalog, DiskRow, Halt, SegmentRow, SyncState, UndoRow};
-use crate::error::{IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::plan::{plan, Plan, PlanInput};
 use crate::recovery::Point;
 use crate::replica::Replica;
-use crate::retention::{OnFull, Pins};
+use crate::retention::{DiskPolicy, OnFull, Pins};
 use crate::undo::{self, blocks_of, BlockSet, SegmentWriter, BLOCK, MAX_ENTRY_BLOCKS, UNDO_DIR};
 
 pub use crate::plan::MAX_POSITION;
@@ -215,6 +215,32 @@ impl DiskApplier {
     /// The replica, to read (a hash-compare resync's hashes).
     pub fn replica(&self) -> &Replica {
         &self.replica
+    }
+
+    /// The disk's retention policy.
+    pub fn policy(&self) -> &DiskPolicy {
+        &self.row.policy
+    }
+
+    /// Change the disk's retention policy (committed, then used from the
+    /// next batch on). Retention cannot be turned on or off here: a disk's
+    /// points and undo data are captured for its whole life or not at all.
+    pub fn set_policy(&mut self, p: DiskPolicy) -> Result<()> {
+        if p.enabled() != self.row.policy.enabled() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "disk {}: retention is {} for this disk and cannot be turned {} while it is protected \
+                     (a window of 0 turns it off; set it when the disk is first protected)",
+                    self.row.disk_id,
+                    if self.row.policy.enabled() { "on" } else { "off" },
+                    if p.enabled() { "on" } else { "off" },
+                ),
+            ));
+        }
+        self.catalog.set_policy(&self.row.disk_id, &p)?;
+        self.row.policy = p;
+        Ok(())
     }
 
     /// Whether a failover stopped applying to this disk.

@@ -10,6 +10,8 @@
 //!  {"op":"drain","disk":D,"timeout_ms":N}          → {"ok":true,"applied_seq":N,"held_seq":N,"agent_answered":B}
 //!  {"op":"status"}                                 → {"ok":true,"disks":[DiskState…]}
 //!  {"op":"metrics"}                                → {"ok":true,"metrics":"<Prometheus text>"}
+//!  {"op":"drill","disk":D}                         → {"ok":true,"drill":{…}}   once it has run (crate::drill)
+//!  {"op":"drills","disk":D[,"limit":N]}            → {"ok":true,"drills":[…],"last_verified":{…}|null}
 //!  anything else, or a failure                     → {"ok":false,"error":"…"}
 //! ```
 //!
@@ -75,6 +77,20 @@ enum Req {
     },
     Status,
     Metrics,
+    /// A drill now (`tidemark drill`); answers when it has finished.
+    Drill {
+        disk: String,
+    },
+    /// The disk's newest drills (`tidemark drill --history`).
+    Drills {
+        disk: String,
+        #[serde(default = "default_drills")]
+        limit: u32,
+    },
+}
+
+fn default_drills() -> u32 {
+    20
 }
 
 /// Bind the control socket at `path` (`DIR/control.sock`, made free by
@@ -336,6 +352,18 @@ async fn handle(
             let sh = shared.clone();
             let text = blocking(move || Ok(crate::http::scrape(&sh)?)).await?;
             Ok(json!({"ok": true, "metrics": text}))
+        }
+        Req::Drill { disk } => {
+            let d = crate::drill::run(shared.clone(), disk, "cli").await?;
+            Ok(json!({"ok": true, "drill": d}))
+        }
+        Req::Drills { disk, limit } => {
+            let call = tidemark_wire::call::Call::Drills { limit };
+            let mut v = crate::calls::answer(shared.clone(), disk, call)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            v["ok"] = json!(true);
+            Ok(v)
         }
     }
 }

@@ -47,10 +47,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 mod apply;
+mod calls;
 mod compare;
 mod plan;
 pub use tidemark_catalog as catalog;
 mod control;
+mod drill;
 mod http;
 mod metrics;
 pub use tidemark_catalog::error;

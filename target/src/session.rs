@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tidemark_formats::generation::{GenerationId, History};
 use tidemark_net::{kib_permits, write_frame, FrameReader, PeerRole, ReadError, WriteError, Writer};
+use tidemark_wire::call::Call;
 use tidemark_wire::frame::{
     ErrorCode, Frame, Lineage, ReplicaState, Request, Role, TargetState, HELLO_FORCE_RESYNC, MAX_BODY, PACKED_GAP,
     WELCOME_NEED_FULL_SYNC,
@@ -122,6 +123,8 @@ pub(crate) struct Shared {
     pub started: Instant,
     /// Refused connections and failed handshakes: logged at a bounded rate.
     pub refused_log: tidemark_util::ratelog::RateLimitedLog,
+    /// Drills running or waiting their turn.
+    pub drills: crate::drill::Drills,
 }
 
 impl Shared {
@@ -136,6 +139,7 @@ impl Shared {
             apply_locks: Default::default(),
             stats: Default::default(),
             refused_log: Default::default(),
+            drills: Default::default(),
             started: Instant::now(),
         }
     }
@@ -830,6 +834,8 @@ async fn session<R: AsyncRead + Unpin>(
     let (mut last, mut probes) = greet(wr, shared, &id, greeting(&work)).await?;
     let mut probe_waiters: Vec<(u64, tokio::sync::oneshot::Sender<Held>)> = Vec::new();
     let mut nonce: u64 = 0;
+    // Replies to calls answered off this loop (a drill takes minutes).
+    let (replies, mut to_reply) = tokio::sync::mpsc::unbounded_channel::<Frame>();
     let mut tick = tokio::time::interval(shared.cfg.state_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
@@ -847,6 +853,10 @@ async fn session<R: AsyncRead + Unpin>(
                     }
                 }
                 send(wr, &Frame::TargetState(last)).await?;
+                continue;
+            }
+            Some(reply) = to_reply.recv() => {
+                send(wr, &reply).await?;
                 continue;
             }
             Some(answer) = probes.recv() => {
@@ -884,6 +894,31 @@ async fn session<R: AsyncRead + Unpin>(
                 let (w, hashes) = hash_query(work, offset, length).await?;
                 work = w;
                 send(wr, &Frame::ChunkHashes { offset, hashes }).await?;
+                continue;
+            }
+            Some(Frame::Call { nonce, body }) => {
+                match Call::parse(&body) {
+                    Err(why) => send(wr, &reply_frame(nonce, Err(why))).await?,
+                    Ok(Call::SetRetention(r)) => {
+                        let (w, answer) = set_retention(work, &r).await?;
+                        work = w;
+                        send(wr, &reply_frame(nonce, answer)).await?;
+                    }
+                    Ok(Call::GetRetention) => {
+                        let now = crate::calls::retention_of(work.applier.policy());
+                        send(wr, &reply_frame(nonce, Ok(serde_json::json!({ "retention": now })))).await?;
+                    }
+                    Ok(call) => {
+                        let (sh, d, out) = (shared.clone(), id.clone(), replies.clone());
+                        tokio::spawn(
+                            async move {
+                                let answer = crate::calls::answer(sh, d, call).await;
+                                let _ = out.send(reply_frame(nonce, answer));
+                            }
+                            .in_current_span(),
+                        );
+                    }
+                }
                 continue;
             }
             Some(Frame::Error { code, reason }) => {
@@ -928,6 +963,49 @@ async fn hash_query(work: Box<Work>, offset: u64, length: u64) -> Result<(Box<Wo
         Vec::new()
     });
     Ok((work, hashes))
+}
+
+/// A call's answer as a Reply frame (a refusal is a JSON string).
+fn reply_frame(nonce: u64, answer: std::result::Result<serde_json::Value, String>) -> Frame {
+    let (ok, v) = match answer {
+        Ok(v) => (true, v),
+        Err(why) => (false, serde_json::Value::String(why)),
+    };
+    let mut body = v.to_string();
+    if body.len() > tidemark_wire::frame::MAX_REPLY_BODY {
+        body = serde_json::Value::String(format!(
+            "the answer is {} bytes, over the {}-byte limit of a reply: ask for fewer",
+            body.len(),
+            tidemark_wire::frame::MAX_REPLY_BODY
+        ))
+        .to_string();
+        return Frame::Reply { nonce, ok: false, body };
+    }
+    Frame::Reply { nonce, ok, body }
+}
+
+/// Change the disk's retention between batches (the applier is this
+/// session's); the answer is the retention now in force.
+async fn set_retention(
+    mut work: Box<Work>,
+    r: &tidemark_wire::call::Retention,
+) -> Result<(Box<Work>, std::result::Result<serde_json::Value, String>), End> {
+    let policy = match crate::calls::policy_of(r) {
+        Ok(p) => p,
+        Err(why) => return Ok((work, Err(why))),
+    };
+    let job = tokio::task::spawn_blocking(move || {
+        let r = work.applier.set_policy(policy.clone()).map_err(|e| e.to_string());
+        let now = crate::calls::retention_of(work.applier.policy());
+        (work, r.map(|()| serde_json::json!({ "retention": now })))
+    });
+    let (work, answer) = job
+        .await
+        .map_err(|e| refuse(ErrorCode::Internal, format!("retention task failed: {e}")))?;
+    if answer.is_ok() {
+        info!(disk = %work.disk_id, ?r, "retention changed by the configuration server");
+    }
+    Ok((work, answer))
 }
 
 /// Apply one packed batch on a blocking thread, reporting state while it

@@ -330,13 +330,23 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ("/api/v1/disks/{id}/rebind", "post"),
         ("/api/v1/openapi.json", "get"),
         ("/metrics", "get"),
+        ("/api/v1/disks/{id}/points", "get"),
+        ("/api/v1/disks/{id}/tags", "post"),
+        ("/api/v1/disks/{id}/drills", "get"),
+        ("/api/v1/disks/{id}/drills", "post"),
+        ("/api/v1/disks/{id}/policy", "get"),
+        ("/api/v1/disks/{id}/policy", "put"),
     ];
     for (p, m) in methods {
         assert!(doc["paths"][p][m].is_object(), "{m} {p} is not in the document");
     }
+    let documented: usize = doc["paths"]
+        .as_object()
+        .map(|p| p.values().map(|ms| ms.as_object().map_or(0, |o| o.len())).sum())
+        .unwrap_or(0);
     assert_eq!(
-        doc["paths"].as_object().map(|p| p.len()),
-        Some(methods.len()),
+        documented,
+        methods.len(),
         "the document names a route the test does not know"
     );
     let cases: &[(&str, &str, &str, u16, Option<&str>)] = &[
@@ -418,6 +428,46 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
             "/api/v1/disks/{id}/quiesce",
             401,
             None,
+        ),
+        ("GET", "/api/v1/disks/db/points", "/api/v1/disks/{id}/points", 200, None),
+        (
+            "GET",
+            "/api/v1/disks/db/points?limit=0",
+            "/api/v1/disks/{id}/points",
+            400,
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/disks/nope/points",
+            "/api/v1/disks/{id}/points",
+            404,
+            None,
+        ),
+        ("GET", "/api/v1/disks/db/drills", "/api/v1/disks/{id}/drills", 200, None),
+        (
+            "POST",
+            "/api/v1/disks/db/drills",
+            "/api/v1/disks/{id}/drills",
+            401,
+            None,
+        ),
+        ("GET", "/api/v1/disks/db/policy", "/api/v1/disks/{id}/policy", 200, None),
+        (
+            "GET",
+            "/api/v1/disks/nope/policy",
+            "/api/v1/disks/{id}/policy",
+            404,
+            None,
+        ),
+        ("PUT", "/api/v1/disks/db/policy", "/api/v1/disks/{id}/policy", 401, None),
+        ("POST", "/api/v1/disks/db/tags", "/api/v1/disks/{id}/tags", 401, None),
+        (
+            "POST",
+            "/api/v1/disks/db/tags",
+            "/api/v1/disks/{id}/tags",
+            400,
+            Some(admin),
         ),
     ];
     for &(method, path, documented, status, token) in cases {

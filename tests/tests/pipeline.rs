@@ -217,7 +217,7 @@ fn sixteen_agents_converge() {
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut f = b"TMWF".to_vec();
-    f.push(4); // frame version (tidemark_wire::frame::FRAME_VERSION)
+    f.push(tidemark_wire::frame::FRAME_VERSION); // frame version (tidemark_wire::frame::FRAME_VERSION)
     f.push(kind);
     f.extend_from_slice(&0u16.to_le_bytes());
     f.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());

@@ -63,6 +63,12 @@ enum Cmd {
         after_help = "Example:\n  tidemark points --data /srv/replicas db"
     )]
     Points(cmd::points::PointsArgs),
+    /// Prove a disk's newest point recovers: check its filesystems on a throwaway layer (the running target does it).
+    #[command(
+        override_usage = "tidemark drill --data DIR DISK [--verbose] [--json]\n       tidemark drill --data DIR DISK --history [--limit N] [--verbose] [--json]",
+        after_help = "Examples:\n  tidemark drill --data /srv/replicas db\n  tidemark drill --data /srv/replicas db --history\n\nExit status: 0 passed (or nothing checkable: skipped, with the reason), 1 failed or could not run."
+    )]
+    Drill(cmd::drill::DrillArgs),
     /// Serve a recovery point over NBD (and mount its filesystem) until signalled.
     #[command(
         override_usage = "tidemark mount --data DIR DISK --at SPEC --listen unix:SOCK [--writable] [--mountpoint DIR]",
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
         Cmd::Wait(a) => cmd::status::wait(a).map(ok),
         Cmd::Tag(a) => cmd::tag::tag(a).map(ok),
         Cmd::Points(a) => cmd::points::points(a).map(ok),
+        Cmd::Drill(a) => cmd::drill::drill(a).map(ok),
         Cmd::Mount(a) => cmd::mount::mount(a).map(ok),
         Cmd::Failover(a) => cmd::failover::failover(a).map(ok),
         Cmd::Reprotect(a) => cmd::reprotect::reprotect(a).map(ok),

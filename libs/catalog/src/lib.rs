@@ -6,6 +6,7 @@
 //! - the catalog itself (this module's items, from `store`): one SQLite
 //!   database per data directory, its schema and migrations, typed rows
 //!   for disks, halts, points, undo segments and failovers.
+//! - [`drill`]: drills (a point's filesystems checked) and their results;
 //! - [`point`]: recovery points; [`policy`]: retention policies;
 //!   [`ranges`]: byte-range sets (a halt's pending ranges).
 //! - [`error`]: the error type of the recovery state, used by the target's
@@ -14,6 +15,7 @@
 //! The undo segments' bytes are `tidemark_formats::undo`; this crate holds
 //! their index. Nothing here opens a socket or starts a thread.
 
+pub mod drill;
 pub mod error;
 pub mod layout;
 pub mod point;

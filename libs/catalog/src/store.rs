@@ -162,6 +162,22 @@ pub const MIGRATIONS: &[&str] = &[
         offset  INTEGER NOT NULL,
         length  INTEGER NOT NULL
     ) STRICT;",
+    // 8: drills (crate::drill): a filesystem check of a view at a point,
+    // its result and the checker's output.
+    "CREATE TABLE drills (
+        id            INTEGER PRIMARY KEY,
+        disk_id       TEXT NOT NULL REFERENCES disks(disk_id) ON DELETE CASCADE,
+        seq           INTEGER NOT NULL,
+        point_time_ns INTEGER NOT NULL,
+        started_ns    INTEGER NOT NULL,
+        duration_ms   INTEGER NOT NULL,
+        result        TEXT NOT NULL CHECK (result IN ('passed', 'failed', 'skipped', 'error')),
+        summary       TEXT NOT NULL,
+        output        TEXT NOT NULL,
+        trigger       TEXT NOT NULL,
+        found         TEXT NOT NULL DEFAULT '[]'
+    ) STRICT;
+    CREATE INDEX drills_by_disk ON drills (disk_id, id);",
 ];
 
 /// A region the old source wrote, as `tidemark reprotect` found it in its
@@ -797,6 +813,10 @@ impl Catalog {
         Ok(c)
     }
 
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     fn migrate(&mut self) -> Result<()> {
         let tx = self
             .conn
@@ -1348,6 +1368,22 @@ impl Catalog {
                 ],
             )?;
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Change a disk's retention policy (the configuration server's
+    /// `PUT /api/v1/disks/{id}/policy`); the applier takes it at its next
+    /// batch.
+    pub fn set_policy(&mut self, disk_id: &str, p: &DiskPolicy) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        if Self::row(&tx, disk_id)?.is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("disk {disk_id} is not in the catalog"),
+            ));
+        }
+        Self::put_policy(&tx, disk_id, p)?;
         tx.commit()?;
         Ok(())
     }

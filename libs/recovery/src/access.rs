@@ -140,6 +140,43 @@ pub fn resolve(data_dir: &Path, disk_id: &str, at: &AtSpec) -> Result<Point> {
         .ok_or_else(|| Error::new(ErrorKind::NotFound, describe(at)).disk(disk_id))
 }
 
+/// Drill the disk's newest point now (`tidemark drill`): the running
+/// target does it (`docs/recovery.md`, "Drills"); the recorded drill,
+/// whatever its result.
+pub fn drill(data_dir: &Path, disk_id: &str, timeout: Duration) -> Result<catalog::drill::Drill> {
+    match access(data_dir)? {
+        Access::Direct(_lock) => Err(Error::new(
+            ErrorKind::Refused,
+            format!(
+                "no target is running on {}: drills are run by the target (start it, then drill)",
+                data_dir.display()
+            ),
+        )),
+        Access::Daemon(mut c) => {
+            let v = c.call(serde_json::json!({"op": "drill", "disk": disk_id}), timeout)?;
+            serde_json::from_value(v["drill"].clone()).map_err(|_| bad_reply("drill"))
+        }
+    }
+}
+
+/// The disk's newest `limit` drills, newest first.
+pub fn drills(data_dir: &Path, disk_id: &str, limit: u32) -> Result<Vec<catalog::drill::Drill>> {
+    match access(data_dir)? {
+        Access::Direct(_lock) => {
+            let conn = catalog::open_read_only(data_dir)?;
+            check_disk(&conn, data_dir, disk_id)?;
+            catalog::drill::read_drills(&conn, disk_id, limit)
+        }
+        Access::Daemon(mut c) => {
+            let v = c.call(
+                serde_json::json!({"op": "drills", "disk": disk_id, "limit": limit}),
+                CALL_TIMEOUT,
+            )?;
+            serde_json::from_value(v["drills"].clone()).map_err(|_| bad_reply("drills"))
+        }
+    }
+}
+
 /// The disk's state as `tidemark status --data` shows it (through the
 /// daemon when one runs).
 pub fn disk_state(data_dir: &Path, disk_id: &str) -> Result<catalog::DiskState> {

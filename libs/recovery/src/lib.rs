@@ -21,17 +21,19 @@
 //! This crate never writes the replica or undo data. Modules: [`at`]
 //! (`--at` forms and tag names), `access` (the daemon's control socket or
 //! a shared lock; points, drain), [`view`] (views and the failover
-//! record), [`overlay`] (a writable copy-on-write layer over a view).
+//! record), [`overlay`] (a writable copy-on-write layer over a view), [`fuse`]
+//! (layered images as files, for loop devices and filesystem checkers).
 
 pub mod access;
 /// The error type: the recovery state's (`tidemark_catalog::error`).
 pub use tidemark_catalog::error;
 pub use tidemark_catalog::error::{Error, ErrorKind, Result};
 pub mod at;
+pub mod fuse;
 pub mod overlay;
 pub mod view;
 
-pub use access::{disk_state, drain, points, points_direct, resolve, Drained};
+pub use access::{disk_state, drain, drill, drills, points, points_direct, resolve, Drained};
 pub use at::{describe, parse_rfc3339, select, tag_name_problem, AtSpec, AT_FORMS};
 pub use tidemark_catalog::layout::CONTROL_SOCKET;
 pub use tidemark_catalog::{format_time, Point, PointKind};

@@ -44,6 +44,11 @@
 //!       |            CA certificate PEM (each ≤ 16 KiB)          |
 //!       | 14 Crl     crl_len u32, revocation list PEM (≤ 1 MiB;  |
 //!       |            empty: a request for the CA's list)         |
+//!       | 15 Call    nonce u64, len u32, JSON request (UTF-8,    |
+//!       |            ≤ 64 KiB): an operator's question down the  |
+//!       |            line (collector → target, collector → agent)|
+//!       | 16 Reply   nonce u64, ok u8, len u32, JSON answer      |
+//!       |            (UTF-8, ≤ 4 MiB) to the Call with that nonce|
 //!       +--------------------------------------------------------+
 //! ```
 //!
@@ -63,9 +68,9 @@ pub const FRAME_HEADER_LEN: usize = 16;
 pub const FRAME_MAGIC: [u8; 4] = *b"TMWF";
 /// The frame format version this code writes and reads. Version 1 (no
 /// flags in Hello and Welcome, no types 6–9), version 2 (no generations
-/// in Hello and Welcome) and version 3 (no types 10–11) were never spoken
-/// by a release.
-pub const FRAME_VERSION: u8 = 4;
+/// in Hello and Welcome), version 3 (no types 10–11) and version 4 (no
+/// types 15–16) were never spoken by a release.
+pub const FRAME_VERSION: u8 = 5;
 /// The protocol version carried in Hello.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest body: one maximal record plus headroom for a batch of small ones.
@@ -377,7 +382,27 @@ pub enum Frame {
     Crl {
         pem: String,
     },
+    /// An operator's question for the receiver (collector → target:
+    /// points, drills, policy; collector → agent: tags), as a JSON object
+    /// with an `op` key (`docs/pipeline.md`, "Calls"). Answered by a
+    /// `Reply` with the same nonce; never part of the record stream.
+    Call {
+        nonce: u64,
+        body: String,
+    },
+    /// The answer to the `Call` with `nonce`: a JSON value, or (`ok`
+    /// false) the reason it was refused.
+    Reply {
+        nonce: u64,
+        ok: bool,
+        body: String,
+    },
 }
+
+/// Longest JSON body of a `Call`.
+pub const MAX_CALL_BODY: usize = 64 * 1024;
+/// Longest JSON body of a `Reply`.
+pub const MAX_REPLY_BODY: usize = 4 << 20;
 
 /// Longest revocation list in a `Crl`.
 pub const MAX_CRL_PEM: usize = 1 << 20;
@@ -526,6 +551,8 @@ impl Frame {
             Frame::Enroll { .. } => "Enroll",
             Frame::Enrolled { .. } => "Enrolled",
             Frame::Crl { .. } => "Crl",
+            Frame::Call { .. } => "Call",
+            Frame::Reply { .. } => "Reply",
         }
     }
 
@@ -545,6 +572,8 @@ impl Frame {
             Frame::Enroll { .. } => 12,
             Frame::Enrolled { .. } => 13,
             Frame::Crl { .. } => 14,
+            Frame::Call { .. } => 15,
+            Frame::Reply { .. } => 16,
         }
     }
 
@@ -692,6 +721,23 @@ impl Frame {
                     .ok_or_else(|| err(WireErrorKind::OutOfBounds, "revocation list longer than 1 MiB"))?;
                 body.extend_from_slice(&n.to_le_bytes());
                 body.extend_from_slice(pem.as_bytes());
+            }
+            Frame::Call { nonce, body: json } => {
+                if json.len() > MAX_CALL_BODY {
+                    return Err(err(WireErrorKind::OutOfBounds, "call longer than 64 KiB"));
+                }
+                body.extend_from_slice(&nonce.to_le_bytes());
+                body.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_le_bytes());
+                body.extend_from_slice(json.as_bytes());
+            }
+            Frame::Reply { nonce, ok, body: json } => {
+                if json.len() > MAX_REPLY_BODY {
+                    return Err(err(WireErrorKind::OutOfBounds, "reply longer than 4 MiB"));
+                }
+                body.extend_from_slice(&nonce.to_le_bytes());
+                body.push(u8::from(*ok));
+                body.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_le_bytes());
+                body.extend_from_slice(json.as_bytes());
             }
         }
         let body_len = u32::try_from(body.len())
@@ -963,11 +1009,46 @@ impl Frame {
                     .to_string();
                 Frame::Crl { pem }
             }
+            15 => {
+                let nonce = c.u64("call nonce")?;
+                let body = json_text(&mut c, MAX_CALL_BODY, "call")?;
+                Frame::Call { nonce, body }
+            }
+            16 => {
+                let nonce = c.u64("reply nonce")?;
+                let ok = match c.u8("reply ok")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(err(
+                            WireErrorKind::Corrupt,
+                            format!("reply ok byte {v} (expected 0 or 1)"),
+                        ))
+                    }
+                };
+                let body = json_text(&mut c, MAX_REPLY_BODY, "reply")?;
+                Frame::Reply { nonce, ok, body }
+            }
             k => return Err(err(WireErrorKind::Corrupt, format!("unknown frame type {k}"))),
         };
         c.end("the frame")?;
         Ok((f, total))
     }
+}
+
+/// A u32 length and that much UTF-8 (at most `max` bytes): a call's or a
+/// reply's JSON.
+fn json_text(c: &mut Body<'_>, max: usize, what: &str) -> Result<String, WireError> {
+    let n = c.u32(what)? as usize;
+    if n > max {
+        return Err(err(
+            WireErrorKind::OutOfBounds,
+            format!("{what} of {n} bytes, over {max}"),
+        ));
+    }
+    std::str::from_utf8(c.take(n, what)?)
+        .map(str::to_string)
+        .map_err(|_| err(WireErrorKind::Corrupt, format!("{what} is not UTF-8")))
 }
 
 /// A u16 length and `b` (checked by the caller to fit).
@@ -993,9 +1074,9 @@ mod tests {
         }
     }
 
-    /// Pins frame version 4: a change to these bytes needs a version bump.
+    /// Pins frame version 5: a change to these bytes needs a version bump.
     #[test]
-    fn golden_bytes_v4() {
+    fn golden_bytes_v5() {
         let hello = Frame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Agent,
@@ -1059,30 +1140,41 @@ mod tests {
                 offset: HASH_CHUNK,
                 hashes: vec![[0x55; 32]],
             },
+            Frame::Call {
+                nonce: 3,
+                body: "{}".into(),
+            },
+            Frame::Reply {
+                nonce: 3,
+                ok: true,
+                body: "1".into(),
+            },
         ];
         let got: Vec<String> = frames.iter().map(|f| hex(&f.encode().unwrap())).collect();
         // Header (magic, version, type, flags, body length, crc), then the body.
         let want = [
             concat!(
-                "544d5746040100004e000000bf2be140 0100 01 01000000 11111111111111111111111111111111",
+                "544d5746050100004e000000f3902033 0100 01 01000000 11111111111111111111111111111111",
                 " 0000004000000000 02 6462 0200 7333 22222222222222222222222222222222",
                 " 33333333333333333333333333333333 0500000000000000"
             ),
-            "544d5746040200001c0000001e927293 0900000000000000 01000000 44444444444444444444444444444444",
-            "544d57460404000008000000c3e50ce7 0700000000000000",
-            "544d57460405000006000000d79489ec 0100 0200 6e6f",
+            "544d5746050200001c000000a229bea0 0900000000000000 01000000 44444444444444444444444444444444",
+            "544d574605040000080000003de80015 0700000000000000",
+            "544d5746050500000600000091c18eb8 0100 0200 6e6f",
             concat!(
-                "544d57460406000041000000ea01ae9c 0100000000000000 03 0200000000000000 0300000000000000",
+                "544d57460506000041000000a7c99e28 0100000000000000 03 0200000000000000 0300000000000000",
                 " 0400000000000000 0500000000000000 0600000000000000 0700000000000000 0800000000000000"
             ),
-            "544d574604070000190000004c11826c 02 0300000000000000 0010000000000000 0002000000000000",
-            "544d5746040800001500000060e530bf 0200000000000000 01000000 01000000 50000000 ab",
-            "544d57460409000019000000d36e934a 0500000000000000 03 0400000000000000 0002000000000000",
-            "544d5746040a000010000000e37ef238 0000010000000000 0000020000000000",
+            "544d57460507000019000000633abb36 02 0300000000000000 0010000000000000 0002000000000000",
+            "544d57460508000015000000452eeb48 0200000000000000 01000000 01000000 50000000 ab",
+            "544d57460509000019000000fc45aa10 0500000000000000 03 0400000000000000 0002000000000000",
+            "544d5746050a0000100000006dbcbd82 0000010000000000 0000020000000000",
             concat!(
-                "544d5746040b00002c00000075b1a00b 0000010000000000 01000000",
+                "544d5746050b00002c000000df45ceaf 0000010000000000 01000000",
                 " 5555555555555555555555555555555555555555555555555555555555555555"
             ),
+            "544d5746050f00000e00000065154ce9 0300000000000000 02000000 7b7d",
+            "544d5746051000000e000000e29cb064 0300000000000000 01 01000000 31",
         ];
         assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(want) {
@@ -1242,6 +1334,12 @@ mod tests {
                 .prop_map(|(token, public_key)| Frame::Enroll { token, public_key }),
             ("[ -~\n]{0,200}", "[ -~\n]{0,200}").prop_map(|(cert_pem, ca_pem)| Frame::Enrolled { cert_pem, ca_pem }),
             "[ -~\n]{0,300}".prop_map(|pem| Frame::Crl { pem }),
+            (any::<u64>(), "[ -~]{0,200}").prop_map(|(nonce, body)| Frame::Call { nonce, body }),
+            (any::<u64>(), any::<bool>(), "[ -~]{0,200}").prop_map(|(nonce, ok, body)| Frame::Reply {
+                nonce,
+                ok,
+                body
+            }),
             (any::<u64>(), 0u32..2, any::<[u8; 16]>()).prop_map(|(s, flags, generation)| Frame::Welcome {
                 acked_seq: s,
                 flags,

@@ -48,6 +48,21 @@ fn seeds() -> Vec<(&'static str, Frame)> {
                 hashes: vec![[1; 32], [2; 32], [3; 32]],
             },
         ),
+        (
+            "call",
+            Frame::Call {
+                nonce: 7,
+                body: r#"{"op":"points","limit":10}"#.into(),
+            },
+        ),
+        (
+            "reply",
+            Frame::Reply {
+                nonce: 7,
+                ok: false,
+                body: r#""no such disk""#.into(),
+            },
+        ),
     ]
 }
 

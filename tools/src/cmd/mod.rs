@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod apitoken;
 pub mod ca;
+pub mod drill;
 pub mod events;
 pub mod failover;
 pub mod journal;

@@ -19,12 +19,11 @@
 //! device, the FUSE mount, the socket — is undone on SIGTERM, SIGINT or
 //! SIGHUP, and on any error after it was set up.
 
-use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -174,155 +173,8 @@ impl Backend for ViewBackend {
     }
 }
 
-/// The one-file FUSE filesystem: `/disk` is the layered image.
-struct DiskFs {
-    layer: Arc<Layered>,
-    uid: u32,
-    gid: u32,
-    started: SystemTime,
-}
-
-const FILE_INO: u64 = 2;
+/// The FUSE file's name (`tidemark_recovery::fuse`).
 const FILE_NAME: &str = "disk";
-const TTL: Duration = Duration::from_secs(1);
-
-impl DiskFs {
-    fn attr(&self, ino: u64) -> fuser::FileAttr {
-        let dir = ino == fuser::FUSE_ROOT_ID;
-        fuser::FileAttr {
-            ino,
-            size: if dir { 0 } else { self.layer.size() },
-            blocks: if dir { 0 } else { self.layer.size().div_ceil(512) },
-            atime: self.started,
-            mtime: self.started,
-            ctime: self.started,
-            crtime: self.started,
-            kind: if dir {
-                fuser::FileType::Directory
-            } else {
-                fuser::FileType::RegularFile
-            },
-            perm: if dir { 0o755 } else { 0o600 },
-            nlink: if dir { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        }
-    }
-}
-
-impl fuser::Filesystem for DiskFs {
-    fn lookup(&mut self, _req: &fuser::Request<'_>, parent: u64, name: &OsStr, reply: fuser::ReplyEntry) {
-        if parent == fuser::FUSE_ROOT_ID && name == FILE_NAME {
-            reply.entry(&TTL, &self.attr(FILE_INO), 0);
-        } else {
-            reply.error(libc::ENOENT);
-        }
-    }
-
-    fn getattr(&mut self, _req: &fuser::Request<'_>, ino: u64, _fh: Option<u64>, reply: fuser::ReplyAttr) {
-        if ino == fuser::FUSE_ROOT_ID || ino == FILE_INO {
-            reply.attr(&TTL, &self.attr(ino));
-        } else {
-            reply.error(libc::ENOENT);
-        }
-    }
-
-    fn open(&mut self, _req: &fuser::Request<'_>, ino: u64, _flags: i32, reply: fuser::ReplyOpen) {
-        if ino != FILE_INO {
-            return reply.error(libc::EISDIR);
-        }
-        // No page cache: with --writable the NBD export changes the same
-        // overlay behind the kernel's back.
-        reply.opened(0, fuser::consts::FOPEN_DIRECT_IO);
-    }
-
-    fn read(
-        &mut self,
-        _req: &fuser::Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        size: u32,
-        _flags: i32,
-        _lock: Option<u64>,
-        reply: fuser::ReplyData,
-    ) {
-        let Ok(off) = u64::try_from(offset) else {
-            return reply.error(libc::EINVAL);
-        };
-        if ino != FILE_INO {
-            return reply.error(libc::EISDIR);
-        }
-        let n = u64::from(size).min(self.layer.size().saturating_sub(off));
-        let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
-        match self.layer.read_at(&mut buf, off) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
-        }
-    }
-
-    fn write(
-        &mut self,
-        _req: &fuser::Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        data: &[u8],
-        _write_flags: u32,
-        _flags: i32,
-        _lock: Option<u64>,
-        reply: fuser::ReplyWrite,
-    ) {
-        let Ok(off) = u64::try_from(offset) else {
-            return reply.error(libc::EINVAL);
-        };
-        if ino != FILE_INO {
-            return reply.error(libc::EISDIR);
-        }
-        if off.saturating_add(data.len() as u64) > self.layer.size() {
-            return reply.error(libc::ENOSPC);
-        }
-        match self.layer.write_at(Some(data), off, data.len() as u64) {
-            Ok(()) => reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX)),
-            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
-        }
-    }
-
-    fn flush(&mut self, _req: &fuser::Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: fuser::ReplyEmpty) {
-        reply.ok();
-    }
-
-    fn fsync(&mut self, _req: &fuser::Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: fuser::ReplyEmpty) {
-        reply.ok();
-    }
-
-    fn readdir(
-        &mut self,
-        _req: &fuser::Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        mut reply: fuser::ReplyDirectory,
-    ) {
-        if ino != fuser::FUSE_ROOT_ID {
-            return reply.error(libc::ENOTDIR);
-        }
-        let entries = [
-            (fuser::FUSE_ROOT_ID, fuser::FileType::Directory, "."),
-            (fuser::FUSE_ROOT_ID, fuser::FileType::Directory, ".."),
-            (FILE_INO, fuser::FileType::RegularFile, FILE_NAME),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(usize::try_from(offset).unwrap_or(0)) {
-            if reply.add(*ino, i64::try_from(i + 1).unwrap_or(i64::MAX), *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-}
 
 /// Run a command; its stdout, or an error with its stderr.
 fn sh(cmd: &mut Command) -> Result<String> {
@@ -348,8 +200,7 @@ struct FsMount {
     mountpoint: PathBuf,
     mounted: bool,
     loop_dev: Option<String>,
-    fuse: Option<fuser::BackgroundSession>,
-    fuse_dir: Option<tempfile::TempDir>,
+    fuse: Option<tidemark_recovery::fuse::Mounted>,
 }
 
 impl FsMount {
@@ -362,39 +213,20 @@ impl FsMount {
             mounted: false,
             loop_dev: None,
             fuse: None,
-            fuse_dir: None,
         };
-        let dir = tempfile::Builder::new()
-            .prefix("tidemark-mount-")
-            .tempdir()
-            .context("temp dir for the FUSE file")?;
-        let fs = DiskFs {
-            layer,
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
-            started: SystemTime::now(),
-        };
-        let opts = [
-            fuser::MountOption::FSName("tidemark".into()),
-            fuser::MountOption::Subtype("tidemark".into()),
-            fuser::MountOption::RW,
-            fuser::MountOption::NoExec,
-            fuser::MountOption::NoSuid,
-            fuser::MountOption::NoDev,
-        ];
-        let file = dir.path().join(FILE_NAME);
-        m.fuse = Some(
-            fuser::spawn_mount2(fs, dir.path(), &opts)
-                .with_context(|| format!("FUSE mount at {} (is /dev/fuse usable?)", dir.path().display()))?,
-        );
-        m.fuse_dir = Some(dir);
-        let start = Instant::now();
-        while !file.exists() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("the FUSE file {} did not appear", file.display());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let size = layer.size();
+        let fuse = tidemark_recovery::fuse::mount(
+            vec![tidemark_recovery::fuse::FileSpec {
+                name: FILE_NAME.into(),
+                layer,
+                offset: 0,
+                len: size,
+            }],
+            None,
+        )
+        .context("serve the view as a file")?;
+        let file = fuse.path(FILE_NAME);
+        m.fuse = Some(fuse);
         // The loop device is writable even for a read-only mount: ext4
         // replays its journal into the overlay underneath.
         let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&file))
@@ -457,16 +289,8 @@ impl Drop for FsMount {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        // Unmounts the FUSE filesystem.
+        // Unmounts the FUSE filesystem and removes its directory.
         drop(self.fuse.take());
-        if let Some(d) = self.fuse_dir.take() {
-            let p = d.path().to_path_buf();
-            if d.close().is_err() {
-                // Still mounted (a client holds it): lazy unmount, then remove.
-                let _ = sh(Command::new("fusermount3").arg("-uz").arg(&p));
-                let _ = std::fs::remove_dir_all(&p);
-            }
-        }
     }
 }
 

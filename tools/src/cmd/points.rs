@@ -26,7 +26,7 @@ pub struct PointsArgs {
     data: PathBuf,
     /// The disk id.
     disk: tidemark_wire::DiskId,
-    /// Print one JSON object: {"points":[{"seq","time","kind","tag","latest"}]}.
+    /// Print one JSON object: {"points":[{"seq","time","kind","tag","latest","verified"}]}.
     #[arg(long)]
     json: bool,
 }
@@ -75,22 +75,37 @@ pub fn list(data: &Path, disk: &str) -> Result<Vec<PointInfo>> {
 
 pub fn points(a: PointsArgs) -> Result<()> {
     let pts = list(&a.data, &a.disk)?;
+    // The newest drill result at each seq drilled ("passed": verified).
+    let drills = r::drills(&a.data, &a.disk, 200)?;
+    let verified = |seq: u64| drills.iter().find(|d| d.seq == seq).map(|d| d.result.as_str());
+    let last = drills
+        .iter()
+        .find(|d| d.result == tidemark_catalog::drill::DrillResult::Passed);
     if a.json {
-        let v: Vec<_> = pts.iter().map(point_json).collect();
-        outln!("{}", serde_json::json!({ "points": v }));
+        let v: Vec<_> = pts
+            .iter()
+            .map(|p| {
+                let mut j = point_json(p);
+                j["verified"] = serde_json::json!(verified(p.seq));
+                j
+            })
+            .collect();
+        let lv = last.map(|d| serde_json::json!({"seq": d.seq, "time": format_time(d.point_time_ns), "drill": d.id}));
+        outln!("{}", serde_json::json!({ "points": v, "last_verified": lv }));
         return Ok(());
     }
     if pts.is_empty() {
         outln!("no recovery points for {}", a.disk);
         return Ok(());
     }
-    let rows: Vec<[String; 4]> = pts
+    let rows: Vec<[String; 5]> = pts
         .iter()
         .map(|p| {
             [
                 format_time(p.time_ns),
                 p.seq.to_string(),
                 p.kind.as_str().to_string(),
+                verified(p.seq).unwrap_or("").to_string(),
                 match (&p.tag, p.latest) {
                     (Some(t), _) => t.clone(),
                     (None, true) => "(latest: every applied write)".to_string(),
@@ -100,10 +115,32 @@ pub fn points(a: PointsArgs) -> Result<()> {
         })
         .collect();
     let w = |i: usize, h: &str| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(h.len());
-    let (w0, w1, w2) = (w(0, "TIME"), w(1, "SEQ"), w(2, "KIND"));
-    outln!("{:<w0$}  {:>w1$}  {:<w2$}  TAG", "TIME", "SEQ", "KIND");
+    let (w0, w1, w2, w3) = (w(0, "TIME"), w(1, "SEQ"), w(2, "KIND"), w(3, "DRILL"));
+    outln!(
+        "{:<w0$}  {:>w1$}  {:<w2$}  {:<w3$}  TAG",
+        "TIME",
+        "SEQ",
+        "KIND",
+        "DRILL"
+    );
     for r in rows {
-        outln!("{:<w0$}  {:>w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
+        outln!("{:<w0$}  {:>w1$}  {:<w2$}  {:<w3$}  {}", r[0], r[1], r[2], r[3], r[4]);
+    }
+    match last {
+        Some(d) => outln!(
+            "last verified recoverable point: seq {} ({}, {} old; drill {})",
+            d.seq,
+            format_time(d.point_time_ns),
+            tidemark_util::human::format_duration(std::time::Duration::from_nanos(
+                tidemark_util::now_ns().saturating_sub(d.point_time_ns)
+            )),
+            d.id
+        ),
+        None => outln!(
+            "no point of {} has passed a drill yet (tidemark drill --data DIR {})",
+            a.disk,
+            a.disk
+        ),
     }
     Ok(())
 }

@@ -610,6 +610,20 @@ fn check(a: &StatusArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
+/// The last verified recoverable point: `seq N, AGE ago`, `never`, or
+/// what the newest drill found instead.
+fn verified_text(d: &Value) -> String {
+    let v = &d["last_verified"];
+    let mut t = match v["seq"].as_u64() {
+        Some(seq) => format!("seq {seq}, {} old", secs(&v["age_s"])),
+        None => "never".into(),
+    };
+    if let Some(r) = d["last_drill"]["result"].as_str().filter(|r| *r != "passed") {
+        t.push_str(&format!(" (last drill {r})"));
+    }
+    t
+}
+
 fn status_table(v: &Value) {
     let c = &v["collector"];
     outln!(
@@ -641,6 +655,7 @@ fn status_table(v: &Value) {
         "WIRE/PAYLOAD",
         "DEDUP",
         "RESYNCS",
+        "VERIFIED",
     ];
     let mut rows = vec![head.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
     for d in &disks {
@@ -670,6 +685,7 @@ fn status_table(v: &Value) {
             },
             u(d, "dedup_hits").to_string(),
             u(d, "full_resyncs").to_string(),
+            verified_text(d),
         ]);
     }
     print_table(&rows);

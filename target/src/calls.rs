@@ -1,0 +1,111 @@
+//! Answers to the configuration server's calls on a disk's connection
+//! (`tidemark_wire::call`): its points with their drill results, its
+//! drills, a drill now, and (in `session`, which owns the applier) its
+//! retention.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tidemark_catalog::drill::{last_verified, read_drills, DrillResult};
+use tidemark_wire::call::{Call, Retention};
+
+use crate::retention::{DiskPolicy, OnFull};
+use crate::session::Shared;
+
+/// Most points one answer lists (the newest).
+pub(crate) const MAX_POINTS: u32 = 5000;
+/// Most drills one answer lists (each carries up to 64 KiB of output).
+pub(crate) const MAX_DRILLS: u32 = 50;
+
+/// Answer a call that does not need the applier; `Err` is the refusal.
+pub(crate) async fn answer(shared: Arc<Shared>, disk: String, call: Call) -> Result<Value, String> {
+    let dir = shared.cfg.data_dir.clone();
+    match call {
+        Call::Points { limit } => {
+            let limit = limit.clamp(1, MAX_POINTS) as usize;
+            blocking(move || {
+                let mut pts = tidemark_recovery::points_direct(&dir, &disk)?;
+                let conn = tidemark_catalog::open_read_only(&dir)?;
+                // The newest result at each seq drilled.
+                let mut verified: HashMap<u64, DrillResult> = HashMap::new();
+                for d in read_drills(&conn, &disk, u32::MAX)?.into_iter().rev() {
+                    verified.insert(d.seq, d.result);
+                }
+                let skip = pts.len().saturating_sub(limit);
+                pts.drain(..skip);
+                let points: Vec<Value> = pts
+                    .into_iter()
+                    .map(|p| {
+                        let mut v = serde_json::to_value(&p).unwrap_or_default();
+                        v["latest"] = json!(p.latest);
+                        v["verified"] = json!(verified.get(&p.seq).map(|r| r.as_str()));
+                        v
+                    })
+                    .collect();
+                Ok(json!({"points": points, "last_verified": last_verified(&conn, &disk)?}))
+            })
+            .await
+        }
+        Call::Drills { limit } => {
+            let limit = limit.clamp(1, MAX_DRILLS);
+            blocking(move || {
+                tidemark_recovery::points_direct(&dir, &disk)?;
+                let conn = tidemark_catalog::open_read_only(&dir)?;
+                Ok(json!({
+                    "drills": read_drills(&conn, &disk, limit)?,
+                    "last_verified": last_verified(&conn, &disk)?,
+                }))
+            })
+            .await
+        }
+        Call::Drill { trigger } => {
+            let trigger = match trigger.as_str() {
+                "api" | "schedule" | "console" | "cli" => trigger,
+                _ => "api".to_string(),
+            };
+            crate::drill::run(shared, disk, &trigger)
+                .await
+                .map(|d| json!(d))
+                .map_err(|e| format!("{e:#}"))
+        }
+        Call::SetRetention(_) | Call::GetRetention => Err("retention is the disk's session's".into()),
+        Call::Tag { .. } => Err("tags are taken by the agent, not the target".into()),
+    }
+}
+
+async fn blocking(f: impl FnOnce() -> anyhow::Result<Value> + Send + 'static) -> Result<Value, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(e) => Err(format!("the call's task failed: {e}")),
+    }
+}
+
+/// A retention from a call, checked.
+pub(crate) fn policy_of(r: &Retention) -> Result<DiskPolicy, String> {
+    let on_full = match r.on_full.as_str() {
+        "prune" => OnFull::Prune,
+        "stop" => OnFull::Stop,
+        other => return Err(format!("on_full {other:?}: expected prune or stop")),
+    };
+    if r.max_bytes == Some(0) {
+        return Err("max_bytes 0: give a cap above zero, or none".into());
+    }
+    Ok(DiskPolicy {
+        window: std::time::Duration::from_secs(r.window_s),
+        max_bytes: r.max_bytes,
+        on_full,
+        point_interval: std::time::Duration::from_millis(r.point_interval_ms),
+    })
+}
+
+/// A policy as a call carries it.
+pub(crate) fn retention_of(p: &DiskPolicy) -> Retention {
+    Retention {
+        window_s: p.window.as_secs(),
+        max_bytes: p.max_bytes,
+        on_full: p.on_full.as_str().to_string(),
+        point_interval_ms: u64::try_from(p.point_interval.as_millis()).unwrap_or(u64::MAX),
+    }
+}
