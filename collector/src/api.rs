@@ -43,6 +43,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/disks/:id/rebind", post(rebind))
         .route("/api/v1/disks/:id/points", get(crate::manage::points))
         .route("/api/v1/disks/:id/tags", post(crate::manage::tag))
+        .route("/api/v1/disks/:id/failover", post(crate::manage::failover))
         .route(
             "/api/v1/disks/:id/drills",
             get(crate::manage::drills).post(crate::manage::drill),
@@ -70,7 +71,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     paths(
         status, disks, disk, history, events, alerts, refresh, quiesce, rebind, openapi, metrics,
         crate::manage::points, crate::manage::tag, crate::manage::drill, crate::manage::drills,
-        crate::manage::get_policy, crate::manage::put_policy
+        crate::manage::get_policy, crate::manage::put_policy, crate::manage::failover
     ),
     modifiers(&BearerAuth)
 )]

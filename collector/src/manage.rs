@@ -656,3 +656,98 @@ async fn put_policy_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Res
     };
     (audit, Json(policy_view(s, &d).await).into_response())
 }
+
+/// `POST /api/v1/disks/{id}/failover`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct FailoverRequest {
+    /// The point, as `tidemark failover --at` takes it: latest (after a
+    /// drain of what the collector and the agent hold), latest-app, seq:N,
+    /// tag:NAME, a time.
+    at: String,
+    /// The image's file name in the disk's failovers folder on the
+    /// target's host (`DATA/DISK/failovers/NAME`).
+    name: String,
+    /// raw (default), vmdk-flat, vmdk-sparse, vmdk-stream.
+    #[serde(default = "raw")]
+    format: String,
+}
+
+fn raw() -> String {
+    "raw".into()
+}
+
+/// A failover under way.
+#[derive(Serialize, utoipa::ToSchema)]
+struct FailoverStarted {
+    disk_id: String,
+    /// started.
+    status: String,
+    /// The image being written, and the tool's log, on the target's host.
+    output: String,
+    log: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/disks/{id}/failover",
+    params(("id" = String, Path, description = "The disk id")),
+    request_body = FailoverRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Started: the target writes the image and records the failover; replication to the disk then stops", body = FailoverStarted),
+        (status = 400, description = "A bad body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is below admin", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+        (status = 409, description = "The target refused (a bad name or point, already failed over)", body = ErrorBody),
+        (status = 503, description = "The target is not connected", body = ErrorBody),
+    ))]
+pub(crate) async fn failover(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Response {
+    let who = match require(&s, &headers, peer, ApiRole::Admin, "failover", &id) {
+        Ok(c) => c.who,
+        Err(r) => return *r,
+    };
+    let (audit, r) = failover_as(&s, &id, &bytes).await;
+    crate::audit::record(&s, &who, "failover", &id, &audit);
+    r
+}
+
+async fn failover_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) {
+    let req: FailoverRequest = match body(bytes, "failover request") {
+        Ok(r) => r,
+        Err(r) => return ("refused: 400".into(), *r),
+    };
+    let Some(d) = s.disk(id) else {
+        return ("refused: no such disk".into(), not_found(id));
+    };
+    let call = Call::Failover {
+        at: req.at.clone(),
+        name: req.name.clone(),
+        format: req.format.clone(),
+    };
+    match calls::call_target(s, &d, &call, calls::CALL_WAIT).await {
+        Ok(v) => {
+            let output = v["output"].as_str().unwrap_or("").to_string();
+            tracing::warn!(disk = %id, at = %req.at, output, "failover started through the API");
+            (
+                format!("started at {} to {output}", req.at),
+                (
+                    StatusCode::ACCEPTED,
+                    Json(FailoverStarted {
+                        disk_id: id.to_string(),
+                        status: "started".into(),
+                        output,
+                        log: v["log"].as_str().unwrap_or("").to_string(),
+                    }),
+                )
+                    .into_response(),
+            )
+        }
+        Err(e) => (format!("refused: {e}"), call_failed(id, "a failover", &e)),
+    }
+}

@@ -70,6 +70,7 @@ pub(crate) async fn answer(shared: Arc<Shared>, disk: String, call: Call) -> Res
                 .map_err(|e| format!("{e:#}"))
         }
         Call::SetRetention(_) | Call::GetRetention => Err("retention is the disk's session's".into()),
+        Call::Failover { at, name, format } => failover(shared, disk, at, name, format).await,
         Call::Tag { .. } => Err("tags are taken by the agent, not the target".into()),
     }
 }
@@ -108,4 +109,79 @@ pub(crate) fn retention_of(p: &DiskPolicy) -> Retention {
         on_full: p.on_full.as_str().to_string(),
         point_interval_ms: u64::try_from(p.point_interval.as_millis()).unwrap_or(u64::MAX),
     }
+}
+
+/// A failover asked through the API: `tidemark failover` (beside this
+/// binary) writes the image to `DATA/DISK/failovers/NAME`, with its drain,
+/// progress and failover record, its output in `NAME.log`. Answered as
+/// soon as the tool runs (`{"output","log"}`): once the failover is
+/// recorded this disk's connection ends, as after any failover, so its
+/// end is not waited for here; the tool's last line goes to the log.
+pub(crate) async fn failover(
+    shared: Arc<Shared>,
+    disk: String,
+    at: String,
+    name: String,
+    format: String,
+) -> Result<Value, String> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && !name.ends_with(".log")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !name_ok {
+        return Err(format!(
+            "image name {name:?}: 1 to 100 of A-Z a-z 0-9 . _ -, not starting with a dot nor ending in .log (it is a file in the disk's failovers folder)"
+        ));
+    }
+    if !["raw", "vmdk-flat", "vmdk-sparse", "vmdk-stream"].contains(&format.as_str()) {
+        return Err(format!(
+            "format {format:?}: expected raw, vmdk-flat, vmdk-sparse or vmdk-stream"
+        ));
+    }
+    if at.is_empty() || at.len() > 300 || at.chars().any(char::is_control) {
+        return Err("the point (at) is empty, too long or holds control characters".into());
+    }
+    if shared.is_failed_over(&disk) {
+        return Err(format!("disk {disk} is already failed over"));
+    }
+    let tool = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.join("tidemark")))
+        .filter(|t| t.is_file())
+        .ok_or("the tidemark tool is not installed beside tidemark-target: a failover needs it")?;
+    let dir = shared.cfg.data_dir.clone();
+    blocking(move || {
+        tidemark_recovery::points_direct(&dir, &disk)?;
+        let out_dir = tidemark_catalog::layout::disk_dir(&dir, &disk).join("failovers");
+        std::fs::create_dir_all(&out_dir)?;
+        let output = out_dir.join(&name);
+        if output.exists() {
+            anyhow::bail!("{} exists already: name another image", output.display());
+        }
+        let log_path = out_dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let mut child = std::process::Command::new(&tool)
+            .args(["failover", "--data"])
+            .arg(&dir)
+            .arg(&disk)
+            .args(["--at", &at, "--format", &format, "--drain-timeout", "2m", "--output"])
+            .arg(&output)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        tracing::warn!(disk, at, output = %output.display(), "failover asked through the API: tidemark failover runs");
+        let (d, o) = (disk.clone(), output.clone());
+        std::thread::spawn(move || match child.wait() {
+            Ok(s) if s.success() => tracing::warn!(disk = d, output = %o.display(), "failover done"),
+            Ok(s) => tracing::error!(disk = d, output = %o.display(), "tidemark failover failed ({s}): see its log"),
+            Err(e) => tracing::error!(disk = d, "tidemark failover: {e}"),
+        });
+        Ok(json!({
+            "output": output.display().to_string(),
+            "log": log_path.display().to_string(),
+        }))
+    })
+    .await
 }

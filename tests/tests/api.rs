@@ -336,6 +336,7 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ("/api/v1/disks/{id}/drills", "post"),
         ("/api/v1/disks/{id}/policy", "get"),
         ("/api/v1/disks/{id}/policy", "put"),
+        ("/api/v1/disks/{id}/failover", "post"),
     ];
     for (p, m) in methods {
         assert!(doc["paths"][p][m].is_object(), "{m} {p} is not in the document");
@@ -462,6 +463,8 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ),
         ("PUT", "/api/v1/disks/db/policy", "/api/v1/disks/{id}/policy", 401, None),
         ("POST", "/api/v1/disks/db/tags", "/api/v1/disks/{id}/tags", 401, None),
+        ("POST", "/api/v1/disks/db/failover", "/api/v1/disks/{id}/failover", 401, None),
+        ("POST", "/api/v1/disks/db/failover", "/api/v1/disks/{id}/failover", 400, Some(admin)),
         (
             "POST",
             "/api/v1/disks/db/tags",

@@ -25,6 +25,11 @@ pub enum Call {
     SetRetention(Retention),
     /// Target: the disk's retention → `{"retention": Retention}`.
     GetRetention,
+    /// Target: fail the disk over at the point `at` names (`tidemark
+    /// failover`'s `--at`) to the image `name` (a file name) in its
+    /// failovers folder, in `format` → `{"output","log","point",…}` once
+    /// written. Replication to the disk stops for good.
+    Failover { at: String, name: String, format: String },
     /// Agent: journal a tag and make it durable → `{"seq": N}`.
     Tag { name: String, app_consistent: bool },
 }
