@@ -168,6 +168,27 @@ pub(crate) struct PolicyUpdate {
     point_interval_ms: Option<u64>,
 }
 
+/// An action of a caller holding `role` or above: its answer, recorded
+/// in the audit and event logs with what came of it (`act` gives both).
+async fn audited<F>(
+    s: &Arc<Shared>,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    (role, action, id): (ApiRole, &str, &str),
+    act: F,
+) -> Response
+where
+    F: std::future::Future<Output = (String, Response)>,
+{
+    let who = match require(s, headers, peer, role, action, id) {
+        Ok(c) => c.who,
+        Err(r) => return *r,
+    };
+    let (audit, r) = act.await;
+    crate::audit::record(s, &who, action, id, &audit);
+    r
+}
+
 /// A 4xx/5xx for a call that got no answer.
 fn call_failed(id: &str, what: &str, e: &CallError) -> Response {
     let status = match e {
@@ -311,13 +332,7 @@ pub(crate) async fn tag(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Response {
-    let who = match require(&s, &headers, peer, ApiRole::Operator, "tag", &id) {
-        Ok(c) => c.who,
-        Err(r) => return *r,
-    };
-    let (audit, r) = tag_as(&s, &id, &bytes).await;
-    crate::audit::record(&s, &who, "tag", &id, &audit);
-    r
+    audited(&s, &headers, peer, (ApiRole::Operator, "tag", &id), tag_as(&s, &id, &bytes)).await
 }
 
 async fn tag_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) {
@@ -378,48 +393,45 @@ pub(crate) async fn drill(
     Query(q): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let who = match require(&s, &headers, peer, ApiRole::Operator, "drill", &id) {
-        Ok(c) => c.who,
-        Err(r) => return *r,
-    };
-    let wait = match known_params(&q, &["wait"]).and_then(|()| num_param(&q, "wait", 120, 0, 600)) {
+    audited(&s, &headers, peer, (ApiRole::Operator, "drill", &id), drill_as(&s, &id, &q)).await
+}
+
+async fn drill_as(s: &Arc<Shared>, id: &str, q: &BTreeMap<String, String>) -> (String, Response) {
+    let wait = match known_params(q, &["wait"]).and_then(|()| num_param(q, "wait", 120, 0, 600)) {
         Ok(w) => Duration::from_secs(w),
-        Err(r) => {
-            crate::audit::record(&s, &who, "drill", &id, "refused: 400");
-            return *r;
-        }
+        Err(r) => return ("refused: 400".into(), *r),
     };
-    let Some(d) = s.disk(&id) else {
-        crate::audit::record(&s, &who, "drill", &id, "refused: no such disk");
-        return not_found(&id);
+    let Some(d) = s.disk(id) else {
+        return ("refused: no such disk".into(), not_found(id));
     };
-    if !d.lock().target_connected {
-        crate::audit::record(&s, &who, "drill", &id, "refused: the target is not connected");
-        return call_failed(&id, "a drill", &CallError::NotConnected("target"));
-    }
-    crate::audit::record(&s, &who, "drill", &id, "started");
-    match calls::drill(&s, &d, "api", wait).await {
+    let r = match calls::drill(s, &d, "api", wait).await {
         Ok(v) => match DrillView::from_target(&v) {
-            Some(dv) => Json(dv).into_response(),
+            Some(dv) => return (format!("drill {} {}", dv.id, dv.result), Json(dv).into_response()),
             None => error(
                 StatusCode::BAD_GATEWAY,
                 format!("the target's drill of disk {id} is not as expected: {v}"),
             ),
         },
-        Err(CallError::TimedOut(_)) => (
-            StatusCode::ACCEPTED,
-            Json(DrillRunning {
-                disk_id: id.clone(),
-                status: "running".into(),
-                message: format!(
-                    "the drill is still running after {} s; GET /api/v1/disks/{id}/drills shows it when done",
-                    wait.as_secs()
-                ),
-            }),
-        )
-            .into_response(),
-        Err(e) => call_failed(&id, "a drill", &e),
-    }
+        Err(CallError::TimedOut(_)) => {
+            return (
+                "started, still running".into(),
+                (
+                    StatusCode::ACCEPTED,
+                    Json(DrillRunning {
+                        disk_id: id.to_string(),
+                        status: "running".into(),
+                        message: format!(
+                            "the drill is still running after {} s; GET /api/v1/disks/{id}/drills shows it when done",
+                            wait.as_secs()
+                        ),
+                    }),
+                )
+                    .into_response(),
+            )
+        }
+        Err(e) => call_failed(id, "a drill", &e),
+    };
+    (format!("refused: {}", r.status()), r)
 }
 
 #[utoipa::path(get, path = "/api/v1/disks/{id}/drills",
@@ -564,13 +576,7 @@ pub(crate) async fn put_policy(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Response {
-    let who = match require(&s, &headers, peer, ApiRole::Operator, "policy", &id) {
-        Ok(c) => c.who,
-        Err(r) => return *r,
-    };
-    let (audit, r) = put_policy_as(&s, &id, &bytes).await;
-    crate::audit::record(&s, &who, "policy", &id, &audit);
-    r
+    audited(&s, &headers, peer, (ApiRole::Operator, "policy", &id), put_policy_as(&s, &id, &bytes)).await
 }
 
 async fn put_policy_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) {
@@ -708,13 +714,7 @@ pub(crate) async fn failover(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Response {
-    let who = match require(&s, &headers, peer, ApiRole::Admin, "failover", &id) {
-        Ok(c) => c.who,
-        Err(r) => return *r,
-    };
-    let (audit, r) = failover_as(&s, &id, &bytes).await;
-    crate::audit::record(&s, &who, "failover", &id, &audit);
-    r
+    audited(&s, &headers, peer, (ApiRole::Admin, "failover", &id), failover_as(&s, &id, &bytes)).await
 }
 
 async fn failover_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) {
