@@ -332,7 +332,14 @@ pub(crate) async fn tag(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Response {
-    audited(&s, &headers, peer, (ApiRole::Operator, "tag", &id), tag_as(&s, &id, &bytes)).await
+    audited(
+        &s,
+        &headers,
+        peer,
+        (ApiRole::Operator, "tag", &id),
+        tag_as(&s, &id, &bytes),
+    )
+    .await
 }
 
 async fn tag_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) {
@@ -393,7 +400,14 @@ pub(crate) async fn drill(
     Query(q): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    audited(&s, &headers, peer, (ApiRole::Operator, "drill", &id), drill_as(&s, &id, &q)).await
+    audited(
+        &s,
+        &headers,
+        peer,
+        (ApiRole::Operator, "drill", &id),
+        drill_as(&s, &id, &q),
+    )
+    .await
 }
 
 async fn drill_as(s: &Arc<Shared>, id: &str, q: &BTreeMap<String, String>) -> (String, Response) {
@@ -576,7 +590,14 @@ pub(crate) async fn put_policy(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Response {
-    audited(&s, &headers, peer, (ApiRole::Operator, "policy", &id), put_policy_as(&s, &id, &bytes)).await
+    audited(
+        &s,
+        &headers,
+        peer,
+        (ApiRole::Operator, "policy", &id),
+        put_policy_as(&s, &id, &bytes),
+    )
+    .await
 }
 
 async fn put_policy_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) {
@@ -714,7 +735,14 @@ pub(crate) async fn failover(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Response {
-    audited(&s, &headers, peer, (ApiRole::Admin, "failover", &id), failover_as(&s, &id, &bytes)).await
+    audited(
+        &s,
+        &headers,
+        peer,
+        (ApiRole::Admin, "failover", &id),
+        failover_as(&s, &id, &bytes),
+    )
+    .await
 }
 
 async fn failover_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) {

@@ -463,8 +463,20 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ),
         ("PUT", "/api/v1/disks/db/policy", "/api/v1/disks/{id}/policy", 401, None),
         ("POST", "/api/v1/disks/db/tags", "/api/v1/disks/{id}/tags", 401, None),
-        ("POST", "/api/v1/disks/db/failover", "/api/v1/disks/{id}/failover", 401, None),
-        ("POST", "/api/v1/disks/db/failover", "/api/v1/disks/{id}/failover", 400, Some(admin)),
+        (
+            "POST",
+            "/api/v1/disks/db/failover",
+            "/api/v1/disks/{id}/failover",
+            401,
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/disks/db/failover",
+            "/api/v1/disks/{id}/failover",
+            400,
+            Some(admin),
+        ),
         (
             "POST",
             "/api/v1/disks/db/tags",
