@@ -787,7 +787,7 @@ async fn session(
                 failpoint::hit("collector-after-ack");
             }
             Frame::Progress(p) => note_progress(disk, p),
-            Frame::Reply { nonce, ok, body } => crate::calls::note_reply(disk, nonce, ok, body),
+            Frame::Reply { nonce, ok, body } => crate::calls::note_reply(disk, "agent", nonce, ok, body),
             Frame::HashQuery { .. } => {
                 // Relayed to the target's session; kept for the next one
                 // while none is up (bounded: the agent asks again anyway).

@@ -59,13 +59,15 @@ impl std::fmt::Display for CallError {
 /// Replies waited for: nonce, whom it was asked of, the caller.
 pub(crate) type Waiters = Vec<(u64, &'static str, oneshot::Sender<(bool, String)>)>;
 
-/// A Reply from the target or the agent: wake its caller.
-pub(crate) fn note_reply(disk: &Disk, nonce: u64, ok: bool, body: String) {
+/// A Reply from `who` (`target`, `agent`): wake its caller. Only a call
+/// made of that peer matches: an agent cannot answer the target's calls
+/// (and claim a drill passed).
+pub(crate) fn note_reply(disk: &Disk, who: &str, nonce: u64, ok: bool, body: String) {
     let w = {
         let mut st = disk.lock();
         st.call_waiters
             .iter()
-            .position(|(n, _, _)| *n == nonce)
+            .position(|(n, w, _)| *n == nonce && *w == who)
             .map(|i| st.call_waiters.swap_remove(i).2)
     };
     match w {

@@ -504,7 +504,7 @@ async fn read_loop(
                     let _ = tx.send(Out { frame: f, done: None }).await;
                 }
             }
-            Some(Frame::Reply { nonce, ok, body }) => crate::calls::note_reply(disk, nonce, ok, body),
+            Some(Frame::Reply { nonce, ok, body }) => crate::calls::note_reply(disk, "target", nonce, ok, body),
             Some(Frame::Error {
                 code: ErrorCode::StaleGeneration,
                 reason,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tidemark_catalog::drill::{last_verified, read_drills, DrillResult};
+use tidemark_catalog::drill::{last_verified, read_drills, results, DrillResult};
 use tidemark_wire::call::{Call, Retention};
 
 use crate::retention::{DiskPolicy, OnFull};
@@ -28,10 +28,7 @@ pub(crate) async fn answer(shared: Arc<Shared>, disk: String, call: Call) -> Res
                 let mut pts = tidemark_recovery::points_direct(&dir, &disk)?;
                 let conn = tidemark_catalog::open_read_only(&dir)?;
                 // The newest result at each seq drilled.
-                let mut verified: HashMap<u64, DrillResult> = HashMap::new();
-                for d in read_drills(&conn, &disk, u32::MAX)?.into_iter().rev() {
-                    verified.insert(d.seq, d.result);
-                }
+                let verified: HashMap<u64, DrillResult> = results(&conn, &disk)?.into_iter().collect();
                 let skip = pts.len().saturating_sub(limit);
                 pts.drain(..skip);
                 let points: Vec<Value> = pts

@@ -9,11 +9,16 @@
 //! only), a tag taken with "Take tag…" and its confirmation (Escape
 //! cancels, Enter confirms) whose point then appears in the points table,
 //! and a drill of a real ext4 (written through the shim by nbdcopy) run
-//! with "Run drill…" that passes, its checker output viewable. Screenshots
-//! are kept in `build/test-artifacts/console/`.
+//! with "Run drill…" that passes, its checker output viewable; last, a
+//! failover to the tag with "Fail over…", whose confirmation is enabled
+//! only once the disk id is typed: the status line says where the image
+//! is on the target's host and, once the failover is recorded, that it is
+//! done; the image passes e2fsck and holds the files. Screenshots are kept
+//! in `build/test-artifacts/console/`.
 //!
 //! Real processes (`cargo build --bins` first); qemu-io, nbdcopy,
-//! mkfs.ext4, e2fsck, chromium; FUSE (`/dev/fuse`, root) for the drill.
+//! mkfs.ext4, e2fsck, debugfs, chromium; FUSE (`/dev/fuse`, root) for the
+//! drill.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -315,7 +320,7 @@ fn js_text(id: &str) -> String {
 
 #[test]
 fn the_console_shows_disks_a_chart_alerts_and_events_in_a_real_browser() {
-    for t in ["chromium", "qemu-io", "nbdcopy", "mkfs.ext4", "e2fsck"] {
+    for t in ["chromium", "qemu-io", "nbdcopy", "mkfs.ext4", "e2fsck", "debugfs"] {
         need_tool(t);
     }
     assert!(
@@ -548,9 +553,129 @@ fn the_console_shows_disks_a_chart_alerts_and_events_in_a_real_browser() {
     );
     assert!(cell.as_str().is_some_and(|c| !c.contains("never")), "{cell}");
     assert_eq!(b.eval("sessionStorage.getItem('tidemark.token')"), json!(token));
+
+    // A failover to the tag, from the keyboard: "Fail over…" opens a
+    // confirmation that says what is lost and is enabled only once the
+    // disk id is typed; the image is written on the target's host.
+    b.goto(&format!("{base}/#disk/db"));
+    b.wait_for(
+        "the disk page with the tag's point",
+        "document.getElementById('disk-h').textContent === 'Disk db' \
+         && Array.from(document.querySelectorAll('#points tbody tr')).some((r) => r.cells[3].textContent === 'before-upgrade')",
+        T,
+    );
+    b.eval("document.getElementById('token').focus()");
+    for _ in 0..3 {
+        b.key("Tab");
+    }
+    assert_eq!(b.focused(), "act-failover");
+    b.key("Enter");
+    assert_eq!(b.eval("document.getElementById('confirm').open"), true);
+    assert_eq!(b.eval("document.getElementById('failover-fields').hidden"), false);
+    assert_eq!(b.eval("document.getElementById('tag-fields').hidden"), true);
+    let danger = b.eval(&format!(
+        "{} + ' ' + {}",
+        js_text("confirm-text"),
+        js_text("failover-danger")
+    ));
+    let danger = danger.as_str().unwrap_or_default().to_string();
+    assert!(
+        danger.contains("stops for good") && danger.contains("target's host"),
+        "the danger unsaid: {danger}"
+    );
+    assert_eq!(b.focused(), "fo-point");
+    assert_eq!(b.eval("document.getElementById('fo-point').value"), "latest");
+    assert_eq!(b.eval("document.getElementById('confirm-ok').disabled"), true);
+    let offered = b.eval("Array.from(document.querySelectorAll('#fo-points option')).map((o) => o.value)");
+    assert!(
+        offered
+            .as_array()
+            .is_some_and(|o| o.contains(&json!("tag:before-upgrade"))),
+        "the tag not offered: {offered}"
+    );
+    // The prefilled "latest" is selected: typing replaces it.
+    b.type_text("tag:before-upgrade");
+    assert_eq!(
+        b.eval("document.getElementById('fo-point').value"),
+        "tag:before-upgrade"
+    );
+    b.key("Tab");
+    assert_eq!(b.focused(), "fo-name");
+    let name = b.eval("document.getElementById('fo-name').value");
+    let name = name.as_str().unwrap_or_default().to_string();
+    assert!(
+        name.starts_with("db-failover-") && name.ends_with(".raw"),
+        "the image's name: {name}"
+    );
+    b.key("Tab");
+    assert_eq!(b.focused(), "fo-format");
+    assert_eq!(b.eval("document.getElementById('fo-format').value"), "raw");
+    b.key("Tab");
+    assert_eq!(b.focused(), "fo-confirm");
+    // Half the disk id: still disabled, and Enter does nothing.
+    b.type_text("d");
+    assert_eq!(b.eval("document.getElementById('confirm-ok').disabled"), true);
+    b.key("Enter");
+    assert_eq!(b.eval("document.getElementById('confirm').open"), true);
+    b.type_text("b");
+    assert_eq!(b.eval("document.getElementById('confirm-ok').disabled"), false);
+    b.key("Enter");
+    assert_eq!(b.eval("document.getElementById('confirm').open"), false);
+    assert_eq!(b.focused(), "act-failover");
+    let said = b.wait_for(
+        "the failover to be done",
+        &format!(
+            "{0}.startsWith('Failover of disk db done') && {0}",
+            js_text("action-status")
+        ),
+        Duration::from_secs(240),
+    );
+    let said = said.as_str().unwrap_or_default().to_string();
+    eprintln!("the console's status: {said}");
+    assert!(said.contains("stopped for good"), "{said}");
+    // The image and its log, where the status line says.
+    let image = said
+        .split("the image is at ")
+        .nth(1)
+        .and_then(|r| r.split(" (log: ").next())
+        .unwrap_or_else(|| panic!("no image in the status: {said}"));
+    let log = said
+        .split(" (log: ")
+        .nth(1)
+        .and_then(|r| r.split(") on the target's host").next())
+        .unwrap_or_else(|| panic!("no log in the status: {said}"));
+    let expected = site.dir.join("data/db/failovers").join(&name);
+    assert_eq!(Path::new(image), expected, "{said}");
+    assert_eq!(
+        Path::new(log),
+        site.dir.join("data/db/failovers").join(format!("{name}.log"))
+    );
+    assert!(Path::new(log).is_file(), "no log at {log}");
+    // At the tag's point.
+    assert!(
+        said.contains(&format!("at seq {seq} (")),
+        "not at the tag's seq {seq}: {said}"
+    );
+    assert!(said.contains("before-upgrade"), "{said}");
+    assert!(
+        std::fs::metadata(image).is_ok_and(|m| m.len() == 32 << 20),
+        "the image {image}: {:?}\nits log:\n{}",
+        std::fs::metadata(image),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    run_ok(Command::new("e2fsck").arg("-fn").arg(image), T);
+    let hostname = run_ok(Command::new("debugfs").args(["-R", "cat /etc/hostname"]).arg(image), T);
+    assert_eq!(String::from_utf8_lossy(&hostname.stdout), "db1\n");
+    b.wait_for(
+        "the failover in the disk's facts",
+        "document.getElementById('disk-facts').textContent.includes('failed over')",
+        T,
+    );
+    b.screenshot(&shots.join("disk-after-failover.png"));
+
     let said = b.complaints();
     assert!(said.is_empty(), "the browser's console: {said:#?}");
-    for shot in ["disk-after-tag.png", "disk-after-drill.png"] {
+    for shot in ["disk-after-tag.png", "disk-after-drill.png", "disk-after-failover.png"] {
         let len = std::fs::metadata(shots.join(shot)).map(|m| m.len()).unwrap_or(0);
         assert!(len > 10_000, "screenshot {shot} of {len} bytes in {}", s(&shots));
     }

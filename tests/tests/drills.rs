@@ -5,7 +5,9 @@
 //! by nbdcopy, passes `e2fsck -fn` in a drill of its newest point; its
 //! superblock zeroed through the shim (so replicated), the next drill
 //! fails, names the point and keeps the checker's output, and an alert is
-//! raised. A drill never changes the replica. Bad input gets a 4xx naming
+//! raised. A drill never changes the replica; a partition table is
+//! followed; a schedule drills on its own; a failover through the API
+//! writes a clean image at a tag before the damage. Bad input gets a 4xx naming
 //! what was wrong, and nothing is half applied.
 //!
 //! Real processes over HTTPS (`cargo build --bins` first); qemu-io,
@@ -311,5 +313,169 @@ fn points_tags_policy_and_drills_through_the_api() {
         "{}",
         stdout(&o)
     );
+    let o = run_ok(tidemark().args(["status", "--api", &site.api()]), T);
+    let want = format!("seq {passed_seq}, ");
+    assert!(
+        stdout(&o).contains("VERIFIED") && stdout(&o).contains(&want) && stdout(&o).contains("(last drill failed)"),
+        "{}",
+        stdout(&o)
+    );
+
+    // A schedule: a partitioned disk (an MBR: an ext4 in partition 1,
+    // nothing in partition 2) is drilled on its own within seconds of the
+    // policy asking for it; the partition table is followed.
+    let parted = d.join("logs.img");
+    tidemark_tests::sparse_file(&parted, 32 << 20);
+    let mut mbr = vec![0u8; 512];
+    for (i, (start, count)) in [(2048u32, 16384u32), (18432, 16384)].into_iter().enumerate() {
+        let e = 446 + 16 * i;
+        mbr[e + 4] = 0x83;
+        mbr[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+        mbr[e + 12..e + 16].copy_from_slice(&count.to_le_bytes());
+    }
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    std::fs::write(d.join("mbr.bin"), &mbr).unwrap();
+    run_ok(
+        Command::new("dd")
+            .arg(format!("if={}", d.join("mbr.bin").display()))
+            .arg(format!("of={}", parted.display()))
+            .args(["conv=notrunc", "status=none"]),
+        T,
+    );
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+            .arg(&content)
+            .arg(&parted)
+            .arg("8M"),
+        T,
+    );
+    let b = agent(&site, d, "logs", 32 << 20, &[]);
+    site.wait("logs", T);
+    refused(
+        call(
+            &site,
+            "PUT",
+            "/api/v1/disks/logs/policy",
+            tok,
+            Some(r#"{"drill_interval_s":30}"#),
+        ),
+        400,
+        "drill_interval_s 30 is out of range: 0, or 60",
+    );
+    let (s, v) = call(
+        &site,
+        "PUT",
+        "/api/v1/disks/logs/policy",
+        tok,
+        Some(r#"{"drill_interval_s":3600}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    let drill = poll("a scheduled drill", || {
+        let (_, v) = call(&site, "GET", "/api/v1/disks/logs/drills", None, None);
+        v["drills"].as_array()?.first().cloned()
+    });
+    assert_eq!(
+        (drill["trigger"].as_str(), drill["result"].as_str()),
+        (Some("schedule"), Some("passed")),
+        "{}",
+        serde_json::to_string_pretty(&drill).unwrap()
+    );
+    let summary = drill["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("part1 (ext) clean") && summary.contains("part2"),
+        "{drill}"
+    );
+    b.stop();
+
+    // Nothing checkable (an empty disk): skipped with the reason, and with
+    // nothing verified, the verified_age alert.
+    let c = agent(&site, d, "scratch", 16 << 20, &[]);
+    site.wait("scratch", T);
+    let (s, v) = call(
+        &site,
+        "PUT",
+        "/api/v1/disks/scratch/policy",
+        tok,
+        Some(r#"{"drill_interval_s":3600,"verified_max_age_s":600}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    let drill = poll("a scheduled drill of the empty disk", || {
+        let (_, v) = call(&site, "GET", "/api/v1/disks/scratch/drills", None, None);
+        v["drills"].as_array()?.first().cloned()
+    });
+    assert_eq!(drill["result"], "skipped", "{drill}");
+    assert!(
+        drill["summary"].as_str().unwrap().contains("nothing checked"),
+        "{drill}"
+    );
+    let alert = poll("the verified_age alert", || {
+        let (_, v) = call(&site, "GET", "/api/v1/alerts", None, None);
+        v["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["alert"] == "verified_age" && a["disk_id"] == "scratch")
+            .cloned()
+    });
+    assert!(alert["message"].as_str().unwrap().contains("no point"), "{alert}");
+    c.stop();
+
+    // A failover through the API (an admin's), at the tag taken before
+    // the damage: the image is written on the target's host, is that
+    // clean filesystem, and replication to the disk stops.
+    let fpath = "/api/v1/disks/db/failover";
+    refused(
+        call(&site, "POST", fpath, None, Some(r#"{"at":"latest","name":"x"}"#)),
+        401,
+        "Bearer",
+    );
+    refused(call(&site, "POST", fpath, tok, Some(r#"{"at":"latest"}"#)), 400, "name");
+    refused(
+        call(
+            &site,
+            "POST",
+            fpath,
+            tok,
+            Some(r#"{"at":"latest","name":"../etc/passwd"}"#),
+        ),
+        409,
+        "image name",
+    );
+    refused(
+        call(
+            &site,
+            "POST",
+            fpath,
+            tok,
+            Some(r#"{"at":"latest","name":"x.raw","format":"qcow2"}"#),
+        ),
+        409,
+        "format",
+    );
+    let (s, v) = call(
+        &site,
+        "POST",
+        fpath,
+        tok,
+        Some(r#"{"at":"tag:before-upgrade","name":"db-recovered.raw"}"#),
+    );
+    assert_eq!(s, 202, "{v}");
+    let out = std::path::PathBuf::from(v["output"].as_str().unwrap());
+    let log = std::path::PathBuf::from(v["log"].as_str().unwrap());
+    poll("the failover's end", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("failed over db"))
+            .map(drop)
+    });
+    let fsck = run(Command::new("e2fsck").arg("-fn").arg(&out), T);
+    assert!(fsck.status.success(), "the failed-over image: {}", stdout(&fsck));
+    poll("the disk fenced as failed over", || {
+        // The target ends the disk's generation: the collector fences it.
+        let st = site.disk_status("db");
+        let reason = st["fenced"]["reason"].as_str().unwrap_or_default().to_string();
+        (st["mode"] == "fenced" && reason.contains("failed over")).then_some(())
+    });
     a.stop();
 }

@@ -20,8 +20,13 @@ let extrasAgain = false;
 let shown = {};
 const openDrills = new Set();
 let newestDrill = 0;
-// An action (tag, drill) is running.
+// An action (tag, drill, failover) is running.
 let busy = false;
+// The disk whose failover runs: the target stops serving it meanwhile, so
+// its points and drills are not asked for.
+let failingOver = null;
+// The disk page's recovery points as last read (the failover's choices).
+let lastPoints = [];
 const TOKEN_KEY = "tidemark.token";
 const POINT_ROWS = 15;
 const KINDS = { crash: "crash", app: "application", tag: "tag" };
@@ -214,14 +219,29 @@ async function diskPage(id) {
     ["Target link", d.target_connected ? "connected" : "away"], ["Spool", bytes(d.spool_bytes)],
     ["Wire / payload", d.wire_ratio === null ? "-" : d.wire_ratio.toFixed(2)],
     ["Last verified", d.last_verified ? age(d.last_verified) + " (seq " + d.last_verified.seq + ", point of " + d.last_verified.point_time + ")" : "never"],
-    ["Last drill", d.last_drill ? d.last_drill.result + " at " + d.last_drill.started + " (seq " + d.last_drill.seq + ")" : "none"]]) {
-    facts.appendChild(el("dt", k)); facts.appendChild(el("dd", v));
+    ["Last drill", d.last_drill ? d.last_drill.result + " at " + d.last_drill.started + " (seq " + d.last_drill.seq + ")" : "none"],
+    ["Target refusal", d.target_refusal], ["Fenced", d.fenced ? d.fenced.reason : null]]) {
+    if (v === null || v === undefined) continue;
+    facts.appendChild(el("dt", k)); facts.appendChild(el("dd", v, k === "Fenced" || k === "Target refusal" ? "critical" : ""));
   }
   $("chart-h").textContent = resolution === "1s" ? "RPO over the last hour" : "RPO over the last 7 days";
   chart(h.samples);
   fillAlerts($("disk-alerts"), al.alerts.filter((a) => a.disk_id === d.disk_id));
   fillEvents($("disk-events").tBodies[0], ev.events, false);
-  extras(id, false);
+  if (d.target_connected && failingOver !== id) extras(id, false);
+  else targetAway(id, failingOver === id ? "a failover of this disk runs" : d.fenced || failedOver(d) ? "the disk is failed over"
+    : "the target is not connected");
+}
+
+// Points and drills are the target's: while it does not serve the disk,
+// they are not asked for (what was read stays, said to be older).
+function targetAway(id, why) {
+  if (current !== id) return;
+  for (const [t, what] of [["points", "recovery points"], ["drills", "drills"]]) {
+    $(t + "-note").textContent = $(t).tBodies[0].rows.length
+      ? "Not read from the target now (" + why + "): the " + what + " below were read earlier."
+      : "The " + what + " cannot be read now: " + why + ".";
+  }
 }
 
 // The recovery points as a line over their time span: crash points as
@@ -322,6 +342,7 @@ function fillPolicy(p) {
 
 function showPoints(id, v) {
   if (current !== id) return;
+  lastPoints = v.points;
   $("points-note").textContent = v.points.length ? "" : "No recovery points yet.";
   $("points").hidden = !v.points.length;
   if (changed("points", v.points)) fillPoints(v.points);
@@ -372,7 +393,7 @@ function say(text, cls) {
 
 function setBusy(on) {
   busy = on;
-  for (const b of ["act-tag", "act-drill"]) $(b).setAttribute("aria-disabled", String(on));
+  for (const b of ["act-tag", "act-drill", "act-failover"]) $(b).setAttribute("aria-disabled", String(on));
 }
 
 // After a tag: the points, until the tag's point is there (the target
@@ -447,6 +468,89 @@ async function runDrill(id) {
   }
 }
 
+// Whether the disk is failed over (its target refuses it as such, or its
+// generation was fenced by the failover): what the target said, or null.
+// "being failed over" is a failover still running.
+function failedOver(d) {
+  const fenced = (d.fenced && d.fenced.reason) || "";
+  const refusal = d.target_refusal || "";
+  if (fenced.includes("failed over")) return fenced;
+  if (refusal.includes("failed over") && !refusal.includes("being failed over")) return refusal;
+  return null;
+}
+
+// A failover image's name ("" if good): as the target takes it.
+function imageNameProblem(name) {
+  if (!name) return "Name the image file.";
+  if (name.length > 100) return "At most 100 characters.";
+  if (!/^[A-Za-z0-9._-]+$/.test(name)) return "Only A-Z a-z 0-9 . _ - (a file name, no folder).";
+  if (name.startsWith(".")) return "Not starting with a dot.";
+  if (name.endsWith(".log")) return "Not ending in .log (the tool's log is NAME.log).";
+  return "";
+}
+
+const EXT = { raw: ".raw", "vmdk-flat": ".vmdk", "vmdk-sparse": ".vmdk", "vmdk-stream": ".vmdk" };
+
+function defaultImageName(id, format) {
+  const disk = id.replace(/[^A-Za-z0-9._-]/g, "_").replace(/^\.+/, "").slice(0, 60) || "disk";
+  return disk + "-failover-" + new Date().toISOString().slice(0, 19).replace(/[-:]/g, "").replace("T", "-") + EXT[format];
+}
+
+// The points offered: latest, latest-app and the disk's tags (newest first).
+function fillFailoverPoints() {
+  const list = $("fo-points");
+  list.replaceChildren();
+  const offer = (value, label) => { const o = el("option", label); o.value = value; list.appendChild(o); };
+  offer("latest", "the newest point, after draining what the collector and the agent hold");
+  offer("latest-app", "the newest application-consistent point");
+  const seen = new Set();
+  for (const p of lastPoints.slice().reverse()) {
+    if (p.kind !== "tag" || !p.tag || seen.has(p.tag)) continue;
+    seen.add(p.tag);
+    offer("tag:" + p.tag, "tag of seq " + p.seq + ", " + p.time + (p.verified ? ", drill " + p.verified : ""));
+  }
+}
+
+// The guard: the failover button is enabled once the disk id is typed.
+function failoverGuard() {
+  $("confirm-ok").disabled = pending === "failover" && $("fo-confirm").value !== current;
+}
+
+async function failover(id, at, name, format) {
+  setBusy(true);
+  failingOver = id;
+  const q = "/api/v1/disks/" + encodeURIComponent(id);
+  say("Failover of disk " + id + " to " + at + ": asking the target…");
+  try {
+    const r = await send("POST", q + "/failover", { at, name, format });
+    const where = "the image is at " + r.body.output + " (log: " + r.body.log + ") on the target's host";
+    say("Failover of disk " + id + " to " + at + " started: " + where + "; waiting for the target to record it…");
+    const until = Date.now() + 6 * 3600 * 1000;
+    let done = null;
+    while (Date.now() < until && current === id) {
+      await sleep(2000);
+      let d;
+      try { d = await get(q); } catch (e) { continue; }
+      done = failedOver(d);
+      if (done) break;
+      if ((d.target_refusal || "").includes("being failed over")) {
+        say("Failover of disk " + id + " to " + at + " running: the target writes the image (" + where + ") and applies nothing meanwhile…");
+      }
+    }
+    if (done) {
+      say("Failover of disk " + id + " done: " + where + ". Replication to this disk has stopped for good. The target says: " + done, "ok");
+    } else if (current === id) {
+      say("Failover of disk " + id + " to " + at + " is not recorded yet: " + where + "; its log says how it goes.", "warning");
+    }
+    if (current === id) refresh();
+  } catch (e) {
+    say("Failover of disk " + id + " not started: " + e.message, "critical");
+  } finally {
+    failingOver = null;
+    setBusy(false);
+  }
+}
+
 // The confirmation dialog: Enter confirms, Escape (or Cancel) does nothing.
 let pending = null;
 let opener = null;
@@ -463,19 +567,41 @@ function confirmAction(kind) {
     $("token").focus();
     return;
   }
-  const tag = kind === "tag";
+  const tag = kind === "tag", fo = kind === "failover";
   pending = kind;
   opener = document.activeElement;
-  $("confirm-h").textContent = tag ? "Take a tag of disk " + current + "?" : "Run a drill of disk " + current + "?";
+  $("confirm-h").textContent = tag ? "Take a tag of disk " + current + "?" : fo ? "Fail over disk " + current + "?"
+    : "Run a drill of disk " + current + "?";
   $("confirm-text").textContent = tag
     ? "The agent journals a named recovery point at the disk's current write position; it appears in the points once the target has applied it."
+    : fo ? "The target writes the disk's image at the chosen recovery point into a file on the target's host (not here, not on the source)."
     : "The target opens the newest recovery point read-only and checks its filesystems; the replica is not changed. This can take a few minutes.";
   $("tag-fields").hidden = !tag;
   $("tag-name").required = tag;
-  $("confirm-ok").textContent = tag ? "Take tag" : "Run drill";
+  $("failover-fields").hidden = !fo;
+  for (const f of ["fo-point", "fo-name", "fo-confirm"]) $(f).required = fo;
+  $("confirm").classList.toggle("destructive", fo);
+  $("confirm-ok").textContent = tag ? "Take tag" : fo ? "Fail over " + current : "Run drill";
+  $("confirm-ok").disabled = false;
   say("");
+  if (fo) {
+    $("failover-danger").textContent = "This cannot be undone. Once the failover is recorded, the target refuses disk " + current +
+      ": replication to it stops for good, its source is fenced (its agent is refused), and the disk is protected again only " +
+      "by protecting the failed-over copy (docs/failback.md).";
+    fillFailoverPoints();
+    $("fo-point").value = "latest";
+    $("fo-format").value = "raw";
+    $("fo-name").value = defaultImageName(current, "raw");
+    $("fo-name").setCustomValidity("");
+    $("fo-confirm").value = "";
+    $("fo-confirm-label").textContent = "Type the disk id (" + current + ") to confirm";
+    failoverGuard();
+  }
   $("confirm").showModal();
-  if (tag) {
+  if (fo) {
+    $("fo-point").focus();
+    $("fo-point").select();
+  } else if (tag) {
     $("tag-name").value = defaultTagName();
     $("tag-app").checked = false;
     $("tag-name").focus();
@@ -495,6 +621,7 @@ function route() {
     shown = {};
     extrasAt = 0;
     newestDrill = 0;
+    lastPoints = [];
     openDrills.clear();
     for (const t of ["points", "drills"]) $(t).tBodies[0].replaceChildren();
     for (const t of ["timeline", "policy", "disk-facts"]) $(t).replaceChildren();
@@ -526,14 +653,33 @@ token.addEventListener("input", () => {
 $("token-form").addEventListener("submit", (e) => e.preventDefault());
 $("act-tag").addEventListener("click", () => confirmAction("tag"));
 $("act-drill").addEventListener("click", () => confirmAction("drill"));
+$("act-failover").addEventListener("click", () => confirmAction("failover"));
+$("fo-confirm").addEventListener("input", failoverGuard);
+$("fo-name").addEventListener("input", () => $("fo-name").setCustomValidity(imageNameProblem($("fo-name").value.trim())));
+// A new format: the default name's extension follows it.
+let lastFormat = "raw";
+$("fo-format").addEventListener("focus", () => { lastFormat = $("fo-format").value; });
+$("fo-format").addEventListener("change", () => {
+  const f = $("fo-format").value, n = $("fo-name");
+  if (n.value.endsWith(EXT[lastFormat])) n.value = n.value.slice(0, -EXT[lastFormat].length) + EXT[f];
+  lastFormat = f;
+});
 $("confirm-cancel").addEventListener("click", () => $("confirm").close());
 $("confirm-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const kind = pending, id = current;
+  if (kind === "failover") {
+    // The guard again (a button can be enabled by other means than typing).
+    if ($("fo-confirm").value !== id) { failoverGuard(); $("fo-confirm").focus(); return; }
+    const problem = imageNameProblem($("fo-name").value.trim());
+    if (problem) { $("fo-name").setCustomValidity(problem); $("fo-name").reportValidity(); return; }
+  }
   const name = $("tag-name").value.trim(), app = $("tag-app").checked;
+  const fo = { at: $("fo-point").value.trim(), name: $("fo-name").value.trim(), format: $("fo-format").value };
   pending = null;
   $("confirm").close();
   if (kind === "tag") takeTag(id, name, app);
+  else if (kind === "failover") failover(id, fo.at, fo.name, fo.format);
   else if (kind === "drill") runDrill(id);
 });
 $("confirm").addEventListener("close", () => {

@@ -128,6 +128,21 @@ pub fn read_drills(conn: &Connection, disk_id: &str, limit: u32) -> Result<Vec<D
     query(conn, disk_id, false, limit)
 }
 
+/// Each drilled point's newest result, `(seq, result)` oldest first (the
+/// `verified` of a points listing, without reading the outputs).
+pub fn results(conn: &Connection, disk_id: &str) -> Result<Vec<(u64, DrillResult)>> {
+    let mut st = conn.prepare_cached("SELECT seq, result FROM drills WHERE disk_id = ?1 ORDER BY id")?;
+    let rows = st.query_map([disk_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, result) = row?;
+        if let Some(r) = DrillResult::parse(&result) {
+            out.push((u64::try_from(seq).unwrap_or(0), r));
+        }
+    }
+    Ok(out)
+}
+
 /// The newest passed drill of `disk_id` (its last verified point).
 pub fn last_verified(conn: &Connection, disk_id: &str) -> Result<Option<Drill>> {
     Ok(query(conn, disk_id, true, 1)?.pop())

@@ -76,7 +76,7 @@ pub fn list(data: &Path, disk: &str) -> Result<Vec<PointInfo>> {
 pub fn points(a: PointsArgs) -> Result<()> {
     let pts = list(&a.data, &a.disk)?;
     // The newest drill result at each seq drilled ("passed": verified).
-    let drills = r::drills(&a.data, &a.disk, 200)?;
+    let drills = r::drills(&a.data, &a.disk, 50)?;
     let verified = |seq: u64| drills.iter().find(|d| d.seq == seq).map(|d| d.result.as_str());
     let last = drills
         .iter()
