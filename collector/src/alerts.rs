@@ -2,7 +2,7 @@
 //! hear about, evaluated every [`EVERY`] over the collector's own view of
 //! the deployment, raised and cleared as events, listed by `GET
 //! /api/v1/alerts`, counted in the metrics and delivered to an optional
-//! webhook (`--alert-webhook http://...`: a JSON POST per change, retried with
+//! webhook (`--alert-webhook http(s)://...`: a JSON POST per change, retried with
 //! backoff by a task of its own, so replication never waits on it).
 //!
 //! The conditions, per disk:
@@ -400,6 +400,7 @@ pub(crate) fn evaluate(
                 "message": a.message,
                 "since": a.since,
                 "collector": s.cfg.api,
+                "site": s.cfg.site,
             }));
         }
     }
@@ -411,7 +412,13 @@ pub(crate) fn evaluate(
 pub(crate) async fn run(s: Arc<Shared>) {
     let hook = s.cfg.alert_webhook.clone().map(|url| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        s.tracker.spawn(deliver(url, rx, s.stop.clone()));
+        let agent = match &s.cfg.alert_webhook_tls {
+            Some(tls) => ureq::AgentBuilder::new()
+                .tls_connector(Arc::new(tidemark_net::https::UreqWebTls(tls.clone())))
+                .build(),
+            None => ureq::agent(),
+        };
+        s.tracker.spawn(deliver(url, agent, rx, s.stop.clone()));
         tx
     });
     let mut tick = tokio::time::interval(EVERY);
@@ -441,6 +448,7 @@ pub(crate) async fn run(s: Arc<Shared>) {
 /// [`WEBHOOK_QUEUE`] wait.
 async fn deliver(
     url: String,
+    agent: ureq::Agent,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -468,9 +476,9 @@ async fn deliver(
         let mut backoff = Duration::from_secs(1);
         let mut tries = 0;
         loop {
-            let (u, b) = (url.clone(), body.clone());
+            let (u, b, a) = (url.clone(), body.clone(), agent.clone());
             let r = tokio::task::spawn_blocking(move || {
-                ureq::post(&u)
+                a.post(&u)
                     .timeout(Duration::from_secs(10))
                     .send_json(b)
                     .map(|_| ())

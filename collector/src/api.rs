@@ -34,6 +34,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/disks", get(disks))
+        .route("/api/v1/agents", get(crate::manage::agents))
         .route("/api/v1/disks/:id", get(disk))
         .route("/api/v1/events", get(events))
         .route("/api/v1/alerts", get(alerts))
@@ -71,7 +72,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     paths(
         status, disks, disk, history, events, alerts, refresh, quiesce, rebind, openapi, metrics,
         crate::manage::points, crate::manage::tag, crate::manage::drill, crate::manage::drills,
-        crate::manage::get_policy, crate::manage::put_policy, crate::manage::failover
+        crate::manage::get_policy, crate::manage::put_policy, crate::manage::failover, crate::manage::agents
     ),
     modifiers(&BearerAuth)
 )]

@@ -50,6 +50,11 @@ pub struct Config {
     pub alert_rpo: std::time::Duration,
     /// POST every alert raised or cleared here (JSON), if set.
     pub alert_webhook: Option<String>,
+    /// The site this collector serves (its name in the API, the console
+    /// and webhook deliveries); default: the host's name.
+    pub site: String,
+    /// TLS for an https webhook (its CA roots; the URL's host is checked).
+    pub alert_webhook_tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// Default of [`Config::max_disks`].
@@ -82,6 +87,8 @@ impl Config {
             api_plaintext: false,
             alert_rpo: crate::alerts::DEFAULT_RPO,
             alert_webhook: None,
+            alert_webhook_tls: None,
+            site: default_site(),
         }
     }
 }
@@ -106,6 +113,15 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     Ok(t.to_vec())
 }
 
+/// The host's name, or `site`.
+pub fn default_site() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "site".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,3 +142,4 @@ mod tests {
         assert!(read_token(&d.path().join("missing")).is_err());
     }
 }
+

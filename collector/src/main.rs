@@ -81,6 +81,15 @@ struct Cli {
     /// backoff, never holding up replication).
     #[arg(long, value_name = "URL")]
     alert_webhook: Option<String>,
+    /// For an https:// webhook: the CA certificates (PEM) its server's
+    /// certificate must chain to (default: the system's bundle,
+    /// /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, value_name = "FILE")]
+    alert_webhook_ca: Option<PathBuf>,
+    /// The site's name, shown by the API, the console and the alerts
+    /// (default: the host's name).
+    #[arg(long, value_name = "NAME")]
+    site: Option<String>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -101,6 +110,8 @@ struct FileConfig {
     api_insecure_plaintext: bool,
     alert_rpo: Option<String>,
     alert_webhook: Option<String>,
+    alert_webhook_ca: Option<PathBuf>,
+    site: Option<String>,
 }
 
 /// Where each setting came from, so that an error names what the operator
@@ -231,10 +242,29 @@ fn build(cli: Cli) -> Result<Config> {
         cfg.alert_rpo = d;
     }
     if let Some((u, name)) = o.pick("alert-webhook", cli.alert_webhook, file.alert_webhook) {
-        if !u.starts_with("http://") || u.contains(char::is_whitespace) {
-            bail!("{name} {u:?}: give an http:// URL (https webhooks are not built yet: use a relay on the host)");
+        if !(u.starts_with("http://") || u.starts_with("https://")) || u.contains(char::is_whitespace) {
+            bail!("{name} {u:?}: give an http:// or https:// URL");
         }
         cfg.alert_webhook = Some(u);
+    }
+    if let Some((n, name)) = o.pick("site", cli.site, file.site) {
+        if n.is_empty() || n.len() > 64 || n.chars().any(|c| c.is_control()) {
+            bail!("{name} {n:?}: 1 to 64 characters, no control characters");
+        }
+        cfg.site = n;
+    }
+    let webhook_ca = o.pick("alert-webhook-ca", cli.alert_webhook_ca, file.alert_webhook_ca);
+    if cfg.alert_webhook.as_deref().is_some_and(|u| u.starts_with("https://")) {
+        let (ca, name) = webhook_ca.unwrap_or_else(|| {
+            (
+                PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+                "the system's CA bundle".to_string(),
+            )
+        });
+        let tls = tidemark_net::https::web_client_config(&ca).map_err(|e| anyhow!("{name}: {e}"))?;
+        cfg.alert_webhook_tls = Some(tls);
+    } else if let Some((_, name)) = webhook_ca {
+        bail!("{name} is for an https:// --alert-webhook");
     }
     if cfg.api_plaintext && !cfg.security.is_tls() {
         bail!("--api-insecure-plaintext is for a collector with --tls (without, the API is plain HTTP anyway)");

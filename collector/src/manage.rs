@@ -779,3 +779,45 @@ async fn failover_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Respo
         Err(e) => (format!("refused: {e}"), call_failed(id, "a failover", &e)),
     }
 }
+
+/// One protected server (agent identity) and its disks.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AgentView {
+    /// The agent identity its disks are bound to (`agent NAME`, from its
+    /// certificate); null: disks registered over plaintext.
+    agent: Option<String>,
+    /// Its disks, by id.
+    disks: Vec<String>,
+    /// Of those, the ones whose agent is connected now.
+    connected: Vec<String>,
+}
+
+/// `GET /api/v1/agents`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AgentList {
+    agents: Vec<AgentView>,
+}
+
+#[utoipa::path(get, path = "/api/v1/agents",
+    responses((status = 200, description = "Every agent identity with its disks (a server protects one disk per agent process; one identity may hold several)", body = AgentList)))]
+pub(crate) async fn agents(State(s): State<Arc<Shared>>) -> Json<AgentList> {
+    let mut by: BTreeMap<Option<String>, AgentView> = BTreeMap::new();
+    for d in s.all_disks() {
+        let (owner, connected) = {
+            let st = d.lock();
+            (st.owner.clone(), st.agent.is_some())
+        };
+        let a = by.entry(owner.clone()).or_insert_with(|| AgentView {
+            agent: owner,
+            disks: Vec::new(),
+            connected: Vec::new(),
+        });
+        a.disks.push(d.id.to_string());
+        if connected {
+            a.connected.push(d.id.to_string());
+        }
+    }
+    Json(AgentList {
+        agents: by.into_values().collect(),
+    })
+}

@@ -581,6 +581,7 @@ impl Shared {
     /// `GET /api/v1/status`'s collector object.
     pub(crate) fn collector_json(&self) -> Value {
         serde_json::to_value(CollectorView {
+            site: self.cfg.site.clone(),
             spool_bytes: self.spool_bytes.load(Ordering::Relaxed),
             spool_cap_bytes: self.cfg.spool_cap,
             spool_full: self.is_spool_full(),
@@ -728,6 +729,8 @@ pub(crate) fn synced_range(h: &tidemark_wire::RecordHeader) -> Option<(u64, u64,
 /// The collector object of `GET /api/v1/status` (docs/pipeline.md).
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct CollectorView {
+    /// The site this collector serves (`--site`, default the host's name).
+    pub site: String,
     pub spool_bytes: u64,
     pub spool_cap_bytes: u64,
     /// True while the spool is at its cap (agents are not read).

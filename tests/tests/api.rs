@@ -100,6 +100,22 @@ fn the_api_lists_disks_keeps_an_event_log_and_answers_errors_in_json() {
     let (_, v) = call(&site, "GET", "/api/v1/disks", Some(admin));
     assert!(v["disks"][0]["disk_uuid"].is_string(), "{v}");
 
+    // The site, by the host's name unless --site says otherwise.
+    let (_, v) = call(&site, "GET", "/api/v1/status", None);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(v["collector"]["site"], host.trim(), "{v}");
+
+    // The protected servers: the agent identity the disk is bound to.
+    let (s, v) = call(&site, "GET", "/api/v1/agents", None);
+    assert_eq!(s, 200, "{v}");
+    let a0 = &v["agents"][0];
+    assert!(a0["agent"].as_str().is_some_and(|n| n.starts_with("agent ")), "{v}");
+    assert_eq!(
+        (a0["disks"].clone(), a0["connected"].clone()),
+        (serde_json::json!(["db"]), serde_json::json!(["db"])),
+        "{v}"
+    );
+
     // What happened, in the log.
     let connected = wait_event(&site, "db", "agent", "connected");
     assert_eq!(connected["severity"], "info", "{connected}");
@@ -337,6 +353,7 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ("/api/v1/disks/{id}/policy", "get"),
         ("/api/v1/disks/{id}/policy", "put"),
         ("/api/v1/disks/{id}/failover", "post"),
+        ("/api/v1/agents", "get"),
     ];
     for (p, m) in methods {
         assert!(doc["paths"][p][m].is_object(), "{m} {p} is not in the document");
@@ -360,6 +377,7 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
         ("GET", "/api/v1/events?limit=x", "/api/v1/events", 400, None),
         ("GET", "/api/v1/events?disk=nope", "/api/v1/events", 404, None),
         ("GET", "/api/v1/alerts", "/api/v1/alerts", 200, None),
+        ("GET", "/api/v1/agents", "/api/v1/agents", 200, None),
         (
             "GET",
             "/api/v1/disks/db/history",
@@ -504,17 +522,52 @@ fn openapi_matches_the_answers(site: &Site, admin: &str) {
     }
 }
 
-/// A webhook receiver on loopback: every POSTed JSON body, in order.
-fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+/// A CA (its PEM) and a server certificate for 127.0.0.1 it issued.
+fn webhook_tls() -> (String, std::sync::Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(std::net::IpAddr::V4(
+        std::net::Ipv4Addr::LOCALHOST,
+    ))];
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca.pem(), std::sync::Arc::new(config))
+}
+
+/// A webhook receiver on loopback (HTTPS with `tls`): every POSTed JSON
+/// body, in order.
+fn webhook(
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}/hook", l.local_addr().unwrap());
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let keep = got.clone();
+    trait Io: Read + Write + Send {}
+    impl<T: Read + Write + Send> Io for T {}
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
             c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut r = BufReader::new(c.try_clone().unwrap());
+            let c: Box<dyn Io> = match &tls {
+                Some(cfg) => Box::new(rustls::StreamOwned::new(
+                    rustls::ServerConnection::new(cfg.clone()).unwrap(),
+                    c,
+                )),
+                None => Box::new(c),
+            };
+            let mut r = BufReader::new(c);
             let (mut len, mut chunked) = (0usize, false);
             loop {
                 let mut line = String::new();
@@ -547,8 +600,9 @@ fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
             if let Ok(v) = serde_json::from_slice(&body) {
                 keep.lock().unwrap().push(v);
             }
-            let mut c = c;
+            let c = r.get_mut();
             let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = c.flush();
         }
     });
     (url, got)
@@ -571,8 +625,22 @@ fn an_rpo_alert_is_raised_while_the_target_is_away_and_cleared_when_caught_up() 
     need_tool("qemu-io");
     let dir = tmpdir("api-alerts");
     let d = dir.path();
-    let (url, hooked) = webhook();
-    let mut site = Site::start(d, &["--alert-rpo", "2s", "--alert-webhook", &url]);
+    // An https receiver, trusted through --alert-webhook-ca.
+    let (ca_pem, tls) = webhook_tls();
+    let ca = d.join("webhook-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let (url, hooked) = webhook(Some(tls));
+    let mut site = Site::start(
+        d,
+        &[
+            "--alert-rpo",
+            "2s",
+            "--alert-webhook",
+            &url,
+            "--alert-webhook-ca",
+            ca.to_str().unwrap(),
+        ],
+    );
     let a = agent(&site, d, "rp", 16 << 20, &[]);
     site.wait("rp", T);
     let rpo_alert = |site: &Site| -> Option<Value> {
@@ -639,18 +707,30 @@ fn bad_alert_settings_are_refused_by_name() {
     let d = dir.path();
     let token = d.join("token");
     tidemark_tests::write_secret(&token, "t\n");
-    for (flag, value, needle) in [
-        ("--alert-rpo", "0s", "--alert-rpo must be more than 0"),
-        ("--alert-rpo", "soon", "--alert-rpo \"soon\""),
-        ("--alert-webhook", "ftp://x", "give an http:// URL"),
+    let none = d.join("no-such-ca.pem");
+    let none = none.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--alert-rpo", "0s"], "--alert-rpo must be more than 0"),
+        (vec!["--alert-rpo", "soon"], "--alert-rpo \"soon\""),
+        (vec!["--alert-webhook", "ftp://x"], "give an http:// or https:// URL"),
+        (
+            vec!["--alert-webhook", "https://127.0.0.1:9/x", "--alert-webhook-ca", none],
+            "--alert-webhook-ca: ",
+        ),
+        (
+            vec!["--alert-webhook", "http://127.0.0.1:9/x", "--alert-webhook-ca", none],
+            "--alert-webhook-ca is for an https:// --alert-webhook",
+        ),
     ] {
+        let (flag, value) = (args[0], args[1]);
         let out = tidemark_tests::run(
             Command::new(bin("tidemark-collector"))
                 .args(["--listen", "127.0.0.1:0", "--spool"])
                 .arg(d.join("spool"))
                 .args(["--target", "127.0.0.1:9", "--api", "127.0.0.1:0", "--token-file"])
                 .arg(&token)
-                .args(["--insecure-plaintext", flag, value]),
+                .arg("--insecure-plaintext")
+                .args(&args),
             T,
         );
         let err = String::from_utf8_lossy(&out.stderr);

@@ -396,7 +396,10 @@ fn the_console_shows_disks_a_chart_alerts_and_events_in_a_real_browser() {
         complaints(&log)
     );
     assert!(dom.contains("href=\"#disk/db\""), "no row for disk db:\n{dom}");
-    assert!(dom.contains("1 disk(s), 1 agent(s) connected"), "{dom}");
+    assert!(
+        dom.contains(": 1 disk(s), 1 agent(s) connected") && dom.contains("site "),
+        "{dom}"
+    );
     assert!(dom.contains("connected to the target"), "no events:\n{dom}");
     assert!(dom.contains(">Last verified</th>"), "no Last verified column:\n{dom}");
     let db_row = dom

@@ -141,7 +141,7 @@ function fillAlerts(ul, alerts) {
 
 function summary(st) {
   const c = st.collector;
-  $("collector").textContent = st.disks.length + " disk(s), " + c.agents_connected + " agent(s) connected, spool " +
+  $("collector").textContent = "site " + c.site + ": " + st.disks.length + " disk(s), " + c.agents_connected + " agent(s) connected, spool " +
     bytes(c.spool_bytes) + " of " + bytes(c.spool_cap_bytes) + ", " + c.security;
 }
 

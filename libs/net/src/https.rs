@@ -52,25 +52,68 @@ pub struct UreqTls(pub Arc<ClientConfig>);
 impl ureq::TlsConnector for UreqTls {
     fn connect(&self, _dns_name: &str, io: Box<dyn ureq::ReadWrite>) -> Result<Box<dyn ureq::ReadWrite>, ureq::Error> {
         // The name sent is not what is checked (the role and the CA are).
-        let sni = rustls::pki_types::ServerName::try_from(format!(
-            "{}.{}",
-            crate::tls::PeerRole::Collector.name(),
-            crate::tls::DOMAIN
-        ))
-        .map_err(|e| ureq::Error::from(std::io::Error::other(e.to_string())))?;
-        let conn = rustls::ClientConnection::new(self.0.clone(), sni)
-            .map_err(|e| ureq::Error::from(std::io::Error::other(e.to_string())))?;
-        let mut s = rustls::StreamOwned::new(conn, io);
-        // Handshake now, so a wrong server is named here, not as a read error.
-        while s.conn.is_handshaking() {
-            s.conn.complete_io(&mut s.sock).map_err(|e| {
-                ureq::Error::from(std::io::Error::other(format!(
-                    "TLS handshake with the collector's API: {e}"
-                )))
-            })?;
-        }
-        Ok(Box::new(UreqStream(s)))
+        let sni = format!("{}.{}", crate::tls::PeerRole::Collector.name(), crate::tls::DOMAIN);
+        ureq_connect(&self.0, &sni, io, "the collector's API")
     }
+}
+
+/// A client configuration for an ordinary HTTPS server (an alert
+/// webhook's receiver): its certificate must chain to a CA in `ca_file`
+/// (PEM; e.g. the system bundle) and name the host of the URL.
+pub fn web_client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| format!("{}: {e}", ca_file.display()))?;
+        // A bundle may hold certificates rustls cannot use as roots: skip them.
+        let _ = roots.add(c);
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate in it", ca_file.display()));
+    }
+    let provider = Arc::new(crate::tls::provider());
+    let mut c = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// HTTPS for `ureq` with [`web_client_config`]: the server's name is the
+/// URL's host, checked as browsers do.
+#[cfg(feature = "ureq")]
+pub struct UreqWebTls(pub Arc<ClientConfig>);
+
+#[cfg(feature = "ureq")]
+impl ureq::TlsConnector for UreqWebTls {
+    fn connect(&self, dns_name: &str, io: Box<dyn ureq::ReadWrite>) -> Result<Box<dyn ureq::ReadWrite>, ureq::Error> {
+        ureq_connect(&self.0, dns_name, io, dns_name)
+    }
+}
+
+/// A TLS client stream to `sni`, its handshake done (so a wrong server is
+/// named here, not as a read error).
+#[cfg(feature = "ureq")]
+#[allow(clippy::result_large_err)] // ureq::TlsConnector's own error type
+fn ureq_connect(
+    config: &Arc<ClientConfig>,
+    sni: &str,
+    io: Box<dyn ureq::ReadWrite>,
+    what: &str,
+) -> Result<Box<dyn ureq::ReadWrite>, ureq::Error> {
+    let err = |m: String| ureq::Error::from(std::io::Error::other(m));
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| err(format!("{sni}: {e}")))?;
+    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| err(e.to_string()))?;
+    let mut s = rustls::StreamOwned::new(conn, io);
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .map_err(|e| err(format!("TLS handshake with {what}: {e}")))?;
+    }
+    Ok(Box::new(UreqStream(s)))
 }
 
 #[cfg(feature = "ureq")]
