@@ -142,4 +142,3 @@ mod tests {
         assert!(read_token(&d.path().join("missing")).is_err());
     }
 }
-
