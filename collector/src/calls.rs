@@ -204,6 +204,12 @@ pub(crate) struct DrillState {
     pub last_started_ns: u64,
     /// The target has told what it holds (a schedule waits for this).
     pub known: bool,
+    /// The disk's newest recovery point, as last asked (`DiskView.last_point`).
+    pub last_point: Option<Value>,
+    /// When it was last asked for (Unix ns; 0: never), and whether a
+    /// question is out.
+    pub point_asked_ns: u64,
+    pub point_asking: bool,
 }
 
 /// Policies and drill states, by disk.
@@ -379,11 +385,48 @@ pub(crate) async fn drill(
     }
 }
 
-/// Start the drills the policies' schedules owe (called every few seconds).
+/// How often a connected disk's newest point is asked for.
+const POINT_EVERY_NS: u64 = 10_000_000_000;
+
+/// Ask the target for the disk's newest point if it was not asked within
+/// [`POINT_EVERY_NS`] (one small call per disk every 10 s).
+fn refresh_point(s: &Arc<Shared>, d: &Arc<Disk>, now: u64) {
+    let id = d.id.to_string();
+    let due = s.book.with_drill(&id, |st| {
+        let due = !st.point_asking && now.saturating_sub(st.point_asked_ns) >= POINT_EVERY_NS;
+        if due {
+            st.point_asking = true;
+            st.point_asked_ns = now;
+        }
+        due
+    });
+    if !due {
+        return;
+    }
+    let (s, d) = (s.clone(), d.clone());
+    tokio::spawn(async move {
+        let r = call_target(&s, &d, &Call::Points { limit: 1 }, CALL_WAIT).await;
+        let newest = r
+            .ok()
+            .and_then(|v| v["points"].as_array().and_then(|a| a.last().cloned()));
+        s.book.with_drill(d.id.as_str(), |st| {
+            st.point_asking = false;
+            if newest.is_some() {
+                st.last_point = newest;
+            }
+        });
+    });
+}
+
+/// Start the drills the policies' schedules owe, and refresh each disk's
+/// newest point (called every second).
 pub(crate) fn schedule(s: &Arc<Shared>) {
     let now = tidemark_util::now_ns();
     for d in s.all_disks() {
         let id = d.id.to_string();
+        if d.lock().target_connected {
+            refresh_point(s, &d, now);
+        }
         let every = s.book.policy(&id).drill_interval_s;
         let ready = {
             // A replica being synced has no point to drill yet.
@@ -421,6 +464,21 @@ pub(crate) struct VerifiedView {
     pub drill_id: u64,
 }
 
+/// A disk's newest recovery point (`DiskView.last_point`), as the target
+/// said at most ~10 s ago.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct PointBrief {
+    pub seq: u64,
+    /// Its source time (UTC, readable) and in Unix nanoseconds.
+    pub time: String,
+    pub time_ns: u64,
+    /// How old the point is now, in seconds.
+    pub age_s: f64,
+    /// crash, app, tag.
+    pub kind: String,
+    pub tag: Option<String>,
+}
+
 /// A disk's newest drill, in brief (`DiskView.last_drill`).
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct DrillBrief {
@@ -440,6 +498,19 @@ pub(crate) fn utc(ns: u64) -> String {
 
 impl Book {
     /// The disk's last verified point and newest drill, as the status shows them.
+    pub(crate) fn last_point(&self, disk: &str) -> Option<PointBrief> {
+        let p = self.drill(disk).last_point?;
+        let t = p["time_ns"].as_u64().unwrap_or(0);
+        Some(PointBrief {
+            seq: p["seq"].as_u64().unwrap_or(0),
+            time: utc(t),
+            time_ns: t,
+            age_s: tidemark_util::now_ns().saturating_sub(t) as f64 / 1e9,
+            kind: p["kind"].as_str().unwrap_or("").to_string(),
+            tag: p["tag"].as_str().map(str::to_string),
+        })
+    }
+
     pub(crate) fn views(&self, disk: &str) -> (Option<VerifiedView>, Option<DrillBrief>) {
         let d = self.drill(disk);
         let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);

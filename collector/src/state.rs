@@ -685,6 +685,7 @@ impl Shared {
                 at_s: f.at,
                 spool_kept: f.spool.clone(),
             }),
+            last_point: self.book.last_point(disk.id.as_str()),
             last_verified,
             last_drill,
         };
@@ -790,6 +791,8 @@ pub(crate) struct DiskView {
     /// The data generation the agent holds (hex).
     pub generation: Option<String>,
     pub fenced: Option<FenceView>,
+    /// The newest recovery point at the target (asked every ~10 s).
+    pub last_point: Option<crate::calls::PointBrief>,
     /// The newest point that passed a drill (its filesystems checked).
     pub last_verified: Option<crate::calls::VerifiedView>,
     /// The newest drill, whatever its result.

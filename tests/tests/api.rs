@@ -261,6 +261,8 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String
         if n != 1 {
             errs.push(format!("{at}: {v} matches {n} of the oneOf alternatives"));
         }
+        // The alternative that matched checked the value's keys.
+        return;
     }
     if let Some(t) = obj.get("type") {
         let types: Vec<&str> = match t {

@@ -402,6 +402,7 @@ fn the_console_shows_disks_a_chart_alerts_and_events_in_a_real_browser() {
     );
     assert!(dom.contains("connected to the target"), "no events:\n{dom}");
     assert!(dom.contains(">Last verified</th>"), "no Last verified column:\n{dom}");
+    assert!(dom.contains(">Last point</th>"), "no Last point column:\n{dom}");
     let db_row = dom
         .split("<tr>")
         .find(|r| r.contains("href=\"#disk/db\""))

@@ -242,6 +242,18 @@ fn points_tags_policy_and_drills_through_the_api() {
     assert_eq!(v["last_verified"]["seq"], passed_seq, "{v}");
     let st = site.disk_status("db");
     assert_eq!(st["last_verified"]["seq"], passed_seq, "{st}");
+    // The newest point, as the collector last asked (every ~10 s).
+    let lp = poll("the disk's last point", || {
+        let st = site.disk_status("db");
+        st["last_point"]["seq"]
+            .as_u64()
+            .filter(|s| *s >= passed_seq)
+            .map(|_| st["last_point"].clone())
+    });
+    assert!(
+        lp["time"].as_str().is_some_and(|t| t.starts_with("20")) && lp["age_s"].is_number(),
+        "{lp}"
+    );
     // The same through the tools on the target's host.
     let data = d.join("data");
     let o = run(tidemark().args(["drill", "--data"]).arg(&data).arg("db"), T);

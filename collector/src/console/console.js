@@ -145,6 +145,14 @@ function summary(st) {
     bytes(c.spool_bytes) + " of " + bytes(c.spool_cap_bytes) + ", " + c.security;
 }
 
+// A disk's newest recovery point, for the disks table.
+function pointCell(d) {
+  const p = d.last_point;
+  const td = el("td", p ? duration(p.age_s) + " ago" : "-", p ? "" : "muted");
+  if (p) td.title = "seq " + p.seq + ", " + p.kind + (p.tag ? " \"" + p.tag + "\"" : "") + ", " + p.time;
+  return td;
+}
+
 // A disk's last verified point, for the disks table.
 function verifiedCell(d) {
   const lv = d.last_verified, ld = d.last_drill;
@@ -165,7 +173,7 @@ async function overview() {
     const name = el("td"); name.appendChild(link);
     const [h, cls] = health(al.alerts, d.disk_id);
     tbody.appendChild(row([name, el("td", h, cls), d.mode, num(duration(d.lag_s)), num(bytes(d.lag_bytes)),
-      num(bytes(d.write_rate_bps) + "/s"), num(d.applied_seq), verifiedCell(d), d.agent_connected ? "connected" : "away",
+      num(bytes(d.write_rate_bps) + "/s"), num(d.applied_seq), pointCell(d), verifiedCell(d), d.agent_connected ? "connected" : "away",
       d.target_connected ? "connected" : "away"]));
   }
   if (!st.disks.length) tbody.appendChild(row([el("td", "No disk is protected yet.")]));
