@@ -23,14 +23,12 @@ pub(crate) async fn answer(shared: Arc<Shared>, disk: String, call: Call) -> Res
     let dir = shared.cfg.data_dir.clone();
     match call {
         Call::Points { limit } => {
-            let limit = limit.clamp(1, MAX_POINTS) as usize;
+            let limit = limit.clamp(1, MAX_POINTS);
             blocking(move || {
-                let mut pts = tidemark_recovery::points_direct(&dir, &disk)?;
+                let pts = tidemark_recovery::newest_points_direct(&dir, &disk, Some(limit))?;
                 let conn = tidemark_catalog::open_read_only(&dir)?;
                 // The newest result at each seq drilled.
                 let verified: HashMap<u64, DrillResult> = results(&conn, &disk)?.into_iter().collect();
-                let skip = pts.len().saturating_sub(limit);
-                pts.drain(..skip);
                 let points: Vec<Value> = pts
                     .into_iter()
                     .map(|p| {

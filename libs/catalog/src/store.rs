@@ -535,8 +535,15 @@ pub fn to_i64(v: u64, what: &str) -> Result<i64> {
 
 /// A disk's recovery points, by seq.
 pub fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
-    let mut st = conn.prepare_cached("SELECT seq, time_ns, kind, tag FROM points WHERE disk_id = ?1 ORDER BY seq")?;
-    let rows = st.query_map([disk_id], |r| {
+    read_newest_points(conn, disk_id, None)
+}
+
+/// A disk's newest `limit` points (None: all), by seq.
+fn read_newest_points(conn: &Connection, disk_id: &str, limit: Option<u32>) -> Result<Vec<Point>> {
+    let mut st = conn
+        .prepare_cached("SELECT seq, time_ns, kind, tag FROM points WHERE disk_id = ?1 ORDER BY seq DESC LIMIT ?2")?;
+    let limit = limit.map_or(-1, i64::from);
+    let rows = st.query_map(params![disk_id, limit], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, i64>(1)?,
@@ -555,6 +562,7 @@ pub fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
             latest: false,
         });
     }
+    out.reverse();
     Ok(out)
 }
 
@@ -564,9 +572,20 @@ pub fn read_points(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
 /// the disk is consistent and keeps retention. That point, when the
 /// applied seq is not a recorded point already, is marked `latest`.
 pub fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Result<Vec<Point>> {
-    let mut pts = read_points(conn, disk_id)?;
+    read_newest_points_with_latest(conn, disk_id, None)
+}
+
+/// [`read_points_with_latest`], the newest `limit` of them (None: all):
+/// what a listing of the newest points reads, without the older ones.
+pub fn read_newest_points_with_latest(conn: &Connection, disk_id: &str, limit: Option<u32>) -> Result<Vec<Point>> {
+    let mut pts = read_newest_points(conn, disk_id, limit)?;
+    let trim = |mut pts: Vec<Point>| {
+        let over = pts.len().saturating_sub(limit.map_or(usize::MAX, |l| l as usize));
+        pts.drain(..over);
+        pts
+    };
     let Some(row) = Catalog::row(conn, disk_id)? else {
-        return Ok(pts);
+        return Ok(trim(pts));
     };
     let halted: Option<i64> = conn.query_row("SELECT halted_seq FROM disks WHERE disk_id = ?1", [disk_id], |r| {
         r.get(0)
@@ -577,7 +596,7 @@ pub fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Result<Vec<P
     // the replica is not the applied state.
     let settled = row.undo_captured_seq <= row.applied_seq;
     if !consistent || !settled || !row.policy.enabled() || row.applied_seq == 0 {
-        return Ok(pts);
+        return Ok(trim(pts));
     }
     match pts.last() {
         Some(p) if p.seq >= row.applied_seq => {}
@@ -601,7 +620,7 @@ pub fn read_points_with_latest(conn: &Connection, disk_id: &str) -> Result<Vec<P
             });
         }
     }
-    Ok(pts)
+    Ok(trim(pts))
 }
 
 fn read_failovers(conn: &Connection, disk_id: &str) -> Result<Vec<Failover>> {
@@ -1670,6 +1689,35 @@ mod tests {
             detected_at: 1,
             covered_at: None,
         }
+    }
+
+    #[test]
+    fn the_newest_points_are_read_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(d.path()).unwrap();
+        c.bind("d", &[1; 16], false, &DiskPolicy::default(), ReplicaFormat::Raw)
+            .unwrap();
+        for seq in 1..=5u64 {
+            let p = Point {
+                seq,
+                time_ns: seq * 10,
+                kind: PointKind::Crash,
+                tag: None,
+                latest: false,
+            };
+            c.insert_point("d", &p).unwrap();
+        }
+        let conn = open_read_only(d.path()).unwrap();
+        let seqs = |l| -> Vec<u64> {
+            read_newest_points_with_latest(&conn, "d", l)
+                .unwrap()
+                .iter()
+                .map(|p| p.seq)
+                .collect()
+        };
+        assert_eq!(seqs(Some(2)), vec![4, 5]);
+        assert_eq!(seqs(None), vec![1, 2, 3, 4, 5]);
+        assert_eq!(read_points(&conn, "d").unwrap().len(), 5);
     }
 
     #[test]

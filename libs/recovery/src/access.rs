@@ -99,9 +99,15 @@ pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Points of `disk_id`, read straight from the catalog.
 pub fn points_direct(data_dir: &Path, disk_id: &str) -> Result<Vec<Point>> {
+    newest_points_direct(data_dir, disk_id, None)
+}
+
+/// The newest `limit` points of `disk_id` (None: all), read straight from
+/// the catalog (a listing of the newest, without reading the older ones).
+pub fn newest_points_direct(data_dir: &Path, disk_id: &str, limit: Option<u32>) -> Result<Vec<Point>> {
     let conn = catalog::open_read_only(data_dir)?;
     check_disk(&conn, data_dir, disk_id)?;
-    catalog::read_points_with_latest(&conn, disk_id)
+    catalog::read_newest_points_with_latest(&conn, disk_id, limit)
 }
 
 fn check_disk(conn: &Connection, data_dir: &Path, disk_id: &str) -> Result<()> {

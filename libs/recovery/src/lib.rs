@@ -33,7 +33,7 @@ pub mod fuse;
 pub mod overlay;
 pub mod view;
 
-pub use access::{disk_state, drain, drill, drills, points, points_direct, resolve, Drained};
+pub use access::{disk_state, drain, drill, drills, newest_points_direct, points, points_direct, resolve, Drained};
 pub use at::{describe, parse_rfc3339, select, tag_name_problem, AtSpec, AT_FORMS};
 pub use tidemark_catalog::layout::CONTROL_SOCKET;
 pub use tidemark_catalog::{format_time, Point, PointKind};
