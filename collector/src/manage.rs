@@ -289,28 +289,6 @@ pub(crate) async fn points(
     }
 }
 
-/// Why a tag name cannot be used (the agent checks again).
-fn tag_name_problem(name: &str) -> Option<String> {
-    if name.is_empty() {
-        return Some("the tag name is empty".into());
-    }
-    if name.len() > 255 {
-        return Some(format!(
-            "the tag name is {} bytes long; at most 255 are allowed",
-            name.len()
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Some("the tag name contains control characters".into());
-    }
-    tidemark_util::human::invisible_char(name).map(|c| {
-        format!(
-            "the tag name contains U+{:04X}, a bidirectional or invisible formatting character",
-            u32::from(c)
-        )
-    })
-}
-
 #[utoipa::path(post, path = "/api/v1/disks/{id}/tags",
     params(("id" = String, Path, description = "The disk id")),
     request_body = TagRequest,
@@ -347,7 +325,8 @@ async fn tag_as(s: &Arc<Shared>, id: &str, bytes: &Bytes) -> (String, Response) 
         Ok(r) => r,
         Err(r) => return ("refused: 400".into(), *r),
     };
-    if let Some(why) = tag_name_problem(&req.name) {
+    // The tools' rule (a name --at can reach); the agent checks again.
+    if let Some(why) = tidemark_recovery::tag_name_problem(&req.name) {
         return ("refused: 400".into(), error(StatusCode::BAD_REQUEST, why));
     }
     let Some(d) = s.disk(id) else {
