@@ -122,7 +122,7 @@ pub(crate) type Statuses = Vec<(Arc<crate::state::Disk>, crate::state::DiskStatu
 
 /// A failed drill; a last verified point older than the policy allows.
 fn drill_conditions(s: &Shared, id: &str, policy: &crate::calls::Policy, out: &mut Vec<Condition>) {
-    let drills = s.book.drill(id);
+    let drills = s.book.known(id);
     if let Some(last) = &drills.last {
         match last["result"].as_str() {
             Some("failed") => out.push((

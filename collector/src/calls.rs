@@ -190,10 +190,10 @@ impl Policy {
     }
 }
 
-/// What the collector knows of a disk's drills (from the target's
-/// replies).
+/// What the collector knows of a disk from its target's replies: its
+/// drills and its newest point.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct DrillState {
+pub(crate) struct FromTarget {
     /// The newest drill (the target's record, without its output).
     pub last: Option<Value>,
     /// The newest passed drill.
@@ -212,11 +212,11 @@ pub(crate) struct DrillState {
     pub point_asking: bool,
 }
 
-/// Policies and drill states, by disk.
+/// Policies, and what each disk's target said, by disk.
 #[derive(Default)]
 pub(crate) struct Book {
     policies: Mutex<BTreeMap<String, Policy>>,
-    drills: Mutex<BTreeMap<String, DrillState>>,
+    known: Mutex<BTreeMap<String, FromTarget>>,
 }
 
 impl Book {
@@ -229,8 +229,8 @@ impl Book {
             .unwrap_or_default()
     }
 
-    pub(crate) fn drill(&self, disk: &str) -> DrillState {
-        self.drills
+    pub(crate) fn known(&self, disk: &str) -> FromTarget {
+        self.known
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(disk)
@@ -238,9 +238,9 @@ impl Book {
             .unwrap_or_default()
     }
 
-    fn with_drill<T>(&self, disk: &str, f: impl FnOnce(&mut DrillState) -> T) -> T {
+    fn with_known<T>(&self, disk: &str, f: impl FnOnce(&mut FromTarget) -> T) -> T {
         f(self
-            .drills
+            .known
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(disk.to_string())
@@ -283,7 +283,7 @@ fn note_drills(s: &Shared, disk: &str, v: &Value) {
         }
         d
     };
-    s.book.with_drill(disk, |st| {
+    s.book.with_known(disk, |st| {
         st.known = true;
         if let Some(d) = v["drills"].as_array().and_then(|a| a.first()) {
             st.last = Some(strip(d));
@@ -323,7 +323,7 @@ pub(crate) async fn drill(
     wait: Duration,
 ) -> Result<Value, CallError> {
     let id = disk.id.to_string();
-    let started = s.book.with_drill(&id, |st| {
+    let started = s.book.with_known(&id, |st| {
         if st.running {
             false
         } else {
@@ -341,7 +341,7 @@ pub(crate) async fn drill(
         async move {
             let r = call_target(&s2, &d2, &Call::Drill { trigger: trig }, SCHEDULED_DRILL_WAIT).await;
             let id = d2.id.to_string();
-            s2.book.with_drill(&id, |st| st.running = false);
+            s2.book.with_known(&id, |st| st.running = false);
             match &r {
                 Ok(v) => {
                     let result = v["result"].as_str().unwrap_or("?");
@@ -359,7 +359,7 @@ pub(crate) async fn drill(
                     );
                     // The newest drill and, if this one passed, the last verified.
                     let passed = (result == "passed").then(|| v.clone());
-                    let last_verified = passed.or_else(|| s2.book.drill(&id).last_verified);
+                    let last_verified = passed.or_else(|| s2.book.known(&id).last_verified);
                     note_drills(
                         &s2,
                         &id,
@@ -392,7 +392,7 @@ const POINT_EVERY_NS: u64 = 10_000_000_000;
 /// [`POINT_EVERY_NS`] (one small call per disk every 10 s).
 fn refresh_point(s: &Arc<Shared>, d: &Arc<Disk>, now: u64) {
     let id = d.id.to_string();
-    let due = s.book.with_drill(&id, |st| {
+    let due = s.book.with_known(&id, |st| {
         let due = !st.point_asking && now.saturating_sub(st.point_asked_ns) >= POINT_EVERY_NS;
         if due {
             st.point_asking = true;
@@ -409,7 +409,7 @@ fn refresh_point(s: &Arc<Shared>, d: &Arc<Disk>, now: u64) {
         let newest = r
             .ok()
             .and_then(|v| v["points"].as_array().and_then(|a| a.last().cloned()));
-        s.book.with_drill(d.id.as_str(), |st| {
+        s.book.with_known(d.id.as_str(), |st| {
             st.point_asking = false;
             if newest.is_some() {
                 st.last_point = newest;
@@ -439,7 +439,7 @@ pub(crate) fn schedule(s: &Arc<Shared>) {
         if every == 0 || !ready {
             continue;
         }
-        let st = s.book.drill(&id);
+        let st = s.book.known(&id);
         if !st.known || st.running || now.saturating_sub(st.last_started_ns) < every.saturating_mul(1_000_000_000) {
             continue;
         }
@@ -499,7 +499,7 @@ pub(crate) fn utc(ns: u64) -> String {
 impl Book {
     /// The disk's last verified point and newest drill, as the status shows them.
     pub(crate) fn last_point(&self, disk: &str) -> Option<PointBrief> {
-        let p = self.drill(disk).last_point?;
+        let p = self.known(disk).last_point?;
         let t = p["time_ns"].as_u64().unwrap_or(0);
         Some(PointBrief {
             seq: p["seq"].as_u64().unwrap_or(0),
@@ -512,7 +512,7 @@ impl Book {
     }
 
     pub(crate) fn views(&self, disk: &str) -> (Option<VerifiedView>, Option<DrillBrief>) {
-        let d = self.drill(disk);
+        let d = self.known(disk);
         let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
         let verified = d.last_verified.as_ref().map(|v| VerifiedView {
             seq: n(v, "seq"),

@@ -70,12 +70,9 @@ pub(crate) async fn answer(shared: Arc<Shared>, disk: String, call: Call) -> Res
     }
 }
 
+/// The control socket's blocking runner, its error as a call's refusal.
 async fn blocking(f: impl FnOnce() -> anyhow::Result<Value> + Send + 'static) -> Result<Value, String> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{e:#}")),
-        Err(e) => Err(format!("the call's task failed: {e}")),
-    }
+    crate::control::blocking(f).await.map_err(|e| format!("{e:#}"))
 }
 
 /// A retention from a call, checked.

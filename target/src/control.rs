@@ -198,7 +198,10 @@ async fn conn(s: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+/// Run `f` on a blocking thread (catalog reads, file work).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
 }
 

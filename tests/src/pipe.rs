@@ -160,3 +160,25 @@ pub fn seed() -> u64 {
     eprintln!("TIDEMARK_FAULT_SEED={s}");
     s
 }
+
+/// A real ext4 of `size` bytes holding `/etc/hostname` ("db1") and a
+/// 3 MiB `data.bin`, written over `agent`'s disk through the shim by
+/// nbdcopy (a real client); returns the folder its files came from.
+pub fn write_ext4(dir: &Path, agent: &Agent, size: u64) -> std::path::PathBuf {
+    let content = dir.join("content");
+    std::fs::create_dir_all(content.join("etc")).unwrap();
+    std::fs::write(content.join("etc/hostname"), "db1\n").unwrap();
+    std::fs::write(content.join("data.bin"), vec![0x5a; 3 << 20]).unwrap();
+    let img = dir.join("fs.img");
+    let t = Duration::from_secs(120);
+    crate::run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-d"])
+            .arg(&content)
+            .arg(&img)
+            .arg(format!("{}M", size >> 20)),
+        t,
+    );
+    crate::run_ok(Command::new("nbdcopy").arg(&img).arg(agent.uri()), t);
+    content
+}

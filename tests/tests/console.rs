@@ -337,20 +337,7 @@ fn the_console_shows_disks_a_chart_alerts_and_events_in_a_real_browser() {
     assert!(tidemark_tests::pipe::write_burst(&a.sock, 32 << 20, &mut rng, 16));
     // Then a real ext4 with files over the whole disk, through the shim by
     // a real client: what the drill checks.
-    let content = d.join("content");
-    std::fs::create_dir_all(content.join("etc")).unwrap();
-    std::fs::write(content.join("etc/hostname"), "db1\n").unwrap();
-    std::fs::write(content.join("data.bin"), vec![0x5a; 3 << 20]).unwrap();
-    let img = d.join("fs.img");
-    run_ok(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096", "-d"])
-            .arg(&content)
-            .arg(&img)
-            .arg("32M"),
-        T,
-    );
-    run_ok(Command::new("nbdcopy").arg(&img).arg(a.uri()), T);
+    tidemark_tests::pipe::write_ext4(d, &a, 32 << 20);
     site.wait("db", T);
     // A few seconds of history for the chart.
     let start = Instant::now();

@@ -90,20 +90,7 @@ fn points_tags_policy_and_drills_through_the_api() {
     site.wait("db", T);
 
     // A real ext4 with files, written through the shim by a real client.
-    let content = d.join("content");
-    std::fs::create_dir_all(content.join("etc")).unwrap();
-    std::fs::write(content.join("etc/hostname"), "db1\n").unwrap();
-    std::fs::write(content.join("data.bin"), vec![0x5a; 3 << 20]).unwrap();
-    let img = d.join("fs.img");
-    run_ok(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096", "-d"])
-            .arg(&content)
-            .arg(&img)
-            .arg("64M"),
-        T,
-    );
-    run_ok(Command::new("nbdcopy").arg(&img).arg(a.uri()), T);
+    let content = tidemark_tests::pipe::write_ext4(d, &a, 64 << 20);
     site.wait("db", T);
 
     // Points, from the target.
@@ -133,6 +120,11 @@ fn points_tags_policy_and_drills_through_the_api() {
         "control characters",
     );
     refused(call(&site, "POST", path, tok, Some(r#"{"name":""}"#)), 400, "empty");
+    refused(
+        call(&site, "POST", path, tok, Some(r#"{"name":"latest"}"#)),
+        400,
+        "reads as a point spec",
+    );
     refused(
         call(&site, "POST", path, tok, Some(r#"{"name":"x","colour":"red"}"#)),
         400,
